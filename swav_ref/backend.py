@@ -1,0 +1,288 @@
+"""Which array library runs the numbers.
+
+Every numerical function in swav_ref is written once, against the Python Array API
+standard, and asks its inputs which library they belong to (SciPy's rule: array type in
+equals array type out)::
+
+    xp = array_namespace(scores)       # numpy, cupy or array_api_strict
+    probs = xp.exp(scores - logsumexp(scores, axis=1, keepdims=True))
+
+Three namespaces are known:
+
+``numpy``
+    the teaching backend, on the CPU.
+``cupy``
+    the GPU backend (the ``gpu`` extra: ``pip install "swav_ref[gpu]"``).
+``array_api_strict``
+    used only by the tests: a namespace with nothing but the standard in it, which proves
+    that no NumPy-only call hides in code that must also run on CuPy.
+
+The standard lacks a few things we need; they live here: :func:`logsumexp`, :func:`pad2d`,
+:func:`to_numpy` (for plots and logs), and :class:`Random`, a seeded generator that draws
+on the host with NumPy's PCG64 and moves the draws to the backend, so the same seed gives
+the same numbers on every backend (this is what makes NumPy-versus-CuPy runs comparable).
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "Random",
+    "array_namespace",
+    "asarray",
+    "backend_name",
+    "default_tol",
+    "get_backend",
+    "is_cupy",
+    "is_numpy",
+    "logsumexp",
+    "pad2d",
+    "synchronize",
+    "to_numpy",
+]
+
+#: The backends a user can ask for by name.
+BACKENDS = ("numpy", "cupy")
+
+_GPU_EXTRA_HINT = (
+    'install the gpu extra with a prebuilt wheel for your CUDA version, e.g. '
+    '`pip install "swav_ref[gpu]"` (cupy-cuda12x) or `pip install cupy-cuda13x`'
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested array backend cannot be used on this machine."""
+
+
+def get_backend(name: str) -> types.ModuleType:
+    """Return the array namespace called ``name``.
+
+    Parameters
+    ----------
+    name : {"numpy", "cupy", "array_api_strict"}
+
+    Raises
+    ------
+    BackendUnavailableError
+        ``cupy`` is not installed, or it is installed but sees no usable GPU; the message
+        says which of the two and how to install the ``gpu`` extra.
+    ValueError
+        an unknown name.
+    """
+    if name == "numpy":
+        return np
+    if name == "array_api_strict":
+        return importlib.import_module("array_api_strict")
+    if name != "cupy":
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    try:
+        import cupy
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"backend 'cupy' asked for, but CuPy is not installed ({exc}); {_GPU_EXTRA_HINT}"
+        ) from exc
+    try:
+        n_devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDARuntimeError: no driver, insufficient driver, ...
+        raise BackendUnavailableError(
+            "backend 'cupy' asked for: CuPy is installed but sees no usable GPU "
+            f"({type(exc).__name__}: {exc}). Check `nvidia-smi` and that the CuPy wheel matches "
+            f"the CUDA driver; {_GPU_EXTRA_HINT}"
+        ) from exc
+    if n_devices < 1:
+        raise BackendUnavailableError(
+            "backend 'cupy' asked for: CuPy is installed but found 0 GPUs; run on a machine "
+            "with an NVIDIA GPU or use --backend numpy"
+        )
+    return cupy
+
+
+def array_namespace(*arrays: Any) -> types.ModuleType:
+    """The namespace of the given arrays (Python scalars and ``None`` are ignored).
+
+    Raises ``TypeError`` if the arrays come from different libraries, so that a NumPy
+    array never meets a CuPy array silently.
+    """
+    found = None
+    for x in arrays:
+        if x is None or isinstance(x, (bool, int, float, complex)):
+            continue
+        if isinstance(x, (np.ndarray, np.generic)):
+            xp = np
+        elif hasattr(x, "__array_namespace__"):
+            xp = x.__array_namespace__()
+        else:
+            raise TypeError(f"not an array: {type(x).__name__}")
+        if getattr(xp, "__name__", "").startswith("numpy"):
+            xp = np  # numpy 2 answers with the numpy module itself; keep one identity
+        if found is not None and xp is not found:
+            raise TypeError(
+                f"arrays from different libraries: {found.__name__} and {xp.__name__}; "
+                "move them to one backend first (swav_ref.backend.asarray)"
+            )
+        found = xp
+    return np if found is None else found
+
+
+def backend_name(xp: types.ModuleType) -> str:
+    """``"numpy"``, ``"cupy"`` or ``"array_api_strict"`` for a namespace."""
+    return xp.__name__.split(".")[0]
+
+
+def is_numpy(xp: types.ModuleType) -> bool:
+    return xp is np
+
+
+def is_cupy(xp: types.ModuleType) -> bool:
+    return backend_name(xp) == "cupy"
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A host NumPy copy (or view) of any backend's array, for plotting and logging only."""
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, (np.generic, bool, int, float)):
+        return np.asarray(x)
+    if hasattr(x, "get") and is_cupy(array_namespace(x)):
+        return x.get()
+    try:
+        return np.from_dlpack(x)
+    except (TypeError, AttributeError, BufferError, RuntimeError):
+        return np.asarray(x)
+
+
+def asarray(x: Any, xp: types.ModuleType, dtype: Any = None) -> Any:
+    """Move ``x`` (host data or another backend's array) onto the backend ``xp``.
+
+    ``dtype`` may be a dtype of ``xp`` or a name such as ``"float32"``.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(xp, dtype)
+    if not isinstance(x, np.ndarray) and not isinstance(x, (list, tuple, int, float)):
+        if array_namespace(x) is not xp:
+            x = to_numpy(x)
+    return xp.asarray(x, dtype=dtype)
+
+
+def default_tol(dtype: Any) -> float:
+    """A marginal-error tolerance that the dtype can actually reach.
+
+    float64 reaches 1e-9 comfortably; float32 (machine epsilon about 1.2e-7) stalls near
+    1e-6 on problems of a few thousand entries, so it gets 1e-5.
+    """
+    return 1e-9 if _host_dtype(dtype).itemsize >= 8 else 1e-5
+
+
+def _host_dtype(dtype: Any) -> np.dtype:
+    """NumPy's dtype for any backend's dtype (array_api_strict prints as ``...float32``)."""
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        return np.dtype(str(dtype).rsplit(".", 1)[-1])
+
+
+def logsumexp(x: Any, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Any:
+    r"""``log(sum(exp(x), axis))`` without overflow.
+
+    Notes
+    -----
+    .. math:: \operatorname{lse}(x) = m + \log \sum_i e^{x_i - m}, \qquad m = \max_i x_i
+
+    The shift by the maximum keeps every exponent <= 0. Where the maximum is ``-inf`` (all
+    entries ``-inf``) the result is ``-inf``, not NaN.
+    """
+    xp = array_namespace(x)
+    m = xp.max(x, axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    total = xp.sum(xp.exp(x - m), axis=axis, keepdims=True)
+    positive = total > 0
+    log_total = xp.where(positive, xp.log(xp.where(positive, total, 1.0)), -xp.inf)
+    out = log_total + m
+    if not keepdims:
+        out = xp.squeeze(out, axis=axis) if axis is not None else xp.reshape(out, ())
+    return out
+
+
+def pad2d(x: Any, pad: int) -> Any:
+    """Zero-pad the last two axes of ``x`` (N, C, H, W) by ``pad`` on every side.
+
+    The Array API has no ``pad``; a zero array and one slice assignment do the same.
+    """
+    if pad == 0:
+        return x
+    xp = array_namespace(x)
+    n, c, h, w = x.shape
+    out = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=x.dtype)
+    out[:, :, pad : pad + h, pad : pad + w] = x
+    return out
+
+
+def synchronize(xp: types.ModuleType) -> None:
+    """Wait for the device to finish queued work (a no-op off the GPU); for timing only."""
+    if is_cupy(xp):
+        xp.cuda.get_current_stream().synchronize()
+
+
+class Random:
+    """A seeded random generator that gives the same numbers on every backend.
+
+    Draws are made on the host by NumPy's PCG64 and then moved to the backend ``xp``.
+    The draws SwAV needs per step are small (crop boxes, flips, jitter factors, an
+    initialisation), so the transfer costs nothing worth measuring, and the result is that
+    a seed means the same thing on NumPy and on CuPy.
+
+    Parameters
+    ----------
+    seed : int or numpy.random.SeedSequence
+    xp : the namespace the draws are returned in (default NumPy).
+    """
+
+    def __init__(self, seed: int | np.random.SeedSequence = 0, xp: types.ModuleType = np):
+        self.xp = xp
+        self._gen = np.random.Generator(np.random.PCG64(seed))
+
+    # -- draws ---------------------------------------------------------------------------
+    def _out(self, a: np.ndarray, dtype: Any) -> Any:
+        if isinstance(dtype, str):
+            dtype = getattr(self.xp, dtype)
+        return self.xp.asarray(a, dtype=dtype) if dtype is not None else self.xp.asarray(a)
+
+    def normal(self, shape, loc=0.0, scale=1.0, dtype="float64"):
+        """Gaussian draws of ``shape`` on the backend."""
+        return self._out(self._gen.normal(loc, scale, size=shape), dtype)
+
+    def uniform(self, shape, low=0.0, high=1.0, dtype="float64"):
+        """Uniform draws in ``[low, high)`` of ``shape`` on the backend."""
+        return self._out(self._gen.uniform(low, high, size=shape), dtype)
+
+    def integers(self, low, high, shape, dtype="int64"):
+        """Integers in ``[low, high)`` of ``shape`` on the backend."""
+        return self._out(self._gen.integers(low, high, size=shape), dtype)
+
+    def permutation(self, n: int):
+        """A random permutation of ``range(n)`` as a host NumPy array (used for indexing
+        host data, so it stays on the host)."""
+        return self._gen.permutation(n)
+
+    def host(self) -> np.random.Generator:
+        """The underlying NumPy generator, for host-side draws (data order, splits)."""
+        return self._gen
+
+    def spawn(self, n: int) -> list[Random]:
+        """``n`` independent child generators (per rank, per worker)."""
+        return [Random(s, self.xp) for s in np.random.SeedSequence(self._gen.integers(2**63)).spawn(n)]
+
+    # -- state, for checkpoints ----------------------------------------------------------
+    def get_state(self) -> dict:
+        """The generator's state as a JSON-serialisable dict."""
+        return self._gen.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self._gen.bit_generator.state = state

@@ -1,0 +1,51 @@
+"""Shared fixtures: the ``backend`` fixture runs a test once per array library.
+
+- ``numpy``: always.
+- ``array_api_strict``: the standard and nothing else; proves the numerical core has no
+  NumPy-only call that would break on CuPy.
+- ``cupy``: when CuPy imports and sees a GPU; otherwise the test is skipped (not failed).
+
+Select one lane with ``-k numpy``, ``-k array_api_strict`` or ``-k cupy``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import settings
+
+from swav_ref.backend import BackendUnavailableError, get_backend
+
+settings.register_profile("ci", max_examples=25, deadline=None)
+settings.register_profile("dev", max_examples=10, deadline=None)
+settings.load_profile("ci")
+
+ALL_BACKENDS = ["numpy", "array_api_strict", "cupy"]
+
+
+def load_backend(name: str):
+    """The namespace ``name``, or a pytest skip saying why it is unavailable."""
+    if name == "array_api_strict":
+        pytest.importorskip("array_api_strict")
+    try:
+        return get_backend(name)
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request):
+    """An array namespace: numpy, array_api_strict, or cupy (skipped without a GPU)."""
+    return load_backend(request.param)
+
+
+@pytest.fixture(params=["numpy", "cupy"])
+def gpu_or_numpy(request):
+    """numpy and cupy only, for code (training, data on the host) that array_api_strict
+    cannot run because it needs NumPy interop."""
+    return load_backend(request.param)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+
+from swav_ref import backend as B
+
+
+def test_namespace_roundtrip(backend):
+    x = B.asarray(np.arange(6.0).reshape(2, 3), backend)
+    assert B.array_namespace(x) is backend
+    np.testing.assert_array_equal(B.to_numpy(x), np.arange(6.0).reshape(2, 3))
+
+
+def test_mixed_namespaces_refused():
+    strict = pytest.importorskip("array_api_strict")
+    with pytest.raises(TypeError, match="different libraries"):
+        B.array_namespace(np.zeros(2), strict.zeros(2))
+
+
+def test_logsumexp_matches_scipy(backend):
+    from scipy.special import logsumexp as ref
+
+    a = np.random.default_rng(1).normal(size=(4, 5)) * 300.0  # overflows a naive exp
+    x = B.asarray(a, backend)
+    for axis in (0, 1, None):
+        got = B.to_numpy(B.logsumexp(x, axis=axis))
+        np.testing.assert_allclose(got, ref(a, axis=axis), rtol=1e-12)
+    neg_inf = B.asarray(np.full((2, 3), -np.inf), backend)
+    assert np.all(B.to_numpy(B.logsumexp(neg_inf, axis=1)) == -np.inf)
+
+
+def test_pad2d(backend):
+    x = B.asarray(np.ones((1, 2, 3, 4)), backend)
+    y = B.to_numpy(B.pad2d(x, 1))
+    assert y.shape == (1, 2, 5, 6)
+    assert y.sum() == 24 and y[0, 0, 0].sum() == 0
+
+
+def test_random_same_numbers_on_every_backend(backend):
+    a = B.to_numpy(B.Random(7, backend).normal((3, 4)))
+    b = B.to_numpy(B.Random(7, np).normal((3, 4)))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_random_state_roundtrip():
+    import json
+
+    r = B.Random(3)
+    r.uniform((5,))
+    state = json.loads(json.dumps(r.get_state()))
+    first = r.uniform((4,))
+    r.set_state(state)
+    np.testing.assert_array_equal(first, r.uniform((4,)))
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend"):
+        B.get_backend("jax")
+
+
+def test_cupy_error_names_the_cause(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_cupy(name, *args, **kwargs):
+        if name == "cupy":
+            raise ImportError("No module named 'cupy'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_cupy)
+    with pytest.raises(B.BackendUnavailableError, match="not installed.*gpu extra"):
+        B.get_backend("cupy")
+
+
+def test_cupy_without_gpu_names_the_cause(monkeypatch):
+    import sys
+    import types
+
+    def fail():
+        raise RuntimeError("cudaErrorInsufficientDriver")
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=fail))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(B.BackendUnavailableError, match="sees no usable GPU"):
+        B.get_backend("cupy")
+
+
+def test_default_tol():
+    assert B.default_tol(np.float64) == 1e-9
+    assert B.default_tol(np.float32) == 1e-5
