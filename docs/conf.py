@@ -1,0 +1,69 @@
+"""Sphinx configuration for the swav_ref course site.
+
+Built offline with warnings as errors and every notebook executed afresh::
+
+    python -m sphinx -W --keep-going -b html docs docs/_build/html
+
+Equations render without a network: MathJax 3 is served from the site itself
+(``sphinx-mathjax-offline`` copies it into ``_static/mathjax``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+ROOT = DOCS.parent
+
+project = "swav_ref"
+author = "the swav_ref team"
+copyright = "2026, the swav_ref team"
+
+extensions = [
+    "myst_nb",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",
+]
+
+# The notebooks live in ../notebooks as jupytext py:percent files; the site renders the
+# same files (copied in at build time, never edited here) and executes them every build.
+_NOTEBOOKS_SRC = ROOT / "notebooks"
+_NOTEBOOKS_DST = DOCS / "notebooks"
+if _NOTEBOOKS_DST.exists():
+    shutil.rmtree(_NOTEBOOKS_DST)
+_NOTEBOOKS_DST.mkdir()
+for _nb in sorted(_NOTEBOOKS_SRC.glob("[0-9][0-9]_*.py")):
+    shutil.copy2(_nb, _NOTEBOOKS_DST / _nb.name)
+
+nb_custom_formats = {".py": ["jupytext.reads", {"fmt": "py:percent"}]}
+nb_execution_mode = "force"  # a cache keyed on the notebook alone would hide library breakage
+nb_execution_timeout = 900
+nb_execution_raise_on_error = True
+nb_execution_show_tb = True
+nb_execution_in_temp = False
+nb_merge_streams = True
+
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
+myst_heading_anchors = 3
+
+source_suffix = {".md": "myst-nb", ".py": "myst-nb"}
+exclude_patterns = ["_build", "jupyter_execute", "**.ipynb_checkpoints", "conf.py"]
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+napoleon_numpy_docstring = True
+napoleon_google_docstring = False
+suppress_warnings = ["mystnb.unknown_mime_type"]
+
+html_theme = "sphinx_book_theme"
+html_title = "swav_ref: SwAV from first principles"
+html_static_path = ["_static"]
+html_theme_options = {
+    "show_toc_level": 2,
+    "use_download_button": False,
+    "use_fullscreen_button": False,
+}
+html_last_updated_fmt = None
