@@ -1,0 +1,247 @@
+"""DeepCluster-v2: the offline alternative that the SwAV paper compares against.
+
+SwAV computes its targets *online*: codes for the current batch, by Sinkhorn, from scores
+the network just produced. DeepCluster-v2 (re-implemented by SwAV's authors, 75.2% top-1
+on ImageNet against SwAV's 75.3%) computes them *offline*:
+
+1. during epoch ``e`` a **memory bank** keeps the embedding of every training image (one
+   per assignment crop), written as the batches go by;
+2. at the start of epoch ``e + 1``, **spherical k-means** clusters the whole bank (one run
+   per prototype set, each from a different crop's bank); the prototypes are *set* to the
+   centroids (they are never trained by gradient: frozen for ever);
+3. the hard cluster of each image is its **target** for the epoch, and the loss is the
+   cross-entropy of every crop's scores (divided by the temperature) against it.
+
+The price of being offline is memory and a pass over the dataset: the bank grows with the
+dataset (``n_assign_crops * N * d`` floats), and clustering costs ``O(N K d)`` per k-means
+iteration every epoch. SwAV's state is independent of N. The trainer
+(:mod:`swav_ref.train`) runs both methods with the same model, data and optimiser; only
+the targets differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from swav_ref.backend import Random, array_namespace, logsumexp, to_numpy
+from swav_ref.nn.functional import l2_normalize_forward
+
+#: Target value of images that have no entry in the memory bank (dropped last batch).
+IGNORE_INDEX = -100
+
+Allreduce = Callable[[Any], Any]
+
+
+def kmeans_plus_plus(x: Any, n_clusters: int, rng: Random) -> Any:
+    r"""k-means++ seeding on the sphere: each new centroid is a row drawn with probability
+    proportional to its squared distance :math:`\lVert x_n - c 
+Vert^2 = 2 - 2 x_n^	op c`
+    to the nearest centroid chosen so far.
+
+    Random rows (the official DeepCluster-v2 init) often put two centroids in one cluster,
+    and Lloyd's iterations rarely move them apart. The draws need the distances on the host
+    (K small transfers once per epoch, outside the training step).
+    """
+    xp = array_namespace(x)
+    n = x.shape[0]
+    gen = rng.host()
+    chosen = [int(gen.integers(n))]
+    nearest = 2.0 - 2.0 * (x @ x[chosen[0], :])
+    for _ in range(1, n_clusters):
+        d2 = np.clip(to_numpy(nearest).astype(np.float64), 0.0, None)
+        total = d2.sum()
+        nxt = int(gen.choice(n, p=d2 / total)) if total > 0 else int(gen.integers(n))
+        chosen.append(nxt)
+        nearest = xp.minimum(nearest, 2.0 - 2.0 * (x @ x[nxt, :]))
+    return xp.take(x, xp.asarray(np.asarray(chosen)), axis=0)
+
+
+def spherical_kmeans(x: Any, n_clusters: int, n_iters: int, rng: Random,
+                     allreduce: Allreduce | None = None, init: Any = "k-means++",
+                     n_restarts: int = 1) -> tuple[Any, Any]:
+    r"""k-means on the unit sphere: cosine similarity, centroids re-normalised.
+
+    Parameters
+    ----------
+    x : (N, d) unit-norm embeddings.
+    n_clusters : K, at most N.
+    n_iters : Lloyd iterations (the official code uses 10).
+    rng : draws the initial centroids.
+    allreduce : sums an array over workers (data-parallel k-means); None = one process.
+    init : ``"k-means++"`` (default, :func:`kmeans_plus_plus`), ``"random"`` (K random rows,
+        as the official code), or a (K, d) array of initial centroids (in the distributed
+        case, rank 0's choice broadcast to every worker).
+    n_restarts : runs from different seeds; the one with the highest total cosine
+        :math:`\sum_n \max_k x_n^\top c_k` wins (chosen on the device, no host sync).
+
+    Returns
+    -------
+    centroids : (K, d), unit norm.
+    assignments : (N,) int64, the nearest centroid of each row after the last iteration.
+
+    Notes
+    -----
+    E step: :math:`a_n = \arg\max_k x_n^\top c_k`. M step:
+    :math:`c_k \leftarrow \mathrm{normalize}(\sum_{n: a_n = k} x_n)`; a cluster that
+    lost all its members keeps its previous centroid. The sums are one matrix product with
+    the one-hot assignment matrix, which is the Array API's way to scatter-add.
+    """
+    xp = array_namespace(x)
+    n = x.shape[0]
+    if not 0 < n_clusters <= n:
+        raise ValueError(f"spherical_kmeans: n_clusters={n_clusters} must be in 1..{n} (the number of points)")
+    best = None
+    for _ in range(n_restarts):
+        centroids = _initial_centroids(x, n_clusters, rng, init)
+        centroids = _lloyd(x, centroids, n_iters, allreduce)
+        similarity = x @ xp.matrix_transpose(centroids)
+        objective = xp.sum(xp.max(similarity, axis=1))
+        if allreduce is not None:
+            objective = allreduce(objective)
+        if best is None:
+            best = (objective, centroids, xp.argmax(similarity, axis=1))
+        else:
+            better = objective > best[0]
+            best = (xp.where(better, objective, best[0]), xp.where(better, centroids, best[1]),
+                    xp.where(better, xp.argmax(similarity, axis=1), best[2]))
+    return best[1], best[2]
+
+
+def _initial_centroids(x: Any, n_clusters: int, rng: Random, init: Any) -> Any:
+    xp = array_namespace(x)
+    if isinstance(init, str) and init == "k-means++":
+        return kmeans_plus_plus(x, n_clusters, rng)
+    if isinstance(init, str) and init == "random":
+        chosen = np.sort(rng.host().permutation(x.shape[0])[:n_clusters])
+        return xp.take(x, xp.asarray(chosen), axis=0)
+    if isinstance(init, str):
+        raise ValueError(f"spherical_kmeans: unknown init {init!r}; use 'k-means++', 'random' or an array")
+    return init
+
+
+def _lloyd(x: Any, centroids: Any, n_iters: int, allreduce: Allreduce | None) -> Any:
+    """``n_iters`` E and M steps from the given centroids."""
+    xp = array_namespace(x)
+    cluster_ids = xp.arange(centroids.shape[0])
+    for _ in range(n_iters):
+        assignments = xp.argmax(x @ xp.matrix_transpose(centroids), axis=1)
+        one_hot = xp.astype(assignments[:, None] == cluster_ids[None, :], x.dtype)  # (N, K)
+        sums = xp.matrix_transpose(one_hot) @ x  # (K, d)
+        counts = xp.sum(one_hot, axis=0)  # (K,)
+        if allreduce is not None:
+            sums, counts = allreduce(sums), allreduce(counts)
+        updated, _ = l2_normalize_forward(sums)
+        centroids = xp.where((counts > 0)[:, None], updated, centroids)
+    return centroids
+
+
+class MemoryBank:
+    """The embeddings of the last epoch, one bank per assignment crop.
+
+    Parameters
+    ----------
+    n_banks : number of assignment crops (2 by default).
+    size : number of rows, the images seen per epoch (``steps_per_epoch * batch_size``).
+    dim : embedding dimension d.
+
+    Attributes
+    ----------
+    embeddings : (n_banks, size, d) on the backend.
+    index : (size,) int64 host array: the dataset index of each row (-1 = not written yet).
+    """
+
+    def __init__(self, n_banks: int, size: int, dim: int, xp: Any, dtype: Any):
+        self.embeddings = xp.zeros((n_banks, size, dim), dtype=dtype)
+        self.index = np.full(size, -1, dtype=np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the bank holds on the device: grows linearly with the dataset."""
+        n_banks, size, dim = self.embeddings.shape
+        return n_banks * size * dim * np.dtype(str(self.embeddings.dtype).rsplit(".", 1)[-1]).itemsize
+
+    def write(self, start: int, dataset_index: np.ndarray, embeddings: Sequence[Any]) -> None:
+        """Store a batch's embeddings (one (B, d) array per bank) at rows start..start+B."""
+        stop = start + len(dataset_index)
+        self.index[start:stop] = dataset_index
+        for bank, emb in enumerate(embeddings):
+            self.embeddings[bank, start:stop, :] = emb
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"embeddings": self.embeddings, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        xp = array_namespace(self.embeddings)
+        if tuple(state["embeddings"].shape) != tuple(self.embeddings.shape):
+            raise ValueError(
+                f"memory bank shape {tuple(state['embeddings'].shape)} does not match "
+                f"{tuple(self.embeddings.shape)} (dataset, batch size or crops changed)"
+            )
+        self.embeddings = xp.asarray(state["embeddings"], dtype=self.embeddings.dtype)
+        self.index = np.asarray(state["index"], dtype=np.int64).copy()
+
+
+def cluster_memory(bank: MemoryBank, n_prototypes: Sequence[int], n_iters: int, rng: Random,
+                   dataset_size: int, allreduce: Allreduce | None = None,
+                   init: str = "k-means++", n_restarts: int = 1) -> tuple[list, list]:
+    """Cluster the bank once per prototype set, cycling through the crops' banks.
+
+    Returns
+    -------
+    centroids : list of (K_h, d) arrays, the new prototypes of each set.
+    targets : list of (dataset_size,) int64 arrays on the backend: the cluster of every
+        dataset image, :data:`IGNORE_INDEX` for images not in the bank.
+    """
+    xp = array_namespace(bank.embeddings)
+    written = np.flatnonzero(bank.index >= 0)
+    rows = xp.asarray(written)
+    centroids_all, targets_all = [], []
+    for h, k in enumerate(n_prototypes):
+        emb = xp.take(bank.embeddings[h % bank.embeddings.shape[0], ...], rows, axis=0)
+        centroids, assignments = spherical_kmeans(emb, k, n_iters, rng, allreduce=allreduce, init=init,
+                                                   n_restarts=n_restarts)
+        # targets[dataset index] = cluster. The Array API has no scatter, and a one-hot
+        # product would cost N x N, so this once-per-epoch scatter is done on the host.
+        targets = np.full(dataset_size, IGNORE_INDEX, dtype=np.int64)
+        targets[bank.index[written]] = to_numpy(assignments)
+        centroids_all.append(centroids)
+        targets_all.append(xp.asarray(targets))
+    return centroids_all, targets_all
+
+
+def deepcluster_loss(scores: Sequence[Any], targets: Sequence[Any], n_crops: int,
+                     temperature: float = 0.1) -> tuple[Any, list]:
+    r"""Cross-entropy of every crop's scores against its image's cluster, per prototype set.
+
+    Parameters
+    ----------
+    scores : one (n_crops * B, K_h) array per prototype set, crops stacked as in SwAV.
+    targets : one (B,) int64 array per set (the batch images' clusters; IGNORE_INDEX rows
+        do not count).
+    n_crops : V, the number of crops per image.
+
+    Returns
+    -------
+    loss : 0-d array, :math:`\frac{1}{H} \sum_h \frac{1}{|R|} \sum_{r \in R}
+        -\log \mathrm{softmax}(s_r / \tau)_{y_r}` over the valid rows R.
+    grads : d loss / d scores, one per set:
+        :math:`(\mathrm{softmax}(s_r/\tau) - \mathrm{onehot}(y_r)) / (\tau H |R|)`.
+    """
+    xp = array_namespace(*scores)
+    n_sets = len(scores)
+    loss = xp.zeros((), dtype=scores[0].dtype)
+    grads = []
+    for s, y in zip(scores, targets):
+        k = s.shape[1]
+        y_all = xp.concat([y] * n_crops)  # every crop of image n has target y_n
+        valid = xp.astype(y_all != IGNORE_INDEX, s.dtype)
+        n_valid = xp.maximum(xp.sum(valid), 1.0)
+        logits = s / temperature
+        log_p = logits - logsumexp(logits, axis=1, keepdims=True)
+        one_hot = xp.astype(y_all[:, None] == xp.arange(k)[None, :], s.dtype)
+        loss = loss - xp.sum(valid * xp.sum(one_hot * log_p, axis=1)) / (n_valid * n_sets)
+        grads.append((xp.exp(log_p) - one_hot) * (valid / (temperature * n_valid * n_sets))[:, None])
+    return loss, grads

@@ -1,0 +1,92 @@
+"""Figures shared by the command line, the notebooks and the docs.
+
+Every function returns a :class:`matplotlib.figure.Figure` built without pyplot, so it
+works headless (the CLI saves it) and in a notebook (the figure displays itself when it is
+the last expression of a cell). Inputs are host NumPy arrays or lists: plotting is a
+logging boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def training_curves(steps: Sequence[dict], n_prototypes: int | None = None) -> Figure:
+    """Loss and code usage against the training step.
+
+    Parameters
+    ----------
+    steps : the per-step records of the metrics log (dicts with ``step``, ``loss`` and,
+        when present, ``prototypes_used`` and ``code_entropy``).
+    n_prototypes : K; draws the collapse level ``ln K`` on the loss panel.
+    """
+    step = np.array([r["step"] for r in steps])
+    loss = np.array([r["loss"] for r in steps], dtype=float)
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    ax_loss, ax_use = fig.subplots(1, 2)
+    ax_loss.plot(step, loss, lw=1.2)
+    if n_prototypes:
+        ax_loss.axhline(math.log(n_prototypes), ls="--", c="grey", lw=1, label=r"$\ln K$ (collapse)")
+        ax_loss.legend(loc="upper right")
+    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
+    if steps and "prototypes_used" in steps[0]:
+        used = np.array([r["prototypes_used"] for r in steps], dtype=float)
+        ax_use.plot(step, used, lw=1.2, label="prototypes used")
+        if n_prototypes:
+            ax_use.axhline(n_prototypes, ls="--", c="grey", lw=1, label="K")
+        ax_use.set(xlabel="step", ylabel="prototypes used (argmax)", title="code usage")
+        if "code_entropy" in steps[0]:
+            ax_ent = ax_use.twinx()
+            ent = np.array([r["code_entropy"] for r in steps], dtype=float)
+            ax_ent.plot(step, ent, c="C1", lw=1, alpha=0.8, label="entropy of mean code")
+            ax_ent.set_ylabel("entropy of the mean code (nats)")
+        ax_use.legend(loc="lower right")
+    else:
+        ax_use.set_visible(False)
+    return fig
+
+
+def image_grid(images: np.ndarray, nrows: int, ncols: int, titles: Sequence[str] | None = None,
+               figsize: tuple[float, float] | None = None) -> Figure:
+    """A grid of images (N, C, H, W), uint8 or float in [0, 1], greyscale or RGB."""
+    images = np.asarray(images)
+    fig = Figure(figsize=figsize or (1.2 * ncols, 1.2 * nrows), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(nrows, ncols, squeeze=False))
+    for i, ax in enumerate(axes.ravel()):
+        ax.set_axis_off()
+        if i >= len(images):
+            continue
+        img = images[i]
+        img = img.astype(float) / 255.0 if images.dtype == np.uint8 else np.clip(img, 0.0, 1.0)
+        if img.shape[0] == 1:
+            ax.imshow(img[0], cmap="gray_r" if images.dtype == np.uint8 else "gray", vmin=0, vmax=1)
+        else:
+            ax.imshow(np.transpose(img, (1, 2, 0)))
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    return fig
+
+
+def prototype_gallery(images: np.ndarray, assignments: np.ndarray, n_prototypes: int = 10,
+                      per_prototype: int = 10) -> Figure:
+    """Images grouped by the prototype they are assigned to: one row per prototype.
+
+    Rows are the ``n_prototypes`` most used prototypes, each showing up to
+    ``per_prototype`` of its images; a row of one digit class means the prototype has
+    discovered that class without labels.
+    """
+    assignments = np.asarray(assignments)
+    counts = np.bincount(assignments)
+    top = np.argsort(counts)[::-1][:n_prototypes]
+    rows, titles = [], []
+    blank = np.zeros_like(images[0])
+    for k in top:
+        members = np.flatnonzero(assignments == k)[:per_prototype]
+        for j in range(per_prototype):
+            rows.append(images[members[j]] if j < len(members) else blank)
+            titles.append(f"proto {k} (n={counts[k]})" if j == 0 else "")
+    return image_grid(np.stack(rows), len(top), per_prototype, titles=titles)

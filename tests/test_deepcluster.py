@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+
+from swav_ref.backend import Random, asarray, to_numpy
+from swav_ref.deepcluster import (
+    IGNORE_INDEX,
+    MemoryBank,
+    cluster_memory,
+    deepcluster_loss,
+    spherical_kmeans,
+)
+from swav_ref.nn.gradcheck import check_gradient
+
+
+def _blobs(n_per, k, d, seed=0, spread=0.05):
+    rng = np.random.default_rng(seed)
+    centres = np.linalg.qr(rng.normal(size=(d, k)))[0].T  # orthonormal: well separated
+    x = np.repeat(centres, n_per, axis=0) + spread * rng.normal(size=(n_per * k, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(k), n_per)
+    perm = rng.permutation(len(x))
+    return x[perm], labels[perm], centres
+
+
+def _same_partition(a, b):
+    """Clusterings agree up to a relabelling: the contingency table is a permutation."""
+    table = np.zeros((a.max() + 1, b.max() + 1), dtype=int)
+    np.add.at(table, (a, b), 1)
+    return np.all((table > 0).sum(axis=1) == 1) and np.all((table > 0).sum(axis=0) == 1)
+
+
+def test_kmeans_recovers_separated_clusters(backend):
+    x, labels, centres = _blobs(40, 5, 8)
+    for seed in range(3):
+        c, a = spherical_kmeans(asarray(x, backend), 5, 10, Random(seed), n_restarts=3)
+        assert _same_partition(to_numpy(a), labels), f"seed {seed}: blobs not recovered"
+    found = to_numpy(c)
+    np.testing.assert_allclose(np.linalg.norm(found, axis=1), 1.0, rtol=1e-12)
+    assert np.max(found @ centres.T, axis=1).min() > 0.99  # each centroid sits on a blob centre
+
+
+def test_random_init_is_the_weaker_official_choice():
+    """Random-row seeding (the official init) often merges blobs; k-means++ with a few
+    restarts does not."""
+    x, labels, _ = _blobs(40, 5, 8)
+    random_ok = [_same_partition(spherical_kmeans(x, 5, 10, Random(s), init="random")[1], labels) for s in range(10)]
+    plus_ok = [_same_partition(spherical_kmeans(x, 5, 10, Random(s), n_restarts=3)[1], labels) for s in range(10)]
+    assert sum(plus_ok) == 10 and sum(random_ok) < 10
+
+
+def test_kmeans_rejects_too_many_clusters():
+    with pytest.raises(ValueError, match="n_clusters=11"):
+        spherical_kmeans(np.eye(10), 11, 3, Random(0))
+
+
+def test_distributed_kmeans_equals_single_process():
+    """Summing the M-step statistics of two halves equals k-means on the whole."""
+    x, _, _ = _blobs(20, 4, 6, seed=3)
+    init = x[:4]
+    c_full, a_full = spherical_kmeans(x, 4, 5, Random(0), init=init)
+    halves = [x[: len(x) // 2], x[len(x) // 2 :]]
+    # simulate two workers in lock-step: each allreduce sees both halves' partial sums
+    cents = init
+    for _ in range(5):
+        parts = []
+        for h in halves:
+            a = np.argmax(h @ cents.T, axis=1)
+            one_hot = (a[:, None] == np.arange(4)).astype(float)
+            parts.append((one_hot.T @ h, one_hot.sum(0)))
+        sums = parts[0][0] + parts[1][0]
+        counts = parts[0][1] + parts[1][1]
+        new = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        cents = np.where((counts > 0)[:, None], new, cents)
+    np.testing.assert_allclose(c_full, cents, atol=1e-12)
+
+
+def test_cluster_memory_targets_cover_the_bank(backend):
+    x, labels, _ = _blobs(10, 3, 4, seed=1)
+    bank = MemoryBank(2, 30, 4, backend, backend.float64)
+    index = np.arange(30)[::-1].copy()  # bank rows hold dataset images in reverse order
+    bank.write(0, index[:16], [asarray(x[:16], backend)] * 2)
+    bank.write(16, index[16:28], [asarray(x[16:28], backend)] * 2)  # 2 images never written
+    cents, targets = cluster_memory(bank, [3, 3], 5, Random(0), dataset_size=30)
+    assert len(cents) == 2 and tuple(cents[0].shape) == (3, 4)
+    t = to_numpy(targets[0])
+    assert set(np.flatnonzero(t == IGNORE_INDEX)) == set(index[28:])
+    assert bank.nbytes == 2 * 30 * 4 * 8
+
+
+def test_memory_bank_state_roundtrip(backend):
+    bank = MemoryBank(2, 6, 3, backend, backend.float64)
+    bank.write(0, np.array([5, 4, 3]), [asarray(np.ones((3, 3)), backend)] * 2)
+    other = MemoryBank(2, 6, 3, backend, backend.float64)
+    other.load_state_dict({k: v for k, v in bank.state_dict().items()})
+    np.testing.assert_array_equal(to_numpy(other.embeddings), to_numpy(bank.embeddings))
+    np.testing.assert_array_equal(other.index, bank.index)
+    with pytest.raises(ValueError, match="memory bank shape"):
+        MemoryBank(2, 7, 3, backend, backend.float64).load_state_dict(bank.state_dict())
+
+
+def test_deepcluster_loss_gradient_and_ignore(backend):
+    rng = np.random.default_rng(0)
+    n_crops, b = 3, 4
+    scores = [asarray(rng.normal(size=(n_crops * b, k)), backend) for k in (5, 7)]
+    targets = [asarray(np.array([0, 4, IGNORE_INDEX, 2]), backend), asarray(np.array([6, 1, 0, IGNORE_INDEX]), backend)]
+    loss, grads = deepcluster_loss(scores, targets, n_crops, temperature=0.5)
+    for s, g in zip(scores, grads):
+        err = check_gradient(lambda: float(deepcluster_loss(scores, targets, n_crops, 0.5)[0]), s, g)
+        assert err < 1e-6
+    # an ignored image's rows get no gradient
+    assert np.all(to_numpy(grads[0])[2::b] == 0)
+
+
+def test_deepcluster_loss_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    scores = [rng.normal(size=(2 * 5, 6))]
+    targets = [np.array([0, 5, 2, IGNORE_INDEX, 1])]
+    loss, grads = deepcluster_loss(scores, targets, 2, temperature=0.1)
+    s = torch.tensor(scores[0], requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(s / 0.1, torch.tensor(np.tile(targets[0], 2)), ignore_index=IGNORE_INDEX)
+    ref.backward()
+    assert abs(float(loss) - ref.item()) < 1e-10
+    np.testing.assert_allclose(grads[0], s.grad.numpy(), atol=1e-12)
