@@ -116,6 +116,9 @@ def array_namespace(*arrays: Any) -> types.ModuleType:
             continue
         if isinstance(x, (np.ndarray, np.generic)):
             xp = np
+        elif type(x).__module__.startswith("cupy"):
+            # CuPy 14's ndarray does not answer __array_namespace__; the module is the namespace.
+            xp = importlib.import_module("cupy")
         elif hasattr(x, "__array_namespace__"):
             xp = x.__array_namespace__()
         else:

@@ -1,0 +1,655 @@
+"""How good are frozen features? The two protocols of the SwAV paper, sized for small data.
+
+Self-supervised features are judged with the network frozen: a simple classifier is fitted
+on top of them and its test accuracy is the score. Two classifiers are standard:
+
+:func:`linear_probe`
+    multinomial logistic regression on standardised features (the paper's "linear
+    evaluation"), its regularisation chosen by cross-validation on the train split only.
+:func:`knn_classifier`
+    weighted k-nearest neighbours on cosine similarity (Wu et al. 2018; the kNN numbers of
+    SwAV and DINO). No training at all, so it measures the geometry of the features.
+
+Both take features as arrays, so any network (or none, :func:`raw_pixel_features`) can be
+compared with the same code; :func:`extract_features` runs a model over uint8 images to get
+them. :func:`results_table`, :func:`format_results` and :func:`save_results_json` put the
+numbers of several methods (and seeds) side by side::
+
+    row = {"method": "SwAV", **evaluate_features(f_train, y_train, f_test, y_test)}
+    print(format_results(results_table([raw_row, random_row, row])))
+
+The kNN runs on the features' backend (NumPy, CuPy); the linear probe runs in scikit-learn on
+the host, which is the evaluation boundary where a copy to the host is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from swav_ref.backend import array_namespace, asarray, to_numpy
+from swav_ref.nn.functional import l2_normalize_forward
+
+__all__ = [
+    "DEFAULT_C_GRID",
+    "METRICS",
+    "KNNResult",
+    "LinearProbeResult",
+    "evaluate_features",
+    "extract_features",
+    "format_results",
+    "knn_classifier",
+    "knn_predict",
+    "linear_probe",
+    "raw_pixel_features",
+    "results_table",
+    "save_results_json",
+]
+
+#: Regularisation strengths tried by the linear probe's cross-validation (inverse L2 weight).
+DEFAULT_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+#: The standard columns of a results table, in display order.
+METRICS = ("linear probe", "kNN k=20", "kNN k=200")
+
+#: What results_table accepts: a list of ``{"method": ..., metric: value}`` or ``{method: {...}}``.
+Rows = Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]]
+
+#: Elements of the (test chunk x train) similarity matrix held at once by the kNN (~32 MB f64).
+_KNN_CHUNK_ELEMENTS = 2**22
+
+
+# ------------------------------------------------------------------------------------------
+# input checks
+# ------------------------------------------------------------------------------------------
+def _check_features_and_labels(features: Any, labels: Any, split: str) -> None:
+    if len(features.shape) != 2:
+        raise ValueError(f"{split} features must be 2-D (N, D), got shape {tuple(features.shape)}")
+    if len(labels.shape) != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"{split} labels must be 1-D with one label per row of the features "
+            f"{tuple(features.shape)}, got shape {tuple(labels.shape)}"
+        )
+    if features.shape[0] == 0:
+        raise ValueError(f"the {split} split is empty")
+
+
+def _check_same_width(train_features: Any, test_features: Any) -> None:
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"train and test features differ in width: {train_features.shape[1]} vs "
+            f"{test_features.shape[1]}"
+        )
+
+
+def _labels_on(labels: Any, xp: Any) -> Any:
+    """Labels as int64 on the namespace ``xp`` (they often arrive as host NumPy arrays)."""
+    if not isinstance(labels, (np.ndarray, list, tuple)) and array_namespace(labels) is xp:
+        if not xp.isdtype(labels.dtype, "integral"):
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        return xp.astype(labels, xp.int64)  # already on the backend: no host round trip
+    host = np.asarray(to_numpy(labels))
+    if host.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integers, got dtype {host.dtype}")
+    return asarray(host.astype(np.int64, copy=False), xp)
+
+
+# ------------------------------------------------------------------------------------------
+# linear probe
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LinearProbeResult:
+    """Outcome of :func:`linear_probe`; ``float(result)`` is the test accuracy.
+
+    Attributes
+    ----------
+    accuracy : top-1 accuracy on the test split, in [0, 1].
+    C : the inverse regularisation strength used for the final fit.
+    cv_accuracy : mean cross-validation accuracy on the train split for each C tried
+        (empty when C was fixed by the caller).
+    n_folds : number of cross-validation folds (0 when C was fixed).
+    converged : whether L-BFGS converged within ``max_iter`` in the final fit.
+    """
+
+    accuracy: float
+    C: float
+    cv_accuracy: dict[float, float] = field(default_factory=dict)
+    n_folds: int = 0
+    converged: bool = True
+
+    def __float__(self) -> float:
+        return self.accuracy
+
+
+def _probe_pipeline(C: float, max_iter: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    # The scaler sits inside the pipeline so that, in cross-validation, each fold is
+    # standardised with statistics of its own training part only.
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
+
+
+def linear_probe(
+    train_features: Any,
+    train_labels: Any,
+    test_features: Any,
+    test_labels: Any,
+    *,
+    C: float | None = None,
+    C_grid: Sequence[float] = DEFAULT_C_GRID,
+    cv_folds: int = 3,
+    max_iter: int = 1000,
+    seed: int = 0,
+) -> LinearProbeResult:
+    r"""Top-1 accuracy of a linear classifier trained on frozen features.
+
+    Parameters
+    ----------
+    train_features : (N_train, D) array of any backend (copied to the host).
+    train_labels : (N_train,) integer class labels.
+    test_features : (N_test, D) array.
+    test_labels : (N_test,) integer class labels.
+    C : float, optional
+        A fixed inverse regularisation strength. If ``None`` (default) it is chosen from
+        ``C_grid`` by stratified ``cv_folds``-fold cross-validation on the train split.
+    C_grid : the candidates for C (default :data:`DEFAULT_C_GRID`, 1e-3 ... 10).
+    cv_folds : number of folds (default 3; reduced to the size of the smallest class).
+    max_iter : L-BFGS iteration limit per fit.
+    seed : shuffles the folds.
+
+    Returns
+    -------
+    LinearProbeResult
+        test accuracy, the chosen C and the cross-validation accuracy of each candidate.
+
+    Notes
+    -----
+    Features are standardised with the mean and standard deviation of the train split, then a
+    multinomial logistic regression (L-BFGS) minimises
+
+    .. math:: \frac{1}{2}\lVert W \rVert_F^2
+              - C \sum_{i} \log \operatorname{softmax}(W x_i + b)_{y_i}
+
+    This replaces the paper's ImageNet protocol (SGD on a linear layer for 100 epochs), which
+    needs far more data than a laptop experiment has. The test split is used exactly once,
+    to score the final model: choosing C on it would report an optimistic accuracy. Ties in
+    the cross-validation accuracy go to the smaller C (the stronger regularisation).
+    """
+    x_train = np.asarray(to_numpy(train_features), dtype=np.float64)
+    x_test = np.asarray(to_numpy(test_features), dtype=np.float64)
+    y_train = to_numpy(train_labels)
+    y_test = to_numpy(test_labels)
+    _check_features_and_labels(x_train, y_train, "train")
+    _check_features_and_labels(x_test, y_test, "test")
+    _check_same_width(x_train, x_test)
+    for name, x in (("train", x_train), ("test", x_test)):
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"{name} features contain NaN or infinity")
+    classes, counts = np.unique(y_train, return_counts=True)
+    if classes.size < 2:
+        raise ValueError(f"the train split has {classes.size} class; a classifier needs 2 or more")
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    cv_accuracy: dict[float, float] = {}
+    n_folds = 0
+    with warnings.catch_warnings():
+        # Non-convergence is reported in the result (``converged``) instead.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if C is None:
+            if len(C_grid) == 0:
+                raise ValueError("C_grid is empty; give candidates or a fixed C")
+            n_folds = min(cv_folds, int(counts.min()))
+            if n_folds < 2:
+                raise ValueError(
+                    f"the smallest class in the train split has {int(counts.min())} example(s); "
+                    "cross-validation needs at least 2 per class: pass a fixed C instead"
+                )
+            folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+            for c in sorted(float(c) for c in C_grid):
+                scores = cross_val_score(_probe_pipeline(c, max_iter), x_train, y_train, cv=folds)
+                cv_accuracy[c] = float(np.mean(scores))
+            # max() keeps the first maximum: with the grid ascending, ties go to the smaller C.
+            C = max(cv_accuracy, key=cv_accuracy.__getitem__)
+        elif not C > 0:
+            raise ValueError(f"C must be positive, got {C}")
+        model = _probe_pipeline(float(C), max_iter).fit(x_train, y_train)
+    accuracy = float(model.score(x_test, y_test))
+    converged = bool(np.all(model[-1].n_iter_ < max_iter))
+    return LinearProbeResult(accuracy, float(C), cv_accuracy, n_folds, converged)
+
+
+# ------------------------------------------------------------------------------------------
+# weighted k-nearest neighbours
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KNNResult:
+    """Outcome of :func:`knn_classifier`; ``float(result)`` is the test accuracy.
+
+    ``k`` is the number of neighbours actually used: ``k_requested`` clipped to the size of
+    the train split, which :attr:`note` reports.
+    """
+
+    accuracy: float
+    k: int
+    k_requested: int
+    temperature: float
+
+    @property
+    def clipped(self) -> bool:
+        return self.k < self.k_requested
+
+    @property
+    def note(self) -> str:
+        if not self.clipped:
+            return ""
+        return f"k={self.k_requested} clipped to {self.k}, the size of the train split"
+
+    def __float__(self) -> float:
+        return self.accuracy
+
+
+def knn_predict(
+    train_features: Any,
+    train_labels: Any,
+    test_features: Any,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    n_classes: int | None = None,
+    chunk_size: int | None = None,
+) -> Any:
+    r"""Predicted class of each test point by a similarity-weighted vote of its k neighbours.
+
+    Parameters
+    ----------
+    train_features : (N_train, D) array; any backend.
+    train_labels : (N_train,) integer labels in ``[0, n_classes)`` (host or backend array).
+    test_features : (N_test, D) array of the same backend as ``train_features``.
+    k : neighbours per test point; clipped to ``N_train``.
+    temperature : T in the vote weights :math:`e^{s/T}`.
+    n_classes : number of classes; default ``max(train_labels) + 1``.
+    chunk_size : test points handled at once (default: enough to hold about 4M similarities),
+        which bounds memory at ``chunk_size * max(N_train, k * n_classes)`` elements.
+
+    Returns
+    -------
+    (N_test,) int64 array in the features' namespace.
+
+    Notes
+    -----
+    With rows L2-normalised, :math:`s_{ij} = \hat x_i^\top \hat t_j` is a cosine. For test
+    point :math:`j` with neighbour set :math:`\mathcal N_k(j)` (the k largest :math:`s_{ij}`),
+    the score of class :math:`c` and the prediction are
+
+    .. math:: w_c(j) = \sum_{i \in \mathcal N_k(j)} e^{s_{ij}/T}\,[y_i = c], \qquad
+              \hat y_j = \arg\max_c w_c(j)
+
+    Each row's largest similarity is subtracted before the exponential; this scales all of
+    the row's weights by one positive factor, so the vote is unchanged while ``exp`` can no
+    longer overflow at small T. The top-k is a full sort of each row (the Array API has no
+    partial sort), which is :math:`O(N_\mathrm{train} \log N_\mathrm{train})` per test point.
+    """
+    xp = array_namespace(train_features, test_features)
+    labels = _labels_on(train_labels, xp)
+    _check_features_and_labels(train_features, labels, "train")
+    if len(test_features.shape) != 2:
+        raise ValueError(
+            f"test features must be 2-D (N, D), got shape {tuple(test_features.shape)}"
+        )
+    _check_same_width(train_features, test_features)
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    # One host read of the label range, outside the loop, to size the vote.
+    lowest, highest = int(xp.min(labels)), int(xp.max(labels))
+    if lowest < 0:
+        raise ValueError(f"labels must be non-negative, found {lowest}")
+    if n_classes is None:
+        n_classes = highest + 1
+    elif highest >= n_classes:
+        raise ValueError(f"found label {highest} but n_classes={n_classes}")
+
+    n_train, n_test = train_features.shape[0], test_features.shape[0]
+    k = min(k, n_train)
+    if chunk_size is None:
+        chunk_size = max(1, _KNN_CHUNK_ELEMENTS // max(n_train, k * n_classes))
+    train, _ = l2_normalize_forward(train_features)
+    test, _ = l2_normalize_forward(test_features)
+    train_t = xp.matrix_transpose(train)
+    classes = xp.arange(n_classes, dtype=labels.dtype)
+
+    predictions = []
+    for start in range(0, n_test, chunk_size):
+        stop = min(start + chunk_size, n_test)  # the standard leaves out-of-range stops undefined
+        similarity = test[start:stop, :] @ train_t  # (b, N_train)
+        nearest = xp.argsort(-similarity, axis=1)[:, :k]  # (b, k), most similar first
+        top_similarity = xp.take_along_axis(similarity, nearest, axis=1)
+        weights = xp.exp((top_similarity - top_similarity[:, :1]) / temperature)
+        top_labels = xp.reshape(xp.take(labels, xp.reshape(nearest, (-1,))), nearest.shape)
+        one_hot = xp.astype(top_labels[:, :, None] == classes, weights.dtype)  # (b, k, C)
+        class_scores = xp.sum(weights[:, :, None] * one_hot, axis=1)  # (b, C)
+        predictions.append(xp.argmax(class_scores, axis=1))
+    return xp.concat(predictions, axis=0)
+
+
+def knn_classifier(
+    train_features: Any,
+    train_labels: Any,
+    test_features: Any,
+    test_labels: Any,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    n_classes: int | None = None,
+    chunk_size: int | None = None,
+) -> KNNResult:
+    """Top-1 test accuracy of the weighted kNN vote of :func:`knn_predict`.
+
+    The SwAV and DINO evaluations report k=20 and k=200 with T=0.07; on a small train split
+    k is clipped to its size and the result's ``note`` says so. Runs on the features'
+    backend; only the final accuracy comes back to the host.
+
+    Returns
+    -------
+    KNNResult
+    """
+    xp = array_namespace(train_features, test_features)
+    y_test = _labels_on(test_labels, xp)
+    _check_features_and_labels(test_features, y_test, "test")
+    predicted = knn_predict(
+        train_features, train_labels, test_features,
+        k=k, temperature=temperature, n_classes=n_classes, chunk_size=chunk_size,
+    )
+    accuracy = float(xp.mean(xp.astype(predicted == y_test, xp.float64)))
+    return KNNResult(accuracy, min(k, train_features.shape[0]), k, temperature)
+
+
+def evaluate_features(
+    train_features: Any,
+    train_labels: Any,
+    test_features: Any,
+    test_labels: Any,
+    *,
+    ks: Iterable[int] = (20, 200),
+    temperature: float = 0.07,
+    C: float | None = None,
+    seed: int = 0,
+) -> dict[str, LinearProbeResult | KNNResult]:
+    """Linear probe and kNN for each k, keyed by the column names of :func:`results_table`.
+
+    Returns ``{"linear probe": LinearProbeResult, "kNN k=20": KNNResult, ...}``; add a
+    ``"method"`` key to make it a row of :func:`results_table`.
+    """
+    out: dict[str, LinearProbeResult | KNNResult] = {
+        "linear probe": linear_probe(
+            train_features, train_labels, test_features, test_labels, C=C, seed=seed
+        )
+    }
+    for k in ks:
+        out[f"kNN k={k}"] = knn_classifier(
+            train_features, train_labels, test_features, test_labels, k=k, temperature=temperature
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# features
+# ------------------------------------------------------------------------------------------
+def _is_uint8(x: Any) -> bool:
+    return x.dtype == array_namespace(x).uint8
+
+
+def raw_pixel_features(images_uint8: Any, dtype: Any = None) -> Any:
+    """The raw-pixels baseline: each image flattened and scaled to [0, 1].
+
+    Parameters
+    ----------
+    images_uint8 : (N, C, H, W) (or (N, H, W)) uint8 array of any backend.
+    dtype : output floating dtype (a dtype of that backend or a name); default float32.
+
+    Returns
+    -------
+    (N, C*H*W) array in the input's namespace.
+    """
+    xp = array_namespace(images_uint8)
+    if not _is_uint8(images_uint8):
+        raise ValueError(f"images must be uint8, got dtype {images_uint8.dtype}")
+    if len(images_uint8.shape) < 2:
+        raise ValueError(f"images must be (N, ...) with N first, got shape {images_uint8.shape}")
+    if dtype is None:
+        dtype = xp.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(xp, dtype)
+    n = images_uint8.shape[0]
+    return xp.reshape(xp.astype(images_uint8, dtype), (n, -1)) / 255.0
+
+
+def extract_features(
+    model: Any,
+    images_uint8: Any,
+    *,
+    xp: Any,
+    dtype: Any = "float32",
+    batch_size: int = 512,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> Any:
+    r"""Run a frozen ``model`` over uint8 images, batch by batch, on the backend ``xp``.
+
+    Parameters
+    ----------
+    model : any object with ``eval()``, ``train()``, ``training`` and
+        ``forward(x: (B, C, H, W)) -> (B, D)``. It is put in eval mode (BatchNorm uses its
+        running statistics) and returned to its previous mode afterwards, even on error.
+    images_uint8 : (N, C, H, W) uint8 array, on the host or on the backend.
+    xp : the backend namespace the model runs on.
+    dtype : floating dtype of the network input (name or dtype of ``xp``).
+    batch_size : images per forward pass (bounds device memory).
+    normalize : ``(mean, std)``, per-channel sequences of length C applied to the [0, 1]
+        pixels, or ``None`` for no normalisation.
+
+    Returns
+    -------
+    (N, D) features on ``xp``.
+
+    Notes
+    -----
+    Pixels are mapped as :math:`x = (u / 255 - \mu_c) / \sigma_c`, the same input transform as
+    in training. Only one batch at a time is moved to the device.
+    """
+    if len(images_uint8.shape) != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images_uint8.shape)}")
+    if not _is_uint8(images_uint8):
+        raise ValueError(f"images must be uint8, got dtype {images_uint8.dtype}")
+    n, channels = images_uint8.shape[0], images_uint8.shape[1]
+    if n == 0:
+        raise ValueError("no images to extract features from")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if isinstance(dtype, str):
+        dtype = getattr(xp, dtype)
+    mean = std = None
+    if normalize is not None:
+        mean, std = (np.asarray(v, dtype=np.float64).reshape(-1) for v in normalize)
+        if mean.size != channels or std.size != channels:
+            raise ValueError(
+                f"normalize needs {channels} per-channel means and stds, "
+                f"got {mean.size} and {std.size}"
+            )
+        if np.any(std <= 0):
+            raise ValueError(f"normalize std must be positive, got {std.tolist()}")
+        mean = asarray(mean.reshape(1, channels, 1, 1), xp, dtype)
+        std = asarray(std.reshape(1, channels, 1, 1), xp, dtype)
+
+    was_training = model.training
+    model.eval()
+    try:
+        features = []
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)  # in range: the standard needs that
+            batch = asarray(images_uint8[start:stop, ...], xp)
+            x = xp.astype(batch, dtype) / 255.0
+            if mean is not None:
+                x = (x - mean) / std
+            out = model.forward(x)
+            if len(out.shape) != 2 or out.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"model.forward must return (B, D) features, got shape {tuple(out.shape)} "
+                    f"for a batch of {x.shape[0]}"
+                )
+            features.append(out)
+        return xp.concat(features, axis=0)
+    finally:
+        if was_training:
+            model.train()
+
+
+# ------------------------------------------------------------------------------------------
+# results table
+# ------------------------------------------------------------------------------------------
+def _as_values(value: Any) -> list[float]:
+    """One accuracy or a list of per-seed accuracies (floats or result objects) as floats."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1):
+        return [float(v) for v in value]
+    return [float(value)]
+
+
+def _collect(rows: Rows):
+    """``{method: {metric: [per-seed values]}}`` and the metric names in display order."""
+    if isinstance(rows, Mapping):
+        rows = [{"method": method, **metrics} for method, metrics in rows.items()]
+    collected: dict[str, dict[str, list[float]]] = {}
+    seen: list[str] = []
+    for row in rows:
+        if "method" not in row:
+            raise ValueError(f"each row needs a 'method' key, got keys {sorted(row)}")
+        method = str(row["method"])
+        if method in collected:
+            raise ValueError(f"method {method!r} appears twice; give per-seed values as a list")
+        collected[method] = {}
+        for metric, value in row.items():
+            if metric == "method":
+                continue
+            collected[method][metric] = _as_values(value)
+            if metric not in seen:
+                seen.append(metric)
+    metrics = [m for m in METRICS if m in seen] + [m for m in seen if m not in METRICS]
+    return collected, metrics
+
+
+def results_table(rows: Rows) -> pd.DataFrame:
+    """One row per method, the mean (and std over seeds) of each metric.
+
+    Parameters
+    ----------
+    rows : a list of dicts ``{"method": name, metric: value, ...}`` or a dict
+        ``{name: {metric: value}}``. A value is an accuracy in [0, 1] (a float, or a
+        :class:`LinearProbeResult` / :class:`KNNResult`) or a list of them, one per seed.
+
+    Returns
+    -------
+    pandas.DataFrame
+        indexed by method, with columns ``seeds`` and, for each metric (the standard
+        :data:`METRICS` first), ``<metric>`` (the mean) and ``<metric> std`` (the sample
+        standard deviation over seeds, ddof=1; NaN for a single seed). Missing values are NaN.
+    """
+    collected, metrics = _collect(rows)
+    records = []
+    for method, values in collected.items():
+        record: dict[str, Any] = {"method": method}
+        record["seeds"] = max((len(v) for v in values.values()), default=0)
+        for metric in metrics:
+            v = values.get(metric, [])
+            record[metric] = float(np.mean(v)) if v else math.nan
+            record[f"{metric} std"] = float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
+        records.append(record)
+    columns = ["seeds"] + [c for m in metrics for c in (m, f"{m} std")]
+    return pd.DataFrame.from_records(records, index="method", columns=["method"] + columns)
+
+
+def format_results(df: pd.DataFrame, *, decimals: int = 1) -> str:
+    """The table as text, accuracies in percent: ``93.1 ± 0.4`` over seeds, ``93.1`` for one.
+
+    A ``seeds`` column is shown when any method has more than one seed; missing values
+    print as ``-``.
+    """
+    metrics = [c for c in df.columns if c != "seeds" and not c.endswith(" std")]
+    shown = pd.DataFrame(index=df.index)
+    if "seeds" in df.columns and (df["seeds"] > 1).any():
+        shown["seeds"] = df["seeds"].astype(int)
+    for metric in metrics:
+        std_column = df.get(f"{metric} std")
+        cells = []
+        for method in df.index:
+            mean = df.at[method, metric]
+            std = math.nan if std_column is None else std_column[method]
+            if math.isnan(mean):
+                cells.append("-")
+            elif math.isnan(std):
+                cells.append(f"{100 * mean:.{decimals}f}")
+            else:
+                cells.append(f"{100 * mean:.{decimals}f} ± {100 * std:.{decimals}f}")
+        shown[metric] = cells
+    shown.index.name = None
+    return shown.to_string()
+
+
+def _json_number(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def save_results_json(
+    path: str | os.PathLike,
+    rows: Rows,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the per-seed values and their mean and std to ``path`` as JSON (atomically).
+
+    The file holds ``{"metrics": [...], "results": [{"method", "seeds", <metric>: {"mean",
+    "std", "values"}}], "metadata": {...}}``; NaN (a missing value, or the std of one seed)
+    is written as ``null``. ``metadata`` must be JSON-serialisable (dataset, backend, seed...).
+    """
+    if not isinstance(rows, Mapping):
+        rows = list(rows)  # read twice below
+    collected, metrics = _collect(rows)
+    table = results_table(rows)
+    results = []
+    for method, values in collected.items():
+        entry: dict[str, Any] = {"method": method, "seeds": int(table.at[method, "seeds"])}
+        for metric in metrics:
+            entry[metric] = {
+                "mean": _json_number(table.at[method, metric]),
+                "std": _json_number(table.at[method, f"{metric} std"]),
+                "values": values.get(metric, []),
+            }
+        results.append(entry)
+    payload = {"metrics": metrics, "results": results, "metadata": dict(metadata or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write next to the target and rename: a crash never leaves a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

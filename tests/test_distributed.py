@@ -1,0 +1,241 @@
+"""The communicator: single-process semantics here, MPI semantics under ``mpiexec -n 2``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from swav_ref import backend as B
+from swav_ref import distributed as D
+
+SCRIPTS = Path(__file__).parent / "mpi_scripts"
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------
+# single process
+# ------------------------------------------------------------------------------------------
+def test_single_process_collectives_return_their_input(backend):
+    comm = D.SingleProcessCommunicator()
+    assert (comm.rank, comm.size, comm.is_root) == (0, 1, True)
+    x = B.asarray(np.arange(6.0).reshape(2, 3), backend)
+    for op in (comm.allreduce_sum, comm.allreduce_mean, comm.allreduce_max, comm.broadcast):
+        assert op(x) is x
+    obj = {"seed": 3}
+    assert comm.broadcast_object(obj) is obj
+    comm.barrier()
+    assert "single process" in comm.describe()
+
+
+def test_single_process_refuses_bad_input(backend):
+    comm = D.SingleProcessCommunicator()
+    with pytest.raises(ValueError, match="floating"):
+        comm.allreduce_mean(B.asarray(np.arange(3), backend))
+    with pytest.raises(ValueError, match="root 1"):
+        comm.broadcast(B.asarray(np.zeros(2), backend), root=1)
+
+
+def test_single_process_abort_exits_with_code(capsys):
+    with pytest.raises(SystemExit) as info:
+        D.SingleProcessCommunicator().abort("giving up", code=3)
+    assert info.value.code == 3
+    assert "giving up" in capsys.readouterr().err
+
+
+def test_no_launcher_gives_single_process():
+    assert D.detect_mpi_launch({}) == (False, None, None)
+    assert isinstance(D.get_communicator({}), D.SingleProcessCommunicator)
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({"PMI_RANK": "1", "PMI_SIZE": "4"}, (True, 1, 4)),
+        ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, (True, 0, 2)),
+        ({"PMIX_RANK": "3"}, (True, 3, None)),
+        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "8"}, (True, 2, 8)),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, (False, None, None)),  # plain python in sbatch
+        ({"MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2"}, (True, 0, 2)),
+    ],
+)
+def test_detect_mpi_launch(environ, expected):
+    assert D.detect_mpi_launch(environ) == expected
+
+
+def _hide_mpi4py(monkeypatch):
+    # A None entry in sys.modules makes `import mpi4py` raise ImportError.
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", None)
+
+
+def test_launched_without_mpi4py_raises_with_install_hint(monkeypatch):
+    _hide_mpi4py(monkeypatch)
+    with pytest.raises(D.MPIUnavailableError, match=r'pip install "swav_ref\[mpi\]"'):
+        D.get_communicator({"PMI_RANK": "0", "PMI_SIZE": "2"})
+    with pytest.raises(D.MPIUnavailableError, match="rank 1"):
+        D.get_communicator({"PMIX_RANK": "1"})  # size unknown, but rank 1 implies several
+
+
+def test_launched_alone_without_mpi4py_falls_back(monkeypatch):
+    _hide_mpi4py(monkeypatch)
+    comm = D.get_communicator({"PMI_RANK": "0", "PMI_SIZE": "1"})
+    assert isinstance(comm, D.SingleProcessCommunicator)
+
+
+class _FakeMPI:
+    """An mpi4py.MPI stand-in without Query_cuda_support (like MPICH 5 from PyPI)."""
+
+
+@pytest.mark.parametrize(
+    "environ, aware",
+    [
+        ({}, False),
+        ({"MPICH_GPU_SUPPORT_ENABLED": "1"}, True),
+        ({"MPICH_GPU_SUPPORT_ENABLED": "0"}, False),
+        ({"OMPI_MCA_opal_cuda_support": "true"}, True),
+    ],
+)
+def test_cuda_awareness_from_environment(environ, aware):
+    assert D._detect_cuda_aware(_FakeMPI(), environ)[0] is aware
+
+
+def test_cuda_awareness_prefers_the_library_query():
+    class Reports:
+        @staticmethod
+        def Query_cuda_support():
+            return False
+
+    found, how = D._detect_cuda_aware(Reports(), {"MPICH_GPU_SUPPORT_ENABLED": "1"})
+    assert found is False and "Query_cuda_support" in how
+
+
+def test_abort_hook_reports_rank_and_traceback(monkeypatch):
+    class FakeComm:
+        rank, size = 1, 2
+        aborted = None
+
+        def abort(self, message, code=1):
+            self.aborted = (message, code)
+
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored after the test
+    before = sys.excepthook
+    D.install_abort_on_exception(D.SingleProcessCommunicator())
+    assert sys.excepthook is before  # one process: nothing installed
+
+    comm = FakeComm()
+    D.install_abort_on_exception(comm)
+    try:
+        raise RuntimeError("boom on purpose")
+    except RuntimeError:
+        sys.excepthook(*sys.exc_info())
+    message, code = comm.aborted
+    assert code == 1
+    assert "boom on purpose" in message and "Traceback" in message
+
+
+# ------------------------------------------------------------------------------------------
+# under mpiexec -n 2
+# ------------------------------------------------------------------------------------------
+_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_COMM_WORLD_", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
+
+
+def _mpi_env() -> dict[str, str]:
+    # Launcher variables must not leak in when pytest itself runs under MPI.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # Containers often run as root, which Open MPI's mpiexec refuses; MPICH ignores these.
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return env
+
+
+def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command``; a hang past ``timeout`` kills the launcher and its ranks and fails."""
+    # A session of its own, so that a hung job (launcher and ranks) can be killed as a group.
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_mpi_env(),
+        cwd=REPO, start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(command)} hung for {timeout} s:\n{stdout}\n{stderr}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def mpiexec() -> str:
+    """A launcher that starts 2 ranks mpi4py can see, or a skip saying why there is none."""
+    pytest.importorskip("mpi4py")
+    # The launcher that matches mpi4py's MPI is the one installed next to this Python
+    # (the PyPI mpich package); otherwise whatever mpiexec is on PATH.
+    beside = Path(sys.executable).parent / "mpiexec"
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if found is None:
+        pytest.skip("mpiexec not found (install the mpi extra: mpi4py and mpich)")
+    probe = "from mpi4py import MPI; print('size', MPI.COMM_WORLD.Get_size())"
+    proc = _run([found, "-n", "2", sys.executable, "-c", probe], timeout=20.0)
+    if proc.stdout.split().count("2") != 2:
+        pytest.skip(
+            f"{found} does not start 2 ranks that mpi4py sees as one job (a launcher of another "
+            f"MPI library?): {(proc.stdout + proc.stderr)[-400:]!r}"
+        )
+    return found
+
+
+def _run_mpi(launcher: str, script: str, *args: str) -> subprocess.CompletedProcess:
+    """``mpiexec -n 2 python tests/mpi_scripts/<script> args`` (each run takes about 1 s)."""
+    return _run([launcher, "-n", "2", sys.executable, str(SCRIPTS / script), *args], timeout=20.0)
+
+
+@pytest.mark.mpi
+def test_collectives_under_mpiexec(mpiexec, tmp_path):
+    proc = _run_mpi(mpiexec, "collectives.py", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+
+    # what each rank contributed (kept in step with local() in the script)
+    local = [np.arange(6.0).reshape(2, 3) * (q + 1) - 4.0 * q for q in range(2)]
+    for r in results:
+        assert r["size"] == 2
+        assert r["describe"].startswith("MPI") and "2 processes" in r["describe"]
+        np.testing.assert_allclose(r["sum"], local[0] + local[1])
+        np.testing.assert_allclose(r["mean"], (local[0] + local[1]) / 2)
+        np.testing.assert_allclose(r["max"], np.maximum(local[0], local[1]))
+        assert r["float32"] == ["float32", [3.0, 3.0, 3.0]]
+        assert r["scalar_shape"] == [] and r["py_sum"] == 3
+        for root in ("0", "1"):
+            np.testing.assert_allclose(r["broadcast"][root], local[int(root)])
+        assert r["object"] == {"seed": 1234, "from": 0}
+        assert "same shape and dtype" in r["mismatch"]
+    if importlib.util.find_spec("array_api_strict") is not None:
+        assert all(r["strict"] for r in results)  # host staging of strict arrays was checked
+    try:
+        B.get_backend("cupy")
+    except (B.BackendUnavailableError, ImportError):
+        pass
+    else:
+        assert all(r["cupy"] for r in results)  # CuPy arrays were reduced on a GPU machine
+
+
+@pytest.mark.mpi
+def test_uncaught_exception_on_one_rank_ends_the_job(mpiexec):
+    proc = _run_mpi(mpiexec, "crash.py")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert "deliberate failure on rank 1" in output
+    assert "[rank 1/2]" in output
+    assert "passed the barrier" not in output
