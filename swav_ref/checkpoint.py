@@ -1,0 +1,260 @@
+"""Atomic, pickle-free checkpoints: one ``.npz`` of arrays plus JSON metadata.
+
+::
+
+    save_checkpoint("run/last.npz", {"conv1.weight": w, ...}, {"epoch": 3, "rng": rng.get_state()})
+    arrays, metadata = load_checkpoint("run/last.npz")
+
+Format (version 1)
+------------------
+A NumPy ``.npz`` (a zip of ``.npy`` files) holding the caller's arrays under their own
+names and three reserved entries:
+
+``__swav_ref_format__``
+    int64 scalar, the format version (1).
+``__swav_ref_metadata__``
+    uint8 array: the metadata as UTF-8 JSON (so big integers such as a PCG64 state survive
+    exactly, and nothing is ever unpickled).
+``__swav_ref_sha256__``
+    uint8 (32,): SHA-256 over every array's name, dtype, shape and bytes (in sorted name
+    order) and the metadata bytes.
+
+Why a checksum on top of the zip's CRC-32
+    Python's ``zipfile`` does check each member's CRC-32 when the member is read to its end,
+    so a flipped bit inside an array is usually caught there already. The SHA-256 adds what
+    CRCs cannot: it covers the *set* of arrays and their names, dtypes and shapes together
+    with the metadata, so a member dropped, renamed or swapped for another valid one (say
+    by a tool that rewrites the zip) is caught too, and the check does not depend on how a
+    reader walks the container.
+
+Atomic writes
+    The file is written to a temporary name in the same folder, flushed and ``fsync``-ed,
+    then moved over the final name with ``os.replace`` (atomic on POSIX and Windows), and
+    the folder is ``fsync``-ed so the rename itself survives a power cut. A crash at any
+    moment leaves either the old checkpoint or the new one at the final path, never a
+    mixture; at worst a hidden ``.<name>.*.tmp`` file is left beside it.
+
+Loading never unpickles: ``np.load(..., allow_pickle=False)``. Every way a file can be
+wrong raises :class:`CheckpointError` (a ``ValueError``) naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from swav_ref.backend import to_numpy
+
+__all__ = ["FORMAT_VERSION", "CheckpointError", "check_compatible", "load_checkpoint", "save_checkpoint"]
+
+#: The version this module writes and the only one it reads.
+FORMAT_VERSION = 1
+
+_PREFIX = "__swav_ref_"
+_FORMAT_KEY = "__swav_ref_format__"
+_METADATA_KEY = "__swav_ref_metadata__"
+_CHECKSUM_KEY = "__swav_ref_sha256__"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, corrupt, of an unknown version, or does not fit."""
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _json_default(value: Any) -> Any:
+    """Let NumPy scalars (a metric computed with NumPy, say) into the JSON metadata."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable: {value!r}")
+
+
+def _digest(arrays: Mapping[str, np.ndarray], metadata_bytes: bytes) -> bytes:
+    """SHA-256 over (name, dtype, shape, bytes) of each array in name order, then the metadata."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.asarray(arrays[name], order="C")
+        header = json.dumps([name, a.dtype.str, list(a.shape)]).encode("utf-8")
+        h.update(len(header).to_bytes(8, "little") + header)
+        h.update(a.reshape(-1).view(np.uint8))  # the raw bytes, without a copy
+    h.update(metadata_bytes)
+    return h.digest()
+
+
+def _write_npz(f, members: Mapping[str, np.ndarray]) -> None:
+    """What ``np.savez`` does (a stored zip of ``.npy`` members), written out so that any
+    array name works (``np.savez(f, **members)`` breaks on a name such as ``file``) and
+    so that pickling is refused on the way in as well as out."""
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in members.items():
+            with zf.open(name + ".npy", mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable. Not possible on every platform (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- save ---------------------------------------------------------------------------------
+def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``arrays`` and ``metadata`` to ``path`` atomically; return the path.
+
+    Parameters
+    ----------
+    path : the final file name (``.npz`` by convention; the name is used as given).
+    arrays : name -> array of any backend (moved to the host with ``to_numpy``). Names are
+        any non-empty strings not starting with ``__swav_ref_``; object arrays are refused.
+    metadata : JSON-serialisable dict (nested dicts, lists, str, bool, None, floats and
+        ints of any size). Tuples come back as lists.
+
+    Raises
+    ------
+    ValueError
+        a reserved or empty name, an object array, or metadata that JSON cannot hold.
+        Nothing is written then.
+    """
+    path = Path(path)
+    host: dict[str, np.ndarray] = {}
+    for name, value in arrays.items():
+        if not isinstance(name, str) or not name or name.startswith(_PREFIX):
+            raise ValueError(f"checkpoint array name {name!r} is empty, not a string, or reserved ({_PREFIX}*)")
+        a = np.asarray(to_numpy(value), order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+        if a.dtype.hasobject:
+            raise ValueError(f"checkpoint array {name!r} has dtype {a.dtype}; object arrays would need pickle")
+        host[name] = a
+    try:
+        metadata_bytes = json.dumps(dict(metadata or {}), sort_keys=True, default=_json_default).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint metadata cannot be stored as JSON: {exc}") from exc
+
+    members = dict(host)
+    members[_FORMAT_KEY] = np.asarray(FORMAT_VERSION, dtype=np.int64)
+    members[_METADATA_KEY] = np.frombuffer(metadata_bytes, dtype=np.uint8)
+    members[_CHECKSUM_KEY] = np.frombuffer(_digest(host, metadata_bytes), dtype=np.uint8)
+
+    folder = path.parent if str(path.parent) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_npz(f, members)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(folder)
+    return path
+
+
+# -- load ---------------------------------------------------------------------------------
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Returns
+    -------
+    arrays : dict name -> host NumPy array (move to a backend with ``swav_ref.backend.asarray``).
+    metadata : dict, as saved (tuples became lists).
+
+    Raises
+    ------
+    CheckpointError
+        the file is missing; is not a zip/npz; is truncated or damaged (bad zip structure or
+        CRC); lacks the reserved entries (not a swav_ref checkpoint); has an unknown format
+        version; or fails its SHA-256. The message names the file and which of these it is.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    size = path.stat().st_size
+    if head != _ZIP_MAGIC:
+        raise CheckpointError(f"{path} is not a checkpoint: not a zip/npz file (starts with {head!r}, {size} bytes)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            contents = {name: np.asarray(npz[name]) for name in npz.files}
+    except Exception as exc:  # noqa: BLE001
+        # A flipped or missing byte can surface from zipfile, zlib or NumPy's .npy reader as
+        # almost any exception (BadZipFile, a CRC error, NotImplementedError for a "new"
+        # compression method, RuntimeError for an "encrypted" member, ValueError for a bad
+        # header, EOFError, MemoryError for an absurd shape, ...). All mean the same here.
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({size} bytes): {type(exc).__name__}: {exc}"
+        ) from exc
+
+    missing = [k for k in (_FORMAT_KEY, _METADATA_KEY, _CHECKSUM_KEY) if k not in contents]
+    if _FORMAT_KEY in missing:
+        raise CheckpointError(
+            f"{path} is not a swav_ref checkpoint: missing keys {missing} (an .npz saved some other way?)"
+        )
+    version = contents[_FORMAT_KEY]
+    if version.shape != () or version.dtype.kind not in "iu" or int(version) != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has unknown format version {version.tolist()!r}; this swav_ref reads version {FORMAT_VERSION}"
+        )
+    if missing:
+        raise CheckpointError(f"{path} is damaged: missing keys {missing}")
+
+    metadata_bytes = contents.pop(_METADATA_KEY).tobytes()
+    stored_digest = contents.pop(_CHECKSUM_KEY).tobytes()
+    del contents[_FORMAT_KEY]
+    if _digest(contents, metadata_bytes) != stored_digest:
+        raise CheckpointError(f"{path} is corrupt: checksum mismatch (SHA-256 of arrays and metadata)")
+    try:
+        metadata = json.loads(metadata_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:  # only if written corrupt
+        raise CheckpointError(f"{path} is corrupt: metadata is not valid JSON ({exc})") from exc
+    return contents, metadata
+
+
+def check_compatible(arrays: Mapping[str, Any], expected_shapes: Mapping[str, Any]) -> None:
+    """Raise :class:`CheckpointError` unless ``arrays`` has exactly the expected names and shapes.
+
+    Parameters
+    ----------
+    arrays : name -> array (what :func:`load_checkpoint` returned).
+    expected_shapes : name -> shape tuple, or an array whose ``.shape`` is used (e.g. the
+        model's current parameters).
+
+    The message lists every missing key, unexpected key and shape mismatch at once, so a
+    user sees the whole difference between the checkpoint and the model in one go.
+    """
+    expected = {k: tuple(getattr(v, "shape", v)) for k, v in expected_shapes.items()}
+    missing = sorted(set(expected) - set(arrays))
+    unexpected = sorted(set(arrays) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(arrays[k].shape)} vs expected {expected[k]}"
+        for k in sorted(set(expected) & set(arrays))
+        if tuple(arrays[k].shape) != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if mismatched:
+        problems.append("shape mismatches: " + "; ".join(mismatched))
+    if problems:
+        raise CheckpointError("checkpoint does not fit: " + "; ".join(problems))

@@ -1,0 +1,477 @@
+"""Image datasets: scikit-learn's digits, CIFAR-10 (binary version) and image folders.
+
+Every loader returns :class:`ImageDataset` objects that hold the whole set on the host as
+``uint8`` images ``(N, C, H, W)``. Images stay ``uint8`` on the host until a batch is
+moved to the backend, where :mod:`swav_ref.data.multicrop` turns them into float crops:
+moving bytes is four times cheaper than moving float32.
+
+Loaders
+-------
+``load_digits_dataset()``
+    the 1797 8x8 digits that ship with scikit-learn (nothing to download).
+``load_cifar10(data_dir)``
+    CIFAR-10's *binary* version, read with NumPy alone (no pickle).
+``load_image_folder(data_dir, image_size=None)``
+    a folder of images, one sub-folder per class or flat without labels, read with Pillow.
+``load_dataset(name, data_dir=None)``
+    the three above by name, returning ``(train, test)``.
+
+Bad data raise :class:`DatasetError` (a ``ValueError``) naming the file and what is wrong
+with it, so that a broken download fails at load time with a message a user can act on,
+rather than as a shape error deep inside training.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "DATASETS",
+    "DatasetError",
+    "IMAGE_EXTENSIONS",
+    "ImageDataset",
+    "channel_stats",
+    "load_cifar10",
+    "load_dataset",
+    "load_digits_dataset",
+    "load_image_folder",
+    "split_dataset",
+]
+
+#: The CIFAR-10 class names in label order (used when ``batches.meta.txt`` is absent).
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+#: File name endings read as images by :func:`load_image_folder` (case-insensitive).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+_CIFAR_SIDE = 32
+_CIFAR_RECORD = 1 + 3 * _CIFAR_SIDE * _CIFAR_SIDE  # one label byte + 3072 pixel bytes
+_CIFAR_FOLDER = "cifar-10-batches-bin"
+_CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+_CIFAR_TEST_FILE = "test_batch.bin"
+_CIFAR_META_FILE = "batches.meta.txt"
+
+
+class DatasetError(ValueError):
+    """A data set on disk is missing, truncated or malformed; the message names the file."""
+
+
+@dataclass
+class ImageDataset:
+    """A labelled (or unlabelled) set of images held on the host.
+
+    Attributes
+    ----------
+    images : numpy.ndarray, uint8, (N, C, H, W)
+        pixel values 0..255, channels first (PyTorch's layout).
+    labels : numpy.ndarray, int64, (N,), or None
+        class indices into ``class_names``; ``None`` for unlabelled data.
+    class_names : tuple of str
+        empty for unlabelled data.
+    name : str
+        a short description for logs and plots, e.g. ``"digits/train"``.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray | None = None
+    class_names: tuple[str, ...] = field(default_factory=tuple)
+    name: str = "images"
+
+    def __post_init__(self):
+        if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8:
+            raise ValueError(
+                f"{self.name}: images must be a uint8 NumPy array, got "
+                f"{type(self.images).__name__} of dtype {getattr(self.images, 'dtype', None)}"
+            )
+        if self.images.ndim != 4:
+            raise ValueError(f"{self.name}: images must be (N, C, H, W), got shape {self.images.shape}")
+        self.class_names = tuple(self.class_names)
+        if self.labels is not None:
+            self.labels = np.asarray(self.labels, dtype=np.int64)
+            if self.labels.shape != (self.images.shape[0],):
+                raise ValueError(
+                    f"{self.name}: labels of shape {self.labels.shape} do not match "
+                    f"{self.images.shape[0]} images"
+                )
+            n_classes = len(self.class_names)
+            if self.labels.size and (self.labels.min() < 0 or self.labels.max() >= n_classes):
+                raise ValueError(
+                    f"{self.name}: labels span {self.labels.min()}..{self.labels.max()}, "
+                    f"outside 0..{n_classes - 1} ({n_classes} class names)"
+                )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def n_channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """``(H, W)``."""
+        return self.images.shape[2], self.images.shape[3]
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    def subset(self, indices: np.ndarray, name: str | None = None) -> ImageDataset:
+        """The images (and labels) at ``indices``, as a new data set (copies)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return ImageDataset(
+            images=self.images[indices],
+            labels=None if self.labels is None else self.labels[indices],
+            class_names=self.class_names,
+            name=name or self.name,
+        )
+
+
+# -- splits and statistics --------------------------------------------------------------
+def split_dataset(
+    dataset: ImageDataset, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[ImageDataset, ImageDataset]:
+    """Split into ``(train, test)``, stratified by label when labels exist.
+
+    The split is a pure function of ``(labels, test_fraction, seed)``:
+
+    1. one NumPy ``PCG64`` generator is seeded with ``seed``;
+    2. labelled data: for each class in increasing label order, the indices of that class
+       (in data order) are permuted with that generator and the first
+       ``round(test_fraction * n_class)`` go to the test set (at least one image of a
+       class stays in training). Unlabelled data: one permutation of all indices, the
+       first ``round(test_fraction * N)`` go to the test set;
+    3. both index sets are sorted, so the images keep their original order.
+
+    So every class keeps its proportion up to rounding, and the same seed gives the same
+    split on every machine (PCG64's stream is fixed by NumPy's compatibility policy).
+
+    Raises
+    ------
+    ValueError
+        ``test_fraction`` outside ``(0, 1)``, or fewer than 2 images.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    n = len(dataset)
+    if n < 2:
+        raise ValueError(f"{dataset.name}: cannot split {n} image(s) into train and test")
+    gen = np.random.Generator(np.random.PCG64(seed))
+    if dataset.labels is None:
+        order = gen.permutation(n)
+        n_test = min(max(int(round(test_fraction * n)), 1), n - 1)
+        test_idx = order[:n_test]
+    else:
+        parts = []
+        for label in np.unique(dataset.labels):
+            members = np.flatnonzero(dataset.labels == label)
+            n_test = min(int(round(test_fraction * members.size)), members.size - 1)
+            parts.append(gen.permutation(members)[:n_test])
+        test_idx = np.concatenate(parts)
+    is_test = np.zeros(n, dtype=bool)
+    is_test[test_idx] = True
+    train = dataset.subset(np.flatnonzero(~is_test), name=f"{dataset.name}/train")
+    test = dataset.subset(np.flatnonzero(is_test), name=f"{dataset.name}/test")
+    return train, test
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    r"""Per-channel mean and standard deviation of ``uint8`` images, on the 0..1 scale.
+
+    Parameters
+    ----------
+    images : uint8 (N, C, H, W)
+    chunk : images summed at a time (bounds the int64 temporary to ``chunk * C * H * W``).
+
+    Returns
+    -------
+    mean, std : tuples of C floats, for :class:`~swav_ref.data.multicrop.MultiCropConfig`.
+
+    Notes
+    -----
+    With :math:`S_c = \sum x` and :math:`Q_c = \sum x^2` over the :math:`n` pixels of
+    channel :math:`c` (values 0..255),
+
+    .. math:: \mu_c = \frac{S_c}{255\,n}, \qquad
+              \sigma_c = \frac{\sqrt{n Q_c - S_c^2}}{255\,n}
+
+    (the population standard deviation, ddof = 0). The sums are exact integers, so the
+    usual cancellation in :math:`nQ - S^2` cannot happen.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(
+            f"channel_stats needs non-empty uint8 images (N, C, H, W), got dtype {images.dtype} "
+            f"and shape {images.shape}"
+        )
+    n_channels = images.shape[1]
+    sums = [0] * n_channels
+    squares = [0] * n_channels
+    for start in range(0, images.shape[0], chunk):
+        block = images[start : start + chunk].astype(np.int64)
+        block_sums = block.sum(axis=(0, 2, 3))
+        block_squares = (block * block).sum(axis=(0, 2, 3))
+        for c in range(n_channels):
+            sums[c] += int(block_sums[c])
+            squares[c] += int(block_squares[c])
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = tuple(s / (255.0 * n) for s in sums)
+    std = tuple(float(np.sqrt(n * q - s * s)) / (255.0 * n) for s, q in zip(sums, squares))
+    return mean, std
+
+
+# -- digits ------------------------------------------------------------------------------
+def load_digits_dataset() -> ImageDataset:
+    """scikit-learn's 1797 handwritten digits as ``uint8`` images ``(1797, 1, 8, 8)``.
+
+    The originals count ink in 4x4 blocks, 0..16; they are mapped to 0..255 by
+    ``round(v * 255 / 16)``, so 16 becomes 255 and the scale matches every other data set.
+    The data ship inside scikit-learn: nothing is downloaded. Split with
+    :func:`split_dataset` (or use ``load_dataset("digits")``).
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
+    return ImageDataset(
+        images=images,
+        labels=bunch.target.astype(np.int64),
+        class_names=tuple(str(int(t)) for t in bunch.target_names),
+        name="digits",
+    )
+
+
+# -- CIFAR-10 (binary version) -----------------------------------------------------------
+def _cifar_folder(data_dir: str | os.PathLike) -> Path:
+    """The ``cifar-10-batches-bin`` folder, given it or the folder that contains it."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DatasetError(f"CIFAR-10 folder not found: {root} does not exist or is not a folder")
+    if (root / _CIFAR_FOLDER).is_dir():
+        return root / _CIFAR_FOLDER
+    if any((root / f).exists() for f in (*_CIFAR_TRAIN_FILES, _CIFAR_TEST_FILE)):
+        return root
+    raise DatasetError(
+        f"{root} holds neither a {_CIFAR_FOLDER!r} folder nor the CIFAR-10 binary files "
+        f"({_CIFAR_TRAIN_FILES[0]}, ..., {_CIFAR_TEST_FILE}); download the *binary* version "
+        "(cifar-10-binary.tar.gz) and extract it there"
+    )
+
+
+def _read_cifar_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(n, 3, 32, 32)`` uint8 and labels ``(n,)`` int64 of one CIFAR-10 ``.bin``.
+
+    Each record is one label byte followed by the 1024 red, 1024 green and 1024 blue
+    values of a 32x32 image, rows first: exactly our ``(C, H, W)`` layout.
+    """
+    if not path.is_file():
+        raise DatasetError(f"CIFAR-10 file missing: {path}")
+    size = path.stat().st_size
+    if size == 0 or size % _CIFAR_RECORD:
+        raise DatasetError(
+            f"CIFAR-10 file {path} is truncated or not a CIFAR-10 binary batch: its size "
+            f"{size} bytes is not a positive multiple of the {_CIFAR_RECORD}-byte record"
+        )
+    records = np.fromfile(path, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
+    labels = records[:, 0].astype(np.int64)
+    bad = np.flatnonzero(labels > 9)
+    if bad.size:
+        raise DatasetError(
+            f"CIFAR-10 file {path}: record {bad[0]} has label {labels[bad[0]]}, outside 0..9 "
+            f"({bad.size} bad records); the file is corrupt or not CIFAR-10"
+        )
+    images = records[:, 1:].reshape(-1, 3, _CIFAR_SIDE, _CIFAR_SIDE)
+    return np.ascontiguousarray(images), labels
+
+
+def _read_cifar_classes(folder: Path) -> tuple[str, ...]:
+    meta = folder / _CIFAR_META_FILE
+    if not meta.is_file():
+        return CIFAR10_CLASSES  # the names are fixed; the file only restates them
+    names = tuple(line.strip() for line in meta.read_text(encoding="utf-8").splitlines() if line.strip())
+    if len(names) != 10:
+        raise DatasetError(f"CIFAR-10 class-name file {meta} lists {len(names)} names, expected 10")
+    return names
+
+
+def load_cifar10(data_dir: str | os.PathLike) -> tuple[ImageDataset, ImageDataset]:
+    """CIFAR-10 from its binary version: ``(train, test)`` of 50000 and 10000 images.
+
+    Parameters
+    ----------
+    data_dir : the ``cifar-10-batches-bin`` folder or the folder containing it. It must hold
+        ``data_batch_1.bin`` .. ``data_batch_5.bin`` and ``test_batch.bin``;
+        ``batches.meta.txt`` (class names) is read when present.
+
+    Read with ``np.fromfile``: the Python version of CIFAR-10 is a pickle, and unpickling a
+    downloaded file can run arbitrary code, so it is not supported.
+
+    Raises
+    ------
+    DatasetError
+        missing folder or file, a file whose size is not a multiple of 3073 bytes, a label
+        outside 0..9; the message names the file.
+    """
+    folder = _cifar_folder(data_dir)
+    classes = _read_cifar_classes(folder)
+    parts = [_read_cifar_file(folder / f) for f in _CIFAR_TRAIN_FILES]
+    test_images, test_labels = _read_cifar_file(folder / _CIFAR_TEST_FILE)
+    train = ImageDataset(
+        images=np.concatenate([p[0] for p in parts]),
+        labels=np.concatenate([p[1] for p in parts]),
+        class_names=classes,
+        name="cifar10/train",
+    )
+    test = ImageDataset(images=test_images, labels=test_labels, class_names=classes, name="cifar10/test")
+    return train, test
+
+
+# -- image folders -----------------------------------------------------------------------
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _read_image(path: Path):
+    """A fully decoded Pillow image, or DatasetError naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            return img.copy()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+#: Pillow modes with one channel; a folder of only these loads as 1-channel images.
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, int] | None = None) -> ImageDataset:
+    """Images from a folder: one sub-folder per class, or flat without labels.
+
+    Layouts
+    -------
+    ``data_dir/<class>/<image>``
+        labelled; classes are the sub-folder names in sorted order (label = position).
+    ``data_dir/<image>``
+        unlabelled (``labels`` is ``None``), when ``data_dir`` has no sub-folders.
+
+    Files are taken in sorted order; hidden files and files without an image extension
+    (:data:`IMAGE_EXTENSIONS`) are skipped. If every image is greyscale the data set has one
+    channel (Pillow mode ``L``), otherwise every image is converted to ``RGB``.
+
+    Parameters
+    ----------
+    image_size : None, int or (height, width)
+        ``None``: every image must have the size of the first one. Otherwise each image is
+        resized to it (bilinear, with Pillow's antialiasing when shrinking).
+
+    Raises
+    ------
+    DatasetError
+        missing or empty folder, an empty class folder, image files beside class folders,
+        a corrupt or truncated file, or (``image_size=None``) an image of another size;
+        the message names the file.
+    """
+    from PIL import Image
+
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DatasetError(f"image folder not found: {root} does not exist or is not a folder")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = sorted(p for p in root.iterdir() if _is_image_file(p))
+    if class_dirs:
+        if loose:
+            raise DatasetError(
+                f"{root} mixes class sub-folders with loose images (e.g. {loose[0]}); put every "
+                "image in a class folder, or use a flat folder without sub-folders"
+            )
+        files, labels = [], []
+        for label, class_dir in enumerate(class_dirs):
+            members = sorted(p for p in class_dir.iterdir() if _is_image_file(p))
+            if not members:
+                raise DatasetError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files += members
+            labels += [label] * len(members)
+        class_names = tuple(p.name for p in class_dirs)
+        label_array = np.asarray(labels, dtype=np.int64)
+    else:
+        files = loose
+        if not files:
+            raise DatasetError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        class_names, label_array = (), None
+
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    pictures = [_read_image(f) for f in files]
+    mode = "L" if all(p.mode in _GREY_MODES for p in pictures) else "RGB"
+    expected = None if image_size is None else (image_size[1], image_size[0])  # Pillow: (w, h)
+    arrays = []
+    for path, picture in zip(files, pictures):
+        picture = picture.convert(mode)
+        if image_size is not None:
+            picture = picture.resize(expected, Image.Resampling.BILINEAR)
+        elif expected is None:
+            expected, first = picture.size, path
+        elif picture.size != expected:
+            raise DatasetError(
+                f"image {path} is {picture.size[0]}x{picture.size[1]} (width x height) but "
+                f"{first} is {expected[0]}x{expected[1]}; pass image_size to resize them all"
+            )
+        pixels = np.asarray(picture, dtype=np.uint8)
+        arrays.append(pixels[None] if pixels.ndim == 2 else np.transpose(pixels, (2, 0, 1)))
+    return ImageDataset(
+        images=np.ascontiguousarray(np.stack(arrays)),
+        labels=label_array,
+        class_names=class_names,
+        name=root.name or str(root),
+    )
+
+
+# -- by name -----------------------------------------------------------------------------
+DATASETS = ("digits", "cifar10", "folder")
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[ImageDataset, ImageDataset]:
+    """``(train, test)`` for ``name`` in ``"digits" | "cifar10" | "folder"``.
+
+    - ``digits``: :func:`load_digits_dataset` split by :func:`split_dataset`
+      (stratified, ``test_fraction``, ``seed``).
+    - ``cifar10``: :func:`load_cifar10` on ``data_dir`` (its own train/test split).
+    - ``folder``: :func:`load_image_folder` on ``data_dir`` split by :func:`split_dataset`.
+      A flat folder has no labels, so both halves are unlabelled (``test.labels is None``):
+      the held-out images still serve for a validation loss, but a linear probe or kNN
+      evaluation must check ``has_labels`` and skip.
+
+    Raises
+    ------
+    ValueError
+        an unknown name, or ``data_dir`` missing for cifar10/folder.
+    DatasetError
+        bad data (see the loaders).
+    """
+    if name == "digits":
+        return split_dataset(load_digits_dataset(), test_fraction=test_fraction, seed=seed)
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if data_dir is None:
+        raise ValueError(f"dataset {name!r} needs data_dir (the folder holding the data)")
+    if name == "cifar10":
+        return load_cifar10(data_dir)
+    return split_dataset(load_image_folder(data_dir, image_size=image_size), test_fraction=test_fraction, seed=seed)

@@ -1,0 +1,303 @@
+"""Checkpoints: exact round trips, atomic writes under crashes, and every kind of damage named."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from swav_ref.backend import Random, asarray
+from swav_ref.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+
+
+def sample_arrays():
+    rng = np.random.default_rng(0)
+    return {
+        "conv1.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+        "fc.bias": rng.normal(size=(5,)),
+        "step": np.asarray(12345678901234, dtype=np.int64),  # 0-d
+        "lr": np.float64(0.125),  # NumPy scalar
+        "mask": np.array([True, False, True]),
+        "pixels": np.arange(6, dtype=np.uint8).reshape(2, 3),
+        "empty": np.zeros((0, 4), dtype=np.float32),
+        "transposed": np.arange(12.0).reshape(3, 4).T,  # not C-contiguous
+        "big_endian": np.arange(3, dtype=">i4"),
+        "layer1/0/bn": np.ones(2),
+    }
+
+
+def sample_metadata():
+    rng = Random(7)
+    rng.uniform((3,))
+    return {
+        "epoch": 3,
+        "config": {"sizes": [32, 16], "nested": {"eps": 0.05, "name": "swav", "flag": None}},
+        "rng": rng.get_state(),  # PCG64 state: 128-bit integers
+        "big": 2**200 + 1,
+        "history": [0.5, float("inf")],
+        "text": "σ = 0.1 ✓",
+        "numpy_float": np.float32(0.25),
+    }
+
+
+def assert_same_arrays(got, expected):
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        value = np.asarray(value)
+        assert got[name].dtype == value.dtype, name
+        assert got[name].shape == value.shape, name
+        np.testing.assert_array_equal(got[name], value)
+
+
+def temp_files(folder):
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+# -- round trips -------------------------------------------------------------------------
+def test_round_trip_is_exact(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    arrays, metadata = sample_arrays(), sample_metadata()
+    assert save_checkpoint(path, arrays, metadata) == path
+    got_arrays, got_metadata = load_checkpoint(path)
+    assert_same_arrays(got_arrays, arrays)
+    expected_metadata = json.loads(json.dumps({**metadata, "numpy_float": 0.25}))
+    assert got_metadata == expected_metadata
+    assert got_metadata["rng"]["state"]["state"] == metadata["rng"]["state"]["state"]
+    assert got_metadata["big"] == 2**200 + 1
+    # the restored generator continues exactly where the saved one would have
+    restored = Random(0)
+    restored.set_state(got_metadata["rng"])
+    original = Random(7)
+    original.uniform((3,))
+    np.testing.assert_array_equal(restored.normal((4,)), original.normal((4,)))
+    assert temp_files(tmp_path) == []
+
+
+def test_round_trip_from_any_backend(tmp_path, backend):
+    host = np.arange(12, dtype=np.float64).reshape(3, 4)
+    save_checkpoint(tmp_path / "b.npz", {"w": asarray(host, backend)}, {})
+    arrays, metadata = load_checkpoint(tmp_path / "b.npz")
+    assert isinstance(arrays["w"], np.ndarray) and metadata == {}
+    np.testing.assert_array_equal(arrays["w"], host)
+
+
+def test_overwrite_replaces_and_creates_folders(tmp_path):
+    path = tmp_path / "run" / "deep" / "last.npz"
+    save_checkpoint(path, {"a": np.zeros(3)}, {"epoch": 1})
+    save_checkpoint(path, {"b": np.ones(2)}, {"epoch": 2})
+    arrays, metadata = load_checkpoint(path)
+    assert list(arrays) == ["b"] and metadata == {"epoch": 2}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.npz"]
+
+
+def test_bad_contents_are_refused_before_writing(tmp_path):
+    path = tmp_path / "x.npz"
+    with pytest.raises(ValueError, match="reserved"):
+        save_checkpoint(path, {"__swav_ref_format__": np.zeros(1)}, {})
+    with pytest.raises(ValueError, match="object arrays would need pickle"):
+        save_checkpoint(path, {"o": np.array([{"a": 1}], dtype=object)}, {})
+    with pytest.raises(ValueError, match="JSON.*set"):
+        save_checkpoint(path, {"a": np.zeros(1)}, {"s": {1, 2}})
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- crashes while writing ---------------------------------------------------------------
+def test_failed_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, {"w": np.zeros(4)}, {"epoch": 1})
+
+    def crash(src, dst):
+        raise OSError("disk vanished")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk vanished"):
+        save_checkpoint(path, {"w": np.ones(4)}, {"epoch": 2})
+    monkeypatch.undo()
+    arrays, metadata = load_checkpoint(path)
+    np.testing.assert_array_equal(arrays["w"], np.zeros(4))
+    assert metadata == {"epoch": 1}
+    assert temp_files(tmp_path) == []  # the half-done temporary file was removed
+
+
+def test_crash_midway_through_the_data_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, {"w": np.zeros(4)}, {"epoch": 1})
+    real_write = np.lib.format.write_array
+    calls = []
+
+    def write_then_fail(fp, array, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # second member: some bytes are already in the file
+            raise KeyboardInterrupt
+        real_write(fp, array, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "write_array", write_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"w": np.ones(4), "v": np.ones(3)}, {"epoch": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)[1] == {"epoch": 1}
+    assert temp_files(tmp_path) == []
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np
+    from swav_ref import checkpoint
+
+    path, where = sys.argv[1], sys.argv[2]
+    if where == "before_rename":       # all data written and fsync-ed, then the process dies
+        real_fsync = os.fsync
+        def fsync_then_die(fd):
+            real_fsync(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.fsync = fsync_then_die
+    else:                              # dies half-way through writing an array
+        real_write = np.lib.format.write_array
+        def write_half_then_die(fp, array, **kwargs):
+            fp.write(array.tobytes()[: array.nbytes // 2])
+            fp.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        np.lib.format.write_array = write_half_then_die
+    checkpoint.save_checkpoint(path, {"w": np.ones((512, 512))}, {"epoch": 2})
+    print("not killed")
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+@pytest.mark.parametrize("where", ["mid_write", "before_rename"])
+def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, where):
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, {"w": np.zeros((2, 2))}, {"epoch": 1})
+    result = subprocess.run([sys.executable, "-c", KILLER, str(path), where], capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    arrays, metadata = load_checkpoint(path)
+    assert metadata == {"epoch": 1}
+    np.testing.assert_array_equal(arrays["w"], np.zeros((2, 2)))
+    leftovers = temp_files(tmp_path)
+    assert len(leftovers) == 1 and leftovers[0].startswith(".ckpt.npz.")  # hidden debris, never the final name
+
+
+# -- damaged files -----------------------------------------------------------------------
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found.*nope.npz"):
+        load_checkpoint(tmp_path / "nope.npz")
+
+
+def test_not_a_zip(tmp_path):
+    (tmp_path / "a.npz").write_text("hello")
+    with pytest.raises(CheckpointError, match="a.npz is not a checkpoint: not a zip/npz"):
+        load_checkpoint(tmp_path / "a.npz")
+    np.save(tmp_path / "b.npy", np.zeros(3))
+    with pytest.raises(CheckpointError, match="not a zip/npz"):
+        load_checkpoint(tmp_path / "b.npy")
+
+
+def test_every_truncation_is_caught(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, {"w": np.arange(40.0), "b": np.ones(3)}, {"epoch": 1})
+    data = path.read_bytes()
+    cut = tmp_path / "cut.npz"
+    for length in range(4, len(data), 7):
+        cut.write_bytes(data[:length])
+        with pytest.raises(CheckpointError, match="truncated or corrupt"):
+            load_checkpoint(cut)
+
+
+def test_every_bit_flip_is_caught_or_harmless(tmp_path):
+    """Flip one bit in every third byte (a different bit each time): load must raise
+    CheckpointError or return the original data exactly (a flip in, say, a zip timestamp
+    changes nothing we keep)."""
+    path = tmp_path / "ckpt.npz"
+    arrays, metadata = {"w": np.arange(6.0), "s": np.int64(3)}, {"epoch": 1, "name": "x"}
+    save_checkpoint(path, arrays, metadata)
+    data = bytearray(path.read_bytes())
+    damaged = tmp_path / "flip.npz"
+    caught, tried = 0, 0
+    for i in range(0, len(data), 3):
+        tried += 1
+        flipped = bytearray(data)
+        flipped[i] ^= 1 << (i % 8)
+        damaged.write_bytes(flipped)
+        try:
+            got_arrays, got_metadata = load_checkpoint(damaged)
+        except CheckpointError:
+            caught += 1
+            continue
+        assert_same_arrays(got_arrays, arrays)
+        assert got_metadata == metadata
+    assert caught > tried // 2
+
+
+def test_flipped_array_byte_is_named_corrupt(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, {"w": np.full(64, 7.0)}, {})
+    data = bytearray(path.read_bytes())
+    i = data.find(np.float64(7.0).tobytes())  # inside w's data
+    data[i + 3] ^= 0x01
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def reserved(version=1, metadata=b"{}", digest=None):
+    members = {"__swav_ref_format__": np.asarray(version), "__swav_ref_metadata__": np.frombuffer(metadata, np.uint8)}
+    if digest is not None:
+        members["__swav_ref_sha256__"] = np.frombuffer(digest, np.uint8)
+    return members
+
+
+def test_checksum_mismatch(tmp_path):
+    # a well-formed zip (valid CRCs) whose content does not match its SHA-256
+    np.savez(tmp_path / "c.npz", w=np.zeros(3), **reserved(digest=bytes(32)))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(tmp_path / "c.npz")
+
+
+def test_array_swapped_after_writing_fails_checksum(tmp_path):
+    save_checkpoint(tmp_path / "a.npz", {"w": np.zeros(3)}, {"k": 1})
+    with np.load(tmp_path / "a.npz") as npz:
+        members = {k: npz[k] for k in npz.files}
+    members["w"] = np.ones(3)  # a valid member, rewritten by some other tool
+    np.savez(tmp_path / "b.npz", **members)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(tmp_path / "b.npz")
+
+
+def test_unknown_version_and_missing_keys(tmp_path):
+    np.savez(tmp_path / "v2.npz", **reserved(version=2, digest=bytes(32)))
+    with pytest.raises(CheckpointError, match="unknown format version 2"):
+        load_checkpoint(tmp_path / "v2.npz")
+    np.savez(tmp_path / "plain.npz", w=np.zeros(3))
+    with pytest.raises(CheckpointError, match="not a swav_ref checkpoint: missing keys"):
+        load_checkpoint(tmp_path / "plain.npz")
+    np.savez(tmp_path / "nosum.npz", **reserved())
+    with pytest.raises(CheckpointError, match=r"missing keys \['__swav_ref_sha256__'\]"):
+        load_checkpoint(tmp_path / "nosum.npz")
+
+
+def test_pickled_member_is_never_unpickled(tmp_path):
+    np.savez(tmp_path / "p.npz", evil=np.array([{"a": 1}], dtype=object), **reserved(digest=bytes(32)))
+    with pytest.raises(CheckpointError, match="corrupt.*allow_pickle=False"):
+        load_checkpoint(tmp_path / "p.npz")
+
+
+# -- compatibility with a model ----------------------------------------------------------
+def test_check_compatible_names_every_difference():
+    arrays = {"a": np.zeros((3, 4)), "b": np.zeros(5), "extra": np.zeros(1)}
+    check_compatible({"a": np.zeros((3, 4))}, {"a": (3, 4)})
+    check_compatible({"a": np.zeros((3, 4))}, {"a": np.ones((3, 4))})  # arrays as expectations
+    with pytest.raises(CheckpointError) as info:
+        check_compatible(arrays, {"a": (4, 3), "b": (5,), "c": (2,)})
+    message = str(info.value)
+    assert "missing keys ['c']" in message
+    assert "unexpected keys ['extra']" in message
+    assert "a: checkpoint (3, 4) vs expected (4, 3)" in message
+    assert "b:" not in message

@@ -1,0 +1,300 @@
+"""Datasets: digits, CIFAR-10 binary, image folders, splits, statistics.
+
+Every test builds its own tiny data in tmp_path: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from swav_ref.data import datasets as D
+from swav_ref.data.datasets import DatasetError, ImageDataset
+
+
+# -- helpers -----------------------------------------------------------------------------
+def write_cifar_file(path, images, labels):
+    """Records of 1 label byte + 3072 pixel bytes, as the CIFAR-10 binary version has."""
+    records = np.concatenate([labels.astype(np.uint8)[:, None], images.reshape(len(labels), -1)], axis=1)
+    path.write_bytes(records.astype(np.uint8).tobytes())
+
+
+def make_cifar(root, n_per_file=3, seed=0):
+    """A tiny CIFAR-10 tree under root/cifar-10-batches-bin; returns what was written."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir()
+    written = {}
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        images = rng.integers(0, 256, (n_per_file, 3, 32, 32), dtype=np.uint8)
+        labels = rng.integers(0, 10, n_per_file)
+        write_cifar_file(folder / name, images, labels)
+        written[name] = (images, labels)
+    (folder / "batches.meta.txt").write_text("\n".join(D.CIFAR10_CLASSES) + "\n\n")
+    return folder, written
+
+
+def save_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+# -- ImageDataset and splits -------------------------------------------------------------
+def test_image_dataset_validates():
+    with pytest.raises(ValueError, match="uint8"):
+        ImageDataset(images=np.zeros((2, 1, 4, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        ImageDataset(images=np.zeros((2, 4, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match="labels"):
+        ImageDataset(images=np.zeros((2, 1, 4, 4), dtype=np.uint8), labels=np.zeros(3), class_names=("a",))
+    with pytest.raises(ValueError, match="outside 0..1"):
+        ImageDataset(images=np.zeros((2, 1, 4, 4), dtype=np.uint8), labels=[0, 2], class_names=("a", "b"))
+
+
+def test_digits_scaled_to_bytes():
+    from sklearn.datasets import load_digits
+
+    ds = D.load_digits_dataset()
+    raw = load_digits()
+    assert ds.images.shape == (1797, 1, 8, 8) and ds.images.dtype == np.uint8
+    assert ds.labels.dtype == np.int64 and set(np.unique(ds.labels)) == set(range(10))
+    # 0..16 -> 0..255: every raw value v maps to round(v * 255 / 16), 16 -> 255
+    for v in range(17):
+        mask = raw.images == v
+        if mask.any():
+            assert np.all(ds.images[:, 0][mask] == round(v * 255 / 16))
+    assert ds.images.max() == 255 and ds.images.min() == 0
+    assert ds.class_names == tuple(str(i) for i in range(10))
+
+
+def indexed(labels, n_classes=10):
+    """A data set whose image i spells i in two pixels, so a split's indices can be read back."""
+    n = len(labels)
+    idx = np.arange(n)
+    images = np.stack([idx // 256, idx % 256], axis=1).astype(np.uint8).reshape(n, 1, 1, 2)
+    return ImageDataset(images=images, labels=labels, class_names=tuple(map(str, range(n_classes))))
+
+
+def indices_of(ds):
+    return ds.images[:, 0, 0, 0].astype(int) * 256 + ds.images[:, 0, 0, 1]
+
+
+def test_split_is_stratified_disjoint_and_seeded():
+    labels = D.load_digits_dataset().labels
+    ds = indexed(labels)
+    train, test = D.split_dataset(ds, test_fraction=0.2, seed=0)
+    train_idx, test_idx = indices_of(train), indices_of(test)
+    assert set(train_idx).isdisjoint(test_idx)
+    assert sorted(np.concatenate([train_idx, test_idx])) == list(range(len(labels)))
+    np.testing.assert_array_equal(train.labels, labels[train_idx])
+    counts = np.bincount(labels, minlength=10)
+    np.testing.assert_array_equal(np.bincount(test.labels, minlength=10), np.round(0.2 * counts))
+    again_train, again_test = D.split_dataset(ds, test_fraction=0.2, seed=0)
+    np.testing.assert_array_equal(indices_of(again_test), test_idx)
+    _, other = D.split_dataset(ds, test_fraction=0.2, seed=1)
+    assert not np.array_equal(indices_of(other), test_idx)
+
+
+def test_split_follows_the_documented_rule():
+    """Per class in label order: permute that class's indices with one PCG64(seed), the
+    first round(f * n_class) go to test."""
+    labels = np.array([2, 0, 1, 0, 2, 2, 1, 0, 0, 2, 1, 1])
+    _, test = D.split_dataset(indexed(labels, 3), test_fraction=0.25, seed=7)
+    gen = np.random.Generator(np.random.PCG64(7))
+    expected = []
+    for c in range(3):
+        members = np.flatnonzero(labels == c)
+        expected += list(gen.permutation(members)[: round(0.25 * members.size)])
+    np.testing.assert_array_equal(indices_of(test), sorted(expected))
+
+
+def test_split_keeps_original_order_and_handles_unlabelled():
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    train, test = D.split_dataset(ImageDataset(images=images), test_fraction=0.3, seed=5)
+    assert train.labels is None and test.labels is None
+    assert len(test) == 3 and len(train) == 7
+    values = np.concatenate([train.images.ravel(), test.images.ravel()])
+    assert sorted(values) == list(range(10))
+    assert np.all(np.diff(train.images.ravel().astype(int)) > 0)  # original order kept
+    with pytest.raises(ValueError, match="test_fraction"):
+        D.split_dataset(ImageDataset(images=images), test_fraction=1.0)
+
+
+def test_split_keeps_one_training_image_per_class():
+    images = np.zeros((3, 1, 2, 2), dtype=np.uint8)
+    ds = ImageDataset(images=images, labels=[0, 1, 1], class_names=("a", "b"))
+    train, test = D.split_dataset(ds, test_fraction=0.9, seed=0)
+    assert set(train.labels) == {0, 1}
+
+
+def test_channel_stats_match_float_computation():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (37, 3, 5, 4), dtype=np.uint8)
+    mean, std = D.channel_stats(images, chunk=8)  # several chunks
+    x = images.astype(np.float64) / 255.0
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(std, x.std(axis=(0, 2, 3)), rtol=1e-12)
+    with pytest.raises(ValueError, match="uint8"):
+        D.channel_stats(x)
+
+
+# -- CIFAR-10 ----------------------------------------------------------------------------
+@pytest.mark.parametrize("point_at", ["parent", "folder"])
+def test_cifar10_reads_records(tmp_path, point_at):
+    folder, written = make_cifar(tmp_path)
+    train, test = D.load_cifar10(tmp_path if point_at == "parent" else folder)
+    assert train.images.shape == (15, 3, 32, 32) and test.images.shape == (3, 3, 32, 32)
+    expected_train = np.concatenate([written[f"data_batch_{i}.bin"][0] for i in range(1, 6)])
+    np.testing.assert_array_equal(train.images, expected_train)
+    np.testing.assert_array_equal(test.labels, written["test_batch.bin"][1])
+    assert train.class_names == D.CIFAR10_CLASSES
+
+
+def test_cifar10_pixel_layout_is_channel_planes(tmp_path):
+    # one record whose red plane is 1, green 2, blue 3, with pixel (0, 1) of red = 9
+    record = np.concatenate([[7], np.full(1024, 1), np.full(1024, 2), np.full(1024, 3)]).astype(np.uint8)
+    record[1 + 1] = 9
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        (tmp_path / name).write_bytes(record.tobytes())
+    train, _ = D.load_cifar10(tmp_path)
+    assert train.labels[0] == 7
+    assert train.images[0, 0, 0, 1] == 9 and train.images[0, 0, 0, 0] == 1
+    assert train.images[0, 1].max() == 2 and train.images[0, 2].min() == 3
+
+
+def test_cifar10_missing_folder(tmp_path):
+    with pytest.raises(DatasetError, match="not found.*nowhere"):
+        D.load_cifar10(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="binary"):
+        D.load_cifar10(tmp_path)  # exists, but holds nothing
+
+
+def test_cifar10_missing_file(tmp_path):
+    folder, _ = make_cifar(tmp_path)
+    (folder / "test_batch.bin").unlink()
+    with pytest.raises(DatasetError, match="missing.*test_batch.bin"):
+        D.load_cifar10(tmp_path)
+
+
+def test_cifar10_truncated_file(tmp_path):
+    folder, _ = make_cifar(tmp_path)
+    data = (folder / "data_batch_3.bin").read_bytes()
+    (folder / "data_batch_3.bin").write_bytes(data[:-100])
+    with pytest.raises(DatasetError, match=r"data_batch_3\.bin.*truncated.*9119 bytes"):
+        D.load_cifar10(tmp_path)
+
+
+def test_cifar10_bad_label(tmp_path):
+    folder, written = make_cifar(tmp_path)
+    images, labels = written["data_batch_2.bin"]
+    labels = labels.copy()
+    labels[1] = 10
+    write_cifar_file(folder / "data_batch_2.bin", images, labels)
+    with pytest.raises(DatasetError, match=r"data_batch_2\.bin.*record 1 has label 10"):
+        D.load_cifar10(tmp_path)
+
+
+def test_cifar10_bad_meta(tmp_path):
+    folder, _ = make_cifar(tmp_path)
+    (folder / "batches.meta.txt").write_text("cat\ndog\n")
+    with pytest.raises(DatasetError, match="batches.meta.txt.*2 names"):
+        D.load_cifar10(folder)
+
+
+# -- image folders -----------------------------------------------------------------------
+def test_folder_with_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    pictures = {}
+    for cls, n in (("dog", 2), ("cat", 3)):
+        for i in range(n):
+            array = rng.integers(0, 256, (5, 4, 3), dtype=np.uint8)  # H=5, W=4, RGB
+            save_png(tmp_path / cls / f"{i}.png", array)
+            pictures[(cls, i)] = array
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")  # skipped
+    ds = D.load_image_folder(tmp_path)
+    assert ds.class_names == ("cat", "dog")  # sorted
+    assert ds.images.shape == (5, 3, 5, 4)
+    np.testing.assert_array_equal(ds.labels, [0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(ds.images[3], np.transpose(pictures[("dog", 0)], (2, 0, 1)))
+
+
+def test_flat_folder_greyscale_has_no_labels(tmp_path):
+    for i in range(3):
+        save_png(tmp_path / f"{i}.png", np.full((4, 4), 10 * i, dtype=np.uint8))
+    ds = D.load_image_folder(tmp_path)
+    assert ds.labels is None and ds.class_names == ()
+    assert ds.images.shape == (3, 1, 4, 4)
+    assert ds.images[2].max() == 20
+
+
+def test_folder_mixed_modes_become_rgb(tmp_path):
+    save_png(tmp_path / "a.png", np.full((4, 4), 100, dtype=np.uint8))
+    save_png(tmp_path / "b.png", np.zeros((4, 4, 3), dtype=np.uint8))
+    ds = D.load_image_folder(tmp_path)
+    assert ds.images.shape == (2, 3, 4, 4)
+    assert np.all(ds.images[0] == 100)  # grey replicated into R, G, B
+
+
+def test_folder_resize(tmp_path):
+    save_png(tmp_path / "a.png", np.zeros((4, 6, 3), dtype=np.uint8))
+    save_png(tmp_path / "b.png", np.full((8, 8, 3), 200, dtype=np.uint8))
+    ds = D.load_image_folder(tmp_path, image_size=5)
+    assert ds.images.shape == (2, 3, 5, 5)
+    assert np.all(ds.images[1] == 200)
+
+
+def test_folder_wrong_size_names_file(tmp_path):
+    save_png(tmp_path / "a.png", np.zeros((4, 4), dtype=np.uint8))
+    save_png(tmp_path / "b.png", np.zeros((4, 5), dtype=np.uint8))
+    with pytest.raises(DatasetError, match=r"b\.png is 5x4.*a\.png is 4x4.*image_size"):
+        D.load_image_folder(tmp_path)
+
+
+def test_folder_corrupt_image_names_file(tmp_path):
+    save_png(tmp_path / "good.png", np.zeros((4, 4), dtype=np.uint8))
+    (tmp_path / "bad.png").write_bytes(b"this is not a png at all")
+    with pytest.raises(DatasetError, match=r"cannot read image .*bad\.png"):
+        D.load_image_folder(tmp_path)
+
+
+def test_folder_truncated_image_names_file(tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+    (tmp_path / "cut.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(DatasetError, match=r"cut\.png"):
+        D.load_image_folder(tmp_path)
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        D.load_image_folder(tmp_path / "missing")
+    with pytest.raises(DatasetError, match="holds no images"):
+        D.load_image_folder(tmp_path)
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(DatasetError, match="empty_class holds no images"):
+        D.load_image_folder(tmp_path)
+    save_png(tmp_path / "empty_class" / "x.png", np.zeros((2, 2), dtype=np.uint8))
+    save_png(tmp_path / "loose.png", np.zeros((2, 2), dtype=np.uint8))
+    with pytest.raises(DatasetError, match="mixes class sub-folders"):
+        D.load_image_folder(tmp_path)
+
+
+# -- by name -----------------------------------------------------------------------------
+def test_load_dataset_dispatch(tmp_path):
+    train, test = D.load_dataset("digits")
+    assert len(train) + len(test) == 1797 and test.name == "digits/test"
+    (tmp_path / "c").mkdir()
+    make_cifar(tmp_path / "c")
+    c_train, c_test = D.load_dataset("cifar10", tmp_path / "c")
+    assert len(c_train) == 15 and len(c_test) == 3
+    for i in range(5):
+        save_png(tmp_path / "flat" / f"{i}.png", np.zeros((3, 3), dtype=np.uint8))
+    f_train, f_test = D.load_dataset("folder", tmp_path / "flat")
+    assert len(f_train) == 4 and len(f_test) == 1 and f_test.labels is None
+    with pytest.raises(ValueError, match="unknown dataset"):
+        D.load_dataset("mnist")
+    with pytest.raises(ValueError, match="needs data_dir"):
+        D.load_dataset("cifar10")
