@@ -2,23 +2,98 @@
 
 Commands
 --------
+demo      the main job: SwAV on digits on the CPU, evaluated against baselines (minutes).
+train     train SwAV, DeepCluster-v2 or the supervised baseline, with every option.
+eval      evaluate a checkpoint: linear probe and kNN, with the raw-pixel baseline.
 dessert   the optimal-transport dessert example: prints the plan, writes figures.
 
-Each command's options are documented by ``swav-ref COMMAND --help``, with defaults.
+``swav-ref COMMAND --help`` documents every option with its default. Under ``mpiexec -n N``
+``train`` runs data-parallel over N processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import warnings
+from pathlib import Path
+
+from swav_ref.train import METHODS, TrainConfig
+
+#: Help for each TrainConfig field, shown by ``swav-ref train --help``.
+OPTION_HELP = {
+    "method": f"training method: one of {', '.join(METHODS)}",
+    "dataset": "digits (embedded), cifar10 (binary version, needs --data-dir) or folder (needs --data-dir)",
+    "data_dir": "folder holding the data set (cifar-10-batches-bin, or images / one sub-folder per class)",
+    "backend": "array backend: numpy (CPU) or cupy (GPU, the gpu extra)",
+    "dtype": "floating-point type of the model and data: float32 or float64",
+    "arch": "backbone: resnet_tiny (8x8 digits) or resnet18 (CIFAR layout)",
+    "epochs": "number of epochs",
+    "batch_size": "images per batch per worker",
+    "n_crops": "number of crops of each size (large first), e.g. 2 6",
+    "crop_sizes": "side of the crops of each size in pixels, e.g. 32 16",
+    "min_scale": "smallest area fraction of a crop, per size",
+    "max_scale": "largest area fraction of a crop, per size",
+    "crops_for_assign": "indices of the crops whose codes are predicted (the assignment crops)",
+    "hidden_dim": "width of the projection MLP (0 = one linear layer)",
+    "feat_dim": "embedding dimension d",
+    "n_prototypes": "number of prototypes K (several numbers = several prototype sets, as DeepCluster-v2)",
+    "epsilon": "entropic regularisation of Sinkhorn (smaller = sharper codes)",
+    "temperature": "softmax temperature tau of the swapped prediction",
+    "sinkhorn_iterations": "Sinkhorn-Knopp iterations per batch",
+    "queue_length": "embeddings kept in the queue per assignment crop (0 = no queue)",
+    "epoch_queue_starts": "epoch from which the queue is used",
+    "freeze_prototypes_niters": "iterations during which the prototypes are not updated",
+    "optimizer": "lars (as SwAV) or sgd",
+    "base_lr": "peak learning rate after warm-up",
+    "final_lr": "learning rate at the end of the cosine schedule",
+    "warmup_epochs": "epochs of linear warm-up",
+    "start_warmup": "learning rate at the start of the warm-up",
+    "weight_decay": "weight decay",
+    "momentum": "SGD momentum",
+    "kmeans_iters": "DeepCluster-v2: k-means iterations per epoch",
+    "kmeans_restarts": "DeepCluster-v2: k-means restarts (the best objective wins)",
+    "sync_bn": "synchronise BatchNorm statistics across MPI workers",
+    "seed": "random seed (data order, augmentation, initialisation)",
+    "out_dir": "output folder: metrics.jsonl, checkpoint.npz, figures",
+    "log_every": "log (and check for NaN and collapse) every N steps",
+    "checkpoint_every": "write a checkpoint every N epochs",
+    "progress": "show the progress bar",
+}
 
 
-def _add_dessert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "dessert",
-        help="optimal transport on the dessert example (Sinkhorn vs exact)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def _add_config_options(parser: argparse.ArgumentParser, defaults: TrainConfig, skip: tuple[str, ...] = ()) -> None:
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in skip:
+            continue
+        default = getattr(defaults, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        help_text = OPTION_HELP.get(field.name, field.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif isinstance(default, tuple):
+            kind = type(default[0])
+            parser.add_argument(flag, type=kind, nargs="+", default=list(default), help=help_text)
+        elif field.name == "data_dir":
+            parser.add_argument(flag, default=default, help=help_text)
+        else:
+            choices = {"method": METHODS, "backend": ("numpy", "cupy"), "dtype": ("float32", "float64"),
+                       "arch": ("resnet_tiny", "resnet18"), "optimizer": ("lars", "sgd"),
+                       "dataset": ("digits", "cifar10", "folder")}.get(field.name)
+            parser.add_argument(flag, type=type(default), default=default, choices=choices, help=help_text)
+    parser.set_defaults(_config_fields=[f.name for f in dataclasses.fields(TrainConfig) if f.name not in skip])
+
+
+def _config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
+    values = {name: getattr(args, name) for name in args._config_fields}
+    return dataclasses.replace(base, **values)
+
+
+# -- dessert -------------------------------------------------------------------------------
+def _add_dessert(sub) -> None:
+    p = sub.add_parser("dessert", help="optimal transport on the dessert example (Sinkhorn vs exact)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--lam", type=float, default=10.0, help="entropic regularisation strength lambda")
     p.add_argument("--out", default="dessert_out", help="folder for the figures")
     p.set_defaults(func=_run_dessert)
@@ -31,18 +106,132 @@ def _run_dessert(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train ---------------------------------------------------------------------------------
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train SwAV, DeepCluster-v2 or the supervised baseline",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_options(p, TrainConfig())
+    p.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                   help="continue from this checkpoint (e.g. OUT_DIR/checkpoint.npz); the loss continues bit for bit")
+    p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the trained backbone (linear probe, kNN) at the end")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from swav_ref import plots
+    from swav_ref.distributed import get_communicator, install_abort_on_exception
+    from swav_ref.experiment import METHOD_NAMES, evaluate_trainer
+    from swav_ref.evaluate import format_results, results_table
+    from swav_ref.train import Trainer
+
+    comm = get_communicator()
+    install_abort_on_exception(comm)
+    config = _config_from_args(args, TrainConfig())
+    if comm.is_root:
+        print(comm.describe())
+    trainer = Trainer(config, comm=comm)
+    trainer.fit(resume=args.resume)
+    if not comm.is_root:
+        return 0
+    out = Path(config.out_dir)
+    steps = trainer.log.steps()
+    if steps:
+        fig = plots.training_curves(steps, None if config.method == "supervised" else config.n_prototypes[0])
+        fig.savefig(out / "training_curves.png", dpi=110)
+    print(f"checkpoint: {out / 'checkpoint.npz'}\nmetrics:    {out / 'metrics.jsonl'}")
+    if args.evaluate and trainer.test_set is not None and trainer.test_set.has_labels:
+        row = {"method": METHOD_NAMES[config.method], **evaluate_trainer(trainer, config.seed)}
+        print(format_results(results_table([row])))
+    return 0
+
+
+# -- eval ----------------------------------------------------------------------------------
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint: linear probe and kNN against raw pixels",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint.npz written by swav-ref train")
+    p.add_argument("--backend", default=None, choices=("numpy", "cupy"), help="override the checkpoint's backend")
+    p.add_argument("--data-dir", default=None, help="override the checkpoint's data folder")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: next to the checkpoint)")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from swav_ref.checkpoint import load_checkpoint
+    from swav_ref.evaluate import format_results, results_table, save_results_json
+    from swav_ref.experiment import METHOD_NAMES, evaluate_raw_pixels, evaluate_trainer
+    from swav_ref.train import Trainer
+
+    _, meta = load_checkpoint(args.checkpoint)
+    config = TrainConfig.from_dict(meta.get("config", {}))
+    changes = {"progress": False, "out_dir": tempfile.mkdtemp(prefix="swav_ref_eval_")}
+    if args.backend:
+        changes["backend"] = args.backend
+    if args.data_dir:
+        changes["data_dir"] = args.data_dir
+    trainer = Trainer(dataclasses.replace(config, **changes))
+    rows = [{"method": "raw pixels", **evaluate_raw_pixels(trainer)}]
+    trainer.load(args.checkpoint)
+    rows.append({"method": f"{METHOD_NAMES[config.method]} (step {trainer.step})", **evaluate_trainer(trainer)})
+    print(format_results(results_table(rows)))
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name("eval.json")
+    save_results_json(out, rows, metadata={"checkpoint": str(args.checkpoint), "config": config.to_dict()})
+    print(f"results: {out}")
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------
+DEMO_EPOCHS = 40
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: SwAV on digits (CPU, minutes), evaluated against baselines",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; the table shows mean ± std")
+    p.add_argument("--methods", nargs="+", default=["swav"], choices=("swav", "deepcluster-v2"),
+                   help="self-supervised methods to train (each compared with the same baselines)")
+    p.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="epochs for every trained model")
+    p.add_argument("--backend", default="numpy", choices=("numpy", "cupy"), help="array backend")
+    p.add_argument("--out", default="swav_out", help="folder for results.json and the figures")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from swav_ref.evaluate import format_results
+    from swav_ref.experiment import run_comparison
+
+    t0 = time.perf_counter()
+    config = TrainConfig(epochs=args.epochs, backend=args.backend, out_dir=args.out)
+    print(f"swav_ref demo: {', '.join(args.methods)} on digits ({args.backend}), {args.epochs} epochs, "
+          f"seeds {args.seeds}; baselines: raw pixels, random init, supervised")
+    table, _ = run_comparison(config, seeds=args.seeds, methods=args.methods, out_dir=args.out)
+    print("\nTop-1 accuracy on the digits test split (%), mean ± std over seeds:\n")
+    print(format_results(table))
+    print(f"\nresults and figures in {args.out}/ ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swav-ref",
         description="SwAV from first principles: optimal transport, training and evaluation.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
+    _add_train(sub)
+    _add_eval(sub)
     _add_dessert(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.simplefilter("default")
     return args.func(args)
 
 

@@ -52,7 +52,7 @@ def numerical_gradient(f: Callable[[], float], x: Any, h: float = 1e-5) -> Any:
     grad = np.zeros(x.shape, dtype=np.float64)
     flat_shape = x.shape
     for idx in np.ndindex(*flat_shape):
-        old = x[idx]
+        old = float(x[idx])  # a copy: on CuPy x[idx] is a 0-d view that the next line would change
         x[idx] = old + h
         f_plus = f()
         x[idx] = old - h
@@ -65,3 +65,34 @@ def numerical_gradient(f: Callable[[], float], x: Any, h: float = 1e-5) -> Any:
 def check_gradient(f: Callable[[], float], x: Any, analytic: Any, h: float = 1e-5) -> float:
     """``rel_error(analytic, numerical_gradient(f, x))``: the number the tests bound."""
     return rel_error(analytic, numerical_gradient(f, x, h))
+
+
+def check_gradient_sampled(
+    f: Callable[[], float], x: Any, analytic: Any, samples: int = 20, seed: int = 0, h: float = 1e-5
+) -> float:
+    """:func:`check_gradient` on ``samples`` randomly chosen entries of ``x`` only.
+
+    For tensors too big to perturb entry by entry (a network's weights): the entries are
+    drawn without replacement (all of them when ``x`` has no more than ``samples``), and
+    the relative error is taken over those entries. Cost: ``2 * samples`` calls of ``f``.
+    """
+    xp = array_namespace(x)
+    if x.dtype != xp.float64:
+        raise ValueError(f"gradient checks need float64, got {x.dtype}")
+    if tuple(analytic.shape) != tuple(x.shape):
+        raise ValueError(f"analytic gradient has shape {tuple(analytic.shape)}, x has {tuple(x.shape)}")
+    size = int(np.prod(x.shape))
+    flat = np.random.default_rng(seed).choice(size, size=min(samples, size), replace=False)
+    analytic_host = to_numpy(analytic)
+    numeric, expected = [], []
+    for index in flat:
+        idx = tuple(int(i) for i in np.unravel_index(int(index), x.shape))
+        old = float(x[idx])  # a copy: on CuPy x[idx] is a 0-d view that the next line would change
+        x[idx] = old + h
+        f_plus = f()
+        x[idx] = old - h
+        f_minus = f()
+        x[idx] = old
+        numeric.append((f_plus - f_minus) / (2.0 * h))
+        expected.append(analytic_host[idx])
+    return rel_error(np.asarray(expected), np.asarray(numeric))

@@ -1,0 +1,160 @@
+"""Experiments: train the methods, evaluate them against honest baselines, tabulate.
+
+The evaluation table has one row per method and three columns (top-1 on the test split):
+a linear probe on standardised frozen backbone features (regularisation chosen by
+cross-validation on the *training* split) and a weighted kNN with k = 20 and k = 200.
+
+Rows:
+
+``raw pixels``        the images themselves, no network;
+``random init``       the same network, untrained (what the architecture gives for free);
+``supervised``        the same network trained with labels (cross-entropy, same crops,
+                      same optimiser and epochs), the target SwAV tries to reach;
+``SwAV``              trained without labels;
+``DeepCluster-v2``    trained without labels, offline clustering.
+
+Used by ``swav-ref demo``, ``swav-ref eval`` and notebook 05. Several seeds give mean and
+standard deviation per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from swav_ref import plots
+from swav_ref.backend import to_numpy
+from swav_ref.evaluate import (
+    evaluate_features,
+    format_results,
+    raw_pixel_features,
+    results_table,
+    save_results_json,
+)
+from swav_ref.train import TrainConfig, Trainer
+
+METHOD_NAMES = {"swav": "SwAV", "deepcluster-v2": "DeepCluster-v2", "supervised": "supervised"}
+
+
+def evaluate_trainer(trainer: Trainer, seed: int = 0) -> dict[str, float]:
+    """Linear probe and kNN accuracy of the trainer's backbone (frozen, eval mode)."""
+    train, test = trainer.train_set, trainer.test_set
+    if test is None or not train.has_labels or not test.has_labels:
+        raise ValueError(f"evaluation needs labelled train and test splits ({train.name} has none)")
+    results = evaluate_features(trainer.features(train.images), train.labels,
+                                trainer.features(test.images), test.labels, seed=seed)
+    return {name: float(r.accuracy) for name, r in results.items()}
+
+
+def evaluate_raw_pixels(trainer: Trainer, seed: int = 0) -> dict[str, float]:
+    """The raw-pixel baseline on the same splits."""
+    train, test = trainer.train_set, trainer.test_set
+    results = evaluate_features(raw_pixel_features(train.images), train.labels,
+                                raw_pixel_features(test.images), test.labels, seed=seed)
+    return {name: float(r.accuracy) for name, r in results.items()}
+
+
+def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
+                   methods: Sequence[str] = ("swav",), out_dir: str | Path = "swav_out",
+                   log: Any = print) -> tuple[Any, dict]:
+    """Train and evaluate every method (and the baselines) for every seed.
+
+    Returns the results table (pandas, accuracies in [0, 1], mean and std over seeds) and
+    a dict of run artefacts: the trainers of the last seed by method, and timings.
+    Writes ``results.json`` (per-seed values) and figures into ``out_dir``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[str, list[float]]] = {}
+    artefacts: dict[str, Any] = {"trainers": {}, "seconds": {}}
+
+    def add(method: str, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            rows.setdefault(method, {}).setdefault(name, []).append(value)
+
+    for seed in seeds:
+        base = dataclasses.replace(config, seed=seed)
+        for method in ("raw pixels", "random init", *methods, "supervised"):
+            t0 = time.perf_counter()
+            if method == "raw pixels":
+                trainer = Trainer(dataclasses.replace(base, out_dir=str(out / f"seed{seed}" / "untrained"), progress=False))
+                add("raw pixels", evaluate_raw_pixels(trainer, seed))
+                add("random init", evaluate_trainer(trainer, seed))
+                artefacts["trainers"]["random init"] = trainer
+                continue
+            if method == "random init":
+                continue  # measured with raw pixels, on the same untrained network
+            cfg = dataclasses.replace(base, method=method, out_dir=str(out / f"seed{seed}" / method))
+            log(f"[seed {seed}] training {METHOD_NAMES[method]} for {cfg.epochs} epochs ...")
+            trainer = Trainer(cfg)
+            trainer.fit()
+            add(METHOD_NAMES[method], evaluate_trainer(trainer, seed))
+            artefacts["trainers"][method] = trainer
+            artefacts["seconds"].setdefault(method, []).append(time.perf_counter() - t0)
+    table = results_table([{"method": m, **v} for m, v in rows.items()])
+    save_results_json(out / "results.json", [{"method": m, **v} for m, v in rows.items()],
+                      metadata={"config": config.to_dict(), "seeds": list(seeds), "methods": list(methods),
+                                "seconds": artefacts["seconds"]})
+    write_figures(artefacts["trainers"], out)
+    return table, artefacts
+
+
+def write_figures(trainers: dict[str, Trainer], out: Path) -> list[Path]:
+    """Training curves of each trained method, the crops, and images grouped by prototype."""
+    import numpy as np
+
+    written = []
+    for method, trainer in trainers.items():
+        if method in ("random init",):
+            continue
+        steps = trainer.log.steps()
+        if steps:
+            fig = plots.training_curves(steps, trainer.config.n_prototypes[0] if method != "supervised" else None)
+            path = out / f"training_curves_{method}.png"
+            fig.savefig(path, dpi=110)
+            written.append(path)
+    swav = trainers.get("swav")
+    if swav is not None:
+        from swav_ref.backend import Random
+        from swav_ref.data.multicrop import show_crops
+
+        fig = show_crops(swav.train_set.images[:4], swav.multicrop, Random(0, swav.xp), n_images=4)
+        fig.savefig(out / "crops.png", dpi=110)
+        written.append(out / "crops.png")
+        assignments = prototype_assignments(swav, swav.test_set.images)
+        fig = plots.prototype_gallery(swav.test_set.images, np.asarray(assignments), n_prototypes=10, per_prototype=12)
+        fig.savefig(out / "prototypes.png", dpi=110)
+        written.append(out / "prototypes.png")
+    return written
+
+
+def prototype_assignments(trainer: Trainer, images: Any) -> Any:
+    """The most similar prototype of each image (eval mode, first prototype set), on the host."""
+    xp = trainer.xp
+    model = trainer.model
+    was_training = model.backbone.training
+    model.eval()
+    try:
+        feats = trainer.features(images)
+        _, scores = model.head.forward(feats)
+        return to_numpy(xp.argmax(scores[0], axis=1))
+    finally:
+        if was_training:
+            model.train()
+
+
+def format_table(table: Any) -> str:
+    """The results table as text: accuracies in percent, mean ± std over seeds."""
+    return format_results(table)
+
+
+def save_table_markdown(table: Any, path: Path) -> None:
+    Path(path).write_text(format_table(table) + "\n")
+
+
+def load_results(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,567 @@
+"""The trainer: SwAV (and DeepCluster-v2, and the supervised baseline) on one code path.
+
+One training step, as in the official ``main_swav.py``::
+
+    re-normalise the prototypes
+    crops (xp) -> ResNet per crop-size group -> head -> L2 normalise -> prototypes -> scores
+    codes of the assignment crops (Sinkhorn; the queue's scores join once it is full)
+    swapped loss and d loss / d scores -> backward through head and ResNet
+    drop the prototypes' gradient while they are frozen -> average gradients over workers
+    LARS (or SGD) step at the scheduled learning rate
+
+The three methods share the model, the data, the augmentation, the optimiser, the
+schedule, the checkpoints and the logs; only the targets differ:
+
+``swav``            codes from the batch itself, by Sinkhorn (online);
+``deepcluster-v2``  hard clusters of last epoch's memory bank, by k-means (offline);
+``supervised``      the labels (the upper baseline of the evaluation table).
+
+Nothing leaves the device inside a step: the loss stays a 0-d array, and every
+``log_every`` steps the metrics are brought to the host, logged (JSON lines), shown on the
+progress bar and checked for NaN and collapse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from swav_ref import checkpoint as ckpt
+from swav_ref.backend import Random, get_backend, to_numpy
+from swav_ref.data.datasets import ImageDataset, channel_stats, load_dataset
+from swav_ref.data.multicrop import MultiCrop, MultiCropConfig
+from swav_ref.deepcluster import MemoryBank, cluster_memory, deepcluster_loss
+from swav_ref.distributed import SingleProcessCommunicator, get_communicator
+from swav_ref.nn import functional as F
+from swav_ref.nn.optim import LARS, SGD, warmup_cosine_schedule
+from swav_ref.nn.resnet import resnet18, resnet_tiny
+from swav_ref.swav.diagnostics import CollapseMonitor, code_usage
+from swav_ref.swav.head import ClassifierHead, SwAVHead, prototypes_frozen
+from swav_ref.swav.loss import swav_loss
+from swav_ref.swav.queue import Queue, queue_length_per_worker
+
+METHODS = ("swav", "deepcluster-v2", "supervised")
+CHECKPOINT_FORMAT = "swav_ref.trainer/1"
+
+
+#: Backbones by name (``--arch``).
+ARCHITECTURES = {"resnet_tiny": resnet_tiny, "resnet18": resnet18}
+
+
+def build_backbone(arch: str, in_channels: int, xp: Any, dtype: Any, rng: Random) -> Any:
+    """A ResNet preset by name, initialised from ``rng``."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {tuple(ARCHITECTURES)}")
+    return ARCHITECTURES[arch](in_channels=in_channels, xp=xp, dtype=dtype, rng=rng)
+
+
+def set_batchnorm_allreduce(module: Any, allreduce: Any) -> None:
+    """Make every BatchNorm in ``module`` synchronised over workers (``--sync-bn``)."""
+    for _, m in module.named_modules():
+        if hasattr(m, "allreduce"):
+            m.allreduce = allreduce
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the command line maps onto these one to one).
+
+    Defaults are the digits recipe used by ``swav-ref demo``: a tiny ResNet on 8x8 images,
+    2 crops of 8x8 and 4 of 6x6, 30 prototypes (three per digit class), no queue (the
+    batch of 128 is larger than K). The official ImageNet values are given in comments.
+    """
+
+    method: str = "swav"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    backend: str = "numpy"
+    dtype: str = "float32"
+    arch: str = "resnet_tiny"  # or resnet18 (CIFAR layout)
+    epochs: int = 60
+    batch_size: int = 128  # per worker (official: 64 per GPU)
+    n_crops: tuple[int, ...] = (2, 4)  # official (2, 6)
+    crop_sizes: tuple[int, ...] = (8, 6)  # official (224, 96)
+    min_scale: tuple[float, ...] = (0.5, 0.3)  # official (0.14, 0.05)
+    max_scale: tuple[float, ...] = (1.0, 0.6)  # official (1.0, 0.14)
+    crops_for_assign: tuple[int, ...] = (0, 1)
+    hidden_dim: int = 128  # official 2048
+    feat_dim: int = 32  # official 128
+    n_prototypes: tuple[int, ...] = (30,)  # official 3000; DeepCluster-v2: several sets
+    epsilon: float = 0.05
+    temperature: float = 0.1
+    sinkhorn_iterations: int = 3
+    queue_length: int = 0  # official 3840 with batch 256 (0 = no queue)
+    epoch_queue_starts: int = 15
+    freeze_prototypes_niters: int = 100  # official 5005 (one epoch at batch 4096)
+    optimizer: str = "lars"  # or "sgd"
+    base_lr: float = 1.0  # official 4.8 at batch 4096 (LARS)
+    final_lr: float = 0.001
+    warmup_epochs: int = 5
+    start_warmup: float = 0.0
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    kmeans_iters: int = 10  # DeepCluster-v2
+    kmeans_restarts: int = 1
+    sync_bn: bool = False
+    seed: int = 0
+    out_dir: str = "runs/swav"
+    log_every: int = 10
+    checkpoint_every: int = 1  # epochs
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("n_crops", "crop_sizes", "min_scale", "max_scale", "crops_for_assign", "n_prototypes"):
+            value = getattr(self, name)
+            setattr(self, name, tuple(value) if isinstance(value, (list, tuple)) else (value,))
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if not (len(self.n_crops) == len(self.crop_sizes) == len(self.min_scale) == len(self.max_scale)):
+            raise ValueError(
+                "n_crops, crop_sizes, min_scale and max_scale need one entry per crop size, got "
+                f"{self.n_crops}, {self.crop_sizes}, {self.min_scale}, {self.max_scale}"
+            )
+        if max(self.crops_for_assign) >= sum(self.n_crops):
+            raise ValueError(f"crops_for_assign {self.crops_for_assign} refers to crops beyond {sum(self.n_crops)}")
+        if self.optimizer not in ("lars", "sgd"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'lars' or 'sgd'")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError(f"batch_size ({self.batch_size}) and epochs ({self.epochs}) must be >= 1")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class SwAVModel:
+    """Backbone (a ResNet that knows nothing of SwAV) and head (MLP, L2 norm, prototypes)."""
+
+    def __init__(self, backbone: Any, head: Any):
+        self.backbone, self.head = backbone, head
+
+    def modules(self) -> dict[str, Any]:
+        return {"backbone": self.backbone, "head": self.head}
+
+    def train(self) -> None:
+        self.backbone.train(), self.head.train()
+
+    def eval(self) -> None:
+        self.backbone.eval(), self.head.eval()
+
+    def zero_grad(self) -> None:
+        self.backbone.zero_grad(), self.head.zero_grad()
+
+    def named_parameters(self):
+        for prefix, module in self.modules().items():
+            for name, owner, key in module.named_parameters():
+                yield f"{prefix}.{name}", owner, key
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f"{p}.{k}": v for p, m in self.modules().items() for k, v in m.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for prefix, module in self.modules().items():
+            module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")})
+
+
+def crop_groups(crops: Sequence[Any]) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]``: runs of consecutive crops of the same size.
+
+    The official code concatenates crops of one resolution and runs them through the
+    backbone together, so BatchNorm sees one set of statistics per size.
+    """
+    groups, start = [], 0
+    for i in range(1, len(crops) + 1):
+        if i == len(crops) or tuple(crops[i].shape[2:]) != tuple(crops[start].shape[2:]):
+            groups.append((start, i))
+            start = i
+    return groups
+
+
+class MetricsLog:
+    """JSON lines, one record per logged step and one per epoch (``kind`` tells which)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.records: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def steps(self) -> list[dict]:
+        return [r for r in self.records if r["kind"] == "step"]
+
+    def epochs(self) -> list[dict]:
+        return [r for r in self.records if r["kind"] == "epoch"]
+
+
+class Trainer:
+    """Trains one model with one method; see the module docstring.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    comm : a communicator (:mod:`swav_ref.distributed`); default: MPI when launched under
+        ``mpiexec``, else a single process.
+    train_set, test_set : override the datasets named in ``config`` (tests, notebooks).
+    """
+
+    def __init__(self, config: TrainConfig, comm: Any = None, train_set: ImageDataset | None = None,
+                 test_set: ImageDataset | None = None):
+        self.config = cfg = config
+        self.comm = comm if comm is not None else get_communicator()
+        self.xp = get_backend(cfg.backend)
+        self.dtype = getattr(self.xp, cfg.dtype)
+        if train_set is None:
+            train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, seed=0)
+        self.train_set, self.test_set = train_set, test_set
+        self.mean, self.std = channel_stats(train_set.images)
+        self.steps_per_epoch = len(train_set) // (cfg.batch_size * self.comm.size)
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"the training set has {len(train_set)} images, fewer than one global batch of "
+                f"{cfg.batch_size} x {self.comm.size} workers; lower --batch-size"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.model = self._build_model()
+        self.optimizer = self._build_optimizer()
+        self.multicrop = MultiCrop(
+            MultiCropConfig(
+                n_crops=cfg.n_crops, sizes=cfg.crop_sizes, min_scale=cfg.min_scale, max_scale=cfg.max_scale,
+                mean=self.mean, std=self.std,
+            ),
+            self.xp, self.dtype,
+        )
+        # Every random stream derives from (seed, rank, purpose), so a run is reproducible
+        # and workers never share draws.
+        self.augment_rng = Random(np.random.SeedSequence([cfg.seed, self.comm.rank, 1]), self.xp)
+        self.cluster_rng = Random(np.random.SeedSequence([cfg.seed, 0, 2]), self.xp)
+        self.step = 0
+        self.queue: Queue | None = None
+        self.bank: MemoryBank | None = None
+        self.targets: list[Any] | None = None
+        self.monitor = CollapseMonitor(cfg.n_prototypes[0])
+        out = Path(cfg.out_dir)
+        if self.comm.is_root:
+            out.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out
+        self.log = MetricsLog(out / "metrics.jsonl" if self.comm.is_root else None)
+        self._pending: list[tuple[int, Any, Any]] = []  # (step, loss, codes) awaiting the log
+        if self.comm.size > 1:
+            self._broadcast_parameters()
+
+    # -- construction ----------------------------------------------------------------
+    def _build_model(self) -> SwAVModel:
+        cfg, xp = self.config, self.xp
+        init = Random(np.random.SeedSequence([cfg.seed, 0, 0]), xp)  # same on every rank
+        backbone = build_backbone(cfg.arch, in_channels=self.train_set.n_channels, xp=xp, dtype=self.dtype, rng=init)
+        if cfg.method == "supervised":
+            n_classes = len(self.train_set.class_names)
+            head = ClassifierHead(backbone.out_dim, n_classes, xp=xp, dtype=self.dtype, rng=init)
+        else:
+            head = SwAVHead(backbone.out_dim, cfg.hidden_dim, cfg.feat_dim, cfg.n_prototypes,
+                            xp=xp, dtype=self.dtype, rng=init)
+        if cfg.sync_bn and self.comm.size > 1:
+            for module in (backbone, head):
+                set_batchnorm_allreduce(module, self.comm.allreduce_sum)
+        return SwAVModel(backbone, head)
+
+    def _build_optimizer(self):
+        cfg = self.config
+        if cfg.optimizer == "lars":
+            return LARS(self.model, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return SGD(self.model, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def _broadcast_parameters(self) -> None:
+        """Rank 0's parameters and buffers everywhere (at start and after resume)."""
+        state = self.model.state_dict()
+        self.model.load_state_dict({k: self.comm.broadcast(v) for k, v in state.items()})
+
+    # -- schedule and data -----------------------------------------------------------
+    def learning_rate(self, step: int) -> float:
+        cfg = self.config
+        return warmup_cosine_schedule(
+            step, self.total_steps, cfg.base_lr, cfg.final_lr,
+            min(cfg.warmup_epochs, cfg.epochs) * self.steps_per_epoch, cfg.start_warmup,  # short runs: warm-up cut
+        )
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The data order of an epoch: a function of (seed, epoch) alone, so a run resumed
+        mid-epoch sees the same batches."""
+        return np.random.Generator(np.random.PCG64([self.config.seed, epoch])).permutation(len(self.train_set))
+
+    def batch_indices(self, epoch: int, step_in_epoch: int) -> np.ndarray:
+        """This worker's share of a global batch (rank r takes the r-th slice)."""
+        b, r = self.config.batch_size, self.comm.rank
+        start = (step_in_epoch * self.comm.size + r) * b
+        return self.epoch_order(epoch)[start : start + b]
+
+    def make_crops(self, indices: np.ndarray) -> list[Any]:
+        """uint8 host images -> device -> multi-crop views (on the backend)."""
+        images = self.xp.asarray(self.train_set.images[indices])
+        return self.multicrop(images, self.augment_rng)
+
+    # -- one step --------------------------------------------------------------------
+    def train_step(self, crops: Sequence[Any], indices: np.ndarray | None = None) -> tuple[Any, Any]:
+        """One optimisation step on a batch of crops; returns (loss, codes) on the device.
+
+        ``indices`` are the dataset indices of the batch (DeepCluster-v2's targets and
+        memory bank, the supervised labels).
+        """
+        cfg, xp, model = self.config, self.xp, self.model
+        batch = crops[0].shape[0]
+        if cfg.method == "swav":
+            model.head.normalize_prototypes()
+        model.zero_grad()
+        groups = crop_groups(crops)
+        features = model.backbone.forward_groups([xp.concat(list(crops[a:b]), axis=0) for a, b in groups])
+        embedding, scores = model.head.forward(xp.concat(features, axis=0))
+        codes = None
+        if cfg.method == "swav":
+            queue_scores = None
+            if self.queue is not None and self.queue.is_full:
+                queue_scores = [self.queue.scores(i, model.head.prototype_weight(0)) for i in range(len(cfg.crops_for_assign))]
+            out = swav_loss(
+                scores[0], batch, crops_for_assign=cfg.crops_for_assign, temperature=cfg.temperature,
+                epsilon=cfg.epsilon, sinkhorn_iterations=cfg.sinkhorn_iterations, queue_scores=queue_scores,
+                allreduce=None if self.comm.size == 1 else self.comm.allreduce_sum,
+                allreduce_max=None if self.comm.size == 1 else self.comm.allreduce_max,
+            )
+            loss, dscores, codes = out.loss, [out.grad], out.codes
+            if self.queue is not None:
+                self.queue.push([embedding[c * batch : (c + 1) * batch, :] for c in cfg.crops_for_assign])
+        elif cfg.method == "deepcluster-v2":
+            idx = xp.asarray(indices)
+            targets = [xp.take(t, idx, axis=0) for t in self.targets]
+            loss, dscores = deepcluster_loss(scores, targets, sum(cfg.n_crops), cfg.temperature)
+            position = (self.step % self.steps_per_epoch) * batch
+            self.bank.write(position, indices, [embedding[c * batch : (c + 1) * batch, :] for c in cfg.crops_for_assign])
+        else:
+            labels = xp.asarray(np.tile(self.train_set.labels[indices], len(crops)))
+            loss, cache = F.softmax_cross_entropy_forward(scores[0], labels)
+            dscores = [F.softmax_cross_entropy_backward(1.0, cache)]
+        dfeatures = model.head.backward(dscores)
+        model.backbone.backward_groups(
+            [dfeatures[a * batch : b * batch, :] for a, b in groups]
+        )
+        if cfg.method != "supervised" and prototypes_frozen(self.step, self._freeze_iters()):
+            model.head.drop_prototype_gradients()
+        if self.comm.size > 1:
+            self._average_gradients()
+        self.optimizer.step(self.learning_rate(self.step))
+        self.step += 1
+        return loss, codes
+
+    def _freeze_iters(self) -> int:
+        # DeepCluster-v2's prototypes are the k-means centroids: never trained by gradient.
+        return self.total_steps + 1 if self.config.method == "deepcluster-v2" else self.config.freeze_prototypes_niters
+
+    def _average_gradients(self) -> None:
+        inv = 1.0 / self.comm.size
+        for _, owner, key in self.model.named_parameters():
+            g = owner.grads.get(key)
+            if g is not None:
+                owner.grads[key] = self.comm.allreduce_sum(g) * inv
+
+    # -- epochs ----------------------------------------------------------------------
+    def _start_epoch(self, epoch: int) -> None:
+        cfg = self.config
+        if cfg.method == "swav" and cfg.queue_length > 0 and epoch >= cfg.epoch_queue_starts and self.queue is None:
+            self.queue = self._new_queue()
+        if cfg.method == "deepcluster-v2" and self.step % self.steps_per_epoch == 0:
+            if self.bank is None:
+                self._init_memory_bank()
+            centroids, self.targets = cluster_memory(
+                self.bank, cfg.n_prototypes, cfg.kmeans_iters, self.cluster_rng, len(self.train_set),
+                allreduce=None if self.comm.size == 1 else self.comm.allreduce_sum,
+                n_restarts=cfg.kmeans_restarts,
+            )
+            for h, c in enumerate(centroids):
+                self.model.head.set_prototype_weight(h, c)
+
+    def _new_queue(self) -> Queue:
+        cfg = self.config
+        length = queue_length_per_worker(cfg.queue_length, cfg.batch_size, self.comm.size)
+        return Queue(len(cfg.crops_for_assign), length, cfg.feat_dim, cfg.batch_size, xp=self.xp, dtype=self.dtype)
+
+    def _init_memory_bank(self) -> None:
+        """Fill the bank with one pass of the untrained model (as the official init_memory)."""
+        cfg, xp = self.config, self.xp
+        self.bank = MemoryBank(len(cfg.crops_for_assign), self.steps_per_epoch * cfg.batch_size, cfg.feat_dim,
+                               xp, self.dtype)
+        rng = Random(np.random.SeedSequence([cfg.seed, self.comm.rank, 3]), xp)
+        for s in range(self.steps_per_epoch):
+            indices = self.batch_indices(0, s)
+            crops = self.multicrop(xp.asarray(self.train_set.images[indices]), rng)
+            embeddings = []
+            for c in cfg.crops_for_assign:
+                emb, _ = self.model.head.forward(self.model.backbone.forward(crops[c]))
+                embeddings.append(emb)
+                self.model.head.clear_cache(), self.model.backbone.clear_cache()
+            self.bank.write(s * cfg.batch_size, indices, embeddings)
+
+    def fit(self, resume: str | os.PathLike | None = None) -> MetricsLog:
+        """Train for ``config.epochs`` epochs (from a checkpoint when ``resume`` is given)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if resume is not None:
+            self.load(resume)
+        if self.comm.is_root:
+            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.model.train()
+        start_epoch = self.step // self.steps_per_epoch
+        for epoch in range(start_epoch, cfg.epochs):
+            self._start_epoch(epoch)
+            first = self.step - epoch * self.steps_per_epoch
+            bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not (cfg.progress and self.comm.is_root), leave=False)
+            t0, epoch_loss = time.perf_counter(), self.xp.zeros((), dtype=self.dtype)
+            for s in bar:
+                indices = self.batch_indices(epoch, s)
+                loss, codes = self.train_step(self.make_crops(indices), indices)
+                epoch_loss = epoch_loss + loss
+                self._pending.append((self.step - 1, loss, codes))
+                if self.step % cfg.log_every == 0 or s == self.steps_per_epoch - 1:
+                    self._flush_log(epoch, bar)
+            n_steps = self.steps_per_epoch - first
+            self._end_epoch(epoch, float(epoch_loss) / max(n_steps, 1), time.perf_counter() - t0)
+        return self.log
+
+    def _flush_log(self, epoch: int, bar: Any) -> None:
+        """The logging boundary: bring the pending metrics to the host, check them."""
+        for step, loss, codes in self._pending:
+            value = float(loss)
+            if self.comm.size > 1:
+                value = float(self.comm.allreduce_sum(self.xp.reshape(loss, (1,)))[0]) / self.comm.size
+            if not math.isfinite(value):
+                raise TrainingDivergedError(
+                    f"the loss became {value} at step {step} (epoch {epoch + 1}); training stopped and the last "
+                    f"good checkpoint in {self.out_dir} is kept. Try a lower --lr, fewer warm-up-free steps "
+                    "(--warmup-epochs), float32 rather than float16, and check that features and prototypes "
+                    "are L2-normalised."
+                )
+            record = {"kind": "step", "step": step, "epoch": epoch, "loss": value, "lr": self.learning_rate(step)}
+            if codes is not None:
+                usage = code_usage(codes[0])  # the first assignment crop's codes
+                record["prototypes_used"] = int(usage.n_used)
+                record["code_entropy"] = float(usage.entropy_of_mean)
+                record["code_row_entropy"] = float(usage.mean_entropy)
+            if self.comm.is_root:
+                self.log.write(record)
+            self.monitor.update(value)
+        self._pending.clear()
+        if self.log.records:
+            last = self.log.records[-1]
+            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.3g}",
+                            used=last.get("prototypes_used", "-"))
+
+    def _end_epoch(self, epoch: int, mean_loss: float, seconds: float) -> None:
+        record = {"kind": "epoch", "epoch": epoch, "step": self.step, "loss": mean_loss, "seconds": seconds}
+        if self.comm.is_root:
+            self.log.write(record)
+        if (epoch + 1) % self.config.checkpoint_every == 0 or epoch + 1 == self.config.epochs:
+            self.save(self.out_dir / "checkpoint.npz")
+
+    # -- checkpoints -----------------------------------------------------------------
+    def state(self) -> tuple[dict[str, Any], dict]:
+        """Everything needed to resume bit for bit: arrays and JSON metadata."""
+        arrays = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        arrays.update({f"optim.{k}": v for k, v in self.optimizer.state_dict().items()})
+        if self.queue is not None:
+            arrays["queue.embeddings"] = self.queue.embeddings
+        if self.bank is not None:
+            arrays.update({f"bank.{k}": v for k, v in self.bank.state_dict().items()})
+            arrays.update({f"targets.{h}": t for h, t in enumerate(self.targets or [])})
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "world_size": self.comm.size,
+            "augment_rng": self.augment_rng.get_state(),
+            "cluster_rng": self.cluster_rng.get_state(),
+            "queue_filled": None if self.queue is None else self.queue.filled,
+            "monitor": self.monitor.state_dict() if hasattr(self.monitor, "state_dict") else None,
+            "log": self.log.records,
+        }
+        return arrays, meta
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Atomically write a checkpoint (rank 0 only), never over a good one with NaNs."""
+        arrays, meta = self.state()
+        finite = all(bool(self.xp.all(self.xp.isfinite(v))) for k, v in arrays.items() if k.startswith("model."))
+        if not finite:
+            raise TrainingDivergedError(f"parameters are not finite at step {self.step}; {path} was not overwritten")
+        if self.comm.is_root:
+            ckpt.save_checkpoint(path, arrays, meta)
+        self.comm.barrier()
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by :meth:`save` (raises CheckpointError if unusable)."""
+        arrays, meta = ckpt.load_checkpoint(path)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ckpt.CheckpointError(f"{path}: not a swav_ref trainer checkpoint (format {meta.get('format')!r})")
+        saved = TrainConfig.from_dict(meta["config"])
+        for name in ("method", "arch", "n_prototypes", "feat_dim", "hidden_dim", "batch_size", "n_crops", "dataset"):
+            if getattr(saved, name) != getattr(self.config, name):
+                raise ckpt.CheckpointError(
+                    f"{path}: checkpoint was trained with {name}={getattr(saved, name)!r}, this run has "
+                    f"{name}={getattr(self.config, name)!r}"
+                )
+        ckpt.check_compatible(
+            {k[6:]: v for k, v in arrays.items() if k.startswith("model.")},
+            {k: tuple(v.shape) for k, v in self.model.state_dict().items()},
+        )
+        xp = self.xp
+        self.model.load_state_dict({k[6:]: xp.asarray(v) for k, v in arrays.items() if k.startswith("model.")})
+        self.optimizer.load_state_dict({k[6:]: xp.asarray(v) for k, v in arrays.items() if k.startswith("optim.")})
+        self.step = int(meta["step"])
+        self.augment_rng.set_state(meta["augment_rng"])
+        self.cluster_rng.set_state(meta["cluster_rng"])
+        queue_state = {k[6:]: xp.asarray(v) for k, v in arrays.items() if k.startswith("queue.")}
+        if queue_state:
+            cfg = self.config
+            self.queue = self._new_queue()
+            queue_state["filled"] = meta["queue_filled"]
+            self.queue.load_state_dict(queue_state)
+        bank_state = {k[5:]: v for k, v in arrays.items() if k.startswith("bank.")}
+        if bank_state:
+            cfg = self.config
+            self.bank = MemoryBank(len(cfg.crops_for_assign), self.steps_per_epoch * cfg.batch_size, cfg.feat_dim,
+                                   xp, self.dtype)
+            self.bank.load_state_dict({"embeddings": xp.asarray(bank_state["embeddings"]), "index": bank_state["index"]})
+            self.targets = [xp.asarray(arrays[f"targets.{h}"]) for h in range(len(self.config.n_prototypes))]
+        if meta.get("monitor") and hasattr(self.monitor, "load_state_dict"):
+            self.monitor.load_state_dict(meta["monitor"])
+        self.log.records = list(meta.get("log", []))
+        if self.log.path is not None:
+            self.log.path.write_text("".join(json.dumps(r) + "\n" for r in self.log.records))
+        if self.comm.size > 1:
+            self._broadcast_parameters()
+
+    # -- features for evaluation ----------------------------------------------------------
+    def features(self, images: np.ndarray, batch_size: int = 512) -> Any:
+        """Backbone features (N, D) of uint8 images, in eval mode (the frozen-feature protocol)."""
+        from swav_ref.evaluate import extract_features
+
+        return extract_features(self.model.backbone, images, xp=self.xp, dtype=self.dtype,
+                                batch_size=batch_size, normalize=(self.mean, self.std))

@@ -1,0 +1,178 @@
+"""swav_loss: hand-derived gradient (central differences, codes held fixed) and PyTorch autograd."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from swav_ref import backend as B
+from swav_ref.nn.gradcheck import check_gradient
+from swav_ref.swav import SwAVLossOutput, sinkhorn_codes, swapped_prediction_loss, swav_loss
+
+BATCH, N_PROTOTYPES, DIM, QUEUE = 3, 5, 4, 6
+
+# (number of crops, assignment crops, queue?)
+SETTINGS = [
+    (2, (0, 1), False),
+    (6, (0, 1), False),  # 2 large + 4 small crops
+    (2, (0, 1), True),
+    (6, (0, 1), True),
+    (4, (1,), False),  # one assignment crop, not the first
+    (4, (0, 2, 3), True),  # three assignment crops: a crop is predicted from two codes
+]
+
+
+def unit_rows(a):
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def make_problem(rng, n_crops, with_queue, n_assign):
+    """Cosine scores (n_crops * BATCH, K) and, optionally, queue scores per assignment crop."""
+    prototypes = unit_rows(rng.normal(size=(N_PROTOTYPES, DIM)))
+    scores = unit_rows(rng.normal(size=(n_crops * BATCH, DIM))) @ prototypes.T
+    queue = None
+    if with_queue:
+        queue = [unit_rows(rng.normal(size=(QUEUE, DIM))) @ prototypes.T for _ in range(n_assign)]
+    return scores, queue
+
+
+def on(backend, queue):
+    return None if queue is None else [B.asarray(q, backend) for q in queue]
+
+
+@pytest.mark.parametrize("n_crops, assign, with_queue", SETTINGS)
+def test_gradient_matches_central_differences(backend, rng, n_crops, assign, with_queue):
+    scores_np, queue_np = make_problem(rng, n_crops, with_queue, len(assign))
+    scores = B.asarray(scores_np, backend)
+    out = swav_loss(scores, BATCH, crops_for_assign=assign, queue_scores=on(backend, queue_np))
+
+    # Codes are constants (stop-gradient): the numerical derivative perturbs the scores while
+    # the codes stay those computed once above, by evaluating swapped_prediction_loss with them.
+    def loss_with_fixed_codes():
+        loss, _ = swapped_prediction_loss(scores, out.codes, BATCH, crops_for_assign=assign)
+        return float(loss)
+
+    assert check_gradient(loss_with_fixed_codes, scores, out.grad) < 1e-6
+
+
+@pytest.mark.parametrize("n_crops, assign, with_queue", SETTINGS)
+def test_agrees_with_torch_autograd_of_the_official_formula(backend, rng, n_crops, assign, with_queue):
+    torch = pytest.importorskip("torch")
+    scores_np, queue_np = make_problem(rng, n_crops, with_queue, len(assign))
+    loss, grad = swav_loss(B.asarray(scores_np, backend), BATCH, crops_for_assign=assign,
+                           queue_scores=on(backend, queue_np))
+    ref_loss, ref_grad = torch_official_loss(torch, scores_np, BATCH, assign, queue_np)
+    assert abs(float(loss) - ref_loss) < 1e-10
+    assert np.max(np.abs(B.to_numpy(grad) - ref_grad)) < 1e-10
+
+
+def torch_official_loss(torch, scores_np, batch_size, crops_for_assign, queue_np=None,
+                        temperature=0.1, epsilon=0.05, n_iters=3):
+    """main_swav.py's loss with autograd, written from the official recipe (float64)."""
+    import torch.nn.functional as F
+
+    output = torch.tensor(scores_np, dtype=torch.float64, requires_grad=True)
+    n_crops = scores_np.shape[0] // batch_size
+    loss = 0
+    for i, crop_id in enumerate(crops_for_assign):
+        with torch.no_grad():
+            out = output[batch_size * crop_id : batch_size * (crop_id + 1)].detach()
+            if queue_np is not None and queue_np[i] is not None:
+                out = torch.cat((torch.tensor(queue_np[i]), out))
+            q = torch.exp(out / epsilon).t()
+            q /= torch.sum(q)
+            k, b = q.shape
+            for _ in range(n_iters):
+                q /= torch.sum(q, dim=1, keepdim=True)
+                q /= k
+                q /= torch.sum(q, dim=0, keepdim=True)
+                q /= b
+            q = (q * b).t()[-batch_size:]
+        subloss = 0
+        for v in np.delete(np.arange(n_crops), crop_id):
+            x = output[batch_size * v : batch_size * (v + 1)] / temperature
+            subloss -= torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
+        loss += subloss / (n_crops - 1)
+    loss /= len(crops_for_assign)
+    loss.backward()
+    return loss.item(), output.grad.numpy()
+
+
+def test_returns_loss_grad_and_codes(backend, rng):
+    scores_np, _ = make_problem(rng, 4, False, 2)
+    scores = B.asarray(scores_np, backend)
+    out = swav_loss(scores, BATCH)
+    assert isinstance(out, SwAVLossOutput)
+    loss, grad = out  # unpacks to (loss, grad)
+    assert loss.shape == () and B.array_namespace(loss) is backend
+    assert grad.shape == scores.shape and grad.dtype == scores.dtype
+    assert len(out.codes) == 2
+    for crop, q in enumerate(out.codes):
+        want = sinkhorn_codes(scores[crop * BATCH : (crop + 1) * BATCH, :])
+        np.testing.assert_array_equal(B.to_numpy(q), B.to_numpy(want))
+
+
+def test_queue_joins_sinkhorn_before_the_batch(backend, rng):
+    scores_np, queue_np = make_problem(rng, 2, True, 2)
+    scores, queue = B.asarray(scores_np, backend), on(backend, queue_np)
+    with_queue = swav_loss(scores, BATCH, queue_scores=queue)
+    without = swav_loss(scores, BATCH)
+    for crop in (0, 1):
+        joint = sinkhorn_codes(backend.concat((queue[crop], scores[crop * BATCH : (crop + 1) * BATCH, :])))
+        np.testing.assert_array_equal(B.to_numpy(with_queue.codes[crop]), B.to_numpy(joint)[QUEUE:])
+        assert np.max(np.abs(B.to_numpy(with_queue.codes[crop]) - B.to_numpy(without.codes[crop]))) > 1e-3
+    # a None entry means no queue for that crop
+    partial = swav_loss(scores, BATCH, queue_scores=[None, queue[1]])
+    np.testing.assert_array_equal(B.to_numpy(partial.codes[0]), B.to_numpy(without.codes[0]))
+
+
+def test_uniform_predictions_cost_ln_k(backend):
+    # equal scores: every prediction is uniform, each term is ln K, and the averaging weights
+    # sum to one, so the loss is exactly ln K whatever the codes
+    scores = B.asarray(np.full((6 * BATCH, N_PROTOTYPES), 0.3), backend)
+    loss, _ = swav_loss(scores, BATCH)
+    assert abs(float(loss) - math.log(N_PROTOTYPES)) < 1e-12
+
+
+def test_float32_close_to_float64(backend, rng):
+    scores_np, _ = make_problem(rng, 6, False, 2)
+    loss32, grad32 = swav_loss(B.asarray(scores_np, backend, "float32"), BATCH)
+    loss64, grad64 = swav_loss(B.asarray(scores_np, backend), BATCH)
+    assert loss32.dtype == backend.float32 and grad32.dtype == backend.float32
+    assert abs(float(loss32) - float(loss64)) < 1e-5
+    assert np.max(np.abs(B.to_numpy(grad32) - B.to_numpy(grad64))) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "rows, kwargs, match",
+    [
+        (7, {}, "multiple of batch_size"),
+        (3, {}, "at least 2 crops"),
+        (6, {"crops_for_assign": (0, 2)}, "crops_for_assign"),
+        (6, {"crops_for_assign": (1, 1)}, "crops_for_assign"),
+        (6, {"queue_scores": [None]}, "one per assignment crop"),
+        (6, {"temperature": 0.0}, "temperature"),
+    ],
+)
+def test_bad_input(backend, rows, kwargs, match):
+    scores = B.asarray(np.zeros((rows, N_PROTOTYPES)), backend)
+    with pytest.raises(ValueError, match=match):
+        swav_loss(scores, BATCH, **kwargs)
+
+
+def test_bad_queue_or_codes(backend):
+    scores = B.asarray(np.zeros((6, N_PROTOTYPES)), backend)
+    queue = [B.asarray(np.zeros((4, N_PROTOTYPES + 1)), backend), None]
+    with pytest.raises(ValueError, match=r"queue scores of crop 0 have shape \(4, 6\)"):
+        swav_loss(scores, BATCH, queue_scores=queue)
+    queue = [None, B.asarray(np.zeros((4, N_PROTOTYPES)), backend, "float32")]
+    with pytest.raises(ValueError, match="queue scores of crop 1 are"):
+        swav_loss(scores, BATCH, queue_scores=queue)
+    codes = [B.asarray(np.zeros((BATCH, N_PROTOTYPES)), backend)]
+    with pytest.raises(ValueError, match="got 1 code arrays for 2 assignment crops"):
+        swapped_prediction_loss(scores, codes, BATCH)
+    codes = [B.asarray(np.zeros((BATCH, N_PROTOTYPES + 1)), backend)] * 2
+    with pytest.raises(ValueError, match=r"codes of crop 0 have shape \(3, 6\)"):
+        swapped_prediction_loss(scores, codes, BATCH)
