@@ -1,0 +1,292 @@
+"""Sinkhorn-Knopp (kernel domain) and its log-domain twin: oracles, marginals, failure modes."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from swav_ref.backend import array_namespace, asarray, default_tol, to_numpy
+from swav_ref.ot import (
+    ConvergenceWarning,
+    TransportResult,
+    marginal_violation,
+    sinkhorn_knopp,
+    sinkhorn_log,
+)
+from swav_ref.ot.desserts import dessert_problem
+
+SOLVERS = [sinkhorn_knopp, sinkhorn_log]
+# the backend fixture is a stateless namespace, so reusing it across examples is safe
+FIXTURE_OK = [HealthCheck.function_scoped_fixture]
+
+
+def host_marginal_error(plan, r, c) -> float:
+    """Independent of the library: plain NumPy on host copies."""
+    P, r, c = (np.asarray(to_numpy(x), dtype=np.float64) for x in (plan, r, c))
+    return max(np.abs(P.sum(1) - r).max(), np.abs(P.sum(0) - c).max()) / r.sum()
+
+
+def random_problem(seed: int, n: int, m: int, scale: float = 1.0):
+    rng = np.random.default_rng(seed)
+    M = rng.random((n, m)) * scale
+    r = rng.random(n) + 0.05
+    c = rng.random(m) + 0.05
+    c *= r.sum() / c.sum()
+    return M, r, c
+
+
+# -- oracles -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("lam", [1.0, 10.0])
+def test_dessert_cost_matches_pot(backend, solver, lam):
+    ot = pytest.importorskip("ot")
+    M, r, c = dessert_problem(backend)
+    ours = solver(M, r, c, lam, tol=1e-12, max_iter=100_000)
+    Mh, rh, ch = dessert_problem()
+    pot_plan = ot.sinkhorn(rh, ch, Mh, 1.0 / lam, stopThr=1e-13, numItermax=100_000)
+    assert ours.converged
+    assert abs(float(ours.cost) - float(np.sum(pot_plan * Mh))) < 1e-6
+    np.testing.assert_allclose(to_numpy(ours.plan), pot_plan, atol=1e-6)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 9),
+    m=st.integers(1, 9),
+    lam=st.floats(0.1, 30.0),
+)
+def test_marginals_hold_on_random_problems(backend, seed, n, m, lam):
+    Mh, rh, ch = random_problem(seed, n, m)
+    M, r, c = (asarray(x, backend) for x in (Mh, rh, ch))
+    tol = default_tol(M.dtype)
+    results = [solver(M, r, c, lam, max_iter=50_000) for solver in SOLVERS]
+    for res in results:
+        assert res.converged
+        assert host_marginal_error(res.plan, rh, ch) <= 10 * tol
+        assert np.all(to_numpy(res.plan) >= 0)
+        assert float(res.cost) == pytest.approx(float(np.sum(to_numpy(res.plan) * Mh)), rel=1e-12, abs=1e-12)
+    kernel, log = results
+    np.testing.assert_allclose(to_numpy(kernel.plan), to_numpy(log.plan), atol=1e-7 * rh.sum())
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 8), m=st.integers(2, 8))
+def test_log_domain_matches_pot_log(seed, n, m):
+    ot = pytest.importorskip("ot")
+    M, r, c = random_problem(seed, n, m, scale=3.0)
+    lam = 20.0
+    ours = sinkhorn_log(M, r, c, lam, tol=1e-12, max_iter=100_000)
+    pot = ot.sinkhorn(r, c, M, 1.0 / lam, method="sinkhorn_log", stopThr=1e-13, numItermax=100_000)
+    np.testing.assert_allclose(ours.plan, pot, atol=1e-8)
+
+
+def test_log_potentials_reproduce_the_plan(backend):
+    M, r, c = dessert_problem(backend)
+    lam = 30.0
+    res = sinkhorn_log(M, r, c, lam)
+    xp = backend
+    rebuilt = xp.exp(lam * (xp.reshape(res.f, (-1, 1)) + xp.reshape(res.g, (1, -1)) - M))
+    np.testing.assert_allclose(to_numpy(rebuilt), to_numpy(res.plan), rtol=1e-9, atol=1e-12)
+
+
+# -- large lambda: the log domain stays finite, the kernel domain refuses clearly ---------------
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_log_domain_at_lam_1000_reaches_the_exact_optimum(backend, dtype):
+    M, r, c = dessert_problem(backend, dtype)
+    res = sinkhorn_log(M, r, c, 1000.0)
+    cost = float(res.cost)
+    assert res.plan.dtype == M.dtype
+    assert math.isfinite(cost) and np.all(np.isfinite(to_numpy(res.plan)))
+    assert res.converged
+    assert abs(cost - (-36.0)) < 1e-3
+    assert host_marginal_error(res.plan, r, c) <= 2 * default_tol(M.dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_log_domain_at_lam_1e4(dtype):
+    M, r, c = dessert_problem(np, dtype)
+    res = sinkhorn_log(M, r, c, 1e4, max_iter=100_000)
+    assert res.converged
+    assert abs(float(res.cost) + 36.0) < 1e-3
+
+
+def test_log_domain_recovers_when_the_fast_path_overflows():
+    # float32 with lam * M up to 2000: the scaling iterations overflow within a block, so
+    # sinkhorn_log must fall back to exact log-sum-exp blocks, and still agree with float64.
+    M = np.array([[0.0, 10.0, 20.0], [10.0, 0.0, 10.0], [20.0, 10.0, 0.0]])
+    r = np.array([1.0, 1e-4, 1.0])
+    c = np.array([1e-4, 1.0, 1.0])
+    res32 = sinkhorn_log(M.astype(np.float32), r.astype(np.float32), c.astype(np.float32), 100.0)
+    res64 = sinkhorn_log(M, r, c, 100.0)
+    assert res32.details["exact_blocks"] > 0
+    assert res32.converged and res64.converged
+    assert float(res32.cost) == pytest.approx(float(res64.cost), rel=1e-5)
+
+
+def test_kernel_domain_underflow_raises_with_advice(backend):
+    M, r, c = dessert_problem(backend)
+    with pytest.raises(ValueError, match="sinkhorn_log"):
+        sinkhorn_knopp(M, r, c, 1000.0)  # a whole kernel row is exp(-1000) = 0
+
+
+def test_kernel_domain_scaling_overflow_raises_with_advice(backend):
+    # float32 at lam=100: the kernel is positive (subnormal) but the scalings overflow.
+    M, r, c = dessert_problem(backend, "float32")
+    with pytest.raises(ValueError, match="sinkhorn_log"):
+        sinkhorn_knopp(M, r, c, 100.0)
+
+
+# -- results: types, history, warnings ------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_array_type_in_equals_array_type_out(backend, solver, dtype):
+    M, r, c = dessert_problem(backend, dtype)
+    res = solver(M, r, c, 5.0)
+    assert isinstance(res, TransportResult)
+    assert array_namespace(res.plan) is backend and array_namespace(res.cost) is backend
+    assert res.plan.dtype == M.dtype and res.cost.dtype == M.dtype
+    assert res.plan.shape == (8, 5) and res.cost.shape == ()
+    with pytest.raises(AttributeError):
+        res.n_iter = 3  # frozen
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_history_is_checked_every_k_iterations(solver):
+    M, r, c = dessert_problem()
+    res = solver(M, r, c, 10.0, check_every=7)
+    assert len(res.marginal_error) == len(res.checked_at)
+    assert all(k % 7 == 0 for k in res.checked_at)
+    assert res.checked_at[-1] == res.n_iter
+    assert res.marginal_error[-1] <= 1e-9 < res.marginal_error[0]
+    every = solver(M, r, c, 10.0, check_every=1)
+    assert every.checked_at == tuple(range(1, every.n_iter + 1))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_not_converging_warns_with_advice(backend, solver):
+    M, r, c = dessert_problem(backend)
+    with pytest.warns(ConvergenceWarning, match="max_iter"):
+        res = solver(M, r, c, 10.0, max_iter=15)
+    assert not res.converged and res.n_iter == 15
+    assert issubclass(ConvergenceWarning, UserWarning)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_integer_inputs_and_any_total_mass(solver):
+    M = np.array([[0, 2, 1], [3, 0, 1]])
+    r = np.array([5, 7])
+    c = np.array([4, 4, 4])
+    res = solver(M, r, c, 2.0)
+    assert res.plan.dtype == np.float64
+    assert host_marginal_error(res.plan, r, c) <= 1e-9
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_zero_masses_give_zero_rows_and_columns(backend, solver):
+    Mh, rh, ch = random_problem(3, 5, 4)
+    rh[1] = 0.0
+    ch[2] = 0.0
+    ch *= rh.sum() / ch.sum()
+    M, r, c = (asarray(x, backend) for x in (Mh, rh, ch))
+    res = solver(M, r, c, 5.0)
+    P = to_numpy(res.plan)
+    assert res.converged and np.all(np.isfinite(P))
+    assert np.all(P[1] == 0) and np.all(P[:, 2] == 0)
+    assert host_marginal_error(P, rh, ch) <= 1e-9
+
+
+def test_masses_equal_up_to_rounding_are_accepted():
+    M, r, c = dessert_problem()
+    res = sinkhorn_knopp(M, r, c * (1 + 1e-9), 10.0)
+    assert res.converged
+
+
+def test_marginal_violation_matches_a_hand_computation(backend):
+    P = asarray(np.array([[1.0, 1.0], [0.0, 2.0]]), backend)
+    r = asarray(np.array([2.0, 2.0]), backend)
+    c = asarray(np.array([2.0, 2.0]), backend)
+    # columns are (1, 3): off by 1 each, relative to mass 4
+    assert float(marginal_violation(P, r, c)) == pytest.approx(0.25)
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def _bad_inputs():
+    M, r, c = (np.array(x, dtype=float) for x in dessert_problem())
+    nan_M = M.copy()
+    nan_M[0, 0] = np.nan
+    inf_M = M.copy()
+    inf_M[2, 3] = np.inf
+    neg_r = r.copy()
+    neg_r[0] = -1.0
+    neg_r[1] += 1.0
+    nan_r = r.copy()
+    nan_r[0] = np.nan
+    inf_c = c.copy()
+    inf_c[0] = np.inf
+    return {
+        "1-D M": ((M[0], r, c), "2-D"),
+        "3-D M": ((M[None], r, c), "2-D"),
+        "r shape": ((M, r[:-1], c), "r must have shape"),
+        "c shape": ((M, r, c[:-1]), "c must have shape"),
+        "c 2-D": ((M, r, c[None]), "c must have shape"),
+        "NaN in M": ((nan_M, r, c), "M contains NaN"),
+        "inf in M": ((inf_M, r, c), "M contains NaN"),
+        "negative r": ((M, neg_r, c), "negative"),
+        "NaN in r": ((M, nan_r, c), "r contains NaN"),
+        "inf in c": ((M, r, inf_c), "c contains NaN"),
+        "masses differ": ((M, r, c * 1.01), "same mass"),
+        "zero mass": ((M, 0 * r, 0 * c), "zero total mass"),
+        "empty": ((np.zeros((0, 5)), np.zeros(0), c), "empty"),
+    }
+
+
+BAD = _bad_inputs()
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_raises_value_error(backend, solver, case):
+    args, message = BAD[case]
+    args = tuple(asarray(x, backend) for x in args)
+    with pytest.raises(ValueError, match=message):
+        solver(*args, 10.0)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("lam", [0.0, -1.0, math.inf, math.nan, "ten"])
+def test_bad_lam_raises_value_error(solver, lam):
+    M, r, c = dessert_problem()
+    with pytest.raises(ValueError, match="lam"):
+        solver(M, r, c, lam)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("kwargs", [{"tol": -1.0}, {"max_iter": 0}, {"check_every": 0}, {"max_iter": 2.5}])
+def test_bad_loop_options_raise_value_error(solver, kwargs):
+    M, r, c = dessert_problem()
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        solver(M, r, c, 10.0, **kwargs)
+
+
+def test_no_runtime_warnings_on_underflow_paths():
+    # NumPy's floating-point warnings are replaced by our own error/recovery.
+    M, r, c = dessert_problem(np, "float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sinkhorn_log(M, r, c, 1000.0)
+        with pytest.raises(ValueError):
+            sinkhorn_knopp(M, r, c, 100.0)
