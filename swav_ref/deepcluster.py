@@ -205,8 +205,13 @@ def cluster_memory(bank: MemoryBank, n_prototypes: Sequence[int], n_iters: int, 
                                                    n_restarts=n_restarts)
         # targets[dataset index] = cluster. The Array API has no scatter, and a one-hot
         # product would cost N x N, so this once-per-epoch scatter is done on the host.
-        targets = np.full(dataset_size, IGNORE_INDEX, dtype=np.int64)
-        targets[bank.index[written]] = to_numpy(assignments)
+        # Data-parallel: each image sits in exactly one worker's bank, so a sum over workers
+        # of (cluster + 1, or 0 where absent) is an all-gather of the assignments.
+        plus_one = np.zeros(dataset_size, dtype=np.int64)
+        plus_one[bank.index[written]] = to_numpy(assignments) + 1
+        if allreduce is not None:
+            plus_one = to_numpy(allreduce(plus_one))
+        targets = np.where(plus_one > 0, plus_one - 1, IGNORE_INDEX)
         centroids_all.append(centroids)
         targets_all.append(xp.asarray(targets))
     return centroids_all, targets_all

@@ -251,10 +251,6 @@ class Trainer:
             ),
             self.xp, self.dtype,
         )
-        # Every random stream derives from (seed, rank, purpose), so a run is reproducible
-        # and workers never share draws.
-        self.augment_rng = Random(np.random.SeedSequence([cfg.seed, self.comm.rank, 1]), self.xp)
-        self.cluster_rng = Random(np.random.SeedSequence([cfg.seed, 0, 2]), self.xp)
         self.step = 0
         self.queue: Queue | None = None
         self.bank: MemoryBank | None = None
@@ -315,10 +311,20 @@ class Trainer:
         start = (step_in_epoch * self.comm.size + r) * b
         return self.epoch_order(epoch)[start : start + b]
 
-    def make_crops(self, indices: np.ndarray) -> list[Any]:
-        """uint8 host images -> device -> multi-crop views (on the backend)."""
+    def random(self, purpose: int, *counters: int) -> Random:
+        """The random stream for (seed, rank, purpose, counters...).
+
+        Every draw of a run is a pure function of these numbers: workers never share draws,
+        and a resumed run needs no generator state to continue exactly where it stopped.
+        Purposes: 1 augmentation (per step), 2 k-means (per epoch), 3 memory-bank init.
+        """
+        key = [self.config.seed, self.comm.rank, purpose, *counters]
+        return Random(np.random.SeedSequence(key), self.xp)
+
+    def make_crops(self, indices: np.ndarray, step: int | None = None) -> list[Any]:
+        """uint8 host images -> device -> multi-crop views (on the backend) for ``step``."""
         images = self.xp.asarray(self.train_set.images[indices])
-        return self.multicrop(images, self.augment_rng)
+        return self.multicrop(images, self.random(1, self.step if step is None else step))
 
     # -- one step --------------------------------------------------------------------
     def train_step(self, crops: Sequence[Any], indices: np.ndarray | None = None) -> tuple[Any, Any]:
@@ -391,12 +397,16 @@ class Trainer:
             if self.bank is None:
                 self._init_memory_bank()
             centroids, self.targets = cluster_memory(
-                self.bank, cfg.n_prototypes, cfg.kmeans_iters, self.cluster_rng, len(self.train_set),
+                self.bank, cfg.n_prototypes, cfg.kmeans_iters, self._cluster_random(epoch), len(self.train_set),
                 allreduce=None if self.comm.size == 1 else self.comm.allreduce_sum,
                 n_restarts=cfg.kmeans_restarts,
             )
             for h, c in enumerate(centroids):
                 self.model.head.set_prototype_weight(h, c)
+
+    def _cluster_random(self, epoch: int) -> Random:
+        # k-means seeds must agree on every worker (rank 0's stream for all).
+        return Random(np.random.SeedSequence([self.config.seed, 0, 2, epoch]), self.xp)
 
     def _new_queue(self) -> Queue:
         cfg = self.config
@@ -408,7 +418,7 @@ class Trainer:
         cfg, xp = self.config, self.xp
         self.bank = MemoryBank(len(cfg.crops_for_assign), self.steps_per_epoch * cfg.batch_size, cfg.feat_dim,
                                xp, self.dtype)
-        rng = Random(np.random.SeedSequence([cfg.seed, self.comm.rank, 3]), xp)
+        rng = self.random(3)
         for s in range(self.steps_per_epoch):
             indices = self.batch_indices(0, s)
             crops = self.multicrop(xp.asarray(self.train_set.images[indices]), rng)
@@ -484,33 +494,55 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------
     def state(self) -> tuple[dict[str, Any], dict]:
-        """Everything needed to resume bit for bit: arrays and JSON metadata."""
+        """The shared state (identical on every worker): model, optimiser, targets, step.
+
+        Random streams need no saving: they are functions of (seed, rank, step)
+        (:meth:`random`). Each worker's own state (queue, memory bank) is
+        :meth:`local_state`.
+        """
         arrays = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         arrays.update({f"optim.{k}": v for k, v in self.optimizer.state_dict().items()})
-        if self.queue is not None:
-            arrays["queue.embeddings"] = self.queue.embeddings
-        if self.bank is not None:
-            arrays.update({f"bank.{k}": v for k, v in self.bank.state_dict().items()})
-            arrays.update({f"targets.{h}": t for h, t in enumerate(self.targets or [])})
+        for h, t in enumerate(self.targets or []):
+            arrays[f"targets.{h}"] = t
         meta = {
             "format": CHECKPOINT_FORMAT,
             "config": self.config.to_dict(),
             "step": self.step,
             "world_size": self.comm.size,
-            "augment_rng": self.augment_rng.get_state(),
-            "cluster_rng": self.cluster_rng.get_state(),
-            "queue_filled": None if self.queue is None else self.queue.filled,
-            "monitor": self.monitor.state_dict() if hasattr(self.monitor, "state_dict") else None,
+            "monitor_fired": self.monitor.fired,
             "log": self.log.records,
         }
         return arrays, meta
 
+    def local_state(self) -> tuple[dict[str, Any], dict]:
+        """This worker's queue and memory bank (each rank keeps its own, as officially)."""
+        arrays, meta = {}, {"format": CHECKPOINT_FORMAT, "rank": self.comm.rank, "step": self.step}
+        if self.queue is not None:
+            arrays["queue.embeddings"] = self.queue.embeddings
+            meta["queue_filled"] = self.queue.filled
+        if self.bank is not None:
+            arrays.update({f"bank.{k}": v for k, v in self.bank.state_dict().items()})
+        return arrays, meta
+
+    @staticmethod
+    def local_path(path: str | os.PathLike, rank: int) -> Path:
+        """``run/checkpoint.npz`` -> ``run/checkpoint.rank0.local.npz``."""
+        path = Path(path)
+        return path.with_name(f"{path.stem}.rank{rank}.local{path.suffix}")
+
     def save(self, path: str | os.PathLike) -> None:
-        """Atomically write a checkpoint (rank 0 only), never over a good one with NaNs."""
+        """Atomically write a checkpoint, never over a good one with NaNs.
+
+        Rank 0 writes the shared state to ``path``; every worker with a queue or a memory
+        bank writes its own next to it (:meth:`local_path`).
+        """
         arrays, meta = self.state()
         finite = all(bool(self.xp.all(self.xp.isfinite(v))) for k, v in arrays.items() if k.startswith("model."))
         if not finite:
             raise TrainingDivergedError(f"parameters are not finite at step {self.step}; {path} was not overwritten")
+        local_arrays, local_meta = self.local_state()
+        if local_arrays:
+            ckpt.save_checkpoint(self.local_path(path, self.comm.rank), local_arrays, local_meta)
         if self.comm.is_root:
             ckpt.save_checkpoint(path, arrays, meta)
         self.comm.barrier()
@@ -527,36 +559,44 @@ class Trainer:
                     f"{path}: checkpoint was trained with {name}={getattr(saved, name)!r}, this run has "
                     f"{name}={getattr(self.config, name)!r}"
                 )
+        if meta["world_size"] != self.comm.size and (self.config.queue_length or self.config.method == "deepcluster-v2"):
+            raise ckpt.CheckpointError(
+                f"{path}: written by {meta['world_size']} workers, resumed by {self.comm.size}; the per-worker "
+                "queues or memory banks cannot be redistributed"
+            )
         ckpt.check_compatible(
             {k[6:]: v for k, v in arrays.items() if k.startswith("model.")},
             {k: tuple(v.shape) for k, v in self.model.state_dict().items()},
         )
         xp = self.xp
-        self.model.load_state_dict({k[6:]: xp.asarray(v) for k, v in arrays.items() if k.startswith("model.")})
-        self.optimizer.load_state_dict({k[6:]: xp.asarray(v) for k, v in arrays.items() if k.startswith("optim.")})
+        self.model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
+        self.optimizer.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("optim.")})
         self.step = int(meta["step"])
-        self.augment_rng.set_state(meta["augment_rng"])
-        self.cluster_rng.set_state(meta["cluster_rng"])
-        queue_state = {k[6:]: xp.asarray(v) for k, v in arrays.items() if k.startswith("queue.")}
-        if queue_state:
-            cfg = self.config
-            self.queue = self._new_queue()
-            queue_state["filled"] = meta["queue_filled"]
-            self.queue.load_state_dict(queue_state)
-        bank_state = {k[5:]: v for k, v in arrays.items() if k.startswith("bank.")}
-        if bank_state:
-            cfg = self.config
-            self.bank = MemoryBank(len(cfg.crops_for_assign), self.steps_per_epoch * cfg.batch_size, cfg.feat_dim,
-                                   xp, self.dtype)
-            self.bank.load_state_dict({"embeddings": xp.asarray(bank_state["embeddings"]), "index": bank_state["index"]})
+        if any(k.startswith("targets.") for k in arrays):
             self.targets = [xp.asarray(arrays[f"targets.{h}"]) for h in range(len(self.config.n_prototypes))]
-        if meta.get("monitor") and hasattr(self.monitor, "load_state_dict"):
-            self.monitor.load_state_dict(meta["monitor"])
+        self.monitor.fired = bool(meta.get("monitor_fired", False))
         self.log.records = list(meta.get("log", []))
         if self.log.path is not None:
             self.log.path.write_text("".join(json.dumps(r) + "\n" for r in self.log.records))
+        local = self.local_path(path, self.comm.rank)
+        if local.exists():
+            self._load_local(local)
         if self.comm.size > 1:
             self._broadcast_parameters()
+
+    def _load_local(self, path: Path) -> None:
+        arrays, meta = ckpt.load_checkpoint(path)
+        if meta.get("step") != self.step:
+            raise ckpt.CheckpointError(f"{path}: local state of step {meta.get('step')} does not match step {self.step}")
+        if "queue.embeddings" in arrays:
+            self.queue = self._new_queue()
+            self.queue.load_state_dict({"embeddings": arrays["queue.embeddings"], "filled": meta["queue_filled"]})
+        if "bank.embeddings" in arrays:
+            cfg = self.config
+            self.bank = MemoryBank(len(cfg.crops_for_assign), self.steps_per_epoch * cfg.batch_size, cfg.feat_dim,
+                                   self.xp, self.dtype)
+            self.bank.load_state_dict({"embeddings": self.xp.asarray(arrays["bank.embeddings"]),
+                                       "index": arrays["bank.index"]})
 
     # -- features for evaluation ----------------------------------------------------------
     def features(self, images: np.ndarray, batch_size: int = 512) -> Any:

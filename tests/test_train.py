@@ -1,0 +1,189 @@
+"""The trainer: learning happens, resume is exact, failures are loud and lose nothing."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+from swav_ref import checkpoint as ckpt
+from swav_ref.data.datasets import load_digits_dataset, split_dataset
+from swav_ref.swav.diagnostics import CollapseMonitor, CollapseWarning
+from swav_ref.train import Trainer, TrainConfig, TrainingDivergedError, crop_groups
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """160 training and 40 test digits: enough for 5 steps of 32 per epoch."""
+    full = load_digits_dataset()
+    train, test = split_dataset(full.subset(np.arange(200)), test_fraction=0.2, seed=0)
+    return train, test
+
+
+def small_config(tmp_path, **changes) -> TrainConfig:
+    base = dict(batch_size=32, n_crops=(2, 2), crop_sizes=(8, 6), min_scale=(0.5, 0.3), max_scale=(1.0, 0.6),
+                hidden_dim=32, feat_dim=16, n_prototypes=(10,), epochs=3, warmup_epochs=1, base_lr=0.5,
+                freeze_prototypes_niters=3, log_every=1, progress=False, out_dir=str(tmp_path / "run"))
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def step_losses(trainer) -> list[float]:
+    return [r["loss"] for r in trainer.log.steps()]
+
+
+def interrupt_after_epoch(trainer, last_epoch: int) -> None:
+    """Simulate Ctrl-C right after epoch ``last_epoch``'s checkpoint is written."""
+    real_end = trainer._end_epoch
+
+    def end_then_stop(epoch, *args):
+        real_end(epoch, *args)
+        if epoch == last_epoch:
+            raise KeyboardInterrupt
+
+    trainer._end_epoch = end_then_stop
+
+
+def test_crop_groups_split_by_size():
+    shapes = [(4, 1, 8, 8)] * 2 + [(4, 1, 6, 6)] * 3 + [(4, 1, 8, 8)]
+    crops = [np.zeros(s) for s in shapes]
+    assert crop_groups(crops) == [(0, 2), (2, 5), (5, 6)]
+
+
+def test_training_decreases_the_loss(tiny, tmp_path):
+    train, test = tiny
+    trainer = Trainer(small_config(tmp_path, epochs=6), train_set=train, test_set=test)
+    trainer.fit()
+    losses = step_losses(trainer)
+    assert len(losses) == 6 * 5
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
+    epochs = trainer.log.epochs()
+    assert [e["epoch"] for e in epochs] == list(range(6))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == len(trainer.log.records)
+    assert all(0 < r["prototypes_used"] <= 10 for r in trainer.log.steps())
+
+
+def test_prototypes_are_frozen_then_trained(tiny, tmp_path):
+    train, test = tiny
+    trainer = Trainer(small_config(tmp_path, freeze_prototypes_niters=2, epochs=1), train_set=train, test_set=test)
+    trainer.model.head.normalize_prototypes()
+    before = np.array(trainer.model.head.prototype_weight(0))
+    trainer._start_epoch(0)
+    for s in range(2):
+        idx = trainer.batch_indices(0, s)
+        trainer.train_step(trainer.make_crops(idx), idx)
+    # frozen: only the per-step re-normalisation touches them (rounding, ~1 ulp)
+    np.testing.assert_allclose(np.array(trainer.model.head.prototype_weight(0)), before, atol=1e-6)
+    assert trainer.optimizer.state_dict().get("head.prototypes0.weight") is None  # no momentum either
+    idx = trainer.batch_indices(0, 2)
+    trainer.train_step(trainer.make_crops(idx), idx)
+    assert np.abs(np.array(trainer.model.head.prototype_weight(0)) - before).max() > 1e-4
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("swav", {}),
+    ("swav", {"queue_length": 64, "epoch_queue_starts": 1}),
+    ("deepcluster-v2", {"n_prototypes": (10, 12)}),
+    ("supervised", {}),
+])
+def test_resume_is_bit_identical(tiny, tmp_path, method, extra):
+    train, test = tiny
+    full = Trainer(small_config(tmp_path / "a", method=method, epochs=3, **extra), train_set=train, test_set=test)
+    full.fit()
+    first = Trainer(small_config(tmp_path / "b", method=method, epochs=3, **extra), train_set=train, test_set=test)
+    interrupt_after_epoch(first, 1)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    resumed = Trainer(small_config(tmp_path / "b", method=method, epochs=3, **extra), train_set=train, test_set=test)
+    resumed.fit(resume=tmp_path / "b" / "run" / "checkpoint.npz")
+    assert step_losses(resumed) == step_losses(full)  # exact equality, float for float
+    for k, v in full.model.state_dict().items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(resumed.model.state_dict()[k]), err_msg=k)
+    if extra.get("queue_length"):
+        assert full.queue.is_full and resumed.queue.is_full
+        np.testing.assert_array_equal(full.queue.embeddings, resumed.queue.embeddings)
+    if method == "deepcluster-v2":
+        np.testing.assert_array_equal(full.bank.embeddings, resumed.bank.embeddings)
+        for a, b in zip(full.targets, resumed.targets):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_crash_during_checkpoint_write_keeps_the_previous_one(tiny, tmp_path, monkeypatch):
+    """The second checkpoint's write dies before its rename: the first one stays loadable."""
+    train, test = tiny
+    trainer = Trainer(small_config(tmp_path, epochs=3), train_set=train, test_set=test)
+    real_replace, calls = os.replace, []
+
+    def replace_then_crash(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("simulated power cut during rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_crash)
+    with pytest.raises(OSError, match="power cut"):
+        trainer.fit()
+    monkeypatch.undo()
+    path = tmp_path / "run" / "checkpoint.npz"
+    again = Trainer(small_config(tmp_path, epochs=3), train_set=train, test_set=test)
+    again.load(path)
+    assert again.step == 5  # the end of epoch 1, the last complete write
+    assert not [p for p in path.parent.iterdir() if p.name.startswith("checkpoint.npz") and p != path]
+
+
+def test_nan_loss_stops_training_and_keeps_the_checkpoint(tiny, tmp_path, monkeypatch):
+    import swav_ref.train as train_module
+
+    train, test = tiny
+    trainer = Trainer(small_config(tmp_path, epochs=3), train_set=train, test_set=test)
+    real = train_module.swav_loss
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if trainer.step >= 7:
+            return type(out)(out.loss * math.nan, out.grad, out.codes)
+        return out
+
+    monkeypatch.setattr(train_module, "swav_loss", poisoned)
+    with pytest.raises(TrainingDivergedError, match="loss became nan at step 7"):
+        trainer.fit()
+    arrays, meta = ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    assert meta["step"] == 5
+    assert all(np.all(np.isfinite(v)) for k, v in arrays.items() if k.startswith("model."))
+
+
+def test_collapse_warning(tiny, tmp_path):
+    """A huge temperature makes every prediction uniform: the loss sits at ln K."""
+    train, test = tiny
+    trainer = Trainer(small_config(tmp_path, temperature=1e4, epochs=2), train_set=train, test_set=test)
+    trainer.monitor = CollapseMonitor(10, window=5, tolerance=0.01)
+    with pytest.warns(CollapseWarning, match="ln K"):
+        trainer.fit()
+
+
+def test_mismatched_checkpoint_is_refused(tiny, tmp_path):
+    train, test = tiny
+    Trainer(small_config(tmp_path, epochs=1), train_set=train, test_set=test).fit()
+    other = Trainer(small_config(tmp_path / "other", epochs=1, n_prototypes=(12,)), train_set=train, test_set=test)
+    with pytest.raises(ckpt.CheckpointError, match="n_prototypes"):
+        other.load(tmp_path / "run" / "checkpoint.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError):
+        other.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("method", ["swav", "deepcluster-v2"])
+def test_methods_run_under_array_api_strict(tiny, tmp_path, method):
+    pytest.importorskip("array_api_strict")
+    train, test = tiny
+    cfg = small_config(tmp_path, method=method, backend="array_api_strict", epochs=2, dtype="float64")
+    trainer = Trainer(cfg, train_set=train, test_set=test)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        trainer.fit()
+    assert all(math.isfinite(v) for v in step_losses(trainer))
