@@ -59,6 +59,8 @@ OPTION_HELP = {
     "out_dir": "output folder: metrics.jsonl, checkpoint.npz, figures",
     "log_every": "log (and check for NaN and collapse) every N steps",
     "checkpoint_every": "write a checkpoint every N epochs",
+    "stop_after": "stop after N epochs in this run (0 = train to the end); the learning-rate schedule still spans "
+                  "--epochs, so --resume carries on (for time-limited cluster jobs)",
     "progress": "show the progress bar",
 }
 

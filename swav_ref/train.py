@@ -120,6 +120,7 @@ class TrainConfig:
     out_dir: str = "runs/swav"
     log_every: int = 10
     checkpoint_every: int = 1  # epochs
+    stop_after: int = 0  # epochs in this run (0 = to the end); the schedule still spans `epochs`
     progress: bool = True
 
     def __post_init__(self):
@@ -441,6 +442,8 @@ class Trainer:
         self.model.train()
         start_epoch = self.step // self.steps_per_epoch
         for epoch in range(start_epoch, cfg.epochs):
+            if cfg.stop_after and epoch - start_epoch >= cfg.stop_after:
+                break  # a time-limited job: the checkpoint lets --resume carry on
             self._start_epoch(epoch)
             first = self.step - epoch * self.steps_per_epoch
             bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -480,10 +483,7 @@ class Trainer:
                 self.log.write(record)
             self.monitor.update(value)
         self._pending.clear()
-        if self.log.records:
-            last = self.log.records[-1]
-            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.3g}",
-                            used=last.get("prototypes_used", "-"))
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}", used=record.get("prototypes_used", "-"))
 
     def _end_epoch(self, epoch: int, mean_loss: float, seconds: float) -> None:
         record = {"kind": "epoch", "epoch": epoch, "step": self.step, "loss": mean_loss, "seconds": seconds}
