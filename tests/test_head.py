@@ -1,0 +1,116 @@
+"""The SwAV head module and the whole model (ResNet + head + swapped loss): float64
+gradient checks against central differences, and agreement with PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from swav_ref.backend import Random, asarray, to_numpy
+from swav_ref.nn.gradcheck import check_gradient_sampled, numerical_gradient
+from swav_ref.nn.resnet import ResNet
+from swav_ref.swav import swapped_prediction_loss, sinkhorn_codes
+from swav_ref.swav.head import ClassifierHead, SwAVHead
+
+
+def _model(xp, n_prototypes=(7,)):
+    backbone = ResNet(1, widths=(4, 6), blocks=(1, 1), xp=xp, dtype="float64", rng=Random(0))
+    head = SwAVHead(backbone.out_dim, 8, 5, n_prototypes, xp=xp, dtype="float64", rng=Random(1))
+    return backbone, head
+
+
+def _objective(backbone, head, crops, batch, codes):
+    """Swapped loss of 2 large + 2 small crops with fixed codes; returns (loss, dscores...)."""
+    xp = backbone.xp
+    feats = backbone.forward_groups([xp.concat(crops[:2], axis=0), xp.concat(crops[2:], axis=0)])
+    _, scores = head.forward(xp.concat(feats, axis=0))
+    total, grads = 0.0, []
+    for h, s in enumerate(scores):
+        loss, grad = swapped_prediction_loss(s, codes[h], batch)
+        total = total + loss
+        grads.append(grad)
+    return total, grads
+
+
+@pytest.mark.parametrize("n_prototypes", [(7,), (7, 3)])
+def test_whole_model_gradients(backend, n_prototypes):
+    xp, batch = backend, 3
+    rng = np.random.default_rng(0)
+    backbone, head = _model(xp, n_prototypes)
+    crops = [asarray(rng.normal(size=(batch, 1, s, s)), xp) for s in (6, 6, 4, 4)]
+    # codes from the untrained model, then held fixed (they are constants of the loss)
+    _, scores = head.forward(xp.concat(backbone.forward_groups(
+        [xp.concat(crops[:2], axis=0), xp.concat(crops[2:], axis=0)]), axis=0))
+    codes = [[sinkhorn_codes(s[i * batch:(i + 1) * batch, :]) for i in (0, 1)] for s in scores]
+    backbone.clear_cache(), head.clear_cache()
+
+    def f():
+        loss, _ = _objective(backbone, head, crops, batch, codes)
+        backbone.clear_cache(), head.clear_cache()
+        return float(loss)
+
+    backbone.zero_grad(), head.zero_grad()
+    _, dscores = _objective(backbone, head, crops, batch, codes)
+    dfeat = head.backward(dscores)
+    dinputs = backbone.backward_groups([dfeat[:2 * batch, :], dfeat[2 * batch:, :]])
+    # input gradient of the first crop (large)
+    err = check_gradient_sampled(f, crops[0], dinputs[0][:batch, ...], samples=12)
+    assert err < 1e-6, err
+    for module in (backbone, head):
+        for name, owner, key in module.named_parameters():
+            grad = owner.grads[key]
+            if np.max(np.abs(to_numpy(grad))) < 1e-12:
+                # a bias followed by BatchNorm: its gradient is exactly zero (BN subtracts
+                # the mean), so check that the numerical one is zero too, absolutely
+                numeric = numerical_gradient(f, owner.params[key])
+                assert np.max(np.abs(to_numpy(numeric))) < 1e-8, name
+                continue
+            err = check_gradient_sampled(f, owner.params[key], grad, samples=6)
+            assert err < 1e-6, (name, err)
+
+
+def test_head_matches_torch():
+    torch = pytest.importorskip("torch")
+    xp = np
+    head = SwAVHead(6, 8, 5, (7,), xp=xp, dtype="float64", rng=Random(2))
+    ref = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 5)).double()
+    state = head.state_dict()
+    with torch.no_grad():
+        for i, layer in ((0, "0"), (1, "1"), (3, "3")):
+            for p in ("weight", "bias"):
+                getattr(ref[i], p).copy_(torch.from_numpy(state[f"projection.{layer}.{p}"]))
+    protos = torch.tensor(state["prototypes0.weight"], requires_grad=True)
+    x_np = np.random.default_rng(1).normal(size=(10, 6))
+    g_np = np.random.default_rng(2).normal(size=(10, 7))
+    x = torch.tensor(x_np, requires_grad=True)
+    z = torch.nn.functional.normalize(ref(x), dim=1)
+    scores_t = z @ protos.T
+    (scores_t * torch.from_numpy(g_np)).sum().backward()
+    emb, scores = head.forward(x_np)
+    dx = head.backward([g_np])
+    np.testing.assert_allclose(emb, z.detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(scores[0], scores_t.detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(dx, x.grad.numpy(), atol=1e-10)
+    np.testing.assert_allclose(head.prototype_layer(0).grads["weight"], protos.grad.numpy(), atol=1e-10)
+    np.testing.assert_allclose(head.projection[0].grads["weight"], ref[0].weight.grad.numpy(), atol=1e-10)
+
+
+def test_prototype_upkeep(backend):
+    _, head = _model(backend)
+    w = asarray(np.random.default_rng(0).normal(size=(7, 5)) * 3, backend)
+    head.set_prototype_weight(0, w)
+    head.normalize_prototypes()
+    np.testing.assert_allclose(np.linalg.norm(to_numpy(head.prototype_weight(0)), axis=1), 1.0, rtol=1e-12)
+    with pytest.raises(ValueError, match="expected shape"):
+        head.set_prototype_weight(0, asarray(np.zeros((3, 5)), backend))
+    head.prototype_layer(0).grads["weight"] = w
+    head.drop_prototype_gradients()
+    assert head.prototype_layer(0).grads["weight"] is None
+
+
+def test_classifier_head_interface(backend):
+    head = ClassifierHead(4, 3, xp=backend, dtype="float64", rng=Random(0))
+    x = asarray(np.ones((2, 4)), backend)
+    feats, logits = head.forward(x)
+    assert feats is x and tuple(logits[0].shape) == (2, 3)
+    assert tuple(head.backward([logits[0]]).shape) == (2, 4)
