@@ -38,7 +38,7 @@ import numpy as np
 from swav_ref import checkpoint as ckpt
 from swav_ref.backend import Random, get_backend, to_numpy
 from swav_ref.data.datasets import ImageDataset, channel_stats, load_dataset
-from swav_ref.data.multicrop import MultiCrop, MultiCropConfig
+from swav_ref.data.multicrop import MultiCrop, MultiCropConfig, default_config
 from swav_ref.deepcluster import MemoryBank, cluster_memory, deepcluster_loss
 from swav_ref.distributed import SingleProcessCommunicator, get_communicator
 from swav_ref.nn import functional as F
@@ -245,13 +245,7 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.model = self._build_model()
         self.optimizer = self._build_optimizer()
-        self.multicrop = MultiCrop(
-            MultiCropConfig(
-                n_crops=cfg.n_crops, sizes=cfg.crop_sizes, min_scale=cfg.min_scale, max_scale=cfg.max_scale,
-                mean=self.mean, std=self.std,
-            ),
-            self.xp, self.dtype,
-        )
+        self.multicrop = MultiCrop(self._multicrop_config(), self.xp, self.dtype)
         self.step = 0
         self.queue: Queue | None = None
         self.bank: MemoryBank | None = None
@@ -267,6 +261,16 @@ class Trainer:
             self._broadcast_parameters()
 
     # -- construction ----------------------------------------------------------------
+    def _multicrop_config(self) -> MultiCropConfig:
+        """The data set's augmentation recipe (flip, jitter, blur suited to its images:
+        none of ImageNet's flips and blurs on 8x8 digits), with this run's crop counts,
+        sizes and scales, normalised by the training set's own channel statistics."""
+        cfg = self.config
+        recipe = cfg.dataset if cfg.dataset in ("digits", "cifar10") else "folder"
+        base = default_config(recipe, image_size=max(cfg.crop_sizes))
+        return base.replace(n_crops=cfg.n_crops, sizes=cfg.crop_sizes, min_scale=cfg.min_scale,
+                            max_scale=cfg.max_scale, mean=self.mean, std=self.std)
+
     def _build_model(self) -> SwAVModel:
         cfg, xp = self.config, self.xp
         init = Random(np.random.SeedSequence([cfg.seed, 0, 0]), xp)  # same on every rank
