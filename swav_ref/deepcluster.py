@@ -37,8 +37,7 @@ Allreduce = Callable[[Any], Any]
 
 def kmeans_plus_plus(x: Any, n_clusters: int, rng: Random) -> Any:
     r"""k-means++ seeding on the sphere: each new centroid is a row drawn with probability
-    proportional to its squared distance :math:`\lVert x_n - c 
-Vert^2 = 2 - 2 x_n^	op c`
+    proportional to its squared distance :math:`\lVert x_n - c \rVert^2 = 2 - 2 x_n^\top c`
     to the nearest centroid chosen so far.
 
     Random rows (the official DeepCluster-v2 init) often put two centroids in one cluster,

@@ -6,12 +6,17 @@ cross-validation on the *training* split) and a weighted kNN with k = 20 and k =
 
 Rows:
 
-``raw pixels``        the images themselves, no network;
-``random init``       the same network, untrained (what the architecture gives for free);
-``supervised``        the same network trained with labels (cross-entropy, same crops,
-                      same optimiser and epochs), the target SwAV tries to reach;
-``SwAV``              trained without labels;
-``DeepCluster-v2``    trained without labels, offline clustering.
+``raw pixels``
+    the images themselves, no network;
+``random init``
+    the same network, untrained (what the architecture gives for free);
+``supervised``
+    the same network trained with labels (cross-entropy, same crops, same optimiser and
+    epochs), the target SwAV tries to reach;
+``SwAV``
+    trained without labels;
+``DeepCluster-v2``
+    trained without labels, offline clustering.
 
 Used by ``swav-ref demo``, ``swav-ref eval`` and notebook 05. Several seeds give mean and
 standard deviation per row.

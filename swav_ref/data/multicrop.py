@@ -32,7 +32,7 @@ channel instead of ``O(s^2)`` for a gather, which is nothing at CIFAR sizes and 
 the code free of fancy indexing (which the Array API lacks).
 
 Differences from the official torchvision pipeline (documented simplifications)
-------------------------------------------------------------------------------
+-------------------------------------------------------------------------------
 - the four colour-jitter operations run in a fixed order (brightness, contrast,
   saturation, hue) rather than a random order per image;
 - greyscale uses the ITU-R 601 luma weights (0.299, 0.587, 0.114); torchvision rounds the
@@ -611,6 +611,8 @@ class MultiCrop:
     xp : the backend namespace the crops are made on (numpy, cupy, array_api_strict).
     dtype : float dtype of the crops (name or ``xp`` dtype), default float32.
 
+    Notes
+    -----
     Calling it with ``images`` uint8 ``(B, C, H, W)`` (host NumPy or already on ``xp``) and
     ``rng`` (:class:`swav_ref.backend.Random` or a NumPy Generator) returns a list of
     ``config.n_total_crops`` arrays ``(B, C, s, s)`` on ``xp``: all large crops first,

@@ -175,6 +175,8 @@ class SwAVHead(Module):
         three; SwAV one).
     xp, dtype, rng : backend, dtype and seeded generator for the initialisation.
 
+    Notes
+    -----
     ``forward(features) -> (embedding, [scores_h])``: the unit-norm embedding (N, d), which
     the queue and the memory bank store, and the scores (N, K_h) of each prototype set.
     ``backward([dscores_h]) -> dfeatures``. The prototypes are parameters named

@@ -1,0 +1,314 @@
+"""The performance table: every benchmark result in benchmarks/results/ as one Markdown table.
+
+One row per benchmark case, with the columns
+
+    what | ours | peer | ours / peer | machine | date | command
+
+where *peer* is the independent implementation measured in the same run (POT, PyTorch, or
+for the training results the supervised baseline), so the ratio is the number to read:
+below 1 for a time means we are faster. Files that are absent are skipped; a JSON file that
+no reader knows is listed on stderr and skipped.
+
+Usage::
+
+    python benchmarks/report.py            # print the table
+    python benchmarks/report.py --write    # also replace the block between
+                                           # <!-- report:start --> and <!-- report:end -->
+                                           # in README.md and docs/results.md
+
+Dates: a result without a ``date`` field gets its file's modification date. Machines: GPU
+results without a ``machine`` field take the first line of ``gpu_machine.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+START, END = "<!-- report:start -->", "<!-- report:end -->"
+TARGETS = (ROOT / "README.md", ROOT / "docs" / "results.md")
+#: Training results of ``swav-ref demo`` that the lead copies in (looked up in this order).
+TRAINING_RESULTS = ("digits_results.json",)
+
+
+@dataclass
+class Row:
+    """One case: ``ours`` and ``peer`` in ``unit`` (``"s"``, ``"B"`` or ``"%"``)."""
+
+    what: str
+    ours: float | None
+    peer: float | None
+    unit: str
+    machine: str
+    date: str
+    command: str
+
+    @property
+    def ratio(self) -> float | None:
+        if self.ours is None or self.peer is None or self.peer == 0:
+            return None
+        return self.ours / self.peer
+
+
+# -- formatting ------------------------------------------------------------------------------
+def format_value(value: float | None, unit: str) -> str:
+    """``0.0021`` s -> ``2.10 ms``; bytes in KiB/MiB; percentages with one decimal."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if unit == "s":
+        for scale, name in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
+            if abs(value) >= scale or name == "µs":
+                return f"{value / scale:.3g} {name}"
+    if unit == "B":
+        for scale, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+            if abs(value) >= scale:
+                return f"{value / scale:.3g} {name}"
+        return f"{value:.0f} B"
+    if unit == "%":
+        return f"{value:.1f}%"
+    return f"{value:.3g} {unit}".strip()
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """The rows as a GitHub-flavoured Markdown table."""
+    lines = ["| what | ours | peer | ours / peer | machine | date | command |",
+             "|---|---:|---:|---:|---|---|---|"]
+    for r in rows:
+        ratio = "-" if r.ratio is None else f"{r.ratio:.3g}"
+        cells = [r.what, format_value(r.ours, r.unit), format_value(r.peer, r.unit), ratio, r.machine, r.date,
+                 f"`{r.command}`"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str, path: str = "the file") -> str:
+    """``text`` with everything between the report markers replaced by ``block``.
+
+    Raises ValueError when the markers are missing, repeated or out of order.
+    """
+    if text.count(START) != 1 or text.count(END) != 1:
+        raise ValueError(f"{path}: needs exactly one {START} and one {END} marker "
+                         f"(found {text.count(START)} and {text.count(END)})")
+    head, rest = text.split(START)
+    if END not in rest:
+        raise ValueError(f"{path}: {END} comes before {START}")
+    _, tail = rest.split(END)
+    return f"{head}{START}\n{block.strip()}\n{END}{tail}"
+
+
+# -- readers: one per result file -------------------------------------------------------------
+def _date(data: dict, path: Path) -> str:
+    if data.get("date"):
+        return str(data["date"])
+    return datetime.date.fromtimestamp(path.stat().st_mtime).isoformat()
+
+
+def _gpu_machine(results_dir: Path) -> str:
+    info = results_dir / "gpu_machine.txt"
+    if info.exists():
+        first = info.read_text().strip().splitlines()
+        if first:
+            return first[0].split(",")[0].strip()
+    return "GPU"
+
+
+def _cpu_machine(data: dict) -> str:
+    machine = data.get("machine")
+    if isinstance(machine, dict):
+        cores = machine.get("cpu_count")
+        return f"CPU ({cores} cores)" if cores else "CPU"
+    return f"CPU ({machine})" if machine else "CPU"
+
+
+def read_sinkhorn(data: dict, path: Path, results_dir: Path) -> list[Row]:
+    rows = []
+    dtype = data.get("settings", {}).get("dtype", "float64")
+    for case in data.get("results", []):
+        for domain in ("kernel", "log"):
+            if domain not in case:
+                continue
+            rows.append(Row(
+                f"Sinkhorn, {domain} domain, n={case['n']}, {dtype}: ours vs POT (same iterations)",
+                case[domain]["ours"]["time_s"], case[domain]["pot_matched"]["time_s"], "s",
+                _cpu_machine(data), _date(data, path), "python benchmarks/bench_sinkhorn.py"))
+    return rows
+
+
+def read_loss(data: dict, path: Path, results_dir: Path) -> list[Row]:
+    gpu = data.get("backend") == "cupy"
+    machine = _gpu_machine(results_dir) if gpu else _cpu_machine(data)
+    peer = "torch CUDA" if gpu else "torch CPU"
+    command = "python benchmarks/bench_loss.py" + (" --backend cupy" if gpu else "")
+    return [
+        Row(f"SwAV loss fwd+bwd, B={c['batch_size']}, K={c['n_prototypes']}, {c['n_crops']} crops: "
+            f"ours ({'CuPy' if gpu else 'NumPy'}) vs official loop ({peer} autograd)",
+            c["ours_s"], c.get("torch_official_s"), "s", machine, _date(data, path), command)
+        for c in data.get("results", [])
+    ]
+
+
+def read_resnet(data: dict, path: Path, results_dir: Path) -> list[Row]:
+    gpu = data.get("backend") == "cupy"
+    machine = _gpu_machine(results_dir) if gpu else _cpu_machine(data)
+    sides = "ours (CuPy) vs torch CUDA" if gpu else "ours (NumPy) vs torch CPU"
+    command = "python benchmarks/bench_resnet.py" + (" --backend cupy" if gpu else "")
+    rows = []
+    for name, c in data.get("cases", {}).items():
+        shape = "x".join(str(s) for s in c.get("input", []))
+        rows.append(Row(f"{name} training step, batch {c.get('batch')}, {shape}, float32: {sides}",
+                        c.get("ours_step_s"), c.get("torch_step_s"), "s", machine, _date(data, path), command))
+    return rows
+
+
+def read_gpu(data: dict, path: Path, results_dir: Path) -> list[Row]:
+    machine = data.get("machine") or _gpu_machine(results_dir)
+    command = data.get("command", "python benchmarks/bench_gpu.py")
+    rows = []
+    for name, c in data.get("cases", {}).items():
+        ours = c.get("ours_ms")
+        peer = c.get("torch_ms")
+        what = f"{name}: ours (CuPy) vs torch CUDA" if peer is not None else f"{name}: ours (CuPy), no peer"
+        if "images_per_s" in c:
+            what += f" ({c['images_per_s']:.0f} images/s)"
+        rows.append(Row(what, None if ours is None else ours / 1e3, None if peer is None else peer / 1e3, "s",
+                        machine, _date(data, path), command))
+    return rows
+
+
+def read_equivalence(data: dict, path: Path, results_dir: Path) -> list[Row]:
+    what = (f"{data.get('steps', '?')} SwAV training steps on digits: CuPy vs NumPy (same seed; largest "
+            f"relative loss difference {data.get('max_relative_difference', float('nan')):.1e})")
+    return [Row(what, data.get("cupy_seconds"), data.get("numpy_seconds"), "s", _gpu_machine(results_dir),
+                _date(data, path), "python benchmarks/gpu_equivalence.py")]
+
+
+def read_deepcluster_scaling(data: dict, path: Path, results_dir: Path) -> list[Row]:
+    rows_in = data.get("results", [])
+    by = {(r["method"], r["repeats"]): r for r in rows_in}
+    machine, date = data.get("machine") or "CPU", _date(data, path)
+    command = data.get("command", "python benchmarks/bench_deepcluster_scaling.py")
+    rows = []
+    for repeats in sorted({r["repeats"] for r in rows_in}):
+        swav, dc = by.get(("swav", repeats)), by.get(("deepcluster-v2", repeats))
+        if swav is None or dc is None:
+            continue
+        rows.append(Row(f"time per epoch, digits x{repeats} (N={swav['n_images']}): SwAV vs DeepCluster-v2 "
+                        "(extrapolated from timed steps)", swav["epoch_s"], dc["epoch_s"], "s", machine, date,
+                        command))
+    if by:
+        largest = max(r for _, r in by)
+        swav, dc = by.get(("swav", largest)), by.get(("deepcluster-v2", largest))
+        if swav is not None and dc is not None:
+            rows.append(Row(f"method state beyond the model, digits x{largest} (N={swav['n_images']}): SwAV "
+                            "(no queue) vs DeepCluster-v2 (memory bank + targets)", swav["state_bytes"],
+                            dc["state_bytes"], "B", machine, date, command))
+    return rows
+
+
+def read_training(data: dict, path: Path, results_dir: Path) -> list[Row]:
+    """``swav-ref demo``'s results.json: each self-supervised method against supervised."""
+    results = {r["method"]: r for r in data.get("results", [])}
+    meta = data.get("metadata", {})
+    seeds = meta.get("seeds", [0])
+    methods = meta.get("methods", ["swav"])
+    command = f"swav-ref demo --methods {' '.join(methods)} --seeds {' '.join(str(s) for s in seeds)}"
+    supervised = results.get("supervised", {})
+    rows = []
+    for method, entry in results.items():
+        if method in ("supervised",):
+            continue
+        for metric in data.get("metrics", []):
+            ours, peer = entry.get(metric, {}).get("mean"), supervised.get(metric, {}).get("mean")
+            rows.append(Row(f"digits top-1, {metric}: {method} vs supervised (same network), "
+                            f"{len(seeds)} seed(s)", None if ours is None else 100 * ours,
+                            None if peer is None else 100 * peer, "%", meta.get("machine", "CPU"),
+                            _date(data, path), command))
+    return rows
+
+
+Reader = Callable[[dict, Path, Path], list[Row]]
+
+#: File name -> reader, in the order the table lists them.
+READERS: dict[str, Reader] = {
+    "bench_sinkhorn.json": read_sinkhorn,
+    "bench_loss.json": read_loss,
+    "bench_resnet.json": read_resnet,
+    "bench_loss_gpu.json": read_loss,
+    "bench_resnet_cupy.json": read_resnet,
+    "bench_gpu.json": read_gpu,
+    "gpu_equivalence.json": read_equivalence,
+    "bench_deepcluster_scaling.json": read_deepcluster_scaling,
+    **{name: read_training for name in TRAINING_RESULTS},
+}
+
+
+def collect_rows(results_dir: Path = RESULTS, extra: Iterable[Path] = (), warn=None) -> list[Row]:
+    """Every known result file in ``results_dir`` (and the training results in ``extra``)."""
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    results_dir = Path(results_dir)
+    rows: list[Row] = []
+    for name, reader in READERS.items():
+        path = results_dir / name
+        if path.exists():
+            rows += _read(path, reader, results_dir, warn)
+    for path in extra:
+        path = Path(path)
+        if path.exists() and path.parent.resolve() != results_dir.resolve():
+            rows += _read(path, read_training, results_dir, warn)
+    for path in sorted(results_dir.glob("*.json")):
+        if path.name not in READERS:
+            warn(f"report: no reader for {path.name}; skipped")
+    return rows
+
+
+def _read(path: Path, reader: Reader, results_dir: Path, warn) -> list[Row]:
+    try:
+        return reader(json.loads(path.read_text()), path, results_dir)
+    except (ValueError, KeyError, TypeError) as exc:  # a malformed file must not hide the others
+        warn(f"report: could not read {path}: {type(exc).__name__}: {exc}; skipped")
+        return []
+
+
+def write_block(path: Path, block: str) -> bool:
+    """Replace the marked block of ``path``; False (with a message) when it has no markers."""
+    text = path.read_text()
+    try:
+        new = replace_block(text, block, str(path))
+    except ValueError as exc:
+        print(f"report: {exc}; not written", file=sys.stderr)
+        return False
+    path.write_text(new)
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results-dir", type=Path, default=RESULTS)
+    p.add_argument("--training", type=Path, nargs="*",
+                   default=[ROOT / "results" / name for name in TRAINING_RESULTS],
+                   help="training results (swav-ref demo's results.json) to add, when present")
+    p.add_argument("--write", action="store_true", help="replace the marked block in the target files")
+    p.add_argument("--targets", type=Path, nargs="+", default=list(TARGETS))
+    args = p.parse_args(argv)
+    table = markdown_table(collect_rows(args.results_dir, args.training))
+    print(table)
+    if args.write:
+        for target in args.targets:
+            if not target.exists():
+                print(f"report: {target} does not exist; skipped", file=sys.stderr)
+            elif write_block(target, table):
+                print(f"report: wrote the table into {target}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

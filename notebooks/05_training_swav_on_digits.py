@@ -1,0 +1,274 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Training SwAV on digits
+#
+# The previous notebooks built the pieces: optimal transport and Sinkhorn (01, 02), SwAV's
+# codes and swapped loss (03), and a ResNet with hand-written backward passes (04). Here
+# they train together, without labels, on scikit-learn's 1797 handwritten digits, and we
+# ask what the network has learned.
+#
+# 1. **The crops** -- the views of each image that SwAV compares.
+# 2. **Training** -- `Trainer(config).fit()`, with its progress bar and metrics log.
+# 3. **Curves** -- the loss and how many prototypes the codes use.
+# 4. **Evaluation** -- a linear probe and kNN on the frozen features, against raw pixels
+#    and the same network untrained.
+# 5. **Prototypes** -- the test images grouped by the prototype they are assigned to.
+# 6. **Online against offline** -- SwAV against DeepCluster-v2 as the data set grows.
+#
+# To keep this notebook to a minute on a laptop, the training here is **short** (a few
+# epochs). The full recipe, 40 epochs with the supervised baseline and several seeds, is
+# one command: `swav-ref demo --seeds 0 1 2` (see the README and the *Results* page).
+
+# %%
+# %matplotlib inline
+import dataclasses
+import inspect
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import swav_ref
+import swav_ref.backend
+from swav_ref import plots
+from swav_ref.data.datasets import load_dataset
+from swav_ref.data.multicrop import show_crops
+from swav_ref.evaluate import results_table
+from swav_ref.experiment import evaluate_raw_pixels, evaluate_trainer, prototype_assignments
+from swav_ref.train import TrainConfig, Trainer
+
+BACKEND = "numpy"  # "cupy" runs this notebook on a GPU
+xp = swav_ref.backend.get_backend(BACKEND)
+# Without ipywidgets the progress bar is plain text; tqdm would warn about that.
+warnings.filterwarnings("ignore", message="IProgress not found")
+
+# %% [markdown]
+# ## 1 · The data and the crops
+#
+# The digits are $8 \times 8$ greyscale images. The split is fixed and stratified: 1438
+# images to train on, 359 to test on. The configuration is the digits recipe of
+# `swav-ref demo` (a tiny ResNet, 2 crops of $8 \times 8$ and 4 of $6 \times 6$, $K = 30$
+# prototypes, batch 128, LARS), shortened: a few epochs, one epoch of warm-up, and the
+# prototypes frozen for the first epoch only (the recipe freezes them for 100 steps, more
+# than this whole run).
+
+# %%
+EPOCHS = 4  # swav-ref demo trains 40
+run_dir = Path(tempfile.mkdtemp(prefix="swav_digits_"))
+train_set, test_set = load_dataset("digits", seed=0)
+config = TrainConfig(
+    backend=BACKEND, epochs=EPOCHS, warmup_epochs=1, freeze_prototypes_niters=11, log_every=2,
+    out_dir=str(run_dir / "swav"),
+)
+trainer = Trainer(config, train_set=train_set, test_set=test_set)
+print(f"{len(train_set)} training images, {len(test_set)} test images, "
+      f"{trainer.steps_per_epoch} steps of {config.batch_size} per epoch")
+print({k: v for k, v in config.to_dict().items() if k in ("arch", "n_crops", "crop_sizes", "min_scale",
+                                                          "max_scale", "n_prototypes", "epsilon", "temperature")})
+
+# %% [markdown]
+# Each image becomes six views: two large crops (covering 50-100% of the image, resized
+# to $8 \times 8$) and four small ones (30-60%, resized to $6 \times 6$), each maybe
+# mirrored, colour-jittered and blurred. The codes are computed for the two large crops,
+# and every other crop must predict them. The augmentation runs on the backend, so under
+# CuPy the crops are made on the GPU.
+
+# %%
+show_crops(train_set.images[:4], trainer.multicrop, swav_ref.backend.Random(0, xp), n_images=4)
+
+# %% [markdown]
+# ## 2 · Training
+#
+# `fit()` runs the epochs. Each step: crops $\to$ ResNet $\to$ head $\to$ scores against the
+# prototypes $\to$ Sinkhorn codes of the large crops $\to$ swapped loss and its gradient
+# $\to$ backward $\to$ LARS. Every `log_every` steps the metrics are brought to the host
+# (the only device-to-host copy), written to `metrics.jsonl`, checked for NaN and collapse,
+# and shown on the progress bar.
+
+# %%
+t0 = time.perf_counter()
+log = trainer.fit()
+print(f"trained {EPOCHS} epochs ({trainer.step} steps) in {time.perf_counter() - t0:.0f} s; "
+      f"log: {trainer.out_dir / 'metrics.jsonl'}")
+pd.DataFrame(log.epochs())[["epoch", "loss", "seconds"]]
+
+# %% [markdown]
+# ## 3 · Loss and code usage
+#
+# The loss starts well above $\ln K$: random prototypes, and crops whose predictions
+# disagree with the codes of the other crops. Two numbers tell whether the run is healthy:
+#
+# - the **loss** against $\ln K$ (dashed): a loss that settles *at* $\ln K$ means every
+#   crop predicts the uniform distribution over prototypes, whatever the image: the
+#   signature of collapse, where the features stop carrying information;
+# - the **prototypes used** (how many prototypes are the argmax of at least one code in the
+#   batch) and the **entropy of the mean code**: Sinkhorn's equal-partition constraint
+#   keeps both high, which is what stops SwAV from putting every image into one cluster.
+
+# %%
+plots.training_curves(log.steps(), config.n_prototypes[0])
+
+# %% [markdown]
+# The trainer watches the logged loss for that signature (it warns when the loss stays
+# within 0.01 of $\ln K$ for 100 logged steps, and lists what to try). The same check by
+# hand, on the last logged steps:
+
+# %%
+last = pd.DataFrame(log.steps()).tail(10)
+ln_k = np.log(config.n_prototypes[0])
+print(f"last 10 logged losses: mean {last['loss'].mean():.4f}, ln K = {ln_k:.4f}, "
+      f"distance {last['loss'].mean() - ln_k:+.4f}; prototypes used: {last['prototypes_used'].mean():.1f} "
+      f"of {config.n_prototypes[0]}; collapse warning fired: {trainer.monitor.fired}")
+
+# %% [markdown]
+# ## 4 · Evaluation: how good are the frozen features?
+#
+# The backbone is frozen and put in eval mode; its features of the training images fit a
+# classifier, scored on the test images. Two protocols from the SwAV paper: a **linear
+# probe** (logistic regression on standardised features, its regularisation chosen by
+# cross-validation on the training split) and a **weighted kNN** on cosine similarity
+# ($k = 20$ and $k = 200$). The baselines:
+#
+# - **raw pixels** -- the 64 pixel values, no network;
+# - **random init** -- the same ResNet, untrained: what the architecture gives for free;
+# - **supervised** (optional, `RUN_SUPERVISED = True`) -- the same network and recipe
+#   trained with the labels, the target a self-supervised method tries to reach.
+
+# %%
+RUN_SUPERVISED = False  # True adds the supervised row (as long again as the SwAV training)
+
+untrained = Trainer(dataclasses.replace(config, out_dir=str(run_dir / "untrained")),
+                    train_set=train_set, test_set=test_set)
+rows = [
+    {"method": "raw pixels", **evaluate_raw_pixels(trainer)},
+    {"method": "random init", **evaluate_trainer(untrained)},
+    {"method": f"SwAV ({EPOCHS} epochs)", **evaluate_trainer(trainer)},
+]
+if RUN_SUPERVISED:
+    supervised = Trainer(dataclasses.replace(config, method="supervised", out_dir=str(run_dir / "supervised")),
+                         train_set=train_set, test_set=test_set)
+    supervised.fit()
+    rows.append({"method": f"supervised ({EPOCHS} epochs)", **evaluate_trainer(supervised)})
+table = results_table(rows)
+(100 * table[["linear probe", "kNN k=20", "kNN k=200"]]).round(1)
+
+# %% [markdown]
+# Read the table with the training length in mind. Digits are easy, so raw pixels are a
+# strong baseline, and an untrained ResNet already gives useful features (random
+# convolutions and pooling are a decent fixed feature map). A run of a few epochs is far
+# from the recipe's 40: compare the SwAV row with the random-init row to see whether these
+# epochs improved on the starting point, and the curves above to see whether the loss was
+# still falling or had settled near $\ln K$. The numbers show where such a short run
+# stands, not what the method reaches. `swav-ref demo --seeds 0 1 2` trains the full
+# recipe for every row (with the supervised one) and reports mean and standard deviation
+# over seeds; its numbers are on the *Results* page.
+
+# %% [markdown]
+# ## 5 · Images grouped by prototype
+#
+# Each test image goes to its most similar prototype (the argmax of its scores, no
+# Sinkhorn needed at test time). One row per prototype, the ten most used: a row of one
+# digit means the prototype has found that class without ever seeing a label.
+
+# %%
+assignments = prototype_assignments(trainer, test_set.images)
+plots.prototype_gallery(test_set.images, assignments, n_prototypes=10, per_prototype=12)
+
+# %% [markdown]
+# How pure are the prototypes? For each prototype, the share of its images that carry its
+# most frequent label (a purity of 1 means every prototype holds one digit only):
+
+# %%
+crosstab = pd.crosstab(pd.Series(assignments, name="prototype"), pd.Series(test_set.labels, name="digit"))
+purity = crosstab.max(axis=1).sum() / crosstab.to_numpy().sum()
+print(f"{(crosstab.sum(axis=1) > 0).sum()} prototypes used on the test set; purity {purity:.2f} "
+      f"(chance for 10 balanced classes: about 0.1)")
+crosstab.loc[crosstab.sum(axis=1).sort_values(ascending=False).index[:10]]
+
+# %% [markdown]
+# ## 6 · Online against offline: SwAV and DeepCluster-v2
+#
+# SwAV computes its targets **online**: the codes of a batch come from that batch's scores,
+# by Sinkhorn, and are forgotten after the step. Its memory beyond the model (the queue, not
+# even used here) does not depend on the size $N$ of the data set.
+#
+# DeepCluster-v2, which the SwAV paper builds from the same ingredients, computes them
+# **offline**: a *memory bank* keeps the embedding of every training image, and at the start
+# of every epoch k-means clusters the whole bank; each image's cluster is its hard target for
+# the epoch. The same `Trainer` runs both (`method="deepcluster-v2"`): only the start of the
+# epoch differs.
+
+# %%
+print(inspect.getsource(Trainer._start_epoch))
+
+# %% [markdown]
+# What does that cost as the data grow? `benchmarks/bench_deepcluster_scaling.py` trains
+# both methods on digits repeated 1, 4 and 16 times (the same images; the augmentation makes
+# every pass different) and measures the memory each method holds beyond the model and the
+# time per epoch. We read its saved result; if it is not there (an installed package without
+# the repository's `benchmarks/` folder has neither), we measure a tiny version here, on
+# digits repeated once and twice, by calling the benchmark's own function.
+
+# %%
+repo = Path(swav_ref.__file__).resolve().parents[1]
+saved = repo / "benchmarks" / "results" / "bench_deepcluster_scaling.json"
+scaling = None
+if saved.exists():
+    scaling = json.loads(saved.read_text())
+    print(f"measured on {scaling['date']} ({scaling['machine']}): {scaling['command']}")
+elif (repo / "benchmarks" / "bench_deepcluster_scaling.py").exists():
+    sys.path.insert(0, str(repo / "benchmarks"))
+    import bench_deepcluster_scaling
+
+    scaling = bench_deepcluster_scaling.measure_scaling(repeats=(1, 2), steps=1, cluster_repeats=1)
+else:
+    print("benchmarks/ is not next to the package: run the benchmark from a clone of the repository")
+
+if scaling is not None:
+    columns = {"method": "method", "n_images": "N", "state_bytes": "state (bytes)",
+               "step_s": "step (s)", "cluster_s": "clustering pass (s)", "epoch_s": "epoch (s)"}
+    shown = pd.DataFrame(scaling["results"])[list(columns)].rename(columns=columns)
+    shown["state (bytes)"] = shown["state (bytes)"].astype(int)
+    print(scaling["epoch_time"])
+    display(shown.round(3))  # noqa: F821 (IPython's display)
+
+# %%
+if scaling is not None:
+    sys.path.insert(0, str(repo / "benchmarks"))
+    from bench_deepcluster_scaling import scaling_figure
+
+    display(scaling_figure(scaling))  # noqa: F821
+
+# %% [markdown]
+# What to read in it:
+#
+# - **memory** -- DeepCluster-v2's bank holds $|A| \cdot N \cdot d$ floats (2 assignment
+#   crops $\times$ 32 dimensions $\times$ 4 bytes = 256 bytes per image here) plus one target
+#   per image and prototype set: it grows linearly with $N$. SwAV holds nothing (no queue
+#   in this recipe), or a queue of fixed length whatever $N$. At ImageNet scale
+#   ($N = 1.28$ million, $d = 128$) the bank is 1.3 GB per copy.
+# - **time** -- an epoch of either method is $N / B$ steps, so both grow linearly; the
+#   steps cost the same. DeepCluster-v2 adds a clustering pass over the whole bank at every
+#   epoch, $O(NKd)$ per k-means iteration; on digits it is a small fraction of the epoch,
+#   with the official three sets of 3000 prototypes it is not.
+#
+# More on the algorithm (k-means++ seeding, frozen prototypes, the loss) on the page
+# *DeepCluster-v2: the offline alternative*. To train it and compare the two with the
+# baselines: `swav-ref demo --methods swav deepcluster-v2 --seeds 0 1 2`.

@@ -1,0 +1,164 @@
+"""benchmarks/report.py: the performance table from small fake result files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def results(tmp_path):
+    d = tmp_path / "results"
+    d.mkdir()
+    write(d / "bench_sinkhorn.json", {
+        "settings": {"dtype": "float64"},
+        "machine": {"cpu_count": 2},
+        "results": [{"n": 500, "kernel": {"ours": {"time_s": 0.002}, "pot_matched": {"time_s": 0.008}}}],
+    })
+    write(d / "bench_gpu.json", {
+        "date": "2031-01-02", "machine": "Fake GPU", "command": "python benchmarks/bench_gpu.py",
+        "cases": {"sinkhorn_case": {"ours_ms": 3.0, "torch_ms": 1.5},
+                  "step_case": {"ours_ms": 10.0, "images_per_s": 99.0}},
+    })
+    write(d / "bench_deepcluster_scaling.json", {
+        "date": "2031-01-03", "machine": "x86_64 (2 cores)",
+        "command": "python benchmarks/bench_deepcluster_scaling.py",
+        "results": [
+            {"method": "swav", "repeats": 1, "n_images": 100, "epoch_s": 1.0, "state_bytes": 0},
+            {"method": "deepcluster-v2", "repeats": 1, "n_images": 100, "epoch_s": 4.0, "state_bytes": 2048},
+        ],
+    })
+    return d
+
+
+def test_rows_and_ratios(report, results):
+    rows = report.collect_rows(results)
+    by_what = {r.what: r for r in rows}
+    sinkhorn = next(r for r in rows if r.what.startswith("Sinkhorn, kernel domain, n=500"))
+    assert sinkhorn.ours == 0.002 and sinkhorn.peer == 0.008
+    assert sinkhorn.ratio == pytest.approx(0.25)
+    gpu = next(r for r in rows if r.what.startswith("sinkhorn_case"))
+    assert gpu.ratio == pytest.approx(2.0) and gpu.machine == "Fake GPU" and gpu.date == "2031-01-02"
+    no_peer = next(r for r in rows if r.what.startswith("step_case"))
+    assert no_peer.peer is None and no_peer.ratio is None
+    epoch = next(r for r in rows if r.what.startswith("time per epoch"))
+    assert epoch.ratio == pytest.approx(0.25)
+    assert len(by_what) == len(rows) == 5  # 1 sinkhorn + 2 gpu + time and memory rows
+
+
+def test_markdown_table_shows_values_and_ratio(report, results):
+    table = report.markdown_table(report.collect_rows(results))
+    lines = table.splitlines()
+    assert lines[0] == "| what | ours | peer | ours / peer | machine | date | command |"
+    sinkhorn = next(line for line in lines if line.startswith("| Sinkhorn"))
+    cells = [c.strip() for c in sinkhorn.strip("|").split("|")]
+    assert cells[1:4] == ["2 ms", "8 ms", "0.25"]
+    assert cells[6] == "`python benchmarks/bench_sinkhorn.py`"
+    memory = next(line for line in lines if "method state" in line)
+    assert "2 KiB" in memory and "| 0 B |" in memory
+    assert len(lines) == 2 + 5
+
+
+def test_missing_files_are_skipped(report, tmp_path):
+    empty = tmp_path / "none"
+    empty.mkdir()
+    assert report.collect_rows(empty) == []
+    assert report.markdown_table([]).count("\n") == 1  # the header alone
+
+
+def test_unknown_and_malformed_files_are_skipped_with_a_message(report, results):
+    write(results / "something_else.json", {"x": 1})
+    (results / "bench_loss.json").write_text("{not json")
+    messages = []
+    rows = report.collect_rows(results, warn=messages.append)
+    assert len(rows) == 5
+    assert any("something_else.json" in m for m in messages)
+    assert any("bench_loss.json" in m for m in messages)
+
+
+def test_date_falls_back_to_the_file_date(report, results):
+    sinkhorn = next(r for r in report.collect_rows(results) if r.what.startswith("Sinkhorn"))
+    assert len(sinkhorn.date) == 10 and sinkhorn.date[4] == "-"
+
+
+def test_training_results_compare_with_supervised(report, results, tmp_path):
+    training = write(tmp_path / "digits_results.json", {
+        "metrics": ["linear probe"],
+        "results": [
+            {"method": "SwAV", "seeds": 2, "linear probe": {"mean": 0.9, "std": 0.01, "values": [0.89, 0.91]}},
+            {"method": "supervised", "seeds": 2, "linear probe": {"mean": 0.96, "std": 0.0, "values": [0.96, 0.96]}},
+        ],
+        "metadata": {"seeds": [0, 1], "methods": ["swav"]},
+    })
+    rows = report.collect_rows(results, extra=[training])
+    row = next(r for r in rows if "SwAV vs supervised" in r.what)
+    assert row.ours == pytest.approx(90.0) and row.peer == pytest.approx(96.0)
+    assert row.ratio == pytest.approx(0.9 / 0.96)
+    assert row.command == "swav-ref demo --methods swav --seeds 0 1"
+
+
+def test_marker_replacement_keeps_the_rest(report, tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\nbefore\n<!-- report:start -->\nold table\n<!-- report:end -->\nafter\n")
+    assert report.write_block(page, "| new | table |")
+    text = page.read_text()
+    assert text == "# Title\n\nbefore\n<!-- report:start -->\n| new | table |\n<!-- report:end -->\nafter\n"
+    assert report.write_block(page, "| newer |")  # idempotent markers: a second write works
+    assert "| new | table |" not in page.read_text() and "| newer |" in page.read_text()
+
+
+def test_file_without_markers_is_left_alone(report, tmp_path, capsys):
+    page = tmp_path / "README.md"
+    page.write_text("no markers here\n")
+    assert not report.write_block(page, "| x |")
+    assert page.read_text() == "no markers here\n"
+    assert "marker" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="report:start"):
+        report.replace_block("<!-- report:end --> <!-- report:start -->", "x")
+
+
+def test_main_writes_every_target(report, results, tmp_path, capsys):
+    page = tmp_path / "results.md"
+    page.write_text("intro\n<!-- report:start -->\n<!-- report:end -->\noutro\n")
+    assert report.main(["--results-dir", str(results), "--training", "--write", "--targets", str(page)]) == 0
+    out = capsys.readouterr().out
+    assert "Sinkhorn, kernel domain" in out
+    text = page.read_text()
+    assert text.startswith("intro\n<!-- report:start -->\n| what |") and text.endswith("<!-- report:end -->\noutro\n")
+    assert "sinkhorn_case" in text
+
+
+def test_gpu_results_take_the_machine_from_gpu_machine_txt(report, tmp_path):
+    d = tmp_path / "gpu"
+    d.mkdir()
+    (d / "gpu_machine.txt").write_text("Fake H1, 1.0, 80 GiB\ncupy 0 torch 0\n")
+    write(d / "bench_resnet_cupy.json", {"backend": "cupy", "machine": "x86_64",
+                                         "cases": {"resnet18": {"batch": 8, "input": [3, 32, 32],
+                                                                "ours_step_s": 0.03, "torch_step_s": 0.01}}})
+    write(d / "gpu_equivalence.json", {"steps": 3, "numpy_seconds": 4.0, "cupy_seconds": 1.0,
+                                       "max_relative_difference": 1e-6})
+    rows = report.collect_rows(d)
+    assert [r.machine for r in rows] == ["Fake H1", "Fake H1"]
+    resnet, equivalence = rows
+    assert resnet.ratio == pytest.approx(3.0) and "--backend cupy" in resnet.command
+    assert equivalence.ratio == pytest.approx(0.25)
