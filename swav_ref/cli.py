@@ -186,7 +186,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 # -- demo ----------------------------------------------------------------------------------
-DEMO_EPOCHS = 40
+DEMO_EPOCHS = 20
 
 
 def _add_demo(sub) -> None:

@@ -1,0 +1,498 @@
+"""Thin stateful layers over the pure pairs in :mod:`swav_ref.nn.functional`.
+
+A :class:`Module` holds three dicts of arrays, named as in PyTorch:
+
+``params``
+    what the optimiser updates (``weight``, ``bias``);
+``grads``
+    the same keys; ``None`` until a backward pass writes them, and ``None`` again after
+    :meth:`Module.zero_grad`. The optimisers skip a parameter whose gradient is ``None``,
+    so setting ``grads[key] = None`` after a backward freezes it for one step (SwAV's
+    prototypes during the first iterations).
+``buffers``
+    state that is saved but not trained (BatchNorm's ``running_mean``, ``running_var``,
+    ``num_batches_tracked``).
+
+Forward/backward bookkeeping: a forward in training mode pushes its cache on a stack and a
+backward pops the newest one (last in, first out) and *adds* to the gradients. So, as with
+autograd and two forward passes through one network::
+
+    y1 = m.forward(x1); y2 = m.forward(x2)
+    m.backward(dy2); m.backward(dy1)      # grads = d(L1 + L2)
+
+which is how SwAV's crop-size groups go through one backbone. A forward in eval mode keeps
+nothing (feature extraction does not grow memory), so it cannot be followed by a backward.
+
+Initialisation (documented choices): convolutions draw Kaiming-normal weights with
+``fan_out`` (:math:`\\mathcal N(0, 2 / (O k_h k_w))`, torchvision's ResNet rule);
+:class:`Linear` uses PyTorch's default, :math:`\\mathcal U(-1/\\sqrt{D_\\text{in}},
+1/\\sqrt{D_\\text{in}})` for weight and bias; BatchNorm starts at weight 1, bias 0. Draws come
+from a seeded :class:`swav_ref.backend.Random` (an ``int`` seed is accepted too), so the
+same seed gives the same network on every backend.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from swav_ref.backend import Random, array_namespace, asarray
+from swav_ref.nn import functional as F
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "Conv2d",
+    "GlobalAvgPool",
+    "Linear",
+    "MaxPool2d",
+    "Module",
+    "ReLU",
+    "Sequential",
+]
+
+
+def _as_random(rng: Random | int | None) -> Random:
+    """A :class:`Random` from a generator, a seed, or ``None`` (seed 0)."""
+    if isinstance(rng, Random):
+        return rng
+    return Random(0 if rng is None else rng)
+
+
+def _resolve_dtype(xp: types.ModuleType, dtype: Any) -> Any:
+    """``xp``'s dtype for a name (``"float32"``) or for another backend's dtype."""
+    if not isinstance(dtype, str):
+        try:
+            dtype = np.dtype(dtype).name
+        except TypeError:  # array_api_strict's dtypes print as "array_api_strict.float32"
+            dtype = str(dtype).rsplit(".", 1)[-1]
+    return getattr(xp, dtype)
+
+
+class Module:
+    """Base class: parameters, gradients, buffers, children, the cache stack.
+
+    Sub-classes with parameters implement ``_forward(x) -> (out, cache)`` and
+    ``_backward(dout, cache) -> dx`` (calling :meth:`_accumulate` for each parameter);
+    containers override :meth:`forward` and :meth:`backward` and delegate to children.
+    Assigning a Module to an attribute registers it as a child under that name, as in
+    PyTorch, which gives the dotted names of :meth:`state_dict`.
+    """
+
+    def __init__(self, xp: types.ModuleType = np, dtype: Any = "float32"):
+        object.__setattr__(self, "_children", {})
+        self.xp = xp
+        self.dtype = _resolve_dtype(xp, dtype)
+        self.params: dict[str, Any] = {}
+        self.grads: dict[str, Any] = {}
+        self.buffers: dict[str, Any] = {}
+        self.training = True
+        self._caches: list[tuple[Any, tuple]] = []
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, Module):
+            self._children[name] = value
+        object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        inner = "".join(
+            f"\n  ({name}): " + repr(child).replace("\n", "\n  ") for name, child in self._children.items()
+        )
+        return f"{type(self).__name__}({self.extra_repr()}{inner}{chr(10) if inner else ''})"
+
+    def extra_repr(self) -> str:
+        return ""
+
+    # -- forward / backward --------------------------------------------------------------
+    def __call__(self, x: Any) -> Any:
+        return self.forward(x)
+
+    def forward(self, x: Any) -> Any:
+        """Run the layer; in training mode remember what the backward needs."""
+        out, cache = self._forward(x)
+        if self.training:
+            self._caches.append((cache, out.shape))
+        return out
+
+    def backward(self, dout: Any) -> Any:
+        """Gradient for the newest pending forward; adds parameter gradients to ``grads``."""
+        if not self._caches:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward called with no pending forward (a forward in "
+                "eval mode stores nothing, and each forward allows one backward)"
+            )
+        cache, out_shape = self._caches[-1]
+        if tuple(dout.shape) != tuple(out_shape):  # checked before popping: nothing is lost
+            raise ValueError(
+                f"{type(self).__name__}.backward: dout has shape {tuple(dout.shape)} but the "
+                f"pending forward returned {tuple(out_shape)} (backwards run in reverse order)"
+            )
+        self._caches.pop()
+        return self._backward(dout, cache)
+
+    def _forward(self, x: Any) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _backward(self, dout: Any, cache: Any) -> Any:
+        raise NotImplementedError
+
+    def _accumulate(self, key: str, grad: Any) -> None:
+        """``grads[key] += grad``; the first contribution is stored as is (it is a fresh array)."""
+        if self.grads.get(key) is None:
+            self.grads[key] = grad
+        else:
+            self.grads[key] += grad
+
+    def _check_input(self, x: Any, ndim: int, channels: int | None = None) -> None:
+        if x.ndim != ndim or (channels is not None and x.shape[1] != channels):
+            want = f"{ndim}-d input" + (f" with {channels} channels in axis 1" if channels else "")
+            raise ValueError(f"{type(self).__name__} expects {want}, got shape {tuple(x.shape)}")
+        if x.dtype != self.dtype:
+            raise ValueError(
+                f"{type(self).__name__} holds {self.dtype} parameters but got {x.dtype} input; "
+                "convert one of them (Module.astype)"
+            )
+
+    # -- tree walking --------------------------------------------------------------------
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        yield from self._children.items()
+
+    def children(self) -> Iterator[Module]:
+        yield from self._children.values()
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        """Every module in the tree (this one first, named ``prefix``), depth first."""
+        yield prefix, self
+        for name, child in self._children.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def named_parameters(self) -> Iterator[tuple[str, Module, str]]:
+        """``(dotted name, owning module, key)`` for every parameter, e.g.
+        ``("layer1.0.conv1.weight", conv, "weight")``; update ``module.params[key]`` in place."""
+        for prefix, module in self.named_modules():
+            for key in module.params:
+                yield (f"{prefix}.{key}" if prefix else key), module, key
+
+    def num_parameters(self) -> int:
+        return sum(int(math.prod(m.params[k].shape)) for _, m, k in self.named_parameters())
+
+    # -- modes and bookkeeping -----------------------------------------------------------
+    def train(self, mode: bool = True) -> Module:
+        """Training mode for this module and all children (BatchNorm uses batch statistics,
+        forwards keep their caches)."""
+        for _, module in self.named_modules():
+            module.training = mode
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget the gradients: ``None`` (the default, as PyTorch) or arrays of zeros."""
+        for _, module, key in self.named_parameters():
+            p = module.params[key]
+            module.grads[key] = None if set_to_none else array_namespace(p).zeros(p.shape, dtype=p.dtype)
+
+    def clear_cache(self) -> None:
+        """Drop every pending forward cache in the tree (e.g. after an aborted step)."""
+        for _, module in self.named_modules():
+            module._caches.clear()
+
+    def num_pending(self) -> int:
+        """How many forward caches wait for a backward, summed over the tree."""
+        return sum(len(module._caches) for _, module in self.named_modules())
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Parameters and buffers under PyTorch-style dotted names (copies, so a later
+        optimiser step leaves the returned dict unchanged)."""
+        state = {}
+        for prefix, module in self.named_modules():
+            for key, value in list(module.params.items()) + list(module.buffers.items()):
+                state[f"{prefix}.{key}" if prefix else key] = array_namespace(value).asarray(value, copy=True)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load :meth:`state_dict` output (any backend's arrays, NumPy included).
+
+        Raises ``ValueError`` naming the missing keys, the unexpected keys, or the
+        entries whose shape differs; nothing is loaded unless everything fits.
+        """
+        targets = {}
+        for prefix, module in self.named_modules():
+            for store in (module.params, module.buffers):
+                for key in store:
+                    targets[f"{prefix}.{key}" if prefix else key] = (module, store, key)
+        missing = sorted(set(targets) - set(state))
+        unexpected = sorted(set(state) - set(targets))
+        if missing or unexpected:
+            raise ValueError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        bad = []
+        for name, (module, store, key) in targets.items():
+            if tuple(state[name].shape) != tuple(store[key].shape):
+                bad.append(f"{name}: expected {tuple(store[key].shape)}, got {tuple(state[name].shape)}")
+        if bad:
+            raise ValueError("load_state_dict: shape mismatch for " + "; ".join(bad))
+        for name, (module, store, key) in targets.items():
+            value = asarray(state[name], module.xp, dtype=store[key].dtype)
+            store[key] = module.xp.asarray(value, copy=True)  # never alias the caller's arrays
+            if store is module.params:
+                module.grads[key] = None
+
+    def to(self, xp: types.ModuleType) -> Module:
+        """Move every parameter and buffer to the backend ``xp`` (in place; returns self)."""
+        for _, module in self.named_modules():
+            dtype = _resolve_dtype(xp, module.dtype)
+            for store in (module.params, module.buffers):
+                for key, value in store.items():
+                    store[key] = asarray(value, xp)
+            module.grads = {key: None for key in module.params}
+            module._caches.clear()
+            module.xp, module.dtype = xp, dtype
+        return self
+
+    def astype(self, dtype: Any) -> Module:
+        """Cast parameters and floating buffers to ``dtype`` (e.g. ``"float64"`` for gradient
+        checks); in place, returns self."""
+        for _, module in self.named_modules():
+            xp = module.xp
+            module.dtype = _resolve_dtype(xp, dtype)
+            module.params = {k: xp.astype(v, module.dtype) for k, v in module.params.items()}
+            module.buffers = {
+                k: xp.astype(v, module.dtype) if xp.isdtype(v.dtype, "real floating") else v
+                for k, v in module.buffers.items()
+            }
+            module.grads = {key: None for key in module.params}
+            module._caches.clear()
+        return self
+
+
+# ---------------------------------------------------------------------------------------
+# Layers with parameters
+# ---------------------------------------------------------------------------------------
+
+
+class Conv2d(Module):
+    """2-D convolution, weight (out_channels, in_channels, k, k); see
+    :func:`~swav_ref.nn.functional.conv2d_forward`. No bias by default (it is followed by
+    BatchNorm in a ResNet, which would cancel it)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = False,
+        *,
+        rng: Random | int | None = None,
+        xp: types.ModuleType = np,
+        dtype: Any = "float32",
+    ):
+        super().__init__(xp, dtype)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        rng = _as_random(rng)
+        std = math.sqrt(2.0 / (out_channels * kernel_size * kernel_size))  # Kaiming normal, fan_out
+        shape = (out_channels, in_channels, kernel_size, kernel_size)
+        self.params["weight"] = asarray(rng.normal(shape, scale=std), xp, self.dtype)
+        if bias:
+            bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+            self.params["bias"] = asarray(rng.uniform((out_channels,), -bound, bound), xp, self.dtype)
+        self.grads = {key: None for key in self.params}
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, bias={'bias' in self.params}"
+        )
+
+    def _forward(self, x):
+        self._check_input(x, 4, self.in_channels)
+        out, cache = F.conv2d_forward(x, self.params["weight"], self.params.get("bias"), self.stride, self.padding)
+        if not self.training:
+            F.conv2d_release(cache)  # no backward will come: recycle the column matrix now
+        return out, cache
+
+    def _backward(self, dout, cache):
+        dx, dweight, dbias = F.conv2d_backward(dout, cache)
+        self._accumulate("weight", dweight)
+        if dbias is not None:
+            self._accumulate("bias", dbias)
+        return dx
+
+
+class Linear(Module):
+    """Affine layer ``y = x W^T + b``, weight (out_features, in_features) as in PyTorch."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        rng: Random | int | None = None,
+        xp: types.ModuleType = np,
+        dtype: Any = "float32",
+    ):
+        super().__init__(xp, dtype)
+        self.in_features, self.out_features = in_features, out_features
+        rng = _as_random(rng)
+        bound = 1.0 / math.sqrt(in_features)  # PyTorch's default for weight and bias
+        self.params["weight"] = asarray(rng.uniform((out_features, in_features), -bound, bound), xp, self.dtype)
+        if bias:
+            self.params["bias"] = asarray(rng.uniform((out_features,), -bound, bound), xp, self.dtype)
+        self.grads = {key: None for key in self.params}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={'bias' in self.params}"
+
+    def _forward(self, x):
+        self._check_input(x, 2, self.in_features)
+        return F.linear_forward(x, self.params["weight"], self.params.get("bias"))
+
+    def _backward(self, dout, cache):
+        dx, dweight, dbias = F.linear_backward(dout, cache)
+        self._accumulate("weight", dweight)
+        if dbias is not None:
+            self._accumulate("bias", dbias)
+        return dx
+
+
+class _BatchNorm(Module):
+    """Shared by :class:`BatchNorm1d` and :class:`BatchNorm2d` (PyTorch semantics).
+
+    Training: normalise with the batch statistics (biased variance) and update
+    ``running_mean``/``running_var`` with momentum 0.1, the variance unbiased; count the
+    update in ``num_batches_tracked``. Eval: normalise with the running statistics.
+
+    ``allreduce`` (None by default): a function summing an array over data-parallel
+    workers; set it to make this a synchronised BatchNorm.
+    """
+
+    _ndim = 0
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        *,
+        allreduce: Callable[[Any], Any] | None = None,
+        xp: types.ModuleType = np,
+        dtype: Any = "float32",
+    ):
+        super().__init__(xp, dtype)
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.allreduce = allreduce
+        self.params["weight"] = xp.ones((num_features,), dtype=self.dtype)
+        self.params["bias"] = xp.zeros((num_features,), dtype=self.dtype)
+        self.grads = {key: None for key in self.params}
+        self.buffers["running_mean"] = xp.zeros((num_features,), dtype=self.dtype)
+        self.buffers["running_var"] = xp.ones((num_features,), dtype=self.dtype)
+        self.buffers["num_batches_tracked"] = xp.asarray(0, dtype=xp.int64)
+
+    def extra_repr(self) -> str:
+        sync = ", sync" if self.allreduce is not None else ""
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}{sync}"
+
+    def _forward(self, x):
+        self._check_input(x, self._ndim, self.num_features)
+        b = self.buffers
+        out, cache = F.batchnorm_forward(
+            x, self.params["weight"], self.params["bias"], b["running_mean"], b["running_var"],
+            training=self.training, eps=self.eps, allreduce=self.allreduce,
+        )  # fmt: skip
+        if self.training:
+            b["running_mean"], b["running_var"] = F.batchnorm_update_running(
+                b["running_mean"], b["running_var"], cache, self.momentum
+            )
+            b["num_batches_tracked"] = b["num_batches_tracked"] + 1
+        return out, cache
+
+    def _backward(self, dout, cache):
+        dx, dweight, dbias = F.batchnorm_backward(dout, cache)
+        self._accumulate("weight", dweight)
+        self._accumulate("bias", dbias)
+        return dx
+
+
+class BatchNorm2d(_BatchNorm):
+    """BatchNorm over (N, C, H, W): statistics per channel over N, H and W."""
+
+    _ndim = 4
+
+
+class BatchNorm1d(_BatchNorm):
+    """BatchNorm over (N, C): statistics per feature over the batch."""
+
+    _ndim = 2
+
+
+# ---------------------------------------------------------------------------------------
+# Layers without parameters
+# ---------------------------------------------------------------------------------------
+
+
+class ReLU(Module):
+    def _forward(self, x):
+        return F.relu_forward(x)
+
+    def _backward(self, dout, cache):
+        return F.relu_backward(dout, cache)
+
+
+class GlobalAvgPool(Module):
+    """(N, C, H, W) -> (N, C): the mean over the spatial axes."""
+
+    def _forward(self, x):
+        return F.global_avg_pool_forward(x)
+
+    def _backward(self, dout, cache):
+        return F.global_avg_pool_backward(dout, cache)
+
+
+class MaxPool2d(Module):
+    def __init__(self, kernel_size: int, stride: int | None = None, padding: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+    def _forward(self, x):
+        return F.maxpool2d_forward(x, self.kernel_size, self.stride, self.padding)
+
+    def _backward(self, dout, cache):
+        return F.maxpool2d_backward(dout, cache)
+
+
+class Sequential(Module):
+    """Children ``"0"``, ``"1"``, ... run in order; the backward runs them in reverse."""
+
+    def __init__(self, *modules: Module):
+        xp = modules[0].xp if modules else np
+        dtype = modules[0].dtype if modules else "float32"
+        super().__init__(xp, dtype)
+        for index, module in enumerate(modules):
+            self._children[str(index)] = module
+
+    def __getitem__(self, index: int) -> Module:
+        return list(self._children.values())[index]
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def forward(self, x):
+        for module in self._children.values():
+            x = module.forward(x)
+        return x
+
+    def backward(self, dout):
+        for module in reversed(list(self._children.values())):
+            dout = module.backward(dout)
+        return dout

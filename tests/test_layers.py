@@ -1,0 +1,286 @@
+"""Stateful layers: gradients through the Module API, the LIFO cache stack with gradient
+accumulation, BatchNorm's PyTorch semantics, state dicts, modes and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from swav_ref.backend import asarray, to_numpy
+from swav_ref.nn import layers as L
+from swav_ref.nn.gradcheck import check_gradient, rel_error
+
+TOL = 1e-6
+
+
+def _loss_fn(module, x, r):
+    """sum(module(x) * r) as a host float, leaving no cache behind."""
+
+    def f():
+        out = module.forward(x)
+        module.clear_cache()
+        return float(np.sum(to_numpy(out) * to_numpy(r)))
+
+    return f
+
+
+def _check_module_gradients(module, x, rng):
+    """Analytic backward against central differences for the input and every parameter."""
+    xp = module.xp
+    out = module.forward(x)
+    r = asarray(rng.normal(size=out.shape), xp, "float64")
+    module.zero_grad()
+    dx = module.backward(r)
+    assert module.num_pending() == 0
+    f = _loss_fn(module, x, r)
+    assert check_gradient(f, x, dx) < TOL
+    for name, owner, key in module.named_parameters():
+        err = check_gradient(f, owner.params[key], owner.grads[key])
+        assert err < TOL, f"{name}: rel_error {err}"
+
+
+LAYER_CASES = [
+    ("conv3_s1_p1", lambda kw: L.Conv2d(2, 3, 3, 1, 1, bias=True, **kw), (2, 2, 5, 4)),
+    ("conv3_s2_p0", lambda kw: L.Conv2d(2, 3, 3, 2, 0, **kw), (2, 2, 7, 6)),
+    ("conv1_s2", lambda kw: L.Conv2d(3, 2, 1, 2, 0, bias=True, **kw), (2, 3, 5, 6)),
+    ("bn2d", lambda kw: L.BatchNorm2d(3, **kw), (3, 3, 2, 3)),
+    ("bn1d", lambda kw: L.BatchNorm1d(4, **kw), (5, 4)),
+    ("linear", lambda kw: L.Linear(5, 3, **kw), (4, 5)),
+    ("gap", lambda kw: L.GlobalAvgPool(**kw), (2, 3, 3, 2)),
+    ("maxpool", lambda kw: L.MaxPool2d(3, 2, 1, **kw), (1, 2, 5, 6)),
+    (
+        "sequential",
+        lambda kw: L.Sequential(
+            L.Conv2d(2, 3, 3, 2, 1, **kw), L.BatchNorm2d(3, **kw), L.ReLU(**kw), L.GlobalAvgPool(**kw),
+            L.Linear(3, 2, rng=1, **kw),
+        ),  # fmt: skip
+        (3, 2, 5, 6),
+    ),
+]
+
+
+@pytest.mark.parametrize("name, make, shape", LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
+def test_layer_gradients(backend, name, make, shape, rng):
+    module = make(dict(xp=backend, dtype="float64"))
+    x = asarray(rng.normal(size=shape), backend, "float64")
+    _check_module_gradients(module, x, rng)
+
+
+def test_relu_layer_gradient(backend, rng):
+    a = rng.normal(size=(2, 3, 4))
+    x = asarray(np.where(np.abs(a) < 0.05, 0.3, a), backend)
+    _check_module_gradients(L.ReLU(xp=backend, dtype="float64"), x, rng)
+
+
+# -- the cache stack ---------------------------------------------------------------------
+
+
+def test_two_forwards_accumulate_like_one_concatenated_batch(backend, rng):
+    """Without BatchNorm, per-sample independence makes (x1, x2) one batch."""
+    kw = dict(xp=backend, dtype="float64")
+    net = L.Sequential(L.Conv2d(2, 3, 3, 1, 1, bias=True, **kw), L.ReLU(**kw), L.GlobalAvgPool(**kw), L.Linear(3, 2, **kw))
+    x1, x2 = (asarray(rng.normal(size=(n, 2, 4, 5)), backend) for n in (2, 3))
+    r1, r2 = (asarray(rng.normal(size=(n, 2)), backend) for n in (2, 3))
+    y1, y2 = net.forward(x1), net.forward(x2)
+    assert net.num_pending() == 2 * 4
+    dx2 = net.backward(r2)
+    dx1 = net.backward(r1)
+    assert net.num_pending() == 0
+    split = {n: to_numpy(o.grads[k]) for n, o, k in net.named_parameters()}
+
+    xp = backend
+    net.zero_grad()
+    y = net.forward(xp.concat([x1, x2]))
+    dx = net.backward(xp.concat([r1, r2]))
+    np.testing.assert_allclose(to_numpy(y), np.concatenate([to_numpy(y1), to_numpy(y2)]), rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(dx), np.concatenate([to_numpy(dx1), to_numpy(dx2)]), rtol=1e-12)
+    for name, owner, key in net.named_parameters():
+        np.testing.assert_allclose(split[name], to_numpy(owner.grads[key]), rtol=1e-10, err_msg=name)
+
+
+def test_two_forwards_with_batchnorm_match_torch_autograd(rng):
+    torch = pytest.importorskip("torch")
+    net = L.Sequential(L.Conv2d(2, 3, 3, 1, 1, dtype="float64"), L.BatchNorm2d(3, dtype="float64"), L.ReLU())
+    tnet = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(3), torch.nn.ReLU()).double()
+    tnet.load_state_dict({k: torch.tensor(to_numpy(v)) for k, v in net.state_dict().items()})
+    x1, x2 = rng.normal(size=(2, 2, 4, 5)), rng.normal(size=(3, 2, 6, 3))  # two crop sizes
+    r1, r2 = rng.normal(size=(2, 3, 4, 5)), rng.normal(size=(3, 3, 6, 3))
+    y1, y2 = net.forward(x1), net.forward(x2)
+    net.backward(r2)
+    net.backward(r1)
+    t1, t2 = tnet(torch.tensor(x1)), tnet(torch.tensor(x2))
+    ((t1 * torch.tensor(r1)).sum() + (t2 * torch.tensor(r2)).sum()).backward()
+    assert rel_error(y1, t1.detach().numpy()) < 1e-10 and rel_error(y2, t2.detach().numpy()) < 1e-10
+    tparams = dict(tnet.named_parameters())
+    for name, owner, key in net.named_parameters():
+        assert rel_error(owner.grads[key], tparams[name].grad.numpy()) < 1e-10, name
+    for name, value in tnet.state_dict().items():  # two updates of the running statistics
+        assert rel_error(net.state_dict()[name], value.numpy()) < 1e-12, name
+
+
+def test_eval_forward_stores_nothing_and_cannot_backward(backend, rng):
+    conv = L.Conv2d(1, 2, 3, padding=1, xp=backend)
+    conv.eval()
+    x = asarray(rng.normal(size=(2, 1, 4, 4)), backend, "float32")
+    for _ in range(3):
+        conv.forward(x)
+    assert conv.num_pending() == 0
+    with pytest.raises(RuntimeError, match="no pending forward"):
+        conv.backward(asarray(np.ones((2, 2, 4, 4)), backend, "float32"))
+    conv.train()
+    conv.forward(x)
+    conv.forward(x)
+    assert conv.num_pending() == 2
+    conv.clear_cache()
+    assert conv.num_pending() == 0
+
+
+def test_eval_conv_recycles_its_columns(rng):
+    from swav_ref.nn import functional as F
+
+    F.SCRATCH.clear()
+    conv = L.Conv2d(2, 3, 3, padding=1, dtype="float64").eval()
+    conv.forward(rng.normal(size=(2, 2, 4, 5)))
+    assert F.SCRATCH.nbytes() == 2 * 9 * 2 * 4 * 5 * 8  # (C k k) x (N H W) float64, given back
+    F.SCRATCH.clear()
+
+
+def test_backward_checks_the_pending_shape():
+    lin = L.Linear(3, 2)
+    lin.forward(np.ones((4, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"pending forward returned \(4, 2\)"):
+        lin.backward(np.ones((5, 2), dtype=np.float32))
+    assert lin.num_pending() == 1  # the cache survived the bad call
+    lin.backward(np.ones((4, 2), dtype=np.float32))
+
+
+def test_input_checks():
+    with pytest.raises(ValueError, match="3 channels"):
+        L.Conv2d(3, 2, 3).forward(np.ones((1, 2, 4, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="float64 input"):
+        L.Linear(3, 2).forward(np.ones((4, 3)))
+    with pytest.raises(ValueError, match="4-d input"):
+        L.BatchNorm2d(3).forward(np.ones((4, 3), dtype=np.float32))
+
+
+# -- BatchNorm's PyTorch semantics ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dims", [2, 4])
+def test_batchnorm_train_eval_and_running_stats_match_torch(dims, rng):
+    torch = pytest.importorskip("torch")
+    ours = (L.BatchNorm1d if dims == 2 else L.BatchNorm2d)(3, dtype="float64")
+    theirs = (torch.nn.BatchNorm1d if dims == 2 else torch.nn.BatchNorm2d)(3).double()
+    with torch.no_grad():
+        theirs.weight.copy_(torch.tensor([0.5, 1.5, -1.0]))
+        theirs.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    ours.load_state_dict({k: v.numpy() for k, v in theirs.state_dict().items()})
+    shape = (6, 3) if dims == 2 else (4, 3, 2, 3)
+    for step in range(3):
+        x = rng.normal(size=shape) * (step + 1) + step
+        y, ty = ours.forward(x), theirs(torch.tensor(x))
+        ours.clear_cache()
+        assert rel_error(y, ty.detach().numpy()) < 1e-10
+    for name, value in theirs.state_dict().items():
+        np.testing.assert_allclose(to_numpy(ours.buffers.get(name, ours.params.get(name))), value.numpy(), rtol=1e-12)
+    assert int(ours.buffers["num_batches_tracked"]) == 3
+    ours.eval(), theirs.eval()
+    x = rng.normal(size=shape)
+    assert rel_error(ours.forward(x), theirs(torch.tensor(x)).detach().numpy()) < 1e-10
+    assert int(ours.buffers["num_batches_tracked"]) == 3  # eval does not count
+
+
+# -- state dicts, modes, gradients --------------------------------------------------------
+
+
+def _small_net(seed, **kw):
+    return L.Sequential(
+        L.Conv2d(2, 3, 3, 1, 1, rng=seed, **kw), L.BatchNorm2d(3, **kw), L.ReLU(**kw), L.GlobalAvgPool(**kw),
+        L.Linear(3, 4, rng=seed, **kw), L.BatchNorm1d(4, **kw),
+    )  # fmt: skip
+
+
+def test_state_dict_round_trip_is_exact(backend, rng):
+    a, b = _small_net(1, xp=backend), _small_net(2, xp=backend)
+    a.forward(asarray(rng.normal(size=(4, 2, 3, 3)), backend, "float32"))  # moves running stats
+    state = a.state_dict()
+    assert list(state) == [
+        "0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked",
+        "4.weight", "4.bias", "5.weight", "5.bias", "5.running_mean", "5.running_var", "5.num_batches_tracked",
+    ]  # fmt: skip
+    b.load_state_dict({k: to_numpy(v) for k, v in state.items()})  # through host arrays, as a checkpoint
+    for name, value in b.state_dict().items():
+        np.testing.assert_array_equal(to_numpy(value), to_numpy(state[name]), err_msg=name)
+        assert value.dtype == state[name].dtype
+    # the returned dict is a copy: changing the model does not change it
+    first = a[0].params["weight"]
+    first -= 1.0
+    assert not np.array_equal(to_numpy(first), to_numpy(state["0.weight"]))
+    x = asarray(rng.normal(size=(3, 2, 3, 3)), backend, "float32")
+    a.load_state_dict(state)
+    a.eval(), b.eval()
+    np.testing.assert_array_equal(to_numpy(a.forward(x)), to_numpy(b.forward(x)))
+
+
+def test_load_state_dict_errors_name_the_problem():
+    net = _small_net(0)
+    state = net.state_dict()
+    missing = dict(state)
+    del missing["1.running_var"]
+    with pytest.raises(ValueError, match=r"missing keys \['1.running_var'\]"):
+        net.load_state_dict(missing)
+    with pytest.raises(ValueError, match=r"unexpected keys \['extra.weight'\]"):
+        net.load_state_dict({**state, "extra.weight": np.zeros(2)})
+    with pytest.raises(ValueError, match=r"4.weight: expected \(4, 3\), got \(3, 4\)"):
+        net.load_state_dict({**state, "4.weight": np.zeros((3, 4))})
+
+
+def test_grads_none_then_accumulate_then_zero_grad(rng):
+    lin = L.Linear(3, 2, dtype="float64")
+    assert lin.grads == {"weight": None, "bias": None}
+    x = rng.normal(size=(4, 3))
+    for _ in range(2):
+        lin.forward(x)
+        lin.backward(np.ones((4, 2)))
+    np.testing.assert_allclose(lin.grads["bias"], [8.0, 8.0])
+    lin.zero_grad()
+    assert lin.grads["bias"] is None
+    lin.zero_grad(set_to_none=False)
+    np.testing.assert_array_equal(lin.grads["weight"], np.zeros((2, 3)))
+
+
+def test_train_eval_recursive_and_names():
+    net = _small_net(0)
+    net.eval()
+    assert all(not m.training for _, m in net.named_modules())
+    net.train()
+    assert all(m.training for _, m in net.named_modules())
+    names = [n for n, _, _ in net.named_parameters()]
+    assert names == ["0.weight", "1.weight", "1.bias", "4.weight", "4.bias", "5.weight", "5.bias"]
+    assert net.num_parameters() == 54 + 6 + 16 + 8
+    assert [type(c).__name__ for c in net.children()][:3] == ["Conv2d", "BatchNorm2d", "ReLU"]
+
+
+def test_astype_and_to(rng):
+    strict = pytest.importorskip("array_api_strict")
+    net = _small_net(0).astype("float64")
+    assert all(owner.params[k].dtype == np.float64 for _, owner, k in net.named_parameters())
+    assert net[1].buffers["num_batches_tracked"].dtype == np.int64
+    x = rng.normal(size=(3, 2, 3, 3))
+    net.eval()
+    y = net.forward(x)
+    net.to(strict)
+    y_strict = net.forward(strict.asarray(x))
+    np.testing.assert_allclose(to_numpy(y_strict), y, rtol=1e-12)
+
+
+def test_initialisation_is_seeded_and_documented():
+    a, b = L.Conv2d(4, 8, 3, rng=5), L.Conv2d(4, 8, 3, rng=5)
+    np.testing.assert_array_equal(a.params["weight"], b.params["weight"])
+    std = float(np.std(L.Conv2d(64, 64, 3, rng=0).params["weight"]))
+    assert abs(std - np.sqrt(2.0 / (64 * 9))) < 0.02 * np.sqrt(2.0 / (64 * 9))  # Kaiming fan_out
+    lin = L.Linear(100, 50, rng=0)
+    assert np.max(np.abs(lin.params["weight"])) <= 0.1 and np.max(np.abs(lin.params["bias"])) <= 0.1
+    bn = L.BatchNorm2d(3)
+    np.testing.assert_array_equal(bn.params["weight"], np.ones(3))
+    np.testing.assert_array_equal(bn.params["bias"], np.zeros(3))

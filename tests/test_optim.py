@@ -1,0 +1,171 @@
+"""SGD, LARS and the warm-up + cosine schedule, against PyTorch and the official recipe."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from swav_ref.backend import asarray, to_numpy
+from swav_ref.nn import layers as L
+from swav_ref.nn.optim import LARS, SGD, warmup_cosine_schedule
+
+
+def _model(xp=np):
+    return L.Sequential(L.Linear(4, 3, rng=0, xp=xp, dtype="float64"), L.BatchNorm1d(3, xp=xp, dtype="float64"))
+
+
+def _set_grads(model, grads):
+    for name, owner, key in model.named_parameters():
+        g = grads[name]
+        owner.grads[key] = None if g is None else asarray(g, owner.xp, "float64")
+
+
+def _random_grads(model, rng, step):
+    return {name: rng.normal(size=owner.params[key].shape) * (step + 1) for name, owner, key in model.named_parameters()}
+
+
+def _params(model):
+    return {name: to_numpy(owner.params[key]).copy() for name, owner, key in model.named_parameters()}
+
+
+def test_sgd_matches_torch(backend, rng):
+    torch = pytest.importorskip("torch")
+    model = _model(backend)
+    start = _params(model)
+    tparams = {n: torch.tensor(v, requires_grad=True) for n, v in start.items()}
+    topt = torch.optim.SGD(list(tparams.values()), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    opt = SGD(model, momentum=0.9, weight_decay=1e-2)
+    for step, lr in enumerate([0.1, 0.05, 0.2]):
+        grads = _random_grads(model, rng, step)
+        _set_grads(model, grads)
+        opt.step(lr)
+        for group in topt.param_groups:
+            group["lr"] = lr
+        for n, t in tparams.items():
+            t.grad = torch.tensor(grads[n])
+        topt.step()
+    for name, value in _params(model).items():
+        np.testing.assert_allclose(value, tparams[name].detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def _torch_larc_step(torch, tparams, topt, lr, weight_decay, trust=0.001, eps=1e-8):
+    """The LARC wrapper's step, as in NVIDIA apex (clip=False), around a torch SGD whose
+    weight decay LARC moves into the scaled gradient."""
+    with torch.no_grad():
+        for p in tparams.values():
+            if p.grad is None:
+                continue
+            p_norm, g_norm = torch.norm(p.data), torch.norm(p.grad.data)
+            if p_norm != 0 and g_norm != 0:
+                adaptive_lr = trust * p_norm / (g_norm + p_norm * weight_decay + eps)
+                p.grad.data += weight_decay * p.data
+                p.grad.data *= adaptive_lr
+    for group in topt.param_groups:
+        group["lr"], group["weight_decay"] = lr, 0.0
+    topt.step()
+
+
+def test_lars_matches_torch_larc(backend, rng):
+    torch = pytest.importorskip("torch")
+    model = _model(backend)
+    start = _params(model)
+    start["1.bias"] = np.zeros(3)  # |p| = 0: LARC leaves the gradient alone
+    model[1].params["bias"] = asarray(np.zeros(3), backend, "float64")
+    tparams = {n: torch.tensor(v, requires_grad=True) for n, v in start.items()}
+    topt = torch.optim.SGD(list(tparams.values()), lr=0.1, momentum=0.9)
+    wd = 1e-3
+    opt = LARS(model, momentum=0.9, weight_decay=wd)
+    for step, lr in enumerate([0.5, 1.0, 2.0]):
+        grads = _random_grads(model, rng, step)
+        if step == 1:
+            grads["0.bias"] = np.zeros(3)  # |g| = 0: no decay, no scaling, as LARC
+        if step == 2:
+            grads["1.weight"] = None  # skipped entirely (frozen)
+        _set_grads(model, grads)
+        opt.step(lr)
+        for n, t in tparams.items():
+            t.grad = None if grads[n] is None else torch.tensor(grads[n])
+        _torch_larc_step(torch, tparams, topt, lr, wd)
+    for name, value in _params(model).items():
+        np.testing.assert_allclose(value, tparams[name].detach().numpy(), rtol=1e-12, atol=1e-15, err_msg=name)
+    for name, value in _params(model).items():  # every parameter moved, so the comparison means something
+        assert np.max(np.abs(value - start[name])) > 1e-5, name
+
+
+def test_none_grad_skips_weight_decay_and_momentum(backend, rng):
+    model = _model(backend)
+    opt = SGD(model, momentum=0.9, weight_decay=0.1)
+    _set_grads(model, _random_grads(model, rng, 0))
+    opt.step(0.1)
+    frozen_before, bias_before = _params(model)["0.weight"], _params(model)["0.bias"]
+    buffer_before = to_numpy(opt.momentum_buffers["0.weight"]).copy()
+    grads = _random_grads(model, rng, 1)
+    grads["0.weight"] = None
+    _set_grads(model, grads)
+    opt.step(0.1)
+    np.testing.assert_array_equal(_params(model)["0.weight"], frozen_before)
+    np.testing.assert_array_equal(to_numpy(opt.momentum_buffers["0.weight"]), buffer_before)
+    assert np.max(np.abs(_params(model)["0.bias"] - bias_before)) > 1e-3  # the others moved
+
+
+@pytest.mark.parametrize("make", [lambda m: SGD(m, 0.9, 1e-4), lambda m: LARS(m, 0.9, 1e-6)])
+def test_optimizer_state_dict_resumes_exactly(make, rng):
+    grads = [_random_grads(_model(), rng, s) for s in range(4)]
+    straight = _model()
+    opt = make(straight)
+    for g in grads:
+        _set_grads(straight, g)
+        opt.step(0.3)
+
+    first = _model()
+    opt1 = make(first)
+    for g in grads[:2]:
+        _set_grads(first, g)
+        opt1.step(0.3)
+    state = {k: np.array(v) for k, v in opt1.state_dict().items()}  # through host arrays
+    resumed = _model()
+    resumed.load_state_dict(first.state_dict())
+    opt2 = make(resumed)
+    opt2.load_state_dict(state)
+    for g in grads[2:]:
+        _set_grads(resumed, g)
+        opt2.step(0.3)
+    for name, value in _params(straight).items():
+        np.testing.assert_array_equal(_params(resumed)[name], value, err_msg=name)
+
+
+def test_optimizer_state_errors():
+    opt = SGD(_model())
+    with pytest.raises(ValueError, match=r"unknown parameters: \['nope'\]"):
+        opt.load_state_dict({"nope": np.zeros(3)})
+    with pytest.raises(ValueError, match="0.bias"):
+        opt.load_state_dict({"0.bias": np.zeros(4)})
+    with pytest.raises(ValueError, match="momentum"):
+        SGD(_model(), momentum=-0.1)
+
+
+def _official_schedule(base_lr, final_lr, start_warmup, warmup_steps, total_steps):
+    """The schedule as main_swav.py builds it (an array over all iterations)."""
+    warmup = np.linspace(start_warmup, base_lr, warmup_steps)
+    iters = np.arange(total_steps - warmup_steps)
+    cosine = final_lr + 0.5 * (base_lr - final_lr) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup, cosine))
+
+
+@pytest.mark.parametrize("warmup_steps, start_warmup", [(0, 0.0), (1, 0.0), (10, 0.0), (7, 0.3)])
+def test_warmup_cosine_matches_official_swav(warmup_steps, start_warmup):
+    total, base, final = 50, 4.8, 0.0048
+    expected = _official_schedule(base, final, start_warmup, warmup_steps, total)
+    ours = [warmup_cosine_schedule(s, total, base, final, warmup_steps, start_warmup) for s in range(total)]
+    assert all(isinstance(v, float) for v in ours)
+    np.testing.assert_allclose(ours, expected, rtol=1e-13)
+    assert math.isclose(ours[-1], final + 0.5 * (base - final) * (1 + math.cos(math.pi * (total - warmup_steps - 1) / (total - warmup_steps))))
+
+
+def test_schedule_rejects_bad_steps():
+    with pytest.raises(ValueError, match="step 10 outside"):
+        warmup_cosine_schedule(10, 10, 1.0)
+    with pytest.raises(ValueError, match="warmup_steps 11"):
+        warmup_cosine_schedule(0, 10, 1.0, warmup_steps=11)
