@@ -21,4 +21,5 @@ timeout "${EQUIV_SECONDS:-120}" python3 benchmarks/gpu_equivalence.py --out "$RE
 
 echo "=== 3. GPU benchmarks"
 timeout "${BENCH_SECONDS:-150}" python3 benchmarks/bench_gpu.py --out "$RESULTS/bench_gpu.json"
+timeout "${BENCH_SECONDS:-150}" python3 benchmarks/bench_resnet.py --backend cupy --out "$RESULTS/bench_resnet_cupy.json"
 echo "=== done"

@@ -31,6 +31,7 @@
 # Everything numerical comes from the library `swav_ref.ot`; this notebook only calls it.
 
 # %%
+# %matplotlib inline
 import inspect
 import warnings
 

@@ -24,6 +24,7 @@
 # 5. a check against POT, the reference Python OT library.
 
 # %%
+# %matplotlib inline
 import inspect
 import time
 import warnings

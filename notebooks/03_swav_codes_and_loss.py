@@ -27,6 +27,7 @@
 # The derivation in full is on the page *The gradient of SwAV's swapped loss, by hand*.
 
 # %%
+# %matplotlib inline
 import inspect
 import math
 import warnings
