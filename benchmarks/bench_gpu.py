@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_resnet import torch_mirror  # noqa: E402  (the same torch network as the CPU benchmark)
 
-from swav_ref.backend import Random, get_backend, synchronize, to_numpy  # noqa: E402
+from swav_ref.backend import Random, get_backend, to_numpy  # noqa: E402
 
 
 def timed(fn, sync, repeats: int, warmup: int = 2) -> float:

@@ -278,10 +278,6 @@ class Random:
         """The underlying NumPy generator, for host-side draws (data order, splits)."""
         return self._gen
 
-    def spawn(self, n: int) -> list[Random]:
-        """``n`` independent child generators (per rank, per worker)."""
-        return [Random(s, self.xp) for s in np.random.SeedSequence(self._gen.integers(2**63)).spawn(n)]
-
     # -- state, for checkpoints ----------------------------------------------------------
     def get_state(self) -> dict:
         """The generator's state as a JSON-serialisable dict."""

@@ -25,7 +25,6 @@ standard deviation per row.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +34,6 @@ from swav_ref import plots
 from swav_ref.backend import to_numpy
 from swav_ref.evaluate import (
     evaluate_features,
-    format_results,
     raw_pixel_features,
     results_table,
     save_results_json,
@@ -162,16 +160,3 @@ def prototype_assignments(trainer: Trainer, images: Any) -> Any:
     finally:
         if was_training:
             model.train()
-
-
-def format_table(table: Any) -> str:
-    """The results table as text: accuracies in percent, mean ± std over seeds."""
-    return format_results(table)
-
-
-def save_table_markdown(table: Any, path: Path) -> None:
-    Path(path).write_text(format_table(table) + "\n")
-
-
-def load_results(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

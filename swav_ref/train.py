@@ -29,18 +29,18 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from swav_ref import checkpoint as ckpt
-from swav_ref.backend import Random, get_backend, to_numpy
+from swav_ref.backend import Random, get_backend
 from swav_ref.data.datasets import ImageDataset, channel_stats, load_dataset
 from swav_ref.data.multicrop import MultiCrop, MultiCropConfig, default_config
 from swav_ref.deepcluster import MemoryBank, cluster_memory, deepcluster_loss
-from swav_ref.distributed import SingleProcessCommunicator, get_communicator
+from swav_ref.distributed import get_communicator
 from swav_ref.nn import functional as F
 from swav_ref.nn.optim import LARS, SGD, warmup_cosine_schedule
 from swav_ref.nn.resnet import resnet18, resnet_tiny
