@@ -50,16 +50,20 @@ def numerical_gradient(f: Callable[[], float], x: Any, h: float = 1e-5) -> Any:
     if x.dtype != xp.float64:
         raise ValueError(f"gradient checks need float64, got {x.dtype}")
     grad = np.zeros(x.shape, dtype=np.float64)
-    flat_shape = x.shape
-    for idx in np.ndindex(*flat_shape):
-        old = float(x[idx])  # a copy: on CuPy x[idx] is a 0-d view that the next line would change
-        x[idx] = old + h
-        f_plus = f()
-        x[idx] = old - h
-        f_minus = f()
-        x[idx] = old
-        grad[idx] = (f_plus - f_minus) / (2.0 * h)
+    for idx in np.ndindex(*x.shape):
+        grad[idx] = _central_difference(f, x, idx, h)
     return xp.asarray(grad) if xp is not np else grad
+
+
+def _central_difference(f: Callable[[], float], x: Any, idx: tuple[int, ...], h: float) -> float:
+    """``(f(x + h e_idx) - f(x - h e_idx)) / 2h``, with ``x[idx]`` restored afterwards."""
+    old = float(x[idx])  # a copy: on CuPy x[idx] is a 0-d view that the next line would change
+    x[idx] = old + h
+    f_plus = f()
+    x[idx] = old - h
+    f_minus = f()
+    x[idx] = old
+    return (f_plus - f_minus) / (2.0 * h)
 
 
 def check_gradient(f: Callable[[], float], x: Any, analytic: Any, h: float = 1e-5) -> float:
@@ -87,12 +91,6 @@ def check_gradient_sampled(
     numeric, expected = [], []
     for index in flat:
         idx = tuple(int(i) for i in np.unravel_index(int(index), x.shape))
-        old = float(x[idx])  # a copy: on CuPy x[idx] is a 0-d view that the next line would change
-        x[idx] = old + h
-        f_plus = f()
-        x[idx] = old - h
-        f_minus = f()
-        x[idx] = old
-        numeric.append((f_plus - f_minus) / (2.0 * h))
+        numeric.append(_central_difference(f, x, idx, h))
         expected.append(analytic_host[idx])
     return rel_error(np.asarray(expected), np.asarray(numeric))
