@@ -32,6 +32,7 @@ from typing import Any
 
 from swav_ref import plots
 from swav_ref.backend import to_numpy
+from swav_ref.data.datasets import load_dataset
 from swav_ref.evaluate import (
     evaluate_features,
     raw_pixel_features,
@@ -79,23 +80,22 @@ def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
         for name, value in metrics.items():
             rows.setdefault(method, {}).setdefault(name, []).append(value)
 
+    # One copy of the data for every run (each Trainer would otherwise read it again).
+    train_set, test_set = load_dataset(config.dataset, config.data_dir, seed=0)
     for seed in seeds:
         base = dataclasses.replace(config, seed=seed)
-        for method in ("raw pixels", "random init", *methods, "supervised"):
+        untrained = Trainer(dataclasses.replace(base, out_dir=str(out / f"seed{seed}" / "untrained"), progress=False),
+                            train_set=train_set, test_set=test_set)
+        add("raw pixels", evaluate_raw_pixels(untrained, seed))
+        add("random init", evaluate_trainer(untrained, seed))
+        artefacts["trainers"]["random init"] = untrained
+        for method in (*methods, "supervised"):
             t0 = time.perf_counter()
-            if method == "raw pixels":
-                trainer = Trainer(dataclasses.replace(base, out_dir=str(out / f"seed{seed}" / "untrained"), progress=False))
-                add("raw pixels", evaluate_raw_pixels(trainer, seed))
-                add("random init", evaluate_trainer(trainer, seed))
-                artefacts["trainers"]["random init"] = trainer
-                continue
-            if method == "random init":
-                continue  # measured with raw pixels, on the same untrained network
             cfg = dataclasses.replace(base, method=method, out_dir=str(out / f"seed{seed}" / method))
             if method == "supervised":
                 cfg = supervised_config(cfg)
             log(f"[seed {seed}] training {METHOD_NAMES[method]} for {cfg.epochs} epochs ...")
-            trainer = Trainer(cfg)
+            trainer = Trainer(cfg, train_set=train_set, test_set=test_set)
             trainer.fit()
             add(METHOD_NAMES[method], evaluate_trainer(trainer, seed))
             artefacts["trainers"][method] = trainer
