@@ -40,6 +40,7 @@ __all__ = [
     "backend_name",
     "default_tol",
     "get_backend",
+    "host_dtype",
     "is_cupy",
     "is_numpy",
     "logsumexp",
@@ -180,10 +181,10 @@ def default_tol(dtype: Any) -> float:
     float64 reaches 1e-9 comfortably; float32 (machine epsilon about 1.2e-7) stalls near
     1e-6 on problems of a few thousand entries, so it gets 1e-5.
     """
-    return 1e-9 if _host_dtype(dtype).itemsize >= 8 else 1e-5
+    return 1e-9 if host_dtype(dtype).itemsize >= 8 else 1e-5
 
 
-def _host_dtype(dtype: Any) -> np.dtype:
+def host_dtype(dtype: Any) -> np.dtype:
     """NumPy's dtype for any backend's dtype (array_api_strict prints as ``...float32``)."""
     try:
         return np.dtype(dtype)

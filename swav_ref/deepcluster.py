@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from swav_ref.backend import Random, array_namespace, logsumexp, to_numpy
+from swav_ref.backend import Random, array_namespace, host_dtype, logsumexp, to_numpy
 from swav_ref.nn.functional import l2_normalize_forward
 
 #: Target value of images that have no entry in the memory bank (dropped last batch).
@@ -160,7 +160,7 @@ class MemoryBank:
     def nbytes(self) -> int:
         """Memory the bank holds on the device: grows linearly with the dataset."""
         n_banks, size, dim = self.embeddings.shape
-        return n_banks * size * dim * np.dtype(str(self.embeddings.dtype).rsplit(".", 1)[-1]).itemsize
+        return n_banks * size * dim * host_dtype(self.embeddings.dtype).itemsize
 
     def write(self, start: int, dataset_index: np.ndarray, embeddings: Sequence[Any]) -> None:
         """Store a batch's embeddings (one (B, d) array per bank) at rows start..start+B."""

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from swav_ref.backend import Random, array_namespace, asarray
+from swav_ref.backend import Random, array_namespace, asarray, host_dtype
 from swav_ref.nn import functional as F
 
 __all__ = [
@@ -64,12 +64,7 @@ def _as_random(rng: Random | int | None) -> Random:
 
 def _resolve_dtype(xp: types.ModuleType, dtype: Any) -> Any:
     """``xp``'s dtype for a name (``"float32"``) or for another backend's dtype."""
-    if not isinstance(dtype, str):
-        try:
-            dtype = np.dtype(dtype).name
-        except TypeError:  # array_api_strict's dtypes print as "array_api_strict.float32"
-            dtype = str(dtype).rsplit(".", 1)[-1]
-    return getattr(xp, dtype)
+    return getattr(xp, dtype if isinstance(dtype, str) else host_dtype(dtype).name)
 
 
 class Module:
