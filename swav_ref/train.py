@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from swav_ref import checkpoint as ckpt
-from swav_ref.backend import Random, get_backend
+from swav_ref.backend import Random, get_backend, to_numpy
 from swav_ref.data.datasets import ImageDataset, channel_stats, load_dataset
 from swav_ref.data.multicrop import MultiCrop, MultiCropConfig, default_config
 from swav_ref.deepcluster import MemoryBank, cluster_memory, deepcluster_loss
@@ -469,11 +469,16 @@ class Trainer:
         return self.log
 
     def _flush_log(self, epoch: int, bar: Any) -> None:
-        """The logging boundary: bring the pending metrics to the host, check them."""
-        for step, loss, codes in self._pending:
-            value = float(loss)
-            if self.comm.size > 1:
-                value = float(self.comm.allreduce_sum(self.xp.reshape(loss, (1,)))[0]) / self.comm.size
+        """The logging boundary: bring the pending metrics to the host, check them.
+
+        The pending losses travel together: one device-to-host copy and, under MPI, one
+        all-reduce per flush rather than one per step.
+        """
+        losses = self.xp.stack([self.xp.reshape(loss, ()) for _, loss, _ in self._pending])
+        if self.comm.size > 1:
+            losses = self.comm.allreduce_sum(losses)
+        values = [float(v) / self.comm.size for v in to_numpy(losses)]
+        for (step, _, codes), value in zip(self._pending, values):
             if not math.isfinite(value):
                 raise TrainingDivergedError(
                     f"the loss became {value} at step {step} (epoch {epoch + 1}); training stopped and the last "
