@@ -1,21 +1,36 @@
 """GPU benchmarks: ours on CuPy against PyTorch on the same GPU, in the same run.
 
-1. SwAV's Sinkhorn codes, B=4096, K=3000 (ours vs the official loop in torch);
-2. the swapped loss, forward + backward (ours vs torch autograd), B=4096, K=3000, 2+6 crops;
-3. a training step of resnet18 (CIFAR layout, 3x32x32, batch 256, float32): forward, linear
-   head, cross-entropy, backward, SGD (ours vs the same network and weights in torch);
-4. images per second of a full SwAV training step (2x32 + 6x16 crops, augmentation on the
-   GPU, resnet18, LARS), ours alone (no torch peer for the whole recipe).
+1. SwAV's Sinkhorn codes, B=4096, K=3000: ours (fused kernels, and the plain CuPy code)
+   against the official loop in torch (``bench_loss.torch_sinkhorn``);
+2. the swapped loss, forward + backward, B=4096, K=3000, 2+6 crops: ours against the
+   official formula under torch autograd (``bench_loss.torch_loss``);
+3. a training step of resnet18 (CIFAR layout, 3x32x32, batch 256, float32): forward,
+   linear head, cross-entropy, backward, SGD, against the same network and weights in
+   torch, in two precision settings applied to both libraries alike:
+
+   - ``fp32``: true float32 products (TF32 off in torch: ``cudnn.allow_tf32`` and
+     ``cuda.matmul.allow_tf32`` False; ours :func:`swav_ref.backend.set_tf32` False);
+   - ``tf32``: TF32 tensor cores allowed in both (PyTorch's default for convolutions);
+
+   ours with the fused kernels and, in fp32, with the plain CuPy code too;
+4. a full SwAV training step (2x32 + 6x16 crops, augmentation on the GPU, resnet18,
+   LARS), images per second, fused kernels against the plain CuPy code.
+
+Every case records ``ours_ms`` and the peer's time (``torch_ms``, or ``peer_ms`` with
+the peer named in ``what``), medians of interleaved rounds (``bench_loss.median_times``).
+``benchmarks/report.py`` turns the file into the README's table.
 
 Run on a machine with an NVIDIA GPU:  python benchmarks/bench_gpu.py --out FILE.json
+``--backend numpy --small`` runs every case at toy sizes against torch on the CPU: a
+rehearsal of the script itself (the test suite runs it), not a benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,88 +39,89 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_loss import make_scores, median_times, torch_loss, torch_sinkhorn  # noqa: E402
 from bench_resnet import torch_mirror  # noqa: E402  (the same torch network as the CPU benchmark)
 
-from swav_ref.backend import Random, get_backend, to_numpy  # noqa: E402
+from swav_ref import fused  # noqa: E402
+from swav_ref.backend import Random, get_backend, set_tf32, synchronize, to_numpy  # noqa: E402
+
+SIZES = {"full": dict(batch=4096, prototypes=3000, images=256, swav_batch=256, hidden=2048),
+         "small": dict(batch=64, prototypes=30, images=8, swav_batch=8, hidden=32)}
 
 
-def timed(fn, sync, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs, synchronised before and after."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+class Setup:
+    """The backend pair under test: ours on ``xp``, torch on ``device``."""
+
+    def __init__(self, backend: str, torch):
+        self.xp = get_backend(backend)
+        self.torch = torch
+        self.device = "cuda" if backend == "cupy" else "cpu"
+
+    def sync(self) -> None:
+        synchronize(self.xp)
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def precision(self, tf32: bool) -> None:
+        """The same float32 product rule for both libraries."""
+        set_tf32(self.xp, tf32)
+        self.torch.backends.cudnn.allow_tf32 = tf32
+        self.torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
-def bench_sinkhorn_and_loss(cp, torch, repeats):
+def _case(what: str, ours_s: float, peer_s: float | None = None, peer_key: str = "torch_ms", **extra) -> dict:
+    case = {"what": what, "ours_ms": 1e3 * ours_s, **extra}
+    if peer_s is not None:
+        case[peer_key] = 1e3 * peer_s
+        case["ratio"] = ours_s / peer_s
+    return case
+
+
+def bench_sinkhorn_and_loss(s: Setup, size: dict, repeats: int) -> dict:
     from swav_ref.swav import sinkhorn_codes, swav_loss
 
-    b, k, crops = 4096, 3000, 8
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(crops * b, 32)).astype(np.float32)
-    c = rng.normal(size=(k, 32)).astype(np.float32)
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    c /= np.linalg.norm(c, axis=1, keepdims=True)
-    scores_np = z @ c.T
-    scores = cp.asarray(scores_np)
-    tscores = torch.tensor(scores_np, device="cuda")
+    b, k = size["batch"], size["prototypes"]
+    host = make_scores(b, k)  # 8 crops of b rows: cosines, float32
+    scores = s.xp.asarray(host)
+    scores_t = s.torch.from_numpy(host).to(s.device)
+    first = scores[:b]
+    with fused.disabled():
+        plain_codes = sinkhorn_codes(first)
+    gap = float(s.xp.max(s.xp.abs(sinkhorn_codes(first) - plain_codes)))
 
-    def torch_codes(out, eps=0.05, iters=3):
-        q = torch.exp(out / eps).t()
-        q /= torch.sum(q)
-        kk, bb = q.shape
-        for _ in range(iters):
-            q /= torch.sum(q, dim=1, keepdim=True)
-            q /= kk
-            q /= torch.sum(q, dim=0, keepdim=True)
-            q /= bb
-        q *= bb
-        return q.t()
+    def plain():
+        with fused.disabled():
+            sinkhorn_codes(first)
 
-    sync_cp = cp.cuda.get_current_stream().synchronize
-    sync_t = torch.cuda.synchronize
-    out = {}
-    ours = timed(lambda: sinkhorn_codes(scores[:b]), sync_cp, repeats)
-    peer = timed(lambda: torch_codes(tscores[:b]), sync_t, repeats)
-    out["sinkhorn_B4096_K3000"] = {"ours_ms": 1e3 * ours, "torch_ms": 1e3 * peer, "ratio": ours / peer}
-
-    def torch_loss():
-        s = tscores.clone().requires_grad_(True)
-        loss = 0.0
-        for i in (0, 1):
-            with torch.no_grad():
-                q = torch_codes(s[b * i : b * (i + 1)].detach())
-            sub = 0.0
-            for v in range(crops):
-                if v != i:
-                    sub = sub - torch.mean(torch.sum(q * torch.log_softmax(s[b * v : b * (v + 1)] / 0.1, dim=1), dim=1))
-            loss = loss + sub / (crops - 1)
-        (loss / 2).backward()
-        return s.grad
-
-    ours = timed(lambda: swav_loss(scores, b), sync_cp, repeats)
-    peer = timed(torch_loss, sync_t, repeats)
-    out["swav_loss_fwd_bwd_B4096_K3000_2+6crops"] = {"ours_ms": 1e3 * ours, "torch_ms": 1e3 * peer, "ratio": ours / peer}
+    t = median_times({"fused": lambda: sinkhorn_codes(first), "plain": plain,
+                      "torch": lambda: torch_sinkhorn(s.torch, scores_t[:b])}, repeats, s.sync)
+    out = {
+        f"sinkhorn_B{b}_K{k}": _case(f"SwAV Sinkhorn codes, B={b}, K={k}, 3 iterations: ours (fused kernels) vs "
+                                     "the official loop in torch", t["fused"], t["torch"],
+                                     max_abs_difference_fused_vs_plain=gap),
+        f"sinkhorn_B{b}_K{k}_plain": _case(f"SwAV Sinkhorn codes, B={b}, K={k}: ours (plain CuPy code) vs "
+                                           "the official loop in torch", t["plain"], t["torch"]),
+    }
+    t = median_times({"ours": lambda: swav_loss(scores, b), "torch": lambda: torch_loss(s.torch, scores_t, b, False)},
+                     repeats, s.sync)
+    out[f"swav_loss_fwd_bwd_B{b}_K{k}_2+6crops"] = _case(
+        f"SwAV loss forward + backward, B={b}, K={k}, 2+6 crops: ours vs torch autograd (official loop)",
+        t["ours"], t["torch"])
     return out
 
 
-def bench_resnet18_step(cp, torch, repeats, batch=256):
+def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
     from swav_ref.nn import SGD, Linear
     from swav_ref.nn import functional as F
     from swav_ref.nn.resnet import resnet18
 
-    net = resnet18(3, xp=cp, dtype="float32", rng=Random(0))
-    head = Linear(net.out_dim, 10, xp=cp, dtype="float32", rng=Random(1))
+    xp, torch, batch = s.xp, s.torch, size["images"]
+    net = resnet18(3, xp=xp, dtype="float32", rng=Random(0))
+    head = Linear(net.out_dim, 10, xp=xp, dtype="float32", rng=Random(1))
     rng = np.random.default_rng(0)
     x_np = rng.normal(size=(batch, 3, 32, 32)).astype(np.float32)
     y_np = rng.integers(0, 10, size=batch)
-    x, y = cp.asarray(x_np), cp.asarray(y_np)
+    x, y = xp.asarray(x_np), xp.asarray(y_np)
     opt_net, opt_head = SGD(net, 0.9, 1e-4), SGD(head, 0.9, 1e-4)
 
     def ours():
@@ -115,12 +131,16 @@ def bench_resnet18_step(cp, torch, repeats, batch=256):
         net.zero_grad(), head.zero_grad()
         return loss
 
+    def ours_plain():
+        with fused.disabled():
+            return ours()
+
     model = torch_mirror(torch, 3, net.widths, net.blocks)
     model.load_state_dict({k: torch.from_numpy(to_numpy(v)) for k, v in net.state_dict().items()})
-    model = model.cuda()
-    fc = torch.nn.Linear(net.out_dim, 10).cuda()
+    model = model.to(s.device)
+    fc = torch.nn.Linear(net.out_dim, 10).to(s.device)
     opt = torch.optim.SGD(list(model.parameters()) + list(fc.parameters()), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    tx, ty = torch.tensor(x_np, device="cuda"), torch.tensor(y_np, device="cuda")
+    tx, ty = torch.tensor(x_np, device=s.device), torch.tensor(y_np, device=s.device)
 
     def peer():
         opt.zero_grad(set_to_none=True)
@@ -129,48 +149,84 @@ def bench_resnet18_step(cp, torch, repeats, batch=256):
         opt.step()
         return loss
 
-    t_ours = timed(ours, cp.cuda.get_current_stream().synchronize, repeats)
-    t_peer = timed(peer, torch.cuda.synchronize, repeats)
-    return {"resnet18_cifar_step_b256": {"ours_ms": 1e3 * t_ours, "torch_ms": 1e3 * t_peer, "ratio": t_ours / t_peer,
-                                         "ours_images_per_s": batch / t_ours, "torch_images_per_s": batch / t_peer}}
+    out = {}
+    try:
+        for mode, tf32 in (("fp32", False), ("tf32", True)):
+            s.precision(tf32)
+            fns = {"fused": ours, "torch": peer}
+            if not tf32:
+                fns["plain"] = ours_plain
+            t = median_times(fns, repeats, s.sync)
+            rule = "TF32 allowed in both" if tf32 else "true float32 in both (TF32 off)"
+            key = f"resnet18_cifar_step_b{batch}_{mode}"
+            out[key] = _case(f"resnet18 training step, batch {batch}, 3x32x32, {rule}: ours (fused kernels) vs torch",
+                             t["fused"], t["torch"], ours_images_per_s=batch / t["fused"],
+                             torch_images_per_s=batch / t["torch"])
+            if "plain" in t:
+                out[key + "_plain"] = _case(f"resnet18 training step, batch {batch}, {rule}: ours (plain CuPy code) "
+                                            "vs torch", t["plain"], t["torch"])
+    finally:
+        s.precision(False)
+    return out
 
 
-def bench_swav_step(repeats, batch=256):
+def bench_swav_step(s: Setup, size: dict, repeats: int) -> dict:
     from swav_ref.data.datasets import ImageDataset
     from swav_ref.train import TrainConfig, Trainer
 
+    batch = size["swav_batch"]
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(batch * 2, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, 10, size=batch * 2)
     ds = ImageDataset(images, labels, tuple(str(i) for i in range(10)), "synthetic-cifar")
-    cfg = TrainConfig(backend="cupy", arch="resnet18", batch_size=batch, n_crops=(2, 6), crop_sizes=(32, 16),
-                      min_scale=(0.14, 0.05), max_scale=(1.0, 0.14), n_prototypes=(3000,), hidden_dim=2048,
-                      feat_dim=128, epochs=1000, out_dir="/tmp/swav_gpu_bench", progress=False)
+    backend = "cupy" if s.device == "cuda" else "numpy"
+    cfg = TrainConfig(backend=backend, arch="resnet18", batch_size=batch, n_crops=(2, 6), crop_sizes=(32, 16),
+                      min_scale=(0.14, 0.05), max_scale=(1.0, 0.14), n_prototypes=(3000,),
+                      hidden_dim=size["hidden"], feat_dim=128, epochs=1000, out_dir="/tmp/swav_gpu_bench",
+                      progress=False)
     trainer = Trainer(cfg, train_set=ds, test_set=ds)
-    cp = trainer.xp
     idx = np.arange(batch)
-    step = lambda: trainer.train_step(trainer.make_crops(idx), idx)  # noqa: E731
-    t = timed(step, cp.cuda.get_current_stream().synchronize, repeats)
-    return {"swav_step_resnet18_2x32+6x16_b256": {"ours_ms": 1e3 * t, "images_per_s": batch / t}}
+
+    def step():
+        trainer.train_step(trainer.make_crops(idx), idx)
+
+    def plain():
+        with fused.disabled():
+            step()
+
+    t = median_times({"fused": step, "plain": plain}, repeats, s.sync)
+    return {f"swav_step_resnet18_2x32+6x16_b{batch}": _case(
+        f"full SwAV step, resnet18, 2x32 + 6x16 crops, batch {batch}, LARS: fused kernels vs the plain CuPy code "
+        f"({batch / t['fused']:.0f} vs {batch / t['plain']:.0f} images/s)", t["fused"], t["plain"],
+        peer_key="peer_ms", images_per_s=batch / t["fused"], plain_images_per_s=batch / t["plain"])}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--backend", choices=("cupy", "numpy"), default="cupy",
+                   help="numpy: rehearse the script on the CPU against torch CPU (use with --small)")
+    p.add_argument("--small", action="store_true", help="toy sizes, to rehearse the script")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_gpu.json")
     args = p.parse_args(argv)
-    cp = get_backend("cupy")
     import torch
 
-    dev = cp.cuda.runtime.getDeviceProperties(0)
-    result = {"benchmark": "bench_gpu", "date": time.strftime("%Y-%m-%d"), "machine": dev["name"].decode(),
-              "host": platform.node(), "cupy": cp.__version__, "torch": torch.__version__,
-              "command": "python benchmarks/bench_gpu.py", "cases": {}}
-    for name, fn in [("sinkhorn_and_loss", lambda: bench_sinkhorn_and_loss(cp, torch, args.repeats)),
-                     ("resnet18", lambda: bench_resnet18_step(cp, torch, args.repeats)),
-                     ("swav_step", lambda: bench_swav_step(args.repeats))]:
+    s = Setup(args.backend, torch)
+    size = SIZES["small" if args.small else "full"]
+    if s.device == "cuda":
+        machine = s.xp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        versions = {"cupy": s.xp.__version__}
+    else:
+        machine, versions = f"CPU ({platform.machine()}), rehearsal", {"numpy": np.__version__}
+    command = "python benchmarks/bench_gpu.py" + ("" if args.backend == "cupy" else " --backend numpy")
+    result = {"benchmark": "bench_gpu", "date": time.strftime("%Y-%m-%d"), "machine": machine,
+              "host": platform.node(), **versions, "torch": torch.__version__, "small": args.small,
+              "fused_kernels": fused.enabled(), "command": command + (" --small" if args.small else ""),
+              "cases": {}}
+    for name, fn in [("sinkhorn_and_loss", bench_sinkhorn_and_loss), ("resnet18", bench_resnet18_step),
+                     ("swav_step", bench_swav_step)]:
         try:
-            result["cases"].update(fn())
+            result["cases"].update(fn(s, size, args.repeats))
         except Exception as exc:  # record and go on: one failing case must not hide the others
             result["cases"][name] = {"error": f"{type(exc).__name__}: {exc}"}
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -180,4 +236,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

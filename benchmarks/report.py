@@ -174,18 +174,24 @@ def read_gpu(data: dict, path: Path, results_dir: Path) -> list[Row]:
     command = data.get("command", "python benchmarks/bench_gpu.py")
     rows = []
     for name, c in data.get("cases", {}).items():
+        if "error" in c:
+            print(f"report: {path.name}: case {name} failed: {c['error']}", file=sys.stderr)
+            continue
         ours = c.get("ours_ms")
-        peer = c.get("torch_ms")
-        what = f"{name}: ours (CuPy) vs torch CUDA" if peer is not None else f"{name}: ours (CuPy), no peer"
-        if "images_per_s" in c:
-            what += f" ({c['images_per_s']:.0f} images/s)"
+        peer = c.get("torch_ms", c.get("peer_ms"))
+        what = c.get("what")  # newer files describe each case, peer included
+        if what is None:
+            what = f"{name}: ours (CuPy) vs torch CUDA" if peer is not None else f"{name}: ours (CuPy), no peer"
+            if "images_per_s" in c:
+                what += f" ({c['images_per_s']:.0f} images/s)"
         rows.append(Row(what, None if ours is None else ours / 1e3, None if peer is None else peer / 1e3, "s",
                         machine, _date(data, path), command))
     return rows
 
 
 def read_equivalence(data: dict, path: Path, results_dir: Path) -> list[Row]:
-    what = (f"{data.get('steps', '?')} SwAV training steps on digits: CuPy vs NumPy (same seed; largest "
+    code = {True: "CuPy with fused kernels", False: "plain CuPy code"}.get(data.get("fused_kernels"), "CuPy")
+    what = (f"{data.get('steps', '?')} SwAV training steps on digits: {code} vs NumPy (same seed; largest "
             f"relative loss difference {data.get('max_relative_difference', float('nan')):.1e})")
     return [Row(what, data.get("cupy_seconds"), data.get("numpy_seconds"), "s", _gpu_machine(results_dir),
                 _date(data, path), "python benchmarks/gpu_equivalence.py")]
@@ -246,6 +252,7 @@ READERS: dict[str, Reader] = {
     "bench_resnet_cupy.json": read_resnet,
     "bench_gpu.json": read_gpu,
     "gpu_equivalence.json": read_equivalence,
+    "gpu_equivalence_plain.json": read_equivalence,
     "bench_deepcluster_scaling.json": read_deepcluster_scaling,
     **{name: read_training for name in TRAINING_RESULTS},
 }

@@ -192,11 +192,16 @@ else:
 #   the gradient in closed form; PyTorch's autograd of the official loop recomputes and
 #   stores more.
 # - *a ResNet-18 training step* (CIFAR layout, batch 256): PyTorch calls cuDNN's tuned
-#   convolution kernels; ours are built from Array API operations (matrix products over
-#   unfolded windows) that a reader can follow, and this is where a teaching implementation
-#   pays.
+#   convolution kernels; ours are matrix products over unfolded windows that a reader can
+#   follow, with the element-wise work around them fused (section below), and this is where
+#   a teaching implementation pays. Newer results measure it twice, with true float32
+#   products in both libraries and with TF32 tensor cores allowed in both (PyTorch's default
+#   for convolutions), so that the ratio compares like with like.
 # - *a full SwAV step* (ResNet-18, 2 crops of 32 and 6 of 16, augmentation on the GPU,
-#   LARS): ours alone, in images per second.
+#   LARS), in images per second; newer results set the fused kernels against the plain
+#   CuPy code.
+#
+# A file written before the fused kernels existed has the older, shorter set of rows.
 
 # %%
 if gpu_file.exists():
@@ -227,8 +232,27 @@ else:
 # - **Bytes, not floats, cross the bus.** Images travel as `uint8` and become float on the
 #   device.
 # - **float32 everywhere**, with the one exception that Sinkhorn iterates in float64 when
-#   $\varepsilon$ is so small that float32 would underflow.
-#
+#   $\varepsilon$ is so small that float32 would underflow. `--tf32` lets the matrix
+#   products use TF32 tensor cores, as PyTorch's convolutions do by default.
+# - **One pass where the formula allows it.** On a GPU each array operation is a kernel
+#   launch that reads and writes whole arrays, so BatchNorm's
+#   $y = \gamma (x - \mu) / \sigma + \beta$, written as four array operations, moves its data
+#   four times. `swav_ref.fused` holds CUDA kernels that do such chains in one pass: im2col
+#   and col2im as single gathers, BatchNorm's normalisation and input gradient, the ReLU
+#   gradient, each optimiser update, and the normalisations of Sinkhorn. They run only on
+#   CuPy; the plain array code stays the reference (the tests compare the two, and also run
+#   the same CUDA source compiled for the CPU), and `SWAV_REF_FUSED=0` switches them off.
+#   Here is one of them, the ReLU gradient, from the kernel source:
+
+# %%
+from swav_ref import fused  # noqa: E402
+
+source = fused.KERNEL_SOURCE.read_text()
+start = source.index("template <typename T, typename I>\n__device__ void relu_backward")
+print(source[start : source.index("#define", start)])
+print(f"fused kernels enabled: {fused.enabled()}; used on this backend: {fused.applies(xp, xp.float32)}")
+
+# %% [markdown]
 # Over several GPUs the same code runs data-parallel under MPI: `mpiexec -n 4 swav-ref
 # train --backend cupy ...`, with CuPy arrays passed to a CUDA-aware MPI directly or staged
 # through host memory (page *Data-parallel training over MPI*).

@@ -45,6 +45,7 @@ __all__ = [
     "is_numpy",
     "logsumexp",
     "pad2d",
+    "set_tf32",
     "synchronize",
     "to_numpy",
 ]
@@ -232,6 +233,37 @@ def synchronize(xp: types.ModuleType) -> None:
     """Wait for the device to finish queued work (a no-op off the GPU); for timing only."""
     if is_cupy(xp):
         xp.cuda.get_current_stream().synchronize()
+
+
+def set_tf32(xp: types.ModuleType, enabled: bool) -> None:
+    """Let float32 matrix products on CuPy use TF32 tensor cores (or forbid it again).
+
+    TF32 rounds the inputs of a product to 10 mantissa bits (about 3 significant digits
+    instead of 7) and accumulates in float32; on Ampere and later GPUs that makes the GEMMs,
+    which are most of a ResNet step, several times faster. PyTorch does this by default for
+    convolutions (``torch.backends.cudnn.allow_tf32``), so a like-for-like benchmark sets both
+    libraries the same way. Off by default here: the teaching code computes in true float32.
+    A no-op for NumPy (CPUs have no TF32). The setting is per process; the trainer sets it
+    from its config, which overrides ``CUPY_TF32`` from the environment.
+    """
+    if not is_cupy(xp):
+        return
+    try:  # CuPy reads CUPY_TF32 once per dtype; this is the call that changes it afterwards
+        from cupy._core import _routines_linalg as linalg
+
+        linalg.set_compute_type(xp.float32, _CUPY_COMPUTE_TYPE_TF32 if enabled else _CUPY_COMPUTE_TYPE_DEFAULT)
+    except (ImportError, AttributeError, ValueError) as exc:
+        if not enabled:
+            return  # nothing was switched on, so there is nothing to switch off
+        raise BackendUnavailableError(
+            f"this CuPy ({xp.__version__}) does not expose its matmul compute type ({exc}); "
+            "set the environment variable CUPY_TF32=1 before starting Python instead"
+        ) from exc
+
+
+# CuPy's cuBLAS compute types (cupy/_core/_routines_linalg.pxd): the default, and TF32.
+_CUPY_COMPUTE_TYPE_DEFAULT = 1
+_CUPY_COMPUTE_TYPE_TF32 = 7
 
 
 class Random:

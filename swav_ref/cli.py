@@ -28,6 +28,8 @@ OPTION_HELP = {
     "data_dir": "folder holding the data set (cifar-10-batches-bin, or images / one sub-folder per class)",
     "backend": "array backend: numpy (CPU) or cupy (GPU, the gpu extra)",
     "dtype": "floating-point type of the model and data: float32 or float64",
+    "tf32": "cupy only: float32 matrix products on TF32 tensor cores (faster on Ampere and later GPUs, "
+            "about 3 significant digits per product; PyTorch's convolutions do the same by default)",
     "arch": "backbone: resnet_tiny (8x8 digits) or resnet18 (CIFAR layout)",
     "epochs": "number of epochs",
     "batch_size": "images per batch per worker",

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from swav_ref import checkpoint as ckpt
-from swav_ref.backend import Random, get_backend, to_numpy
+from swav_ref.backend import Random, get_backend, set_tf32, to_numpy
 from swav_ref.data.datasets import ImageDataset, channel_stats, load_dataset
 from swav_ref.data.multicrop import MultiCrop, MultiCropConfig, default_config
 from swav_ref.deepcluster import MemoryBank, cluster_memory, deepcluster_loss
@@ -93,6 +93,7 @@ class TrainConfig:
     data_dir: str | None = None
     backend: str = "numpy"
     dtype: str = "float32"
+    tf32: bool = False  # CuPy only: float32 GEMMs on TF32 tensor cores (PyTorch's conv default)
     arch: str = "resnet_tiny"  # or resnet18 (CIFAR layout)
     epochs: int = 100
     batch_size: int = 128  # per worker (official: 64 per GPU)
@@ -140,6 +141,8 @@ class TrainConfig:
             )
         if max(self.crops_for_assign) >= sum(self.n_crops):
             raise ValueError(f"crops_for_assign {self.crops_for_assign} refers to crops beyond {sum(self.n_crops)}")
+        if self.tf32 and self.backend != "cupy":
+            raise ValueError("tf32 applies to the cupy backend only (CPUs have no TF32 arithmetic)")
         if self.optimizer not in ("lars", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'lars' or 'sgd'")
         if self.batch_size < 1 or self.epochs < 1:
@@ -236,6 +239,7 @@ class Trainer:
         self.comm = comm if comm is not None else get_communicator()
         self.xp = get_backend(cfg.backend)
         self.dtype = getattr(self.xp, cfg.dtype)
+        set_tf32(self.xp, cfg.tf32)
         if train_set is None:
             train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, seed=0)
         self.train_set, self.test_set = train_set, test_set

@@ -49,3 +49,38 @@ def gpu_or_numpy(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def host_kernel_library(tmp_path_factory):
+    """The fused CUDA kernels compiled for the CPU (tests/fused_host.py), or a skip."""
+    from fused_host import compile_host_library
+
+    library = compile_host_library(tmp_path_factory.mktemp("fused"))
+    if library is None:
+        pytest.skip("no C++ compiler to build the fused kernels for the CPU")
+    return library
+
+
+@pytest.fixture(params=["numpy-host", "cupy"])
+def fused_lane(request):
+    """A lane whose arrays go through the fused kernels: NumPy with the kernels compiled
+    for the CPU, or CuPy with them compiled by NVRTC (skipped without a GPU). Yields
+    ``(xp, calls)``: ``calls`` lists the kernels launched during the test."""
+    from fused_host import HostLauncher, RecordingLauncher
+
+    from swav_ref import fused
+
+    if request.param == "cupy":
+        xp = load_backend("cupy")
+        base = fused._launcher_for(xp)
+    else:
+        xp = np
+        base = HostLauncher(request.getfixturevalue("host_kernel_library"))
+    name = "cupy" if request.param == "cupy" else "numpy"
+    recorder = RecordingLauncher(base)
+    fused.register_launcher(name, recorder)
+    try:
+        yield xp, recorder.calls
+    finally:
+        fused.register_launcher(name, base if name == "cupy" else None)

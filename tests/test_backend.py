@@ -89,3 +89,33 @@ def test_cupy_without_gpu_names_the_cause(monkeypatch):
 def test_default_tol():
     assert B.default_tol(np.float64) == 1e-9
     assert B.default_tol(np.float32) == 1e-5
+
+
+def test_tf32_is_a_cupy_setting():
+    from swav_ref.backend import set_tf32
+    from swav_ref.train import TrainConfig
+
+    set_tf32(np, True)  # a no-op on the CPU, never an error
+    with pytest.raises(ValueError, match="cupy backend only"):
+        TrainConfig(tf32=True)
+
+
+def test_tf32_switch_reaches_cublas_cupy():
+    try:
+        cp = B.get_backend("cupy")
+    except B.BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    from cupy._core import _routines_linalg as linalg
+
+    from swav_ref.backend import set_tf32
+
+    try:
+        set_tf32(cp, True)
+        assert linalg.get_compute_type(cp.float32) == 7
+        a = cp.asarray(np.random.default_rng(0).normal(size=(256, 256)), dtype=cp.float32)
+        tf32_error = float(cp.max(cp.abs(a @ a - (a.astype(cp.float64) @ a.astype(cp.float64)))))
+    finally:
+        set_tf32(cp, False)
+    assert linalg.get_compute_type(cp.float32) == 1
+    exact_error = float(cp.max(cp.abs(a @ a - (a.astype(cp.float64) @ a.astype(cp.float64)))))
+    assert exact_error < tf32_error  # TF32 products are visibly coarser

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -162,3 +163,35 @@ def test_gpu_results_take_the_machine_from_gpu_machine_txt(report, tmp_path):
     resnet, equivalence = rows
     assert resnet.ratio == pytest.approx(3.0) and "--backend cupy" in resnet.command
     assert equivalence.ratio == pytest.approx(0.25)
+
+
+@pytest.mark.slow
+def test_bench_gpu_rehearsal_feeds_the_report(report, tmp_path):
+    """benchmarks/bench_gpu.py at toy sizes on the CPU (NumPy against torch CPU): every case
+    runs without error and report.py reads each one with its own description and peer, so
+    the one GPU run a session may get is not spent on a typo."""
+    pytest.importorskip("torch")
+    out = tmp_path / "gpu" / "bench_gpu.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--backend", "numpy", "--small",
+                    "--repeats", "1", "--out", str(out)], check=True, capture_output=True, text=True, cwd=ROOT)
+    data = json.loads(out.read_text())
+    errors = {k: c["error"] for k, c in data["cases"].items() if "error" in c}
+    assert not errors, errors
+    assert {"sinkhorn_B64_K30", "resnet18_cifar_step_b8_fp32", "resnet18_cifar_step_b8_fp32_plain",
+            "resnet18_cifar_step_b8_tf32", "swav_step_resnet18_2x32+6x16_b8"} <= set(data["cases"])
+    rows = report.collect_rows(out.parent)
+    assert len(rows) == len(data["cases"])
+    step = next(r for r in rows if r.what.startswith("full SwAV step"))
+    assert step.peer is not None and step.ratio == pytest.approx(data["cases"]["swav_step_resnet18_2x32+6x16_b8"]["ratio"])
+    assert all(r.ratio is not None and r.ratio > 0 for r in rows)
+
+
+def test_failed_gpu_cases_are_reported_not_tabled(report, tmp_path, capsys):
+    d = tmp_path / "gpu"
+    d.mkdir()
+    write(d / "bench_gpu.json", {"machine": "Fake GPU", "cases": {
+        "resnet18": {"error": "RuntimeError: boom"},
+        "sinkhorn_x": {"what": "Sinkhorn x: fused vs plain", "ours_ms": 1.0, "peer_ms": 4.0}}})
+    rows = report.collect_rows(d)
+    assert [r.what for r in rows] == ["Sinkhorn x: fused vs plain"] and rows[0].ratio == pytest.approx(0.25)
+    assert "resnet18 failed: RuntimeError: boom" in capsys.readouterr().err

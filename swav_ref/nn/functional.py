@@ -22,6 +22,11 @@ shifted slices of im2col and col2im copy runs of W * N contiguous numbers instea
 which made col2im about a third faster. Nothing here depends on the memory order; only
 speed does.
 
+On CuPy, the chains of element-wise work (im2col, col2im, BatchNorm's normalisation and
+input gradient, the ReLU gradient) run as single fused kernels from :mod:`swav_ref.fused`
+when that applies; the array code below is the reference they are tested against, and
+the only path on NumPy.
+
 Operations: :func:`l2_normalize_forward`, :func:`conv2d_forward` (with :func:`im2col` and
 :func:`col2im`), :func:`batchnorm_forward`, :func:`relu_forward`, :func:`linear_forward`,
 :func:`global_avg_pool_forward`, :func:`maxpool2d_forward`, :func:`add_forward`,
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+from swav_ref import fused
 from swav_ref.backend import array_namespace, is_cupy, is_numpy, logsumexp
 
 
@@ -107,6 +113,43 @@ def _to_chwn(x: Any) -> Any:
 def _from_chwn(t: Any) -> Any:
     """(C, H, W, N) -> the (N, C, H, W) view of the same memory."""
     return array_namespace(t).permute_dims(t, (3, 0, 1, 2))
+
+
+def _dense(a: Any) -> Any:
+    """``a`` itself when C-contiguous, else a C-contiguous copy (the fused kernels' layout;
+    only called where :func:`swav_ref.fused.applies`, i.e. on NumPy or CuPy)."""
+    return a if fused.is_dense(a) else array_namespace(a).ascontiguousarray(a)
+
+
+def _storage_view(a: Any) -> tuple[Any, Callable[[Any], Any]] | None:
+    """The C-contiguous view of ``a``'s memory and the map back to ``a``'s shape: the
+    (C, H, W, N) view for a 4-d array stored channels first, ``a`` itself for a
+    C-contiguous one; ``None`` for any other layout."""
+    if a.ndim == 4 and fused.is_dense(_to_chwn(a)):
+        return _to_chwn(a), _from_chwn
+    if fused.is_dense(a):
+        return a, _unchanged
+    return None
+
+
+def _unchanged(t: Any) -> Any:
+    return t
+
+
+def _keeping_layout(op: Callable[..., Any], *arrays: Any) -> Any:
+    """``op(*arrays)`` for an element-wise ``op``, with the result stored like the inputs.
+
+    NumPy's element-wise operations keep their inputs' memory order by themselves; CuPy's
+    return C-contiguous (N, C, H, W) arrays, which would cost the next convolution a
+    transposing copy and keep the fused ReLU backward from reading its two inputs in step.
+    So on CuPy the operation runs on the (C, H, W, N) storage views when all inputs share it.
+    """
+    if not is_cupy(array_namespace(*arrays)):
+        return op(*arrays)
+    views = [_storage_view(a) for a in arrays]
+    if any(v is None for v in views) or len({v[1] for v in views}) != 1:
+        return op(*arrays)
+    return views[0][1](op(*(v[0] for v in views)))
 
 
 def _shifted(x_t: Any, i: int, j: int, out_h: int, out_w: int, stride: int) -> Any:
@@ -219,14 +262,16 @@ def im2col(
     n, c, h, w = x.shape
     out_h = conv_output_size(h, kh, stride, padding)
     out_w = conv_output_size(w, kw, stride, padding)
-    x_t = _chwn_padded(x, padding)
     if kh == kw == 1 and stride == 1 and padding == 0:
-        return xp.reshape(x_t, (c, h * w * n))
+        return xp.reshape(_to_chwn(x), (c, h * w * n))
     shape = (c * kh * kw, out_h * out_w * n)
     if out is None:
         out = xp.empty(shape, dtype=x.dtype)
     elif tuple(out.shape) != shape or out.dtype != x.dtype:
         raise ValueError(f"im2col: out must be {shape} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if fused.applies(xp, x.dtype):  # one gather kernel, the padding never materialised
+        return fused.im2col(_dense(_to_chwn(x)), out, (kh, kw), stride, padding)
+    x_t = _chwn_padded(x, padding)
     cols = xp.reshape(out, (c, kh, kw, out_h, out_w, n))  # a view: writing it fills out
     for i in range(kh):
         for j in range(kw):
@@ -265,6 +310,8 @@ def col2im(
     out_w = conv_output_size(w, kw, stride, padding)
     if kh == kw == 1 and stride == 1 and padding == 0:
         return _from_chwn(xp.reshape(dcols, (c, h, w, n)))
+    if fused.applies(xp, dcols.dtype):  # one kernel: each pixel gathers its windows' entries
+        return _from_chwn(fused.col2im(_dense(dcols), (c, h, w, n), (kh, kw), stride, padding))
     dcols = xp.reshape(dcols, (c, kh, kw, out_h, out_w, n))
     dx_t = xp.zeros((c, h + 2 * padding, w + 2 * padding, n), dtype=dcols.dtype)
     for i in range(kh):
@@ -523,10 +570,13 @@ def batchnorm_forward(
         var = xp.maximum(total[c : 2 * c] / count - mean * mean, 0.0)
         centred = rows - _column(mean)
     invstd = 1.0 / xp.sqrt(var + eps)
-    centred *= _column(invstd)  # a fresh array of ours: normalise it in place
-    xhat = centred
-    out = xhat * _column(weight)
-    out += _column(bias)
+    if fused.applies(xp, x.dtype) and all(map(fused.is_dense, (centred, invstd, weight, bias))):
+        xhat, out = fused.batchnorm_scale_shift(centred, invstd, weight, bias)  # one pass
+    else:
+        centred *= _column(invstd)  # a fresh array of ours: normalise it in place
+        xhat = centred
+        out = xhat * _column(weight)
+        out += _column(bias)
     cache = BatchNormCache(xhat, weight, invstd, count, training, allreduce, mean, var, tuple(x.shape))
     return _from_channel_rows(out, x.shape), cache
 
@@ -572,6 +622,9 @@ def batchnorm_backward(dout: Any, cache: BatchNormCache) -> tuple[Any, Any, Any]
     else:
         total = allreduce(xp.concat([sum_dy, sum_dy_xhat]))
         mean_dy, mean_dy_xhat = total[:c] / count, total[c:] / count
+    if fused.applies(xp, g.dtype) and fused.is_dense(g) and fused.is_dense(xhat):
+        dx = fused.batchnorm_backward_input(g, xhat, _dense(mean_dy), _dense(mean_dy_xhat), weight * invstd)
+        return _from_channel_rows(dx, shape), sum_dy_xhat, sum_dy
     dx = xhat * _column(-mean_dy_xhat)
     dx += g
     dx -= _column(mean_dy)
@@ -608,7 +661,7 @@ def batchnorm_update_running(
 def relu_forward(x: Any) -> tuple[Any, Any]:
     r"""``max(x, 0)``; the cache is the output (its sign is the mask)."""
     xp = array_namespace(x)
-    out = xp.maximum(x, 0.0)
+    out = _keeping_layout(lambda t: xp.maximum(t, 0.0), x)
     return out, out
 
 
@@ -619,6 +672,10 @@ def relu_backward(dout: Any, cache: Any) -> Any:
     10 times slower than the multiplication on (N, C, H, W) float32 arrays.
     """
     xp = array_namespace(dout)
+    if fused.applies(xp, dout.dtype):
+        g_view, y_view = _storage_view(dout), _storage_view(cache)
+        if g_view is not None and y_view is not None and g_view[1] is y_view[1]:
+            return g_view[1](fused.relu_backward(g_view[0], y_view[0]))
     return dout * xp.astype(cache > 0, dout.dtype)
 
 
@@ -754,7 +811,7 @@ def add_forward(a: Any, b: Any) -> tuple[Any, None]:
     the backward)."""
     if a.shape != b.shape:
         raise ValueError(f"residual add needs equal shapes, got {a.shape} and {b.shape}")
-    return a + b, None
+    return _keeping_layout(lambda u, v: u + v, a, b), None
 
 
 def add_backward(dout: Any, cache: None = None) -> tuple[Any, Any]:

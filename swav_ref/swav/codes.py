@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional
 
+from swav_ref import fused
 from swav_ref.backend import array_namespace
 
 __all__ = ["FLOAT32_SAFE_EPSILON", "sinkhorn_codes"]
@@ -114,6 +115,8 @@ def sinkhorn_codes(
     s = scores if scores.dtype == dtype else xp.astype(scores, dtype)
     n_prototypes = s.shape[1]
     per_prototype_max = reduce_max(xp.max(s, axis=0, keepdims=True))  # (1, K), same everywhere
+    if fused.applies(xp, dtype) and fused.is_dense(s):
+        return _fused_iterations(s, per_prototype_max, epsilon, n_iters, reduce_sum, scores.dtype)
     q = s - per_prototype_max
     q *= 1.0 / epsilon
     q = xp.exp(q)  # every entry in (0, 1]; each prototype has an entry equal to 1
@@ -128,6 +131,23 @@ def sinkhorn_codes(
     q *= batch_total  # rows now sum to 1: the codes
 
     return q if q.dtype == scores.dtype else xp.astype(q, scores.dtype)
+
+
+def _fused_iterations(s, per_prototype_max, epsilon, n_iters, reduce_sum, out_dtype):
+    """The same iterations as :func:`sinkhorn_codes`, each normalisation one fused kernel
+    (:mod:`swav_ref.fused`, CuPy): the shifted exponential in one pass, and each division
+    by a (reduced) sum times its count without a separate vector operation."""
+    xp = array_namespace(s)
+    batch, n_prototypes = s.shape
+    q = fused.shifted_exp(s, xp.reshape(per_prototype_max, (n_prototypes,)), epsilon)
+    q /= reduce_sum(xp.sum(q))
+    batch_total = xp.reshape(reduce_sum(xp.asarray(batch, dtype=s.dtype)), (1,))
+    prototype_count = xp.full((1,), n_prototypes, dtype=s.dtype)
+    for _ in range(n_iters):
+        fused.divide_columns(q, reduce_sum(xp.sum(q, axis=0)), prototype_count)
+        fused.divide_rows(q, xp.sum(q, axis=1), batch_total)
+    q *= batch_total
+    return q if q.dtype == out_dtype else xp.astype(q, out_dtype)
 
 
 def _identity(x: Any) -> Any:

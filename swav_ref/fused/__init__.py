@@ -1,0 +1,332 @@
+"""Fused CUDA kernels behind the CuPy backend, with the plain array code as the reference.
+
+On a GPU every array operation is a kernel launch that reads and writes whole arrays, so a
+formula such as BatchNorm's :math:`y = \\gamma (x - \\mu) / \\sigma + \\beta`, written as four
+array operations, moves four times the data it needs and pays four launches. The kernels
+in ``kernels.cu`` (next to this file) do such chains in one pass:
+
+================================  =====================================================
+kernel                            replaces (plain array code, still the reference)
+================================  =====================================================
+``im2col`` / ``col2im``           a padded copy and ``kh * kw`` strided slice copies
+``batchnorm_scale_shift``         ``xhat = centred * invstd; y = xhat * w + b``
+``batchnorm_backward_input``      BatchNorm's four-pass input gradient
+``relu_backward``                 ``g * (y > 0)`` (compare, cast, multiply)
+``sgd_update`` / ``lars_update``  the five to fifteen small operations of one update
+``shifted_exp``                   ``exp((s - max) / eps)`` in SwAV's Sinkhorn codes
+``divide_columns`` / ``_rows``    a normalisation step of the Sinkhorn iterations
+================================  =====================================================
+
+Each public function here launches one kernel on the arrays it is given. The numerical
+modules call them only when :func:`applies` says so: a CuPy array (or, in the tests, a
+NumPy array with the kernels compiled for the CPU, see :func:`register_launcher`) of
+float32 or float64, with fused kernels enabled. Everywhere else, including every NumPy
+run, the plain code runs, so reading ``swav_ref.nn.functional`` still tells the whole
+story. Set ``SWAV_REF_FUSED=0`` in the environment, or use :func:`disabled`, to run the
+plain code on CuPy too (to compare, or to rule the kernels out when hunting a bug).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from swav_ref.backend import array_namespace, backend_name
+
+__all__ = [
+    "KERNEL_SOURCE",
+    "applies",
+    "batchnorm_backward_input",
+    "batchnorm_scale_shift",
+    "col2im",
+    "disabled",
+    "divide_columns",
+    "divide_rows",
+    "enabled",
+    "im2col",
+    "is_dense",
+    "lars_update",
+    "register_launcher",
+    "relu_backward",
+    "set_enabled",
+    "sgd_update",
+    "shifted_exp",
+]
+
+#: The CUDA source of every kernel (compiled by NVRTC through CuPy on first use).
+KERNEL_SOURCE = Path(__file__).with_name("kernels.cu")
+
+#: Threads per block. The kernels are memory-bound and element-wise; 256 is a safe choice on
+#: every NVIDIA GPU since Kepler.
+BLOCK_SIZE = 256
+#: Blocks per launch at most; the grid-stride loop in each kernel covers the rest.
+MAX_BLOCKS = 65535
+#: Below this many elements a kernel indexes with 32-bit integers (much cheaper division on
+#: a GPU). The margin keeps ``index + grid size`` below 2^31 in the grid-stride loop.
+INT32_LIMIT = 2**31 - BLOCK_SIZE * MAX_BLOCKS - 1
+
+_state = {"enabled": os.environ.get("SWAV_REF_FUSED", "1") != "0"}
+
+Launcher = Callable[[str, int, tuple], None]
+_launchers: dict[str, Launcher] = {}
+
+
+def enabled() -> bool:
+    """Whether fused kernels are used where they apply (default True; ``SWAV_REF_FUSED=0``
+    in the environment turns them off)."""
+    return _state["enabled"]
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn the fused kernels on or off for this process."""
+    _state["enabled"] = bool(flag)
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run a block with the plain array code only (the reference), then restore."""
+    before = _state["enabled"]
+    _state["enabled"] = False
+    try:
+        yield
+    finally:
+        _state["enabled"] = before
+
+
+def register_launcher(backend: str, launcher: Launcher | None) -> None:
+    """Make the kernels available for arrays of ``backend`` (``None`` removes it).
+
+    A launcher is called as ``launcher(kernel_name, n_elements, args)`` and runs the kernel
+    (the exported name, e.g. ``"im2col_f32_i32"``) over ``n_elements`` with ``args``. CuPy's
+    launcher is built in; the test suite registers one for NumPy that runs the same source
+    compiled as C++ on the CPU.
+    """
+    if launcher is None:
+        _launchers.pop(backend, None)
+    else:
+        _launchers[backend] = launcher
+
+
+def _launcher_for(xp: Any) -> Launcher | None:
+    name = backend_name(xp)
+    if name == "cupy" and name not in _launchers:
+        _launchers[name] = _CupyLauncher()
+    return _launchers.get(name)
+
+
+def applies(xp: Any, dtype: Any) -> bool:
+    """True when a fused kernel should replace the plain code for arrays of ``xp`` and
+    ``dtype``: kernels enabled, a launcher for this backend, and float32 or float64."""
+    if not _state["enabled"] or backend_name(xp) not in ("cupy", *_launchers):
+        return False
+    return dtype == xp.float32 or dtype == xp.float64
+
+
+def is_dense(a: Any) -> bool:
+    """True when ``a`` is C-contiguous, the layout every kernel reads and writes."""
+    return bool(a.flags.c_contiguous)
+
+
+class _CupyLauncher:
+    """Compiles ``kernels.cu`` once per process with NVRTC (CuPy caches the binary on disk)
+    and launches its functions on the current stream."""
+
+    def __init__(self) -> None:
+        import cupy
+
+        self._module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=("--std=c++14",))
+        self._functions: dict[str, Any] = {}
+
+    def __call__(self, name: str, n_elements: int, args: tuple) -> None:
+        function = self._functions.get(name)
+        if function is None:
+            try:
+                function = self._functions[name] = self._module.get_function(name)
+            except Exception as exc:  # NVRTC missing or failing: say so, and how to go on
+                raise RuntimeError(
+                    f"could not compile the fused kernel {name} from {KERNEL_SOURCE} "
+                    f"({type(exc).__name__}: {exc}); set SWAV_REF_FUSED=0 to run the plain CuPy code"
+                ) from exc
+        blocks = max(1, min(MAX_BLOCKS, math.ceil(n_elements / BLOCK_SIZE)))
+        function((blocks,), (BLOCK_SIZE,), args)
+
+
+def _launch(kernel: str, reference: Any, n_elements: int, make_args: Callable[[Any, Any], tuple]) -> None:
+    """Run ``kernel`` on ``n_elements`` with the float and index types of ``reference``.
+
+    ``make_args(T, I)`` builds the argument tuple with scalars cast to the kernel's float
+    type ``T`` and index type ``I`` (NumPy scalar types: CuPy passes them by their exact C
+    type, where a Python int or float would not match a ``float`` or ``int`` parameter).
+    """
+    xp = array_namespace(reference)
+    launcher = _launcher_for(xp)
+    if launcher is None:
+        raise RuntimeError(f"no fused-kernel launcher for backend {backend_name(xp)!r}")
+    if n_elements == 0:
+        return
+    if reference.dtype == xp.float32:
+        float_type, float_name = np.float32, "f32"
+    elif reference.dtype == xp.float64:
+        float_type, float_name = np.float64, "f64"
+    else:
+        raise TypeError(f"fused kernel {kernel}: float32 or float64 arrays only, got {reference.dtype}")
+    index_type, index_name = (np.int32, "i32") if n_elements < INT32_LIMIT else (np.int64, "i64")
+    launcher(f"{kernel}_{float_name}_{index_name}", n_elements, make_args(float_type, index_type))
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _dense_inputs(kernel: str, *arrays: Any) -> None:
+    for a in arrays:
+        _require(is_dense(a), f"fused kernel {kernel}: inputs must be C-contiguous, got strides {a.strides}")
+
+
+# ---------------------------------------------------------------------------------------
+# Convolution
+# ---------------------------------------------------------------------------------------
+
+
+def im2col(x_t: Any, out: Any, kernel_size: tuple[int, int], stride: int, padding: int) -> Any:
+    r"""Fill ``out`` (C kh kw, H_out W_out N) with the windows of ``x_t`` (C, H, W, N).
+
+    The same numbers as :func:`swav_ref.nn.functional.im2col` (see there for the layout);
+    the padding is never materialised: a window cell outside the image reads 0.
+    """
+    c, h, w, n = x_t.shape
+    kh, kw = kernel_size
+    out_h = (h + 2 * padding - kh) // stride + 1
+    out_w = (w + 2 * padding - kw) // stride + 1
+    _dense_inputs("im2col", x_t, out)
+    _require(tuple(out.shape) == (c * kh * kw, out_h * out_w * n) and out.dtype == x_t.dtype,
+             f"fused im2col: out must be {(c * kh * kw, out_h * out_w * n)} {x_t.dtype}, got {out.shape} {out.dtype}")
+    _launch("im2col", x_t, out.size,
+            lambda T, I: (x_t, out, I(c), I(h), I(w), I(n), I(kh), I(kw), I(stride), I(padding), I(out_h), I(out_w)))
+    return out
+
+
+def col2im(dcols: Any, chwn_shape: tuple[int, int, int, int], kernel_size: tuple[int, int],
+           stride: int, padding: int) -> Any:
+    r"""The adjoint of :func:`im2col`: a new (C, H, W, N) array where every pixel holds the
+    sum of the column entries that came from it (one gather per pixel, no atomics)."""
+    xp = array_namespace(dcols)
+    c, h, w, n = chwn_shape
+    kh, kw = kernel_size
+    out_h = (h + 2 * padding - kh) // stride + 1
+    out_w = (w + 2 * padding - kw) // stride + 1
+    _dense_inputs("col2im", dcols)
+    _require(tuple(dcols.shape) == (c * kh * kw, out_h * out_w * n),
+             f"fused col2im: dcols must be {(c * kh * kw, out_h * out_w * n)}, got {dcols.shape}")
+    dx_t = xp.empty((c, h, w, n), dtype=dcols.dtype)
+    _launch("col2im", dcols, dx_t.size,
+            lambda T, I: (dcols, dx_t, I(c), I(h), I(w), I(n), I(kh), I(kw), I(stride), I(padding), I(out_h), I(out_w)))
+    return dx_t
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm, ReLU
+# ---------------------------------------------------------------------------------------
+
+
+def batchnorm_scale_shift(centred: Any, invstd: Any, weight: Any, bias: Any) -> tuple[Any, Any]:
+    r"""For the (C, M) centred channel rows: :math:`\hat x = (x - \mu) \sigma^{-1}`, written
+    over ``centred`` (which must be a fresh array of the caller's), and a new
+    :math:`y = \gamma \hat x + \beta`. Returns ``(xhat, y)``."""
+    xp = array_namespace(centred)
+    c, m = centred.shape
+    _dense_inputs("batchnorm_scale_shift", centred, invstd, weight, bias)
+    y = xp.empty_like(centred)
+    _launch("batchnorm_scale_shift", centred, centred.size,
+            lambda T, I: (centred, invstd, weight, bias, y, I(c), I(m)))
+    return centred, y
+
+
+def batchnorm_backward_input(g: Any, xhat: Any, mean_dy: Any, mean_dy_xhat: Any, scale: Any) -> Any:
+    r"""Training-mode BatchNorm input gradient on (C, M) rows, with the channel means
+    already reduced: :math:`(g - \overline{g} - \hat x\, \overline{g \hat x})\, \gamma / \sigma`."""
+    xp = array_namespace(g)
+    c, m = g.shape
+    _dense_inputs("batchnorm_backward_input", g, xhat, mean_dy, mean_dy_xhat, scale)
+    dx = xp.empty_like(g)
+    _launch("batchnorm_backward_input", g, g.size,
+            lambda T, I: (g, xhat, mean_dy, mean_dy_xhat, scale, dx, I(c), I(m)))
+    return dx
+
+
+def relu_backward(g: Any, y: Any) -> Any:
+    """``g`` where ``y > 0``, else 0, for two C-contiguous arrays of one shape."""
+    xp = array_namespace(g, y)
+    _dense_inputs("relu_backward", g, y)
+    _require(tuple(g.shape) == tuple(y.shape), f"fused relu_backward: shapes differ, {g.shape} and {y.shape}")
+    dx = xp.empty_like(g)
+    _launch("relu_backward", g, g.size, lambda T, I: (g, y, dx, I(g.size)))
+    return dx
+
+
+# ---------------------------------------------------------------------------------------
+# Optimiser updates (in place)
+# ---------------------------------------------------------------------------------------
+
+
+def sgd_update(p: Any, g: Any, buf: Any, lr: float, momentum: float, weight_decay: float, first: bool) -> None:
+    """SGD with momentum on one parameter, in place on ``p`` and ``buf`` (``buf=None``:
+    no momentum). ``first``: the buffer starts as the gradient (PyTorch's rule)."""
+    _dense_inputs("sgd_update", p, g, *(() if buf is None else (buf,)))
+    has_buffer = buf is not None
+    _launch("sgd_update", p, p.size, lambda T, I: (
+        p, g, buf if has_buffer else p, I(p.size), T(lr), T(momentum), T(weight_decay),
+        np.int32(first), np.int32(has_buffer)))
+
+
+def lars_update(p: Any, g: Any, buf: Any, p_norm: Any, g_norm: Any, lr: float, momentum: float,
+                weight_decay: float, trust_coefficient: float, eps: float, first: bool) -> None:
+    """LARS (LARC + SGD) on one parameter, in place, from the norms as 1-element arrays on
+    the device (see :class:`swav_ref.nn.optim.LARS` for the formula)."""
+    _dense_inputs("lars_update", p, g, p_norm, g_norm, *(() if buf is None else (buf,)))
+    has_buffer = buf is not None
+    _launch("lars_update", p, p.size, lambda T, I: (
+        p, g, buf if has_buffer else p, p_norm, g_norm, I(p.size), T(lr), T(momentum),
+        T(weight_decay), T(trust_coefficient), T(eps), np.int32(first), np.int32(has_buffer)))
+
+
+# ---------------------------------------------------------------------------------------
+# Sinkhorn codes
+# ---------------------------------------------------------------------------------------
+
+
+def shifted_exp(scores: Any, shift: Any, epsilon: float) -> Any:
+    r"""A new (B, K) array :math:`\exp((S_{bk} - m_k) / \varepsilon)` for ``shift`` :math:`m` of
+    K entries."""
+    xp = array_namespace(scores)
+    b, k = scores.shape
+    _dense_inputs("shifted_exp", scores, shift)
+    _require(shift.size == k, f"fused shifted_exp: shift must have {k} entries, got {shift.shape}")
+    q = xp.empty_like(scores)
+    _launch("shifted_exp", scores, q.size, lambda T, I: (scores, shift, q, I(b), I(k), T(1.0 / epsilon)))
+    return q
+
+
+def divide_columns(q: Any, sums: Any, factor: Any) -> Any:
+    """In place, ``q[b, k] /= sums[k] * factor`` (``factor`` a 1-element array). Returns ``q``."""
+    return _divide("divide_columns", q, sums, factor, q.shape[1])
+
+
+def divide_rows(q: Any, sums: Any, factor: Any) -> Any:
+    """In place, ``q[b, k] /= sums[b] * factor`` (``factor`` a 1-element array). Returns ``q``."""
+    return _divide("divide_rows", q, sums, factor, q.shape[0])
+
+
+def _divide(kernel: str, q: Any, sums: Any, factor: Any, expected: int) -> Any:
+    b, k = q.shape
+    _dense_inputs(kernel, q, sums, factor)
+    _require(sums.size == expected and factor.size == 1,
+             f"fused {kernel}: sums must have {expected} entries and factor 1, got {sums.shape}, {factor.shape}")
+    _launch(kernel, q, q.size, lambda T, I: (q, sums, factor, I(b), I(k)))
+    return q

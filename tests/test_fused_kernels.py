@@ -1,0 +1,259 @@
+"""The fused CUDA kernels (swav_ref.fused) against the plain array code they replace.
+
+Every test runs in two lanes (the ``fused_lane`` fixture): ``numpy-host``, the kernels'
+CUDA source compiled as C++ and run on the CPU, on every machine; and ``cupy``, the same
+source compiled by NVRTC and run on a GPU (skipped without one; `-k cupy` selects it in
+benchmarks/gpu_check.sh). The reference is always the plain code, run with
+``fused.disabled()`` on the same arrays.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from swav_ref import fused
+from swav_ref.backend import asarray, to_numpy
+from swav_ref.nn import LARS, SGD
+from swav_ref.nn import functional as F
+from swav_ref.nn.gradcheck import check_gradient_sampled, rel_error
+from swav_ref.nn.resnet import ResNet
+from swav_ref.swav import sinkhorn_codes
+
+EXPORTED = ["im2col", "col2im", "batchnorm_scale_shift", "batchnorm_backward_input", "relu_backward",
+            "sgd_update", "lars_update", "shifted_exp", "divide_columns", "divide_rows"]
+
+
+def _chwn_stored(xp, a_nchw: np.ndarray, dtype="float64"):
+    """An (N, C, H, W) array stored as (C, H, W, N), as the network's activations are."""
+    t = asarray(np.ascontiguousarray(np.transpose(a_nchw, (1, 2, 3, 0))), xp, dtype)
+    return xp.permute_dims(t, (3, 0, 1, 2))
+
+
+def _close(a, b, tol):
+    assert rel_error(a, b) < tol, rel_error(a, b)
+
+
+@pytest.fixture(params=[32, 64], ids=["i32", "i64"])
+def index_bits(request, monkeypatch):
+    """Run the kernels with 32-bit indices (the usual case) and with 64-bit ones (arrays of
+    2^31 elements and more; forced here by lowering the threshold)."""
+    if request.param == 64:
+        monkeypatch.setattr(fused, "INT32_LIMIT", 0)
+    return request.param
+
+
+def test_every_kernel_compiles_for_the_gpu_with_nvcc(tmp_path):
+    """The source as CUDA, for a real GPU architecture (NVRTC, which CuPy uses, takes the
+    same language); skipped where the CUDA toolkit is not installed."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    ptx = tmp_path / "kernels.ptx"
+    subprocess.run([nvcc, "--ptx", "-arch=sm_80", "--std=c++14", str(fused.KERNEL_SOURCE), "-o", str(ptx)],
+                   check=True, capture_output=True, text=True)
+    text = ptx.read_text()
+    for name in EXPORTED:
+        for variant in ("f32_i32", "f32_i64", "f64_i32", "f64_i64"):
+            assert f".entry {name}_{variant}(" in text, f"{name}_{variant} missing from the PTX"
+
+
+@pytest.mark.parametrize(
+    "n, c, h, w, k, stride, pad",
+    [(2, 3, 5, 6, 3, 1, 1), (3, 2, 7, 7, 3, 2, 1), (2, 4, 8, 8, 1, 2, 0), (2, 3, 9, 7, 7, 2, 3),
+     (1, 2, 4, 4, 3, 1, 0), (2, 2, 6, 5, 2, 3, 2)],
+)
+def test_im2col_and_col2im_match_the_plain_code(fused_lane, index_bits, n, c, h, w, k, stride, pad, rng):
+    xp, calls = fused_lane
+    x = _chwn_stored(xp, rng.normal(size=(n, c, h, w)))
+    x_nchw_dense = asarray(rng.normal(size=(n, c, h, w)), xp, "float64")  # a layout the kernel must copy first
+    for inp in (x, x_nchw_dense):
+        cols = F.im2col(inp, (k, k), stride, pad)
+        with fused.disabled():
+            expected = F.im2col(inp, (k, k), stride, pad)
+        np.testing.assert_array_equal(to_numpy(cols), to_numpy(expected))  # pure copies: exact
+    suffix = "i32" if index_bits == 32 else "i64"
+    assert f"im2col_f64_{suffix}" in calls
+
+    dcols = asarray(rng.normal(size=tuple(cols.shape)), xp, "float64")
+    dx = F.col2im(dcols, (n, c, h, w), (k, k), stride, pad)
+    with fused.disabled():
+        expected = F.col2im(dcols, (n, c, h, w), (k, k), stride, pad)
+    assert tuple(dx.shape) == (n, c, h, w)
+    _close(dx, expected, 1e-14)  # sums in another order
+    assert f"col2im_f64_{suffix}" in calls
+    # the adjoint identity <im2col(x), dcols> = <x, col2im(dcols)>, kernels on both sides
+    lhs = float(xp.sum(F.im2col(x, (k, k), stride, pad) * dcols))
+    rhs = float(xp.sum(x * dx))
+    assert abs(lhs - rhs) < 1e-10 * max(1.0, abs(lhs))
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-13), ("float32", 1e-5)])
+@pytest.mark.parametrize("mode", ["train", "eval", "synced"])
+def test_batchnorm_forward_and_backward_match_the_plain_code(fused_lane, dtype, tol, mode, rng):
+    xp, calls = fused_lane
+    x = _chwn_stored(xp, rng.normal(1.0, 2.0, size=(4, 3, 5, 6)), dtype)
+    weight = asarray(rng.uniform(0.5, 1.5, 3), xp, dtype)
+    bias = asarray(rng.normal(size=3), xp, dtype)
+    running = dict(running_mean=asarray(rng.normal(size=3), xp, dtype), running_var=asarray(rng.uniform(1, 2, 3), xp, dtype))
+    kwargs = {"train": {}, "eval": dict(training=False, **running), "synced": dict(allreduce=lambda a: a * 1)}[mode]
+    g = _chwn_stored(xp, rng.normal(size=(4, 3, 5, 6)), dtype)
+
+    out, cache = F.batchnorm_forward(x, weight, bias, **kwargs)
+    grads = F.batchnorm_backward(g, cache)
+    with fused.disabled():
+        ref_out, ref_cache = F.batchnorm_forward(x, weight, bias, **kwargs)
+        ref_grads = F.batchnorm_backward(g, ref_cache)
+    _close(out, ref_out, tol)
+    for got, want in zip(grads, ref_grads):
+        _close(got, want, tol)
+    assert "batchnorm_scale_shift_" + ("f64" if dtype == "float64" else "f32") + "_i32" in calls
+    assert any(name.startswith("batchnorm_backward_input") for name in calls) == (mode != "eval")
+
+
+def test_batchnorm_of_features_takes_the_plain_path_and_agrees(fused_lane, rng):
+    """(N, C) features are a transposed view as channel rows: not the kernels' layout, so
+    the plain code runs (and must give the same answer)."""
+    xp, calls = fused_lane
+    x = asarray(rng.normal(size=(8, 5)), xp, "float64")
+    w, b = asarray(rng.uniform(0.5, 1.5, 5), xp, "float64"), asarray(rng.normal(size=5), xp, "float64")
+    out, cache = F.batchnorm_forward(x, w, b)
+    dx, _, _ = F.batchnorm_backward(asarray(rng.normal(size=(8, 5)), xp, "float64"), cache)
+    assert not any(name.startswith("batchnorm") for name in calls)
+    ref = (to_numpy(x) - to_numpy(x).mean(0)) / np.sqrt(to_numpy(x).var(0) + 1e-5) * to_numpy(w) + to_numpy(b)
+    _close(out, ref, 1e-12)
+
+
+@pytest.mark.parametrize("layout", ["chwn", "nchw"])
+def test_relu_and_residual_add_keep_the_layout_and_match(fused_lane, layout, rng):
+    xp, calls = fused_lane
+    make = (lambda a: _chwn_stored(xp, a)) if layout == "chwn" else (lambda a: asarray(a, xp, "float64"))
+    a, b, g = (make(rng.normal(size=(3, 4, 5, 2))) for _ in range(3))
+    s, _ = F.add_forward(a, b)
+    y, cache = F.relu_forward(s)
+    dx = F.relu_backward(g, cache)
+    np.testing.assert_array_equal(to_numpy(y), np.maximum(to_numpy(a) + to_numpy(b), 0))
+    np.testing.assert_array_equal(to_numpy(dx), to_numpy(g) * (to_numpy(y) > 0))
+    assert "relu_backward_f64_i32" in calls
+    if layout == "chwn":  # the activations' storage order survives, so the next conv need not copy
+        assert fused.is_dense(xp.permute_dims(y, (1, 2, 3, 0)))
+        assert fused.is_dense(xp.permute_dims(dx, (1, 2, 3, 0)))
+
+
+@pytest.mark.parametrize("optimiser", ["sgd", "sgd-no-momentum", "lars"])
+def test_optimiser_updates_match_the_plain_code(fused_lane, optimiser, rng):
+    """Three steps with weight decay, a frozen parameter (gradient None) and, for LARS, a
+    parameter of norm zero (LARC leaves its gradient unscaled)."""
+    xp, calls = fused_lane
+
+    def make_model():
+        net = ResNet(1, widths=(2,), blocks=(1,), rng=5, xp=xp, dtype="float64")
+        return net
+
+    models = [make_model(), make_model()]
+    for net in models:
+        first = next(iter(net.named_parameters()))
+        first[1].params[first[2]][...] = 0.0  # a parameter with norm 0
+    opts = []
+    for net in models:
+        if optimiser == "lars":
+            opts.append(LARS(net, momentum=0.9, weight_decay=1e-2))
+        else:
+            opts.append(SGD(net, momentum=0.0 if optimiser == "sgd-no-momentum" else 0.9, weight_decay=1e-2))
+    names = [name for name, _, _ in models[0].named_parameters()]
+    for step in range(3):
+        grads = {name: rng.normal(size=tuple(owner.params[key].shape)) for name, owner, key in models[0].named_parameters()}
+        grads[names[-1]] = None  # frozen: skipped entirely
+        for i, (net, opt) in enumerate(zip(models, opts)):
+            for name, owner, key in net.named_parameters():
+                owner.grads[key] = None if grads[name] is None else asarray(grads[name], xp, "float64")
+            if i == 0:
+                opt.step(0.1)
+            else:
+                with fused.disabled():
+                    opt.step(0.1)
+    assert any(name.startswith("lars_update" if optimiser == "lars" else "sgd_update") for name in calls)
+    for (name, a, ka), (_, b, kb) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        _close(a.params[ka], b.params[kb], 1e-13)
+    assert sorted(opts[0].momentum_buffers) == sorted(opts[1].momentum_buffers)
+    for name in opts[0].momentum_buffers:
+        _close(opts[0].momentum_buffers[name], opts[1].momentum_buffers[name], 1e-13)
+
+
+@pytest.mark.parametrize("dtype, epsilon, tol", [("float64", 0.05, 1e-13), ("float32", 0.05, 1e-5),
+                                                 ("float32", 0.01, 1e-5)])
+@pytest.mark.parametrize("distributed", [False, True])
+def test_sinkhorn_codes_match_the_plain_code(fused_lane, dtype, epsilon, tol, distributed, rng):
+    xp, calls = fused_lane
+    z = rng.normal(size=(64, 8))
+    c = rng.normal(size=(12, 8))
+    scores = asarray((z / np.linalg.norm(z, axis=1, keepdims=True)) @ (c / np.linalg.norm(c, axis=1, keepdims=True)).T, xp, dtype)
+    hooks = dict(allreduce=lambda a: a * 1, allreduce_max=lambda a: a * 1) if distributed else {}
+    codes = sinkhorn_codes(scores, epsilon=epsilon, **hooks)
+    with fused.disabled():
+        expected = sinkhorn_codes(scores, epsilon=epsilon, **hooks)
+    assert codes.dtype == scores.dtype
+    _close(codes, expected, tol)
+    assert any(name.startswith("shifted_exp") for name in calls)
+    assert any(name.startswith("divide_rows") for name in calls)
+
+
+def test_a_whole_network_through_the_kernels_passes_the_gradient_check(fused_lane, rng):
+    """Forward and backward of a small ResNet (stride-2 projection, odd sizes) with every
+    fused kernel in the loop: the same gradients as the plain code, and central differences."""
+    xp, calls = fused_lane
+    net = ResNet(2, widths=(3, 4), blocks=(1, 1), rng=3, xp=xp, dtype="float64")
+    x = asarray(rng.normal(size=(3, 2, 5, 7)), xp, "float64")
+    r = asarray(rng.normal(size=(3, 4)), xp, "float64")
+    net.forward(x)
+    dx = net.backward(r)
+    grads = {name: owner.grads[key] for name, owner, key in net.named_parameters()}
+    with fused.disabled():
+        net.zero_grad()
+        net.forward(x)
+        ref_dx = net.backward(r)
+        for name, owner, key in net.named_parameters():
+            _close(grads[name], owner.grads[key], 1e-12)
+    _close(dx, ref_dx, 1e-12)
+    for kernel in ("im2col", "col2im", "batchnorm_scale_shift", "batchnorm_backward_input", "relu_backward"):
+        assert any(name.startswith(kernel) for name in calls), kernel
+
+    def f():
+        y = net.forward(x)
+        net.clear_cache()
+        return float(xp.sum(y * r))
+
+    assert check_gradient_sampled(f, x, dx, samples=10) < 1e-6
+    for name, owner, key in net.named_parameters():
+        assert check_gradient_sampled(f, owner.params[key], grads[name], samples=6, seed=len(name)) < 1e-6, name
+
+
+def test_unsupported_inputs_are_refused_with_the_reason(fused_lane):
+    xp, _ = fused_lane
+    a = xp.ones((4, 6), dtype=xp.float64)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fused.relu_backward(xp.permute_dims(a, (1, 0)), xp.permute_dims(a, (1, 0)) * 1)
+    with pytest.raises(ValueError, match="shapes differ"):
+        fused.relu_backward(a, xp.ones((6, 4), dtype=xp.float64))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        fused.relu_backward(xp.ones((3,), dtype=xp.int32), xp.ones((3,), dtype=xp.int32))
+    assert not fused.applies(xp, xp.int64)
+
+
+def test_plain_numpy_never_uses_the_kernels():
+    """Without a registered launcher (every normal NumPy run) nothing is fused."""
+    assert not fused.applies(np, np.float32)
+
+
+def test_the_environment_switch_turns_the_kernels_off():
+    code = "from swav_ref import fused; print(fused.enabled())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "SWAV_REF_FUSED": "0"})
+    assert out.stdout.strip() == "False"
+    with fused.disabled():
+        assert not fused.enabled()
+    assert fused.enabled()
