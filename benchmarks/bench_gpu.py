@@ -12,7 +12,9 @@
      ``cuda.matmul.allow_tf32`` False; ours :func:`swav_ref.backend.set_tf32` False);
    - ``tf32``: TF32 tensor cores allowed in both (PyTorch's default for convolutions);
 
-   ours with the fused kernels and, in fp32, with the plain CuPy code too;
+   ours with the fused kernels and, in fp32, with the plain CuPy code too; in fp32 one step
+   of each is also profiled by operation kind (``profile_ms``, ``profile_plain_ms``: device
+   time between CUDA events), which says where the remaining time goes;
 4. a full SwAV training step (2x32 + 6x16 crops, augmentation on the GPU, resnet18,
    LARS), images per second, fused kernels against the plain CuPy code.
 
@@ -67,6 +69,54 @@ class Setup:
         set_tf32(self.xp, tf32)
         self.torch.backends.cudnn.allow_tf32 = tf32
         self.torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@contextlib.contextmanager
+def op_profile(s: Setup):
+    """Time spent per kind of operation while the block runs, in ms, as a dict filled in
+    when the block ends. On the GPU each call is bracketed by CUDA events (no sync inside
+    the step; the events are read once at the end), so the numbers are device time; on the
+    CPU, wall time. ``im2col`` / ``col2im`` are also inside the conv rows."""
+    from swav_ref.nn import SGD
+    from swav_ref.nn import functional as F
+
+    patches = [(F, "im2col", "im2col"), (F, "col2im", "col2im"),
+               (F, "conv2d_forward", "conv forward (GEMM + im2col)"),
+               (F, "conv2d_backward", "conv backward (2 GEMMs + col2im)"),
+               (F, "batchnorm_forward", "BatchNorm forward"), (F, "batchnorm_backward", "BatchNorm backward"),
+               (F, "relu_forward", "ReLU forward"), (F, "relu_backward", "ReLU backward"),
+               (F, "add_forward", "residual add"), (SGD, "step", "optimiser step")]
+    gpu = s.device == "cuda"
+    marks: list[tuple[str, object, object]] = []
+
+    def wrap(fn, label):
+        def timed_call(*args, **kwargs):
+            start = s.xp.cuda.Event() if gpu else time.perf_counter()
+            if gpu:
+                start.record()
+            out = fn(*args, **kwargs)
+            if gpu:
+                end = s.xp.cuda.Event()
+                end.record()
+            else:
+                end = time.perf_counter()
+            marks.append((label, start, end))
+            return out
+        return timed_call
+
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for (owner, name, label), (_, _, fn) in zip(patches, originals):
+        setattr(owner, name, wrap(fn, label))
+    totals: dict[str, float] = {}
+    try:
+        yield totals
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+        s.sync()
+        for label, start, end in marks:
+            ms = s.xp.cuda.get_elapsed_time(start, end) if gpu else 1e3 * (end - start)
+            totals[label] = totals.get(label, 0.0) + ms
 
 
 def _case(what: str, ours_s: float, peer_s: float | None = None, peer_key: str = "torch_ms", **extra) -> dict:
@@ -150,7 +200,14 @@ def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
         return loss
 
     out = {}
+    profiles = {}
     try:
+        s.precision(False)
+        for variant, step in (("fused", ours), ("plain", ours_plain)):
+            step()  # warm: kernels compiled, buffers pooled
+            with op_profile(s) as profiles[variant]:
+                s.sync()
+                step()
         for mode, tf32 in (("fp32", False), ("tf32", True)):
             s.precision(tf32)
             fns = {"fused": ours, "torch": peer}
@@ -159,9 +216,10 @@ def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
             t = median_times(fns, repeats, s.sync)
             rule = "TF32 allowed in both" if tf32 else "true float32 in both (TF32 off)"
             key = f"resnet18_cifar_step_b{batch}_{mode}"
+            extra = {"profile_ms": profiles["fused"], "profile_plain_ms": profiles["plain"]} if not tf32 else {}
             out[key] = _case(f"resnet18 training step, batch {batch}, 3x32x32, {rule}: ours (fused kernels) vs torch",
                              t["fused"], t["torch"], ours_images_per_s=batch / t["fused"],
-                             torch_images_per_s=batch / t["torch"])
+                             torch_images_per_s=batch / t["torch"], **extra)
             if "plain" in t:
                 out[key + "_plain"] = _case(f"resnet18 training step, batch {batch}, {rule}: ours (plain CuPy code) "
                                             "vs torch", t["plain"], t["torch"])

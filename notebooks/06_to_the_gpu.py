@@ -206,17 +206,23 @@ else:
 # %%
 if gpu_file.exists():
     gpu = json.loads(gpu_file.read_text())
-    print(f"{gpu['machine']}, CuPy {gpu['cupy']}, PyTorch {gpu['torch']}, {gpu['date']}: {gpu['command']}")
-    cases = {}
+    print(f"{gpu['machine']}, CuPy {gpu.get('cupy', '-')}, PyTorch {gpu['torch']}, {gpu['date']}: {gpu['command']}")
+    cases, profiles = {}, {}
     for case, values in gpu["cases"].items():
-        values = dict(values)
-        if "images_per_s" in values:  # the SwAV step has no PyTorch peer
+        values = {k: v for k, v in values.items() if k != "what"}
+        for key in ("profile_ms", "profile_plain_ms"):  # where a ResNet step's time goes
+            if key in values:
+                profiles["fused kernels" if key == "profile_ms" else "plain CuPy code"] = values.pop(key)
+        if "images_per_s" in values:  # the SwAV step: fused kernels against the plain code
             values["ours_images_per_s"] = values.pop("images_per_s")
         cases[case] = values
     table = pd.DataFrame.from_dict(cases, orient="index").rename(columns={
-        "ours_ms": "ours (ms)", "torch_ms": "PyTorch (ms)", "ratio": "ours / PyTorch",
+        "ours_ms": "ours (ms)", "torch_ms": "PyTorch (ms)", "peer_ms": "plain code (ms)", "ratio": "ours / peer",
         "ours_images_per_s": "ours (images/s)", "torch_images_per_s": "PyTorch (images/s)"})
     display(table.round(2))  # noqa: F821 (IPython's display)
+    if profiles:
+        print("one ResNet-18 step by kind of operation, device ms (im2col and col2im are inside the conv rows):")
+        display(pd.DataFrame(profiles).round(2))  # noqa: F821
 else:
     print(f"{gpu_file} not found: run `bash benchmarks/gpu_check.sh` on a GPU machine")
 

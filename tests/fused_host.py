@@ -49,6 +49,8 @@ class HostLauncher:
         for a in args:
             if isinstance(a, np.ndarray):
                 converted.append(ctypes.c_void_p(a.ctypes.data))
+            elif a is None:  # a null pointer, as CuPy passes None
+                converted.append(ctypes.c_void_p(None))
             else:
                 converted.append(_C_TYPES[type(a)](a))
         getattr(self._lib, name)(*converted)

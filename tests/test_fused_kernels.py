@@ -239,6 +239,8 @@ def test_unsupported_inputs_are_refused_with_the_reason(fused_lane):
         fused.relu_backward(xp.permute_dims(a, (1, 0)), xp.permute_dims(a, (1, 0)) * 1)
     with pytest.raises(ValueError, match="shapes differ"):
         fused.relu_backward(a, xp.ones((6, 4), dtype=xp.float64))
+    with pytest.raises(TypeError, match="all arrays must be float64, got one of float32"):
+        fused.relu_backward(a, xp.ones((4, 6), dtype=xp.float32))
     with pytest.raises(TypeError, match="float32 or float64"):
         fused.relu_backward(xp.ones((3,), dtype=xp.int32), xp.ones((3,), dtype=xp.int32))
     assert not fused.applies(xp, xp.int64)
@@ -257,3 +259,21 @@ def test_the_environment_switch_turns_the_kernels_off():
     with fused.disabled():
         assert not fused.enabled()
     assert fused.enabled()
+
+
+def test_the_index_type_covers_the_largest_array_a_kernel_touches(fused_lane, monkeypatch, rng):
+    """col2im writes (C, H, W, N) but reads kh * kw times as much: with an output under the
+    32-bit limit and columns over it, the 64-bit kernel must run (else the index overflows)."""
+    xp, calls = fused_lane
+    n, c, h, w = 2, 3, 6, 6
+    dcols = asarray(rng.normal(size=(c * 9, h * w * n)), xp, "float64")
+    monkeypatch.setattr(fused, "INT32_LIMIT", n * c * h * w + 1)
+    dx = F.col2im(dcols, (n, c, h, w), (3, 3), 1, 1)
+    assert calls[-1] == "col2im_f64_i64"
+    x = _chwn_stored(xp, rng.normal(size=(n, c, h, w)))
+    F.im2col(x, (1, 1), 2, 0)  # a strided 1x1: reads 4 times what it writes
+    monkeypatch.setattr(fused, "INT32_LIMIT", x.size - 1)
+    F.im2col(x, (1, 1), 2, 0)
+    assert calls[-2:] == ["im2col_f64_i32", "im2col_f64_i64"]
+    with fused.disabled():
+        _close(dx, F.col2im(dcols, (n, c, h, w), (3, 3), 1, 1), 1e-14)

@@ -44,6 +44,7 @@ __all__ = [
     "batchnorm_backward_input",
     "batchnorm_scale_shift",
     "col2im",
+    "dense",
     "disabled",
     "divide_columns",
     "divide_rows",
@@ -132,6 +133,11 @@ def is_dense(a: Any) -> bool:
     return bool(a.flags.c_contiguous)
 
 
+def dense(a: Any) -> Any:
+    """``a`` itself when C-contiguous, else a C-contiguous copy (NumPy and CuPy arrays)."""
+    return a if is_dense(a) else array_namespace(a).ascontiguousarray(a)
+
+
 class _CupyLauncher:
     """Compiles ``kernels.cu`` once per process with NVRTC (CuPy caches the binary on disk)
     and launches its functions on the current stream."""
@@ -139,7 +145,7 @@ class _CupyLauncher:
     def __init__(self) -> None:
         import cupy
 
-        self._module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=("--std=c++14",))
+        self._module = cupy.RawModule(code=KERNEL_SOURCE.read_text())  # plain C++11: any NVRTC
         self._functions: dict[str, Any] = {}
 
     def __call__(self, name: str, n_elements: int, args: tuple) -> None:
@@ -156,8 +162,13 @@ class _CupyLauncher:
         function((blocks,), (BLOCK_SIZE,), args)
 
 
-def _launch(kernel: str, reference: Any, n_elements: int, make_args: Callable[[Any, Any], tuple]) -> None:
+def _launch(kernel: str, reference: Any, n_elements: int, make_args: Callable[[Any, Any], tuple],
+            index_extent: int = 0) -> None:
     """Run ``kernel`` on ``n_elements`` with the float and index types of ``reference``.
+
+    The index type is 32-bit only if every array the kernel touches has fewer than
+    :data:`INT32_LIMIT` elements: ``index_extent`` is the largest (col2im reads ``kh * kw``
+    times more than it writes, a strided im2col reads more than it writes).
 
     ``make_args(T, I)`` builds the argument tuple with scalars cast to the kernel's float
     type ``T`` and index type ``I`` (NumPy scalar types: CuPy passes them by their exact C
@@ -175,7 +186,8 @@ def _launch(kernel: str, reference: Any, n_elements: int, make_args: Callable[[A
         float_type, float_name = np.float64, "f64"
     else:
         raise TypeError(f"fused kernel {kernel}: float32 or float64 arrays only, got {reference.dtype}")
-    index_type, index_name = (np.int32, "i32") if n_elements < INT32_LIMIT else (np.int64, "i64")
+    extent = max(n_elements, index_extent)
+    index_type, index_name = (np.int32, "i32") if extent < INT32_LIMIT else (np.int64, "i64")
     launcher(f"{kernel}_{float_name}_{index_name}", n_elements, make_args(float_type, index_type))
 
 
@@ -184,9 +196,13 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _dense_inputs(kernel: str, *arrays: Any) -> None:
+def _check_inputs(kernel: str, *arrays: Any) -> None:
+    """Every array C-contiguous and of the first one's dtype: a kernel reads raw memory, so
+    a float64 vector handed to a float32 kernel would be read as garbage, not converted."""
     for a in arrays:
         _require(is_dense(a), f"fused kernel {kernel}: inputs must be C-contiguous, got strides {a.strides}")
+        if a.dtype != arrays[0].dtype:
+            raise TypeError(f"fused kernel {kernel}: all arrays must be {arrays[0].dtype}, got one of {a.dtype}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,11 +220,12 @@ def im2col(x_t: Any, out: Any, kernel_size: tuple[int, int], stride: int, paddin
     kh, kw = kernel_size
     out_h = (h + 2 * padding - kh) // stride + 1
     out_w = (w + 2 * padding - kw) // stride + 1
-    _dense_inputs("im2col", x_t, out)
+    _check_inputs("im2col", x_t, out)
     _require(tuple(out.shape) == (c * kh * kw, out_h * out_w * n) and out.dtype == x_t.dtype,
              f"fused im2col: out must be {(c * kh * kw, out_h * out_w * n)} {x_t.dtype}, got {out.shape} {out.dtype}")
     _launch("im2col", x_t, out.size,
-            lambda T, I: (x_t, out, I(c), I(h), I(w), I(n), I(kh), I(kw), I(stride), I(padding), I(out_h), I(out_w)))
+            lambda T, I: (x_t, out, I(c), I(h), I(w), I(n), I(kh), I(kw), I(stride), I(padding), I(out_h), I(out_w)),
+            index_extent=x_t.size)
     return out
 
 
@@ -221,12 +238,13 @@ def col2im(dcols: Any, chwn_shape: tuple[int, int, int, int], kernel_size: tuple
     kh, kw = kernel_size
     out_h = (h + 2 * padding - kh) // stride + 1
     out_w = (w + 2 * padding - kw) // stride + 1
-    _dense_inputs("col2im", dcols)
+    _check_inputs("col2im", dcols)
     _require(tuple(dcols.shape) == (c * kh * kw, out_h * out_w * n),
              f"fused col2im: dcols must be {(c * kh * kw, out_h * out_w * n)}, got {dcols.shape}")
     dx_t = xp.empty((c, h, w, n), dtype=dcols.dtype)
     _launch("col2im", dcols, dx_t.size,
-            lambda T, I: (dcols, dx_t, I(c), I(h), I(w), I(n), I(kh), I(kw), I(stride), I(padding), I(out_h), I(out_w)))
+            lambda T, I: (dcols, dx_t, I(c), I(h), I(w), I(n), I(kh), I(kw), I(stride), I(padding), I(out_h), I(out_w)),
+            index_extent=dcols.size)
     return dx_t
 
 
@@ -241,7 +259,7 @@ def batchnorm_scale_shift(centred: Any, invstd: Any, weight: Any, bias: Any) -> 
     :math:`y = \gamma \hat x + \beta`. Returns ``(xhat, y)``."""
     xp = array_namespace(centred)
     c, m = centred.shape
-    _dense_inputs("batchnorm_scale_shift", centred, invstd, weight, bias)
+    _check_inputs("batchnorm_scale_shift", centred, invstd, weight, bias)
     y = xp.empty_like(centred)
     _launch("batchnorm_scale_shift", centred, centred.size,
             lambda T, I: (centred, invstd, weight, bias, y, I(c), I(m)))
@@ -253,7 +271,7 @@ def batchnorm_backward_input(g: Any, xhat: Any, mean_dy: Any, mean_dy_xhat: Any,
     already reduced: :math:`(g - \overline{g} - \hat x\, \overline{g \hat x})\, \gamma / \sigma`."""
     xp = array_namespace(g)
     c, m = g.shape
-    _dense_inputs("batchnorm_backward_input", g, xhat, mean_dy, mean_dy_xhat, scale)
+    _check_inputs("batchnorm_backward_input", g, xhat, mean_dy, mean_dy_xhat, scale)
     dx = xp.empty_like(g)
     _launch("batchnorm_backward_input", g, g.size,
             lambda T, I: (g, xhat, mean_dy, mean_dy_xhat, scale, dx, I(c), I(m)))
@@ -263,7 +281,7 @@ def batchnorm_backward_input(g: Any, xhat: Any, mean_dy: Any, mean_dy_xhat: Any,
 def relu_backward(g: Any, y: Any) -> Any:
     """``g`` where ``y > 0``, else 0, for two C-contiguous arrays of one shape."""
     xp = array_namespace(g, y)
-    _dense_inputs("relu_backward", g, y)
+    _check_inputs("relu_backward", g, y)
     _require(tuple(g.shape) == tuple(y.shape), f"fused relu_backward: shapes differ, {g.shape} and {y.shape}")
     dx = xp.empty_like(g)
     _launch("relu_backward", g, g.size, lambda T, I: (g, y, dx, I(g.size)))
@@ -277,11 +295,12 @@ def relu_backward(g: Any, y: Any) -> Any:
 
 def sgd_update(p: Any, g: Any, buf: Any, lr: float, momentum: float, weight_decay: float, first: bool) -> None:
     """SGD with momentum on one parameter, in place on ``p`` and ``buf`` (``buf=None``:
-    no momentum). ``first``: the buffer starts as the gradient (PyTorch's rule)."""
-    _dense_inputs("sgd_update", p, g, *(() if buf is None else (buf,)))
+    no momentum; the kernel gets a null pointer it never reads). ``first``: the buffer
+    starts as the gradient (PyTorch's rule)."""
+    _check_inputs("sgd_update", p, g, *(() if buf is None else (buf,)))
     has_buffer = buf is not None
     _launch("sgd_update", p, p.size, lambda T, I: (
-        p, g, buf if has_buffer else p, I(p.size), T(lr), T(momentum), T(weight_decay),
+        p, g, buf, I(p.size), T(lr), T(momentum), T(weight_decay),
         np.int32(first), np.int32(has_buffer)))
 
 
@@ -289,10 +308,10 @@ def lars_update(p: Any, g: Any, buf: Any, p_norm: Any, g_norm: Any, lr: float, m
                 weight_decay: float, trust_coefficient: float, eps: float, first: bool) -> None:
     """LARS (LARC + SGD) on one parameter, in place, from the norms as 1-element arrays on
     the device (see :class:`swav_ref.nn.optim.LARS` for the formula)."""
-    _dense_inputs("lars_update", p, g, p_norm, g_norm, *(() if buf is None else (buf,)))
+    _check_inputs("lars_update", p, g, p_norm, g_norm, *(() if buf is None else (buf,)))
     has_buffer = buf is not None
     _launch("lars_update", p, p.size, lambda T, I: (
-        p, g, buf if has_buffer else p, p_norm, g_norm, I(p.size), T(lr), T(momentum),
+        p, g, buf, p_norm, g_norm, I(p.size), T(lr), T(momentum),
         T(weight_decay), T(trust_coefficient), T(eps), np.int32(first), np.int32(has_buffer)))
 
 
@@ -306,7 +325,7 @@ def shifted_exp(scores: Any, shift: Any, epsilon: float) -> Any:
     K entries."""
     xp = array_namespace(scores)
     b, k = scores.shape
-    _dense_inputs("shifted_exp", scores, shift)
+    _check_inputs("shifted_exp", scores, shift)
     _require(shift.size == k, f"fused shifted_exp: shift must have {k} entries, got {shift.shape}")
     q = xp.empty_like(scores)
     _launch("shifted_exp", scores, q.size, lambda T, I: (scores, shift, q, I(b), I(k), T(1.0 / epsilon)))
@@ -325,7 +344,7 @@ def divide_rows(q: Any, sums: Any, factor: Any) -> Any:
 
 def _divide(kernel: str, q: Any, sums: Any, factor: Any, expected: int) -> Any:
     b, k = q.shape
-    _dense_inputs(kernel, q, sums, factor)
+    _check_inputs(kernel, q, sums, factor)
     _require(sums.size == expected and factor.size == 1,
              f"fused {kernel}: sums must have {expected} entries and factor 1, got {sums.shape}, {factor.shape}")
     _launch(kernel, q, q.size, lambda T, I: (q, sums, factor, I(b), I(k)))

@@ -115,12 +115,6 @@ def _from_chwn(t: Any) -> Any:
     return array_namespace(t).permute_dims(t, (3, 0, 1, 2))
 
 
-def _dense(a: Any) -> Any:
-    """``a`` itself when C-contiguous, else a C-contiguous copy (the fused kernels' layout;
-    only called where :func:`swav_ref.fused.applies`, i.e. on NumPy or CuPy)."""
-    return a if fused.is_dense(a) else array_namespace(a).ascontiguousarray(a)
-
-
 def _storage_view(a: Any) -> tuple[Any, Callable[[Any], Any]] | None:
     """The C-contiguous view of ``a``'s memory and the map back to ``a``'s shape: the
     (C, H, W, N) view for a 4-d array stored channels first, ``a`` itself for a
@@ -270,7 +264,7 @@ def im2col(
     elif tuple(out.shape) != shape or out.dtype != x.dtype:
         raise ValueError(f"im2col: out must be {shape} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
     if fused.applies(xp, x.dtype):  # one gather kernel, the padding never materialised
-        return fused.im2col(_dense(_to_chwn(x)), out, (kh, kw), stride, padding)
+        return fused.im2col(fused.dense(_to_chwn(x)), out, (kh, kw), stride, padding)
     x_t = _chwn_padded(x, padding)
     cols = xp.reshape(out, (c, kh, kw, out_h, out_w, n))  # a view: writing it fills out
     for i in range(kh):
@@ -311,7 +305,7 @@ def col2im(
     if kh == kw == 1 and stride == 1 and padding == 0:
         return _from_chwn(xp.reshape(dcols, (c, h, w, n)))
     if fused.applies(xp, dcols.dtype):  # one kernel: each pixel gathers its windows' entries
-        return _from_chwn(fused.col2im(_dense(dcols), (c, h, w, n), (kh, kw), stride, padding))
+        return _from_chwn(fused.col2im(fused.dense(dcols), (c, h, w, n), (kh, kw), stride, padding))
     dcols = xp.reshape(dcols, (c, kh, kw, out_h, out_w, n))
     dx_t = xp.zeros((c, h + 2 * padding, w + 2 * padding, n), dtype=dcols.dtype)
     for i in range(kh):
@@ -623,7 +617,7 @@ def batchnorm_backward(dout: Any, cache: BatchNormCache) -> tuple[Any, Any, Any]
         total = allreduce(xp.concat([sum_dy, sum_dy_xhat]))
         mean_dy, mean_dy_xhat = total[:c] / count, total[c:] / count
     if fused.applies(xp, g.dtype) and fused.is_dense(g) and fused.is_dense(xhat):
-        dx = fused.batchnorm_backward_input(g, xhat, _dense(mean_dy), _dense(mean_dy_xhat), weight * invstd)
+        dx = fused.batchnorm_backward_input(g, xhat, fused.dense(mean_dy), fused.dense(mean_dy_xhat), weight * invstd)
         return _from_channel_rows(dx, shape), sum_dy_xhat, sum_dy
     dx = xhat * _column(-mean_dy_xhat)
     dx += g

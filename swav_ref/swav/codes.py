@@ -141,10 +141,10 @@ def _fused_iterations(s, per_prototype_max, epsilon, n_iters, reduce_sum, out_dt
     batch, n_prototypes = s.shape
     q = fused.shifted_exp(s, xp.reshape(per_prototype_max, (n_prototypes,)), epsilon)
     q /= reduce_sum(xp.sum(q))
-    batch_total = xp.reshape(reduce_sum(xp.asarray(batch, dtype=s.dtype)), (1,))
+    batch_total = fused.dense(xp.reshape(reduce_sum(xp.asarray(batch, dtype=s.dtype)), (1,)))
     prototype_count = xp.full((1,), n_prototypes, dtype=s.dtype)
     for _ in range(n_iters):
-        fused.divide_columns(q, reduce_sum(xp.sum(q, axis=0)), prototype_count)
+        fused.divide_columns(q, fused.dense(reduce_sum(xp.sum(q, axis=0))), prototype_count)
         fused.divide_rows(q, xp.sum(q, axis=1), batch_total)
     q *= batch_total
     return q if q.dtype == out_dtype else xp.astype(q, out_dtype)
