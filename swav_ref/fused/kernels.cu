@@ -147,6 +147,21 @@ SWAV_EXPORT(relu_backward, RELU_BACKWARD_PARAMS, (g, y, dx, n))
 // Optimiser updates: one kernel per parameter tensor
 // ---------------------------------------------------------------------------------------
 
+// The end of every update, given the direction d of element e (PyTorch's SGD rule):
+//   buf = d (first step) or momentum * buf + d;  p -= lr * buf.
+// Without a buffer (momentum 0; buf is then a null pointer, never read) p -= lr * d.
+template <typename T, typename I>
+__device__ __forceinline__ void momentum_step(T* __restrict__ p, T* __restrict__ buf, I e, T d, T lr,
+                                              T momentum, int first, int has_buffer) {
+    if (!has_buffer) {
+        p[e] -= lr * d;
+        return;
+    }
+    const T b = first ? d : momentum * buf[e] + d;
+    buf[e] = b;
+    p[e] -= lr * b;
+}
+
 // SGD with momentum (PyTorch's semantics), in place on p and buf:
 //   d = g + weight_decay * p;  buf = d (first step) or momentum * buf + d;  p -= lr * buf.
 // With has_buffer == 0 (momentum 0) buf is not touched and p -= lr * d.
@@ -155,13 +170,7 @@ __device__ void sgd_update(T* __restrict__ p, const T* __restrict__ g, T* __rest
                            I n, T lr, T momentum, T weight_decay, int first, int has_buffer) {
     SWAV_GRID_STRIDE_LOOP(e, n) {
         const T d = g[e] + weight_decay * p[e];
-        if (!has_buffer) {
-            p[e] -= lr * d;
-            continue;
-        }
-        const T b = first ? d : momentum * buf[e] + d;
-        buf[e] = b;
-        p[e] -= lr * b;
+        momentum_step(p, buf, e, d, lr, momentum, first, has_buffer);
     }
 }
 #define SGD_PARAMS(T, I) (T* p, const T* g, T* buf, I n, T lr, T momentum, T weight_decay, int first, int has_buffer)
@@ -183,13 +192,7 @@ __device__ void lars_update(T* __restrict__ p, const T* __restrict__ g, T* __res
     const T decay = usable ? weight_decay : (T)0;
     SWAV_GRID_STRIDE_LOOP(e, n) {
         const T d = (g[e] + decay * p[e]) * alpha;
-        if (!has_buffer) {
-            p[e] -= lr * d;
-            continue;
-        }
-        const T b = first ? d : momentum * buf[e] + d;
-        buf[e] = b;
-        p[e] -= lr * b;
+        momentum_step(p, buf, e, d, lr, momentum, first, has_buffer);
     }
 }
 #define LARS_PARAMS(T, I) (T* p, const T* g, T* buf, const T* p_norm, const T* g_norm, I n, T lr, T momentum, T weight_decay, T trust, T eps, int first, int has_buffer)
