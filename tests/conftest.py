@@ -10,6 +10,8 @@ Select one lane with ``-k numpy``, ``-k array_api_strict`` or ``-k cupy``.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -49,6 +51,23 @@ def gpu_or_numpy(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_kernels_everywhere(request):
+    """With ``SWAV_REF_HOST_KERNELS=1`` in the environment, every NumPy computation of the
+    whole suite goes through the fused CUDA kernels compiled for the CPU (the CuPy code
+    path, rehearsed without a GPU): ``SWAV_REF_HOST_KERNELS=1 python -m pytest``."""
+    if os.environ.get("SWAV_REF_HOST_KERNELS") != "1":
+        yield
+        return
+    from fused_host import HostLauncher
+
+    from swav_ref import fused
+
+    fused.register_launcher("numpy", HostLauncher(request.getfixturevalue("host_kernel_library")))
+    yield
+    fused.register_launcher("numpy", None)
 
 
 @pytest.fixture(scope="session")
