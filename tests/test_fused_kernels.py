@@ -280,3 +280,19 @@ def test_the_index_type_covers_the_largest_array_a_kernel_touches(fused_lane, mo
     assert calls[-2:] == ["im2col_f64_i32", "im2col_f64_i64"]
     with fused.disabled():
         _close(dx, F.col2im(dcols, (n, c, h, w), (3, 3), 1, 1), 1e-14)
+
+
+def test_mixed_dtypes_take_the_plain_path(fused_lane, rng):
+    """The functional API may be handed float64 running statistics with float32 data: the
+    kernels (which read raw memory) are skipped and the plain code promotes, as NumPy does."""
+    xp, calls = fused_lane
+    x = _chwn_stored(xp, rng.normal(size=(2, 3, 4, 4)), "float32")
+    w, b = asarray(np.ones(3), xp, "float32"), asarray(np.zeros(3), xp, "float32")
+    mean, var = asarray(np.zeros(3), xp, "float64"), asarray(np.ones(3), xp, "float64")
+    out, _ = F.batchnorm_forward(x, w, b, mean, var, training=False)
+    assert not any(name.startswith("batchnorm") for name in calls)
+    _close(out, to_numpy(x) / np.sqrt(1 + 1e-5), 1e-6)
+    g = asarray(rng.normal(size=(2, 3, 4, 4)), xp, "float64")
+    dx = F.relu_backward(g, xp.permute_dims(xp.ones((3, 4, 4, 2), dtype=xp.float32), (3, 0, 1, 2)))
+    assert not any(name.startswith("relu") for name in calls)
+    np.testing.assert_array_equal(to_numpy(dx), to_numpy(g))

@@ -57,6 +57,7 @@ __all__ = [
     "set_enabled",
     "sgd_update",
     "shifted_exp",
+    "usable",
 ]
 
 #: The CUDA source of every kernel (compiled by NVRTC through CuPy on first use).
@@ -126,6 +127,16 @@ def applies(xp: Any, dtype: Any) -> bool:
     if not _state["enabled"] or backend_name(xp) not in ("cupy", *_launchers):
         return False
     return dtype == xp.float32 or dtype == xp.float64
+
+
+def usable(*arrays: Any) -> bool:
+    """True when a kernel can take these arrays as they are: :func:`applies` to their
+    namespace and dtype, all C-contiguous, all of one dtype. The callers' test before
+    choosing the fused path (anything else takes the plain code, which promotes dtypes and
+    reads any layout)."""
+    xp = array_namespace(*arrays)
+    first = arrays[0].dtype
+    return applies(xp, first) and all(a.dtype == first and is_dense(a) for a in arrays)
 
 
 def is_dense(a: Any) -> bool:

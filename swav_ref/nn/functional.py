@@ -564,7 +564,7 @@ def batchnorm_forward(
         var = xp.maximum(total[c : 2 * c] / count - mean * mean, 0.0)
         centred = rows - _column(mean)
     invstd = 1.0 / xp.sqrt(var + eps)
-    if fused.applies(xp, x.dtype) and all(map(fused.is_dense, (centred, invstd, weight, bias))):
+    if fused.usable(centred, invstd, weight, bias):
         xhat, out = fused.batchnorm_scale_shift(centred, invstd, weight, bias)  # one pass
     else:
         centred *= _column(invstd)  # a fresh array of ours: normalise it in place
@@ -616,7 +616,7 @@ def batchnorm_backward(dout: Any, cache: BatchNormCache) -> tuple[Any, Any, Any]
     else:
         total = allreduce(xp.concat([sum_dy, sum_dy_xhat]))
         mean_dy, mean_dy_xhat = total[:c] / count, total[c:] / count
-    if fused.applies(xp, g.dtype) and fused.is_dense(g) and fused.is_dense(xhat):
+    if fused.usable(g, xhat, weight, invstd):
         dx = fused.batchnorm_backward_input(g, xhat, fused.dense(mean_dy), fused.dense(mean_dy_xhat), weight * invstd)
         return _from_channel_rows(dx, shape), sum_dy_xhat, sum_dy
     dx = xhat * _column(-mean_dy_xhat)
@@ -666,7 +666,7 @@ def relu_backward(dout: Any, cache: Any) -> Any:
     10 times slower than the multiplication on (N, C, H, W) float32 arrays.
     """
     xp = array_namespace(dout)
-    if fused.applies(xp, dout.dtype):
+    if fused.applies(xp, dout.dtype) and dout.dtype == cache.dtype:
         g_view, y_view = _storage_view(dout), _storage_view(cache)
         if g_view is not None and y_view is not None and g_view[1] is y_view[1]:
             return g_view[1](fused.relu_backward(g_view[0], y_view[0]))

@@ -61,8 +61,7 @@ class SGD:
             if g is None:
                 continue
             p = module.params[key]
-            xp = array_namespace(p, g)
-            if fused.applies(xp, p.dtype) and g.dtype == p.dtype and fused.is_dense(p) and fused.is_dense(g):
+            if fused.usable(p, g):
                 buf, first = self._buffer_for(name, p)
                 self._fused_update(p, g, buf, lr, first)
                 continue

@@ -115,7 +115,7 @@ def sinkhorn_codes(
     s = scores if scores.dtype == dtype else xp.astype(scores, dtype)
     n_prototypes = s.shape[1]
     per_prototype_max = reduce_max(xp.max(s, axis=0, keepdims=True))  # (1, K), same everywhere
-    if fused.applies(xp, dtype) and fused.is_dense(s):
+    if fused.usable(s):
         return _fused_iterations(s, per_prototype_max, epsilon, n_iters, reduce_sum, scores.dtype)
     q = s - per_prototype_max
     q *= 1.0 / epsilon
