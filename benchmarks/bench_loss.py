@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from swav_ref import fused
 from swav_ref.backend import asarray, get_backend, synchronize, to_numpy
 from swav_ref.swav import swav_loss
 
@@ -178,6 +179,7 @@ def run(sizes, repeats: int, backend: str = "numpy", torch_threads: int = 1) -> 
     return {
         "benchmark": f"swav_loss forward + backward vs PyTorch autograd ({backend} vs torch {device}, float32)",
         "backend": backend,
+        "fused_kernels": fused.applies(xp, xp.float32),  # CuPy: Sinkhorn's kernels of swav_ref.fused
         "n_crops": N_CROPS,
         "crops_for_assign": list(CROPS_FOR_ASSIGN),
         "repeats": f"at least {repeats} interleaved rounds and 0.5 s per case",

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from swav_ref import fused
 from swav_ref.backend import asarray, get_backend, synchronize, to_numpy
 from swav_ref.nn import SGD, Linear, functional as F, layers as L
 from swav_ref.nn.resnet import ResNet, resnet18, resnet_tiny
@@ -394,6 +395,7 @@ def main(argv=None) -> dict | None:
         "benchmark": "bench_resnet",
         "what": "one SGD training step (forward, linear head + cross-entropy, backward, optimiser), float32",
         "backend": args.backend,
+        "fused_kernels": fused.applies(xp, xp.float32),  # CuPy: the kernels of swav_ref.fused
         "quick": args.quick,
         "threads": threads,
         "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],

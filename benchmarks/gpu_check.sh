@@ -6,8 +6,8 @@
 # 2. NumPy-vs-CuPy equivalence of the first 20 training steps, with the fused kernels (the
 #    default) and with the plain CuPy code (SWAV_REF_FUSED=0);
 # 3. the GPU benchmarks against PyTorch (bench_gpu.py: Sinkhorn, loss, resnet18 step with
-#    TF32 off and on in both libraries, fused and plain; the SwAV step), and bench_resnet.py
-#    on CuPy.
+#    TF32 off and on in both libraries, fused and plain; the SwAV step), bench_resnet.py and
+#    bench_loss.py on CuPy.
 # Results go to $OUT when it is set (the device tool), otherwise to benchmarks/results/.
 # A failing step does not stop the later ones: each writes its own file.
 set -uo pipefail
@@ -30,4 +30,5 @@ SWAV_REF_FUSED=0 timeout "${EQUIV_SECONDS:-120}" python3 benchmarks/gpu_equivale
 echo "=== 3. GPU benchmarks ($SECONDS s)"
 timeout "${BENCH_SECONDS:-180}" python3 benchmarks/bench_gpu.py --out "$RESULTS/bench_gpu.json"
 timeout "${BENCH_SECONDS:-150}" python3 benchmarks/bench_resnet.py --backend cupy --out "$RESULTS/bench_resnet_cupy.json"
+timeout "${BENCH_SECONDS:-150}" python3 benchmarks/bench_loss.py --backend cupy --output "$RESULTS/bench_loss_gpu.json"
 echo "=== done ($SECONDS s)"

@@ -150,7 +150,8 @@ def read_loss(data: dict, path: Path, results_dir: Path) -> list[Row]:
     command = "python benchmarks/bench_loss.py" + (" --backend cupy" if gpu else "")
     return [
         Row(f"SwAV loss fwd+bwd, B={c['batch_size']}, K={c['n_prototypes']}, {c['n_crops']} crops: "
-            f"ours ({'CuPy' if gpu else 'NumPy'}) vs official loop ({peer} autograd)",
+            f"ours ({'CuPy' if gpu else 'NumPy'}) vs official loop ({peer} autograd)"
+            + (_gpu_provenance(data) if gpu else ""),
             c["ours_s"], c.get("torch_official_s"), "s", machine, _date(data, path), command)
         for c in data.get("results", [])
     ]
@@ -164,9 +165,19 @@ def read_resnet(data: dict, path: Path, results_dir: Path) -> list[Row]:
     rows = []
     for name, c in data.get("cases", {}).items():
         shape = "x".join(str(s) for s in c.get("input", []))
-        rows.append(Row(f"{name} training step, batch {c.get('batch')}, {shape}, float32: {sides}",
+        rows.append(Row(f"{name} training step, batch {c.get('batch')}, {shape}, float32: {sides}"
+                        + (_gpu_provenance(data) if gpu else ""),
                         c.get("ours_step_s"), c.get("torch_step_s"), "s", machine, _date(data, path), command))
     return rows
+
+
+BEFORE_FUSED = " (before the fused kernels)"
+
+
+def _gpu_provenance(data: dict) -> str:
+    """A GPU result written before ``swav_ref.fused`` existed says so in its row (newer files
+    record ``fused_kernels``; the next GPU check replaces the old ones)."""
+    return BEFORE_FUSED if "fused_kernels" not in data else ""
 
 
 def read_gpu(data: dict, path: Path, results_dir: Path) -> list[Row]:
@@ -184,13 +195,15 @@ def read_gpu(data: dict, path: Path, results_dir: Path) -> list[Row]:
             what = f"{name}: ours (CuPy) vs torch CUDA" if peer is not None else f"{name}: ours (CuPy), no peer"
             if "images_per_s" in c:
                 what += f" ({c['images_per_s']:.0f} images/s)"
+        what += _gpu_provenance(data)
         rows.append(Row(what, None if ours is None else ours / 1e3, None if peer is None else peer / 1e3, "s",
                         machine, _date(data, path), command))
     return rows
 
 
 def read_equivalence(data: dict, path: Path, results_dir: Path) -> list[Row]:
-    code = {True: "CuPy with fused kernels", False: "plain CuPy code"}.get(data.get("fused_kernels"), "CuPy")
+    code = {True: "CuPy with fused kernels", False: "plain CuPy code"}.get(data.get("fused_kernels"),
+                                                                           "CuPy" + BEFORE_FUSED)
     what = (f"{data.get('steps', '?')} SwAV training steps on digits: {code} vs NumPy (same seed; largest "
             f"relative loss difference {data.get('max_relative_difference', float('nan')):.1e})")
     return [Row(what, data.get("cupy_seconds"), data.get("numpy_seconds"), "s", _gpu_machine(results_dir),

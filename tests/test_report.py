@@ -191,9 +191,18 @@ def test_bench_gpu_rehearsal_feeds_the_report(report, tmp_path):
 def test_failed_gpu_cases_are_reported_not_tabled(report, tmp_path, capsys):
     d = tmp_path / "gpu"
     d.mkdir()
-    write(d / "bench_gpu.json", {"machine": "Fake GPU", "cases": {
+    write(d / "bench_gpu.json", {"machine": "Fake GPU", "fused_kernels": True, "cases": {
         "resnet18": {"error": "RuntimeError: boom"},
         "sinkhorn_x": {"what": "Sinkhorn x: fused vs plain", "ours_ms": 1.0, "peer_ms": 4.0}}})
     rows = report.collect_rows(d)
     assert [r.what for r in rows] == ["Sinkhorn x: fused vs plain"] and rows[0].ratio == pytest.approx(0.25)
     assert "resnet18 failed: RuntimeError: boom" in capsys.readouterr().err
+
+
+def test_gpu_rows_written_before_the_fused_kernels_say_so(report, results):
+    """Files without a ``fused_kernels`` field predate swav_ref.fused (the next GPU check
+    replaces them); their rows carry the mark, CPU rows never do."""
+    rows = report.collect_rows(results)
+    gpu = next(r for r in rows if r.what.startswith("sinkhorn_case"))
+    assert gpu.what.endswith("(before the fused kernels)")
+    assert not any("fused" in r.what for r in rows if r.machine != "Fake GPU")
