@@ -15,7 +15,8 @@
    ours with the fused kernels and, in fp32, with the plain CuPy code too; in fp32 one step
    of each is also profiled by operation kind (``profile_ms``, ``profile_plain_ms``: device
    time between CUDA events), which says where the remaining time goes;
-4. a full SwAV training step (2x32 + 6x16 crops, augmentation on the GPU, resnet18,
+4. BatchNorm's per-channel sums of products: our batched matmul against ``sum(a * b)``;
+5. a full SwAV training step (2x32 + 6x16 crops, augmentation on the GPU, resnet18,
    LARS), images per second, fused kernels against the plain CuPy code.
 
 Every case records ``ours_ms`` and the peer's time (``torch_ms``, or ``peer_ms`` with
@@ -228,6 +229,27 @@ def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
     return out
 
 
+def bench_row_dot(s: Setup, size: dict, repeats: int) -> dict:
+    """BatchNorm's per-channel sums of products, ``functional._row_dot`` (a batched matrix
+    product, C dot products of length M: the faster form on the CPU) against the plain
+    ``sum(a * b, axis=1)``, at the shapes of resnet18's first and last stages. Which form
+    suits the GPU is an open question this case answers."""
+    from swav_ref.nn.functional import _row_dot
+
+    out = {}
+    images = size["images"]
+    for channels, side in ((64, 32), (512, 4)):
+        m = side * side * images
+        rng = np.random.default_rng(0)
+        a = s.xp.asarray(rng.normal(size=(channels, m)).astype(np.float32))
+        b = s.xp.asarray(rng.normal(size=(channels, m)).astype(np.float32))
+        t = median_times({"matmul": lambda: _row_dot(a, b), "sum": lambda: s.xp.sum(a * b, axis=1)}, repeats, s.sync)
+        out[f"bn_row_dot_C{channels}_M{m}"] = _case(
+            f"BatchNorm channel sums of products, C={channels}, M={m}: batched matmul (ours) vs sum(a * b, axis=1)",
+            t["matmul"], t["sum"], peer_key="peer_ms")
+    return out
+
+
 def bench_swav_step(s: Setup, size: dict, repeats: int) -> dict:
     from swav_ref.data.datasets import ImageDataset
     from swav_ref.train import TrainConfig, Trainer
@@ -282,7 +304,7 @@ def main(argv=None) -> dict:
               "fused_kernels": fused.enabled(), "command": command + (" --small" if args.small else ""),
               "cases": {}}
     for name, fn in [("sinkhorn_and_loss", bench_sinkhorn_and_loss), ("resnet18", bench_resnet18_step),
-                     ("swav_step", bench_swav_step)]:
+                     ("row_dot", bench_row_dot), ("swav_step", bench_swav_step)]:
         try:
             result["cases"].update(fn(s, size, args.repeats))
         except Exception as exc:  # record and go on: one failing case must not hide the others

@@ -178,7 +178,7 @@ def test_bench_gpu_rehearsal_feeds_the_report(report, tmp_path):
     errors = {k: c["error"] for k, c in data["cases"].items() if "error" in c}
     assert not errors, errors
     assert {"sinkhorn_B64_K30", "resnet18_cifar_step_b8_fp32", "resnet18_cifar_step_b8_fp32_plain",
-            "resnet18_cifar_step_b8_tf32", "swav_step_resnet18_2x32+6x16_b8"} <= set(data["cases"])
+            "resnet18_cifar_step_b8_tf32", "bn_row_dot_C64_M8192", "swav_step_resnet18_2x32+6x16_b8"} <= set(data["cases"])
     profile = data["cases"]["resnet18_cifar_step_b8_fp32"]["profile_ms"]
     assert {"im2col", "BatchNorm backward", "optimiser step"} <= set(profile) and min(profile.values()) > 0
     rows = report.collect_rows(out.parent)
