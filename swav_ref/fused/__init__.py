@@ -18,9 +18,9 @@ kernel                            replaces (plain array code, still the referenc
 ================================  =====================================================
 
 Each public function here launches one kernel on the arrays it is given. The numerical
-modules call them only when :func:`applies` says so: a CuPy array (or, in the tests, a
-NumPy array with the kernels compiled for the CPU, see :func:`register_launcher`) of
-float32 or float64, with fused kernels enabled. Everywhere else, including every NumPy
+modules call them only when :func:`usable` says so: CuPy arrays (or, in the tests, NumPy
+arrays with the kernels compiled for the CPU, see :func:`register_launcher`) of float32
+or float64, C-contiguous, of one dtype, with fused kernels enabled. Everywhere else, including every NumPy
 run, the plain code runs, so reading ``swav_ref.nn.functional`` still tells the whole
 story. Set ``SWAV_REF_FUSED=0`` in the environment, or use :func:`disabled`, to run the
 plain code on CuPy too (to compare, or to rule the kernels out when hunting a bug).
