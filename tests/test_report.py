@@ -206,3 +206,23 @@ def test_gpu_rows_written_before_the_fused_kernels_say_so(report, results):
     gpu = next(r for r in rows if r.what.startswith("sinkhorn_case"))
     assert gpu.what.endswith("(before the fused kernels)")
     assert not any("fused" in r.what for r in rows if r.machine != "Fake GPU")
+
+
+def test_gpu_check_script_calls_scripts_and_options_that_exist():
+    """benchmarks/gpu_check.sh runs once per GPU session: its shell must parse, and every
+    benchmark it calls must exist and accept the options it is given (checked with --help)."""
+    import re
+    import shutil
+
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    calls = re.findall(r"python3 (benchmarks/\w+\.py)((?:\\\n|[^\n])*)", script.read_text())  # with continued lines
+    assert {c[0] for c in calls} >= {"benchmarks/bench_gpu.py", "benchmarks/gpu_equivalence.py",
+                                     "benchmarks/bench_resnet.py", "benchmarks/bench_loss.py"}
+    for path, rest in calls:
+        assert (ROOT / path).exists(), path
+        help_text = subprocess.run([sys.executable, str(ROOT / path), "--help"], capture_output=True, text=True,
+                                   cwd=ROOT, check=True).stdout
+        for option in re.findall(r"(--[a-z][a-z-]*)", rest):
+            assert option in help_text, f"{path} has no option {option}"
