@@ -91,7 +91,15 @@ def _add_config_options(parser: argparse.ArgumentParser, defaults: TrainConfig, 
 
 def _config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
     values = {name: getattr(args, name) for name in args._config_fields}
-    return dataclasses.replace(base, **values)
+    try:
+        return dataclasses.replace(base, **values)
+    except ValueError as exc:  # an inconsistent combination of options: say which, no traceback
+        raise UserError(str(exc)) from exc
+
+
+class UserError(Exception):
+    """A problem with what the user asked for (options, data, checkpoint, machine), reported
+    as one line, ``swav-ref: error: ...``, with exit status 2, instead of a traceback."""
 
 
 # -- dessert -------------------------------------------------------------------------------
@@ -234,9 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from swav_ref.backend import BackendUnavailableError
+    from swav_ref.checkpoint import CheckpointError
+    from swav_ref.data.datasets import DatasetError
+    from swav_ref.distributed import MPIUnavailableError, detect_mpi_launch
+
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (UserError, BackendUnavailableError, CheckpointError, DatasetError, MPIUnavailableError) as exc:
+        # The user's to fix, and the message says how; a bug anywhere else keeps its traceback.
+        # Under MPI the error goes on to the abort hook, which stops every rank (one rank
+        # quietly returning would leave the others waiting in a collective forever).
+        launched, _, size = detect_mpi_launch()
+        if launched and (size is None or size > 1):
+            raise
+        print(f"swav-ref: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

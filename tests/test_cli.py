@@ -55,3 +55,29 @@ def test_train_then_eval_on_an_image_folder(tmp_path, capsys):
     assert methods[0] == "raw pixels" and methods[1].startswith("SwAV")
     assert all(0.0 <= r["linear probe"]["mean"] <= 1.0 for r in rows)
     assert np.isfinite([r["kNN k=20"]["mean"] for r in rows]).all()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--tf32"], "tf32 applies to the cupy backend only"),
+    (["train", "--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "CIFAR-10 folder not found: /nonexistent"),
+    (["eval", "/nonexistent/checkpoint.npz"], "checkpoint not found: /nonexistent/checkpoint.npz"),
+])
+def test_user_errors_are_one_line_not_a_traceback(argv, message, capsys, monkeypatch):
+    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK",
+                 "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)  # a single process, whatever runs the tests
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("swav-ref: error: ") and message in err and "Traceback" not in err
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only the user's errors are shortened: anything else propagates unchanged."""
+    import swav_ref.ot.desserts as desserts
+
+    def broken(**kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(desserts, "run_dessert_example", broken)
+    with pytest.raises(ZeroDivisionError):
+        main(["dessert"])
