@@ -123,8 +123,8 @@ def make_ours(net: ResNet, head: Linear):
     return step
 
 
-def torch_mirror(torch, in_channels, widths, blocks):
-    """The same network in PyTorch, with our parameter names (so state dicts load)."""
+def torch_block(torch):
+    """PyTorch's BasicBlock with our parameter names: ``Block(cin, cout, stride)``."""
     nn = torch.nn
 
     class Block(nn.Module):
@@ -142,6 +142,15 @@ def torch_mirror(torch, in_channels, widths, blocks):
             out = torch.relu(self.bn1(self.conv1(x)))
             out = self.bn2(self.conv2(out))
             return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    return Block
+
+
+def torch_mirror(torch, in_channels, widths, blocks):
+    """The same network in PyTorch, with our parameter names (so state dicts load). Also the
+    oracle of tests/test_resnet.py, so the benchmark's peer is the network the tests check."""
+    nn = torch.nn
+    Block = torch_block(torch)
 
     class Net(nn.Module):
         def __init__(self):

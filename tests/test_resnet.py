@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -10,49 +14,17 @@ from swav_ref.nn.gradcheck import check_gradient, check_gradient_sampled, rel_er
 from swav_ref.nn.resnet import BasicBlock, ResNet, resnet18, resnet_tiny
 
 TOL = 1e-6
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _torch_mirror():
-    """A PyTorch ResNet with the same architecture and parameter names as ours."""
+    """PyTorch's ``Block(cin, cout, stride)`` and ``ResNet(in_channels, widths, blocks)`` with
+    our parameter names: the ones benchmarks/bench_resnet.py measures against."""
     torch = pytest.importorskip("torch")
-    nn = torch.nn
-
-    class TorchBlock(nn.Module):
-        def __init__(self, in_planes, planes, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(planes)
-            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-            self.downsample = None
-            if stride != 1 or in_planes != planes:
-                self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-
-        def forward(self, x):
-            out = torch.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-    class TorchResNet(nn.Module):
-        def __init__(self, in_channels, widths, blocks):
-            super().__init__()
-            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(widths[0])
-            in_planes = widths[0]
-            for i, (w, n) in enumerate(zip(widths, blocks)):
-                stride = 1 if i == 0 else 2
-                layers = [TorchBlock(in_planes if b == 0 else w, w, stride if b == 0 else 1) for b in range(n)]
-                setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
-                in_planes = w
-            self.n_stages = len(widths)
-
-        def forward(self, x):
-            x = torch.relu(self.bn1(self.conv1(x)))
-            for i in range(self.n_stages):
-                x = getattr(self, f"layer{i + 1}")(x)
-            return x.mean(dim=(2, 3))
-
-    return torch, TorchBlock, TorchResNet
+    spec = importlib.util.spec_from_file_location("bench_resnet", ROOT / "benchmarks" / "bench_resnet.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return torch, bench.torch_block(torch), functools.partial(bench.torch_mirror, torch)
 
 
 def _load_into_torch(torch, ours, theirs):
