@@ -79,11 +79,13 @@ def make_scores(batch: int, n_prototypes: int, seed: int = 0) -> np.ndarray:
     return z @ c.T
 
 
-def torch_sinkhorn(torch, out):
-    q = torch.exp(out / EPSILON).t()
+def torch_sinkhorn(torch, out, epsilon=EPSILON, n_iters=ITERS):
+    """main_swav.py's ``distributed_sinkhorn`` on one process, literally: codes (B, K) for the
+    scores ``out`` (B, K). Also the oracle of tests/test_swav_loss.py."""
+    q = torch.exp(out / epsilon).t()
     q /= torch.sum(q)
     k, b = q.shape
-    for _ in range(ITERS):
+    for _ in range(n_iters):
         q /= torch.sum(q, dim=1, keepdim=True)
         q /= k
         q /= torch.sum(q, dim=0, keepdim=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from swav_ref.nn.gradcheck import check_gradient
 from swav_ref.swav import SwAVLossOutput, sinkhorn_codes, swapped_prediction_loss, swav_loss
 
 BATCH, N_PROTOTYPES, DIM, QUEUE = 3, 5, 4, 6
+ROOT = Path(__file__).resolve().parents[1]
 
 # (number of crops, assignment crops, queue?)
 SETTINGS = [
@@ -68,6 +72,15 @@ def test_agrees_with_torch_autograd_of_the_official_formula(backend, rng, n_crop
     assert np.max(np.abs(B.to_numpy(grad) - ref_grad)) < 1e-10
 
 
+@functools.cache
+def _bench_loss():
+    """benchmarks/bench_loss.py, whose literal official Sinkhorn loop is the oracle here too."""
+    spec = importlib.util.spec_from_file_location("bench_loss", ROOT / "benchmarks" / "bench_loss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def torch_official_loss(torch, scores_np, batch_size, crops_for_assign, queue_np=None,
                         temperature=0.1, epsilon=0.05, n_iters=3):
     """main_swav.py's loss with autograd, written from the official recipe (float64)."""
@@ -81,15 +94,7 @@ def torch_official_loss(torch, scores_np, batch_size, crops_for_assign, queue_np
             out = output[batch_size * crop_id : batch_size * (crop_id + 1)].detach()
             if queue_np is not None and queue_np[i] is not None:
                 out = torch.cat((torch.tensor(queue_np[i]), out))
-            q = torch.exp(out / epsilon).t()
-            q /= torch.sum(q)
-            k, b = q.shape
-            for _ in range(n_iters):
-                q /= torch.sum(q, dim=1, keepdim=True)
-                q /= k
-                q /= torch.sum(q, dim=0, keepdim=True)
-                q /= b
-            q = (q * b).t()[-batch_size:]
+            q = _bench_loss().torch_sinkhorn(torch, out, epsilon, n_iters)[-batch_size:]
         subloss = 0
         for v in np.delete(np.arange(n_crops), crop_id):
             x = output[batch_size * v : batch_size * (v + 1)] / temperature
