@@ -25,7 +25,8 @@ from swav_ref.nn.gradcheck import check_gradient_sampled, rel_error
 from swav_ref.nn.resnet import ResNet
 from swav_ref.swav import sinkhorn_codes
 
-EXPORTED = ["im2col", "col2im", "batchnorm_scale_shift", "batchnorm_backward_input", "relu_backward",
+EXPORTED = ["im2col", "col2im", "batchnorm_variance", "batchnorm_scale_shift", "batchnorm_backward_input",
+            "batchnorm_running_update", "relu_backward",
             "sgd_update", "lars_update", "shifted_exp", "divide_columns", "divide_rows"]
 
 
@@ -112,19 +113,35 @@ def test_batchnorm_forward_and_backward_match_the_plain_code(fused_lane, dtype, 
     _close(out, ref_out, tol)
     for got, want in zip(grads, ref_grads):
         _close(got, want, tol)
-    assert "batchnorm_scale_shift_" + ("f64" if dtype == "float64" else "f32") + "_i32" in calls
+    for got, want in ((cache.mean, ref_cache.mean), (cache.var, ref_cache.var), (cache.invstd, ref_cache.invstd)):
+        _close(got, want, tol)
+    suffix = ("f64" if dtype == "float64" else "f32") + "_i32"
+    assert "batchnorm_scale_shift_" + suffix in calls
     assert any(name.startswith("batchnorm_backward_input") for name in calls) == (mode != "eval")
+    # the variance kernel and the running update: local training only (under sync-BN the
+    # count is an all-reduced array, which the plain code divides by on the device)
+    assert ("batchnorm_variance_" + suffix in calls) == (mode == "train")
+    if mode != "eval":
+        new_stats = F.batchnorm_update_running(running["running_mean"], running["running_var"], cache, momentum=0.3)
+        with fused.disabled():
+            ref_stats = F.batchnorm_update_running(running["running_mean"], running["running_var"], ref_cache,
+                                                   momentum=0.3)
+        for got, want in zip(new_stats, ref_stats):
+            _close(got, want, tol)
+        assert ("batchnorm_running_update_" + suffix in calls) == (mode == "train")
 
 
 def test_batchnorm_of_features_takes_the_plain_path_and_agrees(fused_lane, rng):
-    """(N, C) features are a transposed view as channel rows: not the kernels' layout, so
-    the plain code runs (and must give the same answer)."""
+    """(N, C) features are a transposed view as channel rows: not the layout of the
+    kernels over (C, M) rows, so the plain code runs for those (and must give the same
+    answer); the per-channel vector kernels still apply."""
     xp, calls = fused_lane
     x = asarray(rng.normal(size=(8, 5)), xp, "float64")
     w, b = asarray(rng.uniform(0.5, 1.5, 5), xp, "float64"), asarray(rng.normal(size=5), xp, "float64")
     out, cache = F.batchnorm_forward(x, w, b)
     dx, _, _ = F.batchnorm_backward(asarray(rng.normal(size=(8, 5)), xp, "float64"), cache)
-    assert not any(name.startswith("batchnorm") for name in calls)
+    assert not any(name.startswith(("batchnorm_scale_shift", "batchnorm_backward_input")) for name in calls)
+    assert "batchnorm_variance_f64_i32" in calls
     ref = (to_numpy(x) - to_numpy(x).mean(0)) / np.sqrt(to_numpy(x).var(0) + 1e-5) * to_numpy(w) + to_numpy(b)
     _close(out, ref, 1e-12)
 
@@ -166,23 +183,48 @@ def test_optimiser_updates_match_the_plain_code(fused_lane, optimiser, rng):
         else:
             opts.append(SGD(net, momentum=0.0 if optimiser == "sgd-no-momentum" else 0.9, weight_decay=1e-2))
     names = [name for name, _, _ in models[0].named_parameters()]
+
+    def as_gradient(a):
+        """On the device; a 4-d one as a non-contiguous view, as conv2d_backward returns."""
+        if a is None:
+            return None
+        if a.ndim != 4:
+            return asarray(a, xp, "float64")
+        return xp.permute_dims(asarray(np.ascontiguousarray(a.transpose(1, 0, 2, 3)), xp, "float64"), (1, 0, 2, 3))
+
+    kernel = "lars_update" if optimiser == "lars" else "sgd_update"
     for step in range(3):
         grads = {name: rng.normal(size=tuple(owner.params[key].shape)) for name, owner, key in models[0].named_parameters()}
         grads[names[-1]] = None  # frozen: skipped entirely
         for i, (net, opt) in enumerate(zip(models, opts)):
             for name, owner, key in net.named_parameters():
-                owner.grads[key] = None if grads[name] is None else asarray(grads[name], xp, "float64")
+                owner.grads[key] = as_gradient(grads[name])
             if i == 0:
+                launched = len(calls)
                 opt.step(0.1)
+                # every parameter with a gradient, views included, is one fused update
+                assert sum(name.startswith(kernel) for name in calls[launched:]) == len(names) - 1
             else:
                 with fused.disabled():
                     opt.step(0.1)
-    assert any(name.startswith("lars_update" if optimiser == "lars" else "sgd_update") for name in calls)
     for (name, a, ka), (_, b, kb) in zip(models[0].named_parameters(), models[1].named_parameters()):
         _close(a.params[ka], b.params[kb], 1e-13)
     assert sorted(opts[0].momentum_buffers) == sorted(opts[1].momentum_buffers)
     for name in opts[0].momentum_buffers:
         _close(opts[0].momentum_buffers[name], opts[1].momentum_buffers[name], 1e-13)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-13), ("float32", 1e-5)])
+def test_sum_of_squares_for_lars(fused_lane, dtype, tol, rng):
+    """LARS's two reductions per parameter: one CuPy reduction kernel each on the GPU, the
+    plain sum elsewhere; a 1-element array of the input's dtype either way."""
+    xp, _ = fused_lane
+    for shape in ((64, 3, 3, 3), (10,), (1,)):
+        host = rng.normal(size=shape)
+        total = fused.sum_of_squares(asarray(host, xp, dtype))
+        assert total.dtype == xp.float32 if dtype == "float32" else total.dtype == xp.float64
+        assert total.size == 1 and fused.is_dense(total)
+        _close(xp.reshape(total, (1,)), np.array([np.sum(host * host)]), tol)
 
 
 @pytest.mark.parametrize("dtype, epsilon, tol", [("float64", 0.05, 1e-13), ("float32", 0.05, 1e-5),

@@ -9,10 +9,13 @@ in ``kernels.cu`` (next to this file) do such chains in one pass:
 kernel                            replaces (plain array code, still the reference)
 ================================  =====================================================
 ``im2col`` / ``col2im``           a padded copy and ``kh * kw`` strided slice copies
+``batchnorm_variance``            ``var = ss / m; invstd = 1 / sqrt(var + eps)`` (4 ops)
 ``batchnorm_scale_shift``         ``xhat = centred * invstd; y = xhat * w + b``
-``batchnorm_backward_input``      BatchNorm's four-pass input gradient
+``batchnorm_backward_input``      BatchNorm's input gradient (4 passes, 4 vector ops)
+``batchnorm_running_update``      the running mean and variance (7 vector ops)
 ``relu_backward``                 ``g * (y > 0)`` (compare, cast, multiply)
 ``sgd_update`` / ``lars_update``  the five to fifteen small operations of one update
+``sum_of_squares``                ``sum(p * p)`` for LARS's norms (a CuPy reduction kernel)
 ``shifted_exp``                   ``exp((s - max) / eps)`` in SwAV's Sinkhorn codes
 ``divide_columns`` / ``_rows``    a normalisation step of the Sinkhorn iterations
 ================================  =====================================================
@@ -42,7 +45,9 @@ __all__ = [
     "KERNEL_SOURCE",
     "applies",
     "batchnorm_backward_input",
+    "batchnorm_running_update",
     "batchnorm_scale_shift",
+    "batchnorm_variance",
     "col2im",
     "dense",
     "disabled",
@@ -57,6 +62,7 @@ __all__ = [
     "set_enabled",
     "sgd_update",
     "shifted_exp",
+    "sum_of_squares",
     "usable",
 ]
 
@@ -277,16 +283,49 @@ def batchnorm_scale_shift(centred: Any, invstd: Any, weight: Any, bias: Any) -> 
     return centred, y
 
 
-def batchnorm_backward_input(g: Any, xhat: Any, mean_dy: Any, mean_dy_xhat: Any, scale: Any) -> Any:
-    r"""Training-mode BatchNorm input gradient on (C, M) rows, with the channel means
-    already reduced: :math:`(g - \overline{g} - \hat x\, \overline{g \hat x})\, \gamma / \sigma`."""
+def batchnorm_variance(sum_sq: Any, count: float, eps: float) -> tuple[Any, Any]:
+    r"""From the (C,) sums of squared centred values: new arrays
+    :math:`\sigma^2 = \text{sum\_sq} / m` and :math:`1 / \sqrt{\sigma^2 + \epsilon}`, in one
+    launch instead of four. Returns ``(var, invstd)``."""
+    xp = array_namespace(sum_sq)
+    _check_inputs("batchnorm_variance", sum_sq)
+    _require(sum_sq.ndim == 1, f"fused batchnorm_variance: sum_sq must be (C,), got {sum_sq.shape}")
+    var, invstd = xp.empty_like(sum_sq), xp.empty_like(sum_sq)
+    c = sum_sq.shape[0]
+    _launch("batchnorm_variance", sum_sq, c, lambda T, I: (sum_sq, var, invstd, I(c), T(count), T(eps)))
+    return var, invstd
+
+
+def batchnorm_backward_input(g: Any, xhat: Any, sum_dy: Any, sum_dy_xhat: Any, weight: Any, invstd: Any,
+                             count: float) -> Any:
+    r"""Training-mode BatchNorm input gradient on (C, M) rows, from the channel sums
+    :math:`\sum g` and :math:`\sum g \hat x` over ``count`` values:
+    :math:`(g - \overline{g} - \hat x\, \overline{g \hat x})\, \gamma / \sigma` in one launch
+    (the means and :math:`\gamma / \sigma` are formed inside it)."""
     xp = array_namespace(g)
     c, m = g.shape
-    _check_inputs("batchnorm_backward_input", g, xhat, mean_dy, mean_dy_xhat, scale)
+    _check_inputs("batchnorm_backward_input", g, xhat, sum_dy, sum_dy_xhat, weight, invstd)
     dx = xp.empty_like(g)
     _launch("batchnorm_backward_input", g, g.size,
-            lambda T, I: (g, xhat, mean_dy, mean_dy_xhat, scale, dx, I(c), I(m)))
+            lambda T, I: (g, xhat, sum_dy, sum_dy_xhat, weight, invstd, dx, I(c), I(m), T(count)))
     return dx
+
+
+def batchnorm_running_update(running_mean: Any, running_var: Any, mean: Any, var: Any, momentum: float,
+                             unbias: float) -> tuple[Any, Any]:
+    r"""PyTorch's running-statistics rule as new (C,) arrays, in one launch instead of seven:
+    :math:`(1 - \rho)\hat\mu + \rho\mu` and :math:`(1 - \rho)\hat\sigma^2 + \rho\, u\, \sigma^2`
+    with ``unbias`` :math:`u = m / (m - 1)`."""
+    xp = array_namespace(running_mean)
+    _check_inputs("batchnorm_running_update", running_mean, running_var, mean, var)
+    c = running_mean.shape[0]
+    _require(all(a.shape == (c,) for a in (running_var, mean, var)),
+             f"fused batchnorm_running_update: four ({c},) vectors expected, got "
+             f"{running_var.shape}, {mean.shape}, {var.shape}")
+    new_mean, new_var = xp.empty_like(running_mean), xp.empty_like(running_var)
+    _launch("batchnorm_running_update", running_mean, c, lambda T, I: (
+        running_mean, running_var, mean, var, new_mean, new_var, I(c), T(momentum), T(unbias)))
+    return new_mean, new_var
 
 
 def relu_backward(g: Any, y: Any) -> Any:
@@ -315,15 +354,36 @@ def sgd_update(p: Any, g: Any, buf: Any, lr: float, momentum: float, weight_deca
         np.int32(first), np.int32(has_buffer)))
 
 
-def lars_update(p: Any, g: Any, buf: Any, p_norm: Any, g_norm: Any, lr: float, momentum: float,
+def lars_update(p: Any, g: Any, buf: Any, p_sq_sum: Any, g_sq_sum: Any, lr: float, momentum: float,
                 weight_decay: float, trust_coefficient: float, eps: float, first: bool) -> None:
-    """LARS (LARC + SGD) on one parameter, in place, from the norms as 1-element arrays on
-    the device (see :class:`swav_ref.nn.optim.LARS` for the formula)."""
-    _check_inputs("lars_update", p, g, p_norm, g_norm, *(() if buf is None else (buf,)))
+    """LARS (LARC + SGD) on one parameter, in place, from the sums of squares of ``p`` and
+    ``g`` as 1-element (or 0-d) arrays on the device; the kernel takes their square roots
+    (see :class:`swav_ref.nn.optim.LARS` for the formula)."""
+    _check_inputs("lars_update", p, g, p_sq_sum, g_sq_sum, *(() if buf is None else (buf,)))
+    _require(p_sq_sum.size == 1 and g_sq_sum.size == 1,
+             f"fused lars_update: one sum of squares each, got {p_sq_sum.shape} and {g_sq_sum.shape}")
     has_buffer = buf is not None
     _launch("lars_update", p, p.size, lambda T, I: (
-        p, g, buf, p_norm, g_norm, I(p.size), T(lr), T(momentum),
+        p, g, buf, p_sq_sum, g_sq_sum, I(p.size), T(lr), T(momentum),
         T(weight_decay), T(trust_coefficient), T(eps), np.int32(first), np.int32(has_buffer)))
+
+
+_SUM_OF_SQUARES: list[Any] = []  # the CuPy reduction kernel, built on first use
+
+
+def sum_of_squares(a: Any) -> Any:
+    r""":math:`\sum_i a_i^2` over all of ``a``, as a 1-element array on ``a``'s device (the
+    input of :func:`lars_update`).
+
+    On CuPy one reduction launch (a ``cupy.ReductionKernel`` that squares as it sums: CuPy's
+    own reduction machinery, so not in ``kernels.cu``); elsewhere the plain two operations
+    ``sum(a * a)``. Not a dot product: CuPy may run those on TF32 tensor cores."""
+    xp = array_namespace(a)
+    if backend_name(xp) != "cupy" or not _state["enabled"]:
+        return xp.sum(a * a, keepdims=True)
+    if not _SUM_OF_SQUARES:
+        _SUM_OF_SQUARES.append(xp.ReductionKernel("T x", "T y", "x * x", "a + b", "y = a", "0", "swav_sum_of_squares"))
+    return _SUM_OF_SQUARES[0](a, axis=None, keepdims=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -113,21 +113,60 @@ __device__ void batchnorm_scale_shift(T* xhat, const T* __restrict__ invstd,
 #define BN_FORWARD_PARAMS(T, I) (T* xhat, const T* invstd, const T* weight, const T* bias, T* y, I C, I M)
 SWAV_EXPORT(batchnorm_scale_shift, BN_FORWARD_PARAMS, (xhat, invstd, weight, bias, y, C, M))
 
-// The training-mode input gradient, with the two channel means already reduced:
-//   dx = (g - mean_dy[c] - xhat * mean_dy_xhat[c]) * scale[c],   scale = weight * invstd.
+// The per-channel statistics after the reductions, in one launch over the C channels
+// instead of four (a division, an addition, a square root and a reciprocal):
+//   var[c] = sum_sq[c] / count,   invstd[c] = 1 / sqrt(var[c] + eps),
+// where sum_sq[c] is the sum of the squared centred values of channel c.
 template <typename T, typename I>
-__device__ void batchnorm_backward_input(const T* __restrict__ g, const T* __restrict__ xhat,
-                                         const T* __restrict__ mean_dy,
-                                         const T* __restrict__ mean_dy_xhat,
-                                         const T* __restrict__ scale, T* __restrict__ dx,
-                                         I C, I M) {
-    SWAV_GRID_STRIDE_LOOP(e, C * M) {
-        const I c = e / M;
-        dx[e] = (g[e] - mean_dy[c] - xhat[e] * mean_dy_xhat[c]) * scale[c];
+__device__ void batchnorm_variance(const T* __restrict__ sum_sq, T* __restrict__ var,
+                                   T* __restrict__ invstd, I C, T count, T eps) {
+    SWAV_GRID_STRIDE_LOOP(c, C) {
+        const T v = sum_sq[c] / count;
+        var[c] = v;
+        invstd[c] = (T)1 / sqrt(v + eps);
     }
 }
-#define BN_BACKWARD_PARAMS(T, I) (const T* g, const T* xhat, const T* mean_dy, const T* mean_dy_xhat, const T* scale, T* dx, I C, I M)
-SWAV_EXPORT(batchnorm_backward_input, BN_BACKWARD_PARAMS, (g, xhat, mean_dy, mean_dy_xhat, scale, dx, C, M))
+#define BN_VARIANCE_PARAMS(T, I) (const T* sum_sq, T* var, T* invstd, I C, T count, T eps)
+SWAV_EXPORT(batchnorm_variance, BN_VARIANCE_PARAMS, (sum_sq, var, invstd, C, count, eps))
+
+// The training-mode input gradient on the (C, M) rows, from the two channel sums
+// (sum_dy = sum of g, sum_dy_xhat = sum of g * xhat over the channel's count values):
+//   dx = (g - sum_dy[c] / count - xhat * (sum_dy_xhat[c] / count)) * weight[c] * invstd[c].
+// The means and the scale are formed per element from per-channel vectors, which is cheaper
+// on a GPU than three more launches to form them as vectors first. (Under sync-BN the
+// caller passes the all-reduced means with count = 1.)
+template <typename T, typename I>
+__device__ void batchnorm_backward_input(const T* __restrict__ g, const T* __restrict__ xhat,
+                                         const T* __restrict__ sum_dy,
+                                         const T* __restrict__ sum_dy_xhat,
+                                         const T* __restrict__ weight,
+                                         const T* __restrict__ invstd, T* __restrict__ dx,
+                                         I C, I M, T count) {
+    SWAV_GRID_STRIDE_LOOP(e, C * M) {
+        const I c = e / M;
+        dx[e] = (g[e] - sum_dy[c] / count - xhat[e] * (sum_dy_xhat[c] / count)) * (weight[c] * invstd[c]);
+    }
+}
+#define BN_BACKWARD_PARAMS(T, I) (const T* g, const T* xhat, const T* sum_dy, const T* sum_dy_xhat, const T* weight, const T* invstd, T* dx, I C, I M, T count)
+SWAV_EXPORT(batchnorm_backward_input, BN_BACKWARD_PARAMS, (g, xhat, sum_dy, sum_dy_xhat, weight, invstd, dx, C, M, count))
+
+// PyTorch's running-statistics rule for the C channels, into new arrays, in one launch
+// instead of seven:
+//   new_mean = (1 - momentum) * running_mean + momentum * mean,
+//   new_var  = (1 - momentum) * running_var + momentum * var * unbias,  unbias = m / (m - 1).
+template <typename T, typename I>
+__device__ void batchnorm_running_update(const T* __restrict__ running_mean,
+                                         const T* __restrict__ running_var,
+                                         const T* __restrict__ mean, const T* __restrict__ var,
+                                         T* __restrict__ new_mean, T* __restrict__ new_var, I C,
+                                         T momentum, T unbias) {
+    SWAV_GRID_STRIDE_LOOP(c, C) {
+        new_mean[c] = ((T)1 - momentum) * running_mean[c] + momentum * mean[c];
+        new_var[c] = ((T)1 - momentum) * running_var[c] + momentum * (var[c] * unbias);
+    }
+}
+#define BN_RUNNING_PARAMS(T, I) (const T* running_mean, const T* running_var, const T* mean, const T* var, T* new_mean, T* new_var, I C, T momentum, T unbias)
+SWAV_EXPORT(batchnorm_running_update, BN_RUNNING_PARAMS, (running_mean, running_var, mean, var, new_mean, new_var, C, momentum, unbias))
 
 // ---------------------------------------------------------------------------------------
 // ReLU backward
@@ -176,17 +215,19 @@ __device__ void sgd_update(T* __restrict__ p, const T* __restrict__ g, T* __rest
 #define SGD_PARAMS(T, I) (T* p, const T* g, T* buf, I n, T lr, T momentum, T weight_decay, int first, int has_buffer)
 SWAV_EXPORT(sgd_update, SGD_PARAMS, (p, g, buf, n, lr, momentum, weight_decay, first, has_buffer))
 
-// LARS (apex LARC wrapping SGD), with the two norms already reduced into 1-element arrays
-// on the device (so nothing is read back to the host):
+// LARS (apex LARC wrapping SGD), with the two sums of squares already reduced into
+// 1-element arrays on the device (so nothing is read back to the host; the square roots
+// are taken here, which saves two launches per parameter):
+//   |p| = sqrt(p_sq_sum), |g| = sqrt(g_sq_sum),
 //   alpha = trust * |p| / (|g| + weight_decay * |p| + eps),  d = alpha * (g + weight_decay * p)
 // when both norms are positive, else d = g (LARC leaves such a gradient alone); then the
 // momentum update of sgd_update with no further weight decay.
 template <typename T, typename I>
 __device__ void lars_update(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buf,
-                            const T* __restrict__ p_norm, const T* __restrict__ g_norm, I n,
+                            const T* __restrict__ p_sq_sum, const T* __restrict__ g_sq_sum, I n,
                             T lr, T momentum, T weight_decay, T trust, T eps, int first,
                             int has_buffer) {
-    const T pn = p_norm[0], gn = g_norm[0];
+    const T pn = sqrt(p_sq_sum[0]), gn = sqrt(g_sq_sum[0]);
     const bool usable = pn > (T)0 && gn > (T)0;
     const T alpha = usable ? trust * pn / (gn + weight_decay * pn + eps) : (T)1;
     const T decay = usable ? weight_decay : (T)0;
@@ -195,8 +236,8 @@ __device__ void lars_update(T* __restrict__ p, const T* __restrict__ g, T* __res
         momentum_step(p, buf, e, d, lr, momentum, first, has_buffer);
     }
 }
-#define LARS_PARAMS(T, I) (T* p, const T* g, T* buf, const T* p_norm, const T* g_norm, I n, T lr, T momentum, T weight_decay, T trust, T eps, int first, int has_buffer)
-SWAV_EXPORT(lars_update, LARS_PARAMS, (p, g, buf, p_norm, g_norm, n, lr, momentum, weight_decay, trust, eps, first, has_buffer))
+#define LARS_PARAMS(T, I) (T* p, const T* g, T* buf, const T* p_sq_sum, const T* g_sq_sum, I n, T lr, T momentum, T weight_decay, T trust, T eps, int first, int has_buffer)
+SWAV_EXPORT(lars_update, LARS_PARAMS, (p, g, buf, p_sq_sum, g_sq_sum, n, lr, momentum, weight_decay, trust, eps, first, has_buffer))
 
 // ---------------------------------------------------------------------------------------
 // SwAV's Sinkhorn-Knopp codes, on the (B, K) layout of the scores

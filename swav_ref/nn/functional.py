@@ -428,10 +428,13 @@ def conv2d_backward(dout: Any, cache: ConvCache) -> tuple[Any, Any, Any]:
         raise ValueError(f"dout must be (N, {o}, H_out, W_out), got {dout.shape}")
     dout_t = xp.reshape(_to_chwn(dout), (o, cols.shape[1]))  # free when stored (O, H, W, N)
     w_mat = xp.reshape(weight, (o, c * kh * kw))
-    # dW = G X_col^T, computed as its transpose X_col G^T: with 2 threads OpenBLAS ran the
-    # direct form (a short-and-wide times a long K) up to 10x slower than this one.
-    dweight_t = xp.matmul(cols, xp.permute_dims(dout_t, (1, 0)))  # (C kh kw, O), small
-    dweight = xp.reshape(xp.permute_dims(dweight_t, (1, 0)), weight.shape)
+    if is_numpy(xp):
+        # dW = G X_col^T, computed as its transpose X_col G^T: with 2 threads OpenBLAS ran the
+        # direct form (a short-and-wide times a long K) up to 10x slower than this one.
+        dweight_mat = xp.permute_dims(xp.matmul(cols, xp.permute_dims(dout_t, (1, 0))), (1, 0))
+    else:  # cuBLAS runs both forms alike; this one comes out stored as the weight is
+        dweight_mat = xp.matmul(dout_t, xp.permute_dims(cols, (1, 0)))  # (O, C kh kw), small
+    dweight = xp.reshape(dweight_mat, weight.shape)
     dbias = xp.sum(dout_t, axis=1) if cache.has_bias else None
     conv2d_release(cache)  # the columns are no longer needed: reuse them for dcols
     dcols = SCRATCH.take(xp, tuple(cols.shape), dout.dtype)
@@ -544,7 +547,7 @@ def batchnorm_forward(
     c, m = rows.shape
     if weight.shape != (c,) or bias.shape != (c,):
         raise ValueError(f"weight and bias must have shape ({c},), got {weight.shape}, {bias.shape}")
-    count = m
+    count, invstd = m, None
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("batchnorm in eval mode needs running_mean and running_var")
@@ -553,9 +556,13 @@ def batchnorm_forward(
     elif allreduce is None:
         if m < 2:
             raise ValueError(f"batchnorm in training needs more than 1 value per channel, got input {x.shape}")
-        mean = xp.sum(rows, axis=1) / m
+        mean = xp.mean(rows, axis=1)
         centred = rows - _column(mean)
-        var = _row_dot(centred, centred) / m
+        sum_sq = _row_dot(centred, centred)
+        if fused.usable(sum_sq, weight):  # var and 1 / sqrt(var + eps) in one launch
+            var, invstd = fused.batchnorm_variance(sum_sq, m, eps)
+        else:
+            var = sum_sq / m
     else:
         local = [xp.sum(rows, axis=1), _row_dot(rows, rows), xp.full((1,), m, dtype=x.dtype)]
         total = allreduce(xp.concat(local))
@@ -563,7 +570,8 @@ def batchnorm_forward(
         mean = total[:c] / count
         var = xp.maximum(total[c : 2 * c] / count - mean * mean, 0.0)
         centred = rows - _column(mean)
-    invstd = 1.0 / xp.sqrt(var + eps)
+    if invstd is None:
+        invstd = 1.0 / xp.sqrt(var + eps)
     if fused.usable(centred, invstd, weight, bias):
         xhat, out = fused.batchnorm_scale_shift(centred, invstd, weight, bias)  # one pass
     else:
@@ -608,17 +616,22 @@ def batchnorm_backward(dout: Any, cache: BatchNormCache) -> tuple[Any, Any, Any]
     c = g.shape[0]
     sum_dy = xp.sum(g, axis=1)
     sum_dy_xhat = _row_dot(g, xhat)
-    scale = _column(weight * invstd)
     if not training:
-        return _from_channel_rows(g * scale, shape), sum_dy_xhat, sum_dy
+        return _from_channel_rows(g * _column(weight * invstd), shape), sum_dy_xhat, sum_dy
+    if allreduce is None and fused.usable(g, xhat, sum_dy, sum_dy_xhat, weight, invstd):
+        # one launch: the means and the scale are formed inside the kernel
+        dx = fused.batchnorm_backward_input(g, xhat, sum_dy, sum_dy_xhat, weight, invstd, count)
+        return _from_channel_rows(dx, shape), sum_dy_xhat, sum_dy
     if allreduce is None:
         mean_dy, mean_dy_xhat = sum_dy / count, sum_dy_xhat / count
     else:
         total = allreduce(xp.concat([sum_dy, sum_dy_xhat]))
         mean_dy, mean_dy_xhat = total[:c] / count, total[c:] / count
-    if fused.usable(g, xhat, weight, invstd):
-        dx = fused.batchnorm_backward_input(g, xhat, fused.dense(mean_dy), fused.dense(mean_dy_xhat), weight * invstd)
+    if fused.usable(g, xhat, weight, invstd):  # sync-BN: the all-reduced means, count 1
+        dx = fused.batchnorm_backward_input(g, xhat, fused.dense(mean_dy), fused.dense(mean_dy_xhat), weight,
+                                            invstd, 1)
         return _from_channel_rows(dx, shape), sum_dy_xhat, sum_dy
+    scale = _column(weight * invstd)
     dx = xhat * _column(-mean_dy_xhat)
     dx += g
     dx -= _column(mean_dy)
@@ -642,6 +655,9 @@ def batchnorm_update_running(
     if not cache.training:
         raise ValueError("running statistics are only updated from a training-mode forward")
     count = cache.count
+    if isinstance(count, int) and fused.usable(running_mean, running_var, cache.mean, cache.var):
+        return fused.batchnorm_running_update(running_mean, running_var, cache.mean, cache.var, momentum,
+                                              count / (count - 1))  # one launch for the seven below
     new_mean = (1.0 - momentum) * running_mean + momentum * cache.mean
     new_var = (1.0 - momentum) * running_var + momentum * (cache.var * (count / (count - 1)))
     return new_mean, new_var

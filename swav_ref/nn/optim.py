@@ -61,9 +61,11 @@ class SGD:
             if g is None:
                 continue
             p = module.params[key]
-            if fused.usable(p, g):
+            if fused.usable(p) and g.dtype == p.dtype:
+                # one launch instead of six; a gradient stored otherwise (on NumPy a
+                # convolution's is a transposed view) is first made dense by one copy
                 buf, first = self._buffer_for(name, p)
-                self._fused_update(p, g, buf, lr, first)
+                self._fused_update(p, fused.dense(g), buf, lr, first)
                 continue
             d = self._direction(p, g)
             if self.momentum:
@@ -158,11 +160,9 @@ class LARS(SGD):
         return (g + decay * p) * adaptive_lr
 
     def _fused_update(self, p: Any, g: Any, buf: Any, lr: float, first: bool) -> None:
-        xp = array_namespace(p, g)
-        p_norm = xp.reshape(xp.sqrt(xp.sum(p * p)), (1,))
-        g_norm = xp.reshape(xp.sqrt(xp.sum(g * g)), (1,))
-        fused.lars_update(p, g, buf, p_norm, g_norm, lr, self.momentum, self.weight_decay,
-                          self.trust_coefficient, self.eps, first)
+        # one reduction launch per sum on CuPy; the kernel takes the square roots
+        fused.lars_update(p, g, buf, fused.sum_of_squares(p), fused.sum_of_squares(g), lr, self.momentum,
+                          self.weight_decay, self.trust_coefficient, self.eps, first)
 
 
 def warmup_cosine_schedule(
