@@ -15,8 +15,10 @@
    ours with the fused kernels and, in fp32, with the plain CuPy code too; in fp32 one step
    of each is also profiled by operation kind (``profile_ms``, ``profile_plain_ms``: device
    time between CUDA events), which says where the remaining time goes;
-4. BatchNorm's per-channel sums of products: our batched matmul against ``sum(a * b)``;
-5. a full SwAV training step (2x32 + 6x16 crops, augmentation on the GPU, resnet18,
+4. the same step on a batch of 8 (``host_floor``): the device has almost nothing to do, so
+   this is the host's cost of issuing the step's launches (see ``bench_launches.py``);
+5. BatchNorm's per-channel sums of products: our batched matmul against ``sum(a * b)``;
+6. a full SwAV training step (2x32 + 6x16 crops, augmentation on the GPU, resnet18,
    LARS), images per second, fused kernels against the plain CuPy code.
 
 Every case records ``ours_ms`` and the peer's time (``torch_ms``, or ``peer_ms`` with
@@ -48,8 +50,8 @@ from bench_resnet import torch_mirror  # noqa: E402  (the same torch network as 
 from swav_ref import fused  # noqa: E402
 from swav_ref.backend import Random, get_backend, set_tf32, synchronize, to_numpy  # noqa: E402
 
-SIZES = {"full": dict(batch=4096, prototypes=3000, images=256, swav_batch=256, hidden=2048),
-         "small": dict(batch=64, prototypes=30, images=8, swav_batch=8, hidden=32)}
+SIZES = {"full": dict(batch=4096, prototypes=3000, images=256, floor_images=8, swav_batch=256, hidden=2048),
+         "small": dict(batch=64, prototypes=30, images=8, floor_images=2, swav_batch=8, hidden=32)}
 
 
 class Setup:
@@ -161,12 +163,14 @@ def bench_sinkhorn_and_loss(s: Setup, size: dict, repeats: int) -> dict:
     return out
 
 
-def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
+def resnet18_steps(s: Setup, batch: int):
+    """Three training steps of resnet18 on the same ``batch`` of 3x32x32 images: ours with
+    the fused kernels, ours with the plain CuPy code, and torch's on the same weights."""
     from swav_ref.nn import SGD, Linear
     from swav_ref.nn import functional as F
     from swav_ref.nn.resnet import resnet18
 
-    xp, torch, batch = s.xp, s.torch, size["images"]
+    xp, torch = s.xp, s.torch
     net = resnet18(3, xp=xp, dtype="float32", rng=Random(0))
     head = Linear(net.out_dim, 10, xp=xp, dtype="float32", rng=Random(1))
     rng = np.random.default_rng(0)
@@ -200,6 +204,12 @@ def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
         opt.step()
         return loss
 
+    return ours, ours_plain, peer
+
+
+def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
+    batch = size["images"]
+    ours, ours_plain, peer = resnet18_steps(s, batch)
     out = {}
     profiles = {}
     try:
@@ -227,6 +237,21 @@ def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
     finally:
         s.precision(False)
     return out
+
+
+def bench_host_floor(s: Setup, size: dict, repeats: int) -> dict:
+    """The resnet18 step on a tiny batch, where the device has almost nothing to do: the
+    time is then the host's, issuing launches (divide by ``bench_launches.py``'s count of
+    kernels per step for the cost of one). TF32 off in both."""
+    batch = size["floor_images"]
+    ours, ours_plain, peer = resnet18_steps(s, batch)
+    s.precision(False)
+    t = median_times({"fused": ours, "plain": ours_plain, "torch": peer}, repeats, s.sync)
+    key = f"resnet18_cifar_step_b{batch}_host_floor"
+    return {key: _case(f"resnet18 training step, batch {batch} (host-bound: launch overhead), fused kernels: "
+                       "ours vs torch", t["fused"], t["torch"]),
+            key + "_plain": _case(f"resnet18 training step, batch {batch} (host-bound), plain CuPy code: ours vs "
+                                  "torch", t["plain"], t["torch"])}
 
 
 def bench_row_dot(s: Setup, size: dict, repeats: int) -> dict:
@@ -304,7 +329,7 @@ def main(argv=None) -> dict:
               "fused_kernels": fused.enabled(), "command": command + (" --small" if args.small else ""),
               "cases": {}}
     for name, fn in [("sinkhorn_and_loss", bench_sinkhorn_and_loss), ("resnet18", bench_resnet18_step),
-                     ("row_dot", bench_row_dot), ("swav_step", bench_swav_step)]:
+                     ("host_floor", bench_host_floor), ("row_dot", bench_row_dot), ("swav_step", bench_swav_step)]:
         try:
             result["cases"].update(fn(s, size, args.repeats))
         except Exception as exc:  # record and go on: one failing case must not hide the others

@@ -75,6 +75,8 @@ def format_value(value: float | None, unit: str) -> str:
         return f"{value:.0f} B"
     if unit == "%":
         return f"{value:.1f}%"
+    if float(value).is_integer():  # a count: every digit
+        return f"{int(value):,} {unit}".strip()
     return f"{value:.3g} {unit}".strip()
 
 
@@ -210,6 +212,13 @@ def read_equivalence(data: dict, path: Path, results_dir: Path) -> list[Row]:
                 _date(data, path), "python benchmarks/gpu_equivalence.py")]
 
 
+def read_launches(data: dict, path: Path, results_dir: Path) -> list[Row]:
+    """``bench_launches.py``: kernels launched per step, fused path (ours) vs plain code (peer)."""
+    command = data.get("command", "python benchmarks/bench_launches.py")
+    return [Row(c["what"], c["fused"]["kernels"], c["plain"]["kernels"], "launches", "any (exact counts)",
+                _date(data, path), command) for c in data.get("cases", {}).values()]
+
+
 def read_deepcluster_scaling(data: dict, path: Path, results_dir: Path) -> list[Row]:
     rows_in = data.get("results", [])
     by = {(r["method"], r["repeats"]): r for r in rows_in}
@@ -266,6 +275,7 @@ READERS: dict[str, Reader] = {
     "bench_gpu.json": read_gpu,
     "gpu_equivalence.json": read_equivalence,
     "gpu_equivalence_plain.json": read_equivalence,
+    "bench_launches.json": read_launches,
     "bench_deepcluster_scaling.json": read_deepcluster_scaling,
     **{name: read_training for name in TRAINING_RESULTS},
 }

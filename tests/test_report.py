@@ -178,7 +178,8 @@ def test_bench_gpu_rehearsal_feeds_the_report(report, tmp_path):
     errors = {k: c["error"] for k, c in data["cases"].items() if "error" in c}
     assert not errors, errors
     assert {"sinkhorn_B64_K30", "resnet18_cifar_step_b8_fp32", "resnet18_cifar_step_b8_fp32_plain",
-            "resnet18_cifar_step_b8_tf32", "bn_row_dot_C64_M8192", "swav_step_resnet18_2x32+6x16_b8"} <= set(data["cases"])
+            "resnet18_cifar_step_b8_tf32", "resnet18_cifar_step_b2_host_floor", "bn_row_dot_C64_M8192",
+            "swav_step_resnet18_2x32+6x16_b8"} <= set(data["cases"])
     profile = data["cases"]["resnet18_cifar_step_b8_fp32"]["profile_ms"]
     assert {"im2col", "BatchNorm backward", "optimiser step"} <= set(profile) and min(profile.values()) > 0
     rows = report.collect_rows(out.parent)
@@ -186,6 +187,29 @@ def test_bench_gpu_rehearsal_feeds_the_report(report, tmp_path):
     step = next(r for r in rows if r.what.startswith("full SwAV step"))
     assert step.peer is not None and step.ratio == pytest.approx(data["cases"]["swav_step_resnet18_2x32+6x16_b8"]["ratio"])
     assert all(r.ratio is not None and r.ratio > 0 for r in rows)
+
+
+def test_launch_counts_show_the_fused_path_and_feed_the_report(report, tmp_path):
+    """benchmarks/bench_launches.py on the resnet_tiny step: the fused kernels (compiled for
+    the CPU) must cut the kernel launches of a step to under a third of the plain code's.
+    A fused path that silently falls back to the plain code (a layout or dtype that no
+    longer qualifies) shows up here as a higher count."""
+    import shutil
+
+    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        pytest.skip("no C++ compiler to build the fused kernels for the CPU")
+    out = tmp_path / "launches" / "bench_launches.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_launches.py"), "--cases", "resnet_tiny_step",
+                    "--out", str(out)], check=True, capture_output=True, text=True, cwd=ROOT)
+    case = json.loads(out.read_text())["cases"]["resnet_tiny_step"]
+    plain, fused = case["plain"], case["fused"]
+    assert plain["kernels"] > 500 and 0 < fused["kernels"] < plain["kernels"] / 3
+    assert fused["views"] < plain["views"]
+    launched = {site["what"] for site in case["top_kernel_sites_fused"]}
+    assert {"fused sgd_update", "fused im2col", "fused batchnorm_scale_shift"} <= launched
+    (row,) = report.collect_rows(out.parent)
+    assert row.unit == "launches" and row.ours == fused["kernels"] and row.ratio == pytest.approx(case["ratio"])
+    assert report.format_value(1606, row.unit) == "1,606 launches"
 
 
 def test_failed_gpu_cases_are_reported_not_tabled(report, tmp_path, capsys):

@@ -1,0 +1,290 @@
+"""How many array operations one training step issues: the fused kernels against the plain code.
+
+Why count them: on a GPU every array operation is a kernel launch, and CuPy spends several
+microseconds of Python and driver time on the host to issue each one. The H200 run before
+the fused kernels timed our ``resnet_tiny`` step (batch 256 of 8x8 images, so almost no
+work on the device) at 23 ms, against 3.7 ms for PyTorch: about 18 µs of host time per
+array operation. At that rate a step that issues 1,500 operations cannot take less than
+about 27 ms, however fast the GPU. So the number of launches is a cost of its own, and one
+that can be measured exactly on any machine.
+
+How: the step runs on NumPy arrays of a subclass (:class:`CountingArray`) that tallies
+every NumPy operation done on it, and NumPy's array-creating functions are wrapped for the
+duration so that every array of the step is such an array. For the fused path the kernels
+are compiled for the CPU (``tests/fused_host.py``, as in the test suite) and each launch is
+counted. Operations are sorted into
+
+- ``kernels``: what launches a kernel on a GPU: element-wise operations, reductions,
+  matrix products, copies and fills, and the fused kernels;
+- ``views``: reshapes, transposes and slices (host work only, but not free in CuPy);
+- ``allocations``: ``empty`` arrays (a memory-pool lookup in CuPy).
+
+The NumPy step takes the same code path as CuPy's except in two places, both of which
+count more here than on a GPU: ``conv2d_backward`` forms the weight gradient transposed on
+NumPy (OpenBLAS is faster so), which costs the fused optimiser one copy per convolution
+(20 per resnet18 pass); and LARS's sums of squares are one CuPy reduction kernel each but
+two operations here (2 per parameter: 132 in the SwAV step). The counts are exact and do
+not depend on the batch size, so small inputs are used.
+
+Cases: the step of ``benchmarks/bench_resnet.py`` (forward, linear head, cross-entropy,
+backward, SGD) for ``resnet_tiny`` and ``resnet18``, and the full SwAV step of
+``benchmarks/bench_gpu.py`` (multi-crop, resnet18, prototypes, Sinkhorn, LARS) at toy sizes.
+
+Run:  python benchmarks/bench_launches.py   (writes benchmarks/results/bench_launches.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # fused_host: the kernels compiled for the CPU
+
+from swav_ref import fused  # noqa: E402
+
+#: NumPy functions that only make a new view of the same memory.
+VIEW_FUNCTIONS = {"reshape", "permute_dims", "transpose", "squeeze", "expand_dims", "broadcast_to",
+                  "ravel", "matrix_transpose", "swapaxes", "moveaxis"}
+#: Functions that answer questions about arrays without computing anything.
+QUERY_FUNCTIONS = {"shape", "ndim", "size", "result_type", "can_cast", "isdtype", "may_share_memory",
+                   "shares_memory", "iterable"}
+#: Array-creating functions wrapped while counting (``empty*`` only reserve memory).
+CREATORS = {"empty": "allocations", "empty_like": "allocations", "zeros": "kernels", "zeros_like": "kernels",
+            "ones": "kernels", "ones_like": "kernels", "full": "kernels", "full_like": "kernels",
+            "arange": "kernels", "eye": "kernels", "asarray": "kernels", "ascontiguousarray": "kernels",
+            "concat": "kernels", "concatenate": "kernels", "stack": "kernels"}
+
+
+class Tally:
+    """Operations by kind and by the library function that issued them."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.depth = 0  # > 0 inside a counted operation: NumPy's own inner calls are not counted
+        self.by_kind: collections.Counter = collections.Counter()
+        self.by_site: collections.Counter = collections.Counter()
+
+    def add(self, kind: str, what: str) -> None:
+        if self.on and self.depth == 0:
+            self.by_kind[kind] += 1
+            self.by_site[(kind, _caller(), what)] += 1
+
+    @contextlib.contextmanager
+    def inside(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+
+TALLY = Tally()
+
+
+def _caller() -> str:
+    """``module.function`` of the innermost swav_ref frame outside swav_ref.fused."""
+    frame = sys._getframe(3)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if "swav_ref" in name and "fused" not in name:
+            module = name.split("swav_ref")[-1].strip("/\\").removesuffix(".py").replace("/", ".")
+            return f"{module}.{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "?"
+
+
+def _plain(a: Any) -> Any:
+    return a.view(np.ndarray) if isinstance(a, CountingArray) else a
+
+
+def _counting(a: Any) -> Any:
+    return a.view(CountingArray) if type(a) is np.ndarray else a
+
+
+class CountingArray(np.ndarray):
+    """A NumPy array that reports every operation done on it to :data:`TALLY`."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        TALLY.add("kernels", f"{ufunc.__name__}" + ("" if method == "__call__" else f".{method}"))
+        if "out" in kwargs:
+            kwargs["out"] = tuple(_plain(o) for o in kwargs["out"])
+        with TALLY.inside():
+            result = getattr(ufunc, method)(*(_plain(i) for i in inputs), **kwargs)
+        return tuple(map(_counting, result)) if isinstance(result, tuple) else _counting(result)
+
+    def __array_function__(self, func, types, args, kwargs):
+        name = func.__name__
+        if name not in QUERY_FUNCTIONS:
+            TALLY.add("views" if name in VIEW_FUNCTIONS else "kernels", name)
+        with TALLY.inside():
+            return super().__array_function__(func, types, args, kwargs)
+
+    def __getitem__(self, key):
+        TALLY.add("views", "getitem")
+        with TALLY.inside():
+            return super().__getitem__(key)
+
+    def __setitem__(self, key, value):
+        TALLY.add("kernels", "setitem")
+        with TALLY.inside():
+            super().__setitem__(key, value)
+
+    def astype(self, *args, **kwargs):
+        TALLY.add("kernels", "astype")
+        with TALLY.inside():
+            return super().astype(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def counting_numpy() -> Iterator[None]:
+    """While active, NumPy's array-creating functions return :class:`CountingArray` and
+    count themselves (``asarray`` only when it makes a new array)."""
+    originals = {name: getattr(np, name) for name in CREATORS}
+
+    def wrap(name: str, fn: Callable) -> Callable:
+        def creator(*args, **kwargs):
+            with TALLY.inside():
+                result = fn(*args, **kwargs)
+            if name not in ("asarray", "ascontiguousarray") or not (args and result is args[0]):
+                TALLY.add(CREATORS[name], name)
+            return _counting(result)
+        return creator
+
+    for name, fn in originals.items():
+        setattr(np, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(np, name, fn)
+
+
+@contextlib.contextmanager
+def fused_kernels_on_the_cpu() -> Iterator[None]:
+    """The fused kernels compiled for the CPU and registered for NumPy; each launch counted."""
+    from fused_host import HostLauncher, compile_host_library
+
+    with tempfile.TemporaryDirectory() as tmp:
+        library = compile_host_library(Path(tmp))
+        if library is None:
+            raise RuntimeError("no C++ compiler: the fused kernels cannot be built for the CPU")
+        run = HostLauncher(library)
+
+        def launcher(name: str, n_elements: int, args: tuple) -> None:
+            TALLY.add("kernels", "fused " + name.rsplit("_", 2)[0])
+            with TALLY.inside():
+                run(name, n_elements, tuple(_plain(a) for a in args))
+
+        fused.register_launcher("numpy", launcher)
+        try:
+            yield
+        finally:
+            fused.register_launcher("numpy", None)
+
+
+def count_step(make_step: Callable[[], Callable[[], Any]], use_fused: bool, warm_steps: int = 2) -> dict:
+    """Operations of one step (after ``warm_steps``, so that buffers and lazy set-up are in
+    place, as in a long run). ``make_step`` builds the model and returns the step."""
+    TALLY.by_kind.clear()
+    TALLY.by_site.clear()
+    with counting_numpy(), (fused_kernels_on_the_cpu() if use_fused else contextlib.nullcontext()):
+        step = make_step()
+        for _ in range(warm_steps):
+            step()
+        TALLY.on = True
+        try:
+            step()
+        finally:
+            TALLY.on = False
+    sites = [{"kind": kind, "where": where, "what": what, "count": n}
+             for (kind, where, what), n in TALLY.by_site.most_common() if kind == "kernels"]
+    return {"kernels": TALLY.by_kind["kernels"], "views": TALLY.by_kind["views"],
+            "allocations": TALLY.by_kind["allocations"], "kernel_sites": sites}
+
+
+# -- the steps -------------------------------------------------------------------------------
+def resnet_step(arch: str, batch: int = 2) -> Callable[[], Callable[[], Any]]:
+    """``bench_resnet.py``'s SGD step of ``arch`` (its input size), on ``batch`` images."""
+    from bench_resnet import build_case, case_inputs, make_ours
+
+    def make():
+        net, head, shape = build_case(arch, np)
+        x, y = case_inputs(shape, batch)
+        step = make_ours(net, head)
+        x, y = np.asarray(x), np.asarray(y)
+        return lambda: step(x, y)
+    return make
+
+
+def swav_step(batch: int = 4) -> Callable[[], Callable[[], Any]]:
+    """``bench_gpu.py``'s full SwAV step (2x32 + 6x16 crops, resnet18, LARS) at toy sizes."""
+    def make():
+        from swav_ref.data.datasets import ImageDataset
+        from swav_ref.train import TrainConfig, Trainer
+
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, size=(batch * 2, 3, 32, 32), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=batch * 2)
+        data = ImageDataset(images, labels, tuple(str(i) for i in range(10)), "synthetic-cifar")
+        cfg = TrainConfig(backend="numpy", arch="resnet18", batch_size=batch, n_crops=(2, 6), crop_sizes=(32, 16),
+                          min_scale=(0.14, 0.05), max_scale=(1.0, 0.14), n_prototypes=(30,), hidden_dim=32,
+                          feat_dim=16, epochs=1000, out_dir=tempfile.mkdtemp(prefix="swav_launches_"),
+                          progress=False)
+        trainer = Trainer(cfg, train_set=data, test_set=data)
+        idx = np.arange(batch)
+        return lambda: trainer.train_step(trainer.make_crops(idx), idx)
+    return make
+
+
+CASES = {
+    "resnet_tiny_step": ("resnet_tiny SGD step (bench_resnet.py)", lambda: resnet_step("resnet_tiny")),
+    "resnet18_step": ("resnet18 SGD step, CIFAR layout (bench_resnet.py, bench_gpu.py)", lambda: resnet_step("resnet18")),
+    "swav_step": ("full SwAV step, resnet18, 2x32 + 6x16 crops, LARS (bench_gpu.py)", swav_step),
+}
+
+
+def run_case(name: str, top: int = 12) -> dict:
+    what, make = CASES[name]
+    plain = count_step(make(), use_fused=False)
+    fused_counts = count_step(make(), use_fused=True)
+    return {
+        "what": f"{what}: array operations that launch a GPU kernel, fused kernels vs the plain code",
+        "plain": {k: v for k, v in plain.items() if k != "kernel_sites"},
+        "fused": {k: v for k, v in fused_counts.items() if k != "kernel_sites"},
+        "ratio": fused_counts["kernels"] / plain["kernels"],
+        "top_kernel_sites_fused": fused_counts["kernel_sites"][:top],
+        "top_kernel_sites_plain": plain["kernel_sites"][:top],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    p.add_argument("--out", type=Path, default=HERE / "results" / "bench_launches.json")
+    args = p.parse_args(argv)
+    result = {"benchmark": "bench_launches", "date": time.strftime("%Y-%m-%d"),
+              "machine": f"any (exact counts; run on {platform.machine()})", "numpy": np.__version__,
+              "command": "python benchmarks/bench_launches.py", "cases": {}}
+    for name in args.cases:
+        result["cases"][name] = case = run_case(name)
+        print(f"{name}: {case['fused']['kernels']} kernels fused, {case['plain']['kernels']} plain "
+              f"({case['ratio']:.2f}); views {case['fused']['views']} / {case['plain']['views']}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
