@@ -12,13 +12,15 @@
      ``cuda.matmul.allow_tf32`` False; ours :func:`swav_ref.backend.set_tf32` False);
    - ``tf32``: TF32 tensor cores allowed in both (PyTorch's default for convolutions);
 
-   ours with the fused kernels and, in fp32, with the plain CuPy code too; in fp32 one step
-   of each is also profiled by operation kind (``profile_ms``, ``profile_plain_ms``: device
-   time between CUDA events), which says where the remaining time goes;
+   ours with the fused kernels and, in fp32, with the plain CuPy code too; one step of each
+   is also profiled by operation kind (``profile_ms``, ``profile_plain_ms``: device time
+   between CUDA events, the two GEMMs of a convolution's backward told apart), which says
+   where the remaining time goes;
 4. the same step on a batch of 8 (``host_floor``): the device has almost nothing to do, so
    this is the host's cost of issuing the step's launches (see ``bench_launches.py``);
-5. BatchNorm's per-channel sums of products: our batched matmul against ``sum(a * b)``;
-6. a full SwAV training step (2x32 + 6x16 crops, augmentation on the GPU, resnet18,
+5. the host time of one launch and of one view, ours against torch's;
+6. BatchNorm's per-channel sums of products: our batched matmul against ``sum(a * b)``;
+7. a full SwAV training step (2x32 + 6x16 crops, augmentation on the GPU, resnet18,
    LARS), images per second, fused kernels against the plain CuPy code.
 
 Every case records ``ours_ms`` and the peer's time (``torch_ms``, or ``peer_ms`` with
@@ -79,14 +81,17 @@ def op_profile(s: Setup):
     """Time spent per kind of operation while the block runs, in ms, as a dict filled in
     when the block ends. On the GPU each call is bracketed by CUDA events (no sync inside
     the step; the events are read once at the end), so the numbers are device time; on the
-    CPU, wall time. ``im2col`` / ``col2im`` are also inside the conv rows."""
+    CPU, wall time. Rows marked "in ..." are also inside that row: conv backward minus its
+    dX GEMM and col2im is the dW GEMM."""
     from swav_ref.nn import SGD
     from swav_ref.nn import functional as F
 
     patches = [(F, "im2col", "im2col"), (F, "col2im", "col2im"),
                (F, "conv2d_forward", "conv forward (GEMM + im2col)"),
                (F, "conv2d_backward", "conv backward (2 GEMMs + col2im)"),
+               (F, "_matmul_into", "dX GEMM (in conv backward)"),
                (F, "batchnorm_forward", "BatchNorm forward"), (F, "batchnorm_backward", "BatchNorm backward"),
+               (F, "_row_dot", "BatchNorm channel sums of products (in BatchNorm)"),
                (F, "relu_forward", "ReLU forward"), (F, "relu_backward", "ReLU backward"),
                (F, "add_forward", "residual add"), (SGD, "step", "optimiser step")]
     gpu = s.device == "cuda"
@@ -213,8 +218,8 @@ def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
     out = {}
     profiles = {}
     try:
-        s.precision(False)
-        for variant, step in (("fused", ours), ("plain", ours_plain)):
+        for variant, step, tf32 in (("fused", ours, False), ("plain", ours_plain, False), ("fused_tf32", ours, True)):
+            s.precision(tf32)
             step()  # warm: kernels compiled, buffers pooled
             with op_profile(s) as profiles[variant]:
                 s.sync()
@@ -227,7 +232,8 @@ def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
             t = median_times(fns, repeats, s.sync)
             rule = "TF32 allowed in both" if tf32 else "true float32 in both (TF32 off)"
             key = f"resnet18_cifar_step_b{batch}_{mode}"
-            extra = {"profile_ms": profiles["fused"], "profile_plain_ms": profiles["plain"]} if not tf32 else {}
+            extra = ({"profile_ms": profiles["fused_tf32"]} if tf32 else
+                     {"profile_ms": profiles["fused"], "profile_plain_ms": profiles["plain"]})
             out[key] = _case(f"resnet18 training step, batch {batch}, 3x32x32, {rule}: ours (fused kernels) vs torch",
                              t["fused"], t["torch"], ours_images_per_s=batch / t["fused"],
                              torch_images_per_s=batch / t["torch"], **extra)
@@ -252,6 +258,31 @@ def bench_host_floor(s: Setup, size: dict, repeats: int) -> dict:
                        "ours vs torch", t["fused"], t["torch"]),
             key + "_plain": _case(f"resnet18 training step, batch {batch} (host-bound), plain CuPy code: ours vs "
                                   "torch", t["plain"], t["torch"])}
+
+
+def bench_launch_overhead(s: Setup, size: dict, repeats: int, launches: int = 2000) -> dict:
+    """The host's cost of one launch: ``launches`` additions of two 1-element arrays in a
+    row (the device does nothing worth timing), ours (a CuPy element-wise launch) against
+    torch's; and of one CuPy view (a reshape), against torch's. Multiplied by the counts
+    of ``bench_launches.py`` this is the floor under a step that the GPU cannot lower."""
+    xp, torch = s.xp, s.torch
+    a, b = xp.ones((1,), dtype=xp.float32), xp.ones((1,), dtype=xp.float32)
+    ta, tb = torch.ones(1, device=s.device), torch.ones(1, device=s.device)
+
+    def repeat(fn):
+        def run():
+            for _ in range(launches):
+                fn()
+        return run
+
+    t = median_times({"ours_add": repeat(lambda: a + b), "torch_add": repeat(lambda: ta + tb),
+                      "ours_view": repeat(lambda: xp.reshape(a, (1, 1))), "torch_view": repeat(lambda: ta.view(1, 1))},
+                     repeats, s.sync)
+    per = {k: v / launches for k, v in t.items()}
+    return {"launch_overhead_add": _case("host time of one element-wise launch (1-element add): ours vs torch",
+                                         per["ours_add"], per["torch_add"]),
+            "launch_overhead_view": _case("host time of one view (reshape): ours vs torch", per["ours_view"],
+                                          per["torch_view"])}
 
 
 def bench_row_dot(s: Setup, size: dict, repeats: int) -> dict:
@@ -329,7 +360,8 @@ def main(argv=None) -> dict:
               "fused_kernels": fused.enabled(), "command": command + (" --small" if args.small else ""),
               "cases": {}}
     for name, fn in [("sinkhorn_and_loss", bench_sinkhorn_and_loss), ("resnet18", bench_resnet18_step),
-                     ("host_floor", bench_host_floor), ("row_dot", bench_row_dot), ("swav_step", bench_swav_step)]:
+                     ("host_floor", bench_host_floor), ("launch_overhead", bench_launch_overhead),
+                     ("row_dot", bench_row_dot), ("swav_step", bench_swav_step)]:
         try:
             result["cases"].update(fn(s, size, args.repeats))
         except Exception as exc:  # record and go on: one failing case must not hide the others
