@@ -52,8 +52,10 @@ from bench_resnet import torch_mirror  # noqa: E402  (the same torch network as 
 from swav_ref import fused  # noqa: E402
 from swav_ref.backend import Random, get_backend, set_tf32, synchronize, to_numpy  # noqa: E402
 
-SIZES = {"full": dict(batch=4096, prototypes=3000, images=256, floor_images=8, swav_batch=256, hidden=2048),
-         "small": dict(batch=64, prototypes=30, images=8, floor_images=2, swav_batch=8, hidden=32)}
+SIZES = {"full": dict(batch=4096, prototypes=3000, images=256, floor_images=8, swav_batch=256,
+                     prototypes_step=3000, hidden=2048),
+         "small": dict(batch=64, prototypes=30, images=8, floor_images=2, swav_batch=8, prototypes_step=3000,
+                       hidden=32)}
 
 
 class Setup:
@@ -306,25 +308,34 @@ def bench_row_dot(s: Setup, size: dict, repeats: int) -> dict:
     return out
 
 
-def bench_swav_step(s: Setup, size: dict, repeats: int) -> dict:
+def swav_step(backend: str, batch: int, prototypes: int, hidden: int, feat_dim: int = 128):
+    """One full SwAV training step (2x32 + 6x16 crops of synthetic CIFAR-sized images,
+    augmentation on the backend, resnet18, projection head, prototypes, Sinkhorn, LARS)
+    as a function of no arguments, on the same ``batch`` of images each time."""
+    import tempfile
+
     from swav_ref.data.datasets import ImageDataset
     from swav_ref.train import TrainConfig, Trainer
 
-    batch = size["swav_batch"]
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(batch * 2, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, 10, size=batch * 2)
     ds = ImageDataset(images, labels, tuple(str(i) for i in range(10)), "synthetic-cifar")
-    backend = "cupy" if s.device == "cuda" else "numpy"
     cfg = TrainConfig(backend=backend, arch="resnet18", batch_size=batch, n_crops=(2, 6), crop_sizes=(32, 16),
-                      min_scale=(0.14, 0.05), max_scale=(1.0, 0.14), n_prototypes=(3000,),
-                      hidden_dim=size["hidden"], feat_dim=128, epochs=1000, out_dir="/tmp/swav_gpu_bench",
-                      progress=False)
+                      min_scale=(0.14, 0.05), max_scale=(1.0, 0.14), n_prototypes=(prototypes,),
+                      hidden_dim=hidden, feat_dim=feat_dim, epochs=1000,
+                      out_dir=tempfile.mkdtemp(prefix="swav_step_bench_"), progress=False)
     trainer = Trainer(cfg, train_set=ds, test_set=ds)
     idx = np.arange(batch)
 
     def step():
         trainer.train_step(trainer.make_crops(idx), idx)
+    return step
+
+
+def bench_swav_step(s: Setup, size: dict, repeats: int) -> dict:
+    batch = size["swav_batch"]
+    step = swav_step("cupy" if s.device == "cuda" else "numpy", batch, size["prototypes_step"], size["hidden"])
 
     def plain():
         with fused.disabled():

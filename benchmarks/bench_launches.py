@@ -230,22 +230,9 @@ def resnet_step(arch: str, batch: int = 2) -> Callable[[], Callable[[], Any]]:
 
 def swav_step(batch: int = 4) -> Callable[[], Callable[[], Any]]:
     """``bench_gpu.py``'s full SwAV step (2x32 + 6x16 crops, resnet18, LARS) at toy sizes."""
-    def make():
-        from swav_ref.data.datasets import ImageDataset
-        from swav_ref.train import TrainConfig, Trainer
+    from bench_gpu import swav_step as make_swav_step
 
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, size=(batch * 2, 3, 32, 32), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=batch * 2)
-        data = ImageDataset(images, labels, tuple(str(i) for i in range(10)), "synthetic-cifar")
-        cfg = TrainConfig(backend="numpy", arch="resnet18", batch_size=batch, n_crops=(2, 6), crop_sizes=(32, 16),
-                          min_scale=(0.14, 0.05), max_scale=(1.0, 0.14), n_prototypes=(30,), hidden_dim=32,
-                          feat_dim=16, epochs=1000, out_dir=tempfile.mkdtemp(prefix="swav_launches_"),
-                          progress=False)
-        trainer = Trainer(cfg, train_set=data, test_set=data)
-        idx = np.arange(batch)
-        return lambda: trainer.train_step(trainer.make_crops(idx), idx)
-    return make
+    return lambda: make_swav_step("numpy", batch, prototypes=30, hidden=32, feat_dim=16)
 
 
 CASES = {
