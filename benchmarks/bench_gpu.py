@@ -290,21 +290,28 @@ def bench_launch_overhead(s: Setup, size: dict, repeats: int, launches: int = 20
 def bench_row_dot(s: Setup, size: dict, repeats: int) -> dict:
     """BatchNorm's per-channel sums of products, ``functional._row_dot`` (a batched matrix
     product, C dot products of length M: the faster form on the CPU) against the plain
-    ``sum(a * b, axis=1)``, at the shapes of resnet18's first and last stages. Which form
-    suits the GPU is an open question this case answers."""
+    ``sum(a * b, axis=1)``, at the shapes of resnet18's first and last stages; on CuPy also
+    against a ``cupy.ReductionKernel`` that multiplies as it sums (one launch, no (C, M)
+    temporary). Which form suits the GPU is an open question this case answers."""
     from swav_ref.nn.functional import _row_dot
 
+    xp = s.xp
+    fns = {"matmul": lambda a, b: _row_dot(a, b), "sum": lambda a, b: xp.sum(a * b, axis=1)}
+    if s.device == "cuda":
+        kernel = xp.ReductionKernel("T x, T w", "T y", "x * w", "a + b", "y = a", "0", "bench_row_dot")
+        fns["reduction_kernel"] = lambda a, b: kernel(a, b, axis=1)
     out = {}
-    images = size["images"]
     for channels, side in ((64, 32), (512, 4)):
-        m = side * side * images
+        m = side * side * size["images"]
         rng = np.random.default_rng(0)
-        a = s.xp.asarray(rng.normal(size=(channels, m)).astype(np.float32))
-        b = s.xp.asarray(rng.normal(size=(channels, m)).astype(np.float32))
-        t = median_times({"matmul": lambda: _row_dot(a, b), "sum": lambda: s.xp.sum(a * b, axis=1)}, repeats, s.sync)
-        out[f"bn_row_dot_C{channels}_M{m}"] = _case(
-            f"BatchNorm channel sums of products, C={channels}, M={m}: batched matmul (ours) vs sum(a * b, axis=1)",
-            t["matmul"], t["sum"], peer_key="peer_ms")
+        a = xp.asarray(rng.normal(size=(channels, m)).astype(np.float32))
+        b = xp.asarray(rng.normal(size=(channels, m)).astype(np.float32))
+        t = median_times({name: (lambda fn=fn: fn(a, b)) for name, fn in fns.items()}, repeats, s.sync)
+        for peer in [name for name in fns if name != "matmul"]:
+            label = "sum(a * b, axis=1)" if peer == "sum" else "a ReductionKernel (one launch)"
+            key = f"bn_row_dot_C{channels}_M{m}" + ("" if peer == "sum" else f"_vs_{peer}")
+            out[key] = _case(f"BatchNorm channel sums of products, C={channels}, M={m}: batched matmul (ours) vs "
+                             f"{label}", t["matmul"], t[peer], peer_key="peer_ms")
     return out
 
 
