@@ -315,10 +315,13 @@ def bench_row_dot(s: Setup, size: dict, repeats: int) -> dict:
     return out
 
 
-def swav_step(backend: str, batch: int, prototypes: int, hidden: int, feat_dim: int = 128):
+def swav_step(backend: str, batch: int, prototypes: int, hidden: int, feat_dim: int = 128, arch: str = "resnet18",
+              **overrides):
     """One full SwAV training step (2x32 + 6x16 crops of synthetic CIFAR-sized images,
     augmentation on the backend, resnet18, projection head, prototypes, Sinkhorn, LARS)
-    as a function of no arguments, on the same ``batch`` of images each time."""
+    as a function of no arguments, on the same ``batch`` of images each time.
+    ``overrides``: more :class:`~swav_ref.train.TrainConfig` fields (e.g. a queue, which
+    the first epoch's start then creates)."""
     import tempfile
 
     from swav_ref.data.datasets import ImageDataset
@@ -328,11 +331,12 @@ def swav_step(backend: str, batch: int, prototypes: int, hidden: int, feat_dim: 
     images = rng.integers(0, 256, size=(batch * 2, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, 10, size=batch * 2)
     ds = ImageDataset(images, labels, tuple(str(i) for i in range(10)), "synthetic-cifar")
-    cfg = TrainConfig(backend=backend, arch="resnet18", batch_size=batch, n_crops=(2, 6), crop_sizes=(32, 16),
+    cfg = TrainConfig(backend=backend, arch=arch, batch_size=batch, n_crops=(2, 6), crop_sizes=(32, 16),
                       min_scale=(0.14, 0.05), max_scale=(1.0, 0.14), n_prototypes=(prototypes,),
                       hidden_dim=hidden, feat_dim=feat_dim, epochs=1000,
-                      out_dir=tempfile.mkdtemp(prefix="swav_step_bench_"), progress=False)
+                      out_dir=tempfile.mkdtemp(prefix="swav_step_bench_"), progress=False, **overrides)
     trainer = Trainer(cfg, train_set=ds, test_set=ds)
+    trainer._start_epoch(0)  # what fit() does first (creates the queue, if asked for)
     idx = np.arange(batch)
 
     def step():

@@ -17,7 +17,15 @@ counted. Operations are sorted into
 - ``kernels``: what launches a kernel on a GPU: element-wise operations, reductions,
   matrix products, copies and fills, and the fused kernels;
 - ``views``: reshapes, transposes and slices (host work only, but not free in CuPy);
-- ``allocations``: ``empty`` arrays (a memory-pool lookup in CuPy).
+- ``allocations``: ``empty`` arrays (a memory-pool lookup in CuPy);
+- ``host_syncs``: reads of an array's value into Python (``float``, ``int``, ``bool``,
+  an index, ``item``, ``tolist``) and calls of ``swav_ref.backend.to_numpy``. On a GPU
+  each one makes the host wait for every queued kernel, so a training step should have
+  none (the loop reads its losses every ``log_every`` steps, outside the step). On NumPy a
+  host array looks like a device array, so reads of host-side arrays count too: the 4 of
+  the SwAV step are ``render_crops``' decisions on its crop parameters, which are host
+  arrays by construction. (NumPy returns full reductions as scalars; here they are 0-d
+  arrays, as on CuPy, so that their reads, and operations on them, count.)
 
 The NumPy step takes the same code path as CuPy's except in two places, both of which
 count more here than on a GPU: ``conv2d_backward`` forms the weight gradient transposed on
@@ -109,7 +117,14 @@ def _plain(a: Any) -> Any:
     return a.view(np.ndarray) if isinstance(a, CountingArray) else a
 
 
+_NP_ASARRAY = np.asarray
+
+
 def _counting(a: Any) -> Any:
+    """A result as a :class:`CountingArray`. NumPy returns a full reduction as a scalar;
+    it becomes a 0-d array here, as CuPy returns it, so that reading its value counts."""
+    if isinstance(a, np.generic):
+        a = _NP_ASARRAY(a)  # NumPy's own: the wrapped one would count this as an operation
     return a.view(CountingArray) if type(a) is np.ndarray else a
 
 
@@ -129,7 +144,8 @@ class CountingArray(np.ndarray):
         if name not in QUERY_FUNCTIONS:
             TALLY.add("views" if name in VIEW_FUNCTIONS else "kernels", name)
         with TALLY.inside():
-            return super().__array_function__(func, types, args, kwargs)
+            result = super().__array_function__(func, types, args, kwargs)
+        return _counting(result) if isinstance(result, np.generic) else result
 
     def __getitem__(self, key):
         TALLY.add("views", "getitem")
@@ -145,6 +161,38 @@ class CountingArray(np.ndarray):
         TALLY.add("kernels", "astype")
         with TALLY.inside():
             return super().astype(*args, **kwargs)
+
+    # A Python number or truth value made from an array needs its value on the host: on a
+    # GPU the host then waits for every queued kernel (a synchronisation) and copies back.
+    def __float__(self):
+        TALLY.add("host_syncs", "float()")
+        with TALLY.inside():
+            return super().__float__()
+
+    def __int__(self):
+        TALLY.add("host_syncs", "int()")
+        with TALLY.inside():
+            return super().__int__()
+
+    def __index__(self):
+        TALLY.add("host_syncs", "index")
+        with TALLY.inside():
+            return super().__index__()
+
+    def __bool__(self):
+        TALLY.add("host_syncs", "bool()")
+        with TALLY.inside():
+            return super().__bool__()
+
+    def item(self, *args):
+        TALLY.add("host_syncs", "item()")
+        with TALLY.inside():
+            return super().item(*args)
+
+    def tolist(self):
+        TALLY.add("host_syncs", "tolist()")
+        with TALLY.inside():
+            return super().tolist()
 
 
 @contextlib.contextmanager
@@ -164,11 +212,28 @@ def counting_numpy() -> Iterator[None]:
 
     for name, fn in originals.items():
         setattr(np, name, wrap(name, fn))
+    # swav_ref.backend.to_numpy is the library's one way to bring an array to the host (a
+    # no-op on NumPy, a device-to-host copy on CuPy): every module's binding of it counts
+    from swav_ref import backend
+
+    to_numpy = backend.to_numpy
+
+    def counted_to_numpy(x):
+        TALLY.add("host_syncs", "to_numpy")
+        with TALLY.inside():
+            return to_numpy(x)
+
+    bindings = [m for name, m in list(sys.modules.items())
+                if name.startswith("swav_ref") and getattr(m, "to_numpy", None) is to_numpy]
+    for module in bindings:
+        module.to_numpy = counted_to_numpy
     try:
         yield
     finally:
         for name, fn in originals.items():
             setattr(np, name, fn)
+        for module in bindings:
+            module.to_numpy = to_numpy
 
 
 @contextlib.contextmanager
@@ -210,8 +275,11 @@ def count_step(make_step: Callable[[], Callable[[], Any]], use_fused: bool, warm
             TALLY.on = False
     sites = [{"kind": kind, "where": where, "what": what, "count": n}
              for (kind, where, what), n in TALLY.by_site.most_common() if kind == "kernels"]
+    syncs = [{"where": where, "what": what, "count": n}
+             for (kind, where, what), n in TALLY.by_site.most_common() if kind == "host_syncs"]
     return {"kernels": TALLY.by_kind["kernels"], "views": TALLY.by_kind["views"],
-            "allocations": TALLY.by_kind["allocations"], "kernel_sites": sites}
+            "allocations": TALLY.by_kind["allocations"], "host_syncs": TALLY.by_kind["host_syncs"],
+            "kernel_sites": sites, "host_sync_sites": syncs}
 
 
 # -- the steps -------------------------------------------------------------------------------
@@ -248,8 +316,9 @@ def run_case(name: str, top: int = 12) -> dict:
     fused_counts = count_step(make(), use_fused=True)
     return {
         "what": f"{what}: array operations that launch a GPU kernel, fused kernels vs the plain code",
-        "plain": {k: v for k, v in plain.items() if k != "kernel_sites"},
-        "fused": {k: v for k, v in fused_counts.items() if k != "kernel_sites"},
+        "plain": {k: v for k, v in plain.items() if not k.endswith("_sites")},
+        "fused": {k: v for k, v in fused_counts.items() if not k.endswith("_sites")},
+        "host_sync_sites": fused_counts["host_sync_sites"] + plain["host_sync_sites"],
         "ratio": fused_counts["kernels"] / plain["kernels"],
         "top_kernel_sites_fused": fused_counts["kernel_sites"][:top],
         "top_kernel_sites_plain": plain["kernel_sites"][:top],

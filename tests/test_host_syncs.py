@@ -1,0 +1,70 @@
+"""The training step does not wait for the device: no array value is read on the host.
+
+On a GPU, reading an array's value into Python (``float(loss)``, ``if bool(x)``, ``item()``,
+``to_numpy``) makes the host wait for every queued kernel. The training loop therefore
+reads its losses only every ``log_every`` steps, outside the step. These tests run steps
+through ``benchmarks/bench_launches.py``'s counting arrays, which record every such read
+with the function that made it, on the plain code and through the fused kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from swav_ref.backend import Random
+from swav_ref.data.multicrop import MultiCropConfig, sample_crop_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Reads allowed in a step: render_crops' decisions on its crop parameters, which are host
+#: NumPy arrays by construction (checked below), so reading them costs no synchronisation.
+HOST_SIDE = {("data.multicrop.render_crops", "bool()")}
+
+
+@pytest.fixture(scope="module")
+def launches():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_launches", ROOT / "benchmarks" / "bench_launches.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fused_lanes():
+    have_compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    return [False, pytest.param(True, marks=pytest.mark.skipif(not have_compiler, reason="no C++ compiler"))]
+
+
+@pytest.mark.parametrize("use_fused", _fused_lanes(), ids=["plain", "fused"])
+def test_a_swav_step_with_its_queue_reads_nothing_from_the_device(launches, use_fused):
+    from bench_gpu import swav_step
+
+    def make():  # a queue of 2 batches: full from the third step on, the one counted
+        return swav_step("numpy", 4, prototypes=12, hidden=16, feat_dim=8, arch="resnet_tiny",
+                         queue_length=8, epoch_queue_starts=0)
+
+    counts = launches.count_step(make, use_fused=use_fused)
+    reads = {(s["where"], s["what"]) for s in counts["host_sync_sites"]}
+    assert reads <= HOST_SIDE, reads - HOST_SIDE
+    assert counts["kernels"] > 100  # the step did run through the counting arrays
+
+
+def test_the_counter_sees_a_read_of_the_loss(launches):
+    """The check above can fail: a step that reads its loss is caught, with its place."""
+    make_step = launches.resnet_step("resnet_tiny")  # bench_resnet's step ends with float(loss)
+    counts = launches.count_step(make_step, use_fused=False)
+    assert counts["host_syncs"] == 1 and counts["host_sync_sites"][0]["what"] == "float()"
+
+
+def test_crop_decisions_are_host_arrays(gpu_or_numpy):
+    """The random crop parameters are drawn and kept on the host on every backend, so the
+    augmentation's branching on them never reads the device."""
+    params = sample_crop_params(Random(0, gpu_or_numpy), 6, 32, 32, 0, MultiCropConfig())
+    for name in ("brightness", "contrast", "saturation", "hue", "grayscale", "blur", "sigma"):
+        assert type(getattr(params, name)) is np.ndarray, name
