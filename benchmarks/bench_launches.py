@@ -27,8 +27,10 @@ counted. Operations are sorted into
   arrays by construction. (NumPy returns full reductions as scalars; here they are 0-d
   arrays, as on CuPy, so that their reads, and operations on them, count.)
 
-The NumPy step takes the same code path as CuPy's except in two places, both of which
-count more here than on a GPU: ``conv2d_backward`` forms the weight gradient transposed on
+The NumPy step takes the same code path as CuPy's. Counts are a little higher here than
+on a GPU for three reasons. The augmentation's random draws are host NumPy work on every
+backend (``sample_boxes``, ``sample_crop_params``: about 80 operations of the SwAV step),
+but here they look like device operations. And two branches differ: ``conv2d_backward`` forms the weight gradient transposed on
 NumPy (OpenBLAS is faster so), which costs the fused optimiser one copy per convolution
 (20 per resnet18 pass); and LARS's sums of squares are one CuPy reduction kernel each but
 two operations here (2 per parameter: 132 in the SwAV step). The counts are exact and do
