@@ -305,6 +305,9 @@ def batchnorm_backward_input(g: Any, xhat: Any, sum_dy: Any, sum_dy_xhat: Any, w
     xp = array_namespace(g)
     c, m = g.shape
     _check_inputs("batchnorm_backward_input", g, xhat, sum_dy, sum_dy_xhat, weight, invstd)
+    _require(tuple(xhat.shape) == (c, m) and all(tuple(v.shape) == (c,) for v in (sum_dy, sum_dy_xhat, weight, invstd)),
+             f"fused batchnorm_backward_input: xhat must be {(c, m)} and the four vectors ({c},), got {xhat.shape}, "
+             f"{sum_dy.shape}, {sum_dy_xhat.shape}, {weight.shape}, {invstd.shape}")
     dx = xp.empty_like(g)
     _launch("batchnorm_backward_input", g, g.size,
             lambda T, I: (g, xhat, sum_dy, sum_dy_xhat, weight, invstd, dx, I(c), I(m), T(count)))
@@ -324,7 +327,7 @@ def batchnorm_running_update(running_mean: Any, running_var: Any, mean: Any, var
              f"{running_var.shape}, {mean.shape}, {var.shape}")
     new_mean, new_var = xp.empty_like(running_mean), xp.empty_like(running_var)
     _launch("batchnorm_running_update", running_mean, c, lambda T, I: (
-        running_mean, running_var, mean, var, new_mean, new_var, I(c), T(momentum), T(unbias)))
+        running_mean, running_var, mean, var, new_mean, new_var, I(c), T(momentum), T(1.0 - momentum), T(unbias)))
     return new_mean, new_var
 
 

@@ -152,21 +152,23 @@ SWAV_EXPORT(batchnorm_backward_input, BN_BACKWARD_PARAMS, (g, xhat, sum_dy, sum_
 
 // PyTorch's running-statistics rule for the C channels, into new arrays, in one launch
 // instead of seven:
-//   new_mean = (1 - momentum) * running_mean + momentum * mean,
-//   new_var  = (1 - momentum) * running_var + momentum * var * unbias,  unbias = m / (m - 1).
+//   new_mean = keep * running_mean + momentum * mean,
+//   new_var  = keep * running_var + momentum * var * unbias,  unbias = m / (m - 1),
+// with keep = 1 - momentum computed on the host in double precision, as the plain code does
+// (in float32 the subtraction can round differently by one unit in the last place).
 template <typename T, typename I>
 __device__ void batchnorm_running_update(const T* __restrict__ running_mean,
                                          const T* __restrict__ running_var,
                                          const T* __restrict__ mean, const T* __restrict__ var,
                                          T* __restrict__ new_mean, T* __restrict__ new_var, I C,
-                                         T momentum, T unbias) {
+                                         T momentum, T keep, T unbias) {
     SWAV_GRID_STRIDE_LOOP(c, C) {
-        new_mean[c] = ((T)1 - momentum) * running_mean[c] + momentum * mean[c];
-        new_var[c] = ((T)1 - momentum) * running_var[c] + momentum * (var[c] * unbias);
+        new_mean[c] = keep * running_mean[c] + momentum * mean[c];
+        new_var[c] = keep * running_var[c] + momentum * (var[c] * unbias);
     }
 }
-#define BN_RUNNING_PARAMS(T, I) (const T* running_mean, const T* running_var, const T* mean, const T* var, T* new_mean, T* new_var, I C, T momentum, T unbias)
-SWAV_EXPORT(batchnorm_running_update, BN_RUNNING_PARAMS, (running_mean, running_var, mean, var, new_mean, new_var, C, momentum, unbias))
+#define BN_RUNNING_PARAMS(T, I) (const T* running_mean, const T* running_var, const T* mean, const T* var, T* new_mean, T* new_var, I C, T momentum, T keep, T unbias)
+SWAV_EXPORT(batchnorm_running_update, BN_RUNNING_PARAMS, (running_mean, running_var, mean, var, new_mean, new_var, C, momentum, keep, unbias))
 
 // ---------------------------------------------------------------------------------------
 // ReLU backward
