@@ -334,7 +334,7 @@ def swav_step(backend: str, batch: int, prototypes: int, hidden: int, feat_dim: 
     cfg = TrainConfig(backend=backend, arch=arch, batch_size=batch, n_crops=(2, 6), crop_sizes=(32, 16),
                       min_scale=(0.14, 0.05), max_scale=(1.0, 0.14), n_prototypes=(prototypes,),
                       hidden_dim=hidden, feat_dim=feat_dim, epochs=1000,
-                      out_dir=tempfile.mkdtemp(prefix="swav_step_bench_"), progress=False, **overrides)
+                      out_dir=str(Path(tempfile.gettempdir()) / "swav_step_bench"), progress=False, **overrides)
     trainer = Trainer(cfg, train_set=ds, test_set=ds)
     trainer._start_epoch(0)  # what fit() does first (creates the queue, if asked for)
     idx = np.arange(batch)

@@ -97,9 +97,10 @@ def fused_lane(request):
         xp = np
         base = HostLauncher(request.getfixturevalue("host_kernel_library"))
     name = "cupy" if request.param == "cupy" else "numpy"
+    before = fused._launchers.get(name)  # NumPy's is the session's under SWAV_REF_HOST_KERNELS=1
     recorder = RecordingLauncher(base)
     fused.register_launcher(name, recorder)
     try:
         yield xp, recorder.calls
     finally:
-        fused.register_launcher(name, base if name == "cupy" else None)
+        fused.register_launcher(name, base if name == "cupy" else before)
