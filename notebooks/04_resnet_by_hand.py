@@ -33,7 +33,7 @@ import numpy as np
 import swav_ref.backend
 from swav_ref.nn import SGD, Linear, resnet_tiny, warmup_cosine_schedule
 from swav_ref.nn import functional as F
-from swav_ref.nn.gradcheck import check_gradient, check_gradient_sampled, rel_error
+from swav_ref.nn.gradcheck import check_gradient, check_gradient_sampled, projected_loss, rel_error
 
 BACKEND = "numpy"  # "cupy" runs the same cells on a GPU
 xp = swav_ref.backend.get_backend(BACKEND)
@@ -247,12 +247,7 @@ r = on_backend(rng.normal(size=features.shape))
 net.zero_grad()
 dimages = net.backward(r)
 
-
-def net_loss():
-    value = float(xp.sum(net.forward(images) * r))
-    net.clear_cache()  # these forwards are only for the finite differences
-    return value
-
+net_loss = projected_loss(net, images, r)  # sum(net(images) * r), whose gradient in the output is r
 
 names, errors = [], []
 for name, owner, key in net.named_parameters():

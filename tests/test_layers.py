@@ -8,20 +8,9 @@ import pytest
 
 from swav_ref.backend import asarray, to_numpy
 from swav_ref.nn import layers as L
-from swav_ref.nn.gradcheck import check_gradient, rel_error
+from swav_ref.nn.gradcheck import check_gradient, projected_loss, rel_error
 
 TOL = 1e-6
-
-
-def _loss_fn(module, x, r):
-    """sum(module(x) * r) as a host float, leaving no cache behind."""
-
-    def f():
-        out = module.forward(x)
-        module.clear_cache()
-        return float(np.sum(to_numpy(out) * to_numpy(r)))
-
-    return f
 
 
 def _check_module_gradients(module, x, rng):
@@ -32,7 +21,7 @@ def _check_module_gradients(module, x, rng):
     module.zero_grad()
     dx = module.backward(r)
     assert module.num_pending() == 0
-    f = _loss_fn(module, x, r)
+    f = projected_loss(module, x, r)
     assert check_gradient(f, x, dx) < TOL
     for name, owner, key in module.named_parameters():
         err = check_gradient(f, owner.params[key], owner.grads[key])

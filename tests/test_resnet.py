@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from swav_ref.backend import asarray, to_numpy
-from swav_ref.nn.gradcheck import check_gradient, check_gradient_sampled, rel_error
+from swav_ref.nn.gradcheck import check_gradient, check_gradient_sampled, projected_loss, rel_error
 from swav_ref.nn.resnet import BasicBlock, ResNet, resnet18, resnet_tiny
 
 TOL = 1e-6
@@ -48,12 +48,7 @@ def _check_network_gradients(net, x, rng, samples):
     net.zero_grad()
     dx = net.backward(r)
     assert net.num_pending() == 0
-
-    def f():
-        y = net.forward(x)
-        net.clear_cache()
-        return float(np.sum(to_numpy(y) * to_numpy(r)))
-
+    f = projected_loss(net, x, r)
     assert check_gradient_sampled(f, x, dx, samples=samples) < TOL
     for name, owner, key in net.named_parameters():
         err = check_gradient_sampled(f, owner.params[key], owner.grads[key], samples=samples, seed=len(name))
@@ -69,12 +64,7 @@ def test_basic_block_gradients(backend, stride, in_planes, planes, rng):
     out = block.forward(x)
     r = asarray(rng.normal(size=out.shape), backend, "float64")
     dx = block.backward(r)
-
-    def f():
-        y = block.forward(x)
-        block.clear_cache()
-        return float(np.sum(to_numpy(y) * to_numpy(r)))
-
+    f = projected_loss(block, x, r)
     assert check_gradient(f, x, dx) < TOL
     for name, owner, key in block.named_parameters():
         err = check_gradient_sampled(f, owner.params[key], owner.grads[key], samples=12, seed=len(name))

@@ -94,3 +94,20 @@ def check_gradient_sampled(
         numeric.append(_central_difference(f, x, idx, h))
         expected.append(analytic_host[idx])
     return rel_error(np.asarray(expected), np.asarray(numeric))
+
+
+def projected_loss(module: Any, x: Any, r: Any) -> Callable[[], float]:
+    r"""The scalar :math:`L = \sum_i y_i r_i` with :math:`y = \text{module}(x)`, as a function
+    of no arguments for the checks above.
+
+    Its gradient with respect to ``y`` is ``r`` itself, so ``module.backward(r)`` gives the
+    analytic gradients of :math:`L` to compare with. Each call runs a fresh forward and
+    drops the cache it leaves, so the finite differences do not pile up pending backwards.
+    """
+
+    def loss() -> float:
+        value = float(array_namespace(r).sum(module.forward(x) * r))
+        module.clear_cache()
+        return value
+
+    return loss
