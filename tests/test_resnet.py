@@ -85,6 +85,27 @@ def test_resnet_tiny_gradients(backend, rng):
     _check_network_gradients(net, x, rng, samples=4 if backend.__name__ == "array_api_strict" else 6)
 
 
+def _assert_param_grads_match(ours, theirs):
+    tparams = dict(theirs.named_parameters())
+    for name, owner, key in ours.named_parameters():
+        assert rel_error(owner.grads[key], tparams[name].grad.numpy()) < 1e-10, name
+
+
+def _assert_matches_torch(torch, ours, theirs, x, rng):
+    """Forward and backward (of a random projection) through ours and the torch mirror:
+    the same output, input gradient and parameter gradients. Returns our output."""
+    out = ours.forward(x)
+    r = rng.normal(size=out.shape)
+    dx = ours.backward(r)
+    tx = torch.tensor(x, requires_grad=True)
+    tout = theirs(tx)
+    tout.backward(torch.tensor(r))
+    assert rel_error(out, tout.detach().numpy()) < 1e-10
+    assert rel_error(dx, tx.grad.numpy()) < 1e-10
+    _assert_param_grads_match(ours, theirs)
+    return out
+
+
 @pytest.mark.parametrize("stride, in_planes, planes", [(1, 4, 4), (2, 3, 5)])
 def test_basic_block_matches_torch(stride, in_planes, planes, rng):
     torch, TorchBlock, _ = _torch_mirror()
@@ -92,18 +113,7 @@ def test_basic_block_matches_torch(stride, in_planes, planes, rng):
     _randomise_bn(block, rng)
     theirs = TorchBlock(in_planes, planes, stride)
     _load_into_torch(torch, block, theirs)
-    x = rng.normal(size=(3, in_planes, 6, 5))
-    out = block.forward(x)
-    r = rng.normal(size=out.shape)
-    dx = block.backward(r)
-    tx = torch.tensor(x, requires_grad=True)
-    tout = theirs(tx)
-    tout.backward(torch.tensor(r))
-    assert rel_error(out, tout.detach().numpy()) < 1e-10
-    assert rel_error(dx, tx.grad.numpy()) < 1e-10
-    tparams = dict(theirs.named_parameters())
-    for name, owner, key in block.named_parameters():
-        assert rel_error(owner.grads[key], tparams[name].grad.numpy()) < 1e-10, name
+    _assert_matches_torch(torch, block, theirs, rng.normal(size=(3, in_planes, 6, 5)), rng)
 
 
 def test_resnet_tiny_matches_torch_train_and_eval(rng):
@@ -113,19 +123,8 @@ def test_resnet_tiny_matches_torch_train_and_eval(rng):
     theirs = TorchResNet(1, (16, 32, 64), (1, 1, 1))
     _load_into_torch(torch, net, theirs)
     assert list(theirs.state_dict()) == list(net.state_dict())  # the same names, in order
-    x = rng.normal(size=(4, 1, 8, 8))
-    out = net.forward(x)
-    r = rng.normal(size=out.shape)
-    dx = net.backward(r)
-    tx = torch.tensor(x, requires_grad=True)
-    tout = theirs(tx)
-    tout.backward(torch.tensor(r))
+    out = _assert_matches_torch(torch, net, theirs, rng.normal(size=(4, 1, 8, 8)), rng)
     assert out.shape == (4, net.out_dim) == (4, 64)
-    assert rel_error(out, tout.detach().numpy()) < 1e-10
-    assert rel_error(dx, tx.grad.numpy()) < 1e-10
-    tparams = dict(theirs.named_parameters())
-    for name, owner, key in net.named_parameters():
-        assert rel_error(owner.grads[key], tparams[name].grad.numpy()) < 1e-10, name
     net.eval(), theirs.eval()  # now with the running statistics one step has produced
     x = rng.normal(size=(3, 1, 8, 8))
     assert rel_error(net.forward(x), theirs(torch.tensor(x)).detach().numpy()) < 1e-10
@@ -150,9 +149,7 @@ def test_crop_groups_match_torch_two_forward_passes(rng):
         assert rel_error(ours, t.detach().numpy()) < 1e-10
     assert rel_error(dinputs[0], tb.grad.numpy()) < 1e-10
     assert rel_error(dinputs[1], ts.grad.numpy()) < 1e-10
-    tparams = dict(theirs.named_parameters())
-    for name, owner, key in net.named_parameters():
-        assert rel_error(owner.grads[key], tparams[name].grad.numpy()) < 1e-10, name
+    _assert_param_grads_match(net, theirs)
     with pytest.raises(ValueError, match="pending"):
         net.backward_groups(r)
 
