@@ -47,10 +47,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_loss import make_scores, median_times, torch_loss, torch_sinkhorn  # noqa: E402
-from bench_resnet import torch_mirror  # noqa: E402  (the same torch network as the CPU benchmark)
+from bench_resnet import case_inputs, make_ours, make_torch  # noqa: E402  (the CPU benchmark's step)
 
 from swav_ref import fused  # noqa: E402
-from swav_ref.backend import Random, get_backend, set_tf32, synchronize, to_numpy  # noqa: E402
+from swav_ref.backend import Random, get_backend, set_tf32, synchronize  # noqa: E402
 
 SIZES = {"full": dict(batch=4096, prototypes=3000, images=256, floor_images=8, swav_batch=256,
                      prototypes_step=3000, hidden=2048),
@@ -171,47 +171,24 @@ def bench_sinkhorn_and_loss(s: Setup, size: dict, repeats: int) -> dict:
 
 
 def resnet18_steps(s: Setup, batch: int):
-    """Three training steps of resnet18 on the same ``batch`` of 3x32x32 images: ours with
-    the fused kernels, ours with the plain CuPy code, and torch's on the same weights."""
-    from swav_ref.nn import SGD, Linear
-    from swav_ref.nn import functional as F
+    """Three training steps of resnet18 on the same ``batch`` of 3x32x32 images (those of
+    ``bench_resnet.py``, without its per-step sync): ours with the fused kernels, ours with
+    the plain CuPy code, and torch's on copies of our weights."""
+    from swav_ref.nn import Linear
     from swav_ref.nn.resnet import resnet18
 
-    xp, torch = s.xp, s.torch
-    net = resnet18(3, xp=xp, dtype="float32", rng=Random(0))
-    head = Linear(net.out_dim, 10, xp=xp, dtype="float32", rng=Random(1))
-    rng = np.random.default_rng(0)
-    x_np = rng.normal(size=(batch, 3, 32, 32)).astype(np.float32)
-    y_np = rng.integers(0, 10, size=batch)
-    x, y = xp.asarray(x_np), xp.asarray(y_np)
-    opt_net, opt_head = SGD(net, 0.9, 1e-4), SGD(head, 0.9, 1e-4)
-
-    def ours():
-        loss, cache = F.softmax_cross_entropy_forward(head.forward(net.forward(x)), y)
-        net.backward(head.backward(F.softmax_cross_entropy_backward(1.0, cache)))
-        opt_net.step(0.01), opt_head.step(0.01)
-        net.zero_grad(), head.zero_grad()
-        return loss
+    net = resnet18(3, xp=s.xp, dtype="float32", rng=Random(0))
+    head = Linear(net.out_dim, 10, xp=s.xp, dtype="float32", rng=Random(1))
+    x_np, y_np = case_inputs((3, 32, 32), batch)
+    x, y = s.xp.asarray(x_np), s.xp.asarray(y_np)
+    tx, ty = s.torch.tensor(x_np, device=s.device), s.torch.tensor(y_np, device=s.device)
+    step, peer_step = make_ours(net, head, sync=False), make_torch(s.torch, net, head, s.device, sync=False)
 
     def ours_plain():
         with fused.disabled():
-            return ours()
+            return step(x, y)
 
-    model = torch_mirror(torch, 3, net.widths, net.blocks)
-    model.load_state_dict({k: torch.from_numpy(to_numpy(v)) for k, v in net.state_dict().items()})
-    model = model.to(s.device)
-    fc = torch.nn.Linear(net.out_dim, 10).to(s.device)
-    opt = torch.optim.SGD(list(model.parameters()) + list(fc.parameters()), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    tx, ty = torch.tensor(x_np, device=s.device), torch.tensor(y_np, device=s.device)
-
-    def peer():
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(fc(model(tx)), ty)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return ours, ours_plain, peer
+    return (lambda: step(x, y)), ours_plain, (lambda: peer_step(tx, ty))
 
 
 def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:

@@ -107,7 +107,10 @@ def count_flops(net: ResNet, head: Linear, x) -> float:
 # -- the two step functions ----------------------------------------------------------------
 
 
-def make_ours(net: ResNet, head: Linear):
+def make_ours(net: ResNet, head: Linear, sync: bool = True):
+    """Our training step ``step(x, y)``. ``sync``: return the loss as a Python float (one
+    host sync per step, as a training loop's log); else the loss array, nothing waited for
+    (the caller synchronises, as ``bench_gpu.py`` does around its timings)."""
     opt_net, opt_head = SGD(net, 0.9, 1e-4), SGD(head, 0.9, 1e-4)
 
     def step(x, y):
@@ -118,7 +121,7 @@ def make_ours(net: ResNet, head: Linear):
         opt_head.step(0.01)
         net.zero_grad()
         head.zero_grad()
-        return float(loss)  # one host sync per step, as a training loop's log
+        return float(loss) if sync else loss
 
     return step
 
@@ -172,7 +175,8 @@ def torch_mirror(torch, in_channels, widths, blocks):
     return Net()
 
 
-def make_torch(torch, net: ResNet, head: Linear, device: str):
+def make_torch(torch, net: ResNet, head: Linear, device: str, sync: bool = True):
+    """The same step in torch, on copies of our weights (``sync`` as in :func:`make_ours`)."""
     model = torch_mirror(torch, net.in_channels, net.widths, net.blocks)
     model.load_state_dict({k: torch.from_numpy(to_numpy(v)) for k, v in net.state_dict().items()})
     fc = torch.nn.Linear(head.in_features, head.out_features)
@@ -186,7 +190,7 @@ def make_torch(torch, net: ResNet, head: Linear, device: str):
         loss = torch.nn.functional.cross_entropy(fc(model(x)), y)
         loss.backward()
         opt.step()
-        return loss.item()  # the same one sync per step as ours
+        return loss.item() if sync else loss  # the same one sync per step as ours
 
     return step
 
