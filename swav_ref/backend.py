@@ -106,6 +106,34 @@ def get_backend(name: str) -> types.ModuleType:
     return cupy
 
 
+#: Array type -> its namespace (``None`` for Python scalars), learnt on first sight. Every
+#: layer asks for the namespace of its inputs, about a thousand times per resnet18 step, so
+#: the answer is looked up by type rather than worked out again (the step's host time is
+#: what a GPU waits on; see ``benchmarks/bench_host.py``).
+_NAMESPACE_OF_TYPE: dict[type, types.ModuleType | None] = {
+    type(None): None, bool: None, int: None, float: None, complex: None, np.ndarray: np,
+}
+
+
+def _namespace_of_type(x: Any) -> types.ModuleType | None:
+    """Work out (and remember) the namespace of ``type(x)``."""
+    if isinstance(x, (bool, int, float, complex)):  # subclasses of the Python scalars too
+        xp = None
+    elif isinstance(x, (np.ndarray, np.generic)):
+        xp = np
+    elif type(x).__module__.startswith("cupy"):
+        # CuPy 14's ndarray does not answer __array_namespace__; the module is the namespace.
+        xp = importlib.import_module("cupy")
+    elif hasattr(x, "__array_namespace__"):
+        xp = x.__array_namespace__()
+        if getattr(xp, "__name__", "").startswith("numpy"):
+            xp = np  # numpy 2 answers with the numpy module itself; keep one identity
+    else:
+        raise TypeError(f"not an array: {type(x).__name__}")
+    _NAMESPACE_OF_TYPE[type(x)] = xp
+    return xp
+
+
 def array_namespace(*arrays: Any) -> types.ModuleType:
     """The namespace of the given arrays (Python scalars and ``None`` are ignored).
 
@@ -114,19 +142,12 @@ def array_namespace(*arrays: Any) -> types.ModuleType:
     """
     found = None
     for x in arrays:
-        if x is None or isinstance(x, (bool, int, float, complex)):
+        try:
+            xp = _NAMESPACE_OF_TYPE[type(x)]
+        except KeyError:
+            xp = _namespace_of_type(x)
+        if xp is None:
             continue
-        if isinstance(x, (np.ndarray, np.generic)):
-            xp = np
-        elif type(x).__module__.startswith("cupy"):
-            # CuPy 14's ndarray does not answer __array_namespace__; the module is the namespace.
-            xp = importlib.import_module("cupy")
-        elif hasattr(x, "__array_namespace__"):
-            xp = x.__array_namespace__()
-        else:
-            raise TypeError(f"not an array: {type(x).__name__}")
-        if getattr(xp, "__name__", "").startswith("numpy"):
-            xp = np  # numpy 2 answers with the numpy module itself; keep one identity
         if found is not None and xp is not found:
             raise TypeError(
                 f"arrays from different libraries: {found.__name__} and {xp.__name__}; "

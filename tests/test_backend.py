@@ -16,6 +16,27 @@ def test_mixed_namespaces_refused():
         B.array_namespace(np.zeros(2), strict.zeros(2))
 
 
+def test_namespace_lookup_by_type_gives_the_same_answers_every_time():
+    """The namespace is remembered per array type: asking again (the cached path) must give
+    what the first look gave, for subclasses and scalars too, and non-arrays stay refused."""
+
+    class Sub(np.ndarray):
+        pass
+
+    sub = np.zeros(3).view(Sub)
+    for _ in range(2):  # the first call learns the type, the second reads it back
+        assert B.array_namespace(sub) is np
+        assert B.array_namespace(np.float32(1.0), 2, None, True) is np
+        assert B.array_namespace() is np
+        with pytest.raises(TypeError, match="not an array: str"):
+            B.array_namespace(np.zeros(1), "x")
+    strict = pytest.importorskip("array_api_strict")
+    for _ in range(2):
+        assert B.array_namespace(3.0, strict.zeros(2)) is strict
+        with pytest.raises(TypeError, match="different libraries"):
+            B.array_namespace(strict.zeros(2), sub)
+
+
 def test_logsumexp_matches_scipy(backend):
     from scipy.special import logsumexp as ref
 

@@ -208,16 +208,15 @@ def _launch(kernel: str, reference: Any, n_elements: int, make_args: Callable[[A
     launcher(f"{kernel}_{float_name}_{index_name}", n_elements, make_args(float_type, index_type))
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
 def _check_inputs(kernel: str, *arrays: Any) -> None:
     """Every array C-contiguous and of the first one's dtype: a kernel reads raw memory, so
-    a float64 vector handed to a float32 kernel would be read as garbage, not converted."""
+    a float64 vector handed to a float32 kernel would be read as garbage, not converted.
+
+    (Here and in every wrapper below a check is ``if ...: raise``, so that its message is
+    formatted only when it fails: each launch's host time is time a GPU may wait for.)"""
     for a in arrays:
-        _require(is_dense(a), f"fused kernel {kernel}: inputs must be C-contiguous, got strides {a.strides}")
+        if not is_dense(a):
+            raise ValueError(f"fused kernel {kernel}: inputs must be C-contiguous, got strides {a.strides}")
         if a.dtype != arrays[0].dtype:
             raise TypeError(f"fused kernel {kernel}: all arrays must be {arrays[0].dtype}, got one of {a.dtype}")
 
@@ -238,8 +237,8 @@ def im2col(x_t: Any, out: Any, kernel_size: tuple[int, int], stride: int, paddin
     out_h = (h + 2 * padding - kh) // stride + 1
     out_w = (w + 2 * padding - kw) // stride + 1
     _check_inputs("im2col", x_t, out)
-    _require(tuple(out.shape) == (c * kh * kw, out_h * out_w * n) and out.dtype == x_t.dtype,
-             f"fused im2col: out must be {(c * kh * kw, out_h * out_w * n)} {x_t.dtype}, got {out.shape} {out.dtype}")
+    if not (tuple(out.shape) == (c * kh * kw, out_h * out_w * n) and out.dtype == x_t.dtype):
+        raise ValueError(f"fused im2col: out must be {(c * kh * kw, out_h * out_w * n)} {x_t.dtype}, got {out.shape} {out.dtype}")
     _launch("im2col", x_t, out.size,
             lambda T, I: (x_t, out, I(c), I(h), I(w), I(n), I(kh), I(kw), I(stride), I(padding), I(out_h), I(out_w)),
             index_extent=x_t.size)
@@ -256,8 +255,8 @@ def col2im(dcols: Any, chwn_shape: tuple[int, int, int, int], kernel_size: tuple
     out_h = (h + 2 * padding - kh) // stride + 1
     out_w = (w + 2 * padding - kw) // stride + 1
     _check_inputs("col2im", dcols)
-    _require(tuple(dcols.shape) == (c * kh * kw, out_h * out_w * n),
-             f"fused col2im: dcols must be {(c * kh * kw, out_h * out_w * n)}, got {dcols.shape}")
+    if tuple(dcols.shape) != (c * kh * kw, out_h * out_w * n):
+        raise ValueError(f"fused col2im: dcols must be {(c * kh * kw, out_h * out_w * n)}, got {dcols.shape}")
     dx_t = xp.empty((c, h, w, n), dtype=dcols.dtype)
     _launch("col2im", dcols, dx_t.size,
             lambda T, I: (dcols, dx_t, I(c), I(h), I(w), I(n), I(kh), I(kw), I(stride), I(padding), I(out_h), I(out_w)),
@@ -289,7 +288,8 @@ def batchnorm_variance(sum_sq: Any, count: float, eps: float) -> tuple[Any, Any]
     launch instead of four. Returns ``(var, invstd)``."""
     xp = array_namespace(sum_sq)
     _check_inputs("batchnorm_variance", sum_sq)
-    _require(sum_sq.ndim == 1, f"fused batchnorm_variance: sum_sq must be (C,), got {sum_sq.shape}")
+    if sum_sq.ndim != 1:
+        raise ValueError(f"fused batchnorm_variance: sum_sq must be (C,), got {sum_sq.shape}")
     var, invstd = xp.empty_like(sum_sq), xp.empty_like(sum_sq)
     c = sum_sq.shape[0]
     _launch("batchnorm_variance", sum_sq, c, lambda T, I: (sum_sq, var, invstd, I(c), T(count), T(eps)))
@@ -305,9 +305,9 @@ def batchnorm_backward_input(g: Any, xhat: Any, sum_dy: Any, sum_dy_xhat: Any, w
     xp = array_namespace(g)
     c, m = g.shape
     _check_inputs("batchnorm_backward_input", g, xhat, sum_dy, sum_dy_xhat, weight, invstd)
-    _require(tuple(xhat.shape) == (c, m) and all(tuple(v.shape) == (c,) for v in (sum_dy, sum_dy_xhat, weight, invstd)),
-             f"fused batchnorm_backward_input: xhat must be {(c, m)} and the four vectors ({c},), got {xhat.shape}, "
-             f"{sum_dy.shape}, {sum_dy_xhat.shape}, {weight.shape}, {invstd.shape}")
+    if not (tuple(xhat.shape) == (c, m) and all(tuple(v.shape) == (c,) for v in (sum_dy, sum_dy_xhat, weight, invstd))):
+        raise ValueError(f"fused batchnorm_backward_input: xhat must be {(c, m)} and the four vectors ({c},), got {xhat.shape}, "
+                         f"{sum_dy.shape}, {sum_dy_xhat.shape}, {weight.shape}, {invstd.shape}")
     dx = xp.empty_like(g)
     _launch("batchnorm_backward_input", g, g.size,
             lambda T, I: (g, xhat, sum_dy, sum_dy_xhat, weight, invstd, dx, I(c), I(m), T(count)))
@@ -322,9 +322,9 @@ def batchnorm_running_update(running_mean: Any, running_var: Any, mean: Any, var
     xp = array_namespace(running_mean)
     _check_inputs("batchnorm_running_update", running_mean, running_var, mean, var)
     c = running_mean.shape[0]
-    _require(all(a.shape == (c,) for a in (running_var, mean, var)),
-             f"fused batchnorm_running_update: four ({c},) vectors expected, got "
-             f"{running_var.shape}, {mean.shape}, {var.shape}")
+    if not all(a.shape == (c,) for a in (running_var, mean, var)):
+        raise ValueError(f"fused batchnorm_running_update: four ({c},) vectors expected, got "
+                         f"{running_var.shape}, {mean.shape}, {var.shape}")
     new_mean, new_var = xp.empty_like(running_mean), xp.empty_like(running_var)
     _launch("batchnorm_running_update", running_mean, c, lambda T, I: (
         running_mean, running_var, mean, var, new_mean, new_var, I(c), T(momentum), T(1.0 - momentum), T(unbias)))
@@ -335,7 +335,8 @@ def relu_backward(g: Any, y: Any) -> Any:
     """``g`` where ``y > 0``, else 0, for two C-contiguous arrays of one shape."""
     xp = array_namespace(g, y)
     _check_inputs("relu_backward", g, y)
-    _require(tuple(g.shape) == tuple(y.shape), f"fused relu_backward: shapes differ, {g.shape} and {y.shape}")
+    if tuple(g.shape) != tuple(y.shape):
+        raise ValueError(f"fused relu_backward: shapes differ, {g.shape} and {y.shape}")
     dx = xp.empty_like(g)
     _launch("relu_backward", g, g.size, lambda T, I: (g, y, dx, I(g.size)))
     return dx
@@ -363,8 +364,8 @@ def lars_update(p: Any, g: Any, buf: Any, p_sq_sum: Any, g_sq_sum: Any, lr: floa
     ``g`` as 1-element (or 0-d) arrays on the device; the kernel takes their square roots
     (see :class:`swav_ref.nn.optim.LARS` for the formula)."""
     _check_inputs("lars_update", p, g, p_sq_sum, g_sq_sum, *(() if buf is None else (buf,)))
-    _require(p_sq_sum.size == 1 and g_sq_sum.size == 1,
-             f"fused lars_update: one sum of squares each, got {p_sq_sum.shape} and {g_sq_sum.shape}")
+    if not (p_sq_sum.size == 1 and g_sq_sum.size == 1):
+        raise ValueError(f"fused lars_update: one sum of squares each, got {p_sq_sum.shape} and {g_sq_sum.shape}")
     has_buffer = buf is not None
     _launch("lars_update", p, p.size, lambda T, I: (
         p, g, buf, p_sq_sum, g_sq_sum, I(p.size), T(lr), T(momentum),
@@ -400,7 +401,8 @@ def shifted_exp(scores: Any, shift: Any, epsilon: float) -> Any:
     xp = array_namespace(scores)
     b, k = scores.shape
     _check_inputs("shifted_exp", scores, shift)
-    _require(shift.size == k, f"fused shifted_exp: shift must have {k} entries, got {shift.shape}")
+    if shift.size != k:
+        raise ValueError(f"fused shifted_exp: shift must have {k} entries, got {shift.shape}")
     q = xp.empty_like(scores)
     _launch("shifted_exp", scores, q.size, lambda T, I: (scores, shift, q, I(b), I(k), T(1.0 / epsilon)))
     return q
@@ -419,7 +421,7 @@ def divide_rows(q: Any, sums: Any, factor: Any) -> Any:
 def _divide(kernel: str, q: Any, sums: Any, factor: Any, expected: int) -> Any:
     b, k = q.shape
     _check_inputs(kernel, q, sums, factor)
-    _require(sums.size == expected and factor.size == 1,
-             f"fused {kernel}: sums must have {expected} entries and factor 1, got {sums.shape}, {factor.shape}")
+    if not (sums.size == expected and factor.size == 1):
+        raise ValueError(f"fused {kernel}: sums must have {expected} entries and factor 1, got {sums.shape}, {factor.shape}")
     _launch(kernel, q, q.size, lambda T, I: (q, sums, factor, I(b), I(k)))
     return q

@@ -181,7 +181,7 @@ class ScratchPool:
 
     @staticmethod
     def _key(xp: Any, shape: tuple[int, ...], dtype: Any) -> tuple:
-        return (xp.__name__, str(dtype), tuple(shape))
+        return (xp.__name__, dtype, tuple(shape))  # an array's dtype: hashable on every backend
 
     def take(self, xp: Any, shape: tuple[int, ...], dtype: Any) -> Any:
         """An array of this shape and dtype with arbitrary contents (overwrite all of it)."""
