@@ -248,7 +248,9 @@ def read_training(data: dict, path: Path, results_dir: Path) -> list[Row]:
     meta = data.get("metadata", {})
     seeds = meta.get("seeds", [0])
     methods = meta.get("methods", ["swav"])
-    command = f"swav-ref demo --methods {' '.join(methods)} --seeds {' '.join(str(s) for s in seeds)}"
+    epochs = meta.get("config", {}).get("epochs")
+    command = (f"swav-ref demo{'' if epochs is None else f' --epochs {epochs}'} --methods {' '.join(methods)} "
+               f"--seeds {' '.join(str(s) for s in seeds)}")
     supervised = results.get("supervised", {})
     rows = []
     for method, entry in results.items():

@@ -126,10 +126,12 @@ print(source[source.index("        K = M * (-lam)"):source.index("        plan =
 #
 # - $K$ is built from $M - \min M$: a constant factor that the scalings absorb. Its largest
 #   entry is then 1, so it cannot overflow; it can still **underflow** (section 4).
-# - After the column fit the columns are exact, so the marginal error is the row error
-#   $\lVert a \odot K b - r \rVert_\infty$, and $Kb$ is needed by the next row fit anyway. The error
-#   is brought to the host only every `check_every` iterations (default 10), because on a GPU
-#   every such read is a synchronisation.
+# - After the column fit the columns are exact up to rounding, so the marginal error (the
+#   larger of the row and column errors, over the total mass) is in effect the row error
+#   $\lVert a \odot K b - r \rVert_\infty / \sum_i r_i$, and $Kb$ is needed by the next row
+#   fit anyway; the loop measures both, as printed. The error is brought to the host only
+#   every `check_every` iterations (default 10), because on a GPU every such read is a
+#   synchronisation.
 
 # %% [markdown]
 # ## 3 · Convergence

@@ -55,7 +55,8 @@ def on_backend(a, dtype="float64"):
 #
 # Collect, for every output pixel $(n, u, v)$, the $C k_h k_w$ input values its window sees
 # into one **column**. The columns form a matrix $X_\text{col}$ of shape
-# $(C k_h k_w,\; N H_\text{out} W_\text{out})$, and with the weight flattened to
+# $(C k_h k_w,\; H_\text{out} W_\text{out} N)$ (columns ordered $(u, v, n)$: the batch
+# index last, which lets the layers pass their outputs on without transposing), and with the weight flattened to
 # $W_\text{mat}$ of shape $(O, C k_h k_w)$ the whole convolution is **one** matrix product
 #
 # $$Y = W_\text{mat}\, X_\text{col}.$$
@@ -71,7 +72,7 @@ print("columns (one per output pixel):\n", cols)
 
 # %% [markdown]
 # `im2col` never loops over pixels or images. For each of the $k_h k_w$ kernel offsets
-# $(i, j)$ it copies one strided slice of the padded input, a whole (C, N, H_out, W_out)
+# $(i, j)$ it copies one strided slice of the padded input, a whole (C, H_out, W_out, N)
 # block at a time, into the rows $(c, i, j)$ of the column matrix. That is 9 copies for a
 # 3x3 kernel, whatever the batch size.
 
@@ -114,12 +115,12 @@ plt.show()
 # %% [markdown]
 # ## 2. The convolution backward pass
 #
-# With $G = \partial L / \partial Y$ reshaped to $(O, N H_\text{out} W_\text{out})$, the
+# With $G = \partial L / \partial Y$ reshaped to $(O, H_\text{out} W_\text{out} N)$, the
 # matrix product $Y = W_\text{mat} X_\text{col}$ has the two familiar gradients
 #
 # $$\frac{\partial L}{\partial W_\text{mat}} = G\, X_\text{col}^\top, \qquad
 #   \frac{\partial L}{\partial X_\text{col}} = W_\text{mat}^\top G, \qquad
-#   \frac{\partial L}{\partial b_o} = \sum_{n,u,v} G[o, (n,u,v)].$$
+#   \frac{\partial L}{\partial b_o} = \sum_{n,u,v} G[o, (u,v,n)].$$
 #
 # The last step goes from columns back to pixels. A pixel appears in up to $k_h k_w$
 # windows, so its gradient is the **sum** of the gradients of all its copies: `col2im` adds

@@ -69,7 +69,7 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 # epochs, one epoch of warm-up, and the prototypes frozen for the first epoch only.
 
 # %%
-EPOCHS = 6  # swav-ref demo trains 20, the results table 30
+EPOCHS = 6  # swav-ref demo trains 20; the Results page's tables 30 and 60
 run_dir = Path(tempfile.mkdtemp(prefix="swav_digits_"))
 train_set, test_set = load_dataset("digits", seed=0)
 config = TrainConfig(
@@ -112,8 +112,10 @@ pd.DataFrame(log.epochs())[["epoch", "loss", "seconds"]]
 # %% [markdown]
 # ## 3 · Loss and code usage
 #
-# The loss starts well above $\ln K$: random prototypes, and crops whose predictions
-# disagree with the codes of the other crops. Two numbers tell whether the run is healthy:
+# The loss starts at about $\ln K$: with random prototypes every prediction is nearly
+# uniform over the $K$ prototypes, and the cross-entropy of a uniform prediction is $\ln K$
+# whatever the code. Learning moves it below, as the crops' predictions come to agree
+# with the codes of the other crops. Two numbers tell whether the run is healthy:
 #
 # - the **loss** against $\ln K$ (dashed): a loss that settles *at* $\ln K$ means every
 #   crop predicts the uniform distribution over prototypes, whatever the image: the
@@ -176,9 +178,10 @@ table = results_table(rows)
 # from the recipe's 20 to 30: compare the SwAV row with the random-init row to see whether these
 # epochs improved on the starting point, and the curves above to see whether the loss was
 # still falling or had settled near $\ln K$. The numbers show where such a short run
-# stands, not what the method reaches. `swav-ref demo --seeds 0 1 2` trains the full
-# recipe for every row (with the supervised one) and reports mean and standard deviation
-# over seeds; its numbers are on the *Results* page.
+# stands, not what the method reaches. `swav-ref demo --seeds 0 1 2 --epochs 30` trains
+# the full recipe for every row (with the supervised one) and reports mean and standard
+# deviation over seeds; the *Results* page has its numbers at 30 epochs and at 60
+# (`--epochs 60`).
 
 # %% [markdown]
 # ## 5 · Images grouped by prototype
@@ -271,4 +274,4 @@ if scaling is not None:
 #
 # More on the algorithm (k-means++ seeding, frozen prototypes, the loss) on the page
 # *DeepCluster-v2: the offline alternative*. To train it and compare the two with the
-# baselines: `swav-ref demo --methods swav deepcluster-v2 --seeds 0 1 2`.
+# baselines: `swav-ref demo --methods swav deepcluster-v2 --seeds 0 1 2 --epochs 30`.
