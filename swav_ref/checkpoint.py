@@ -32,7 +32,9 @@ Atomic writes
     then moved over the final name with ``os.replace`` (atomic on POSIX and Windows), and
     the folder is ``fsync``-ed so the rename itself survives a power cut. A crash at any
     moment leaves either the old checkpoint or the new one at the final path, never a
-    mixture; at worst a hidden ``.<name>.*.tmp`` file is left beside it.
+    mixture; at worst a hidden ``.<name>.*.tmp`` file is left beside it. The file gets the
+    permissions ``open(path, "w")`` would give it (``0o666`` less the umask), not
+    ``tempfile.mkstemp``'s owner-only ``0o600``.
 
 Loading never unpickles: ``np.load(..., allow_pickle=False)``. Every way a file can be
 wrong raises :class:`CheckpointError` (a ``ValueError``) naming the file and the problem.
@@ -43,7 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -96,6 +98,21 @@ def _write_npz(f, members: Mapping[str, np.ndarray]) -> None:
         for name, array in members.items():
             with zf.open(name + ".npy", mode="w", force_zip64=True) as member:
                 np.lib.format.write_array(member, array, allow_pickle=False)
+
+
+def create_temp_beside(path: Path) -> tuple[int, str]:
+    """Create a new hidden ``.<name>.<random>.tmp`` in ``path``'s folder, to be renamed over
+    ``path``; return (a file descriptor open for writing, its name).
+
+    Like ``tempfile.mkstemp`` (created exclusively, so never someone else's file) but with
+    the mode ``open(path, "w")`` gives: the OS applies the umask (and any default ACL) to
+    ``0o666`` at creation. mkstemp's ``0o600`` would survive the rename and leave the
+    result readable by its owner only; changing the mode afterwards would need the umask,
+    which can only be read by setting it (a race with other threads).
+    """
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    return os.open(tmp, flags, 0o666), str(tmp)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -151,7 +168,7 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata
 
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    fd, tmp_name = create_temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             _write_npz(f, members)
@@ -187,22 +204,24 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
+    # We open the file, not np.load: np.load(path) leaves it open when the zip is unreadable.
     with open(path, "rb") as f:
         head = f.read(len(_ZIP_MAGIC))
-    size = path.stat().st_size
-    if head != _ZIP_MAGIC:
-        raise CheckpointError(f"{path} is not a checkpoint: not a zip/npz file (starts with {head!r}, {size} bytes)")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            contents = {name: np.asarray(npz[name]) for name in npz.files}
-    except Exception as exc:  # noqa: BLE001
-        # A flipped or missing byte can surface from zipfile, zlib or NumPy's .npy reader as
-        # almost any exception (BadZipFile, a CRC error, NotImplementedError for a "new"
-        # compression method, RuntimeError for an "encrypted" member, ValueError for a bad
-        # header, EOFError, MemoryError for an absurd shape, ...). All mean the same here.
-        raise CheckpointError(
-            f"{path} is truncated or corrupt ({size} bytes): {type(exc).__name__}: {exc}"
-        ) from exc
+        if head != _ZIP_MAGIC:
+            raise CheckpointError(f"{path} is not a checkpoint: not a zip/npz file (starts with {head!r}, {size} bytes)")
+        f.seek(0)
+        try:
+            with np.load(f, allow_pickle=False) as npz:
+                contents = {name: np.asarray(npz[name]) for name in npz.files}
+        except Exception as exc:  # noqa: BLE001
+            # A flipped or missing byte can surface from zipfile, zlib or NumPy's .npy reader as
+            # almost any exception (BadZipFile, a CRC error, NotImplementedError for a "new"
+            # compression method, RuntimeError for an "encrypted" member, ValueError for a bad
+            # header, EOFError, MemoryError for an absurd shape, ...). All mean the same here.
+            raise CheckpointError(
+                f"{path} is truncated or corrupt ({size} bytes): {type(exc).__name__}: {exc}"
+            ) from exc
 
     missing = [k for k in (_FORMAT_KEY, _METADATA_KEY, _CHECKSUM_KEY) if k not in contents]
     if _FORMAT_KEY in missing:

@@ -64,6 +64,8 @@ OPTION_HELP = {
     "stop_after": "stop after N epochs in this run (0 = train to the end); the learning-rate schedule still spans "
                   "--epochs, so --resume carries on (for time-limited cluster jobs)",
     "progress": "show the progress bar",
+    "image_size": "folder data: resize every image to this square size in pixels (0 = keep the files' size, "
+                  "which must then be the same for all)",
 }
 
 
@@ -91,10 +93,17 @@ def _add_config_options(parser: argparse.ArgumentParser, defaults: TrainConfig, 
 
 def _config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
     values = {name: getattr(args, name) for name in args._config_fields}
-    try:
-        return dataclasses.replace(base, **values)
-    except ValueError as exc:  # an inconsistent combination of options: say which, no traceback
-        raise UserError(str(exc)) from exc
+    return dataclasses.replace(base, **values)  # a bad value raises ConfigError, reported in one line
+
+
+def _output_folder(path: str, option: str) -> Path:
+    """``path`` as a folder to write into, checked before any work is done: an existing file
+    in its place (or on the way to it) is reported now, not after training."""
+    folder = Path(path)
+    for part in (folder, *folder.parents):
+        if part.exists() and not part.is_dir():
+            raise UserError(f"{option} {path}: {part} is a file, not a folder")
+    return folder
 
 
 class UserError(Exception):
@@ -112,9 +121,13 @@ def _add_dessert(sub) -> None:
 
 
 def _run_dessert(args: argparse.Namespace) -> int:
+    import math
+
     from swav_ref.ot.desserts import run_dessert_example
 
-    run_dessert_example(lam=args.lam, out_dir=args.out)
+    if not (math.isfinite(args.lam) and args.lam > 0):
+        raise UserError(f"--lam {args.lam}: the regularisation strength must be a positive number")
+    run_dessert_example(lam=args.lam, out_dir=_output_folder(args.out, "--out"))
     return 0
 
 
@@ -140,6 +153,9 @@ def _run_train(args: argparse.Namespace) -> int:
     comm = get_communicator()
     install_abort_on_exception(comm)
     config = _config_from_args(args, TrainConfig())
+    _output_folder(config.out_dir, "--out-dir")
+    if args.resume is not None and not Path(args.resume).is_file():
+        raise UserError(f"--resume {args.resume}: no such checkpoint file")
     if comm.is_root:
         print(comm.describe())
     trainer = Trainer(config, comm=comm)
@@ -160,12 +176,16 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # -- eval ----------------------------------------------------------------------------------
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint: linear probe and kNN against raw pixels",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # No ArgumentDefaultsHelpFormatter: each default is "what the checkpoint says", which the
+    # help states in words; the formatter would add a second, meaningless "(default: None)".
+    p = sub.add_parser("eval", help="evaluate a checkpoint: linear probe and kNN against raw pixels")
     p.add_argument("checkpoint", help="a checkpoint.npz written by swav-ref train")
-    p.add_argument("--backend", default=None, choices=("numpy", "cupy"), help="override the checkpoint's backend")
-    p.add_argument("--data-dir", default=None, help="override the checkpoint's data folder")
-    p.add_argument("--out", default=None, help="JSON file for the results (default: next to the checkpoint)")
+    p.add_argument("--backend", default=None, choices=("numpy", "cupy"),
+                   help="array backend (default: the checkpoint's)")
+    p.add_argument("--data-dir", default=None,
+                   help="where the data of a cifar10 or folder checkpoint now lies (default: the checkpoint's "
+                        "data folder); not for digits, which is embedded")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: eval.json next to the checkpoint)")
     p.set_defaults(func=_run_eval)
 
 
@@ -179,18 +199,37 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     _, meta = load_checkpoint(args.checkpoint)
     config = TrainConfig.from_dict(meta.get("config", {}))
-    changes = {"progress": False, "out_dir": tempfile.mkdtemp(prefix="swav_ref_eval_")}
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name("eval.json")
+    _output_folder(str(out.parent), "--out")  # before the evaluation, not after it
+    changes = {"progress": False}
     if args.backend:
         changes["backend"] = args.backend
-    if args.data_dir:
+    if args.data_dir is not None:
+        if config.dataset == "digits":
+            raise UserError(f"--data-dir {args.data_dir}: {args.checkpoint} was trained on digits, which is "
+                            "embedded; --data-dir applies to cifar10 and folder checkpoints only, so leave it out")
+        if not Path(args.data_dir).is_dir():
+            problem = "is not a folder" if Path(args.data_dir).exists() else "does not exist"
+            raise UserError(f"--data-dir {args.data_dir} {problem}; give the folder holding the "
+                            f"{config.dataset} data of {args.checkpoint}")
         changes["data_dir"] = args.data_dir
-    trainer = Trainer(dataclasses.replace(config, **changes))
-    rows = [{"method": "raw pixels", **evaluate_raw_pixels(trainer)}]
-    trainer.load(args.checkpoint)
-    rows.append({"method": f"{METHOD_NAMES[config.method]} (step {trainer.step})", **evaluate_trainer(trainer)})
-    print(format_results(results_table(rows)))
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name("eval.json")
-    save_results_json(out, rows, metadata={"checkpoint": str(args.checkpoint), "config": config.to_dict()})
+    # A Trainer needs an out_dir (loading the checkpoint rewrites its metrics.jsonl there);
+    # eval keeps nothing of it, so the folder goes when eval ends, even on error.
+    with tempfile.TemporaryDirectory(prefix="swav_ref_eval_") as scratch:
+        trainer = Trainer(dataclasses.replace(config, out_dir=scratch, **changes))
+        train, test = trainer.train_set, trainer.test_set
+        if not (train.has_labels and test is not None and test.has_labels):
+            raise UserError(f"the data set of {args.checkpoint} ({trainer.config.dataset} in "
+                            f"{trainer.config.data_dir}) has no labels, so there is nothing to score against: "
+                            "evaluation needs one sub-folder per class (DATA_DIR/<class>/<image>); "
+                            "pass such a folder with --data-dir")
+        rows = [{"method": "raw pixels", **evaluate_raw_pixels(trainer)}]
+        trainer.load(args.checkpoint)
+        rows.append({"method": f"{METHOD_NAMES[config.method]} (step {trainer.step})", **evaluate_trainer(trainer)})
+    table = results_table(rows)
+    print(format_results(table))
+    save_results_json(out, rows, metadata={"checkpoint": str(args.checkpoint), "config": config.to_dict(),
+                                           "k_used": table.attrs["k_used"]})
     print(f"results: {out}")
     return 0
 
@@ -218,7 +257,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from swav_ref.experiment import run_comparison
 
     t0 = time.perf_counter()
-    config = TrainConfig(epochs=args.epochs, backend=args.backend, out_dir=args.out)
+    config = TrainConfig(epochs=args.epochs, backend=args.backend, out_dir=str(_output_folder(args.out, "--out")))
     print(f"swav_ref demo: {', '.join(args.methods)} on digits ({args.backend}), {args.epochs} epochs, "
           f"seeds {args.seeds}; baselines: raw pixels, random init, supervised")
     table, _ = run_comparison(config, seeds=args.seeds, methods=args.methods, out_dir=args.out)
@@ -246,12 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     from swav_ref.checkpoint import CheckpointError
     from swav_ref.data.datasets import DatasetError
     from swav_ref.distributed import MPIUnavailableError, detect_mpi_launch
+    from swav_ref.train import ConfigError
 
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default")
     try:
         return args.func(args)
-    except (UserError, BackendUnavailableError, CheckpointError, DatasetError, MPIUnavailableError) as exc:
+    except (UserError, ConfigError, BackendUnavailableError, CheckpointError, DatasetError, MPIUnavailableError) as exc:
         # The user's to fix, and the message says how; a bug anywhere else keeps its traceback.
         # Under MPI the error goes on to the abort hook, which stops every rank (one rank
         # quietly returning would leave the others waiting in a collective forever).

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -552,6 +551,23 @@ def _collect(rows: Rows):
     return collected, metrics
 
 
+def _knn_k_used(rows: Rows) -> dict[str, list[int]]:
+    """``{metric: [every k actually used]}`` for the kNN metrics whose k was clipped to the
+    size of a train split in some row (or seed); only :class:`KNNResult` values say so."""
+    if isinstance(rows, Mapping):
+        rows = list(rows.values())
+    used: dict[str, set[int]] = {}
+    clipped: set[str] = set()
+    for row in rows:
+        for metric, value in row.items():
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(v, KNNResult):
+                    used.setdefault(metric, set()).add(v.k)
+                    if v.clipped:
+                        clipped.add(metric)
+    return {metric: sorted(used[metric]) for metric in used if metric in clipped}
+
+
 def results_table(rows: Rows) -> pd.DataFrame:
     """One row per method, the mean (and std over seeds) of each metric.
 
@@ -567,7 +583,13 @@ def results_table(rows: Rows) -> pd.DataFrame:
         indexed by method, with columns ``seeds`` and, for each metric (the standard
         :data:`METRICS` first), ``<metric>`` (the mean) and ``<metric> std`` (the sample
         standard deviation over seeds, ddof=1; NaN for a single seed). Missing values are NaN.
+        ``df.attrs["k_used"]`` is ``{metric: [k, ...]}`` for each kNN column whose k was
+        clipped to the size of a small train split (say, "kNN k=200" computed with k=72),
+        listing every k actually used; it is empty when nothing was clipped or the values
+        are plain floats, which do not know their k.
     """
+    if not isinstance(rows, Mapping):
+        rows = list(rows)  # read twice below
     collected, metrics = _collect(rows)
     records = []
     for method, values in collected.items():
@@ -579,15 +601,19 @@ def results_table(rows: Rows) -> pd.DataFrame:
             record[f"{metric} std"] = float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
         records.append(record)
     columns = ["seeds"] + [c for m in metrics for c in (m, f"{m} std")]
-    return pd.DataFrame.from_records(records, index="method", columns=["method"] + columns)
+    table = pd.DataFrame.from_records(records, index="method", columns=["method"] + columns)
+    table.attrs["k_used"] = _knn_k_used(rows)
+    return table
 
 
 def format_results(df: pd.DataFrame, *, decimals: int = 1) -> str:
     """The table as text, accuracies in percent: ``93.1 ± 0.4`` over seeds, ``93.1`` for one.
 
     A ``seeds`` column is shown when any method has more than one seed; missing values
-    print as ``-``.
+    print as ``-``. A kNN column whose k was clipped (``df.attrs["k_used"]``) says so in its
+    header, e.g. ``kNN k=200 (k=72 used)``.
     """
+    k_used = df.attrs.get("k_used", {})
     metrics = [c for c in df.columns if c != "seeds" and not c.endswith(" std")]
     shown = pd.DataFrame(index=df.index)
     if "seeds" in df.columns and (df["seeds"] > 1).any():
@@ -604,7 +630,10 @@ def format_results(df: pd.DataFrame, *, decimals: int = 1) -> str:
                 cells.append(f"{100 * mean:.{decimals}f}")
             else:
                 cells.append(f"{100 * mean:.{decimals}f} ± {100 * std:.{decimals}f}")
-        shown[metric] = cells
+        header = metric
+        if metric in k_used:
+            header += f" (k={'/'.join(str(k) for k in k_used[metric])} used)"
+        shown[header] = cells
     shown.index.name = None
     return shown.to_string()
 
@@ -642,8 +671,11 @@ def save_results_json(
     payload = {"metrics": metrics, "results": results, "metadata": dict(metadata or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target and rename: a crash never leaves a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Write next to the target and rename: a crash never leaves a half-written file. The
+    # temporary file gets open(path, "w")'s mode, not mkstemp's owner-only 0o600.
+    from swav_ref.checkpoint import create_temp_beside
+
+    fd, tmp = create_temp_beside(path)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=2, allow_nan=False)

@@ -25,6 +25,7 @@ standard deviation per row.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,8 @@ from swav_ref import plots
 from swav_ref.backend import to_numpy
 from swav_ref.data.datasets import load_dataset
 from swav_ref.evaluate import (
+    KNNResult,
+    LinearProbeResult,
     evaluate_features,
     raw_pixel_features,
     results_table,
@@ -44,22 +47,36 @@ from swav_ref.train import TrainConfig, Trainer
 METHOD_NAMES = {"swav": "SwAV", "deepcluster-v2": "DeepCluster-v2", "supervised": "supervised"}
 
 
-def evaluate_trainer(trainer: Trainer, seed: int = 0) -> dict[str, float]:
-    """Linear probe and kNN accuracy of the trainer's backbone (frozen, eval mode)."""
-    train, test = trainer.train_set, trainer.test_set
-    if test is None or not train.has_labels or not test.has_labels:
-        raise ValueError(f"evaluation needs labelled train and test splits ({train.name} has none)")
-    results = evaluate_features(trainer.features(train.images), train.labels,
-                                trainer.features(test.images), test.labels, seed=seed)
-    return {name: float(r.accuracy) for name, r in results.items()}
+Results = dict[str, LinearProbeResult | KNNResult]
 
 
-def evaluate_raw_pixels(trainer: Trainer, seed: int = 0) -> dict[str, float]:
-    """The raw-pixel baseline on the same splits."""
+def _labelled_splits(trainer: Trainer):
+    """The trainer's ``(train, test)`` splits, or a ValueError if either has no labels."""
     train, test = trainer.train_set, trainer.test_set
-    results = evaluate_features(raw_pixel_features(train.images), train.labels,
-                                raw_pixel_features(test.images), test.labels, seed=seed)
-    return {name: float(r.accuracy) for name, r in results.items()}
+    for split in (train, test):
+        if split is None or not split.has_labels:
+            name = "the test split" if split is None else split.name
+            raise ValueError(f"evaluation needs labelled train and test splits, but {name} has no labels "
+                             "(e.g. a flat image folder); put the images in one sub-folder per class")
+    return train, test
+
+
+def evaluate_trainer(trainer: Trainer, seed: int = 0) -> Results:
+    """Linear probe and kNN of the trainer's backbone (frozen, eval mode).
+
+    Returns ``{metric: result}``: ``float(result)`` is the accuracy, and a :class:`KNNResult`
+    also holds the k actually used, which :func:`results_table` reports when it was clipped.
+    """
+    train, test = _labelled_splits(trainer)
+    return evaluate_features(trainer.features(train.images), train.labels,
+                             trainer.features(test.images), test.labels, seed=seed)
+
+
+def evaluate_raw_pixels(trainer: Trainer, seed: int = 0) -> Results:
+    """The raw-pixel baseline on the same splits, as :func:`evaluate_trainer` returns it."""
+    train, test = _labelled_splits(trainer)
+    return evaluate_features(raw_pixel_features(train.images), train.labels,
+                             raw_pixel_features(test.images), test.labels, seed=seed)
 
 
 def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
@@ -69,25 +86,30 @@ def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
 
     Returns the results table (pandas, accuracies in [0, 1], mean and std over seeds) and
     a dict of run artefacts: the trainers of the last seed by method, and timings.
-    Writes ``results.json`` (per-seed values) and figures into ``out_dir``.
+    Writes ``results.json`` (per-seed values; ``metadata.k_used`` as in the table's
+    ``attrs["k_used"]``) and figures into ``out_dir``, and ``seed<N>/<method>/`` for each
+    trained method. The untrained "random init" trainer writes nothing, so it gets no folder.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, dict[str, list[float]]] = {}
+    rows: dict[str, dict[str, list]] = {}
     artefacts: dict[str, Any] = {"trainers": {}, "seconds": {}}
 
-    def add(method: str, metrics: dict[str, float]) -> None:
+    def add(method: str, metrics: Results) -> None:
         for name, value in metrics.items():
             rows.setdefault(method, {}).setdefault(name, []).append(value)
 
     # One copy of the data for every run (each Trainer would otherwise read it again).
-    train_set, test_set = load_dataset(config.dataset, config.data_dir, seed=0)
+    train_set, test_set = load_dataset(config.dataset, config.data_dir, image_size=config.image_size or None, seed=0)
     for seed in seeds:
         base = dataclasses.replace(config, seed=seed)
-        untrained = Trainer(dataclasses.replace(base, out_dir=str(out / f"seed{seed}" / "untrained"), progress=False),
-                            train_set=train_set, test_set=test_set)
-        add("raw pixels", evaluate_raw_pixels(untrained, seed))
-        add("random init", evaluate_trainer(untrained, seed))
+        # A Trainer creates its out_dir; the untrained baseline never writes there, so a
+        # scratch folder keeps an empty seed<N>/untrained/ out of the results.
+        with tempfile.TemporaryDirectory(prefix="swav_ref_untrained_") as scratch:
+            untrained = Trainer(dataclasses.replace(base, out_dir=scratch, progress=False),
+                                train_set=train_set, test_set=test_set)
+            add("raw pixels", evaluate_raw_pixels(untrained, seed))
+            add("random init", evaluate_trainer(untrained, seed))
         artefacts["trainers"]["random init"] = untrained
         for method in (*methods, "supervised"):
             t0 = time.perf_counter()
@@ -103,7 +125,7 @@ def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
     table = results_table([{"method": m, **v} for m, v in rows.items()])
     save_results_json(out / "results.json", [{"method": m, **v} for m, v in rows.items()],
                       metadata={"config": config.to_dict(), "seeds": list(seeds), "methods": list(methods),
-                                "seconds": artefacts["seconds"]})
+                                "seconds": artefacts["seconds"], "k_used": table.attrs["k_used"]})
     write_figures(artefacts["trainers"], out)
     return table, artefacts
 

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ import numpy as np
 
 from swav_ref import checkpoint as ckpt
 from swav_ref.backend import Random, get_backend, set_tf32, to_numpy
-from swav_ref.data.datasets import ImageDataset, channel_stats, load_dataset
+from swav_ref.data.datasets import DATASETS, ImageDataset, channel_stats, load_dataset
 from swav_ref.data.multicrop import MultiCrop, MultiCropConfig, default_config
 from swav_ref.deepcluster import MemoryBank, cluster_memory, deepcluster_loss
 from swav_ref.distributed import get_communicator
@@ -71,8 +72,18 @@ def set_batchnorm_allreduce(module: Any, allreduce: Any) -> None:
             m.allreduce = allreduce
 
 
+class ConfigError(ValueError):
+    """A setting, or a combination of settings, that cannot train; the message names the
+    option as the command line spells it and the rule it breaks."""
+
+
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or the parameters became NaN or infinite; a good checkpoint is never
+    overwritten by a bad one."""
+
+
+DIVERGENCE_ADVICE = ("Try a lower --base-lr or a longer warm-up (--warmup-epochs); with your own model, check "
+                     "that features and prototypes are L2-normalised.")
 
 
 @dataclass
@@ -127,26 +138,67 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs
     stop_after: int = 0  # epochs in this run (0 = to the end); the schedule still spans `epochs`
     progress: bool = True
+    image_size: int = 0  # folder data: resize every image to this square size (0 = keep; all must agree)
 
     def __post_init__(self):
         for name in ("n_crops", "crop_sizes", "min_scale", "max_scale", "crops_for_assign", "n_prototypes"):
             value = getattr(self, name)
             setattr(self, name, tuple(value) if isinstance(value, (list, tuple)) else (value,))
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        self._check_choices()
+        self._check_ranges()
+        self._check_crops()
+
+    def _refuse(self, name: str, rule: str) -> None:
+        value = getattr(self, name)
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+        raise ConfigError(f"--{name.replace('_', '-')} {shown}: {rule}")
+
+    def _check_choices(self) -> None:
+        choices = {"method": METHODS, "dataset": DATASETS, "backend": ("numpy", "cupy", "array_api_strict"),
+                   "dtype": ("float32", "float64"), "arch": ("resnet_tiny", "resnet18"), "optimizer": ("lars", "sgd")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                self._refuse(name, f"choose one of {', '.join(allowed)}")
+        if self.dataset != "digits" and self.data_dir is None:
+            self._refuse("dataset", "needs --data-dir, the folder holding the data")
+        if self.tf32 and self.backend != "cupy":
+            self._refuse("backend", "--tf32 applies to the cupy backend only (CPUs have no TF32 arithmetic)")
+
+    def _check_ranges(self) -> None:
+        """Every number in its range, before anything is built or written: a zero or negative
+        size, rate or interval would otherwise fail deep inside the first step (or, for the
+        checkpoint interval, after a whole epoch of work)."""
+        at_least = {"epochs": 1, "batch_size": 1, "feat_dim": 1, "hidden_dim": 0, "sinkhorn_iterations": 1,
+                    "queue_length": 0, "epoch_queue_starts": 0, "freeze_prototypes_niters": 0, "warmup_epochs": 0,
+                    "kmeans_iters": 1, "kmeans_restarts": 1, "seed": 0, "log_every": 1, "checkpoint_every": 1,
+                    "stop_after": 0, "image_size": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                self._refuse(name, f"must be at least {low}")
+        for name in ("n_crops", "crop_sizes", "n_prototypes"):
+            if min(getattr(self, name)) < 1:
+                self._refuse(name, "every entry must be at least 1")
+        for name in ("epsilon", "temperature"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                self._refuse(name, "must be a positive number")
+        for name in ("base_lr", "final_lr", "start_warmup", "weight_decay", "momentum"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                self._refuse(name, "must be a number >= 0")
+
+    def _check_crops(self) -> None:
         if not (len(self.n_crops) == len(self.crop_sizes) == len(self.min_scale) == len(self.max_scale)):
-            raise ValueError(
-                "n_crops, crop_sizes, min_scale and max_scale need one entry per crop size, got "
+            raise ConfigError(
+                "--n-crops, --crop-sizes, --min-scale and --max-scale need one entry per crop size, got "
                 f"{self.n_crops}, {self.crop_sizes}, {self.min_scale}, {self.max_scale}"
             )
-        if max(self.crops_for_assign) >= sum(self.n_crops):
-            raise ValueError(f"crops_for_assign {self.crops_for_assign} refers to crops beyond {sum(self.n_crops)}")
-        if self.tf32 and self.backend != "cupy":
-            raise ValueError("tf32 applies to the cupy backend only (CPUs have no TF32 arithmetic)")
-        if self.optimizer not in ("lars", "sgd"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'lars' or 'sgd'")
-        if self.batch_size < 1 or self.epochs < 1:
-            raise ValueError(f"batch_size ({self.batch_size}) and epochs ({self.epochs}) must be >= 1")
+        for low, high in zip(self.min_scale, self.max_scale):
+            if not 0 < low <= high <= 1:
+                raise ConfigError(f"--min-scale {low} --max-scale {high}: a crop's area fraction needs "
+                                  "0 < min-scale <= max-scale <= 1")
+        n_total = sum(self.n_crops)
+        assign = self.crops_for_assign
+        if not assign or min(assign) < 0 or max(assign) >= n_total or len(set(assign)) != len(assign):
+            self._refuse("crops_for_assign", f"needs distinct crop indices in 0..{n_total - 1}")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -203,11 +255,23 @@ def crop_groups(crops: Sequence[Any]) -> list[tuple[int, int]]:
 
 
 class MetricsLog:
-    """JSON lines, one record per logged step and one per epoch (``kind`` tells which)."""
+    """JSON lines, one record per logged step and one per epoch (``kind`` tells which).
+
+    The file holds one run: :meth:`Trainer.fit` calls :meth:`restart` first, then each
+    :meth:`write` appends a line.
+    """
 
     def __init__(self, path: Path | None):
         self.path = path
         self.records: list[dict] = []
+
+    def restart(self) -> None:
+        """Rewrite the file with :attr:`records` alone: none for a fresh run (a reused
+        ``--out-dir`` would otherwise hold two runs), a checkpoint's for a resumed one (so
+        whatever was logged after that checkpoint, before an interruption, is dropped
+        rather than logged twice)."""
+        if self.path is not None:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict) -> None:
         self.records.append(record)
@@ -241,15 +305,11 @@ class Trainer:
         self.dtype = getattr(self.xp, cfg.dtype)
         set_tf32(self.xp, cfg.tf32)
         if train_set is None:
-            train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, seed=0)
+            train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size or None, seed=0)
         self.train_set, self.test_set = train_set, test_set
         self.mean, self.std = channel_stats(train_set.images)
         self.steps_per_epoch = len(train_set) // (cfg.batch_size * self.comm.size)
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"the training set has {len(train_set)} images, fewer than one global batch of "
-                f"{cfg.batch_size} x {self.comm.size} workers; lower --batch-size"
-            )
+        self._check_fits_the_data()
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.model = self._build_model()
         self.optimizer = self._build_optimizer()
@@ -269,6 +329,33 @@ class Trainer:
             self._broadcast_parameters()
 
     # -- construction ----------------------------------------------------------------
+    def _check_fits_the_data(self) -> None:
+        """The settings that depend on the data set and the number of workers, checked
+        before anything is built (else they fail at the first step, or epochs later)."""
+        cfg, n, workers = self.config, len(self.train_set), self.comm.size
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"--batch-size {cfg.batch_size}: the training set has {n} images, fewer than one "
+                              f"global batch of {cfg.batch_size} x {workers} workers; lower --batch-size")
+        if cfg.method == "supervised" and not self.train_set.has_labels:
+            raise ConfigError(f"--method supervised needs labels, and {self.train_set.name} has none "
+                              "(a folder of images needs one sub-folder per class)")
+        if cfg.queue_length:
+            try:
+                queue_length_per_worker(cfg.queue_length, cfg.batch_size, workers)
+            except ValueError as exc:
+                raise ConfigError(f"--queue-length {cfg.queue_length}: {exc}") from exc
+        bank_size = self.steps_per_epoch * cfg.batch_size  # embeddings per worker's memory bank
+        if cfg.method == "deepcluster-v2" and max(cfg.n_prototypes) > bank_size:
+            raise ConfigError(f"--n-prototypes {' '.join(map(str, cfg.n_prototypes))}: k-means needs at least as "
+                              f"many embeddings as clusters, and the memory bank holds {bank_size}")
+        codes_per_batch = cfg.batch_size * workers + cfg.queue_length
+        if cfg.method == "swav" and max(cfg.n_prototypes) > codes_per_batch:
+            warnings.warn(
+                f"{max(cfg.n_prototypes)} prototypes but only {codes_per_batch} samples per Sinkhorn problem "
+                f"(batch {cfg.batch_size} x {workers} workers + queue {cfg.queue_length}): the equal partition "
+                "gives each prototype less than one sample per batch; use a queue (--queue-length) or fewer "
+                "prototypes", stacklevel=3)
+
     def _multicrop_config(self) -> MultiCropConfig:
         """The data set's augmentation recipe (flip, jitter, blur suited to its images:
         none of ImageNet's flips and blurs on 8x8 digits), with this run's crop counts,
@@ -310,7 +397,9 @@ class Trainer:
         cfg = self.config
         return warmup_cosine_schedule(
             step, self.total_steps, cfg.base_lr, cfg.final_lr,
-            min(cfg.warmup_epochs, cfg.epochs) * self.steps_per_epoch, cfg.start_warmup,  # short runs: warm-up cut
+            # a short run warms up for half of it at most, so that its rate decays too (with
+            # --epochs <= --warmup-epochs it would end at the peak rate)
+            min(cfg.warmup_epochs, cfg.epochs // 2) * self.steps_per_epoch, cfg.start_warmup,
         )
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -443,7 +532,12 @@ class Trainer:
             self.bank.write(s * cfg.batch_size, indices, embeddings)
 
     def fit(self, resume: str | os.PathLike | None = None) -> MetricsLog:
-        """Train for ``config.epochs`` epochs (from a checkpoint when ``resume`` is given)."""
+        """Train for ``config.epochs`` epochs (from a checkpoint when ``resume`` is given).
+
+        ``metrics.jsonl`` starts over with the records so far (:meth:`MetricsLog.restart`):
+        none for a fresh run, the checkpoint's when resuming. Warns when the model has
+        already trained ``config.epochs`` epochs, and then trains nothing.
+        """
         from tqdm.auto import tqdm
 
         cfg = self.config
@@ -451,8 +545,13 @@ class Trainer:
             self.load(resume)
         if self.comm.is_root:
             (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            self.log.restart()
         self.model.train()
         start_epoch = self.step // self.steps_per_epoch
+        if start_epoch >= cfg.epochs and self.comm.is_root:
+            source = f"the checkpoint {resume}" if resume is not None else "the model"
+            warnings.warn(f"nothing to train: {source} has already trained {start_epoch} epochs and --epochs is "
+                          f"{cfg.epochs}; raise --epochs to train further", stacklevel=2)
         for epoch in range(start_epoch, cfg.epochs):
             if cfg.stop_after and epoch - start_epoch >= cfg.stop_after:
                 break  # a time-limited job: the checkpoint lets --resume carry on
@@ -484,11 +583,12 @@ class Trainer:
         values = [float(v) / self.comm.size for v in to_numpy(losses)]
         for (step, _, codes), value in zip(self._pending, values):
             if not math.isfinite(value):
+                checkpoint = self.out_dir / "checkpoint.npz"
+                kept = (f"the last good checkpoint, {checkpoint}, is kept" if checkpoint.exists()
+                        else "no checkpoint had been written yet")
                 raise TrainingDivergedError(
-                    f"the loss became {value} at step {step} (epoch {epoch + 1}); training stopped and the last "
-                    f"good checkpoint in {self.out_dir} is kept. Try a lower --lr, fewer warm-up-free steps "
-                    "(--warmup-epochs), float32 rather than float16, and check that features and prototypes "
-                    "are L2-normalised."
+                    f"the loss became {value} at step {step} (epoch {epoch + 1}); training stopped and {kept}. "
+                    f"{DIVERGENCE_ADVICE}"
                 )
             record = {"kind": "step", "step": step, "epoch": epoch, "loss": value, "lr": self.learning_rate(step)}
             if codes is not None:
@@ -515,7 +615,8 @@ class Trainer:
 
         Random streams need no saving: they are functions of (seed, rank, step)
         (:meth:`random`). Each worker's own state (queue, memory bank) is
-        :meth:`local_state`.
+        :meth:`local_state`; ``meta["local_ranks"]`` lists the ranks that have one, so that
+        :meth:`load` can insist on their files.
         """
         arrays = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         arrays.update({f"optim.{k}": v for k, v in self.optimizer.state_dict().items()})
@@ -526,6 +627,8 @@ class Trainer:
             "config": self.config.to_dict(),
             "step": self.step,
             "world_size": self.comm.size,
+            # Every worker has a queue (or a bank) or none has: they start at the same step.
+            "local_ranks": list(range(self.comm.size)) if self.local_state()[0] else [],
             "monitor_fired": self.monitor.fired,
             "log": self.log.records,
         }
@@ -550,13 +653,15 @@ class Trainer:
     def save(self, path: str | os.PathLike) -> None:
         """Atomically write a checkpoint, never over a good one with NaNs.
 
-        Rank 0 writes the shared state to ``path``; every worker with a queue or a memory
-        bank writes its own next to it (:meth:`local_path`).
+        Every worker with a queue or a memory bank first writes its own next to ``path``
+        (:meth:`local_path`); then rank 0 writes the shared state, which lists those files'
+        ranks, to ``path``. A resume needs them all.
         """
         arrays, meta = self.state()
         finite = all(bool(self.xp.all(self.xp.isfinite(v))) for k, v in arrays.items() if k.startswith("model."))
         if not finite:
-            raise TrainingDivergedError(f"parameters are not finite at step {self.step}; {path} was not overwritten")
+            raise TrainingDivergedError(f"the parameters are not finite at step {self.step} (training diverged); "
+                                        f"{path} was not written. {DIVERGENCE_ADVICE}")
         local_arrays, local_meta = self.local_state()
         if local_arrays:
             ckpt.save_checkpoint(self.local_path(path, self.comm.rank), local_arrays, local_meta)
@@ -565,7 +670,8 @@ class Trainer:
         self.comm.barrier()
 
     def load(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint written by :meth:`save` (raises CheckpointError if unusable)."""
+        """Restore a checkpoint written by :meth:`save` (raises CheckpointError if unusable,
+        or if this worker's queue / memory bank file, :meth:`local_path`, is missing)."""
         arrays, meta = ckpt.load_checkpoint(path)
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ckpt.CheckpointError(f"{path}: not a swav_ref trainer checkpoint (format {meta.get('format')!r})")
@@ -581,6 +687,16 @@ class Trainer:
                 f"{path}: written by {meta['world_size']} workers, resumed by {self.comm.size}; the per-worker "
                 "queues or memory banks cannot be redistributed"
             )
+        local = self.local_path(path, self.comm.rank)
+        # Checkpoints written before "local_ranks" existed: use the file if it is there.
+        has_local = self.comm.rank in meta["local_ranks"] if "local_ranks" in meta else local.exists()
+        if has_local and not local.is_file():
+            names = ", ".join(self.local_path(path, r).name for r in meta["local_ranks"])
+            raise ckpt.CheckpointError(
+                f"{local} is missing: {path} keeps each worker's queue or memory bank in its own file ({names}), "
+                f"written next to it; copy those files from the run's folder into {local.parent}, or the resumed "
+                "run would silently start from a fresh queue / memory bank"
+            )
         ckpt.check_compatible(
             {k[6:]: v for k, v in arrays.items() if k.startswith("model.")},
             {k: tuple(v.shape) for k, v in self.model.state_dict().items()},
@@ -592,11 +708,8 @@ class Trainer:
         if any(k.startswith("targets.") for k in arrays):
             self.targets = [xp.asarray(arrays[f"targets.{h}"]) for h in range(len(self.config.n_prototypes))]
         self.monitor.fired = bool(meta.get("monitor_fired", False))
-        self.log.records = list(meta.get("log", []))
-        if self.log.path is not None:
-            self.log.path.write_text("".join(json.dumps(r) + "\n" for r in self.log.records))
-        local = self.local_path(path, self.comm.rank)
-        if local.exists():
+        self.log.records = list(meta.get("log", []))  # up to this checkpoint's step (fit rewrites the file)
+        if has_local:
             self._load_local(local)
         if self.comm.size > 1:
             self._broadcast_parameters()

@@ -61,6 +61,26 @@ def test_train_then_eval_on_an_image_folder(tmp_path, capsys):
     (["train", "--tf32"], "tf32 applies to the cupy backend only"),
     (["train", "--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "CIFAR-10 folder not found: /nonexistent"),
     (["eval", "/nonexistent/checkpoint.npz"], "checkpoint not found: /nonexistent/checkpoint.npz"),
+    # values out of range, refused before anything is built or written
+    (["train", "--feat-dim", "0"], "--feat-dim 0: must be at least 1"),
+    (["train", "--log-every", "0"], "--log-every 0: must be at least 1"),
+    (["train", "--checkpoint-every", "0"], "--checkpoint-every 0: must be at least 1"),
+    (["train", "--stop-after", "-1"], "--stop-after -1: must be at least 0"),
+    (["train", "--kmeans-restarts", "0"], "--kmeans-restarts 0: must be at least 1"),
+    (["train", "--n-prototypes", "30", "0"], "--n-prototypes 30 0: every entry must be at least 1"),
+    (["train", "--temperature", "0"], "--temperature 0.0: must be a positive number"),
+    (["train", "--epsilon", "nan"], "--epsilon nan: must be a positive number"),
+    (["train", "--momentum", "-1"], "--momentum -1.0: must be a number >= 0"),
+    (["train", "--min-scale", "0.9", "0.3", "--max-scale", "0.5", "0.6"], "0 < min-scale <= max-scale <= 1"),
+    (["train", "--crops-for-assign", "0", "6"], "--crops-for-assign 0 6: needs distinct crop indices in 0..5"),
+    (["train", "--dataset", "folder"], "--dataset folder: needs --data-dir"),
+    (["demo", "--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["dessert", "--lam", "0"], "--lam 0.0: the regularisation strength must be a positive number"),
+    (["train", "--resume", "/nonexistent/checkpoint.npz"], "--resume /nonexistent/checkpoint.npz: no such"),
+    # settings that do not fit the data, refused before the first step
+    (["train", "--batch-size", "5000"], "the training set has 1438 images, fewer than one global batch"),
+    (["train", "--queue-length", "100"], "--queue-length 100: queue_length=100 is not a multiple"),
+    (["train", "--method", "deepcluster-v2", "--n-prototypes", "2000"], "the memory bank holds 1408"),
 ])
 def test_user_errors_are_one_line_not_a_traceback(argv, message, capsys, monkeypatch):
     for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK",
@@ -69,6 +89,56 @@ def test_user_errors_are_one_line_not_a_traceback(argv, message, capsys, monkeyp
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("swav-ref: error: ") and message in err and "Traceback" not in err
+
+
+def test_an_output_path_through_a_file_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    for argv in (["train", "--out-dir", str(tmp_path / "afile" / "run")], ["demo", "--out", str(tmp_path / "afile")],
+                 ["dessert", "--out", str(tmp_path / "afile")]):
+        assert main(argv) == 2
+        assert f"{tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+
+
+def _write_images(folder, sizes, labelled=True):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        where = folder / str(i % 2) if labelled else folder
+        where.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=(h, w), dtype=np.uint8)).save(where / f"{i}.png")
+
+
+SMALL_RUN = ["--epochs", "1", "--batch-size", "8", "--n-crops", "2", "2", "--hidden-dim", "8", "--feat-dim", "8",
+             "--n-prototypes", "8", "--no-progress", "--no-evaluate"]
+
+
+def test_images_of_different_sizes_train_with_image_size(tmp_path, capsys):
+    _write_images(tmp_path / "images", [(8, 8), (10, 12)] * 8)
+    argv = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "images"), *SMALL_RUN]
+    assert main([*argv, "--out-dir", str(tmp_path / "a")]) == 2
+    assert "--image-size" in capsys.readouterr().err  # the message says what to do
+    assert main([*argv, "--image-size", "8", "--out-dir", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "checkpoint.npz").exists()
+    # eval checks where its results go before it evaluates anything
+    (tmp_path / "afile").write_text("")
+    assert main(["eval", str(tmp_path / "b" / "checkpoint.npz"), "--out", str(tmp_path / "afile" / "e.json")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_supervised_training_on_unlabelled_images_is_refused(tmp_path, capsys):
+    _write_images(tmp_path / "flat", [(8, 8)] * 16, labelled=False)
+    assert main(["train", "--method", "supervised", "--dataset", "folder", "--data-dir", str(tmp_path / "flat"),
+                 *SMALL_RUN, "--out-dir", str(tmp_path / "run")]) == 2
+    assert "--method supervised needs labels" in capsys.readouterr().err
+
+
+def test_more_prototypes_than_samples_per_sinkhorn_problem_warns(tmp_path):
+    from swav_ref.train import Trainer
+
+    config = TrainConfig(batch_size=16, n_prototypes=(500,), out_dir=str(tmp_path), progress=False)
+    with pytest.warns(UserWarning, match="500 prototypes but only 16 samples per Sinkhorn problem"):
+        Trainer(config)
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

@@ -136,25 +136,48 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tiny, tmp_path, mo
     assert not [p for p in path.parent.iterdir() if p.name.startswith("checkpoint.npz") and p != path]
 
 
-def test_nan_loss_stops_training_and_keeps_the_checkpoint(tiny, tmp_path, monkeypatch):
+def poison_the_loss(monkeypatch, trainer, from_step: int) -> None:
+    """Make the SwAV loss NaN from the trainer's step ``from_step`` on."""
     import swav_ref.train as train_module
 
-    train, test = tiny
-    trainer = Trainer(small_config(tmp_path, epochs=3), train_set=train, test_set=test)
     real = train_module.swav_loss
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
-        if trainer.step >= 7:
-            return type(out)(out.loss * math.nan, out.grad, out.codes)
-        return out
+        return type(out)(out.loss * math.nan, out.grad, out.codes) if trainer.step >= from_step else out
 
     monkeypatch.setattr(train_module, "swav_loss", poisoned)
+
+
+def test_nan_loss_stops_training_and_keeps_the_checkpoint(tiny, tmp_path, monkeypatch):
+    train, test = tiny
+    trainer = Trainer(small_config(tmp_path, epochs=3), train_set=train, test_set=test)
+    poison_the_loss(monkeypatch, trainer, from_step=7)
     with pytest.raises(TrainingDivergedError, match="loss became nan at step 7"):
         trainer.fit()
     arrays, meta = ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.npz")
     assert meta["step"] == 5
     assert all(np.all(np.isfinite(v)) for k, v in arrays.items() if k.startswith("model."))
+
+
+def test_divergence_before_any_checkpoint_says_so_and_what_to_try(tiny, tmp_path, monkeypatch):
+    train, test = tiny
+    trainer = Trainer(small_config(tmp_path, epochs=2), train_set=train, test_set=test)
+    poison_the_loss(monkeypatch, trainer, from_step=2)
+    with pytest.raises(TrainingDivergedError, match="no checkpoint had been written yet.*--base-lr"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+def test_a_run_shorter_than_the_warm_up_still_decays_its_rate(tiny, tmp_path):
+    """--epochs 1 with --warmup-epochs 2: at most half a run warms up, so it does not end
+    at the peak rate."""
+    train, test = tiny
+    trainer = Trainer(small_config(tmp_path, epochs=1, warmup_epochs=2), train_set=train, test_set=test)
+    rates = [trainer.learning_rate(s) for s in range(trainer.total_steps)]
+    assert rates[0] == pytest.approx(trainer.config.base_lr) and rates[-1] < 0.5 * trainer.config.base_lr
+    longer = Trainer(small_config(tmp_path, epochs=4, warmup_epochs=2), train_set=train, test_set=test)
+    assert longer.learning_rate(2 * longer.steps_per_epoch - 1) == pytest.approx(longer.config.base_lr)
 
 
 def test_collapse_warning(tiny, tmp_path):

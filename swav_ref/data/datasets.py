@@ -425,7 +425,8 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
         elif picture.size != expected:
             raise DatasetError(
                 f"image {path} is {picture.size[0]}x{picture.size[1]} (width x height) but "
-                f"{first} is {expected[0]}x{expected[1]}; pass image_size to resize them all"
+                f"{first} is {expected[0]}x{expected[1]}; pass image_size (--image-size on the command line) "
+                "to resize them all"
             )
         pixels = np.asarray(picture, dtype=np.uint8)
         arrays.append(pixels[None] if pixels.ndim == 2 else np.transpose(pixels, (2, 0, 1)))

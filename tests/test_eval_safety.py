@@ -1,0 +1,158 @@
+"""``swav-ref eval`` and ``demo`` on awkward inputs: unlabelled data, a train split smaller
+than k, a stray --data-dir; and neither leaves folders behind."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+
+import pytest
+
+from swav_ref.cli import main
+from swav_ref.evaluate import KNNResult, format_results, results_table
+from swav_ref.train import Trainer, TrainConfig
+
+#: A small network and batch, so a Trainer (and its checkpoint) costs well under a second.
+SMALL = dict(batch_size=32, n_crops=(2, 2), crop_sizes=(8, 6), min_scale=(0.5, 0.3), max_scale=(1.0, 0.6),
+             hidden_dim=16, feat_dim=8, n_prototypes=(10,), epochs=1, warmup_epochs=0, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch):
+    """One process whatever runs the tests, so user errors print one line instead of going
+    to the MPI abort hook."""
+    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK",
+                 "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def scratch_tmp(tmp_path, monkeypatch):
+    """The system temporary folder, redirected to an empty folder we can inspect."""
+    folder = tmp_path / "system_tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def write_digit_folder(root, n: int, labelled: bool):
+    """``n`` digits as PNGs: one sub-folder per class, or all in ``root`` (unlabelled)."""
+    from PIL import Image
+
+    from swav_ref.data.datasets import load_digits_dataset
+
+    digits = load_digits_dataset()
+    for i in range(n):
+        folder = root / str(digits.labels[i]) if labelled else root
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digits.images[i, 0]).save(folder / f"{i}.png")
+    return root
+
+
+def save_untrained_checkpoint(out, **config) -> tuple[str, Trainer]:
+    """A checkpoint at step 0: eval's code paths do not need a trained network."""
+    trainer = Trainer(TrainConfig(**SMALL, out_dir=str(out), **config))
+    trainer.save(out / "checkpoint.npz")
+    return str(out / "checkpoint.npz"), trainer
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("swav-ref: error: ") and "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+# -- 1. unlabelled data ---------------------------------------------------------------------
+def test_eval_of_an_unlabelled_folder_says_it_needs_class_folders(tmp_path, capsys, scratch_tmp):
+    images = write_digit_folder(tmp_path / "flat", 80, labelled=False)
+    checkpoint, _ = save_untrained_checkpoint(tmp_path / "run", dataset="folder", data_dir=str(images))
+    assert main(["eval", checkpoint]) == 2
+    err = one_line_error(capsys)
+    assert "has no labels" in err and "one sub-folder per class" in err and str(images) in err
+    assert list(scratch_tmp.iterdir()) == []  # the scratch out_dir goes on error too (3.)
+
+
+def test_experiment_refuses_unlabelled_splits_by_name(tmp_path):
+    from swav_ref.experiment import evaluate_raw_pixels, evaluate_trainer
+
+    images = write_digit_folder(tmp_path / "flat", 80, labelled=False)
+    _, trainer = save_untrained_checkpoint(tmp_path / "run", dataset="folder", data_dir=str(images))
+    for evaluate in (evaluate_raw_pixels, evaluate_trainer):
+        with pytest.raises(ValueError, match="has no labels.*one sub-folder per class"):
+            evaluate(trainer)
+
+
+# -- 2. k clipped to a small train split ----------------------------------------------------
+def test_table_reports_the_k_actually_used():
+    clipped = {"linear probe": 0.9, "kNN k=20": KNNResult(0.8, 20, 20, 0.07),
+               "kNN k=200": [KNNResult(0.7, 72, 200, 0.07), KNNResult(0.75, 72, 200, 0.07)]}
+    table = results_table([{"method": "SwAV", **clipped}])
+    assert table.attrs["k_used"] == {"kNN k=200": [72]}
+    assert table.at["SwAV", "kNN k=200"] == pytest.approx(0.725)  # the column keeps its name
+    header = format_results(table).splitlines()[0]
+    assert "kNN k=200 (k=72 used)" in header and "kNN k=20 (" not in header
+
+
+def test_table_is_unchanged_when_nothing_is_clipped():
+    full = {"kNN k=20": KNNResult(0.8, 20, 20, 0.07), "kNN k=200": KNNResult(0.7, 200, 200, 0.07)}
+    table = results_table([{"method": "SwAV", **full}, {"method": "raw pixels", "kNN k=200": 0.6}])
+    assert table.attrs["k_used"] == {}
+    assert "used" not in format_results(table)
+
+
+def test_eval_reports_clipped_k_in_table_and_json(tmp_path, capsys, scratch_tmp):
+    images = write_digit_folder(tmp_path / "classes", 100, labelled=True)
+    checkpoint, trainer = save_untrained_checkpoint(tmp_path / "run", dataset="folder", data_dir=str(images))
+    n_train = len(trainer.train_set)
+    assert n_train < 200
+    assert main(["eval", checkpoint, "--out", str(tmp_path / "eval.json")]) == 0
+    printed = capsys.readouterr().out
+    assert f"kNN k=200 (k={n_train} used)" in printed
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert data["metadata"]["k_used"] == {"kNN k=200": [n_train]}
+    assert data["metrics"] == ["linear probe", "kNN k=20", "kNN k=200"]  # keys stay stable
+    assert all(0 <= r["kNN k=200"]["mean"] <= 1 for r in data["results"])
+    # 3. the Trainer's scratch out_dir (with its metrics.jsonl) is gone once eval ends
+    assert list(scratch_tmp.iterdir()) == []
+
+
+# -- 4. demo leaves no empty folders --------------------------------------------------------
+@pytest.mark.slow
+def test_comparison_leaves_no_empty_folders(tmp_path, scratch_tmp):
+    from swav_ref.experiment import run_comparison
+
+    images = write_digit_folder(tmp_path / "classes", 100, labelled=True)
+    config = TrainConfig(**SMALL, dataset="folder", data_dir=str(images))
+    out = tmp_path / "out"
+    table, _ = run_comparison(config, out_dir=out, log=lambda msg: None)
+    folders = [p for p in out.rglob("*") if p.is_dir()]
+    assert not (out / "seed0" / "untrained").exists()
+    assert [p for p in folders if not any(p.iterdir())] == []
+    assert list(scratch_tmp.iterdir()) == []
+    k_used = json.loads((out / "results.json").read_text())["metadata"]["k_used"]
+    assert k_used == table.attrs["k_used"] == {"kNN k=200": [80]}
+
+
+# -- 5. help shows each default once ----------------------------------------------------------
+def test_eval_help_shows_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert text.count("(default: eval.json next to the checkpoint)") == 1
+
+
+# -- 6. --data-dir -------------------------------------------------------------------------
+def test_eval_refuses_data_dir_for_digits(tmp_path, capsys):
+    checkpoint, _ = save_untrained_checkpoint(tmp_path / "run")
+    assert main(["eval", checkpoint, "--data-dir", "/nonexistent"]) == 2
+    err = one_line_error(capsys)
+    assert "--data-dir /nonexistent" in err and "digits" in err and "cifar10 and folder checkpoints only" in err
+
+
+def test_eval_names_a_missing_data_dir(tmp_path, capsys):
+    images = write_digit_folder(tmp_path / "classes", 80, labelled=True)
+    checkpoint, _ = save_untrained_checkpoint(tmp_path / "run", dataset="folder", data_dir=str(images))
+    missing = tmp_path / "moved"
+    assert main(["eval", checkpoint, "--data-dir", str(missing)]) == 2
+    assert f"--data-dir {missing} does not exist" in one_line_error(capsys)
