@@ -8,7 +8,8 @@ prototype set, and clusters the whole bank at the start of every epoch.
 The training set is scikit-learn's digits (1438 training images) repeated 1x, 4x and 16x
 with ``np.tile``: the repeats are the same images, the augmentation makes every pass
 different, and only N matters here. Both methods use the same small configuration
-(``resnet_tiny``, batch 128, the digits crops, 30 prototypes, numpy, float32).
+(``resnet_tiny``, batch 128, and otherwise :class:`~swav_ref.train.TrainConfig`'s digits
+recipe: its crops, 100 prototypes, a 128-d embedding; numpy, float32).
 
 What is measured, per size and method:
 
@@ -170,6 +171,7 @@ def measure_scaling(repeats=(1, 4, 16), steps: int = 6, cluster_repeats: int = 3
             f"state {row['state_bytes'] / 2**20:7.3f} MiB")
         rows.append(row)
     largest = max(repeats)
+    recipe = cases[0][0].config  # the settings every case ran with (TrainConfig's defaults)
     by = {(r["method"], r["repeats"]): r for r in rows}
     swav, dc = by[("swav", largest)], by[("deepcluster-v2", largest)]
     return {
@@ -181,7 +183,9 @@ def measure_scaling(repeats=(1, 4, 16), steps: int = 6, cluster_repeats: int = 3
         "numpy": np.__version__,
         "settings": {
             "dataset": "digits train split tiled with np.tile", "repeats": list(repeats), "arch": "resnet_tiny",
-            "batch_size": 128, "n_prototypes": [30], "crops": "2x8 + 4x6", "backend": "numpy", "dtype": "float32",
+            "batch_size": 128, "n_prototypes": list(recipe.n_prototypes), "feat_dim": recipe.feat_dim,
+            "crops": " + ".join(f"{n}x{size}" for n, size in zip(recipe.n_crops, recipe.crop_sizes)),
+            "backend": "numpy", "dtype": "float32",
             "timed_steps": steps, "cluster_repeats": cluster_repeats, "statistic": "median",
         },
         "epoch_time": "extrapolated: steps_per_epoch x median step time, plus the clustering pass measured at "

@@ -263,7 +263,7 @@ if scaling is not None:
 # What to read in it:
 #
 # - **memory** -- DeepCluster-v2's bank holds $|A| \cdot N \cdot d$ floats (2 assignment
-#   crops $\times$ 32 dimensions $\times$ 4 bytes = 256 bytes per image here) plus one target
+#   crops $\times$ 128 dimensions $\times$ 4 bytes = 1 KiB per image here) plus one target
 #   per image and prototype set: it grows linearly with $N$. SwAV holds nothing (no queue
 #   in this recipe), or a queue of fixed length whatever $N$. At ImageNet scale
 #   ($N = 1.28$ million, $d = 128$) the bank is 1.3 GB per copy.
