@@ -249,6 +249,8 @@ def profile_ours(step, x, y, repeats: int, xp=np) -> dict:
 CASES = {
     "resnet_tiny": (lambda **kw: resnet_tiny(1, rng=0, **kw), 64, (1, 8, 8)),
     "resnet18": (lambda **kw: resnet18(3, rng=0, **kw), 512, (3, 32, 32)),
+    # resnet18's layers at 1/8 width, on 16x16 images: the host-time case of bench_host.py
+    "resnet18_narrow": (lambda **kw: ResNet(3, (8, 16, 32, 64), (2, 2, 2, 2), rng=0, **kw), 64, (3, 16, 16)),
 }
 
 

@@ -219,6 +219,19 @@ def read_launches(data: dict, path: Path, results_dir: Path) -> list[Row]:
                 _date(data, path), command) for c in data.get("cases", {}).values()]
 
 
+def read_host(data: dict, path: Path, results_dir: Path) -> list[Row]:
+    """``bench_host.py``: host time of one step, each of our sides against torch CPU."""
+    sides = data.get("sides", {})
+    torch = sides.get("torch")
+    if torch is None:
+        return []
+    labels = {"ours_plain": "ours (plain code)", "ours_fused_issue_only": "ours (fused path, launches issued only)"}
+    return [Row(f"host time of a resnet18-structured SGD step (1/8 width, batch 2 of 3x16x16, 1 thread): "
+                f"{label} vs torch CPU", sides[side]["step_ms"] / 1e3, torch["step_ms"] / 1e3, "s",
+                data.get("machine") or "CPU", _date(data, path), data.get("command", "python benchmarks/bench_host.py"))
+            for side, label in labels.items() if side in sides]
+
+
 def read_deepcluster_scaling(data: dict, path: Path, results_dir: Path) -> list[Row]:
     rows_in = data.get("results", [])
     by = {(r["method"], r["repeats"]): r for r in rows_in}
@@ -278,6 +291,7 @@ READERS: dict[str, Reader] = {
     "gpu_equivalence.json": read_equivalence,
     "gpu_equivalence_plain.json": read_equivalence,
     "bench_launches.json": read_launches,
+    "bench_host.json": read_host,
     "bench_deepcluster_scaling.json": read_deepcluster_scaling,
     **{name: read_training for name in TRAINING_RESULTS},
 }

@@ -214,6 +214,36 @@ def test_launch_counts_show_the_fused_path_and_feed_the_report(report, tmp_path)
     assert report.format_value(1606, row.unit) == "1,606 launches"
 
 
+def test_the_host_time_case_issues_exactly_resnet18s_operations():
+    """bench_host.py times a narrow resnet18 as a stand-in for resnet18's host work: that
+    holds only if it issues the same operations, on the fused path and on the plain code."""
+    import shutil
+
+    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        pytest.skip("no C++ compiler to build the fused kernels for the CPU")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "tests"))
+    import bench_launches
+
+    for use_fused in (False, True):
+        full, narrow = (bench_launches.count_step(bench_launches.resnet_step(arch), use_fused)
+                        for arch in ("resnet18", "resnet18_narrow"))
+        for kind in ("kernels", "views", "allocations", "host_syncs"):
+            assert full[kind] == narrow[kind], (use_fused, kind)
+
+
+def test_host_times_feed_the_report(report, tmp_path):
+    d = tmp_path / "host"
+    d.mkdir()
+    write(d / "bench_host.json", {"machine": "x86_64", "date": "2026-11-28", "sides": {
+        "ours_plain": {"step_ms": 30.0}, "ours_fused_issue_only": {"step_ms": 12.0}, "torch": {"step_ms": 15.0}}})
+    plain, fused = report.collect_rows(d)
+    assert "ours (plain code) vs torch CPU" in plain.what and plain.ratio == pytest.approx(2.0)
+    assert "launches issued only" in fused.what and fused.ratio == pytest.approx(0.8) and fused.unit == "s"
+    write(d / "bench_host.json", {"sides": {"ours_plain": {"step_ms": 30.0}}})  # no torch: no row
+    assert report.collect_rows(d) == []
+
+
 def test_failed_gpu_cases_are_reported_not_tabled(report, tmp_path, capsys):
     d = tmp_path / "gpu"
     d.mkdir()
