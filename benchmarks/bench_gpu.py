@@ -149,11 +149,11 @@ def bench_sinkhorn_and_loss(s: Setup, size: dict, repeats: int) -> dict:
         plain_codes = sinkhorn_codes(first)
     gap = float(s.xp.max(s.xp.abs(sinkhorn_codes(first) - plain_codes)))
 
-    def plain():
-        with fused.disabled():
-            sinkhorn_codes(first)
+    def codes():
+        return sinkhorn_codes(first)
 
-    t = median_times({"fused": lambda: sinkhorn_codes(first), "plain": plain,
+    # fused.disabled() is a contextlib context manager, so it also wraps a function
+    t = median_times({"fused": codes, "plain": fused.disabled()(codes),
                       "torch": lambda: torch_sinkhorn(s.torch, scores_t[:b])}, repeats, s.sync)
     out = {
         f"sinkhorn_B{b}_K{k}": _case(f"SwAV Sinkhorn codes, B={b}, K={k}, 3 iterations: ours (fused kernels) vs "
@@ -184,11 +184,10 @@ def resnet18_steps(s: Setup, batch: int):
     tx, ty = s.torch.tensor(x_np, device=s.device), s.torch.tensor(y_np, device=s.device)
     step, peer_step = make_ours(net, head, sync=False), make_torch(s.torch, net, head, s.device, sync=False)
 
-    def ours_plain():
-        with fused.disabled():
-            return step(x, y)
+    def ours():
+        return step(x, y)
 
-    return (lambda: step(x, y)), ours_plain, (lambda: peer_step(tx, ty))
+    return ours, fused.disabled()(ours), (lambda: peer_step(tx, ty))
 
 
 def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
@@ -324,12 +323,7 @@ def swav_step(backend: str, batch: int, prototypes: int, hidden: int, feat_dim: 
 def bench_swav_step(s: Setup, size: dict, repeats: int) -> dict:
     batch = size["swav_batch"]
     step = swav_step("cupy" if s.device == "cuda" else "numpy", batch, size["prototypes_step"], size["hidden"])
-
-    def plain():
-        with fused.disabled():
-            step()
-
-    t = median_times({"fused": step, "plain": plain}, repeats, s.sync)
+    t = median_times({"fused": step, "plain": fused.disabled()(step)}, repeats, s.sync)
     return {f"swav_step_resnet18_2x32+6x16_b{batch}": _case(
         f"full SwAV step, resnet18, 2x32 + 6x16 crops, batch {batch}, LARS: fused kernels vs the plain CuPy code "
         f"({batch / t['fused']:.0f} vs {batch / t['plain']:.0f} images/s)", t["fused"], t["plain"],

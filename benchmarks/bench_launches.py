@@ -237,12 +237,8 @@ def fused_kernels_on_the_cpu() -> Iterator[None]:
             with TALLY.inside():
                 run(name, n_elements, tuple(_plain(a) for a in args))
 
-        before = fused._launchers.get("numpy")  # the test suite's, under SWAV_REF_HOST_KERNELS=1
-        fused.register_launcher("numpy", launcher)
-        try:
+        with fused.launcher_registered("numpy", launcher):  # then the test suite's again, if any
             yield
-        finally:
-            fused.register_launcher("numpy", before)
 
 
 def count_step(make_step: Callable[[], Callable[[], Any]], use_fused: bool, warm_steps: int = 2) -> dict:

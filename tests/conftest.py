@@ -65,9 +65,8 @@ def host_kernels_everywhere(request):
 
     from swav_ref import fused
 
-    fused.register_launcher("numpy", HostLauncher(request.getfixturevalue("host_kernel_library")))
-    yield
-    fused.register_launcher("numpy", None)
+    with fused.launcher_registered("numpy", HostLauncher(request.getfixturevalue("host_kernel_library"))):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -97,10 +96,7 @@ def fused_lane(request):
         xp = np
         base = HostLauncher(request.getfixturevalue("host_kernel_library"))
     name = "cupy" if request.param == "cupy" else "numpy"
-    before = fused._launchers.get(name)  # NumPy's is the session's under SWAV_REF_HOST_KERNELS=1
     recorder = RecordingLauncher(base)
-    fused.register_launcher(name, recorder)
-    try:
+    with fused.launcher_registered(name, recorder):  # NumPy's is the session's under SWAV_REF_HOST_KERNELS=1
         yield xp, recorder.calls
-    finally:
-        fused.register_launcher(name, base if name == "cupy" else before)
+

@@ -57,6 +57,7 @@ __all__ = [
     "im2col",
     "is_dense",
     "lars_update",
+    "launcher_registered",
     "register_launcher",
     "relu_backward",
     "set_enabled",
@@ -118,6 +119,19 @@ def register_launcher(backend: str, launcher: Launcher | None) -> None:
         _launchers.pop(backend, None)
     else:
         _launchers[backend] = launcher
+
+
+@contextlib.contextmanager
+def launcher_registered(backend: str, launcher: Launcher | None) -> Iterator[None]:
+    """Run a block with ``launcher`` for ``backend`` (see :func:`register_launcher`), then
+    put back whatever was there before: nothing, CuPy's built-in launcher, or the one a
+    test session registered for NumPy."""
+    before = _launchers.get(backend)
+    register_launcher(backend, launcher)
+    try:
+        yield
+    finally:
+        register_launcher(backend, before)
 
 
 def _launcher_for(xp: Any) -> Launcher | None:
