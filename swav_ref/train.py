@@ -628,7 +628,7 @@ class Trainer:
             "step": self.step,
             "world_size": self.comm.size,
             # Every worker has a queue (or a bank) or none has: they start at the same step.
-            "local_ranks": list(range(self.comm.size)) if self.local_state()[0] else [],
+            "local_ranks": list(range(self.comm.size)) if self.queue is not None or self.bank is not None else [],
             "monitor_fired": self.monitor.fired,
             "log": self.log.records,
         }
@@ -688,10 +688,10 @@ class Trainer:
                 "queues or memory banks cannot be redistributed"
             )
         local = self.local_path(path, self.comm.rank)
-        # Checkpoints written before "local_ranks" existed: use the file if it is there.
-        has_local = self.comm.rank in meta["local_ranks"] if "local_ranks" in meta else local.exists()
+        ranks = meta.get("local_ranks")  # None in checkpoints written before it existed
+        has_local = local.exists() if ranks is None else self.comm.rank in ranks
         if has_local and not local.is_file():
-            names = ", ".join(self.local_path(path, r).name for r in meta["local_ranks"])
+            names = ", ".join(self.local_path(path, r).name for r in (ranks or [self.comm.rank]))
             raise ckpt.CheckpointError(
                 f"{local} is missing: {path} keeps each worker's queue or memory bank in its own file ({names}), "
                 f"written next to it; copy those files from the run's folder into {local.parent}, or the resumed "
