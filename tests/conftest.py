@@ -100,3 +100,12 @@ def fused_lane(request):
     with fused.launcher_registered(name, recorder):  # NumPy's is the session's under SWAV_REF_HOST_KERNELS=1
         yield xp, recorder.calls
 
+
+@pytest.fixture(scope="module")
+def tiny():
+    """``(train, test)``: 160 training and 40 test digits, 5 steps of 32 per epoch (the data
+    of ``small_runs.small_config``)."""
+    from swav_ref.data.datasets import load_digits_dataset, split_dataset
+
+    full = load_digits_dataset()
+    return split_dataset(full.subset(np.arange(200)), test_fraction=0.2, seed=0)

@@ -12,27 +12,12 @@ import warnings
 import numpy as np
 import pytest
 
+from small_runs import small_config
 from swav_ref import checkpoint as ckpt
-from swav_ref.data.datasets import load_digits_dataset, split_dataset
 from swav_ref.evaluate import save_results_json
-from swav_ref.train import Trainer, TrainConfig
+from swav_ref.train import Trainer
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """160 training and 40 test digits: 5 steps of 32 per epoch."""
-    full = load_digits_dataset()
-    return split_dataset(full.subset(np.arange(200)), test_fraction=0.2, seed=0)
-
-
-def small_config(out_dir, **changes) -> TrainConfig:
-    base = dict(batch_size=32, n_crops=(2, 2), crop_sizes=(8, 6), min_scale=(0.5, 0.3), max_scale=(1.0, 0.6),
-                hidden_dim=32, feat_dim=16, n_prototypes=(10,), epochs=2, warmup_epochs=1, base_lr=0.5,
-                freeze_prototypes_niters=3, log_every=1, progress=False, out_dir=str(out_dir))
-    base.update(changes)
-    return TrainConfig(**base)
 
 
 def trainer(tiny, out_dir, **changes) -> Trainer:

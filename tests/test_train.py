@@ -9,28 +9,18 @@ import warnings
 import numpy as np
 import pytest
 
+import small_runs
 from swav_ref import checkpoint as ckpt
-from swav_ref.data.datasets import load_digits_dataset, split_dataset
 from swav_ref.swav.diagnostics import CollapseMonitor, CollapseWarning
 from swav_ref.train import Trainer, TrainConfig, TrainingDivergedError, crop_groups
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """160 training and 40 test digits: enough for 5 steps of 32 per epoch."""
-    full = load_digits_dataset()
-    train, test = split_dataset(full.subset(np.arange(200)), test_fraction=0.2, seed=0)
-    return train, test
-
-
 def small_config(tmp_path, **changes) -> TrainConfig:
-    base = dict(batch_size=32, n_crops=(2, 2), crop_sizes=(8, 6), min_scale=(0.5, 0.3), max_scale=(1.0, 0.6),
-                hidden_dim=32, feat_dim=16, n_prototypes=(10,), epochs=3, warmup_epochs=1, base_lr=0.5,
-                freeze_prototypes_niters=3, log_every=1, progress=False, out_dir=str(tmp_path / "run"))
-    base.update(changes)
-    return TrainConfig(**base)
+    """:func:`small_runs.small_config` writing to ``tmp_path / "run"`` (every test here
+    names its epochs)."""
+    return small_runs.small_config(tmp_path / "run", **changes)
 
 
 def step_losses(trainer) -> list[float]:
