@@ -59,6 +59,8 @@ from swav_ref.backend import to_numpy  # noqa: E402
 
 CASE = "resnet18_narrow"  # defined in bench_resnet.CASES, so that its torch peer can build it
 BATCH = 2
+SETTING = (f"resnet18 structure at 1/8 width (CIFAR layout), batch {BATCH} of "
+           f"{'x'.join(map(str, bench_resnet.CASES[CASE][2]))}, float32, 1 thread")
 
 
 def _limit_threads() -> None:
@@ -139,8 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
                 sides[side]["ratio_best_over_best_torch"] = round(min(samples) / min(times["torch"]), 3)
     result = {
         "benchmark": "bench_host",
-        "what": (f"host time of one SGD training step, resnet18 structure at 1/8 width (CIFAR layout), "
-                 f"batch {BATCH} of 3x16x16, float32, 1 thread: ours (plain code; fused path, launches only) vs torch CPU"),
+        "what": f"host time of one SGD training step, {SETTING}: ours (plain code; fused path, launches only) vs torch CPU",
+        "setting": SETTING,
         "date": datetime.date.today().isoformat(),
         "machine": platform.processor() or platform.machine(),
         "numpy": np.__version__,

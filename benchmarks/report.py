@@ -226,8 +226,8 @@ def read_host(data: dict, path: Path, results_dir: Path) -> list[Row]:
     if torch is None:
         return []
     labels = {"ours_plain": "ours (plain code)", "ours_fused_issue_only": "ours (fused path, launches issued only)"}
-    return [Row(f"host time of a resnet18-structured SGD step (1/8 width, batch 2 of 3x16x16, 1 thread): "
-                f"{label} vs torch CPU", sides[side]["step_ms"] / 1e3, torch["step_ms"] / 1e3, "s",
+    setting = data.get("setting", "a small resnet18-structured step")
+    return [Row(f"host time of an SGD training step, {setting}: {label} vs torch CPU", sides[side]["step_ms"] / 1e3, torch["step_ms"] / 1e3, "s",
                 data.get("machine") or "CPU", _date(data, path), data.get("command", "python benchmarks/bench_host.py"))
             for side, label in labels.items() if side in sides]
 

@@ -263,9 +263,9 @@ def set_tf32(xp: types.ModuleType, enabled: bool) -> None:
     instead of 7) and accumulates in float32; on Ampere and later GPUs that makes the GEMMs,
     which are most of a ResNet step, several times faster. It reaches CuPy's 2-d matrix
     products (the convolutions' and the linear layers' GEMMs); CuPy 13's batched (3-d)
-    products ignore it, so BatchNorm's per-channel sums of squares stay in float32 there. PyTorch does this by default for
-    convolutions (``torch.backends.cudnn.allow_tf32``), so a like-for-like benchmark sets both
-    libraries the same way. Off by default here: the teaching code computes in true float32.
+    products ignore it, so BatchNorm's per-channel sums of squares stay in float32 there.
+    PyTorch does this by default for convolutions (``torch.backends.cudnn.allow_tf32``), so
+    a like-for-like benchmark sets both libraries the same way. Off by default here: the teaching code computes in true float32.
     A no-op for NumPy (CPUs have no TF32). The setting is per process; the trainer sets it
     from its config, which overrides ``CUPY_TF32`` from the environment.
     """
