@@ -5,12 +5,15 @@ CUDA source compiled as C++ and run on the CPU, on every machine; and ``cupy``, 
 source compiled by NVRTC and run on a GPU (skipped without one; `-k cupy` selects it in
 benchmarks/gpu_check.sh). The reference is always the plain code, run with
 ``fused.disabled()`` on the same arrays.
+
+Without a GPU, two more tests stand in for what only the GPU lane would otherwise catch:
+the source compiled by NVRTC (CuPy's compiler, from a pip wheel) with no warning, and the
+argument types of each host-lane call held to the compiled kernels' parameters.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -49,19 +52,69 @@ def index_bits(request, monkeypatch):
     return request.param
 
 
-def test_every_kernel_compiles_for_the_gpu_with_nvcc(tmp_path):
-    """The source as CUDA, for a real GPU architecture (NVRTC, which CuPy uses, takes the
-    same language); skipped where the CUDA toolkit is not installed."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not installed")
-    ptx = tmp_path / "kernels.ptx"
-    subprocess.run([nvcc, "--ptx", "-arch=sm_80", "--std=c++14", str(fused.KERNEL_SOURCE), "-o", str(ptx)],
-                   check=True, capture_output=True, text=True)
-    text = ptx.read_text()
-    for name in EXPORTED:
-        for variant in ("f32_i32", "f32_i64", "f64_i32", "f64_i64"):
-            assert f".entry {name}_{variant}(" in text, f"{name}_{variant} missing from the PTX"
+#: How a C parameter of a kernel appears in PTX: pointers and 64-bit integers are ``.u64``.
+PTX_TYPE = {"int": (".u32", ".s32"), "long long": (".u64", ".s64"), "float": (".f32",), "double": (".f64",)}
+
+
+@pytest.fixture(scope="module")
+def nvrtc():
+    """NVRTC from the ``nvidia-cuda-nvrtc-cu12`` wheel (a dev dependency): skipped without it,
+    failed where CI promises it (``SWAV_REF_REQUIRE_NVRTC=1``)."""
+    from nvrtc_ptx import load_nvrtc
+
+    library = load_nvrtc()
+    if library is None:
+        if os.environ.get("SWAV_REF_REQUIRE_NVRTC"):
+            pytest.fail("NVRTC is required here (SWAV_REF_REQUIRE_NVRTC is set): pip install nvidia-cuda-nvrtc-cu12")
+        pytest.skip("NVRTC not installed (pip install nvidia-cuda-nvrtc-cu12)")
+    return library
+
+
+@pytest.mark.parametrize("options", [
+    ["-arch=sm_90", "-ftz=true"],                  # the H200 of benchmarks/gpu_check.sh, as CuPy compiles
+    ["-arch=sm_80", "-ftz=true", "--std=c++11"],   # an A100, and the oldest C++ the source claims
+    ["-arch=compute_75", "--std=c++17"],           # PTX for any GPU from Turing on
+], ids=["sm_90", "sm_80-c++11", "compute_75-c++17"])
+def test_every_kernel_compiles_with_nvrtc_and_takes_the_parameters_the_wrappers_pass(nvrtc, options):
+    """The source compiled by NVRTC, the compiler CuPy uses, without a GPU: no error, no
+    warning, machine code for a real GPU, and every exported kernel's parameters in PTX as
+    the C signatures that the host lane checks each call against say (so those checks hold
+    the Python wrappers to what the GPU will read)."""
+    from fused_host import kernel_signatures
+    from nvrtc_ptx import compile_cuda, ptx_entry_parameters
+
+    ptx, log, cubin_bytes = compile_cuda(nvrtc, fused.KERNEL_SOURCE.read_text(), "kernels.cu", options)
+    assert log.strip() == "", f"NVRTC warned:\n{log}"
+    assert (cubin_bytes > 0) == options[0].startswith("-arch=sm_")
+    entries = ptx_entry_parameters(ptx)
+    signatures = kernel_signatures()
+    assert set(entries) == set(signatures)
+    assert {name.rsplit("_", 2)[0] for name in signatures} == set(EXPORTED)
+    for name, c_types in signatures.items():
+        expected = [(".u64",) if t.endswith("*") else PTX_TYPE[t] for t in c_types]
+        assert len(entries[name]) == len(expected), (name, entries[name], c_types)
+        for got, allowed, c_type in zip(entries[name], expected, c_types):
+            assert got in allowed, f"{name}: PTX has {got} where the source says {c_type}"
+
+
+def test_the_host_lane_refuses_arguments_a_gpu_would_misread(host_kernel_library):
+    """CuPy packs a launch's scalars by their exact type, so an index passed as int64 to an
+    ``int`` parameter, or a Python bool, shifts every later argument on a GPU. The host
+    launcher refuses what CuPy would misread, naming the kernel and the argument."""
+    from fused_host import HostLauncher
+
+    launcher = HostLauncher(host_kernel_library)
+    g, y, dx = (np.ones(4, np.float32) for _ in range(3))
+    launcher("relu_backward_f32_i32", 4, (g, y, dx, np.int32(4)))  # the right types run
+    wrong = {
+        "argument 3 \\(int\\): wants np.int32, got int64": (g, y, dx, np.int64(4)),
+        "argument 3 \\(int\\): wants np.int32, got int": (g, y, dx, 4),
+        "argument 1 \\(float\\*\\): wants a float32 array, got float64": (g, y.astype(np.float64), dx, np.int32(4)),
+        "takes 4 arguments, got 3": (g, y, dx),
+    }
+    for message, args in wrong.items():
+        with pytest.raises(TypeError, match="relu_backward_f32_i32 " + message):
+            launcher("relu_backward_f32_i32", 4, args)
 
 
 @pytest.mark.parametrize(
