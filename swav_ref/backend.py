@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import types
+import warnings
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,7 @@ __all__ = [
     "set_tf32",
     "synchronize",
     "to_numpy",
+    "use_device_for_local_rank",
 ]
 
 #: The backends a user can ask for by name.
@@ -254,6 +256,29 @@ def synchronize(xp: types.ModuleType) -> None:
     """Wait for the device to finish queued work (a no-op off the GPU); for timing only."""
     if is_cupy(xp):
         xp.cuda.get_current_stream().synchronize()
+
+
+def use_device_for_local_rank(xp: types.ModuleType, local_rank: int, local_size: int = 1) -> int | None:
+    """Make GPU ``local_rank mod n_gpus`` this process's current CuPy device; return its
+    number (``None`` for the CPU backends, which have no device to choose).
+
+    CuPy allocates on the current device, GPU 0 unless told otherwise, so without this
+    every MPI rank on a machine would share GPU 0 while the others sat idle. Call it before
+    the first allocation. ``local_rank`` is the process's place among the ranks on its
+    machine (:attr:`swav_ref.distributed.MPICommunicator.local_rank`). Where the launcher
+    already gives each rank one GPU (``CUDA_VISIBLE_DEVICES`` per rank, as some Slurm setups
+    do), each process sees a single device and this picks it. More ranks than GPUs on a
+    machine still works, several ranks to a GPU, with a warning.
+    """
+    if not is_cupy(xp):
+        return None
+    n_devices = xp.cuda.runtime.getDeviceCount()
+    if local_size > n_devices and local_rank == 0:
+        warnings.warn(f"{local_size} processes share the {n_devices} GPU(s) of this machine, so several "
+                      "run on one GPU; start at most one process per GPU", RuntimeWarning, stacklevel=2)
+    device = local_rank % n_devices
+    xp.cuda.Device(device).use()
+    return device
 
 
 def set_tf32(xp: types.ModuleType, enabled: bool) -> None:

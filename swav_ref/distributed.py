@@ -135,6 +135,8 @@ class SingleProcessCommunicator:
 
     rank = 0
     size = 1
+    local_rank = 0  # this process's place among the processes on its machine
+    local_size = 1
     is_root = True
 
     def describe(self) -> str:
@@ -214,6 +216,10 @@ class MPICommunicator:
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
+        # The ranks that share this machine (and its GPUs): the local rank picks the GPU.
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        node.Free()
         if cuda_aware is None:
             self.cuda_aware, self._cuda_reason = _detect_cuda_aware(MPI, os.environ)
         else:
@@ -233,8 +239,8 @@ class MPICommunicator:
             else "CuPy arrays staged through host memory"
         )
         return (
-            f"MPI: {self.size} processes, this is rank {self.rank} ({library}); "
-            f"{gpu} ({self._cuda_reason})"
+            f"MPI: {self.size} processes, this is rank {self.rank}, local rank {self.local_rank} "
+            f"of {self.local_size} on this machine ({library}); {gpu} ({self._cuda_reason})"
         )
 
     # -- array collectives --------------------------------------------------------------
@@ -294,7 +300,10 @@ class MPICommunicator:
                 "pass the same shape and dtype"
             )
         if self.rank != root:
-            buf = buf.copy()  # receive into a copy: the caller's array (or a view) is left alone
+            # Receive into a fresh array, so the caller's array (or a view) is left alone. Not
+            # a copy: on CuPy a copy is a kernel queued on the stream, which MPI's write into
+            # the buffer would race with; an allocation queues nothing.
+            buf = array_namespace(buf).empty_like(buf)
         self.comm.Bcast(buf, root=root)
         return x if self.rank == root else to_result(buf)
 

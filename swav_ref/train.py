@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from swav_ref import checkpoint as ckpt
-from swav_ref.backend import Random, get_backend, set_tf32, to_numpy
+from swav_ref.backend import Random, get_backend, set_tf32, to_numpy, use_device_for_local_rank
 from swav_ref.data.datasets import DATASETS, ImageDataset, channel_stats, load_dataset
 from swav_ref.data.multicrop import MultiCrop, MultiCropConfig, default_config
 from swav_ref.deepcluster import MemoryBank, cluster_memory, deepcluster_loss
@@ -302,6 +302,7 @@ class Trainer:
         self.config = cfg = config
         self.comm = comm if comm is not None else get_communicator()
         self.xp = get_backend(cfg.backend)
+        self.device = use_device_for_local_rank(self.xp, self.comm.local_rank, self.comm.local_size)
         self.dtype = getattr(self.xp, cfg.dtype)
         set_tf32(self.xp, cfg.tf32)
         if train_set is None:

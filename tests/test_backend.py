@@ -140,3 +140,39 @@ def test_tf32_switch_reaches_cublas_cupy():
     assert linalg.get_compute_type(cp.float32) == 1
     exact_error = float(cp.max(cp.abs(a @ a - (a.astype(cp.float64) @ a.astype(cp.float64)))))
     assert exact_error < tf32_error  # TF32 products are visibly coarser
+
+
+class _FakeCupy:
+    """Just enough of CuPy's device API (``cuda.runtime.getDeviceCount``,
+    ``cuda.Device(i).use()``) to see which GPU a process would choose."""
+
+    __name__ = "cupy"
+
+    def __init__(self, n_devices: int):
+        used = self.used = []
+
+        class Device:
+            def __init__(self, number):
+                self.number = number
+
+            def use(self):
+                used.append(self.number)
+
+        runtime = type("runtime", (), {"getDeviceCount": staticmethod(lambda: n_devices)})
+        self.cuda = type("cuda", (), {"runtime": runtime, "Device": Device})
+
+
+def test_each_local_rank_takes_its_own_gpu():
+    """Under MPI, ranks 0..3 of a 4-GPU machine take GPUs 0..3 (not all GPU 0); a launcher
+    that gives each rank one visible GPU leaves each rank device 0; more ranks than GPUs
+    wrap around, with a warning from the first local rank only."""
+    assert B.use_device_for_local_rank(np, 3, 4) is None  # the CPU has no device to choose
+    for local_rank in range(4):
+        fake = _FakeCupy(4)
+        assert B.use_device_for_local_rank(fake, local_rank, 4) == local_rank
+        assert fake.used == [local_rank]
+    one_visible = _FakeCupy(1)
+    assert B.use_device_for_local_rank(one_visible, 3, 4) == 0 and one_visible.used == [0]
+    with pytest.warns(RuntimeWarning, match="6 processes share the 4 GPU"):
+        assert B.use_device_for_local_rank(_FakeCupy(4), 0, 6) == 0
+    assert B.use_device_for_local_rank(_FakeCupy(4), 5, 6) == 1

@@ -44,6 +44,32 @@ def test_single_process_refuses_bad_input(backend):
         comm.broadcast(B.asarray(np.zeros(2), backend), root=1)
 
 
+def test_the_trainer_chooses_its_gpu_by_local_rank_before_building_anything(monkeypatch, tiny, tmp_path):
+    """The trainer asks for the device of the communicator's local rank, before the first
+    array is made (on CuPy, arrays land on the device current when they are made)."""
+    from small_runs import small_config
+
+    from swav_ref import train
+
+    comm = D.SingleProcessCommunicator()
+    comm.local_rank, comm.local_size = 1, 2  # as the second rank on a machine would see it
+    asked = []
+
+    def record(xp, local_rank, local_size):
+        asked.append((xp, local_rank, local_size))
+        return None
+
+    def build_model(self):
+        assert asked, "the model was built before a device was chosen"
+        return real_build_model(self)
+
+    real_build_model = train.Trainer._build_model
+    monkeypatch.setattr(train, "use_device_for_local_rank", record)
+    monkeypatch.setattr(train.Trainer, "_build_model", build_model)
+    trainer = train.Trainer(small_config(tmp_path), comm=comm, train_set=tiny[0], test_set=tiny[1])
+    assert asked == [(np, 1, 2)] and trainer.device is None
+
+
 def test_single_process_abort_exits_with_code(capsys):
     with pytest.raises(SystemExit) as info:
         D.SingleProcessCommunicator().abort("giving up", code=3)
@@ -216,6 +242,7 @@ def test_collectives_under_mpiexec(mpiexec, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in results) == [0, 1]
+    assert sorted(tuple(r["local"]) for r in results) == [(0, 2), (1, 2)]  # both on this machine
 
     # what each rank contributed (kept in step with local() in the script)
     local = [np.arange(6.0).reshape(2, 3) * (q + 1) - 4.0 * q for q in range(2)]

@@ -107,6 +107,7 @@ comm.barrier()
 results = {
     "rank": rank,
     "size": size,
+    "local": [comm.local_rank, comm.local_size],
     "describe": comm.describe(),
     "sum": total.tolist(),
     "mean": mean.tolist(),
