@@ -192,6 +192,7 @@ def _add_eval(sub) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     import tempfile
 
+    from swav_ref.backend import BackendUnavailableError, get_backend
     from swav_ref.checkpoint import load_checkpoint
     from swav_ref.evaluate import format_results, results_table, save_results_json
     from swav_ref.experiment import METHOD_NAMES, evaluate_raw_pixels, evaluate_trainer
@@ -204,6 +205,14 @@ def _run_eval(args: argparse.Namespace) -> int:
     changes = {"progress": False}
     if args.backend:
         changes["backend"] = args.backend
+        if args.backend != "cupy":
+            changes["tf32"] = False  # a GPU setting: a --tf32 run's checkpoint evaluates on the CPU too
+    elif config.backend == "cupy":
+        try:
+            get_backend("cupy")
+        except BackendUnavailableError as exc:
+            raise UserError(f"{args.checkpoint} was trained with --backend cupy, which is not usable here "
+                            f"({exc}); to evaluate it on the CPU, add --backend numpy") from exc
     if args.data_dir is not None:
         if config.dataset == "digits":
             raise UserError(f"--data-dir {args.data_dir}: {args.checkpoint} was trained on digits, which is "

@@ -116,6 +116,28 @@ def test_eval_reports_clipped_k_in_table_and_json(tmp_path, capsys, scratch_tmp)
     assert list(scratch_tmp.iterdir()) == []
 
 
+def test_a_gpu_runs_checkpoint_evaluates_on_the_cpu(tmp_path, capsys, scratch_tmp):
+    """A checkpoint trained with --backend cupy --tf32 evaluates with --backend numpy (TF32,
+    a GPU setting, is dropped rather than refused); without --backend, on a machine where
+    CuPy is unusable, the error says to add --backend numpy."""
+    from swav_ref.backend import BackendUnavailableError, get_backend
+    from swav_ref.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint, _ = save_untrained_checkpoint(tmp_path / "run")
+    arrays, meta = load_checkpoint(checkpoint)
+    meta["config"].update(backend="cupy", tf32=True)  # as written by a GPU run
+    save_checkpoint(checkpoint, arrays, meta)
+
+    assert main(["eval", checkpoint, "--backend", "numpy", "--out", str(tmp_path / "eval.json")]) == 0
+    assert "linear probe" in capsys.readouterr().out
+    try:
+        get_backend("cupy")
+    except BackendUnavailableError:
+        assert main(["eval", checkpoint, "--out", str(tmp_path / "eval2.json")]) == 2
+        error = one_line_error(capsys)
+        assert "trained with --backend cupy" in error and "add --backend numpy" in error
+
+
 # -- 4. demo leaves no empty folders --------------------------------------------------------
 @pytest.mark.slow
 def test_comparison_leaves_no_empty_folders(tmp_path, scratch_tmp):
