@@ -25,7 +25,9 @@ of our blocks and the block's fraction taken against it (``..._paired``, the med
 blocks). The profile wraps timers around the functional pairs: seconds per step by
 operation type.
 
-``--backend cupy`` runs ours on the GPU against PyTorch on CUDA.
+``--backend cupy`` runs ours on the GPU against PyTorch on CUDA, in true float32 on both
+sides: PyTorch's own default lets cuDNN convolutions use TF32 tensor cores, so its peer
+turns that off (``--tf32`` allows TF32 in both instead). The JSON's ``precision`` says which.
 
 Run:  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_resnet.py [--quick]
 Writes benchmarks/results/bench_resnet.json (or ..._cupy.json) and prints it.
@@ -49,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from swav_ref import fused
-from swav_ref.backend import asarray, get_backend, synchronize, to_numpy
+from swav_ref.backend import asarray, get_backend, set_tf32, synchronize, to_numpy
 from swav_ref.nn import SGD, Linear, functional as F, layers as L
 from swav_ref.nn.resnet import ResNet, resnet18, resnet_tiny
 
@@ -276,21 +278,28 @@ def time_steps(step, inputs, repeats: int) -> list[float]:
     return times
 
 
-def torch_in_subprocess(case: str, batch: int, repeats: int, threads: int, device: str, weights: Path) -> dict:
+def torch_in_subprocess(case: str, batch: int, repeats: int, threads: int, device: str, weights: Path,
+                        tf32: bool = False) -> dict:
     """Time PyTorch's step in a fresh process (see the module notes for why)."""
     cmd = [sys.executable, __file__, "--torch-peer", case, "--batch", str(batch), "--repeats", str(repeats),
            "--threads", str(threads), "--device", device, "--weights", str(weights)]  # fmt: skip
+    if tf32:
+        cmd.append("--tf32")
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"torch peer failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def torch_peer(case: str, batch: int, repeats: int, threads: int, device: str, weights: str) -> None:
-    """Entry point of the subprocess: build the mirror, load our weights, time, print JSON."""
+def torch_peer(case: str, batch: int, repeats: int, threads: int, device: str, weights: str,
+               tf32: bool = False) -> None:
+    """Entry point of the subprocess: build the mirror, load our weights, time, print JSON.
+    TF32 as ours (``tf32``): PyTorch's default would let its convolutions use it regardless."""
     import torch
 
     torch.set_num_threads(threads)
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     net, head, shape = build_case(case, np)
     state = np.load(weights)
     net.load_state_dict({k[4:]: state[k] for k in state.files if k.startswith("net.")})
@@ -303,7 +312,7 @@ def torch_peer(case: str, batch: int, repeats: int, threads: int, device: str, w
     print(json.dumps({"times": times, "first_loss": first_loss, "torch_version": torch.__version__}))
 
 
-def run_case(name, xp, batch, repeats, threads, use_torch, profile, peak_n):
+def run_case(name, xp, batch, repeats, threads, use_torch, profile, peak_n, tf32=False):
     net, head, shape = build_case(name, xp)
     x_host, y_host = case_inputs(shape, batch)
     x, y = asarray(x_host, xp), asarray(y_host, xp)
@@ -326,7 +335,7 @@ def run_case(name, xp, batch, repeats, threads, use_torch, profile, peak_n):
             paired.append((statistics.median(block), block_peak))
             times["ours"] += block
             if use_torch:
-                peer = torch_in_subprocess(name, batch, -(-repeats // blocks), threads, device, weights)
+                peer = torch_in_subprocess(name, batch, -(-repeats // blocks), threads, device, weights, tf32)
                 times["torch"] += peer["times"]
                 first_loss["torch"] = peer["first_loss"]
     ours_s = statistics.median(times["ours"])
@@ -371,6 +380,8 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--no-profile", action="store_true", help="skip the per-operation profile")
     parser.add_argument("--blas-threads", type=int, default=None,
                         help="limit NumPy's BLAS (threadpoolctl) and PyTorch to this many threads")  # fmt: skip
+    parser.add_argument("--tf32", action="store_true",
+                        help="cupy: allow TF32 tensor cores in both libraries (default: true float32 in both)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_resnet[_cupy].json)")
     parser.add_argument("--torch-peer", choices=sorted(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -379,10 +390,13 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.torch_peer:
-        torch_peer(args.torch_peer, args.batch, args.repeats, args.threads, args.device, args.weights)
+        torch_peer(args.torch_peer, args.batch, args.repeats, args.threads, args.device, args.weights, args.tf32)
         return None
     xp = get_backend(args.backend)
     gpu = args.backend == "cupy"
+    if args.tf32 and not gpu:
+        parser.error("--tf32 applies to --backend cupy only (CPUs have no TF32)")
+    set_tf32(xp, args.tf32)
     repeats = args.repeats or (4 if args.quick else 6)
     if args.blas_threads:
         from threadpoolctl import threadpool_limits
@@ -397,8 +411,8 @@ def main(argv=None) -> dict | None:
     tiny_batch, r18_batch = (64, 32) if args.quick else (256, 128)
     profile = not args.no_profile
     cases = {
-        "resnet_tiny": run_case("resnet_tiny", xp, tiny_batch, repeats * 3, threads, use_torch, profile, peak_n),
-        "resnet18": run_case("resnet18", xp, r18_batch, repeats, threads, use_torch, profile, peak_n),
+        "resnet_tiny": run_case("resnet_tiny", xp, tiny_batch, repeats * 3, threads, use_torch, profile, peak_n, args.tf32),
+        "resnet18": run_case("resnet18", xp, r18_batch, repeats, threads, use_torch, profile, peak_n, args.tf32),
     }
     peak_after = matmul_peak(xp, peak_n, 5)
     peak = max(peak_before, peak_after)  # the machine's speed drifts: the higher is the peak
@@ -411,6 +425,7 @@ def main(argv=None) -> dict | None:
         "what": "one SGD training step (forward, linear head + cross-entropy, backward, optimiser), float32",
         "backend": args.backend,
         "fused_kernels": fused.applies(xp, xp.float32),  # CuPy: the kernels of swav_ref.fused
+        "precision": "TF32 allowed in both" if args.tf32 else "true float32 in both (TF32 off)",
         "quick": args.quick,
         "threads": threads,
         "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],

@@ -163,7 +163,11 @@ def read_resnet(data: dict, path: Path, results_dir: Path) -> list[Row]:
     gpu = data.get("backend") == "cupy"
     machine = _gpu_machine(results_dir) if gpu else _cpu_machine(data)
     sides = "ours (CuPy) vs torch CUDA" if gpu else "ours (NumPy) vs torch CPU"
+    if gpu:
+        sides += f" ({data.get('precision', OLD_GPU_PRECISION)})"
     command = "python benchmarks/bench_resnet.py" + (" --backend cupy" if gpu else "")
+    if data.get("precision", "").startswith("TF32"):
+        command += " --tf32"
     rows = []
     for name, c in data.get("cases", {}).items():
         shape = "x".join(str(s) for s in c.get("input", []))
@@ -174,6 +178,9 @@ def read_resnet(data: dict, path: Path, results_dir: Path) -> list[Row]:
 
 
 BEFORE_FUSED = " (before the fused kernels)"
+#: GPU network steps timed before the benchmarks set TF32 alike on both sides: PyTorch kept
+#: its default (cuDNN convolutions in TF32), ours computed in true float32.
+OLD_GPU_PRECISION = "torch with its default TF32 convolutions, ours true float32"
 
 
 def _gpu_provenance(data: dict) -> str:
@@ -195,6 +202,8 @@ def read_gpu(data: dict, path: Path, results_dir: Path) -> list[Row]:
         what = c.get("what")  # newer files describe each case, peer included
         if what is None:
             what = f"{name}: ours (CuPy) vs torch CUDA" if peer is not None else f"{name}: ours (CuPy), no peer"
+            if peer is not None and "resnet" in name:
+                what += f" ({OLD_GPU_PRECISION})"
             if "images_per_s" in c:
                 what += f" ({c['images_per_s']:.0f} images/s)"
         what += _gpu_provenance(data)

@@ -165,6 +165,27 @@ def test_gpu_results_take_the_machine_from_gpu_machine_txt(report, tmp_path):
     assert equivalence.ratio == pytest.approx(0.25)
 
 
+def test_gpu_network_rows_say_how_each_side_computed(report, tmp_path):
+    """A GPU step's row names its precision: as recorded by bench_resnet (and --tf32 in the
+    command when TF32 was allowed), or, for files from before both sides were set alike,
+    PyTorch's TF32 convolutions against our true float32."""
+    case = {"resnet18": {"batch": 8, "input": [3, 32, 32], "ours_step_s": 0.03, "torch_step_s": 0.01}}
+    for precision, command_ends in (("true float32 in both (TF32 off)", "--backend cupy"),
+                                    ("TF32 allowed in both", "--backend cupy --tf32"), (None, "--backend cupy")):
+        d = tmp_path / str(precision)
+        d.mkdir()
+        extra = {} if precision is None else {"precision": precision, "fused_kernels": True}
+        write(d / "bench_resnet_cupy.json", {"backend": "cupy", "cases": case, **extra})
+        (row,) = report.collect_rows(d)
+        assert f"({precision or report.OLD_GPU_PRECISION})" in row.what and row.command.endswith(command_ends)
+    d = tmp_path / "old_bench_gpu"
+    d.mkdir()
+    write(d / "bench_gpu.json", {"cases": {"resnet18_cifar_step_b256": {"ours_ms": 50.0, "torch_ms": 15.0},
+                                           "sinkhorn_B4096_K3000": {"ours_ms": 1.0, "torch_ms": 0.5}}})
+    network, sinkhorn = report.collect_rows(d)
+    assert report.OLD_GPU_PRECISION in network.what and report.OLD_GPU_PRECISION not in sinkhorn.what
+
+
 @pytest.mark.slow
 def test_bench_gpu_rehearsal_feeds_the_report(report, tmp_path):
     """benchmarks/bench_gpu.py at toy sizes on the CPU (NumPy against torch CPU): every case
