@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from swav_ref.backend import array_namespace, asarray, to_numpy
-from swav_ref.nn.functional import l2_normalize_forward
+from swav_ref.nn.functional import SCRATCH, l2_normalize_forward
 
 __all__ = [
     "DEFAULT_C_GRID",
@@ -467,7 +467,8 @@ def extract_features(
     Notes
     -----
     Pixels are mapped as :math:`x = (u / 255 - \mu_c) / \sigma_c`, the same input transform as
-    in training. Only one batch at a time is moved to the device.
+    in training. Only one batch at a time is moved to the device, and the convolutions'
+    column buffers of this batch size are let go at the end (``nn.functional.SCRATCH``).
     """
     if len(images_uint8.shape) != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images_uint8.shape)}")
@@ -512,6 +513,7 @@ def extract_features(
             features.append(out)
         return xp.concat(features, axis=0)
     finally:
+        SCRATCH.clear()  # the column buffers of this batch size: not needed once done
         if was_training:
             model.train()
 

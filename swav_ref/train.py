@@ -539,8 +539,6 @@ class Trainer:
         none for a fresh run, the checkpoint's when resuming. Warns when the model has
         already trained ``config.epochs`` epochs, and then trains nothing.
         """
-        from tqdm.auto import tqdm
-
         cfg = self.config
         if resume is not None:
             self.load(resume)
@@ -553,24 +551,36 @@ class Trainer:
             source = f"the checkpoint {resume}" if resume is not None else "the model"
             warnings.warn(f"nothing to train: {source} has already trained {start_epoch} epochs and --epochs is "
                           f"{cfg.epochs}; raise --epochs to train further", stacklevel=2)
-        for epoch in range(start_epoch, cfg.epochs):
-            if cfg.stop_after and epoch - start_epoch >= cfg.stop_after:
-                break  # a time-limited job: the checkpoint lets --resume carry on
-            self._start_epoch(epoch)
-            first = self.step - epoch * self.steps_per_epoch
-            bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not (cfg.progress and self.comm.is_root), leave=False)
-            t0, epoch_loss = time.perf_counter(), self.xp.zeros((), dtype=self.dtype)
-            for s in bar:
-                indices = self.batch_indices(epoch, s)
-                loss, codes = self.train_step(self.make_crops(indices), indices)
-                epoch_loss = epoch_loss + loss
-                self._pending.append((self.step - 1, loss, codes))
-                if self.step % cfg.log_every == 0 or s == self.steps_per_epoch - 1:
-                    self._flush_log(epoch, bar)
-            n_steps = self.steps_per_epoch - first
-            self._end_epoch(epoch, float(epoch_loss) / max(n_steps, 1), time.perf_counter() - t0)
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                if cfg.stop_after and epoch - start_epoch >= cfg.stop_after:
+                    break  # a time-limited job: the checkpoint lets --resume carry on
+                self._train_epoch(epoch)
+        finally:
+            # The convolutions' column matrices kept for the next step (gigabytes on a GPU
+            # for resnet18) are not needed by what comes after training, e.g. evaluation.
+            F.SCRATCH.clear()
         return self.log
+
+    def _train_epoch(self, epoch: int) -> None:
+        """The steps of ``epoch`` not yet taken (all of them, except after a resume)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        self._start_epoch(epoch)
+        first = self.step - epoch * self.steps_per_epoch
+        bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and self.comm.is_root), leave=False)
+        t0, epoch_loss = time.perf_counter(), self.xp.zeros((), dtype=self.dtype)
+        for s in bar:
+            indices = self.batch_indices(epoch, s)
+            loss, codes = self.train_step(self.make_crops(indices), indices)
+            epoch_loss = epoch_loss + loss
+            self._pending.append((self.step - 1, loss, codes))
+            if self.step % cfg.log_every == 0 or s == self.steps_per_epoch - 1:
+                self._flush_log(epoch, bar)
+        n_steps = self.steps_per_epoch - first
+        self._end_epoch(epoch, float(epoch_loss) / max(n_steps, 1), time.perf_counter() - t0)
 
     def _flush_log(self, epoch: int, bar: Any) -> None:
         """The logging boundary: bring the pending metrics to the host, check them.

@@ -58,6 +58,25 @@ def test_training_decreases_the_loss(tiny, tmp_path):
     assert all(0 < r["prototypes_used"] <= 10 for r in trainer.log.steps())
 
 
+def test_training_and_evaluation_let_the_column_buffers_go_when_done(tiny, tmp_path):
+    """The convolutions keep their column matrices for the next step (nn.functional.SCRATCH),
+    gigabytes for resnet18 on a GPU; fit() and extract_features() let them go at the end, so
+    what runs next (evaluation at another batch size) has that memory."""
+    from swav_ref.evaluate import extract_features
+    from swav_ref.nn import functional as F
+
+    train, test = tiny
+    trainer = Trainer(small_config(tmp_path, epochs=1), train_set=train, test_set=test)
+    trainer._start_epoch(0)
+    indices = trainer.batch_indices(0, 0)
+    trainer.train_step(trainer.make_crops(indices), indices)
+    assert F.SCRATCH.nbytes() > 0  # a step keeps them, for the next one
+    trainer.fit()
+    assert F.SCRATCH.nbytes() == 0
+    extract_features(trainer.model.backbone, test.images, xp=np, batch_size=16)  # its forwards use them too
+    assert F.SCRATCH.nbytes() == 0
+
+
 def test_prototypes_are_frozen_then_trained(tiny, tmp_path):
     train, test = tiny
     trainer = Trainer(small_config(tmp_path, freeze_prototypes_niters=2, epochs=1), train_set=train, test_set=test)
