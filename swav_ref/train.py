@@ -588,10 +588,17 @@ class Trainer:
         The pending losses travel together: one device-to-host copy and, under MPI, one
         all-reduce per flush rather than one per step.
         """
-        losses = self.xp.stack([self.xp.reshape(loss, ()) for _, loss, _ in self._pending])
+        xp = self.xp
+        losses = xp.stack([xp.reshape(loss, ()) for _, loss, _ in self._pending])
         if self.comm.size > 1:
             losses = self.comm.allreduce_sum(losses)
         values = [float(v) / self.comm.size for v in to_numpy(losses)]
+        # This worker's code statistics for every pending step, brought over in one copy too.
+        usages = [None if codes is None else code_usage(codes[0]) for _, _, codes in self._pending]
+        with_codes = [u for u in usages if u is not None]
+        usage_rows = iter(to_numpy(xp.stack([
+            xp.stack([xp.astype(u.n_used, losses.dtype), u.entropy_of_mean, u.mean_entropy]) for u in with_codes
+        ])) if with_codes else ())
         for (step, _, codes), value in zip(self._pending, values):
             if not math.isfinite(value):
                 checkpoint = self.out_dir / "checkpoint.npz"
@@ -602,11 +609,11 @@ class Trainer:
                     f"{DIVERGENCE_ADVICE}"
                 )
             record = {"kind": "step", "step": step, "epoch": epoch, "loss": value, "lr": self.learning_rate(step)}
-            if codes is not None:
-                usage = code_usage(codes[0])  # the first assignment crop's codes
-                record["prototypes_used"] = int(usage.n_used)
-                record["code_entropy"] = float(usage.entropy_of_mean)
-                record["code_row_entropy"] = float(usage.mean_entropy)
+            if codes is not None:  # the first assignment crop's codes
+                n_used, entropy_of_mean, mean_entropy = next(usage_rows)
+                record["prototypes_used"] = int(n_used)
+                record["code_entropy"] = float(entropy_of_mean)
+                record["code_row_entropy"] = float(mean_entropy)
             if self.comm.is_root:
                 self.log.write(record)
             self.monitor.update(value)

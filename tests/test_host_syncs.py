@@ -64,6 +64,31 @@ def test_the_counter_sees_a_read_of_the_loss(launches):
     assert counts["host_syncs"] == 1 and counts["host_sync_sites"][0]["what"] == "float()"
 
 
+def test_the_log_reads_the_device_twice_whatever_the_number_of_steps(launches, tiny, tmp_path):
+    """At a logging boundary the pending steps' losses and code statistics come to the host
+    in two copies (not three reads per step, each a sync on a GPU)."""
+    from small_runs import small_config
+
+    from swav_ref.train import Trainer
+
+    with launches.counting_numpy():
+        trainer = Trainer(small_config(tmp_path, log_every=100), train_set=tiny[0], test_set=tiny[1])
+        trainer._start_epoch(0)
+        for s in range(4):
+            indices = trainer.batch_indices(0, s)
+            loss, codes = trainer.train_step(trainer.make_crops(indices), indices)
+            trainer._pending.append((trainer.step - 1, loss, codes))
+        launches.TALLY.by_site.clear()
+        launches.TALLY.on = True
+        try:
+            trainer._flush_log(0, type("Bar", (), {"set_postfix": lambda *a, **k: None})())
+        finally:
+            launches.TALLY.on = False
+    reads = {(where, what): n for (kind, where, what), n in launches.TALLY.by_site.items() if kind == "host_syncs"}
+    assert reads == {("train._flush_log", "to_numpy"): 2}, reads
+    assert [r["prototypes_used"] for r in trainer.log.steps()] and len(trainer.log.steps()) == 4
+
+
 def test_crop_decisions_are_host_arrays(gpu_or_numpy):
     """The random crop parameters are drawn and kept on the host on every backend, so the
     augmentation's branching on them never reads the device."""
