@@ -16,14 +16,19 @@ from pathlib import Path
 
 
 def load_nvrtc() -> ctypes.CDLL | None:
-    """The NVRTC library of the ``nvidia-cuda-nvrtc-cu12`` wheel, or None without it."""
-    try:
-        import nvidia.cuda_nvrtc
-    except ImportError:
-        return None
-    for folder in nvidia.cuda_nvrtc.__path__:
-        for library in sorted((Path(folder) / "lib").glob("libnvrtc.so*")) + sorted((Path(folder) / "bin").glob("nvrtc64*.dll")):
-            return ctypes.CDLL(str(library))
+    """The NVRTC library of NVIDIA's wheel, ``nvidia-cuda-nvrtc-cu12`` (or CUDA 13's
+    ``nvidia-cuda-nvrtc``, laid out as ``nvidia/cu13``), or None without either."""
+    import importlib
+
+    for package in ("nvidia.cuda_nvrtc", "nvidia.cu13"):
+        try:
+            folders = importlib.import_module(package).__path__
+        except ImportError:
+            continue
+        for folder in folders:
+            found = sorted((Path(folder) / "lib").glob("libnvrtc.so*")) + sorted((Path(folder) / "bin").glob("nvrtc64*.dll"))
+            if found:
+                return ctypes.CDLL(str(found[0]))
     return None
 
 
