@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 import swav_ref.backend
+from swav_ref import exercises
 from swav_ref.ot import (
     ConvergenceWarning,
     exact_transport,
@@ -202,8 +203,27 @@ except ValueError as err:
 # \qquad
 # g_j = \frac{1}{\lambda}\log c_j - \frac{1}{\lambda}\log \sum_i e^{\lambda (f_i - M_{ij})},$$
 #
-# computed as $m + \log\sum e^{x - m}$ with $m = \max x$, so nothing overflows. The table below
-# tries both solvers for growing $\lambda$ in both precisions.
+# computed as $m + \log\sum e^{x - m}$ with $m = \max x$, so nothing overflows.
+#
+# **Exercise (the log-domain column fit).** Write the $g$-update: given the row potentials
+# `f` (n,), the costs `M` (n, m), the column masses `c` (m,) and `lam`, return `g` (m,) with
+# $g_j = \frac{1}{\lambda}\log c_j - \frac{1}{\lambda}\log \sum_i e^{\lambda (f_i - M_{ij})}$.
+# Hint: the sum runs over the rows $i$, so it is a log-sum-exp along `axis=0`; use
+# `swav_ref.backend.logsumexp` or subtract the column maximum yourself. The check compares
+# your `g` with the potentials of `sinkhorn_log` (its last step is exactly this update), once
+# at $\lambda = 10$ and once at $\lambda = 1000$ with the potentials shifted by a constant,
+# where a plain `np.exp` overflows.
+
+# %%
+def my_g_update(f, M, c, lam):
+    return None  # your code here
+
+
+# %%
+print(exercises.check_g_update(my_g_update))
+
+# %% [markdown]
+# The table below tries both solvers for growing $\lambda$ in both precisions.
 
 # %%
 rows = []
@@ -229,7 +249,8 @@ pd.DataFrame(rows).set_index(["dtype", "lambda"])
 #
 # A log-sum-exp costs an exponential of the whole $n \times m$ matrix per half-step, several
 # times the price of a matrix-vector product. `sinkhorn_log` therefore runs **stabilised**
-# (Schmitzer 2019): it *absorbs* the potentials into a kernel,
+# (Schmitzer 2019; the full reference is on the page *The mathematics of SwAV*): it *absorbs*
+# the potentials into a kernel,
 #
 # $$\tilde K_{ij} = e^{\lambda (f_i + g_j - M_{ij})} \quad (\text{the current plan}),$$
 #

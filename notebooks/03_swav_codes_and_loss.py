@@ -36,6 +36,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import swav_ref.backend
+from swav_ref import exercises
 from swav_ref.backend import to_numpy
 from swav_ref.nn.functional import l2_normalize_forward
 from swav_ref.nn.gradcheck import check_gradient
@@ -89,9 +90,10 @@ print("scores", scores.shape, "range", float(xp.min(scores)), "to", float(xp.max
 # SwAV instead asks for codes $Q$ that also spread the batch **equally** over the
 # prototypes: each prototype receives $B/K$ of the batch in total. Maximising
 # $\langle Q, S \rangle + \varepsilon H(Q)$ under both marginal constraints is an
-# entropic optimal-transport problem, and three Sinkhorn-Knopp iterations (alternately
-# normalising the prototype totals and the per-sample totals) get close enough. Here is the
-# library's implementation, the official algorithm step by step:
+# entropic optimal-transport problem. The official code runs a fixed three Sinkhorn-Knopp
+# iterations (alternately normalising the prototype totals and the per-sample totals); we
+# will measure below how close that gets. Here is the library's implementation, the
+# official algorithm step by step:
 
 # %%
 print("sinkhorn_codes" + str(inspect.signature(sinkhorn_codes)))
@@ -117,16 +119,53 @@ plt.tight_layout()
 plt.show()
 print("rows sum to 1:", float(xp.max(xp.abs(xp.sum(codes, axis=1) - 1.0))))
 
+
+def totals_range(q):
+    totals = to_numpy(xp.sum(q, axis=0))
+    return f"prototype totals {totals.min():.2f} to {totals.max():.2f}"
+
+
+print(f"B / K = {B / K:.2f}; softmax: {totals_range(softmax_codes)}; Sinkhorn (3 iterations): {totals_range(codes)}")
+
 # %% [markdown]
-# Both kinds of code are probability vectors per sample (the rows sum to 1), but only the
-# Sinkhorn codes use every prototype about equally. Three iterations do not reach the
-# totals exactly; more iterations do:
+# Both kinds of code are probability vectors per sample (the rows sum to 1). Neither meets
+# the equal partition exactly, but they are far apart: the softmax codes leave one
+# prototype almost empty and pile more than twice its share on another, while after three
+# Sinkhorn iterations every prototype holds between about half and 1.25 times its share
+# $B/K$. More iterations close the gap:
 
 # %%
 for n_iters in (1, 3, 10, 100):
     q = sinkhorn_codes(scores, epsilon=eps, n_iters=n_iters)
     deviation = float(xp.max(xp.abs(xp.sum(q, axis=0) - B / K)))
-    print(f"n_iters = {n_iters:3d}: largest |prototype total - B/K| = {deviation:.2e}")
+    print(f"n_iters = {n_iters:3d}: largest |prototype total - B/K| = {deviation:.2e} ({totals_range(q)})")
+
+# %% [markdown]
+# Three iterations are therefore a choice, not convergence: in this small, clustered batch
+# (32 samples, 6 random prototypes, 3 hidden classes) they leave a prototype at about half
+# its share. Why is that enough for training? The constraint's job is to rule out the
+# degenerate solution, the whole batch on a few prototypes, and even a rough partition does
+# that. Nothing accumulates either: every step solves a fresh problem on a new batch, with
+# prototypes that have moved, so an imbalance in one batch is not carried into the next.
+# And the iterations are cheap and need no convergence test (no value read back from the
+# device). The SwAV paper reports that 3 iterations are fast and sufficient for good
+# performance; the price of stopping early is codes that are only approximately balanced.
+#
+# **Exercise (codes are an optimal-transport plan).** Converged, the codes are exactly the
+# entropic OT plan of notebooks 01 and 02, scaled: cost $M = -S$, each sample a mass
+# $r_b = 1/B$, each prototype a mass $c_k = 1/K$, and $\lambda = 1/\varepsilon$. Compute
+# them with the generic solver `swav_ref.ot.sinkhorn_knopp(M, r, c, lam, tol=...)` and
+# return its plan times $B$ (so that each row sums to 1), shape (B, K). The check compares
+# them with `sinkhorn_codes(..., n_iters=1000)` and wants agreement within $10^{-8}$
+# (hint: a tight `tol`, say `1e-12`).
+
+# %%
+def my_codes(scores, epsilon):
+    return None  # your code here
+
+
+# %%
+print(exercises.check_codes_as_transport(my_codes))
 
 # %% [markdown]
 # ## 2. The effect of epsilon
@@ -192,9 +231,9 @@ print("automatic (float64 iterations), non-finite codes:",
 #
 # With two crops, $\partial L / \partial s_0 = (p_0 - q_1) / (2B\tau)$: crop 0's scores are
 # pulled towards crop 1's code, and vice versa, the swap. In general a crop $v$ predicts
-# $T_v$, the sum of the codes of the assignment crops other than itself ($c_v$ of them):
+# $T_v$, the sum of the codes of the assignment crops other than itself ($n_v$ of them):
 #
-# $$ \frac{\partial L}{\partial s_v} = \frac{c_v\, p_v - T_v}{\tau\, |A|\, (V - 1)\, B} .$$
+# $$ \frac{\partial L}{\partial s_v} = \frac{n_v\, p_v - T_v}{\tau\, |A|\, (V - 1)\, B} .$$
 #
 # The check: compute the codes once, then perturb the scores with those codes held fixed
 # (`swapped_prediction_loss` takes the codes as an argument), in float64.
@@ -217,6 +256,24 @@ print("two crops: grad of crop 0 == (p_0 - q_1) / (2 B tau):",
           s2[:4, :] / 0.1, axis=1, keepdims=True)) - out.codes[1]) / (2 * 4 * 0.1)))))
 
 # %% [markdown]
+# **Exercise (the swapped-loss gradient).** Write $\partial L / \partial S$ yourself, for
+# any number of crops: `scores` is (V B, K), stacked crop by crop; `codes` is a list with one
+# (B, K) array per assignment crop, in the order of `crops_for_assign`; return the
+# (V B, K) gradient
+# $\frac{\partial L}{\partial s_v} = \frac{n_v\, p_v - T_v}{\tau\, |A|\, (V - 1)\, B}$,
+# with $p_v = \mathrm{softmax}(s_v / \tau)$ row by row. Hint: loop over the crops $v$; $T_v$
+# sums the codes of the assignment crops other than $v$, and $n_v$ counts them. The check
+# uses $V = 4$ crops, $A = \{0, 1\}$, and compares with `swapped_prediction_loss`.
+
+# %%
+def my_swapped_loss_grad(scores, codes, batch_size, crops_for_assign, temperature):
+    return None  # your code here
+
+
+# %%
+print(exercises.check_swapped_loss_grad(my_swapped_loss_grad))
+
+# %% [markdown]
 # What if the codes were *not* held fixed? Differentiating through Sinkhorn as well (let
 # `swav_loss` recompute the codes at every perturbed point) gives a different vector: the
 # stop-gradient is a modelling choice, not a detail.
@@ -224,6 +281,32 @@ print("two crops: grad of crop 0 == (p_0 - q_1) / (2 B tau):",
 # %%
 print("rel. error vs the derivative through Sinkhorn too:",
       check_gradient(lambda: float(swav_loss(s2, 4).loss), s2, out.grad))
+
+# %% [markdown]
+# ### Through the prototype layer
+#
+# Upstream of the scores sit the L2 normalisation and the prototypes:
+# $e_i = z_i / \lVert z_i \rVert$ and $S = E C^\top$, with $C$ the (K, d) prototypes. The
+# page *The gradient of SwAV's swapped loss, by hand* derives the backward pass; with
+# $G = \partial L / \partial S$,
+#
+# $$ \frac{\partial L}{\partial C} = G^\top E \quad (K \times d), \qquad
+#    \frac{\partial L}{\partial z_i} = \frac{g_i - e_i\,(e_i^\top g_i)}{\lVert z_i \rVert},
+#    \quad g_i = (G C)_i . $$
+#
+# **Exercise (prototype layer backward).** Given `dscores` $= G$ (N, K), the un-normalised
+# `z` (N, d) and the prototypes `C` (K, d), return `(dz, dC)`. Hint: normalise `z` first;
+# the gradient with respect to $z_i$ loses its component along $e_i$ (moving along the unit
+# vector does not change a normalised output). The check compares with
+# `prototypes_backward`.
+
+# %%
+def my_prototypes_backward(dscores, z, C):
+    return None  # your code here
+
+
+# %%
+print(exercises.check_prototypes_backward(my_prototypes_backward))
 
 # %% [markdown]
 # ## 4. Multi-crop: how the loss averages
@@ -258,7 +341,7 @@ print("mean over v != a, then over a:", np.mean(np.nanmean(pair, axis=1)), "| sw
 
 # %% [markdown]
 # The gradient weights follow from the same averaging: a large crop predicts one code
-# ($c_v = 1$), a small crop predicts both ($c_v = 2$), so the small crops' rows of the
+# ($n_v = 1$), a small crop predicts both ($n_v = 2$), so the small crops' rows of the
 # gradient carry about twice the weight. Mean absolute gradient per crop:
 
 # %%
@@ -276,7 +359,7 @@ plt.show()
 # The equal-partition constraint gives each prototype $B/K$ of the batch. With $B = 16$
 # images and $K = 64$ prototypes that is a quarter of a sample each: no sample can be
 # assigned to one prototype, and the codes are forced to smear over several. SwAV's fix is
-# to solve Sinkhorn over the current batch **plus** the embeddings of the last $L$ samples
+# to solve Sinkhorn over the current batch **plus** the embeddings of the last $N_q$ samples
 # (a queue, re-scored with the current prototypes) and keep only the batch's codes.
 #
 # Below, the data has 64 hidden classes and the prototypes sit on the class centres, so the
@@ -311,12 +394,12 @@ fig, ax = plt.subplots(figsize=(6.5, 3.5))
 x = np.arange(len(lengths))
 ax.plot(x, accuracy, "o-", label="arg-max code = class")
 ax.plot(x, peak, "s-", label="mean largest code entry")
-ax.set(xticks=x, xticklabels=[str(n) for n in lengths], xlabel="queue length L",
+ax.set(xticks=x, xticklabels=[str(n) for n in lengths], xlabel="queue length",
        title=f"B = {Bq} < K = {Kq}: codes need the queue", ylim=(0, 1.05))
 ax.legend()
 plt.show()
 for n, a, p in zip(lengths, accuracy, peak):
-    print(f"L = {n:5d}: accuracy {a:.2f}, mean largest entry {p:.2f}")
+    print(f"queue length {n:5d}: accuracy {a:.2f}, mean largest entry {p:.2f}")
 
 # %% [markdown]
 # Without the queue the codes are smeared (the largest entry of a code is about 1/4,

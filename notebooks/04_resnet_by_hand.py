@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import swav_ref.backend
+from swav_ref import exercises
 from swav_ref.nn import SGD, Linear, resnet_tiny, warmup_cosine_schedule
 from swav_ref.nn import functional as F
 from swav_ref.nn.gradcheck import check_gradient, check_gradient_sampled, projected_loss, rel_error
@@ -135,6 +136,29 @@ lhs = float(xp.sum(F.im2col(x, (3, 3), 2, 1) * g_cols))
 rhs = float(xp.sum(x * F.col2im(g_cols, x.shape, (3, 3), 2, 1)))
 print(f"<im2col(x), G> = {lhs:.12f}\n<x, col2im(G)> = {rhs:.12f}")
 
+# %% [markdown]
+# **Exercise (convolution backward).** Before reading the library's version, write your
+# own, straight from the definition and with loops if you like: given `dout` $= G$
+# (N, O, H_out, W_out), the input `x` (N, C, H, W), the `weight` (O, C, kh, kw), `stride` and
+# `padding`, return `(dx, dweight, dbias)`. Every output pixel $(n, o, u, v)$ saw the window
+# $x_\text{pad}[n, :, su : su + k_h, sv : sv + k_w]$, so it adds
+# $G[n, o, u, v] \cdot \text{window}$ to `dweight[o]` and
+# $G[n, o, u, v] \cdot W[o]$ to that window of `dx` (padded; cut the padding off at the
+# end), and $G[n, o, u, v]$ to `dbias[o]`. The check uses stride 2 and padding 1 and
+# compares with `F.conv2d_backward`.
+
+# %%
+def my_conv2d_backward(dout, x, weight, stride, padding):
+    return None  # your code here
+
+
+# %%
+print(exercises.check_conv2d_backward(my_conv2d_backward))
+
+# %% [markdown]
+# The library's backward does the same work with one matrix product per gradient and
+# `col2im`:
+
 # %%
 print(inspect.getsource(F.conv2d_backward))
 
@@ -159,7 +183,7 @@ for name, array, grad in [("x", x, dx), ("weight", weight, dweight), ("bias", bi
 # %% [markdown]
 # ## 3. BatchNorm and its backward pass
 #
-# Per channel, over its $m = N H W$ values,
+# Batch normalisation (Ioffe & Szegedy, 2015) works per channel, over its $m = N H W$ values:
 #
 # $$\mu = \tfrac1m \textstyle\sum x, \quad \sigma^2 = \tfrac1m \sum (x - \mu)^2, \quad
 #   \hat x = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}, \quad y = \gamma \hat x + \beta.$$
@@ -167,10 +191,12 @@ for name, array, grad in [("x", x, dx), ("weight", weight, dweight), ("bias", bi
 # **Eval mode** uses the running statistics, constants: $\partial L/\partial x =
 # \gamma\, g / \sqrt{\sigma^2 + \epsilon}$ with $g = \partial L/\partial y$.
 #
-# **Training mode**: $\mu$ and $\sigma$ depend on every $x$ of the channel. With
-# $\partial \hat x_k / \partial x_j = \frac{1}{\sigma}\big(\delta_{jk} - \frac1m -
+# **Training mode**: $\mu$ and $\sigma^2$ depend on every $x$ of the channel. Write
+# $s = \sqrt{\sigma^2 + \epsilon}$ for the divisor, so $\hat x = (x - \mu)/s$. With
+# $\partial \hat x_k / \partial x_j = \frac{1}{s}\big(\delta_{jk} - \frac1m -
 # \frac1m \hat x_j \hat x_k\big)$ (from $\partial\mu/\partial x_j = 1/m$ and
-# $\partial\sigma/\partial x_j = \hat x_j / m$), the chain rule
+# $\partial s/\partial x_j = \frac{1}{2s}\,\partial\sigma^2/\partial x_j
+# = \frac{x_j - \mu}{m s} = \hat x_j / m$), the chain rule
 # $\partial L/\partial x_j = \sum_k \gamma g_k\, \partial \hat x_k / \partial x_j$ collapses
 # to two reductions:
 #
@@ -183,6 +209,25 @@ for name, array, grad in [("x", x, dx), ("weight", weight, dweight), ("bias", bi
 # channel's inputs does not change its normalised output. With synchronised BatchNorm the
 # two sums run over every worker (one all-reduce), and the result is exactly the gradient
 # of one big batch.
+#
+# **Exercise (BatchNorm backward).** Write the training-mode backward pass before you read
+# the library's: given `dout` $= g$ and `x`, both (N, C, H, W), `gamma` (C,) and `eps`,
+# return `(dx, dgamma, dbeta)`. Hint: recompute $\mu$, $\sigma^2$ and $\hat x$ per
+# channel (reduce over the axes `(0, 2, 3)` with `keepdims=True`), then apply the three
+# formulas above. The check compares with `F.batchnorm_backward` after a training-mode
+# `F.batchnorm_forward`.
+
+# %%
+def my_batchnorm_backward(dout, x, gamma, eps):
+    return None  # your code here
+
+
+# %%
+print(exercises.check_batchnorm_backward(my_batchnorm_backward))
+
+# %% [markdown]
+# The library's version works on the (C, N H W) matrix with one row per channel, so both
+# sums are reductions along rows:
 
 # %%
 print(inspect.getsource(F.batchnorm_backward))

@@ -47,11 +47,12 @@ import pandas as pd
 
 import swav_ref
 import swav_ref.backend
-from swav_ref import plots
+from swav_ref import exercises, plots
 from swav_ref.data.datasets import load_dataset
 from swav_ref.data.multicrop import show_crops
 from swav_ref.evaluate import results_table
-from swav_ref.experiment import evaluate_raw_pixels, evaluate_trainer, prototype_assignments
+from swav_ref.experiment import evaluate_raw_pixels, evaluate_trainer, prototype_assignments, supervised_config
+from swav_ref.swav import CollapseMonitor
 from swav_ref.train import TrainConfig, Trainer
 
 BACKEND = "numpy"  # "cupy" runs this notebook on a GPU
@@ -128,30 +129,63 @@ pd.DataFrame(log.epochs())[["epoch", "loss", "seconds"]]
 plots.training_curves(log.steps(), config.n_prototypes[0])
 
 # %% [markdown]
-# The trainer watches the logged loss for that signature (it warns when the loss stays
-# within 0.01 of $\ln K$ for 100 logged steps, and lists what to try). The same check by
-# hand, on the last logged steps:
+# The trainer watches the logged loss for that signature: its `CollapseMonitor` warns when
+# the last `window` logged losses (100 by default) all lie within `tolerance` (0.01) of
+# $\ln K$, and lists what to try. This short run logs fewer steps than that window, so the
+# monitor cannot have fired here whatever happened; what it would look at, computed on the
+# steps we have:
 
 # %%
-last = pd.DataFrame(log.steps()).tail(10)
-ln_k = np.log(config.n_prototypes[0])
-print(f"last 10 logged losses: mean {last['loss'].mean():.4f}, ln K = {ln_k:.4f}, "
-      f"distance {last['loss'].mean() - ln_k:+.4f}; prototypes used: {last['prototypes_used'].mean():.1f} "
-      f"of {config.n_prototypes[0]}; collapse warning fired: {trainer.monitor.fired}")
+monitor = trainer.monitor
+steps_df = pd.DataFrame(log.steps())
+recent = steps_df["loss"].tail(monitor.window)
+print(f"monitor: window {monitor.window} logged steps, tolerance {monitor.tolerance}; this run logged "
+      f"{len(steps_df)} steps, so it {'can' if len(steps_df) >= monitor.window else 'cannot'} fire")
+print(f"largest |loss - ln K| over the last {len(recent)} logged steps: "
+      f"{(recent - monitor.log_k).abs().max():.4f} (collapse means all of them within {monitor.tolerance}); "
+      f"last loss {recent.iloc[-1] - monitor.log_k:+.4f} from ln K = {monitor.log_k:.4f}")
+print(f"prototypes used over the last 10 logged steps: {steps_df['prototypes_used'].tail(10).mean():.1f} "
+      f"of {config.n_prototypes[0]}")
+
+# %% [markdown]
+# **Exercise (reproduce collapse).** The digits recipe uses temperature 0.2 instead of the
+# official 0.1 because at 0.1 it collapses (see the note in `TrainConfig`'s docstring).
+# See it happen: train the same short run with `temperature = 0.1`, and give the trainer a
+# `CollapseMonitor` whose window fits in the run (say 20 steps) so that it can notice. The
+# cell below trains only when you set `REPRODUCE_COLLAPSE = True` (about as long as the
+# training above); fill in the two values first. Expected: instead of falling below
+# $\ln K$, the loss comes down onto $\ln K$ and stays there (within about $10^{-4}$ by the
+# sixth epoch), and a `CollapseWarning` is printed.
+
+# %%
+REPRODUCE_COLLAPSE = False  # True trains a second short run
+collapse_temperature = config.temperature  # your value here
+collapse_window = 100  # your value here
+
+collapsed = None
+if REPRODUCE_COLLAPSE:
+    collapsed = Trainer(dataclasses.replace(config, temperature=collapse_temperature, progress=False,
+                                            out_dir=str(run_dir / "collapse")),
+                        train_set=train_set, test_set=test_set)
+    collapsed.monitor = CollapseMonitor(config.n_prototypes[0], window=collapse_window)
+    collapsed.fit()
+print(exercises.check_collapse(collapsed))
 
 # %% [markdown]
 # ## 4 · Evaluation: how good are the frozen features?
 #
 # The backbone is frozen and put in eval mode; its features of the training images fit a
-# classifier, scored on the test images. Two protocols from the SwAV paper: a **linear
-# probe** (logistic regression on standardised features, its regularisation chosen by
-# cross-validation on the training split) and a **weighted kNN** on cosine similarity
-# ($k = 20$ and $k = 200$). The baselines:
+# classifier, scored on the test images. Two protocols: a **linear probe** (logistic
+# regression on standardised features, its regularisation chosen by cross-validation on the
+# training split), the SwAV paper's main evaluation, and a **weighted kNN** on cosine
+# similarity ($k = 20$ and $k = 200$, temperature 0.07), the protocol of Wu et al. (2018),
+# later used by DINO, which needs no training at all. The baselines:
 #
 # - **raw pixels** -- the 64 pixel values, no network;
 # - **random init** -- the same ResNet, untrained: what the architecture gives for free;
 # - **supervised** (optional, `RUN_SUPERVISED = True`) -- the same network and recipe
-#   trained with the labels, the target a self-supervised method tries to reach.
+#   trained with the labels (on the large crops only, `supervised_config`, as in the
+#   *Results* table), the target a self-supervised method tries to reach.
 
 # %%
 RUN_SUPERVISED = False  # True adds the supervised row (as long again as the SwAV training)
@@ -164,7 +198,7 @@ rows = [
     {"method": f"SwAV ({EPOCHS} epochs)", **evaluate_trainer(trainer)},
 ]
 if RUN_SUPERVISED:
-    supervised = Trainer(dataclasses.replace(config, method="supervised", out_dir=str(run_dir / "supervised")),
+    supervised = Trainer(supervised_config(dataclasses.replace(config, out_dir=str(run_dir / "supervised"))),
                          train_set=train_set, test_set=test_set)
     supervised.fit()
     rows.append({"method": f"supervised ({EPOCHS} epochs)", **evaluate_trainer(supervised)})
@@ -220,6 +254,29 @@ crosstab.loc[crosstab.sum(axis=1).sort_values(ascending=False).index[:10]]
 
 # %%
 print(inspect.getsource(Trainer._start_epoch))
+
+# %% [markdown]
+# The loss is SwAV's with the soft code replaced by a one-hot vector: every crop of image
+# $n$ predicts the image's cluster $y_n$ in each of the $H$ prototype sets, averaged over
+# the sets and over the rows $R$ that have a target (an image missing from the bank has
+# target `IGNORE_INDEX` and does not count).
+#
+# **Exercise (DeepCluster-v2's gradient).** For one prototype set, given `scores` (V B, K)
+# stacked crop by crop, `targets` (B,) (with `IGNORE_INDEX` = -100 for an image without a
+# target), `n_crops` $= V$, `temperature` $= \tau$ and `n_sets` $= H$, return the (V B, K)
+# gradient
+# $\frac{\mathrm{softmax}(s_r/\tau) - \mathrm{onehot}(y_r)}{\tau\, H\, |R|}$ on the rows
+# with a target and 0 on the others. Hint: crop $v$ of image $n$ is row $vB + n$, so the row
+# targets are `np.tile(targets, n_crops)`. The check compares with
+# `swav_ref.deepcluster.deepcluster_loss` (H = 2 sets, one image without a target).
+
+# %%
+def my_deepcluster_grad(scores, targets, n_crops, temperature, n_sets):
+    return None  # your code here
+
+
+# %%
+print(exercises.check_deepcluster_grad(my_deepcluster_grad))
 
 # %% [markdown]
 # What does that cost as the data grow? `benchmarks/bench_deepcluster_scaling.py` trains

@@ -1,0 +1,445 @@
+r"""Self-checks for the notebooks' exercises.
+
+Each ``check_*`` function takes the student's answer (a function, or for the collapse
+exercise a trained :class:`~swav_ref.train.Trainer`), runs it on small random float64
+inputs drawn with a fixed seed, and compares the result with the library's own
+implementation, the reference. It returns a :class:`CheckResult` whose printed form is the
+verdict::
+
+    >>> print(check_batchnorm_backward(my_batchnorm_backward))      # doctest: +SKIP
+    correct: max rel. error 2e-16
+    >>> print(check_prototypes_backward(my_prototypes_backward))    # doctest: +SKIP
+    not yet: dC is -1 times the reference: check the sign ...
+
+An answer of ``None`` (or a stub that returns ``None``) gives "not attempted yet", so the
+notebooks run to the end with the exercises unanswered. The distance is
+:func:`swav_ref.nn.gradcheck.rel_error`, :math:`\max|a - b| / \max(|a| + |b|)`; an answer
+passes below ``1e-8``. Where the answer is off, the message says how: a transposed or
+mis-shaped output, a flipped sign, a constant factor, or which rows differ, with a hint.
+
+The exercises, by notebook: 02 :func:`check_g_update`; 03 :func:`check_codes_as_transport`,
+:func:`check_swapped_loss_grad`, :func:`check_prototypes_backward`; 04
+:func:`check_batchnorm_backward`, :func:`check_conv2d_backward`; 05
+:func:`check_collapse`, :func:`check_deepcluster_grad`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from swav_ref.deepcluster import IGNORE_INDEX, deepcluster_loss
+from swav_ref.nn import functional as F
+from swav_ref.nn.gradcheck import rel_error
+from swav_ref.ot import ConvergenceWarning, sinkhorn_log
+from swav_ref.swav import prototypes_backward, prototypes_forward, sinkhorn_codes, swapped_prediction_loss
+
+__all__ = [
+    "CheckResult",
+    "check_batchnorm_backward",
+    "check_codes_as_transport",
+    "check_collapse",
+    "check_conv2d_backward",
+    "check_deepcluster_grad",
+    "check_g_update",
+    "check_prototypes_backward",
+    "check_swapped_loss_grad",
+]
+
+#: An answer passes when its relative error to the reference is below this.
+TOLERANCE = 1e-8
+
+Answer = Optional[Callable[..., Any]]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The verdict of a check; printing it prints ``message``.
+
+    Attributes
+    ----------
+    passed : bool
+    error : float
+        the largest relative error found (``nan`` when nothing could be compared).
+    message : str
+        ``"correct: ..."``, ``"not yet: ..."`` or ``"not attempted yet: ..."``.
+    """
+
+    passed: bool
+    error: float
+    message: str
+
+    @property
+    def attempted(self) -> bool:
+        """False for a "not attempted yet" verdict (no answer given)."""
+        return not self.message.startswith("not attempted")
+
+    def __str__(self) -> str:
+        return self.message
+
+    __repr__ = __str__
+
+
+# -- comparing an answer with the reference ---------------------------------------------
+
+
+def _not_attempted(what: str) -> CheckResult:
+    return CheckResult(False, math.nan, f"not attempted yet: {what}")
+
+
+def _not_yet(error: float, message: str) -> CheckResult:
+    return CheckResult(False, error, f"not yet: {message}")
+
+
+def _run(answer: Callable[..., Any], *args: Any) -> tuple[Any, CheckResult | None]:
+    """The answer's output, or the verdict when it raised or returned None."""
+    name = getattr(answer, "__name__", "your function")
+    try:
+        result = answer(*args)
+    except Exception as exc:  # any mistake in the student's code is reported, not raised
+        return None, _not_yet(math.nan, f"{name} raised {type(exc).__name__}: {exc}")
+    return result, (_not_attempted(f"{name} returned None") if result is None else None)
+
+
+def _difference(name: str, got: Any, want: Any, hint: str) -> tuple[float, str | None]:
+    """``(error, None)`` when ``got`` matches ``want``, else ``(error, what is wrong)``."""
+    want = np.asarray(want, dtype=np.float64)
+    try:
+        got = np.asarray(got, dtype=np.float64)
+    except (TypeError, ValueError):
+        return math.nan, f"{name} is not an array of numbers (got {type(got).__name__})"
+    if got.shape != want.shape:
+        if got.ndim == 2 and got.shape == want.shape[::-1]:
+            return math.nan, f"{name} has shape {got.shape}, the reference {want.shape}: transposed?"
+        return math.nan, f"{name} has shape {got.shape}, the reference {want.shape}"
+    if not np.all(np.isfinite(got)):
+        return math.nan, f"{name} contains NaN or inf; {hint}"
+    error = rel_error(got, want)
+    if error < TOLERANCE:
+        return error, None
+    if rel_error(-got, want) < TOLERANCE:
+        return error, f"{name} is -1 times the reference: check the sign; {hint}"
+    scale = float(np.sum(got * want) / np.sum(want * want)) if np.any(want) else 0.0
+    if scale != 0.0 and rel_error(got, scale * want) < TOLERANCE:
+        return error, f"{name} is {scale:.4g} times the reference: a missing or extra factor; {hint}"
+    return error, f"{name} differs from the reference by {error:.2g} (max rel. error); {hint}"
+
+
+def _verdict(comparisons: list[tuple[str, Any, Any, str]]) -> CheckResult:
+    """Compare each ``(name, got, want, hint)``; the first mismatch is the verdict."""
+    worst = 0.0
+    for name, got, want, hint in comparisons:
+        error, problem = _difference(name, got, want, hint)
+        if problem is not None:
+            return _not_yet(error, problem)
+        worst = max(worst, error)
+    return CheckResult(True, worst, f"correct: max rel. error {worst:.0e}")
+
+
+def _outputs(result: Any, count: int, names: str) -> tuple[Any, CheckResult | None]:
+    """Unpack a tuple answer, or the verdict when it is not one of ``count`` items."""
+    if not isinstance(result, (tuple, list)) or len(result) != count:
+        return None, _not_yet(math.nan, f"return the {count} arrays ({names}) as a tuple")
+    if any(r is None for r in result):
+        return None, _not_attempted(f"part of ({names}) is still None")
+    return result, None
+
+
+def _unit_rows(a: np.ndarray) -> np.ndarray:
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+# -- notebook 02: log-domain Sinkhorn ---------------------------------------------------
+
+
+def check_g_update(my_g_update: Answer) -> CheckResult:
+    r"""The log-domain column fit: ``my_g_update(f, M, c, lam) -> g``.
+
+    Parameters of the answer: ``f`` (n,), ``M`` (n, m), ``c`` (m,), ``lam`` float;
+    returns ``g`` (m,) with
+
+    .. math:: g_j = \frac{1}{\lambda}\log c_j
+              - \frac{1}{\lambda}\log \sum_i e^{\lambda (f_i - M_{ij})}.
+
+    Reference: the potentials ``res.f, res.g`` of :func:`swav_ref.ot.sinkhorn_log`, whose
+    last step is a column fit, so ``res.g`` is the update of ``res.f``. The check also shifts
+    the pair to ``(f + 1, g - 1)`` (the same plan) at ``lam = 1000``, where
+    :math:`e^{\lambda (f_i - M_{ij})}` overflows float64 unless the log-sum-exp subtracts
+    its maximum first.
+    """
+    if my_g_update is None:
+        return _not_attempted("define my_g_update(f, M, c, lam)")
+    rng = np.random.default_rng(2)
+    M = rng.random((6, 5))
+    r, c = rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(5))
+    comparisons = []
+    for lam, shift in ((10.0, 0.0), (1000.0, 1.0)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # any iterate is a column fit
+            res = sinkhorn_log(M, r, c, lam, max_iter=5000)
+        with np.errstate(all="ignore"):
+            g, failed = _run(my_g_update, res.f + shift, M, c, lam)
+        if failed:
+            return failed
+        hint = ("the sum runs over i (the rows), g_j = log(c_j)/lam - logsumexp_i(lam (f_i - M_ij))/lam"
+                if shift == 0 else f"at lam = {lam:g} the exponentials overflow: subtract the maximum "
+                "before exp (swav_ref.backend.logsumexp does)")
+        comparisons.append((f"g at lam = {lam:g}", g, res.g - shift, hint))
+    return _verdict(comparisons)
+
+
+# -- notebook 03: codes, swapped loss, prototype layer --------------------------------------
+
+
+def check_codes_as_transport(my_codes: Answer) -> CheckResult:
+    r"""SwAV's codes as an optimal-transport plan: ``my_codes(scores, epsilon) -> codes``.
+
+    ``scores`` (B, K) are cosines; the answer returns the (B, K) codes computed with
+    :func:`swav_ref.ot.sinkhorn_knopp`: cost :math:`M = -S`, sample masses
+    :math:`r = \mathbf 1_B / B`, prototype masses :math:`c = \mathbf 1_K / K`,
+    :math:`\lambda = 1/\varepsilon`, a tight ``tol`` (1e-12), and the plan times B (so each
+    row sums to 1):
+
+    .. math:: \text{codes} = B \cdot \arg\max_{P \in U(r, c)} \langle P, S\rangle
+              + \varepsilon H(P).
+
+    Reference: :func:`swav_ref.swav.sinkhorn_codes` iterated to convergence
+    (``n_iters=1000``); the two must agree within ``1e-8``.
+    """
+    if my_codes is None:
+        return _not_attempted("define my_codes(scores, epsilon)")
+    rng = np.random.default_rng(3)
+    batch, n_prototypes, epsilon = 12, 4, 0.05
+    scores = _unit_rows(rng.normal(size=(batch, 5))) @ _unit_rows(rng.normal(size=(n_prototypes, 5))).T
+    codes, failed = _run(my_codes, scores, epsilon)
+    if failed:
+        return failed
+    reference = sinkhorn_codes(scores, epsilon=epsilon, n_iters=1000)
+    hint = ("cost -scores, r = 1/B per sample, c = 1/K per prototype, lam = 1/epsilon, "
+            "multiply the plan by B so that every row sums to 1, and solve to a tight tol (1e-12)")
+    return _verdict([("codes", codes, reference, hint)])
+
+
+def check_swapped_loss_grad(my_swapped_loss_grad: Answer) -> CheckResult:
+    r"""The gradient of the swapped loss with respect to the scores.
+
+    ``my_swapped_loss_grad(scores, codes, batch_size, crops_for_assign, temperature) -> grad``,
+    with ``scores`` (V B, K) stacked crop by crop, ``codes`` one (B, K) array per assignment
+    crop (constants), and ``grad`` (V B, K):
+
+    .. math:: \frac{\partial L}{\partial s_v} = \frac{n_v\, p_v - T_v}{\tau\, |A|\, (V - 1)\, B},
+              \qquad p_v = \operatorname{softmax}(s_v / \tau),\quad
+              T_v = \sum_{a \in A,\, a \ne v} q_a,\quad n_v = \#\{a \in A : a \ne v\}.
+
+    Checked with V = 4 crops, A = {0, 1}, B = 3, K = 5, tau = 0.1. Reference:
+    :func:`swav_ref.swav.swapped_prediction_loss`.
+    """
+    if my_swapped_loss_grad is None:
+        return _not_attempted("define my_swapped_loss_grad(scores, codes, batch_size, crops_for_assign, temperature)")
+    rng = np.random.default_rng(4)
+    n_crops, batch, n_prototypes, assign, temperature = 4, 3, 5, (0, 1), 0.1
+    scores = rng.uniform(-1, 1, size=(n_crops * batch, n_prototypes))
+    codes = [rng.dirichlet(np.ones(n_prototypes), size=batch) for _ in assign]
+    grad, failed = _run(my_swapped_loss_grad, scores, codes, batch, assign, temperature)
+    if failed:
+        return failed
+    _, reference = swapped_prediction_loss(scores, codes, batch, crops_for_assign=assign, temperature=temperature)
+    error, problem = _difference("the gradient", grad, reference,
+                                 "prediction minus target, divided by tau |A| (V - 1) B")
+    if problem is None:
+        return CheckResult(True, error, f"correct: max rel. error {error:.0e}")
+    if math.isfinite(error):  # same shape: say which crop's rows are furthest off
+        rows = [slice(v * batch, (v + 1) * batch) for v in range(n_crops)]
+        worst = max(range(n_crops), key=lambda v: rel_error(np.asarray(grad)[rows[v]], reference[rows[v]]))
+        role = ("an assignment crop, so it predicts the other assignment crop's code only (n_v = |A| - 1)"
+                if worst in assign else "not an assignment crop, so it predicts every code (n_v = |A|)")
+        problem += f". Crop {worst}'s rows differ most; crop {worst} is {role}"
+    return _not_yet(error, problem)
+
+
+def check_prototypes_backward(my_prototypes_backward: Answer) -> CheckResult:
+    r"""Backward through the L2 normalisation and the prototype layer.
+
+    ``my_prototypes_backward(dscores, z, C) -> (dz, dC)`` for the forward
+    :math:`e_i = z_i / \lVert z_i \rVert`, :math:`S = E C^\top`, with ``dscores`` = G (N, K),
+    ``z`` (N, d), ``C`` (K, d):
+
+    .. math:: \frac{\partial L}{\partial C} = G^\top E \ (K \times d), \qquad
+              \frac{\partial L}{\partial z_i} = \frac{g_i - e_i (e_i^\top g_i)}{\lVert z_i \rVert},
+              \quad g_i = (G C)_i .
+
+    Reference: :func:`swav_ref.swav.prototypes_forward` and
+    :func:`swav_ref.swav.prototypes_backward`.
+    """
+    if my_prototypes_backward is None:
+        return _not_attempted("define my_prototypes_backward(dscores, z, C)")
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(6, 3)) * rng.uniform(0.5, 2.0, size=(6, 1))  # rows of different lengths
+    weight = _unit_rows(rng.normal(size=(4, 3)))
+    dscores = rng.normal(size=(6, 4))
+    result, failed = _run(my_prototypes_backward, dscores, z, weight)
+    if failed:
+        return failed
+    result, failed = _outputs(result, 2, "dz, dC")
+    if failed:
+        return failed
+    _, cache = prototypes_forward(z, weight)
+    dz, dweight = prototypes_backward(dscores, cache)
+    return _verdict([
+        ("dC", result[1], dweight, "dC = G^T E uses the normalised embeddings e_i, and is K x d like C"),
+        ("dz", result[0], dz, "g_i = (G C)_i, remove its component along e_i, then divide by |z_i|"),
+    ])
+
+
+# -- notebook 04: BatchNorm and convolution backward ------------------------------------
+
+
+def check_batchnorm_backward(my_batchnorm_backward: Answer) -> CheckResult:
+    r"""BatchNorm's training-mode backward: ``my_batchnorm_backward(dout, x, gamma, eps) -> (dx, dgamma, dbeta)``.
+
+    ``x`` and ``dout`` (N, C, H, W), ``gamma`` (C,); statistics per channel over its
+    :math:`m = N H W` values, :math:`\hat x = (x - \mu)/\sqrt{\sigma^2 + \epsilon}`:
+
+    .. math:: \frac{\partial L}{\partial x} = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}
+              \Big(g - \frac1m \sum g - \hat x\, \frac1m \sum g \hat x\Big), \quad
+              \frac{\partial L}{\partial \gamma} = \sum g \hat x, \quad
+              \frac{\partial L}{\partial \beta} = \sum g .
+
+    Reference: :func:`swav_ref.nn.functional.batchnorm_forward` (training) and
+    :func:`swav_ref.nn.functional.batchnorm_backward`.
+    """
+    if my_batchnorm_backward is None:
+        return _not_attempted("define my_batchnorm_backward(dout, x, gamma, eps)")
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(4, 3, 2, 2)) * 2.0 + 1.0
+    gamma, beta = rng.uniform(0.5, 1.5, size=3), rng.normal(size=3)
+    dout = rng.normal(size=x.shape)
+    eps = 1e-5
+    result, failed = _run(my_batchnorm_backward, dout, x, gamma, eps)
+    if failed:
+        return failed
+    result, failed = _outputs(result, 3, "dx, dgamma, dbeta")
+    if failed:
+        return failed
+    _, cache = F.batchnorm_forward(x, gamma, beta, training=True, eps=eps)
+    dx, dgamma, dbeta = F.batchnorm_backward(dout, cache)
+    return _verdict([
+        ("dbeta", result[2], dbeta, "sum g over the batch and the pixels (axes 0, 2, 3)"),
+        ("dgamma", result[1], dgamma, "sum g * x_hat over axes 0, 2, 3"),
+        ("dx", result[0], dx, "the mean and the sigma depend on every x of the channel: subtract "
+         "mean(g) and x_hat * mean(g x_hat), then scale by gamma / sqrt(var + eps)"),
+    ])
+
+
+def check_conv2d_backward(my_conv2d_backward: Answer) -> CheckResult:
+    r"""The convolution's backward: ``my_conv2d_backward(dout, x, weight, stride, padding) -> (dx, dweight, dbias)``.
+
+    ``x`` (N, C, H, W), ``weight`` (O, C, kh, kw), ``dout`` (N, O, H_out, W_out); for the
+    forward :math:`y[n,o,u,v] = b_o + \sum_{c,i,j} W[o,c,i,j]\, x_\text{pad}[n,c,su+i,sv+j]`:
+
+    .. math:: \frac{\partial L}{\partial W[o,c,i,j]} = \sum_{n,u,v} g[n,o,u,v]\,
+              x_\text{pad}[n,c,su+i,sv+j], \qquad
+              \frac{\partial L}{\partial b_o} = \sum_{n,u,v} g[n,o,u,v],
+
+    and every input pixel collects :math:`W[o,c,i,j]\, g[n,o,u,v]` from each window it
+    appears in (cut the padding off at the end). Loops are fine. Checked with stride 2 and
+    padding 1. Reference: :func:`swav_ref.nn.functional.conv2d_backward`.
+    """
+    if my_conv2d_backward is None:
+        return _not_attempted("define my_conv2d_backward(dout, x, weight, stride, padding)")
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 3, 5, 4))
+    weight, bias = rng.normal(size=(2, 3, 3, 3)), rng.normal(size=2)
+    stride, padding = 2, 1
+    out, cache = F.conv2d_forward(x, weight, bias, stride=stride, padding=padding)
+    dout = rng.normal(size=out.shape)
+    dx, dweight, dbias = F.conv2d_backward(dout, cache)
+    result, failed = _run(my_conv2d_backward, dout, x, weight, stride, padding)
+    if failed:
+        return failed
+    result, failed = _outputs(result, 3, "dx, dweight, dbias")
+    if failed:
+        return failed
+    return _verdict([
+        ("dbias", result[2], dbias, "sum dout over n, u and v"),
+        ("dweight", result[1], dweight, "each weight sees the input value under it in every window "
+         "(mind the stride and the padding)"),
+        ("dx", result[0], dx, "a pixel belongs to several windows: add (+=) every contribution, "
+         "then cut off the padding"),
+    ])
+
+
+# -- notebook 05: collapse, and DeepCluster-v2's gradient -------------------------------------
+
+
+def check_collapse(trainer: Any) -> CheckResult:
+    r"""Did the run collapse, and did the monitor see it? ``trainer``: a fitted Trainer.
+
+    Collapse is the loss sitting at :math:`\ln K` (every prediction uniform). Passes when the
+    trainer's :class:`~swav_ref.swav.CollapseMonitor` fired: its last ``window`` logged
+    losses were all within ``tolerance`` of :math:`\ln K`. ``error`` is the largest distance
+    :math:`|L - \ln K|` over those steps.
+    """
+    if trainer is None:
+        return _not_attempted("set REPRODUCE_COLLAPSE = True, choose the temperature and the window, "
+                              "and run the cell (a second short training run)")
+    losses = [record["loss"] for record in trainer.log.steps()]
+    if not losses:
+        return _not_yet(math.nan, "the trainer has no logged steps: call trainer.fit() first")
+    monitor = trainer.monitor
+    recent = losses[-monitor.window:]
+    distance = max(abs(loss - monitor.log_k) for loss in recent)
+    if monitor.fired:
+        return CheckResult(True, distance, f"correct: the last {len(recent)} losses sit within {distance:.0e} "
+                           f"of ln K = {monitor.log_k:.4f} and the CollapseWarning fired")
+    if len(losses) < monitor.window:
+        return _not_yet(distance, f"the monitor's window ({monitor.window} steps) is longer than the run "
+                        f"({len(losses)} logged steps), so it cannot fire: give CollapseMonitor a shorter window")
+    temperature = trainer.config.temperature
+    advice = (f"at temperature {temperature:g} the digits recipe learns; try the official 0.1" if temperature > 0.1
+              else f"train longer, or loosen the monitor's tolerance ({monitor.tolerance})")
+    return _not_yet(distance, f"the loss did not settle at ln K = {monitor.log_k:.4f} (last value "
+                    f"{losses[-1]:.4f}, up to {distance:.2g} away over the window): {advice}")
+
+
+def check_deepcluster_grad(my_deepcluster_grad: Answer) -> CheckResult:
+    r"""DeepCluster-v2's loss gradient for one prototype set.
+
+    ``my_deepcluster_grad(scores, targets, n_crops, temperature, n_sets) -> grad``, with
+    ``scores`` (V B, K) stacked crop by crop, ``targets`` (B,) int (``IGNORE_INDEX`` = -100
+    for an image without a target; every crop of image n has target :math:`y_n`), ``n_sets``
+    the number H of prototype sets the loss averages over, and ``grad`` (V B, K):
+
+    .. math:: \frac{\partial \mathcal L}{\partial s_r} =
+              \frac{\operatorname{softmax}(s_r / \tau) - \operatorname{onehot}(y_r)}{\tau\, H\, |R|}
+              \ \text{for } r \in R, \qquad 0 \text{ for the rows without a target},
+
+    :math:`R` the (image, crop) rows that have a target. Checked with H = 2 sets and one
+    ignored image. Reference: :func:`swav_ref.deepcluster.deepcluster_loss`.
+    """
+    if my_deepcluster_grad is None:
+        return _not_attempted("define my_deepcluster_grad(scores, targets, n_crops, temperature, n_sets)")
+    rng = np.random.default_rng(8)
+    n_crops, batch, n_prototypes, temperature = 3, 4, 5, 0.1
+    scores = [rng.uniform(-1, 1, size=(n_crops * batch, n_prototypes)) for _ in range(2)]
+    targets = [rng.integers(0, n_prototypes, size=batch) for _ in range(2)]
+    for t in targets:
+        t[1] = IGNORE_INDEX
+    _, reference = deepcluster_loss(scores, targets, n_crops, temperature)
+    ignored = np.tile(targets[0] == IGNORE_INDEX, n_crops)
+    comparisons = []
+    for h in range(2):
+        grad, failed = _run(my_deepcluster_grad, scores[h], targets[h], n_crops, temperature, 2)
+        if failed:
+            return failed
+        if np.shape(grad) == reference[h].shape and np.any(np.asarray(grad)[ignored] != 0):
+            return _not_yet(rel_error(grad, reference[h]), "the rows of the image whose target is IGNORE_INDEX "
+                            "must get zero gradient (and must not count in |R|)")
+        comparisons.append((f"the gradient of set {h}", grad, reference[h],
+                            "softmax(s / tau) - onehot(y), divided by tau H |R| with |R| the rows that "
+                            "have a target"))
+    return _verdict(comparisons)
