@@ -1,14 +1,14 @@
-"""How good are frozen features? The two protocols of the SwAV paper, sized for small data.
+"""How good are frozen features? A linear probe and a kNN classifier, sized for small data.
 
 Self-supervised features are judged with the network frozen: a simple classifier is fitted
 on top of them and its test accuracy is the score. Two classifiers are standard:
 
 :func:`linear_probe`
-    multinomial logistic regression on standardised features (the paper's "linear
+    multinomial logistic regression on standardised features (the SwAV paper's "linear
     evaluation"), its regularisation chosen by cross-validation on the train split only.
 :func:`knn_classifier`
-    weighted k-nearest neighbours on cosine similarity (Wu et al. 2018; the kNN numbers of
-    SwAV and DINO). No training at all, so it measures the geometry of the features.
+    weighted k-nearest neighbours on cosine similarity, the protocol of Wu et al. (2018),
+    later used by DINO. No training at all, so it measures the geometry of the features.
 
 Both take features as arrays, so any network (or none, :func:`raw_pixel_features`) can be
 compared with the same code; :func:`extract_features` runs a model over uint8 images to get

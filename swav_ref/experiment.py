@@ -170,7 +170,11 @@ def write_figures(trainers: dict[str, Trainer], out: Path) -> list[Path]:
 
 
 def prototype_assignments(trainer: Trainer, images: Any) -> Any:
-    """The most similar prototype of each image (eval mode, first prototype set), on the host."""
+    """The most similar prototype of each image (eval mode, first prototype set), on the host.
+
+    Similar by cosine: the prototypes are unit vectors at the start of each training step,
+    but the last step's update has moved them off the sphere, so the scores are divided by
+    the prototypes' norms here (the model itself is left as it is)."""
     xp = trainer.xp
     model = trainer.model
     was_training = model.backbone.training
@@ -178,7 +182,9 @@ def prototype_assignments(trainer: Trainer, images: Any) -> Any:
     try:
         feats = trainer.features(images)
         _, scores = model.head.forward(feats)
-        return to_numpy(xp.argmax(scores[0], axis=1))
+        weight = model.head.prototype_weight(0)  # (K, d)
+        norms = xp.sqrt(xp.sum(weight * weight, axis=1))
+        return to_numpy(xp.argmax(scores[0] / norms, axis=1))
     finally:
         if was_training:
             model.train()

@@ -219,3 +219,25 @@ def test_methods_run_under_array_api_strict(tiny, tmp_path, method):
         warnings.simplefilter("error", RuntimeWarning)
         trainer.fit()
     assert all(math.isfinite(v) for v in step_losses(trainer))
+
+
+def test_prototype_assignments_pick_the_prototype_of_largest_cosine(tiny, tmp_path):
+    """After a training step the prototypes are off the unit sphere (they are re-normalised
+    at the start of the next step); the assignment is still by cosine, and the model is left
+    untouched."""
+    from swav_ref.experiment import prototype_assignments
+
+    train, test = tiny
+    trainer = Trainer(small_config(tmp_path, epochs=1), train_set=train, test_set=test)
+    trainer.model.eval()
+    embeddings = trainer.model.head.forward(np.asarray(trainer.features(test.images)))[0]  # unit rows
+    weight = trainer.model.head.prototype_weight(0)
+    unit = weight / np.linalg.norm(weight, axis=1, keepdims=True)
+    by_cosine = np.argmax(embeddings @ unit.T, axis=1)
+    weight[...] = unit
+    weight[np.unique(by_cosine)] *= 0.01  # the nearest prototypes made short: raw scores would pick others
+    before = weight.copy()
+    got = prototype_assignments(trainer, test.images)
+    np.testing.assert_array_equal(got, by_cosine)
+    assert np.mean(np.argmax(embeddings @ before.T, axis=1) != by_cosine) > 0.5
+    np.testing.assert_array_equal(trainer.model.head.prototype_weight(0), before)

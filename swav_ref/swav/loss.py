@@ -159,14 +159,14 @@ def swapped_prediction_loss(
             -\frac{1}{B} \sum_{b=1}^{B} \sum_{k} q_{a,bk} \log p_{v,bk} .
 
     Regroup by the predicting crop v: it is scored against :math:`T_v = \sum_{a \in A, a
-    \ne v} q_a`, a sum of :math:`c_v` codes (:math:`c_v = |A|` for a crop that is not an
+    \ne v} q_a`, a sum of :math:`n_v` codes (:math:`n_v = |A|` for a crop that is not an
     assignment crop, :math:`|A| - 1` for one that is). Since
     :math:`\partial(-\sum_k t_k \log \operatorname{softmax}(z)_k)/\partial z
     = (\sum_k t_k)\,\operatorname{softmax}(z) - t` and every code sums to 1,
 
     .. math::
 
-        \frac{\partial L}{\partial s_v} = \frac{c_v\, p_v - T_v}{\tau\, |A|\, (V - 1)\, B} ,
+        \frac{\partial L}{\partial s_v} = \frac{n_v\, p_v - T_v}{\tau\, |A|\, (V - 1)\, B} ,
 
     which for a single pair is the familiar :math:`(p_v - q_a)/\tau` times the averaging
     factors.
@@ -181,9 +181,9 @@ def swapped_prediction_loss(
         = \Big\langle Q, \sum_v \log p_v \Big\rangle
           - \sum_{a \in A} \langle q_a, \log p_a \rangle ,
 
-    and the gradient is :math:`c_v p_v - Q` on every crop plus :math:`q_a` on assignment
+    and the gradient is :math:`n_v p_v - Q` on every crop plus :math:`q_a` on assignment
     crop a. :math:`\log p = z - \max z - \log\sum e^{z - \max z}`, with
-    :math:`\sum_k (T_v)_{bk} = c_v`.
+    :math:`\sum_k (T_v)_{bk} = n_v`.
     """
     xp = array_namespace(scores, *codes)
     n_crops = _check_layout(scores, batch_size, crops_for_assign)
@@ -201,18 +201,18 @@ def swapped_prediction_loss(
     probs = xp.exp(logits)  # unnormalised here; becomes the gradient, in place, below
     sum_exp = xp.sum(probs, axis=2, keepdims=True)  # (V, B, 1)
 
-    # c_v: how many codes crop v predicts (assignment crops do not predict themselves)
+    # n_v: how many codes crop v predicts (assignment crops do not predict themselves)
     counts = [n_assign - 1 if v in crops_for_assign else n_assign for v in range(n_crops)]
     count = xp.reshape(xp.asarray(counts, dtype=scores.dtype), (n_crops, 1, 1))
 
-    # loss = weight * sum_v [ c_v sum_b log sum exp  -  <T_v, z_v - max z_v> ]
+    # loss = weight * sum_v [ n_v sum_b log sum exp  -  <T_v, z_v - max z_v> ]
     code_total = _sum(codes)  # Q
     cross = xp.sum(code_total * xp.sum(logits, axis=0))
     for a, q in zip(crops_for_assign, codes):
         cross -= xp.sum(q * logits[a, ...])
     loss = weight * (xp.sum(count * xp.log(sum_exp)) - cross)
 
-    # grad = (c_v p_v - T_v) * grad_weight = c_v p_v gw - Q gw (+ q_a gw on crop a)
+    # grad = (n_v p_v - T_v) * grad_weight = n_v p_v gw - Q gw (+ q_a gw on crop a)
     probs *= (count * grad_weight) / sum_exp
     probs -= code_total * grad_weight
     for a, q in zip(crops_for_assign, codes):
