@@ -145,6 +145,7 @@ def _add_train(sub) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from swav_ref import plots
+    from swav_ref.checkpoint import load_checkpoint
     from swav_ref.distributed import get_communicator, install_abort_on_exception
     from swav_ref.experiment import METHOD_NAMES, evaluate_trainer
     from swav_ref.evaluate import format_results, results_table
@@ -154,8 +155,10 @@ def _run_train(args: argparse.Namespace) -> int:
     install_abort_on_exception(comm)
     config = _config_from_args(args, TrainConfig())
     _output_folder(config.out_dir, "--out-dir")
-    if args.resume is not None and not Path(args.resume).is_file():
-        raise UserError(f"--resume {args.resume}: no such checkpoint file")
+    if args.resume is not None:
+        if not Path(args.resume).is_file():
+            raise UserError(f"--resume {args.resume}: no such checkpoint file")
+        load_checkpoint(args.resume)  # a corrupt file is refused before --out-dir is made
     if comm.is_root:
         print(comm.describe())
     trainer = Trainer(config, comm=comm)

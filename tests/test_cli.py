@@ -99,6 +99,14 @@ def test_an_output_path_through_a_file_is_refused_before_any_work(tmp_path, caps
         assert f"{tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
 
 
+def test_a_corrupt_resume_file_is_refused_before_the_out_dir_is_made(tmp_path, capsys):
+    (tmp_path / "checkpoint.npz").write_bytes(b"PK\x03\x04 not a checkpoint")
+    out = tmp_path / "run"
+    assert main(["train", "--resume", str(tmp_path / "checkpoint.npz"), "--out-dir", str(out)]) == 2
+    assert "checkpoint.npz" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def _write_images(folder, sizes, labelled=True):
     from PIL import Image
 
