@@ -157,7 +157,8 @@ for n_iters in (1, 3, 10, 100):
 # them with the generic solver `swav_ref.ot.sinkhorn_knopp(M, r, c, lam, tol=...)` and
 # return its plan times $B$ (so that each row sums to 1), shape (B, K). The check compares
 # them with `sinkhorn_codes(..., n_iters=1000)` and wants agreement within $10^{-8}$
-# (hint: a tight `tol`, say `1e-12`).
+# (hint: a tight `tol`, say `1e-12`: the solver's default stops when the marginals are
+# within $10^{-9}$, uncomfortably close to the check's bound).
 
 # %%
 def my_codes(scores, epsilon):

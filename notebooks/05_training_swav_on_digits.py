@@ -151,7 +151,8 @@ print(f"prototypes used over the last 10 logged steps: {steps_df['prototypes_use
 # **Exercise (reproduce collapse).** The digits recipe uses temperature 0.2 instead of the
 # official 0.1 because at 0.1 it collapses (see the note in `TrainConfig`'s docstring).
 # See it happen: train the same short run with `temperature = 0.1`, and give the trainer a
-# `CollapseMonitor` whose window fits in the run (say 20 steps) so that it can notice. The
+# `CollapseMonitor` whose window fits in the run (say 20: the monitor sees the loss of every
+# training step, and this run has 6 x 11 = 66) so that it can notice. The
 # cell below trains only when you set `REPRODUCE_COLLAPSE = True` (about as long as the
 # training above); fill in the two values first. Expected: instead of falling below
 # $\ln K$, the loss comes down onto $\ln K$ and stays there (within about $10^{-4}$ by the

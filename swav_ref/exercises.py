@@ -258,6 +258,9 @@ def check_swapped_loss_grad(my_swapped_loss_grad: Answer) -> CheckResult:
         role = ("an assignment crop, so it predicts the other assignment crop's code only (n_v = |A| - 1)"
                 if worst in assign else "not an assignment crop, so it predicts every code (n_v = |A|)")
         problem += f". Crop {worst}'s rows differ most; crop {worst} is {role}"
+        if all(rel_error(np.asarray(grad)[r], reference[r]) > TOLERANCE for r in rows):
+            problem += (f". Every crop's rows differ: the scores are stacked crop by crop, rows v B to "
+                        f"(v + 1) B - 1 are crop v (here B = {batch})")
     return _not_yet(error, problem)
 
 
@@ -289,6 +292,8 @@ def check_prototypes_backward(my_prototypes_backward: Answer) -> CheckResult:
         return failed
     _, cache = prototypes_forward(z, weight)
     dz, dweight = prototypes_backward(dscores, cache)
+    if np.shape(result[0]) == dweight.shape and np.shape(result[1]) == dz.shape:
+        return _not_yet(math.nan, "return (dz, dC) in that order: your first array has dC's shape (K, d)")
     return _verdict([
         ("dC", result[1], dweight, "dC = G^T E uses the normalised embeddings e_i, and is K x d like C"),
         ("dz", result[0], dz, "g_i = (G C)_i, remove its component along e_i, then divide by |z_i|"),
@@ -364,6 +369,10 @@ def check_conv2d_backward(my_conv2d_backward: Answer) -> CheckResult:
     result, failed = _outputs(result, 3, "dx, dweight, dbias")
     if failed:
         return failed
+    padded = (x.shape[0], x.shape[1], x.shape[2] + 2 * padding, x.shape[3] + 2 * padding)
+    if np.shape(result[0]) == padded:
+        return _not_yet(math.nan, f"dx has the padded shape {padded}: cut the padding off at the end, "
+                        f"dx_pad[:, :, p:-p, p:-p], to get x's shape {x.shape}")
     return _verdict([
         ("dbias", result[2], dbias, "sum dout over n, u and v"),
         ("dweight", result[1], dweight, "each weight sees the input value under it in every window "
@@ -437,6 +446,11 @@ def check_deepcluster_grad(my_deepcluster_grad: Answer) -> CheckResult:
         if failed:
             return failed
         if np.shape(grad) == reference[h].shape and np.any(np.asarray(grad)[ignored] != 0):
+            zero_rows = np.all(np.asarray(grad) == 0, axis=1)
+            if np.array_equal(zero_rows, np.repeat(targets[h] == IGNORE_INDEX, n_crops)):
+                return _not_yet(rel_error(grad, reference[h]), "your zero rows are those of image n at row "
+                                "n V + v, but the rows are stacked crop by crop: crop v of image n is row "
+                                "v B + n (np.tile(targets, n_crops), not np.repeat)")
             return _not_yet(rel_error(grad, reference[h]), "the rows of the image whose target is IGNORE_INDEX "
                             "must get zero gradient (and must not count in |R|)")
         comparisons.append((f"the gradient of set {h}", grad, reference[h],

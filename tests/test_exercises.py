@@ -194,6 +194,15 @@ def test_swapped_grad_wrong_answers():
     assert "rows differ most" in message and "is an assignment crop, so it predicts the other" in message
     assert "transposed" in verdict(ex.check_swapped_loss_grad(lambda *a: library_swapped_grad(*a).T))
 
+    def image_major(scores, codes, batch_size, crops_for_assign, temperature):  # rows n V + v, not v B + n
+        n_crops = scores.shape[0] // batch_size
+        crop_major = np.arange(n_crops * batch_size).reshape(n_crops, batch_size).T.reshape(-1)
+        grad = np.empty_like(scores)
+        grad[crop_major] = library_swapped_grad(scores[crop_major], codes, batch_size, crops_for_assign, temperature)
+        return grad
+
+    assert "stacked crop by crop" in verdict(ex.check_swapped_loss_grad(image_major))
+
 
 def test_prototypes_backward_wrong_answers():
     def transposed_dc(dscores, z, weight):
@@ -220,6 +229,8 @@ def test_prototypes_backward_wrong_answers():
     assert "dC is -1 times the reference" in verdict(ex.check_prototypes_backward(both_negated))
     assert verdict(ex.check_prototypes_backward(no_projection)).startswith("not yet: dz differs")
     assert "as a tuple" in verdict(ex.check_prototypes_backward(only_dz))
+    message = verdict(ex.check_prototypes_backward(lambda *a: library_prototypes_backward(*a)[::-1]))
+    assert "return (dz, dC) in that order" in message
 
 
 def test_batchnorm_backward_wrong_answers():
@@ -252,6 +263,12 @@ def test_conv2d_backward_wrong_answers():
     message = verdict(ex.check_conv2d_backward(swapped_axes))
     assert "dweight has shape (3, 2, 3, 3), the reference (2, 3, 3, 3)" in message
 
+    def padding_kept(dout, x, weight, stride, padding):
+        dx, dweight, dbias = library_conv2d_backward(dout, x, weight, stride, padding)
+        return np.pad(dx, ((0, 0), (0, 0), (padding, padding), (padding, padding))), dweight, dbias
+
+    assert "cut the padding off" in verdict(ex.check_conv2d_backward(padding_kept))
+
 
 def test_deepcluster_grad_wrong_answers():
     message = verdict(ex.check_deepcluster_grad(lambda *a: explicit_deepcluster_grad(*a, count_ignored=True)))
@@ -260,6 +277,15 @@ def test_deepcluster_grad_wrong_answers():
     assert "2 times the reference" in message  # forgot H
     message = verdict(ex.check_deepcluster_grad(lambda *a: -library_deepcluster_grad(*a)))
     assert "-1 times the reference" in message
+
+    def image_major_rows(scores, targets, n_crops, temperature, n_sets):  # np.repeat instead of np.tile
+        y = np.repeat(targets, n_crops)
+        valid = y != IGNORE_INDEX
+        one_hot = np.zeros_like(scores)
+        one_hot[np.flatnonzero(valid), y[valid]] = 1.0
+        return (softmax(scores / temperature) - one_hot) / (temperature * n_sets * valid.sum()) * valid[:, None]
+
+    assert "np.tile(targets, n_crops), not np.repeat" in verdict(ex.check_deepcluster_grad(image_major_rows))
 
 
 # -- the collapse exercise, on stand-in trainers (no training in the tests) ----------------
