@@ -50,7 +50,7 @@ OPTION_HELP = {
     "optimizer": "lars (as SwAV) or sgd",
     "base_lr": "peak learning rate after warm-up",
     "final_lr": "learning rate at the end of the cosine schedule",
-    "warmup_epochs": "epochs of linear warm-up",
+    "warmup_epochs": "epochs of linear warm-up (at most half of --epochs)",
     "start_warmup": "learning rate at the start of the warm-up",
     "weight_decay": "weight decay",
     "momentum": "SGD momentum",

@@ -7,7 +7,7 @@ on ImageNet against SwAV's 75.3%) computes them *offline*:
 1. during epoch ``e`` a **memory bank** keeps the embedding of every training image (one
    per assignment crop), written as the batches go by;
 2. at the start of epoch ``e + 1``, **spherical k-means** clusters the whole bank (one run
-   per prototype set, each from a different crop's bank); the prototypes are *set* to the
+   per prototype set, cycling through the assignment crops' banks); the prototypes are *set* to the
    centroids (they are never trained by gradient: frozen for ever);
 3. the hard cluster of each image is its **target** for the epoch, and the loss is the
    cross-entropy of every crop's scores (divided by the temperature) against it.
@@ -142,7 +142,7 @@ class MemoryBank:
 
     Parameters
     ----------
-    n_banks : number of assignment crops (2 by default).
+    n_banks : number of assignment crops (2 with the default ``crops_for_assign``).
     size : number of rows, the images seen per epoch (``steps_per_epoch * batch_size``).
     dim : embedding dimension d.
 

@@ -90,13 +90,14 @@ DIVERGENCE_ADVICE = ("Try a lower --base-lr or a longer warm-up (--warmup-epochs
 class TrainConfig:
     """Every setting of a training run (the command line maps onto these one to one).
 
-    Defaults are the digits recipe used by ``swav-ref demo``: a tiny ResNet on 8x8 images,
-    2 crops of 8x8 and 4 of 6x6, 100 prototypes, no queue (the batch of 128 is larger than
-    K). Two departures from the official values were needed on digits, found on the
-    training split only: temperature 0.2 (at 0.1 the first steps, whose predictions are
-    confidently wrong, flatten every prediction and the codes collapse to uniform, loss
-    ln K) and a 128-d embedding with K = 100 > d (so that no embedding can be equidistant
-    from all prototypes). The official ImageNet values are given in comments.
+    Defaults are the digits recipe used by ``swav-ref demo`` (which trains 20 epochs, not
+    the default 100): a tiny ResNet on 8x8 images, 2 crops of 8x8 and 4 of 6x6, 100
+    prototypes, no queue (the batch of 128 is larger than K). Two departures from the
+    official values were needed on digits, found on the training split only: temperature
+    0.2 (at 0.1 the first steps, whose predictions are confidently wrong, flatten every
+    prediction and the codes collapse to uniform, loss ln K) and K = 100 prototypes
+    (official 3000, for 1.28 million images; here 1438) of the official 128-d embedding.
+    The official ImageNet values are given in comments.
     """
 
     method: str = "swav"
@@ -125,7 +126,7 @@ class TrainConfig:
     optimizer: str = "lars"  # or "sgd"
     base_lr: float = 2.0  # official 4.8 at batch 4096 (LARS)
     final_lr: float = 0.001
-    warmup_epochs: int = 2  # official 10
+    warmup_epochs: int = 2  # official 10; capped at half the run (epochs // 2)
     start_warmup: float = 0.0
     weight_decay: float = 1e-6
     momentum: float = 0.9
@@ -419,7 +420,8 @@ class Trainer:
 
         Every draw of a run is a pure function of these numbers: workers never share draws,
         and a resumed run needs no generator state to continue exactly where it stopped.
-        Purposes: 1 augmentation (per step), 2 k-means (per epoch), 3 memory-bank init.
+        Purposes: 1 augmentation (per step), 3 memory-bank init. (Purpose 2, k-means per
+        epoch, is the exception that every worker shares: see ``_cluster_random``.)
         """
         key = [self.config.seed, self.comm.rank, purpose, *counters]
         return Random(np.random.SeedSequence(key), self.xp)

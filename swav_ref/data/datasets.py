@@ -148,7 +148,7 @@ def split_dataset(
        (in data order) are permuted with that generator and the first
        ``round(test_fraction * n_class)`` go to the test set (at least one image of a
        class stays in training). Unlabelled data: one permutation of all indices, the
-       first ``round(test_fraction * N)`` go to the test set;
+       first ``round(test_fraction * N)`` (at least 1, at most N - 1) go to the test set;
     3. both index sets are sorted, so the images keep their original order.
 
     So every class keeps its proportion up to rounding, and the same seed gives the same

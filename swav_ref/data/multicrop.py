@@ -191,8 +191,9 @@ def default_config(
         mirrored 3 is no digit), no blur (one pixel is an eighth of the image), and a
         milder jitter (s = 0.5; only brightness and contrast apply to grey images).
     cifar10 (32x32)
-        the official numbers and scales, sizes 32 and 16 (the same 1:2 ratio as
-        224:96, rounded), jitter s = 0.5 and no blur, as SimCLR does for CIFAR: at 32
+        the official numbers and scales, sizes 32 and 16 (the official 224:96 would give
+        14; 16 halves evenly through resnet18's strides), jitter s = 0.5 and no blur, as
+        SimCLR does for CIFAR: at 32
         pixels a blur of sigma up to 2 removes most of the signal.
     folder
         the official recipe with the large side ``image_size`` and the small one

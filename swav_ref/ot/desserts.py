@@ -123,7 +123,9 @@ def original_sinkhorn(
         \text{repeat: } u \leftarrow P 1;\; P \leftarrow \operatorname{diag}(r / u) P;\;
         P \leftarrow P \operatorname{diag}(c / P^\top 1).
 
-    Beyond :math:`\lambda \approx 354` its :math:`e^{-\lambda M}` overflows (NaN results).
+    Beyond :math:`\lambda \approx 354` the normalising sum of :math:`e^{-\lambda M}` overflows:
+    the plan is all zeros (cost 0, reported as converged), and from :math:`\lambda \approx 355`
+    the results are NaN.
     """
     xp = array_namespace(M, r, c)
     n, m = M.shape

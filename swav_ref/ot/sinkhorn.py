@@ -19,9 +19,11 @@ fitting the rows and the columns in turn:
 Two implementations:
 
 :func:`sinkhorn_knopp`
-    the kernel domain, two matrix-vector products per iteration. Fast, but :math:`e^{-\lambda M}`
-    underflows to zero once :math:`\lambda (M_{ij} - \min M)` exceeds about 745 (float64) or
-    103 (float32); it then raises ``ValueError`` and recommends :func:`sinkhorn_log`.
+    the kernel domain, two matrix-vector products per iteration. Fast, but an entry of
+    :math:`e^{-\lambda M}` underflows to zero once :math:`\lambda (M_{ij} - \min M)` exceeds
+    about 745 (float64) or 103 (float32). Single entries do so silently (the plan is then
+    slightly off there); when a whole row or column of the kernel does, or the scalings
+    overflow, it raises ``ValueError`` and recommends :func:`sinkhorn_log`.
 :func:`sinkhorn_log`
     the log domain, with dual potentials :math:`f, g` and
     :math:`P_{ij} = e^{\lambda (f_i + g_j - M_{ij})}`. It stays finite for any ``lam``, and is

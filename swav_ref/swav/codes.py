@@ -61,9 +61,9 @@ def sinkhorn_codes(
         together with ``allreduce``: the shift before ``exp`` must be identical on every
         worker (see Notes).
     compute_dtype : dtype or None
-        The dtype the iterations run in. ``None`` chooses: the input's dtype, except that a
-        float32 input is iterated in float64 when ``epsilon < FLOAT32_SAFE_EPSILON``
-        (codes are cast back to the input dtype either way).
+        The dtype the iterations run in. ``None`` chooses: float64 for a float64 input;
+        float32 for a float32 or float16 input, or float64 when
+        ``epsilon < FLOAT32_SAFE_EPSILON`` (codes are cast back to the input dtype either way).
 
     Returns
     -------
@@ -102,8 +102,8 @@ def sinkhorn_codes(
 
     *Underflow at small epsilon.* The smallest entry is about :math:`e^{-2/\varepsilon}`;
     when a whole sample column underflows, the official iterations divide 0 by 0. In float32
-    that can happen for epsilon below about 0.015, hence the automatic float64 iterations
-    below ``FLOAT32_SAFE_EPSILON``. They reproduce the official algorithm (in more
+    that can happen for epsilon below about 0.02 (the threshold grows with ln(B K)), hence
+    the automatic float64 iterations below ``FLOAT32_SAFE_EPSILON``. They reproduce the official algorithm (in more
     precision); they are not a different algorithm.
     """
     xp = array_namespace(scores)
