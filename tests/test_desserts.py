@@ -104,3 +104,13 @@ def test_cli_dessert(tmp_path, capsys):
     assert main(["dessert", "--lam", "1000", "--out", str(tmp_path)]) == 0
     assert "plan_lam1000.png" in capsys.readouterr().out
     assert (tmp_path / "cost_vs_lam.png").exists()
+
+
+@pytest.mark.parametrize("lam", [354.0, 400.0])
+def test_the_original_refuses_a_lambda_where_its_kernel_overflows(lam):
+    """Past lambda ~ 354 the original's unshifted kernel sums to inf: it used to return an
+    all-zero plan with cost 0 marked converged (then NaN); now it says so and what to use."""
+    M, r, c = D.dessert_problem()
+    with pytest.raises(ValueError, match=f"at lam = {lam} the sum of exp.*sinkhorn_log"):
+        D.original_sinkhorn(M, r, c, lam)
+    assert np.isfinite(float(D.original_sinkhorn(M, r, c, 300.0).cost))  # below the limit it still runs

@@ -16,6 +16,7 @@ them from the command line needs no display; pass ``ax`` to draw into a notebook
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -123,15 +124,19 @@ def original_sinkhorn(
         \text{repeat: } u \leftarrow P 1;\; P \leftarrow \operatorname{diag}(r / u) P;\;
         P \leftarrow P \operatorname{diag}(c / P^\top 1).
 
-    Beyond :math:`\lambda \approx 354` the normalising sum of :math:`e^{-\lambda M}` overflows:
-    the plan is all zeros (cost 0, reported as converged), and from :math:`\lambda \approx 355`
-    the results are NaN.
+    Beyond :math:`\lambda \approx 354` (on the dessert data) the normalising sum of
+    :math:`e^{-\lambda M}` overflows, which the original did not notice (its plan became
+    all zeros, then NaN); here that raises ``ValueError`` instead.
     """
     xp = array_namespace(M, r, c)
     n, m = M.shape
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         P = xp.exp(-lam * M)
-        P = P / xp.sum(P)
+        total = float(xp.sum(P))  # a host read, as every iteration below makes
+        if not (math.isfinite(total) and total > 0):
+            raise ValueError(f"original_sinkhorn: at lam = {lam} the sum of exp(-lam M) is {total} (it works in "
+                             "the kernel domain with no shift); use swav_ref.ot.sinkhorn_log")
+        P = P / total
         u = xp.zeros(n, dtype=P.dtype)
         errors, changes, it, stopped = [], [], 0, False
         while it < max_iter:
