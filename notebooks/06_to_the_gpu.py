@@ -283,5 +283,7 @@ else:
 
 # %% [markdown]
 # Over several GPUs the same code runs data-parallel under MPI: `mpiexec -n 4 swav-ref
-# train --backend cupy ...`, with CuPy arrays passed to a CUDA-aware MPI directly or staged
-# through host memory (page *Data-parallel training over MPI*).
+# train --backend cupy ...`. Each process takes the GPU of its rank on the machine
+# (`swav_ref.backend.use_device_for_local_rank`, called by the trainer before it allocates
+# anything), and CuPy arrays are passed to a CUDA-aware MPI directly or staged through host
+# memory (page *Data-parallel training over MPI*).
