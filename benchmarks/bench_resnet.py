@@ -425,6 +425,7 @@ def main(argv=None) -> dict | None:
         "what": "one SGD training step (forward, linear head + cross-entropy, backward, optimiser), float32",
         "backend": args.backend,
         "fused_kernels": fused.applies(xp, xp.float32),  # CuPy: the kernels of swav_ref.fused
+        "tf32": args.tf32,
         "precision": "TF32 allowed in both" if args.tf32 else "true float32 in both (TF32 off)",
         "quick": args.quick,
         "threads": threads,

@@ -166,7 +166,7 @@ def read_resnet(data: dict, path: Path, results_dir: Path) -> list[Row]:
     if gpu:
         sides += f" ({data.get('precision', OLD_GPU_PRECISION)})"
     command = "python benchmarks/bench_resnet.py" + (" --backend cupy" if gpu else "")
-    if data.get("precision", "").startswith("TF32"):
+    if data.get("tf32"):
         command += " --tf32"
     rows = []
     for name, c in data.get("cases", {}).items():

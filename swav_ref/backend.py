@@ -265,16 +265,20 @@ def use_device_for_local_rank(xp: types.ModuleType, local_rank: int, local_size:
     CuPy allocates on the current device, GPU 0 unless told otherwise, so without this
     every MPI rank on a machine would share GPU 0 while the others sat idle. Call it before
     the first allocation. ``local_rank`` is the process's place among the ranks on its
-    machine (:attr:`swav_ref.distributed.MPICommunicator.local_rank`). Where the launcher
-    already gives each rank one GPU (``CUDA_VISIBLE_DEVICES`` per rank, as some Slurm setups
-    do), each process sees a single device and this picks it. More ranks than GPUs on a
-    machine still works, several ranks to a GPU, with a warning.
+    machine (:attr:`swav_ref.distributed.MPICommunicator.local_rank`). A process alone on
+    its machine (``local_size == 1``) keeps whatever device is current, so a single run
+    stays on the GPU its user chose. Where the launcher already gives each rank one GPU
+    (``CUDA_VISIBLE_DEVICES`` per rank, as Slurm's ``--gpus-per-task=1`` does), each
+    process sees a single device and this picks it. More ranks than the GPUs they see
+    still works, several ranks to a GPU, with a warning (from the first local rank).
     """
     if not is_cupy(xp):
         return None
+    if local_size == 1:
+        return xp.cuda.Device().id
     n_devices = xp.cuda.runtime.getDeviceCount()
-    if local_size > n_devices and local_rank == 0:
-        warnings.warn(f"{local_size} processes share the {n_devices} GPU(s) of this machine, so several "
+    if 1 < n_devices < local_size and local_rank == 0:  # one device seen: the launcher pinned it
+        warnings.warn(f"{local_size} processes share the {n_devices} GPUs of this machine, so several "
                       "run on one GPU; start at most one process per GPU", RuntimeWarning, stacklevel=2)
     device = local_rank % n_devices
     xp.cuda.Device(device).use()

@@ -158,7 +158,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if not Path(args.resume).is_file():
             raise UserError(f"--resume {args.resume}: no such checkpoint file")
-        load_checkpoint(args.resume)  # a corrupt file is refused before --out-dir is made
+        if comm.is_root:  # a corrupt file is refused before --out-dir is made (the others wait)
+            load_checkpoint(args.resume)
     if comm.is_root:
         print(comm.describe())
     trainer = Trainer(config, comm=comm)

@@ -439,9 +439,9 @@ def check_deepcluster_grad(my_deepcluster_grad: Answer) -> CheckResult:
     for t in targets:
         t[1] = IGNORE_INDEX
     _, reference = deepcluster_loss(scores, targets, n_crops, temperature)
-    ignored = np.tile(targets[0] == IGNORE_INDEX, n_crops)
     comparisons = []
     for h in range(2):
+        ignored = np.tile(targets[h] == IGNORE_INDEX, n_crops)  # crop v of image n is row v B + n
         grad, failed = _run(my_deepcluster_grad, scores[h], targets[h], n_crops, temperature, 2)
         if failed:
             return failed

@@ -42,6 +42,7 @@ from swav_ref.evaluate import (
     results_table,
     save_results_json,
 )
+from swav_ref.swav.head import normalize_prototypes
 from swav_ref.train import TrainConfig, Trainer
 
 METHOD_NAMES = {"swav": "SwAV", "deepcluster-v2": "DeepCluster-v2", "supervised": "supervised"}
@@ -173,18 +174,17 @@ def prototype_assignments(trainer: Trainer, images: Any) -> Any:
     """The most similar prototype of each image (eval mode, first prototype set), on the host.
 
     Similar by cosine: the prototypes are unit vectors at the start of each training step,
-    but the last step's update has moved them off the sphere, so the scores are divided by
-    the prototypes' norms here (the model itself is left as it is)."""
+    but the last step's update has moved them off the sphere, so they are re-normalised
+    here, in a copy (the model itself is left as it is)."""
     xp = trainer.xp
     model = trainer.model
     was_training = model.backbone.training
     model.eval()
     try:
         feats = trainer.features(images)
-        _, scores = model.head.forward(feats)
-        weight = model.head.prototype_weight(0)  # (K, d)
-        norms = xp.sqrt(xp.sum(weight * weight, axis=1))
-        return to_numpy(xp.argmax(scores[0] / norms, axis=1))
+        embedding, _ = model.head.forward(feats)  # (N, d), unit rows
+        prototypes = normalize_prototypes(model.head.prototype_weight(0))  # (K, d), unit rows
+        return to_numpy(xp.argmax(embedding @ prototypes.T, axis=1))
     finally:
         if was_training:
             model.train()

@@ -587,8 +587,9 @@ class Trainer:
     def _flush_log(self, epoch: int, bar: Any) -> None:
         """The logging boundary: bring the pending metrics to the host, check them.
 
-        The pending losses travel together: one device-to-host copy and, under MPI, one
-        all-reduce per flush rather than one per step.
+        The pending losses travel together (one device-to-host copy and, under MPI, one
+        all-reduce per flush rather than one per step), and so do this worker's code
+        statistics (a second copy).
         """
         xp = self.xp
         losses = xp.stack([xp.reshape(loss, ()) for _, loss, _ in self._pending])

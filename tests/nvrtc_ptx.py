@@ -26,7 +26,8 @@ def load_nvrtc() -> ctypes.CDLL | None:
         except ImportError:
             continue
         for folder in folders:
-            found = sorted((Path(folder) / "lib").glob("libnvrtc.so*")) + sorted((Path(folder) / "bin").glob("nvrtc64*.dll"))
+            found = [f for f in sorted((Path(folder) / "lib").glob("libnvrtc.so*"))
+                     + sorted((Path(folder) / "bin").glob("nvrtc64*.dll")) if ".alt." not in f.name]
             if found:
                 return ctypes.CDLL(str(found[0]))
     return None
@@ -34,13 +35,6 @@ def load_nvrtc() -> ctypes.CDLL | None:
 
 class NvrtcError(RuntimeError):
     """A compile that failed, with NVRTC's log."""
-
-
-def version(nvrtc: ctypes.CDLL) -> tuple[int, int]:
-    """NVRTC's (major, minor) version."""
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    nvrtc.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
-    return major.value, minor.value
 
 
 def compile_cuda(nvrtc: ctypes.CDLL, source: str, name: str, options: list[str]) -> tuple[str, str, int]:

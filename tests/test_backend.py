@@ -148,12 +148,12 @@ class _FakeCupy:
 
     __name__ = "cupy"
 
-    def __init__(self, n_devices: int):
+    def __init__(self, n_devices: int, current: int = 0):
         used = self.used = []
 
         class Device:
-            def __init__(self, number):
-                self.number = number
+            def __init__(self, number=None):
+                self.number = self.id = current if number is None else number
 
             def use(self):
                 used.append(self.number)
@@ -164,15 +164,23 @@ class _FakeCupy:
 
 def test_each_local_rank_takes_its_own_gpu():
     """Under MPI, ranks 0..3 of a 4-GPU machine take GPUs 0..3 (not all GPU 0); a launcher
-    that gives each rank one visible GPU leaves each rank device 0; more ranks than GPUs
-    wrap around, with a warning from the first local rank only."""
+    that gives each rank one visible GPU leaves each rank device 0, silently; a process
+    alone keeps the device its user chose; more ranks than GPUs wrap around, with a warning
+    from the first local rank only."""
+    import warnings
+
     assert B.use_device_for_local_rank(np, 3, 4) is None  # the CPU has no device to choose
     for local_rank in range(4):
         fake = _FakeCupy(4)
         assert B.use_device_for_local_rank(fake, local_rank, 4) == local_rank
         assert fake.used == [local_rank]
-    one_visible = _FakeCupy(1)
-    assert B.use_device_for_local_rank(one_visible, 3, 4) == 0 and one_visible.used == [0]
-    with pytest.warns(RuntimeWarning, match="6 processes share the 4 GPU"):
+    alone = _FakeCupy(4, current=2)
+    assert B.use_device_for_local_rank(alone, 0, 1) == 2 and alone.used == []
+    with pytest.warns(RuntimeWarning, match="6 processes share the 4 GPUs"):
         assert B.use_device_for_local_rank(_FakeCupy(4), 0, 6) == 0
-    assert B.use_device_for_local_rank(_FakeCupy(4), 5, 6) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert B.use_device_for_local_rank(_FakeCupy(4), 5, 6) == 1  # the warning came from rank 0
+        for local_rank in range(4):  # Slurm --gpus-per-task=1: each rank sees its own GPU as 0
+            one_visible = _FakeCupy(1)
+            assert B.use_device_for_local_rank(one_visible, local_rank, 4) == 0 and one_visible.used == [0]

@@ -174,7 +174,8 @@ def test_gpu_network_rows_say_how_each_side_computed(report, tmp_path):
                                     ("TF32 allowed in both", "--backend cupy --tf32"), (None, "--backend cupy")):
         d = tmp_path / str(precision)
         d.mkdir()
-        extra = {} if precision is None else {"precision": precision, "fused_kernels": True}
+        extra = {} if precision is None else {"precision": precision, "tf32": precision.startswith("TF32"),
+                                              "fused_kernels": True}
         write(d / "bench_resnet_cupy.json", {"backend": "cupy", "cases": case, **extra})
         (row,) = report.collect_rows(d)
         assert f"({precision or report.OLD_GPU_PRECISION})" in row.what and row.command.endswith(command_ends)
