@@ -21,7 +21,14 @@
 5. the host time of one launch and of one view, ours against torch's;
 6. BatchNorm's per-channel sums of products: our batched matmul against ``sum(a * b)``;
 7. a full SwAV training step (2x32 + 6x16 crops, augmentation on the GPU, resnet18,
-   LARS), images per second, fused kernels against the plain CuPy code.
+   LARS), images per second, fused kernels against the plain CuPy code;
+8. a probe for the next step, CUDA graphs: the resnet18 step (batch 256 and the host
+   floor's 8, TF32 off) recorded once by stream capture and replayed, against the same
+   step issued op by op and against torch. A replay costs the host one launch, so it
+   times the device's work alone: if it is much faster than the eager step, the host is
+   the limit and graphs would pay (the training loop would then need the learning rate
+   in device memory, as a kernel argument is frozen into the graph, and a memory pool
+   safe under capture); if not, the device's kernels are.
 
 Every case records ``ours_ms`` and the peer's time (``torch_ms``, or ``peer_ms`` with
 the peer named in ``what``), medians of interleaved rounds (``bench_loss.median_times``).
@@ -223,6 +230,49 @@ def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
     return out
 
 
+def replayable(s: Setup, step):
+    """``step`` recorded once as a CUDA graph (CuPy stream capture, on a stream of its own)
+    and returned as a function that replays it and waits for it; on the CPU, ``step``
+    itself, so that the rehearsal runs the case's plumbing. The step must not read the
+    device from the host (ours and bench_resnet's do not, by design).
+
+    A probe, not a training loop: the replay writes to the addresses the capture used,
+    which nothing else uses while the benchmark runs."""
+    if s.device != "cuda":
+        return step
+    stream = s.xp.cuda.Stream(non_blocking=True)
+    with stream:
+        step()  # warm on this stream: kernels compiled, memory pooled for this stream
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            step()
+        finally:
+            graph = stream.end_capture()
+
+    def replay():
+        graph.launch(stream=stream)
+        stream.synchronize()
+    return replay
+
+
+def bench_graph_replay(s: Setup, size: dict, repeats: int) -> dict:
+    """The resnet18 step eager and replayed from a CUDA graph, TF32 off (see item 8 of
+    the module notes)."""
+    out = {}
+    s.precision(False)
+    for batch in (size["images"], size["floor_images"]):
+        ours, _, peer = resnet18_steps(s, batch)
+        replay = replayable(s, ours)
+        t = median_times({"eager": ours, "graph": replay, "torch": peer}, repeats, s.sync)
+        rehearsal = "" if s.device == "cuda" else " (CPU rehearsal: no graph, the step itself)"
+        key = f"resnet18_cifar_step_b{batch}_graph_replay"
+        out[key] = _case(f"resnet18 training step, batch {batch}, TF32 off, replayed from a CUDA graph: ours vs "
+                         f"torch{rehearsal}", t["graph"], t["torch"], eager_ms=1e3 * t["eager"],
+                         graph_over_eager=t["graph"] / t["eager"])
+    return out
+
+
 def bench_host_floor(s: Setup, size: dict, repeats: int) -> dict:
     """The resnet18 step on a tiny batch, where the device has almost nothing to do: the
     time is then the host's, issuing launches (divide by ``bench_launches.py``'s count of
@@ -354,7 +404,8 @@ def main(argv=None) -> dict:
               "cases": {}}
     for name, fn in [("sinkhorn_and_loss", bench_sinkhorn_and_loss), ("resnet18", bench_resnet18_step),
                      ("host_floor", bench_host_floor), ("launch_overhead", bench_launch_overhead),
-                     ("row_dot", bench_row_dot), ("swav_step", bench_swav_step)]:
+                     ("row_dot", bench_row_dot), ("swav_step", bench_swav_step),
+                     ("graph_replay", bench_graph_replay)]:
         try:
             result["cases"].update(fn(s, size, args.repeats))
         except Exception as exc:  # record and go on: one failing case must not hide the others

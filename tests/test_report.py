@@ -201,7 +201,9 @@ def test_bench_gpu_rehearsal_feeds_the_report(report, tmp_path):
     assert not errors, errors
     assert {"sinkhorn_B64_K30", "resnet18_cifar_step_b8_fp32", "resnet18_cifar_step_b8_fp32_plain",
             "resnet18_cifar_step_b8_tf32", "resnet18_cifar_step_b2_host_floor", "launch_overhead_add",
-            "launch_overhead_view", "bn_row_dot_C64_M8192", "swav_step_resnet18_2x32+6x16_b8"} <= set(data["cases"])
+            "launch_overhead_view", "bn_row_dot_C64_M8192", "swav_step_resnet18_2x32+6x16_b8",
+            "resnet18_cifar_step_b8_graph_replay", "resnet18_cifar_step_b2_graph_replay"} <= set(data["cases"])
+    assert data["cases"]["resnet18_cifar_step_b8_graph_replay"]["eager_ms"] > 0
     for mode in ("fp32", "tf32"):
         profile = data["cases"][f"resnet18_cifar_step_b8_{mode}"]["profile_ms"]
         assert {"im2col", "BatchNorm backward", "dX GEMM (in conv backward)", "optimiser step"} <= set(profile)
