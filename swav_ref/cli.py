@@ -147,7 +147,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from swav_ref import plots
     from swav_ref.checkpoint import load_checkpoint
     from swav_ref.distributed import get_communicator, install_abort_on_exception
-    from swav_ref.experiment import METHOD_NAMES, evaluate_trainer
+    from swav_ref.experiment import METHOD_NAMES, check_evaluable, evaluate_trainer
     from swav_ref.evaluate import format_results, results_table
     from swav_ref.train import Trainer
 
@@ -163,6 +163,12 @@ def _run_train(args: argparse.Namespace) -> int:
     if comm.is_root:
         print(comm.describe())
     trainer = Trainer(config, comm=comm)
+    evaluate = args.evaluate and trainer.test_set is not None and trainer.test_set.has_labels
+    if evaluate and comm.is_root:
+        try:  # before training, not after it
+            check_evaluable(trainer.train_set, trainer.test_set)
+        except ValueError as exc:
+            raise UserError(f"{exc}; or pass --no-evaluate to train without the evaluation") from exc
     trainer.fit(resume=args.resume)
     if not comm.is_root:
         return 0
@@ -172,7 +178,7 @@ def _run_train(args: argparse.Namespace) -> int:
         fig = plots.training_curves(steps, None if config.method == "supervised" else config.n_prototypes[0])
         fig.savefig(out / "training_curves.png", dpi=110)
     print(f"checkpoint: {out / 'checkpoint.npz'}\nmetrics:    {out / 'metrics.jsonl'}")
-    if args.evaluate and trainer.test_set is not None and trainer.test_set.has_labels:
+    if evaluate:
         row = {"method": METHOD_NAMES[config.method], **evaluate_trainer(trainer, config.seed)}
         print(format_results(results_table([row])))
     return 0
@@ -199,7 +205,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from swav_ref.backend import BackendUnavailableError, get_backend
     from swav_ref.checkpoint import load_checkpoint
     from swav_ref.evaluate import format_results, results_table, save_results_json
-    from swav_ref.experiment import METHOD_NAMES, evaluate_raw_pixels, evaluate_trainer
+    from swav_ref.experiment import METHOD_NAMES, check_evaluable, evaluate_raw_pixels, evaluate_trainer
     from swav_ref.train import Trainer
 
     _, meta = load_checkpoint(args.checkpoint)
@@ -236,6 +242,10 @@ def _run_eval(args: argparse.Namespace) -> int:
                             f"{trainer.config.data_dir}) has no labels, so there is nothing to score against: "
                             "evaluation needs one sub-folder per class (DATA_DIR/<class>/<image>); "
                             "pass such a folder with --data-dir")
+        try:
+            check_evaluable(train, test)
+        except ValueError as exc:
+            raise UserError(f"cannot evaluate {args.checkpoint}: {exc}") from exc
         rows = [{"method": "raw pixels", **evaluate_raw_pixels(trainer)}]
         trainer.load(args.checkpoint)
         rows.append({"method": f"{METHOD_NAMES[config.method]} (step {trainer.step})", **evaluate_trainer(trainer)})

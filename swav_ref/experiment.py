@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from swav_ref import plots
 from swav_ref.backend import to_numpy
 from swav_ref.data.datasets import load_dataset
@@ -51,14 +53,31 @@ METHOD_NAMES = {"swav": "SwAV", "deepcluster-v2": "DeepCluster-v2", "supervised"
 Results = dict[str, LinearProbeResult | KNNResult]
 
 
-def _labelled_splits(trainer: Trainer):
-    """The trainer's ``(train, test)`` splits, or a ValueError if either has no labels."""
-    train, test = trainer.train_set, trainer.test_set
+def check_evaluable(train: Any, test: Any) -> None:
+    """Raise ValueError, saying why, unless the linear probe and kNN can score these splits:
+    both labelled, at least 2 classes, and at least 2 training images of every class (the
+    probe chooses its regularisation by stratified cross-validation). Cheap: call it before
+    training, so a run does not fail only at its evaluation."""
     for split in (train, test):
         if split is None or not split.has_labels:
             name = "the test split" if split is None else split.name
             raise ValueError(f"evaluation needs labelled train and test splits, but {name} has no labels "
                              "(e.g. a flat image folder); put the images in one sub-folder per class")
+    classes, counts = np.unique(train.labels, return_counts=True)
+    if classes.size < 2:
+        raise ValueError(f"{train.name} has {classes.size} class ({', '.join(train.class_names) or 'unnamed'}); "
+                         "a classifier needs 2 or more (one sub-folder per class, not one folder for all)")
+    if counts.min() < 2:
+        rare = classes[counts < 2]
+        names = [train.class_names[int(c)] if int(c) < len(train.class_names) else str(int(c)) for c in rare]
+        raise ValueError(f"{train.name}: class {', '.join(names)} has a single training image; the linear probe's "
+                         "cross-validation needs 2 or more per class")
+
+
+def _labelled_splits(trainer: Trainer):
+    """The trainer's ``(train, test)`` splits, checked by :func:`check_evaluable`."""
+    train, test = trainer.train_set, trainer.test_set
+    check_evaluable(train, test)
     return train, test
 
 

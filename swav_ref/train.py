@@ -162,6 +162,10 @@ class TrainConfig:
                 self._refuse(name, f"choose one of {', '.join(allowed)}")
         if self.dataset != "digits" and self.data_dir is None:
             self._refuse("dataset", "needs --data-dir, the folder holding the data")
+        if self.dataset == "digits" and self.data_dir is not None:
+            self._refuse("data_dir", "the digits are embedded (scikit-learn); --data-dir applies to cifar10 and folder")
+        if self.image_size and self.dataset != "folder":
+            self._refuse("image_size", "applies to --dataset folder only (digits are 8x8, CIFAR-10 32x32)")
         if self.tf32 and self.backend != "cupy":
             self._refuse("backend", "--tf32 applies to the cupy backend only (CPUs have no TF32 arithmetic)")
 
@@ -309,7 +313,7 @@ class Trainer:
         if train_set is None:
             train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size or None, seed=0)
         self.train_set, self.test_set = train_set, test_set
-        self.mean, self.std = channel_stats(train_set.images)
+        self.mean, self.std = self._normalisation(train_set)
         self.steps_per_epoch = len(train_set) // (cfg.batch_size * self.comm.size)
         self._check_fits_the_data()
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -357,6 +361,18 @@ class Trainer:
                 f"(batch {cfg.batch_size} x {workers} workers + queue {cfg.queue_length}): the equal partition "
                 "gives each prototype less than one sample per batch; use a queue (--queue-length) or fewer "
                 "prototypes", stacklevel=3)
+
+    @staticmethod
+    def _normalisation(train_set: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The training images' per-channel mean and std, for the crops' normalisation. A
+        channel that is constant over the whole set (a red-only stain saved as RGB, blank
+        images) has std 0: it is centred but not scaled (std 1), with a warning."""
+        mean, std = channel_stats(train_set.images)
+        constant = [c for c, s in enumerate(std) if s == 0.0]
+        if constant:
+            warnings.warn(f"{train_set.name}: channel {', '.join(map(str, constant))} is the same in every training "
+                          "image (standard deviation 0); it is centred but not scaled", stacklevel=3)
+        return mean, tuple(s if s > 0.0 else 1.0 for s in std)
 
     def _multicrop_config(self) -> MultiCropConfig:
         """The data set's augmentation recipe (flip, jitter, blur suited to its images:

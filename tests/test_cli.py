@@ -77,6 +77,8 @@ def test_train_then_eval_on_an_image_folder(tmp_path, capsys):
     (["demo", "--epochs", "0"], "--epochs 0: must be at least 1"),
     (["dessert", "--lam", "0"], "--lam 0.0: the regularisation strength must be a positive number"),
     (["train", "--resume", "/nonexistent/checkpoint.npz"], "--resume /nonexistent/checkpoint.npz: no such"),
+    (["train", "--data-dir", "/tmp"], "--data-dir /tmp: the digits are embedded"),
+    (["train", "--image-size", "32"], "--image-size 32: applies to --dataset folder only"),
     # settings that do not fit the data, refused before the first step
     (["train", "--batch-size", "5000"], "the training set has 1438 images, fewer than one global batch"),
     (["train", "--queue-length", "100"], "--queue-length 100: queue_length=100 is not a multiple"),
@@ -105,6 +107,30 @@ def test_a_corrupt_resume_file_is_refused_before_the_out_dir_is_made(tmp_path, c
     assert main(["train", "--resume", str(tmp_path / "checkpoint.npz"), "--out-dir", str(out)]) == 2
     assert "checkpoint.npz" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("one_class", "has 1 class (all); a classifier needs 2 or more"),
+    ("single_image_class", "class b has a single training image"),
+])
+def test_data_that_cannot_be_evaluated_is_refused_before_training(layout, message, tmp_path, capsys):
+    """Evaluation needs 2 classes and 2 training images of each; the run is refused up front
+    (not after the training, as before), and --no-evaluate trains anyway."""
+    sizes = [(8, 8)] * 16
+    if layout == "one_class":
+        _write_images(tmp_path / "images" / "all", sizes, labelled=False)
+    else:
+        _write_images(tmp_path / "images" / "a", sizes, labelled=False)
+        _write_images(tmp_path / "images" / "b", sizes[:1], labelled=False)
+    argv = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "images"), *SMALL_RUN]
+    argv.remove("--no-evaluate")
+    assert main([*argv, "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "--no-evaluate" in err
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()  # no training happened
+    assert main([*argv, "--no-evaluate", "--out-dir", str(tmp_path / "run")]) == 0
+    assert main(["eval", str(tmp_path / "run" / "checkpoint.npz"), "--out", str(tmp_path / "e.json")]) == 2
+    assert message in capsys.readouterr().err
 
 
 def _write_images(folder, sizes, labelled=True):

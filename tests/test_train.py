@@ -241,3 +241,21 @@ def test_prototype_assignments_pick_the_prototype_of_largest_cosine(tiny, tmp_pa
     np.testing.assert_array_equal(got, by_cosine)
     assert np.mean(np.argmax(embeddings @ before.T, axis=1) != by_cosine) > 0.5
     np.testing.assert_array_equal(trainer.model.head.prototype_weight(0), before)
+
+
+def test_a_constant_channel_is_centred_not_scaled(tmp_path):
+    """A channel that never changes (std 0) used to fail the crops' config with a traceback;
+    it is now centred only (std 1), with a warning naming it, and training runs."""
+    from swav_ref.data.datasets import ImageDataset
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(40, 3, 8, 8), dtype=np.uint8)
+    images[:, 1] = 7  # e.g. a red-only stain saved as RGB
+    data = ImageDataset(images, rng.integers(0, 2, size=40), ("a", "b"), "stained")
+    with pytest.warns(UserWarning, match="stained: channel 1 is the same in every training image"):
+        trainer = Trainer(small_config(tmp_path, epochs=1, batch_size=8, n_prototypes=(4,), dataset="folder",
+                                       data_dir=str(tmp_path)),
+                          train_set=data, test_set=data)
+    assert trainer.std[1] == 1.0 and trainer.std[0] > 0 and trainer.mean[1] == pytest.approx(7 / 255)
+    trainer.fit()
+    assert np.isfinite(trainer.log.steps()[-1]["loss"])
