@@ -6,6 +6,8 @@ Every test builds its own tiny data in tmp_path: nothing is downloaded.
 from __future__ import annotations
 
 import io
+import os
+import warnings
 
 import numpy as np
 import pytest
@@ -40,6 +42,17 @@ def make_cifar(root, n_per_file=3, seed=0):
 def save_png(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
+
+
+def save_image(path, picture, **options):
+    """Save a Pillow image (any mode, any format Pillow picks from the name)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, **options)
+    return path
+
+
+#: The tiny CIFAR files built here hold a few records, not the real 10000 per file.
+small_cifar = pytest.mark.filterwarnings(r"ignore:CIFAR-10 file .* holds \d+ records:UserWarning")
 
 
 # -- ImageDataset and splits -------------------------------------------------------------
@@ -123,6 +136,14 @@ def test_split_keeps_original_order_and_handles_unlabelled():
         D.split_dataset(ImageDataset(images=images), test_fraction=1.0)
 
 
+@pytest.mark.parametrize("n", [0, 1])
+def test_split_of_too_few_images_is_a_dataset_error(n):
+    # a DatasetError (which the command line reports) rather than a bare ValueError
+    ds = ImageDataset(images=np.zeros((n, 1, 2, 2), dtype=np.uint8), name="tiny")
+    with pytest.raises(DatasetError, match=f"tiny: cannot split {n} image.*at least 2 images"):
+        D.split_dataset(ds)
+
+
 def test_split_keeps_one_training_image_per_class():
     images = np.zeros((3, 1, 2, 2), dtype=np.uint8)
     ds = ImageDataset(images=images, labels=[0, 1, 1], class_names=("a", "b"))
@@ -142,6 +163,7 @@ def test_channel_stats_match_float_computation():
 
 
 # -- CIFAR-10 ----------------------------------------------------------------------------
+@small_cifar
 @pytest.mark.parametrize("point_at", ["parent", "folder"])
 def test_cifar10_reads_records(tmp_path, point_at):
     folder, written = make_cifar(tmp_path)
@@ -153,6 +175,7 @@ def test_cifar10_reads_records(tmp_path, point_at):
     assert train.class_names == D.CIFAR10_CLASSES
 
 
+@small_cifar
 def test_cifar10_pixel_layout_is_channel_planes(tmp_path):
     # one record whose red plane is 1, green 2, blue 3, with pixel (0, 1) of red = 9
     record = np.concatenate([[7], np.full(1024, 1), np.full(1024, 2), np.full(1024, 3)]).astype(np.uint8)
@@ -187,6 +210,23 @@ def test_cifar10_truncated_file(tmp_path):
         D.load_cifar10(tmp_path)
 
 
+def test_cifar10_file_cut_at_a_record_boundary_warns(tmp_path, monkeypatch):
+    # real files hold 10000 records; pretend that is 3 so the test files stay tiny
+    assert D._CIFAR_RECORDS_PER_FILE == 10000
+    monkeypatch.setattr(D, "_CIFAR_RECORDS_PER_FILE", 3)
+    folder, written = make_cifar(tmp_path)
+    images, labels = written["data_batch_4.bin"]
+    write_cifar_file(folder / "data_batch_4.bin", images[:2], labels[:2])  # a valid size, one image short
+    with pytest.warns(UserWarning) as record:
+        train, _ = D.load_cifar10(tmp_path)
+    assert len(train) == 14
+    assert [str(w.message) for w in record] == [
+        f"CIFAR-10 file {folder / 'data_batch_4.bin'} holds 2 records, but every file of the real data "
+        "set holds 3; it may be truncated at a record boundary"
+    ]
+    assert record[0].filename == __file__  # points at the caller, not at the library
+
+
 def test_cifar10_bad_label(tmp_path):
     folder, written = make_cifar(tmp_path)
     images, labels = written["data_batch_2.bin"]
@@ -213,8 +253,9 @@ def test_folder_with_classes(tmp_path):
             array = rng.integers(0, 256, (5, 4, 3), dtype=np.uint8)  # H=5, W=4, RGB
             save_png(tmp_path / cls / f"{i}.png", array)
             pictures[(cls, i)] = array
-    (tmp_path / "cat" / "notes.txt").write_text("not an image")  # skipped
-    ds = D.load_image_folder(tmp_path)
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")  # skipped, with a warning
+    with pytest.warns(UserWarning, match=r"skipped 1 file that is not an image of a known type: \.txt x1"):
+        ds = D.load_image_folder(tmp_path)
     assert ds.class_names == ("cat", "dog")  # sorted
     assert ds.images.shape == (5, 3, 5, 4)
     np.testing.assert_array_equal(ds.labels, [0, 0, 0, 1, 1])
@@ -282,7 +323,133 @@ def test_folder_errors(tmp_path):
         D.load_image_folder(tmp_path)
 
 
+def test_folder_applies_exif_orientation(tmp_path):
+    # stored 32 wide x 16 high, left half black; orientation 6 says "turn 90 degrees clockwise
+    # to view", which puts the stored left half on top of a 16 wide x 32 high picture
+    stored = np.zeros((16, 32), dtype=np.uint8)
+    stored[:, 16:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    save_image(tmp_path / "phone.jpg", Image.fromarray(stored), exif=exif, quality=95)
+    ds = D.load_image_folder(tmp_path)
+    assert ds.images.shape == (1, 1, 32, 16)
+    upright = ds.images[0, 0].astype(int)
+    assert upright[:14].max() < 40 and upright[18:].min() > 215  # JPEG blurs the edge a little
+
+
+def test_folder_reads_jpeg_aliases_and_warns_about_the_rest(tmp_path):
+    for i, name in enumerate(["a.jfif", "b.JPE", "c.png"]):
+        save_image(tmp_path / name, Image.fromarray(np.full((8, 8), 50 * i, dtype=np.uint8)), format="PNG" if i == 2 else "JPEG")
+    for name in ["x.heic", "y.heic", "notes.txt"]:
+        (tmp_path / name).write_bytes(b"not readable here")
+    # hidden files and OS metadata stay silent (and __MACOSX does not make the folder labelled)
+    (tmp_path / ".DS_Store").write_bytes(b"")
+    (tmp_path / "Thumbs.db").write_bytes(b"")
+    (tmp_path / "__MACOSX").mkdir()
+    (tmp_path / "__MACOSX" / "._a.jfif").write_bytes(b"")
+    with pytest.warns(UserWarning) as record:
+        ds = D.load_image_folder(tmp_path)
+    assert ds.images.shape == (3, 1, 8, 8) and ds.labels is None
+    assert [str(w.message) for w in record] == [
+        f"skipped 3 files that are not images of a known type: .heic x2, .txt x1 (in {tmp_path})"
+    ]
+
+
+def test_folder_of_only_images_and_hidden_files_is_silent(tmp_path):
+    save_png(tmp_path / "cat" / "a.png", np.zeros((2, 2), dtype=np.uint8))
+    (tmp_path / "cat" / ".DS_Store").write_bytes(b"")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = D.load_image_folder(tmp_path)
+    assert ds.class_names == ("cat",)
+
+
+def test_class_folders_are_read_recursively(tmp_path):
+    save_png(tmp_path / "cat" / "b.png", np.full((2, 2), 1, dtype=np.uint8))
+    save_png(tmp_path / "cat" / "2019" / "x.png", np.full((2, 2), 2, dtype=np.uint8))
+    save_png(tmp_path / "cat" / "2019" / "deeper" / "y.png", np.full((2, 2), 3, dtype=np.uint8))
+    save_png(tmp_path / "cat" / ".thumbnails" / "z.png", np.full((2, 2), 99, dtype=np.uint8))  # hidden
+    save_png(tmp_path / "dog" / "2020" / "a.png", np.full((2, 2), 4, dtype=np.uint8))  # only nested
+    ds = D.load_image_folder(tmp_path)
+    assert ds.class_names == ("cat", "dog")
+    # a folder's own images first, then each sub-folder's in name order
+    np.testing.assert_array_equal(ds.images[:, 0, 0, 0], [1, 2, 3, 4])
+    np.testing.assert_array_equal(ds.labels, [0, 0, 0, 1])
+
+
+def make_link(link, target, target_is_directory=False):
+    try:
+        os.symlink(target, link, target_is_directory=target_is_directory)
+    except (OSError, NotImplementedError) as exc:
+        pytest.skip(f"cannot make symbolic links here: {exc}")
+
+
+def test_broken_link_with_an_image_name_is_an_error(tmp_path):
+    save_png(tmp_path / "cat" / "a.png", np.zeros((2, 2), dtype=np.uint8))
+    make_link(tmp_path / "cat" / "gone.png", tmp_path / "elsewhere" / "gone.png")
+    with pytest.raises(DatasetError, match=r"broken link .*cat.gone\.png -> .*elsewhere"):
+        D.load_image_folder(tmp_path)
+
+
+def test_folder_link_loop_is_an_error(tmp_path):
+    save_png(tmp_path / "cat" / "a.png", np.zeros((2, 2), dtype=np.uint8))
+    make_link(tmp_path / "cat" / "again", tmp_path / "cat", target_is_directory=True)
+    with pytest.raises(DatasetError, match=r"folder link .*again leads back"):
+        D.load_image_folder(tmp_path)
+
+
+def test_transparent_pixels_become_white_in_colour(tmp_path):
+    # transparent red, half-transparent red, opaque blue
+    rgba = np.array([[[255, 0, 0, 0], [255, 0, 0, 128], [0, 0, 255, 255]]], dtype=np.uint8)
+    save_png(tmp_path / "rgba.png", rgba)
+    # a palette image whose entry 0 (red) is transparent, next to opaque green
+    palette = Image.new("P", (3, 1))
+    palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.putdata([0, 1, 1])
+    save_image(tmp_path / "palette.png", palette, transparency=0)
+    ds = D.load_image_folder(tmp_path)
+    assert ds.images.shape == (2, 3, 1, 3)
+    pixels = np.transpose(ds.images, (0, 2, 3, 1))[:, 0]  # (image, x, rgb)
+    np.testing.assert_array_equal(pixels[0], [[255, 255, 255], [0, 255, 0], [0, 255, 0]])  # palette.png
+    np.testing.assert_array_equal(pixels[1], [[255, 255, 255], [255, 127, 127], [0, 0, 255]])  # rgba.png
+
+
+def test_transparent_pixels_become_white_in_greyscale(tmp_path):
+    la = np.array([[[0, 0], [100, 255]]], dtype=np.uint8)  # transparent black, opaque grey
+    save_image(tmp_path / "la.png", Image.fromarray(la, "LA"))
+    save_png(tmp_path / "l.png", np.full((1, 2), 7, dtype=np.uint8))
+    ds = D.load_image_folder(tmp_path)
+    assert ds.images.shape == (2, 1, 1, 2)  # still one channel
+    np.testing.assert_array_equal(ds.images[0, 0, 0], [7, 7])
+    np.testing.assert_array_equal(ds.images[1, 0, 0], [255, 100])
+
+
+@pytest.mark.parametrize("name", ["ramp.png", "ramp.tif"])
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path, name):
+    ramp = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
+    picture = Image.fromarray(ramp)
+    assert picture.mode.startswith("I;16")
+    save_image(tmp_path / name, picture)
+    ds = D.load_image_folder(tmp_path)
+    loaded = ds.images[0, 0].ravel()
+    assert ds.images.shape == (1, 1, 32, 32)
+    np.testing.assert_array_equal(loaded, ramp.ravel() >> 8)  # the high byte
+    assert loaded[0] == 0 and loaded[-1] == 255 and np.all(np.diff(loaded.astype(int)) >= 0)
+    assert len(np.unique(loaded)) == 256
+
+
+@pytest.mark.parametrize(("dtype", "kind"), [(np.float32, "floating-point"), (np.int32, "32-bit integer")])
+def test_32_bit_images_are_refused(tmp_path, dtype, kind):
+    save_png(tmp_path / "fine.png", np.zeros((2, 2), dtype=np.uint8))
+    save_image(tmp_path / "deep.tif", Image.fromarray(np.full((2, 2), 1000, dtype=dtype)))
+    with pytest.raises(DatasetError, match=rf"deep\.tif is a {kind} image .*convert it to an 8- or 16-bit"):
+        D.load_image_folder(tmp_path)
+
+
 # -- by name -----------------------------------------------------------------------------
+@small_cifar
 def test_load_dataset_dispatch(tmp_path):
     train, test = D.load_dataset("digits")
     assert len(train) + len(test) == 1797 and test.name == "digits/test"
@@ -298,3 +465,6 @@ def test_load_dataset_dispatch(tmp_path):
         D.load_dataset("mnist")
     with pytest.raises(ValueError, match="needs data_dir"):
         D.load_dataset("cifar10")
+    save_png(tmp_path / "single" / "only.png", np.zeros((3, 3), dtype=np.uint8))
+    with pytest.raises(DatasetError, match="single: cannot split 1 image"):
+        D.load_dataset("folder", tmp_path / "single")

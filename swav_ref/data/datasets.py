@@ -24,6 +24,8 @@ rather than as a shape error deep inside training.
 from __future__ import annotations
 
 import os
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,10 +52,13 @@ CIFAR10_CLASSES = (
 )  # fmt: skip
 
 #: File name endings read as images by :func:`load_image_folder` (case-insensitive).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (
+    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+)  # fmt: skip
 
 _CIFAR_SIDE = 32
 _CIFAR_RECORD = 1 + 3 * _CIFAR_SIDE * _CIFAR_SIDE  # one label byte + 3072 pixel bytes
+_CIFAR_RECORDS_PER_FILE = 10000  # in every file of the real data set
 _CIFAR_FOLDER = "cifar-10-batches-bin"
 _CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 _CIFAR_TEST_FILE = "test_batch.bin"
@@ -157,13 +162,18 @@ def split_dataset(
     Raises
     ------
     ValueError
-        ``test_fraction`` outside ``(0, 1)``, or fewer than 2 images.
+        ``test_fraction`` outside ``(0, 1)`` (a mistake in the calling code).
+    DatasetError
+        fewer than 2 images (a property of the data, so the command line reports it like any
+        other bad data set; :class:`DatasetError` is a ``ValueError`` too).
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     n = len(dataset)
     if n < 2:
-        raise ValueError(f"{dataset.name}: cannot split {n} image(s) into train and test")
+        raise DatasetError(
+            f"{dataset.name}: cannot split {n} image(s) into train and test; the data set needs at least 2 images"
+        )
     gen = np.random.Generator(np.random.PCG64(seed))
     if dataset.labels is None:
         order = gen.permutation(n)
@@ -292,6 +302,17 @@ def _read_cifar_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(images), labels
 
 
+def _warn_if_not_full(path: Path, n_records: int) -> None:
+    """Warn (pointing at the caller of :func:`load_cifar10`) when a file is not 10000 records."""
+    if n_records != _CIFAR_RECORDS_PER_FILE:
+        warnings.warn(
+            f"CIFAR-10 file {path} holds {n_records} records, but every file of the real data set "
+            f"holds {_CIFAR_RECORDS_PER_FILE}; it may be truncated at a record boundary",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _read_cifar_classes(folder: Path) -> tuple[str, ...]:
     meta = folder / _CIFAR_META_FILE
     if not meta.is_file():
@@ -319,14 +340,24 @@ def load_cifar10(data_dir: str | os.PathLike) -> tuple[ImageDataset, ImageDatase
     DatasetError
         missing folder or file, a file whose size is not a multiple of 3073 bytes, a label
         outside 0..9; the message names the file.
+
+    Warns
+    -----
+    UserWarning
+        for each file that does not hold exactly 10000 records, as every real one does: a
+        file cut at a record boundary has a valid size but lost images. (A warning, not an
+        error, so that small hand-made files in the CIFAR-10 format still load.)
     """
     folder = _cifar_folder(data_dir)
     classes = _read_cifar_classes(folder)
-    parts = [_read_cifar_file(folder / f) for f in _CIFAR_TRAIN_FILES]
-    test_images, test_labels = _read_cifar_file(folder / _CIFAR_TEST_FILE)
+    names = (*_CIFAR_TRAIN_FILES, _CIFAR_TEST_FILE)
+    parts = [_read_cifar_file(folder / name) for name in names]
+    for name, (_, labels) in zip(names, parts):
+        _warn_if_not_full(folder / name, labels.size)
+    *train_parts, (test_images, test_labels) = parts
     train = ImageDataset(
-        images=np.concatenate([p[0] for p in parts]),
-        labels=np.concatenate([p[1] for p in parts]),
+        images=np.concatenate([p[0] for p in train_parts]),
+        labels=np.concatenate([p[1] for p in train_parts]),
         class_names=classes,
         name="cifar10/train",
     )
@@ -335,24 +366,139 @@ def load_cifar10(data_dir: str | os.PathLike) -> tuple[ImageDataset, ImageDatase
 
 
 # -- image folders -----------------------------------------------------------------------
-def _is_image_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+#: Names that operating systems and archivers leave in folders; skipped without a warning,
+#: like hidden names (starting with ".").
+_OS_METADATA = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "$RECYCLE.BIN", "System Volume Information"})
+
+#: Pillow modes of 16-bit greyscale images (scaled to 8 bits when read).
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
+#: Pillow modes with one channel once :func:`_read_image` has normalised an image; a folder
+#: of only these loads as 1-channel images.
+_GREY_MODES = frozenset({"1", "L"})
+
+
+def _is_ignored(path: Path) -> bool:
+    return path.name.startswith(".") or path.name in _OS_METADATA
+
+
+def _visible_entries(folder: Path) -> list[Path]:
+    """The entries of ``folder`` in sorted name order, less hidden ones and OS metadata."""
+    return sorted(p for p in folder.iterdir() if not _is_ignored(p))
+
+
+def _pick_images(paths: list[Path], skipped: list[Path]) -> list[Path]:
+    """The image files among ``paths`` (no folders), in the given order.
+
+    A path is an image when it names an existing file with an extension in
+    :data:`IMAGE_EXTENSIONS`; the others are appended to ``skipped``. A link with an image
+    name whose target is gone raises :class:`DatasetError`: it was meant to be an image.
+    """
+    images = []
+    for path in paths:
+        is_image_name = path.suffix.lower() in IMAGE_EXTENSIONS
+        if is_image_name and path.is_symlink() and not path.exists():
+            raise DatasetError(f"broken link {path} -> {os.readlink(path)}: its target does not exist")
+        if is_image_name and path.is_file():
+            images.append(path)
+        else:
+            skipped.append(path)
+    return images
+
+
+def _find_images(folder: Path, skipped: list[Path], _outer: frozenset = frozenset()) -> list[Path]:
+    """Every image under ``folder``, sub-folders included, in a fixed order.
+
+    A folder's own images come first (sorted by name), then those of each sub-folder in
+    name order, recursively. Links to folders are followed (as torchvision does); one that
+    leads back into a folder being read raises :class:`DatasetError` instead of looping.
+    """
+    real = folder.resolve()
+    if real in _outer:
+        raise DatasetError(f"folder link {folder} leads back to {real}, which contains it: a loop")
+    entries = _visible_entries(folder)
+    images = _pick_images([p for p in entries if not p.is_dir()], skipped)
+    for sub_folder in (p for p in entries if p.is_dir()):
+        images += _find_images(sub_folder, skipped, _outer | {real})
+    return images
+
+
+def _warn_skipped(skipped: list[Path], root: Path) -> None:
+    """One warning (pointing at the caller of :func:`load_image_folder`) that lists the
+    files left out by extension, e.g. ``.heic x2, .txt x1``, so a folder of unsupported
+    photos does not shrink without a word."""
+    if not skipped:
+        return
+    counts = Counter(p.suffix.lower() or "(no extension)" for p in skipped)
+    summary = ", ".join(f"{ext} x{n}" for ext, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    what = "file that is not an image" if len(skipped) == 1 else "files that are not images"
+    warnings.warn(
+        f"skipped {len(skipped)} {what} of a known type: {summary} (in {root})",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _to_8_bit(picture, path: Path, file_format: str | None):
+    """16-bit greyscale scaled to 8 bits by keeping the high byte; 32-bit modes refused.
+
+    ``v >> 8`` (``floor(v / 256)``) maps 0..65535 onto 0..255, and an 8-bit image widened
+    the usual way (``v * 257``) reads back exactly. Pillow's own conversion would clip every
+    value above 255 to white. Older Pillow opens 16-bit PNGs as mode ``I``; PNG holds no
+    32-bit integers, so ``I`` from a PNG is 16-bit too.
+    """
+    from PIL import Image
+
+    mode = picture.mode
+    if mode in _SIXTEEN_BIT_MODES or (mode == "I" and file_format == "PNG"):
+        values = np.asarray(picture).astype(np.uint32)
+        return Image.fromarray((values >> 8).astype(np.uint8))
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise DatasetError(
+            f"image {path} is a {kind} image (Pillow mode {mode}), whose values have no fixed range "
+            "to map onto 0..255; convert it to an 8- or 16-bit image"
+        )
+    return picture
+
+
+def _flatten_alpha(picture):
+    """An image with transparency composited onto white; others unchanged.
+
+    Transparent pixels become white, as most viewers show them: dropping the alpha channel
+    would instead show whatever colour happens to be stored under a transparent pixel.
+    Greyscale stays greyscale (``LA`` -> ``L``), colour becomes ``RGB``.
+    """
+    from PIL import Image
+
+    if picture.mode not in ("RGBA", "RGBa", "LA", "La", "PA") and "transparency" not in picture.info:
+        return picture
+    grey = picture.mode in ("L", "LA", "La")
+    pixels = np.asarray(picture.convert("LA" if grey else "RGBA"), dtype=np.uint32)
+    colour, alpha = pixels[..., :-1], pixels[..., -1:]
+    flat = (colour * alpha + 255 * (255 - alpha) + 127) // 255  # rounded alpha blend
+    flat = flat.astype(np.uint8)
+    return Image.fromarray(flat[..., 0] if grey else flat)
 
 
 def _read_image(path: Path):
-    """A fully decoded Pillow image, or DatasetError naming the file."""
-    from PIL import Image
+    """A fully decoded Pillow image, upright, 8 bits per channel, without alpha.
+
+    The EXIF orientation tag is applied (phone photos are often stored sideways with a tag
+    that says so), 16-bit greyscale is scaled to 8 bits and transparency is flattened onto
+    white; see :func:`_to_8_bit` and :func:`_flatten_alpha`. Anything unreadable raises
+    :class:`DatasetError` naming the file.
+    """
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not later
-            return img.copy()
+            file_format = img.format
+            picture = ImageOps.exif_transpose(img)  # a new image, also when nothing turns
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
-
-
-#: Pillow modes with one channel; a folder of only these loads as 1-channel images.
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+    return _flatten_alpha(_to_8_bit(picture, path, file_format))
 
 
 def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, int] | None = None) -> ImageDataset:
@@ -360,14 +506,23 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
 
     Layouts
     -------
-    ``data_dir/<class>/<image>``
-        labelled; classes are the sub-folder names in sorted order (label = position).
+    ``data_dir/<class>/<image>``, ``data_dir/<class>/<any/sub/folders>/<image>``
+        labelled; classes are the sub-folder names in sorted order (label = position). A
+        class folder is read recursively, as torchvision's ``ImageFolder`` does: its own
+        images first (sorted by name), then each sub-folder's, in name order.
     ``data_dir/<image>``
         unlabelled (``labels`` is ``None``), when ``data_dir`` has no sub-folders.
 
-    Files are taken in sorted order; hidden files and files without an image extension
-    (:data:`IMAGE_EXTENSIONS`) are skipped. If every image is greyscale the data set has one
-    channel (Pillow mode ``L``), otherwise every image is converted to ``RGB``.
+    Hidden files and folders (names starting with ``.``) and OS metadata such as
+    ``__MACOSX`` or ``Thumbs.db`` are ignored. Other files without an image extension
+    (:data:`IMAGE_EXTENSIONS`, case-insensitive) are skipped with one ``UserWarning`` that
+    counts them by extension. Links are followed.
+
+    Each image is turned upright by its EXIF orientation tag. Transparent pixels become
+    white, as most viewers show them (the image is composited onto a white background).
+    16-bit greyscale is scaled to 8 bits by keeping the high byte (``v >> 8``). If every
+    image is greyscale the data set has one channel (Pillow mode ``L``), otherwise every
+    image is converted to ``RGB``.
 
     Parameters
     ----------
@@ -378,34 +533,42 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
     Raises
     ------
     DatasetError
-        missing or empty folder, an empty class folder, image files beside class folders,
-        a corrupt or truncated file, or (``image_size=None``) an image of another size;
-        the message names the file.
+        missing or empty folder, a class folder without images, image files beside class
+        folders, a broken link with an image name, a folder link that loops, a corrupt or
+        truncated file, a 32-bit integer or floating-point image (modes ``I``, ``F``), or
+        (``image_size=None``) an image of another size; the message names the file.
+
+    Warns
+    -----
+    UserWarning
+        when files were skipped for their extension (``.heic``, ``.txt``, ...).
     """
     from PIL import Image
 
     root = Path(data_dir)
     if not root.is_dir():
         raise DatasetError(f"image folder not found: {root} does not exist or is not a folder")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = sorted(p for p in root.iterdir() if _is_image_file(p))
+    entries = _visible_entries(root)
+    class_dirs = [p for p in entries if p.is_dir()]
+    skipped: list[Path] = []
+    loose = _pick_images([p for p in entries if not p.is_dir()], skipped)
     if class_dirs:
         if loose:
             raise DatasetError(
                 f"{root} mixes class sub-folders with loose images (e.g. {loose[0]}); put every "
                 "image in a class folder, or use a flat folder without sub-folders"
             )
-        files, labels = [], []
-        for label, class_dir in enumerate(class_dirs):
-            members = sorted(p for p in class_dir.iterdir() if _is_image_file(p))
-            if not members:
+        members = [_find_images(class_dir, skipped) for class_dir in class_dirs]
+        _warn_skipped(skipped, root)  # first: it may explain an empty class folder
+        for class_dir, found in zip(class_dirs, members):
+            if not found:
                 raise DatasetError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            files += members
-            labels += [label] * len(members)
+        files = [path for found in members for path in found]
         class_names = tuple(p.name for p in class_dirs)
-        label_array = np.asarray(labels, dtype=np.int64)
+        label_array = np.repeat(np.arange(len(class_dirs), dtype=np.int64), [len(found) for found in members])
     else:
         files = loose
+        _warn_skipped(skipped, root)
         if not files:
             raise DatasetError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         class_names, label_array = (), None
