@@ -1,6 +1,8 @@
 """Data: image datasets on the host, multi-crop augmentation on the backend.
 
 - :mod:`swav_ref.data.datasets` -- digits, CIFAR-10 (binary), image folders; uint8 (N, C, H, W).
+- :mod:`swav_ref.data.image_files` -- which files of a folder are images, and how one is read.
+- :mod:`swav_ref.data.errors` -- :class:`DatasetError`, for bad data on disk.
 - :mod:`swav_ref.data.multicrop` -- SwAV's multi-crop views, made with Array-API calls so
   that they run on the GPU under CuPy.
 """

@@ -25,11 +25,21 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from swav_ref.data.errors import DatasetError
+from swav_ref.data.image_files import (
+    GREY_MODES,
+    IMAGE_EXTENSIONS,
+    find_images,
+    pick_images,
+    read_image,
+    visible_entries,
+    warn_skipped,
+)
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -51,10 +61,6 @@ CIFAR10_CLASSES = (
     "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
 
-#: File name endings read as images by :func:`load_image_folder` (case-insensitive).
-IMAGE_EXTENSIONS = (
-    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
-)  # fmt: skip
 
 _CIFAR_SIDE = 32
 _CIFAR_RECORD = 1 + 3 * _CIFAR_SIDE * _CIFAR_SIDE  # one label byte + 3072 pixel bytes
@@ -63,10 +69,6 @@ _CIFAR_FOLDER = "cifar-10-batches-bin"
 _CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 _CIFAR_TEST_FILE = "test_batch.bin"
 _CIFAR_META_FILE = "batches.meta.txt"
-
-
-class DatasetError(ValueError):
-    """A data set on disk is missing, truncated or malformed; the message names the file."""
 
 
 @dataclass
@@ -366,140 +368,6 @@ def load_cifar10(data_dir: str | os.PathLike) -> tuple[ImageDataset, ImageDatase
 
 
 # -- image folders -----------------------------------------------------------------------
-#: Names that operating systems and archivers leave in folders; skipped without a warning,
-#: like hidden names (starting with ".").
-_OS_METADATA = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "$RECYCLE.BIN", "System Volume Information"})
-
-#: Pillow modes of 16-bit greyscale images (scaled to 8 bits when read).
-_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
-
-#: Pillow modes with one channel once :func:`_read_image` has normalised an image; a folder
-#: of only these loads as 1-channel images.
-_GREY_MODES = frozenset({"1", "L"})
-
-
-def _is_ignored(path: Path) -> bool:
-    return path.name.startswith(".") or path.name in _OS_METADATA
-
-
-def _visible_entries(folder: Path) -> list[Path]:
-    """The entries of ``folder`` in sorted name order, less hidden ones and OS metadata."""
-    return sorted(p for p in folder.iterdir() if not _is_ignored(p))
-
-
-def _pick_images(paths: list[Path], skipped: list[Path]) -> list[Path]:
-    """The image files among ``paths`` (no folders), in the given order.
-
-    A path is an image when it names an existing file with an extension in
-    :data:`IMAGE_EXTENSIONS`; the others are appended to ``skipped``. A link with an image
-    name whose target is gone raises :class:`DatasetError`: it was meant to be an image.
-    """
-    images = []
-    for path in paths:
-        is_image_name = path.suffix.lower() in IMAGE_EXTENSIONS
-        if is_image_name and path.is_symlink() and not path.exists():
-            raise DatasetError(f"broken link {path} -> {os.readlink(path)}: its target does not exist")
-        if is_image_name and path.is_file():
-            images.append(path)
-        else:
-            skipped.append(path)
-    return images
-
-
-def _find_images(folder: Path, skipped: list[Path], _outer: frozenset = frozenset()) -> list[Path]:
-    """Every image under ``folder``, sub-folders included, in a fixed order.
-
-    A folder's own images come first (sorted by name), then those of each sub-folder in
-    name order, recursively. Links to folders are followed (as torchvision does); one that
-    leads back into a folder being read raises :class:`DatasetError` instead of looping.
-    """
-    real = folder.resolve()
-    if real in _outer:
-        raise DatasetError(f"folder link {folder} leads back to {real}, which contains it: a loop")
-    entries = _visible_entries(folder)
-    images = _pick_images([p for p in entries if not p.is_dir()], skipped)
-    for sub_folder in (p for p in entries if p.is_dir()):
-        images += _find_images(sub_folder, skipped, _outer | {real})
-    return images
-
-
-def _warn_skipped(skipped: list[Path], root: Path) -> None:
-    """One warning (pointing at the caller of :func:`load_image_folder`) that lists the
-    files left out by extension, e.g. ``.heic x2, .txt x1``, so a folder of unsupported
-    photos does not shrink without a word."""
-    if not skipped:
-        return
-    counts = Counter(p.suffix.lower() or "(no extension)" for p in skipped)
-    summary = ", ".join(f"{ext} x{n}" for ext, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-    what = "file that is not an image" if len(skipped) == 1 else "files that are not images"
-    warnings.warn(
-        f"skipped {len(skipped)} {what} of a known type: {summary} (in {root})",
-        UserWarning,
-        stacklevel=3,
-    )
-
-
-def _to_8_bit(picture, path: Path, file_format: str | None):
-    """16-bit greyscale scaled to 8 bits by keeping the high byte; 32-bit modes refused.
-
-    ``v >> 8`` (``floor(v / 256)``) maps 0..65535 onto 0..255, and an 8-bit image widened
-    the usual way (``v * 257``) reads back exactly. Pillow's own conversion would clip every
-    value above 255 to white. Older Pillow opens 16-bit PNGs as mode ``I``; PNG holds no
-    32-bit integers, so ``I`` from a PNG is 16-bit too.
-    """
-    from PIL import Image
-
-    mode = picture.mode
-    if mode in _SIXTEEN_BIT_MODES or (mode == "I" and file_format == "PNG"):
-        values = np.asarray(picture).astype(np.uint32)
-        return Image.fromarray((values >> 8).astype(np.uint8))
-    if mode in ("I", "F"):
-        kind = "32-bit integer" if mode == "I" else "floating-point"
-        raise DatasetError(
-            f"image {path} is a {kind} image (Pillow mode {mode}), whose values have no fixed range "
-            "to map onto 0..255; convert it to an 8- or 16-bit image"
-        )
-    return picture
-
-
-def _flatten_alpha(picture):
-    """An image with transparency composited onto white; others unchanged.
-
-    Transparent pixels become white, as most viewers show them: dropping the alpha channel
-    would instead show whatever colour happens to be stored under a transparent pixel.
-    Greyscale stays greyscale (``LA`` -> ``L``), colour becomes ``RGB``.
-    """
-    from PIL import Image
-
-    if picture.mode not in ("RGBA", "RGBa", "LA", "La", "PA") and "transparency" not in picture.info:
-        return picture
-    grey = picture.mode in ("L", "LA", "La")
-    pixels = np.asarray(picture.convert("LA" if grey else "RGBA"), dtype=np.uint32)
-    colour, alpha = pixels[..., :-1], pixels[..., -1:]
-    flat = (colour * alpha + 255 * (255 - alpha) + 127) // 255  # rounded alpha blend
-    flat = flat.astype(np.uint8)
-    return Image.fromarray(flat[..., 0] if grey else flat)
-
-
-def _read_image(path: Path):
-    """A fully decoded Pillow image, upright, 8 bits per channel, without alpha.
-
-    The EXIF orientation tag is applied (phone photos are often stored sideways with a tag
-    that says so), 16-bit greyscale is scaled to 8 bits and transparency is flattened onto
-    white; see :func:`_to_8_bit` and :func:`_flatten_alpha`. Anything unreadable raises
-    :class:`DatasetError` naming the file.
-    """
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now: a truncated file fails here, not later
-            file_format = img.format
-            picture = ImageOps.exif_transpose(img)  # a new image, also when nothing turns
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
-    return _flatten_alpha(_to_8_bit(picture, path, file_format))
-
 
 def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, int] | None = None) -> ImageDataset:
     """Images from a folder: one sub-folder per class, or flat without labels.
@@ -548,18 +416,18 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
     root = Path(data_dir)
     if not root.is_dir():
         raise DatasetError(f"image folder not found: {root} does not exist or is not a folder")
-    entries = _visible_entries(root)
+    entries = visible_entries(root)
     class_dirs = [p for p in entries if p.is_dir()]
     skipped: list[Path] = []
-    loose = _pick_images([p for p in entries if not p.is_dir()], skipped)
+    loose = pick_images([p for p in entries if not p.is_dir()], skipped)
     if class_dirs:
         if loose:
             raise DatasetError(
                 f"{root} mixes class sub-folders with loose images (e.g. {loose[0]}); put every "
                 "image in a class folder, or use a flat folder without sub-folders"
             )
-        members = [_find_images(class_dir, skipped) for class_dir in class_dirs]
-        _warn_skipped(skipped, root)  # first: it may explain an empty class folder
+        members = [find_images(class_dir, skipped) for class_dir in class_dirs]
+        warn_skipped(skipped, root)  # first: it may explain an empty class folder
         for class_dir, found in zip(class_dirs, members):
             if not found:
                 raise DatasetError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -568,15 +436,15 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
         label_array = np.repeat(np.arange(len(class_dirs), dtype=np.int64), [len(found) for found in members])
     else:
         files = loose
-        _warn_skipped(skipped, root)
+        warn_skipped(skipped, root)
         if not files:
             raise DatasetError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         class_names, label_array = (), None
 
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
-    pictures = [_read_image(f) for f in files]
-    mode = "L" if all(p.mode in _GREY_MODES for p in pictures) else "RGB"
+    pictures = [read_image(f) for f in files]
+    mode = "L" if all(p.mode in GREY_MODES for p in pictures) else "RGB"
     expected = None if image_size is None else (image_size[1], image_size[0])  # Pillow: (w, h)
     arrays = []
     for path, picture in zip(files, pictures):
