@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from required import skip_or_fail
 from swav_ref import backend as B
 from swav_ref import distributed as D
 
@@ -203,9 +204,7 @@ def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
 
 def _skip_or_fail(reason: str) -> None:
     """Skip where MPI is optional; fail where CI promises it (SWAV_REF_REQUIRE_MPI=1)."""
-    if os.environ.get("SWAV_REF_REQUIRE_MPI"):
-        pytest.fail(f"MPI is required here (SWAV_REF_REQUIRE_MPI is set): {reason}")
-    pytest.skip(reason)
+    skip_or_fail("MPI", "SWAV_REF_REQUIRE_MPI", reason)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from required import skip_or_fail
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -95,9 +97,7 @@ def _chromium() -> str | None:
 def _require_browser() -> str:
     exe = _chromium()
     if exe is None:
-        if os.environ.get("SWAV_REF_REQUIRE_BROWSER"):
-            pytest.fail("Chromium is required here (SWAV_REF_REQUIRE_BROWSER is set) but not installed")
-        pytest.skip("headless Chromium not installed (apt-get install chromium)")
+        skip_or_fail("Chromium", "SWAV_REF_REQUIRE_BROWSER", "headless Chromium not installed (apt-get install chromium)")
     return exe
 
 

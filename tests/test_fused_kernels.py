@@ -61,12 +61,11 @@ def nvrtc():
     """NVRTC from the ``nvidia-cuda-nvrtc-cu12`` wheel (a dev dependency): skipped without it,
     failed where CI promises it (``SWAV_REF_REQUIRE_NVRTC=1``)."""
     from nvrtc_ptx import load_nvrtc
+    from required import skip_or_fail
 
     library = load_nvrtc()
     if library is None:
-        if os.environ.get("SWAV_REF_REQUIRE_NVRTC"):
-            pytest.fail("NVRTC is required here (SWAV_REF_REQUIRE_NVRTC is set): pip install nvidia-cuda-nvrtc-cu12")
-        pytest.skip("NVRTC not installed (pip install nvidia-cuda-nvrtc-cu12)")
+        skip_or_fail("NVRTC", "SWAV_REF_REQUIRE_NVRTC", "NVRTC not installed (pip install nvidia-cuda-nvrtc-cu12)")
     return library
 
 
