@@ -54,7 +54,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_loss import make_scores, median_times, torch_loss, torch_sinkhorn  # noqa: E402
-from bench_resnet import case_inputs, make_ours, make_torch  # noqa: E402  (the CPU benchmark's step)
+from bench_resnet import (  # noqa: E402  (the CPU benchmark's step and precision settings)
+    case_inputs,
+    make_ours,
+    make_torch,
+    precision_label,
+    torch_tf32,
+)
 
 from swav_ref import fused  # noqa: E402
 from swav_ref.backend import Random, get_backend, set_tf32, synchronize  # noqa: E402
@@ -81,8 +87,7 @@ class Setup:
     def precision(self, tf32: bool) -> None:
         """The same float32 product rule for both libraries."""
         set_tf32(self.xp, tf32)
-        self.torch.backends.cudnn.allow_tf32 = tf32
-        self.torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch_tf32(self.torch, tf32)
 
 
 @contextlib.contextmanager
@@ -215,7 +220,7 @@ def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
             if not tf32:
                 fns["plain"] = ours_plain
             t = median_times(fns, repeats, s.sync)
-            rule = "TF32 allowed in both" if tf32 else "true float32 in both (TF32 off)"
+            rule = precision_label(tf32)
             key = f"resnet18_cifar_step_b{batch}_{mode}"
             extra = ({"profile_ms": profiles["fused_tf32"]} if tf32 else
                      {"profile_ms": profiles["fused"], "profile_plain_ms": profiles["plain"]})

@@ -291,6 +291,18 @@ def torch_in_subprocess(case: str, batch: int, repeats: int, threads: int, devic
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def torch_tf32(torch, enabled: bool) -> None:
+    """TF32 in PyTorch as in ours: for convolutions (cuDNN, on by PyTorch's default) and
+    for matrix products alike."""
+    torch.backends.cudnn.allow_tf32 = enabled
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
+def precision_label(tf32: bool) -> str:
+    """How both sides of a comparison multiply float32, for the JSON and the report."""
+    return "TF32 allowed in both" if tf32 else "true float32 in both (TF32 off)"
+
+
 def torch_peer(case: str, batch: int, repeats: int, threads: int, device: str, weights: str,
                tf32: bool = False) -> None:
     """Entry point of the subprocess: build the mirror, load our weights, time, print JSON.
@@ -298,8 +310,7 @@ def torch_peer(case: str, batch: int, repeats: int, threads: int, device: str, w
     import torch
 
     torch.set_num_threads(threads)
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch_tf32(torch, tf32)
     net, head, shape = build_case(case, np)
     state = np.load(weights)
     net.load_state_dict({k[4:]: state[k] for k in state.files if k.startswith("net.")})
@@ -426,7 +437,7 @@ def main(argv=None) -> dict | None:
         "backend": args.backend,
         "fused_kernels": fused.applies(xp, xp.float32),  # CuPy: the kernels of swav_ref.fused
         "tf32": args.tf32,
-        "precision": "TF32 allowed in both" if args.tf32 else "true float32 in both (TF32 off)",
+        "precision": precision_label(args.tf32),
         "quick": args.quick,
         "threads": threads,
         "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
