@@ -613,8 +613,7 @@ class Trainer:
             losses = self.comm.allreduce_sum(losses)
         values = [float(v) / self.comm.size for v in to_numpy(losses)]
         # This worker's code statistics for every pending step, brought over in one copy too.
-        usages = [None if codes is None else code_usage(codes[0]) for _, _, codes in self._pending]
-        with_codes = [u for u in usages if u is not None]
+        with_codes = [code_usage(codes[0]) for _, _, codes in self._pending if codes is not None]
         usage_rows = iter(to_numpy(xp.stack([
             xp.stack([xp.astype(u.n_used, losses.dtype), u.entropy_of_mean, u.mean_entropy]) for u in with_codes
         ])) if with_codes else ())
