@@ -149,10 +149,6 @@ def _outputs(result: Any, count: int, names: str) -> tuple[Any, CheckResult | No
     return result, None
 
 
-def _unit_rows(a: np.ndarray) -> np.ndarray:
-    return a / np.linalg.norm(a, axis=1, keepdims=True)
-
-
 # -- notebook 02: log-domain Sinkhorn ---------------------------------------------------
 
 
@@ -214,7 +210,9 @@ def check_codes_as_transport(my_codes: Answer) -> CheckResult:
         return _not_attempted("define my_codes(scores, epsilon)")
     rng = np.random.default_rng(3)
     batch, n_prototypes, epsilon = 12, 4, 0.05
-    scores = _unit_rows(rng.normal(size=(batch, 5))) @ _unit_rows(rng.normal(size=(n_prototypes, 5))).T
+    embeddings, _ = F.l2_normalize_forward(rng.normal(size=(batch, 5)))
+    prototypes, _ = F.l2_normalize_forward(rng.normal(size=(n_prototypes, 5)))
+    scores = embeddings @ prototypes.T  # cosines
     codes, failed = _run(my_codes, scores, epsilon)
     if failed:
         return failed
@@ -282,7 +280,7 @@ def check_prototypes_backward(my_prototypes_backward: Answer) -> CheckResult:
         return _not_attempted("define my_prototypes_backward(dscores, z, C)")
     rng = np.random.default_rng(5)
     z = rng.normal(size=(6, 3)) * rng.uniform(0.5, 2.0, size=(6, 1))  # rows of different lengths
-    weight = _unit_rows(rng.normal(size=(4, 3)))
+    weight, _ = F.l2_normalize_forward(rng.normal(size=(4, 3)))
     dscores = rng.normal(size=(6, 4))
     result, failed = _run(my_prototypes_backward, dscores, z, weight)
     if failed:
