@@ -80,8 +80,10 @@ config = TrainConfig(
 trainer = Trainer(config, train_set=train_set, test_set=test_set)
 print(f"{len(train_set)} training images, {len(test_set)} test images, "
       f"{trainer.steps_per_epoch} steps of {config.batch_size} per epoch")
-print({k: v for k, v in config.to_dict().items() if k in ("arch", "n_crops", "crop_sizes", "min_scale",
-                                                          "max_scale", "n_prototypes", "epsilon", "temperature")})
+# The crop settings were left to the data set's recipe (None in `config`); the trainer's copy
+# has them filled in for the digits.
+print({k: v for k, v in trainer.config.to_dict().items() if k in ("arch", "n_crops", "crop_sizes", "min_scale",
+                                                                  "max_scale", "n_prototypes", "epsilon", "temperature")})
 
 # %% [markdown]
 # Each image becomes six views: two large crops (covering 50-100% of the image, resized

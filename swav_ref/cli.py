@@ -69,6 +69,18 @@ OPTION_HELP = {
 }
 
 
+#: The options whose default is the data set's recipe (TrainConfig leaves them None): value type, nargs.
+RECIPE_OPTIONS = {"n_crops": (int, "+"), "crop_sizes": (int, "+"), "min_scale": (float, "+"),
+                  "max_scale": (float, "+"), "freeze_prototypes_niters": (int, None)}
+RECIPE_HELP = {
+    "n_crops": "digits 2 4; cifar10 and folder 2 6",
+    "crop_sizes": "digits 8 6; cifar10 32 16; folder S and S*96/224, S the image side",
+    "min_scale": "digits 0.5 0.3; cifar10 and folder 0.14 0.05, as the official code",
+    "max_scale": "digits 1 0.6; cifar10 and folder 1 0.14, as the official code",
+    "freeze_prototypes_niters": "the steps of one epoch, two on digits",
+}
+
+
 def _add_config_options(parser: argparse.ArgumentParser, defaults: TrainConfig, skip: tuple[str, ...] = ()) -> None:
     for field in dataclasses.fields(TrainConfig):
         if field.name in skip:
@@ -78,6 +90,10 @@ def _add_config_options(parser: argparse.ArgumentParser, defaults: TrainConfig, 
         help_text = OPTION_HELP.get(field.name, field.name)
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif field.name in RECIPE_OPTIONS:  # default None: the data set's recipe, said in the help
+            kind, nargs = RECIPE_OPTIONS[field.name]
+            parser.add_argument(flag, type=kind, nargs=nargs, default=None,
+                                help=f"{help_text} (default: the data set's recipe: {RECIPE_HELP[field.name]})")
         elif isinstance(default, tuple):
             kind = type(default[0])
             parser.add_argument(flag, type=kind, nargs="+", default=list(default), help=help_text)
@@ -132,9 +148,17 @@ def _run_dessert(args: argparse.Namespace) -> int:
 
 
 # -- train ---------------------------------------------------------------------------------
+class _DefaultsInHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, except where the default is None: the
+    help of those says in words what happens (the data set's recipe, no data folder)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train SwAV, DeepCluster-v2 or the supervised baseline",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsInHelp)
     _add_config_options(p, TrainConfig())
     p.add_argument("--resume", default=None, metavar="CHECKPOINT",
                    help="continue from this checkpoint (e.g. OUT_DIR/checkpoint.npz); the loss continues bit for bit")

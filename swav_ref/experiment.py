@@ -121,6 +121,7 @@ def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
 
     # One copy of the data for every run (each Trainer would otherwise read it again).
     train_set, test_set = load_dataset(config.dataset, config.data_dir, image_size=config.image_size or None, seed=0)
+    config = config.with_crop_recipe(min(train_set.images.shape[-2:]), train_set.name)  # supervised_config needs them
     for seed in seeds:
         base = dataclasses.replace(config, seed=seed)
         # A Trainer creates its out_dir; the untrained baseline never writes there, so a
@@ -153,7 +154,10 @@ def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
 def supervised_config(config: TrainConfig) -> TrainConfig:
     """The supervised baseline's recipe: the same network, optimiser, schedule and large
     crops, without the small crops (label prediction needs no multi-crop, and it halves
-    the baseline's cost)."""
+    the baseline's cost). Crops left to the data set's recipe are filled in first (a
+    folder of images needs ``image_size`` for that, else :meth:`TrainConfig.with_crop_recipe`
+    with the images' side)."""
+    config = config.with_crop_recipe()
     return dataclasses.replace(
         config, method="supervised", n_crops=config.n_crops[:1], crop_sizes=config.crop_sizes[:1],
         min_scale=config.min_scale[:1], max_scale=config.max_scale[:1],

@@ -51,6 +51,8 @@ from swav_ref.swav.loss import swav_loss
 from swav_ref.swav.queue import Queue, queue_length_per_worker
 
 METHODS = ("swav", "deepcluster-v2", "supervised")
+#: The multi-crop fields of TrainConfig whose default (None) is the data set's recipe.
+CROP_FIELDS = ("n_crops", "crop_sizes", "min_scale", "max_scale")
 CHECKPOINT_FORMAT = "swav_ref.trainer/1"
 
 
@@ -86,18 +88,41 @@ DIVERGENCE_ADVICE = ("Try a lower --base-lr or a longer warm-up (--warmup-epochs
                      "that features and prototypes are L2-normalised.")
 
 
+def _as_options(values: dict[str, tuple]) -> str:
+    """``{"n_crops": (2, 6)}`` as the command line spells it: ``--n-crops 2 6``."""
+    return ", ".join(f"--{name.replace('_', '-')} {' '.join(map(str, v))}" for name, v in values.items())
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run (the command line maps onto these one to one).
 
     Defaults are the digits recipe used by ``swav-ref demo`` (which trains 20 epochs, not
     the default 100): a tiny ResNet on 8x8 images, 2 crops of 8x8 and 4 of 6x6, 100
-    prototypes, no queue (the batch of 128 is larger than K). Two departures from the
-    official values were needed on digits, found on the training split only: temperature
-    0.2 (at 0.1 the first steps, whose predictions are confidently wrong, flatten every
-    prediction and the codes collapse to uniform, loss ln K) and K = 100 prototypes
-    (official 3000, for 1.28 million images; here 1438) of the official 128-d embedding.
-    The official ImageNet values are given in comments.
+    prototypes, no queue (the batch of 128 is larger than K). They were chosen on the
+    training split only, and they depart from the official ImageNet values (given in the
+    comments) where 1438 images of 8x8 pixels need it. Two of the departures are more than
+    a matter of scale: temperature 0.2 (at 0.1 the first steps, whose predictions are
+    confidently wrong, flatten every prediction and the codes collapse to uniform, loss
+    ln K) and K = 100 prototypes (official 3000, for 1.28 million images) of the official
+    128-d embedding.
+
+    The fields that only make sense for one kind of image default to ``None``, "the data
+    set's recipe", and a :class:`Trainer` fills them in (:meth:`with_data_recipe`) once it
+    knows the images, so that ``--dataset cifar10`` never trains with the crops of 8x8
+    digits:
+
+    - ``n_crops``, ``crop_sizes``, ``min_scale``, ``max_scale``: from
+      :func:`swav_ref.data.multicrop.default_config`. Digits: 2 crops of 8 at area scale
+      (0.5, 1) and 4 of 6 at (0.3, 0.6); cifar10: 2 of 32 and 6 of 16 at the official
+      scales (0.14, 1) and (0.05, 0.14); folder: 2 of S and 6 of round(S 96 / 224), S the
+      shorter image side (``--image-size`` when given), at the official scales.
+    - ``freeze_prototypes_niters``: the steps of the first epoch, as the official 313 at
+      batch 4096 (5005 at batch 256) are one epoch of ImageNet; two epochs on digits, whose
+      epoch is only 11 steps.
+
+    A field set explicitly is kept, so a run can change one crop setting and keep the rest
+    of the recipe; the checkpoint stores the filled-in values.
     """
 
     method: str = "swav"
@@ -109,10 +134,11 @@ class TrainConfig:
     arch: str = "resnet_tiny"  # or resnet18 (CIFAR layout)
     epochs: int = 100
     batch_size: int = 128  # per worker (official: 64 per GPU)
-    n_crops: tuple[int, ...] = (2, 4)  # official (2, 6)
-    crop_sizes: tuple[int, ...] = (8, 6)  # official (224, 96)
-    min_scale: tuple[float, ...] = (0.5, 0.3)  # official (0.14, 0.05)
-    max_scale: tuple[float, ...] = (1.0, 0.6)  # official (1.0, 0.14)
+    # None: the data set's recipe (see above); digits (2, 4), (8, 6), (0.5, 0.3), (1.0, 0.6)
+    n_crops: tuple[int, ...] | None = None  # official (2, 6)
+    crop_sizes: tuple[int, ...] | None = None  # official (224, 96)
+    min_scale: tuple[float, ...] | None = None  # official (0.14, 0.05)
+    max_scale: tuple[float, ...] | None = None  # official (1.0, 0.14)
     crops_for_assign: tuple[int, ...] = (0, 1)
     hidden_dim: int = 256  # official 2048
     feat_dim: int = 128  # official 128
@@ -122,10 +148,10 @@ class TrainConfig:
     sinkhorn_iterations: int = 3
     queue_length: int = 0  # official 3840 with batch 256 (0 = no queue)
     epoch_queue_starts: int = 15
-    freeze_prototypes_niters: int = 22  # two epochs of digits; official 313 at batch 4096 (5005 at batch 256)
+    freeze_prototypes_niters: int | None = None  # None: one epoch (digits: two); official 313 at batch 4096
     optimizer: str = "lars"  # or "sgd"
     base_lr: float = 2.0  # official 4.8 at batch 4096 (LARS)
-    final_lr: float = 0.001
+    final_lr: float = 0.001  # official 0 (its scripts: base_lr / 1000)
     warmup_epochs: int = 2  # official 10; capped at half the run (epochs // 2)
     start_warmup: float = 0.0
     weight_decay: float = 1e-6
@@ -142,9 +168,10 @@ class TrainConfig:
     image_size: int = 0  # folder data: resize every image to this square size (0 = keep; all must agree)
 
     def __post_init__(self):
-        for name in ("n_crops", "crop_sizes", "min_scale", "max_scale", "crops_for_assign", "n_prototypes"):
+        for name in (*CROP_FIELDS, "crops_for_assign", "n_prototypes"):
             value = getattr(self, name)
-            setattr(self, name, tuple(value) if isinstance(value, (list, tuple)) else (value,))
+            if value is not None:
+                setattr(self, name, tuple(value) if isinstance(value, (list, tuple)) else (value,))
         self._check_choices()
         self._check_ranges()
         self._check_crops()
@@ -178,11 +205,14 @@ class TrainConfig:
                     "kmeans_iters": 1, "kmeans_restarts": 1, "seed": 0, "log_every": 1, "checkpoint_every": 1,
                     "stop_after": 0, "image_size": 0}
         for name, low in at_least.items():
-            if getattr(self, name) < low:
+            if getattr(self, name) is not None and getattr(self, name) < low:
                 self._refuse(name, f"must be at least {low}")
         for name in ("n_crops", "crop_sizes", "n_prototypes"):
-            if min(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and min(getattr(self, name)) < 1:
                 self._refuse(name, "every entry must be at least 1")
+        if self.method == "swav" and len(self.n_prototypes) != 1:
+            self._refuse("n_prototypes", "SwAV has one set of prototypes (give one number); several sets are "
+                                         "for --method deepcluster-v2")
         for name in ("epsilon", "temperature"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 self._refuse(name, "must be a positive number")
@@ -191,19 +221,45 @@ class TrainConfig:
                 self._refuse(name, "must be a number >= 0")
 
     def _check_crops(self) -> None:
-        if not (len(self.n_crops) == len(self.crop_sizes) == len(self.min_scale) == len(self.max_scale)):
-            raise ConfigError(
-                "--n-crops, --crop-sizes, --min-scale and --max-scale need one entry per crop size, got "
-                f"{self.n_crops}, {self.crop_sizes}, {self.min_scale}, {self.max_scale}"
-            )
-        for low, high in zip(self.min_scale, self.max_scale):
+        """The crop settings that are given (the others come from the data set's recipe)."""
+        given = {name: getattr(self, name) for name in CROP_FIELDS if getattr(self, name) is not None}
+        if len({len(v) for v in given.values()}) > 1:
+            raise ConfigError("--n-crops, --crop-sizes, --min-scale and --max-scale need one entry per crop size, "
+                              f"got {_as_options(given)}")
+        # (low, high) pairs; with only one of the two given, each value is checked against itself
+        for low, high in zip(self.min_scale or self.max_scale or (), self.max_scale or self.min_scale or ()):
             if not 0 < low <= high <= 1:
-                raise ConfigError(f"--min-scale {low} --max-scale {high}: a crop's area fraction needs "
-                                  "0 < min-scale <= max-scale <= 1")
-        n_total = sum(self.n_crops)
+                raise ConfigError(f"{_as_options({k: given[k] for k in ('min_scale', 'max_scale') if k in given})}: "
+                                  "a crop's area fraction needs 0 < min-scale <= max-scale <= 1")
         assign = self.crops_for_assign
-        if not assign or min(assign) < 0 or max(assign) >= n_total or len(set(assign)) != len(assign):
-            self._refuse("crops_for_assign", f"needs distinct crop indices in 0..{n_total - 1}")
+        n_total = sum(self.n_crops) if self.n_crops is not None else None
+        if not assign or min(assign) < 0 or len(set(assign)) != len(assign) or (n_total and max(assign) >= n_total):
+            self._refuse("crops_for_assign", "needs distinct crop indices" + (f" in 0..{n_total - 1}" if n_total else ""))
+
+    def with_crop_recipe(self, image_side: int | None = None, data_name: str | None = None) -> TrainConfig:
+        """This configuration with the crop fields left as ``None`` filled in from the data
+        set's recipe (see the class notes). ``image_side``, the images' shorter side, sets
+        the crops of a folder (default ``image_size``; digits and cifar10 need none);
+        ``data_name`` names the data in an error."""
+        given = {name: getattr(self, name) for name in CROP_FIELDS if getattr(self, name) is not None}
+        if len(given) == len(CROP_FIELDS):
+            return self
+        recipe = self.dataset if self.dataset in ("digits", "cifar10") else "folder"
+        side = image_side or self.image_size or None
+        if recipe == "folder" and side is None:
+            raise ConfigError("--dataset folder: the crop sizes follow the images' size; give --image-size, or "
+                              "all of --n-crops, --crop-sizes, --min-scale and --max-scale")
+        crops = default_config(recipe, image_size=side)
+        filled = {"n_crops": crops.n_crops, "crop_sizes": crops.sizes,
+                  "min_scale": crops.min_scale, "max_scale": crops.max_scale}
+        groups = {len(value) for value in given.values()}
+        if groups and groups != {len(crops.n_crops)}:
+            missing = {name: value for name, value in filled.items() if name not in given}
+            raise ConfigError(
+                f"{_as_options(given)} gives {groups.pop()} crop size(s), but the {recipe} recipe for "
+                f"{data_name or self.dataset} has {len(crops.n_crops)} ({_as_options(missing)}); for another "
+                "number of crop sizes give all four of --n-crops, --crop-sizes, --min-scale and --max-scale")
+        return dataclasses.replace(self, **{name: value for name, value in filled.items() if name not in given})
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -315,6 +371,7 @@ class Trainer:
         self.train_set, self.test_set = train_set, test_set
         self.mean, self.std = self._normalisation(train_set)
         self.steps_per_epoch = len(train_set) // (cfg.batch_size * self.comm.size)
+        self.config = cfg = self._with_recipe(config)
         self._check_fits_the_data()
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.model = self._build_model()
@@ -335,6 +392,16 @@ class Trainer:
             self._broadcast_parameters()
 
     # -- construction ----------------------------------------------------------------
+    def _with_recipe(self, config: TrainConfig) -> TrainConfig:
+        """``config`` with the data set's recipe filled in where it says ``None``: the crops
+        (:meth:`TrainConfig.with_crop_recipe`) and the prototype freeze, the steps of the
+        first epoch (two on digits, whose epoch is 11 steps)."""
+        config = config.with_crop_recipe(min(self.train_set.images.shape[-2:]), self.train_set.name)
+        if config.freeze_prototypes_niters is None:
+            epochs = 2 if config.dataset == "digits" else 1
+            config = dataclasses.replace(config, freeze_prototypes_niters=epochs * max(self.steps_per_epoch, 1))
+        return config
+
     def _check_fits_the_data(self) -> None:
         """The settings that depend on the data set and the number of workers, checked
         before anything is built (else they fail at the first step, or epochs later)."""

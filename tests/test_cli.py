@@ -73,6 +73,8 @@ def test_train_then_eval_on_an_image_folder(tmp_path, capsys):
     (["train", "--momentum", "-1"], "--momentum -1.0: must be a number >= 0"),
     (["train", "--min-scale", "0.9", "0.3", "--max-scale", "0.5", "0.6"], "0 < min-scale <= max-scale <= 1"),
     (["train", "--crops-for-assign", "0", "6"], "--crops-for-assign 0 6: needs distinct crop indices in 0..5"),
+    (["train", "--crop-sizes", "32"], "--crop-sizes 32 gives 1 crop size(s), but the digits recipe"),
+    (["train", "--n-prototypes", "50", "50"], "SwAV has one set of prototypes"),
     (["train", "--dataset", "folder"], "--dataset folder: needs --data-dir"),
     (["demo", "--epochs", "0"], "--epochs 0: must be at least 1"),
     (["dessert", "--lam", "0"], "--lam 0.0: the regularisation strength must be a positive number"),

@@ -35,10 +35,14 @@ Differences from the official torchvision pipeline (documented simplifications)
 -------------------------------------------------------------------------------
 - the four colour-jitter operations run in a fixed order (brightness, contrast,
   saturation, hue) rather than a random order per image;
-- greyscale uses the ITU-R 601 luma weights (0.299, 0.587, 0.114); torchvision rounds the
-  red one to 0.2989, which moves contrast and saturation results by under 1e-4;
-- the Gaussian blur uses scipy's convention (radius ``int(4 sigma + 0.5)``, mirrored
-  edges) rather than PIL's box-blur approximation.
+- everything stays in floating point: the official pipeline works on PIL images, which
+  round to 8-bit integers after every colour operation (and PIL's hue shift to 1/255 of a
+  turn); greyscale uses the same ITU-R 601 luma weights (0.299, 0.587, 0.114) as PIL;
+- the Gaussian blur follows scipy's convention (a kernel of radius ``int(4 sigma + 0.5)``,
+  edges mirrored with the edge pixel repeated) where the official code calls OpenCV's
+  ``cv2.GaussianBlur`` with a fixed 23 x 23 kernel (edges mirrored without repeating the
+  edge pixel); both are true Gaussians of the same sigma and differ only in the tails and
+  at the border.
 """
 
 from __future__ import annotations
