@@ -33,6 +33,7 @@ from swav_ref.nn.functional import l2_normalize_forward
 IGNORE_INDEX = -100
 
 Allreduce = Callable[[Any], Any]
+Broadcast = Callable[[Any], Any]
 
 
 def kmeans_plus_plus(x: Any, n_clusters: int, rng: Random) -> Any:
@@ -60,7 +61,7 @@ def kmeans_plus_plus(x: Any, n_clusters: int, rng: Random) -> Any:
 
 def spherical_kmeans(x: Any, n_clusters: int, n_iters: int, rng: Random,
                      allreduce: Allreduce | None = None, init: Any = "k-means++",
-                     n_restarts: int = 1) -> tuple[Any, Any]:
+                     n_restarts: int = 1, broadcast: Broadcast | None = None) -> tuple[Any, Any]:
     r"""k-means on the unit sphere: cosine similarity, centroids re-normalised.
 
     Parameters
@@ -71,8 +72,11 @@ def spherical_kmeans(x: Any, n_clusters: int, n_iters: int, rng: Random,
     rng : draws the initial centroids.
     allreduce : sums an array over workers (data-parallel k-means); None = one process.
     init : ``"k-means++"`` (default, :func:`kmeans_plus_plus`), ``"random"`` (K random rows,
-        as the official code), or a (K, d) array of initial centroids (in the distributed
-        case, rank 0's choice broadcast to every worker).
+        as the official code), or a (K, d) array of initial centroids.
+    broadcast : sends rank 0's array to every worker; data-parallel k-means needs it with
+        ``allreduce``. Each worker draws its initial centroids from its own rows, so they
+        must be replaced by rank 0's (as the official code broadcasts them): otherwise the
+        all-reduced sums would add up the members of unrelated clusters.
     n_restarts : runs from different seeds; the one with the highest total cosine
         :math:`\sum_n \max_k x_n^\top c_k` wins (chosen on the device, no host sync).
 
@@ -95,6 +99,8 @@ def spherical_kmeans(x: Any, n_clusters: int, n_iters: int, rng: Random,
     best = None
     for _ in range(n_restarts):
         centroids = _initial_centroids(x, n_clusters, rng, init)
+        if broadcast is not None:
+            centroids = broadcast(centroids)
         centroids = _lloyd(x, centroids, n_iters, allreduce)
         similarity = x @ xp.matrix_transpose(centroids)
         objective = xp.sum(xp.max(similarity, axis=1))
@@ -185,8 +191,10 @@ class MemoryBank:
 
 def cluster_memory(bank: MemoryBank, n_prototypes: Sequence[int], n_iters: int, rng: Random,
                    dataset_size: int, allreduce: Allreduce | None = None,
-                   init: str = "k-means++", n_restarts: int = 1) -> tuple[list, list]:
-    """Cluster the bank once per prototype set, cycling through the crops' banks.
+                   init: str = "k-means++", n_restarts: int = 1,
+                   broadcast: Broadcast | None = None) -> tuple[list, list]:
+    """Cluster the bank once per prototype set, cycling through the crops' banks
+    (``allreduce`` and ``broadcast`` as in :func:`spherical_kmeans`, for several workers).
 
     Returns
     -------
@@ -201,7 +209,7 @@ def cluster_memory(bank: MemoryBank, n_prototypes: Sequence[int], n_iters: int, 
     for h, k in enumerate(n_prototypes):
         emb = xp.take(bank.embeddings[h % bank.embeddings.shape[0], ...], rows, axis=0)
         centroids, assignments = spherical_kmeans(emb, k, n_iters, rng, allreduce=allreduce, init=init,
-                                                   n_restarts=n_restarts)
+                                                   n_restarts=n_restarts, broadcast=broadcast)
         # targets[dataset index] = cluster. The Array API has no scatter, and a one-hot
         # product would cost N x N, so this once-per-epoch scatter is done on the host.
         # Data-parallel: each image sits in exactly one worker's bank, so a sum over workers

@@ -587,6 +587,7 @@ class Trainer:
             centroids, self.targets = cluster_memory(
                 self.bank, cfg.n_prototypes, cfg.kmeans_iters, self._cluster_random(epoch), len(self.train_set),
                 allreduce=None if self.comm.size == 1 else self.comm.allreduce_sum,
+                broadcast=None if self.comm.size == 1 else self.comm.broadcast,
                 n_restarts=cfg.kmeans_restarts,
             )
             for h, c in enumerate(centroids):
