@@ -271,7 +271,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UserError(f"cannot evaluate {args.checkpoint}: {exc}") from exc
         rows = [{"method": "raw pixels", **evaluate_raw_pixels(trainer)}]
-        trainer.load(args.checkpoint)
+        _warn_if_other_data(args.checkpoint, meta.get("data"), train)
+        trainer.load(args.checkpoint, weights_only=True)  # any number of workers may have written it
         rows.append({"method": f"{METHOD_NAMES[config.method]} (step {trainer.step})", **evaluate_trainer(trainer)})
     table = results_table(rows)
     print(format_results(table))
@@ -279,6 +280,20 @@ def _run_eval(args: argparse.Namespace) -> int:
                                            "k_used": table.attrs["k_used"]})
     print(f"results: {out}")
     return 0
+
+
+def _warn_if_other_data(checkpoint: str, trained_on: dict | None, data) -> None:
+    """Warn when the data set loaded for evaluation is not the one the checkpoint was
+    trained on (another number of images or image shape): e.g. a model trained on arrays
+    handed to ``Trainer(train_set=...)``, whose checkpoint names the digits by default."""
+    if not trained_on:  # written before the data were recorded
+        return
+    now = {"n_images": len(data), "image_shape": list(data.images.shape[1:])}
+    if {k: trained_on.get(k) for k in now} != now:
+        warnings.warn(f"{checkpoint} was trained on {trained_on['n_images']} images of shape "
+                      f"{tuple(trained_on['image_shape'])} ({trained_on['name']}), but the data loaded now "
+                      f"({data.name}) has {now['n_images']} of shape {tuple(now['image_shape'])}: the scores below "
+                      "are on other data than the model was trained on", stacklevel=2)
 
 
 # -- demo ----------------------------------------------------------------------------------

@@ -336,8 +336,8 @@ def install_abort_on_exception(comm: Any) -> None:
     process nothing is installed: Python's default behaviour already ends the program.
     ``KeyboardInterrupt`` also aborts, so Ctrl-C stops every rank.
     """
-    if comm.size == 1:
-        return
+    if comm.size == 1 or getattr(sys.excepthook, "aborts_the_mpi_job", False):
+        return  # one process, or installed already (by the CLI, or an earlier Trainer)
     previous = sys.excepthook
 
     def abort_on_exception(exc_type, exc, tb):
@@ -347,4 +347,5 @@ def install_abort_on_exception(comm: Any) -> None:
         except Exception:  # abort itself failed: at least show the error the usual way
             previous(exc_type, exc, tb)
 
+    abort_on_exception.aborts_the_mpi_job = True
     sys.excepthook = abort_on_exception

@@ -41,7 +41,7 @@ from swav_ref.backend import Random, get_backend, set_tf32, to_numpy, use_device
 from swav_ref.data.datasets import DATASETS, ImageDataset, channel_stats, load_dataset
 from swav_ref.data.multicrop import MultiCrop, MultiCropConfig, default_config
 from swav_ref.deepcluster import MemoryBank, cluster_memory, deepcluster_loss
-from swav_ref.distributed import get_communicator
+from swav_ref.distributed import get_communicator, install_abort_on_exception
 from swav_ref.nn import functional as F
 from swav_ref.nn.optim import LARS, SGD, warmup_cosine_schedule
 from swav_ref.nn.resnet import resnet18, resnet_tiny
@@ -361,7 +361,10 @@ class Trainer:
     def __init__(self, config: TrainConfig, comm: Any = None, train_set: ImageDataset | None = None,
                  test_set: ImageDataset | None = None):
         self.config = cfg = config
-        self.comm = comm if comm is not None else get_communicator()
+        if comm is None:  # launched under mpiexec: one rank's error must end the job, not hang the others
+            comm = get_communicator()
+            install_abort_on_exception(comm)
+        self.comm = comm
         self.xp = get_backend(cfg.backend)
         self.device = use_device_for_local_rank(self.xp, self.comm.local_rank, self.comm.local_size)
         self.dtype = getattr(self.xp, cfg.dtype)
@@ -370,7 +373,11 @@ class Trainer:
             train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size or None, seed=0)
         self.train_set, self.test_set = train_set, test_set
         self.mean, self.std = self._normalisation(train_set)
+        if self.comm.size > 1:
+            self._check_same_data()
         self.steps_per_epoch = len(train_set) // (cfg.batch_size * self.comm.size)
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its data order), see epoch_order
+        self._last_epoch = cfg.epochs - 1  # set by fit (--stop-after)
         self.config = cfg = self._with_recipe(config)
         self._check_fits_the_data()
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -392,6 +399,18 @@ class Trainer:
             self._broadcast_parameters()
 
     # -- construction ----------------------------------------------------------------
+    def _check_same_data(self) -> None:
+        """Every worker must have loaded the same data set (each reads its own copy, say a
+        node-local one): else the steps per epoch differ, and a collective fails or hangs,
+        or the workers' shares overlap. Compared: the number of images and their pixel sum."""
+        images = self.train_set.images
+        mine = np.asarray([len(self.train_set), int(images.sum(dtype=np.uint64)) % 2**52], dtype=np.float64)
+        low, high = -self.comm.allreduce_max(-mine), self.comm.allreduce_max(mine)
+        if not np.array_equal(low, high):
+            raise ConfigError(f"{self.train_set.name}: the workers loaded different training data (between "
+                              f"{int(low[0])} and {int(high[0])} images, or other pixels); every worker needs the "
+                              "same data set, e.g. one copy on a shared file system")
+
     def _with_recipe(self, config: TrainConfig) -> TrainConfig:
         """``config`` with the data set's recipe filled in where it says ``None``: the crops
         (:meth:`TrainConfig.with_crop_recipe`) and the prototype freeze, the steps of the
@@ -479,6 +498,7 @@ class Trainer:
 
     # -- schedule and data -----------------------------------------------------------
     def learning_rate(self, step: int) -> float:
+        """The scheduled rate at a global step: linear warm-up, then cosine to ``final_lr``."""
         cfg = self.config
         return warmup_cosine_schedule(
             step, self.total_steps, cfg.base_lr, cfg.final_lr,
@@ -489,8 +509,11 @@ class Trainer:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The data order of an epoch: a function of (seed, epoch) alone, so a run resumed
-        mid-epoch sees the same batches."""
-        return np.random.Generator(np.random.PCG64([self.config.seed, epoch])).permutation(len(self.train_set))
+        mid-epoch sees the same batches (drawn once per epoch: 40 ms for a million images)."""
+        if self._order is None or self._order[0] != epoch:
+            generator = np.random.Generator(np.random.PCG64([self.config.seed, epoch]))
+            self._order = (epoch, generator.permutation(len(self.train_set)))
+        return self._order[1]
 
     def batch_indices(self, epoch: int, step_in_epoch: int) -> np.ndarray:
         """This worker's share of a global batch (rank r takes the r-th slice)."""
@@ -570,11 +593,16 @@ class Trainer:
         return self.total_steps + 1 if self.config.method == "deepcluster-v2" else self.config.freeze_prototypes_niters
 
     def _average_gradients(self) -> None:
-        inv = 1.0 / self.comm.size
-        for _, owner, key in self.model.named_parameters():
-            g = owner.grads.get(key)
-            if g is not None:
-                owner.grads[key] = self.comm.allreduce_sum(g) * inv
+        """Every gradient averaged over the workers, in one all-reduce of all of them
+        flattened into one vector (one message instead of one per tensor: 67 for resnet18)."""
+        xp = self.xp
+        owned = [(owner, key) for _, owner, key in self.model.named_parameters() if owner.grads.get(key) is not None]
+        grads = [owner.grads[key] for owner, key in owned]
+        flat = self.comm.allreduce_sum(xp.concat([xp.reshape(g, (-1,)) for g in grads])) * (1.0 / self.comm.size)
+        start = 0
+        for (owner, key), g in zip(owned, grads):
+            owner.grads[key] = xp.reshape(flat[start : start + g.size], g.shape)
+            start += g.size
 
     # -- epochs ----------------------------------------------------------------------
     def _start_epoch(self, epoch: int) -> None:
@@ -633,6 +661,8 @@ class Trainer:
             self.log.restart()
         self.model.train()
         start_epoch = self.step // self.steps_per_epoch
+        # this run's last epoch, always checkpointed (--stop-after: whatever --checkpoint-every says)
+        self._last_epoch = min(cfg.epochs, start_epoch + cfg.stop_after if cfg.stop_after else cfg.epochs) - 1
         if start_epoch >= cfg.epochs and self.comm.is_root:
             source = f"the checkpoint {resume}" if resume is not None else "the model"
             warnings.warn(f"nothing to train: {source} has already trained {start_epoch} epochs and --epochs is "
@@ -666,6 +696,8 @@ class Trainer:
             if self.step % cfg.log_every == 0 or s == self.steps_per_epoch - 1:
                 self._flush_log(epoch, bar)
         n_steps = self.steps_per_epoch - first
+        if self.comm.size > 1:  # the mean over workers, as the step records
+            epoch_loss = self.comm.allreduce_mean(epoch_loss)
         self._end_epoch(epoch, float(epoch_loss) / max(n_steps, 1), time.perf_counter() - t0)
 
     def _flush_log(self, epoch: int, bar: Any) -> None:
@@ -710,7 +742,7 @@ class Trainer:
         record = {"kind": "epoch", "epoch": epoch, "step": self.step, "loss": mean_loss, "seconds": seconds}
         if self.comm.is_root:
             self.log.write(record)
-        if (epoch + 1) % self.config.checkpoint_every == 0 or epoch + 1 == self.config.epochs:
+        if (epoch + 1) % self.config.checkpoint_every == 0 or epoch == self._last_epoch:
             self.save(self.out_dir / "checkpoint.npz")
 
     # -- checkpoints -----------------------------------------------------------------
@@ -726,13 +758,18 @@ class Trainer:
         arrays.update({f"optim.{k}": v for k, v in self.optimizer.state_dict().items()})
         for h, t in enumerate(self.targets or []):
             arrays[f"targets.{h}"] = t
+        has_local = self.queue is not None or self.bank is not None  # on every worker or on none
         meta = {
             "format": CHECKPOINT_FORMAT,
             "config": self.config.to_dict(),
             "step": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.comm.size,
-            # Every worker has a queue (or a bank) or none has: they start at the same step.
-            "local_ranks": list(range(self.comm.size)) if self.queue is not None or self.bank is not None else [],
+            # the input normalisation and the data it came from: features need no data set
+            "normalisation": {"mean": list(self.mean), "std": list(self.std)},
+            "data": {"name": self.train_set.name, "n_images": len(self.train_set),
+                     "image_shape": list(self.train_set.images.shape[1:])},
+            "local_ranks": list(range(self.comm.size)) if has_local else [],
             "monitor_fired": self.monitor.fired,
             "log": self.log.records,
         }
@@ -749,17 +786,21 @@ class Trainer:
         return arrays, meta
 
     @staticmethod
-    def local_path(path: str | os.PathLike, rank: int) -> Path:
-        """``run/checkpoint.npz`` -> ``run/checkpoint.rank0.local.npz``."""
+    def local_path(path: str | os.PathLike, rank: int, step: int | None = None) -> Path:
+        """``run/checkpoint.npz`` -> ``run/checkpoint.rank0.step110.local.npz`` (without
+        ``step``: ``run/checkpoint.rank0.local.npz``, the name before the step was in it)."""
         path = Path(path)
-        return path.with_name(f"{path.stem}.rank{rank}.local{path.suffix}")
+        at = "" if step is None else f".step{step}"
+        return path.with_name(f"{path.stem}.rank{rank}{at}.local{path.suffix}")
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomically write a checkpoint, never over a good one with NaNs.
 
-        Every worker with a queue or a memory bank first writes its own next to ``path``
-        (:meth:`local_path`); then rank 0 writes the shared state, which lists those files'
-        ranks, to ``path``. A resume needs them all.
+        Every worker with a queue or a memory bank first writes its own file next to
+        ``path``, named by rank and step (:meth:`local_path`); once all are written, rank 0
+        replaces ``path``, whose metadata names them; once that is done, each worker removes
+        its files of earlier steps. A job killed at any point leaves a ``path`` whose
+        files are all there: the previous one (and its files) or the new one.
         """
         arrays, meta = self.state()
         finite = all(bool(self.xp.all(self.xp.isfinite(v))) for k, v in arrays.items() if k.startswith("model."))
@@ -767,56 +808,108 @@ class Trainer:
             raise TrainingDivergedError(f"the parameters are not finite at step {self.step} (training diverged); "
                                         f"{path} was not written. {DIVERGENCE_ADVICE}")
         local_arrays, local_meta = self.local_state()
+        mine = self.local_path(path, self.comm.rank, self.step)
+        meta["local_files"] = [self.local_path(path, r, self.step).name for r in meta["local_ranks"]]
         if local_arrays:
-            ckpt.save_checkpoint(self.local_path(path, self.comm.rank), local_arrays, local_meta)
+            ckpt.save_checkpoint(mine, local_arrays, local_meta)
+        self.comm.barrier()  # every worker's file is on disk before the checkpoint names it
         if self.comm.is_root:
             ckpt.save_checkpoint(path, arrays, meta)
         self.comm.barrier()
+        if local_arrays:  # the checkpoint now names this step's files: earlier ones are not needed
+            for old in Path(path).parent.glob(f"{Path(path).stem}.rank{self.comm.rank}.*local{Path(path).suffix}"):
+                if old != mine:
+                    old.unlink(missing_ok=True)
 
-    def load(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint written by :meth:`save` (raises CheckpointError if unusable,
-        or if this worker's queue / memory bank file, :meth:`local_path`, is missing)."""
+    def load(self, path: str | os.PathLike, weights_only: bool = False) -> None:
+        """Restore a checkpoint written by :meth:`save`, to resume training (raises
+        CheckpointError if unusable, or if this worker's queue / memory bank file,
+        :meth:`local_path`, is missing). ``weights_only``: the model and its input
+        normalisation only, for evaluation; any number of workers may have written it.
+
+        A run without per-worker state may resume on another number of workers: it then
+        continues at the next epoch boundary, with this run's steps per epoch (not bit for
+        bit: the batches are cut differently).
+        """
         arrays, meta = ckpt.load_checkpoint(path)
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ckpt.CheckpointError(f"{path}: not a swav_ref trainer checkpoint (format {meta.get('format')!r})")
         saved = TrainConfig.from_dict(meta["config"])
-        for name in ("method", "arch", "n_prototypes", "feat_dim", "hidden_dim", "batch_size", "n_crops", "dataset"):
+        compared = ("method", "arch", "n_prototypes", "feat_dim", "hidden_dim")
+        if not weights_only:  # these shape the optimiser's and the workers' state too
+            compared += ("batch_size", "n_crops", "dataset", "queue_length")
+        for name in compared:
             if getattr(saved, name) != getattr(self.config, name):
                 raise ckpt.CheckpointError(
                     f"{path}: checkpoint was trained with {name}={getattr(saved, name)!r}, this run has "
                     f"{name}={getattr(self.config, name)!r}"
                 )
-        if meta["world_size"] != self.comm.size and (self.config.queue_length or self.config.method == "deepcluster-v2"):
-            raise ckpt.CheckpointError(
-                f"{path}: written by {meta['world_size']} workers, resumed by {self.comm.size}; the per-worker "
-                "queues or memory banks cannot be redistributed"
-            )
-        local = self.local_path(path, self.comm.rank)
-        ranks = meta.get("local_ranks")  # None in checkpoints written before it existed
-        has_local = local.exists() if ranks is None else self.comm.rank in ranks
-        if has_local and not local.is_file():
-            names = ", ".join(self.local_path(path, r).name for r in (ranks or [self.comm.rank]))
-            raise ckpt.CheckpointError(
-                f"{local} is missing: {path} keeps each worker's queue or memory bank in its own file ({names}), "
-                f"written next to it; copy those files from the run's folder into {local.parent}, or the resumed "
-                "run would silently start from a fresh queue / memory bank"
-            )
+        local = None if weights_only else self._local_file(path, meta)
         ckpt.check_compatible(
             {k[6:]: v for k, v in arrays.items() if k.startswith("model.")},
             {k: tuple(v.shape) for k, v in self.model.state_dict().items()},
         )
         xp = self.xp
         self.model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
+        if "normalisation" in meta:  # checkpoints written before it was saved: this data's own
+            self.mean = tuple(meta["normalisation"]["mean"])
+            self.std = tuple(meta["normalisation"]["std"])
+            self.multicrop = MultiCrop(self._multicrop_config(), self.xp, self.dtype)
+        if weights_only:
+            if self.comm.size > 1:
+                self._broadcast_parameters()
+            return
         self.optimizer.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("optim.")})
-        self.step = int(meta["step"])
+        self.step = self._resumed_step(path, meta)
         if any(k.startswith("targets.") for k in arrays):
             self.targets = [xp.asarray(arrays[f"targets.{h}"]) for h in range(len(self.config.n_prototypes))]
         self.monitor.fired = bool(meta.get("monitor_fired", False))
         self.log.records = list(meta.get("log", []))  # up to this checkpoint's step (fit rewrites the file)
-        if has_local:
+        if local is not None:
             self._load_local(local)
         if self.comm.size > 1:
             self._broadcast_parameters()
+
+    def _local_file(self, path: str | os.PathLike, meta: dict) -> Path | None:
+        """This worker's queue / memory bank file named by the checkpoint (None if it has none)."""
+        ranks = meta.get("local_ranks")  # None in checkpoints written before it existed
+        files = meta.get("local_files")  # None before the step was in the names
+        old_name = self.local_path(path, self.comm.rank)
+        if ranks is None:
+            return old_name if old_name.exists() else None
+        if not ranks:
+            return None
+        if meta["world_size"] != self.comm.size:
+            raise ckpt.CheckpointError(
+                f"{path}: written by {meta['world_size']} workers, resumed by {self.comm.size}; the per-worker "
+                "queues or memory banks cannot be redistributed (resume on as many workers, or evaluate it)"
+            )
+        local = Path(path).with_name(files[self.comm.rank]) if files else old_name
+        if not local.is_file():
+            names = ", ".join(files) if files else ", ".join(self.local_path(path, r).name for r in ranks)
+            raise ckpt.CheckpointError(
+                f"{local} is missing: {path} keeps each worker's queue or memory bank in its own file ({names}), "
+                f"written next to it; copy those files from the run's folder into {local.parent}, or the resumed "
+                "run would silently start from a fresh queue / memory bank"
+            )
+        return local
+
+    def _resumed_step(self, path: str | os.PathLike, meta: dict) -> int:
+        """The step to continue from: the checkpoint's, or on another number of steps per
+        epoch (other workers) the start of the epoch after the last one it completed."""
+        step, saved_per_epoch = int(meta["step"]), meta.get("steps_per_epoch", self.steps_per_epoch)
+        if saved_per_epoch == self.steps_per_epoch:
+            return step
+        if step % saved_per_epoch:
+            raise ckpt.CheckpointError(f"{path}: written in the middle of an epoch (step {step} of "
+                                       f"{saved_per_epoch} per epoch) with other steps per epoch than this run's "
+                                       f"{self.steps_per_epoch}; resume it on {meta['world_size']} workers")
+        epochs = step // saved_per_epoch
+        if self.comm.is_root:
+            warnings.warn(f"{path}: {epochs} epochs of {saved_per_epoch} steps ({meta['world_size']} workers) "
+                          f"continue with {self.steps_per_epoch} steps per epoch ({self.comm.size} workers) from "
+                          f"epoch {epochs + 1}: the schedule carries on, but not bit for bit", stacklevel=3)
+        return epochs * self.steps_per_epoch
 
     def _load_local(self, path: Path) -> None:
         arrays, meta = ckpt.load_checkpoint(path)

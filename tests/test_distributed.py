@@ -71,6 +71,56 @@ def test_the_trainer_chooses_its_gpu_by_local_rank_before_building_anything(monk
     assert asked == [(np, 1, 2)] and trainer.device is None
 
 
+class TwinWorkers(D.SingleProcessCommunicator):
+    """Rank 0 of two workers whose twin holds the same arrays (``other_images`` more images,
+    if set): the sums are twice this worker's, the maxima and broadcasts its own."""
+
+    size = 2
+
+    def __init__(self, other_images: int = 0):
+        self.other_images, self.summed = other_images, []
+
+    def allreduce_sum(self, x):
+        self.summed.append(x.shape)
+        return x * 2
+
+    def allreduce_mean(self, x):
+        return x
+
+    def allreduce_max(self, x):
+        if x.shape != (2,):
+            return x
+        # the data check's (count, pixel sum), negated for its minimum: `other_images` more images
+        return np.maximum(x, x + np.sign(x) * np.asarray([self.other_images, 0.0]))
+
+
+def test_workers_that_loaded_different_data_are_stopped_before_training(tiny, tmp_path):
+    from small_runs import small_config
+
+    from swav_ref.train import ConfigError, Trainer
+
+    with pytest.raises(ConfigError, match="the workers loaded different training data .between 160 and 163 images"):
+        Trainer(small_config(tmp_path), comm=TwinWorkers(other_images=3), train_set=tiny[0], test_set=tiny[1])
+
+
+def test_gradients_are_averaged_in_one_all_reduce(tiny, tmp_path):
+    from small_runs import small_config
+
+    from swav_ref.train import Trainer
+
+    comm = TwinWorkers()
+    trainer = Trainer(small_config(tmp_path), comm=comm, train_set=tiny[0], test_set=tiny[1])
+    trainer.train_step(trainer.make_crops(trainer.batch_indices(0, 0)), trainer.batch_indices(0, 0))
+    grads = {name: owner.grads[key].copy() for name, owner, key in trainer.model.named_parameters()
+             if owner.grads.get(key) is not None}
+    comm.summed.clear()
+    trainer._average_gradients()
+    assert len(comm.summed) == 1 and comm.summed[0] == (sum(g.size for g in grads.values()),)
+    for name, owner, key in trainer.model.named_parameters():
+        if name in grads:  # twins: the average is each worker's own gradient, in its own shape
+            np.testing.assert_array_equal(owner.grads[key], grads[name])
+
+
 def test_single_process_abort_exits_with_code(capsys):
     with pytest.raises(SystemExit) as info:
         D.SingleProcessCommunicator().abort("giving up", code=3)
@@ -332,6 +382,6 @@ def test_two_worker_run_checkpoints_and_resumes_exactly(mpiexec, digit_folder, t
     proc = _train_cli(mpiexec, digit_folder, tmp_path / "full")
     assert "MPI" in proc.stdout and "2" in proc.stdout  # the communicator is reported at start
     _train_cli(mpiexec, digit_folder, tmp_path / "cut", "--stop-after", "2")
-    assert (tmp_path / "cut" / "checkpoint.rank1.local.npz").exists()
+    assert list((tmp_path / "cut").glob("checkpoint.rank1.step*.local.npz"))
     _train_cli(mpiexec, digit_folder, tmp_path / "cut", "--resume", str(tmp_path / "cut" / "checkpoint.npz"))
     assert _step_losses(tmp_path / "cut") == _step_losses(tmp_path / "full")

@@ -138,6 +138,19 @@ def test_a_gpu_runs_checkpoint_evaluates_on_the_cpu(tmp_path, capsys, scratch_tm
         assert "trained with --backend cupy" in error and "add --backend numpy" in error
 
 
+def test_eval_warns_when_the_data_are_not_those_trained_on(tiny, tmp_path, capsys, scratch_tmp):
+    """Trained on arrays handed to the Trainer, the checkpoint's configuration still names
+    the digits: eval scores it on them, and says the data differ from the training data."""
+    from swav_ref.data.datasets import ImageDataset
+
+    trainer = Trainer(TrainConfig(**SMALL, out_dir=str(tmp_path / "run")),
+                      train_set=ImageDataset(tiny[0].images[:96], name="my arrays"))
+    trainer.save(tmp_path / "run" / "checkpoint.npz")
+    with pytest.warns(UserWarning, match=r"trained on 96 images of shape \(1, 8, 8\) \(my arrays\), but the data "
+                                         r"loaded now \(digits.*\) has 1438"):
+        assert main(["eval", str(tmp_path / "run" / "checkpoint.npz"), "--out", str(tmp_path / "e.json")]) == 0
+
+
 # -- 4. demo leaves no empty folders --------------------------------------------------------
 @pytest.mark.slow
 def test_comparison_leaves_no_empty_folders(tmp_path, scratch_tmp):

@@ -37,14 +37,15 @@ LOCAL_STATE = {"queue": dict(queue_length=64, epoch_queue_starts=1), "deepcluste
 def test_resume_without_the_local_file_is_refused(tiny, tmp_path, kind):
     extra = LOCAL_STATE[kind]
     trainer(tiny, tmp_path / "run", **extra).fit()
-    assert (tmp_path / "run" / "checkpoint.rank0.local.npz").is_file()
+    # named by rank and step; the file of the first epoch's checkpoint (step 5) is gone
+    assert [f.name for f in (tmp_path / "run").glob("*.local.npz")] == ["checkpoint.rank0.step10.local.npz"]
     copy = tmp_path / "copy"
     copy.mkdir()
     shutil.copy(tmp_path / "run" / "checkpoint.npz", copy)
     resumed = trainer(tiny, tmp_path / "resumed", epochs=3, **extra)
-    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint\.rank0\.local\.npz is missing.*copy"):
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint\.rank0\.step10\.local\.npz is missing.*copy"):
         resumed.fit(resume=copy / "checkpoint.npz")
-    shutil.copy(tmp_path / "run" / "checkpoint.rank0.local.npz", copy)  # both files: resumes
+    shutil.copy(tmp_path / "run" / "checkpoint.rank0.step10.local.npz", copy)  # both files: resumes
     trainer(tiny, tmp_path / "resumed", epochs=3, **extra).fit(resume=copy / "checkpoint.npz")
 
 
@@ -58,6 +59,76 @@ def test_old_checkpoint_without_the_local_list_still_loads(tiny, tmp_path):
     again = trainer(tiny, tmp_path / "again", epochs=1)
     again.load(path)
     assert again.step == 5 and again.queue is None
+
+
+def test_a_job_killed_while_saving_leaves_a_checkpoint_whose_files_are_all_there(tiny, tmp_path, monkeypatch):
+    """Killed after the workers wrote their step-10 files but before the checkpoint that
+    names them: the step-5 checkpoint and its files are intact and resume (the local file
+    used to be overwritten in place, leaving step 5's checkpoint with step 10's bank)."""
+    run = trainer(tiny, tmp_path / "run", **LOCAL_STATE["deepcluster"])
+    real_save = ckpt.save_checkpoint
+
+    def killed_at_step_10(path, arrays, meta):
+        if meta.get("step") == 10 and path.name == "checkpoint.npz":
+            raise KeyboardInterrupt  # the job's time limit
+        real_save(path, arrays, meta)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", killed_at_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        run.fit()
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    resumed = trainer(tiny, tmp_path / "run", epochs=3, **LOCAL_STATE["deepcluster"])
+    resumed.load(tmp_path / "run" / "checkpoint.npz")
+    assert resumed.step == 5 and resumed.bank is not None
+
+
+def test_eval_loads_the_weights_without_the_workers_files(tiny, tmp_path):
+    """The per-worker files matter to a resume only: evaluation of a queue or DeepCluster
+    checkpoint needs none of them (it was refused when written by other workers)."""
+    trainer(tiny, tmp_path / "run", method="deepcluster-v2").fit()
+    path = tmp_path / "run" / "checkpoint.npz"
+    arrays, meta = ckpt.load_checkpoint(path)
+    meta["world_size"] = 4  # as if written by four workers
+    ckpt.save_checkpoint(path, arrays, meta)
+    for local in (tmp_path / "run").glob("*.local.npz"):
+        local.unlink()
+    evaluator = trainer(tiny, tmp_path / "eval", method="deepcluster-v2")
+    evaluator.load(path, weights_only=True)
+    np.testing.assert_array_equal(evaluator.model.backbone.state_dict()["conv1.weight"],
+                                  arrays["model.backbone.conv1.weight"])
+    with pytest.raises(ckpt.CheckpointError, match="written by 4 workers, resumed by 1"):
+        trainer(tiny, tmp_path / "resume", method="deepcluster-v2").load(path)
+
+
+def test_a_queue_setting_that_differs_from_the_checkpoints_is_refused(tiny, tmp_path):
+    trainer(tiny, tmp_path / "run", **LOCAL_STATE["queue"]).fit()
+    other = trainer(tiny, tmp_path / "other", queue_length=0)
+    with pytest.raises(ckpt.CheckpointError, match="queue_length=64, this run has queue_length=0"):
+        other.load(tmp_path / "run" / "checkpoint.npz")
+
+
+def test_resuming_with_other_steps_per_epoch_continues_at_the_next_epoch(tiny, tmp_path):
+    """As on another number of workers: 2 epochs of 2 steps (step 4) become 2 epochs of
+    this run's 5 steps (step 10), with a warning; mid-epoch it is refused."""
+    trainer(tiny, tmp_path / "run", epochs=1).fit()
+    path = tmp_path / "run" / "checkpoint.npz"
+    arrays, meta = ckpt.load_checkpoint(path)
+    meta.update(step=4, steps_per_epoch=2, world_size=2)
+    ckpt.save_checkpoint(path, arrays, meta)
+    resumed = trainer(tiny, tmp_path / "resumed", epochs=3)
+    with pytest.warns(UserWarning, match="2 epochs of 2 steps .2 workers. continue with 5 steps per epoch"):
+        resumed.load(path)
+    assert resumed.step == 10
+    meta.update(step=3)
+    ckpt.save_checkpoint(path, arrays, meta)
+    with pytest.raises(ckpt.CheckpointError, match="in the middle of an epoch"):
+        trainer(tiny, tmp_path / "again", epochs=3).load(path)
+
+
+def test_stop_after_always_checkpoints_its_last_epoch(tiny, tmp_path):
+    run = trainer(tiny, tmp_path / "run", epochs=4, stop_after=1, checkpoint_every=3)
+    run.fit()
+    assert ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.npz")[1]["step"] == 5
 
 
 # -- 2. file modes ------------------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""A trained backbone with its input normalisation, read from a checkpoint without the data.
+
+What a researcher needs after training: features of new images, for a classifier of their
+own, a plot, a retrieval index::
+
+    from swav_ref.encoder import load_encoder
+
+    encoder = load_encoder("runs/digits/checkpoint.npz")
+    features = encoder.features(images)  # (N, C, H, W) uint8 -> (N, D), eval mode
+
+A checkpoint holds the run's configuration (which names the architecture), the weights,
+and the per-channel mean and std its crops were normalised with, so no data set is
+loaded. Checkpoints written before the normalisation was saved need their data: build a
+:class:`swav_ref.train.Trainer` on it, ``load(path, weights_only=True)``, then
+``features``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from swav_ref import checkpoint as ckpt
+from swav_ref.backend import Random, get_backend
+from swav_ref.evaluate import extract_features
+from swav_ref.train import CHECKPOINT_FORMAT, TrainConfig, build_backbone
+
+__all__ = ["Encoder", "load_encoder"]
+
+_BACKBONE = "model.backbone."
+
+
+@dataclass
+class Encoder:
+    """A frozen backbone and the input transform it was trained with.
+
+    Attributes
+    ----------
+    backbone : the ResNet (:mod:`swav_ref.nn.resnet`), in eval mode.
+    mean, std : per-channel normalisation of the [0, 1] pixels, ``(x - mean) / std``.
+    xp, dtype : the backend and floating type the backbone runs in.
+    config : the training run's :class:`~swav_ref.train.TrainConfig`.
+    """
+
+    backbone: Any
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    xp: Any
+    dtype: Any
+    config: TrainConfig
+
+    def features(self, images: Any, batch_size: int = 512) -> Any:
+        """Features (N, D) on ``xp`` of uint8 images (N, C, H, W), host or device arrays."""
+        if getattr(images, "ndim", None) != 4 or images.shape[1] != self.backbone.in_channels:
+            raise ValueError(f"the encoder takes (N, {self.backbone.in_channels}, H, W) uint8 images, as it was "
+                             f"trained on; got shape {tuple(getattr(images, 'shape', ()))}")
+        return extract_features(self.backbone, images, xp=self.xp, dtype=self.dtype, batch_size=batch_size,
+                                normalize=(self.mean, self.std))
+
+
+def load_encoder(path: Any, backend: str | None = None) -> Encoder:
+    """The backbone of a :class:`~swav_ref.train.Trainer` checkpoint, ready for features.
+
+    Parameters
+    ----------
+    path : a ``checkpoint.npz`` written by ``swav-ref train`` (or ``Trainer.save``).
+    backend : ``"numpy"`` or ``"cupy"``; default the run's own.
+
+    Raises
+    ------
+    swav_ref.checkpoint.CheckpointError : not a trainer checkpoint, weights that do not fit
+        the architecture, or a checkpoint too old to hold its normalisation.
+    """
+    arrays, meta = ckpt.load_checkpoint(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ckpt.CheckpointError(f"{path}: not a swav_ref trainer checkpoint (format {meta.get('format')!r})")
+    if "normalisation" not in meta:
+        raise ckpt.CheckpointError(
+            f"{path}: written before checkpoints kept their input normalisation; load it with its data instead: "
+            "Trainer(config, train_set=...).load(path, weights_only=True), then Trainer.features")
+    config = TrainConfig.from_dict(meta["config"])
+    xp = get_backend(backend or config.backend)
+    dtype = getattr(xp, config.dtype)
+    weights = {k[len(_BACKBONE):]: v for k, v in arrays.items() if k.startswith(_BACKBONE)}
+    if "conv1.weight" not in weights:
+        raise ckpt.CheckpointError(f"{path}: holds no backbone weights (model.backbone.conv1.weight is missing)")
+    in_channels = weights["conv1.weight"].shape[1]
+    backbone = build_backbone(config.arch, in_channels, xp, dtype, Random(np.random.SeedSequence(0), xp))
+    ckpt.check_compatible(weights, {k: tuple(v.shape) for k, v in backbone.state_dict().items()})
+    backbone.load_state_dict(weights)
+    backbone.eval()
+    normalisation = meta["normalisation"]
+    return Encoder(backbone, tuple(normalisation["mean"]), tuple(normalisation["std"]), xp, dtype, config)
