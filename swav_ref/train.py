@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import time
 import warnings
@@ -168,13 +169,46 @@ class TrainConfig:
     image_size: int = 0  # folder data: resize every image to this square size (0 = keep; all must agree)
 
     def __post_init__(self):
-        for name in (*CROP_FIELDS, "crops_for_assign", "n_prototypes"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, tuple(value) if isinstance(value, (list, tuple)) else (value,))
+        self._check_types()
         self._check_choices()
         self._check_ranges()
         self._check_crops()
+
+    def _check_types(self) -> None:
+        """Each field as its annotation says: whole numbers for ``int`` (NumPy's too, so a
+        sweep over ``np.arange`` works; 2.5 epochs is refused, not a crash at the first
+        step), numbers for ``float``, a tuple for a sequence field (one number becomes a
+        1-tuple), text for ``str`` (a path too), True/False for ``bool``."""
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), str(field.type)
+            if value is None and "None" in kind:
+                continue
+            if kind.startswith("tuple"):
+                element = kind[len("tuple["):].split(",")[0]
+                values = value if isinstance(value, (list, tuple, np.ndarray)) else (value,)
+                setattr(self, field.name, tuple(self._as_kind(field.name, v, element) for v in values))
+            else:
+                setattr(self, field.name, self._as_kind(field.name, value, kind.split("|")[0].strip()))
+
+    def _as_kind(self, name: str, value: Any, kind: str) -> Any:
+        option = f"--{name.replace('_', '-')} {value!r}"
+        if kind == "bool":
+            if not isinstance(value, (bool, np.bool_)):
+                raise ConfigError(f"{option}: must be True or False")
+            return bool(value)
+        if kind == "str":
+            if isinstance(value, os.PathLike):  # out_dir, data_dir
+                return os.fspath(value)
+            if not isinstance(value, str):
+                raise ConfigError(f"{option}: must be text")
+            return value
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{option}: must be a number")
+        if kind == "int":
+            if not isinstance(value, numbers.Integral):
+                raise ConfigError(f"{option}: must be a whole number")
+            return int(value)
+        return float(value)
 
     def _refuse(self, name: str, rule: str) -> None:
         value = getattr(self, name)
@@ -266,7 +300,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        """The configuration of a dict (``to_dict``'s, a checkpoint's, a JSON file's). A key
+        that is no field is ignored with a warning that names it (a typo such as ``epoch``
+        would otherwise quietly leave the default)."""
         known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            warnings.warn(f"TrainConfig.from_dict ignores {', '.join(map(repr, unknown))}: no such setting "
+                          f"(they are {', '.join(sorted(known))})", stacklevel=2)
         return cls(**{k: v for k, v in d.items() if k in known})
 
 

@@ -1,0 +1,40 @@
+"""TrainConfig takes what a Python user naturally passes (NumPy scalars from a sweep, a
+path, one number for a sequence) and refuses the rest by the option's name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from swav_ref.train import ConfigError, TrainConfig
+
+
+def test_numpy_scalars_and_paths_become_plain_values():
+    config = TrainConfig(batch_size=np.int64(64), epsilon=np.float32(0.05), base_lr=1, n_crops=[2, np.int64(4)],
+                         n_prototypes=50, out_dir=Path("runs") / "x")
+    assert type(config.batch_size) is int and type(config.epsilon) is float and type(config.base_lr) is float
+    assert config.n_crops == (2, 4) and all(type(n) is int for n in config.n_crops)
+    assert config.n_prototypes == (50,) and config.out_dir == str(Path("runs") / "x")
+    assert TrainConfig.from_dict(config.to_dict()) == config  # and it survives JSON-like dicts
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", 2.5, "--epochs 2.5: must be a whole number"),
+    ("epochs", "5", "--epochs '5': must be a number"),
+    ("batch_size", True, "--batch-size True: must be a number"),
+    ("n_crops", (2, 4.5), "--n-crops 4.5: must be a whole number"),
+    ("sync_bn", 1, "--sync-bn 1: must be True or False"),
+    ("arch", 18, "--arch 18: must be text"),
+])
+def test_a_value_of_the_wrong_kind_is_refused_by_name(field, value, message):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**{field: value})
+    assert str(info.value) == message
+
+
+def test_from_dict_names_the_keys_it_ignores():
+    with pytest.warns(UserWarning, match="ignores 'base-lr', 'epoch': no such setting"):
+        config = TrainConfig.from_dict({"epoch": 5, "base-lr": 0.1, "seed": 3})
+    assert config.seed == 3 and config.epochs == TrainConfig().epochs
