@@ -54,6 +54,8 @@ __all__ = [
 
 #: The backends a user can ask for by name.
 BACKENDS = ("numpy", "cupy")
+#: Every name :func:`get_backend` accepts: the above and the tests' ``array_api_strict``.
+_ALL_NAMES = (*BACKENDS, "array_api_strict")
 
 _GPU_EXTRA_HINT = (
     'install the gpu extra with a prebuilt wheel for your CUDA version, e.g. '
@@ -85,7 +87,7 @@ def get_backend(name: str) -> types.ModuleType:
     if name == "array_api_strict":
         return importlib.import_module("array_api_strict")
     if name != "cupy":
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(map(repr, _ALL_NAMES))}")
     try:
         import cupy
     except ImportError as exc:

@@ -104,6 +104,28 @@ def test_float32_default_epsilon_stays_in_float32(backend, rng):
     np.testing.assert_array_equal(B.to_numpy(q), B.to_numpy(forced))
 
 
+def test_scores_that_are_not_cosines_are_named_on_numpy(rng):
+    # cosines times 30 at eps = 0.05: exponents down to -1200 underflow a whole row even in
+    # float64, and the 0/0 makes every code NaN; NumPy says why instead of returning NaN
+    s = cosine_scores(rng, 64, 10, dim=8)
+    s[0, :] = -1.0  # a sample far from every prototype
+    with np.errstate(all="ignore"), pytest.raises(ValueError, match=r"scores spanning \[-30, .*should be cosines"):
+        sinkhorn_codes(30.0 * s, epsilon=0.05)
+    s[3, 2] = np.nan
+    with np.errstate(all="ignore"), pytest.raises(ValueError, match="scores contain NaN"):
+        sinkhorn_codes(s, epsilon=0.05)
+
+
+def test_numpy_scalar_arguments_are_accepted(backend, rng):
+    s = B.asarray(cosine_scores(rng, 12, 5), backend)
+    want = B.to_numpy(sinkhorn_codes(s, epsilon=0.05, n_iters=3))
+    got = B.to_numpy(sinkhorn_codes(s, epsilon=np.float64(0.05), n_iters=np.int64(3)))
+    np.testing.assert_array_equal(got, want)
+    q = sinkhorn_codes(B.asarray(cosine_scores(rng, 12, 5), backend, "float32"),
+                       epsilon=np.float32(0.05), n_iters=np.int32(3))
+    assert q.dtype == backend.float32 and np.all(np.isfinite(B.to_numpy(q)))
+
+
 class ThreadedComm:
     """Fake data-parallel workers: each thread calls the hooks in the same order."""
 
@@ -153,6 +175,11 @@ def test_allreduce_hooks_reproduce_the_global_batch(backend, rng):
         ({"epsilon": 0.0}, "epsilon"),
         ({"epsilon": float("nan")}, "epsilon"),
         ({"n_iters": 0}, "n_iters"),
+        ({"n_iters": True}, "n_iters"),
+        ({"n_iters": 2.0}, "n_iters"),
+        ({"epsilon": True}, "epsilon"),
+        ({"epsilon": np.float32("nan")}, "epsilon"),
+        ({"epsilon": np.float64(-0.1)}, "epsilon"),
         ({"allreduce": lambda x: x}, "allreduce_max"),
         ({"compute_dtype": "int64"}, "compute_dtype"),
     ],

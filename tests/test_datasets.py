@@ -67,6 +67,24 @@ def test_image_dataset_validates():
         ImageDataset(images=np.zeros((2, 1, 4, 4), dtype=np.uint8), labels=[0, 2], class_names=("a", "b"))
 
 
+def test_image_dataset_rejects_channels_last_images():
+    # (N, H, W, C) was taken as 16 channels of 16 x 3 images
+    with pytest.raises(ValueError, match=r"channels-last.*transpose\(0, 3, 1, 2\)"):
+        ImageDataset(images=np.zeros((300, 16, 16, 3), dtype=np.uint8))
+    for shape in ((2, 3, 16, 16), (2, 4, 3, 3), (2, 1, 8, 1)):  # channels first: accepted
+        assert ImageDataset(images=np.zeros(shape, dtype=np.uint8)).n_channels == shape[1]
+
+
+def test_image_dataset_names_classes_when_only_labels_are_given():
+    ds = ImageDataset(images=np.zeros((3, 1, 4, 4), dtype=np.uint8), labels=[0, 2, 1])
+    assert ds.class_names == ("0", "1", "2")
+    assert ds.subset([0, 1]).class_names == ("0", "1", "2")
+    with pytest.raises(ValueError, match="outside 0..1"):  # given names still bound the labels
+        ImageDataset(images=np.zeros((2, 1, 4, 4), dtype=np.uint8), labels=[0, 2], class_names=("a", "b"))
+    with pytest.raises(ValueError, match="-1"):
+        ImageDataset(images=np.zeros((2, 1, 4, 4), dtype=np.uint8), labels=[-1, 1])
+
+
 def test_digits_scaled_to_bytes():
     from sklearn.datasets import load_digits
 

@@ -390,6 +390,14 @@ def test_softmax_cross_entropy_rejects_bad_labels():
         F.softmax_cross_entropy_forward(np.zeros((2, 3)), np.zeros(3, dtype=np.int64))
 
 
+@pytest.mark.parametrize("labels, bad", [([0, 3, 1], r"\[3\]"), ([-1, 2, 5], r"\[-1, 5\]")])
+def test_softmax_cross_entropy_rejects_labels_outside_the_classes_on_numpy(labels, bad):
+    # a label >= K or < 0 used to give a zero one-hot row and a silently wrong loss
+    with pytest.raises(ValueError, match=r"\[0, 3\) for K=3 classes, got " + bad):
+        F.softmax_cross_entropy_forward(np.zeros((3, 3)), np.array(labels))
+    F.softmax_cross_entropy_forward(np.zeros((3, 3)), np.array([0, 2, 1], dtype=np.uint8))  # in range
+
+
 def test_l2_normalize_gradient(backend, rng):
     x = _arr(rng, (3, 4), backend)
     out, cache = F.l2_normalize_forward(x)

@@ -114,3 +114,26 @@ def test_classifier_head_interface(backend):
     feats, logits = head.forward(x)
     assert feats is x and tuple(logits[0].shape) == (2, 3)
     assert tuple(head.backward([logits[0]]).shape) == (2, 4)
+
+
+def test_swav_head_backward_refuses_a_gradient_of_another_dtype():
+    head = SwAVHead(6, 0, 4, (5,), rng=0)
+    head.forward(np.ones((3, 6), dtype=np.float32))
+    with pytest.raises(ValueError, match="float32 parameters but got a float64 gradient"):
+        head.backward([np.ones((3, 5))])
+    assert head.num_pending() == 2  # the head's and the projection's caches survived
+    head.backward([np.ones((3, 5), dtype=np.float32)])
+    assert head.prototype_layer(0).grads["weight"].dtype == np.float32
+
+
+@pytest.mark.parametrize("module", ["codes", "loss", "head", "queue", "diagnostics"])
+def test_swav_package_re_exports_every_public_name(module):
+    """docs/api.md promises ``from swav_ref.swav import X`` for the main names of the modules
+    (SwAVHead and ClassifierHead were missing)."""
+    import importlib
+
+    import swav_ref.swav as package
+
+    mod = importlib.import_module(f"swav_ref.swav.{module}")
+    for name in mod.__all__:
+        assert name in package.__all__ and getattr(package, name) is getattr(mod, name), name

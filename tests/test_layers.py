@@ -143,6 +143,33 @@ def test_backward_checks_the_pending_shape():
     lin.backward(np.ones((4, 2), dtype=np.float32))
 
 
+def test_backward_refuses_a_gradient_of_another_dtype():
+    # forward refuses float64 input to a float32 layer; backward used to take a float64
+    # gradient and store float64 parameter gradients
+    for lin, dtype in ((L.Linear(3, 2), np.float64), (L.Linear(3, 2, dtype="float64"), np.float32)):
+        lin.forward(np.ones((4, 3), dtype=lin.dtype))
+        other = np.dtype(dtype).name
+        with pytest.raises(ValueError, match=rf"holds {np.dtype(lin.dtype).name} parameters but got a {other} gradient"):
+            lin.backward(np.ones((4, 2), dtype=dtype))
+        assert lin.num_pending() == 1 and lin.grads.get("weight") is None  # nothing stored or lost
+        lin.backward(np.ones((4, 2), dtype=lin.dtype))
+        assert lin.grads["weight"].dtype == lin.dtype
+    relu = L.ReLU()  # parameter-free layers take any dtype, in forward as in backward
+    relu.forward(np.ones((2, 3)))
+    assert relu.backward(np.ones((2, 3))).dtype == np.float64
+
+
+def test_modules_take_a_backend_name_or_refuse_a_non_namespace():
+    lin = L.Linear(3, 2, xp="numpy", dtype="float64")
+    assert lin.xp is np and lin.params["weight"].dtype == np.float64
+    assert L.BatchNorm2d(3, xp="numpy").xp is np and L.Conv2d(1, 2, 3, xp="numpy").xp is np
+    assert L.Linear(3, 2).to("numpy").xp is np
+    with pytest.raises(TypeError, match="xp must be an array namespace module such as numpy, or a name for get_backend"):
+        L.Linear(3, 2, xp=42)
+    with pytest.raises(ValueError, match="unknown backend 'torch'"):
+        L.ReLU(xp="torch")
+
+
 def test_input_checks():
     with pytest.raises(ValueError, match="3 channels"):
         L.Conv2d(3, 2, 3).forward(np.ones((1, 2, 4, 4), dtype=np.float32))

@@ -173,6 +173,24 @@ def test_resnet_rejects_bad_input():
         ResNet(3, widths=(4, 8), blocks=(1,))
 
 
+def test_resnet_takes_a_backend_name():
+    # resnet_tiny(xp="numpy") used to fail with "'str' object has no attribute 'float32'"
+    net = resnet_tiny(xp="numpy", zero_init_residual=True)
+    assert net.xp is np and all(m.xp is np for _, m in net.named_modules())
+    assert net.forward(np.zeros((2, 1, 8, 8), dtype=np.float32)).shape == (2, 64)
+
+
+def test_resnet_backward_refuses_a_gradient_of_another_dtype():
+    net = resnet_tiny()
+    net.forward(np.zeros((2, 1, 8, 8), dtype=np.float32))
+    pending = net.num_pending()
+    with pytest.raises(ValueError, match="float32 parameters but got a float64 gradient"):
+        net.backward(np.ones((2, 64)))
+    assert net.num_pending() == pending  # checked before any layer popped its cache
+    net.backward(np.ones((2, 64), dtype=np.float32))
+    assert all(o.grads[k].dtype == np.float32 for _, o, k in net.named_parameters())
+
+
 def test_zero_init_residual_makes_blocks_start_as_identity_branches():
     net = resnet_tiny(zero_init_residual=True)
     assert float(np.abs(net.layer1[0].bn2.params["weight"]).max()) == 0.0

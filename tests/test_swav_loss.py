@@ -159,12 +159,41 @@ def test_float32_close_to_float64(backend, rng):
         (6, {"crops_for_assign": (1, 1)}, "crops_for_assign"),
         (6, {"queue_scores": [None]}, "one per assignment crop"),
         (6, {"temperature": 0.0}, "temperature"),
+        (6, {"temperature": float("nan")}, "temperature"),
+        (6, {"temperature": True}, "temperature"),
+        (6, {"crops_for_assign": (True, 0)}, "crops_for_assign"),
     ],
 )
 def test_bad_input(backend, rows, kwargs, match):
     scores = B.asarray(np.zeros((rows, N_PROTOTYPES)), backend)
     with pytest.raises(ValueError, match=match):
         swav_loss(scores, BATCH, **kwargs)
+
+
+def test_numpy_scalar_arguments_are_accepted(backend, rng):
+    scores_np, _ = make_problem(rng, 4, False, 2)
+    scores = B.asarray(scores_np, backend, "float32")
+    want = swav_loss(scores, BATCH)
+    got = swav_loss(scores, np.int64(BATCH), crops_for_assign=(np.int64(0), np.int64(1)),
+                    temperature=np.float32(0.1), epsilon=np.float32(0.05), sinkhorn_iterations=np.int64(3))
+    assert got.loss.dtype == backend.float32 and got.grad.dtype == backend.float32
+    assert abs(float(got.loss) - float(want.loss)) < 1e-6
+    assert np.max(np.abs(B.to_numpy(got.grad) - B.to_numpy(want.grad))) < 1e-6
+
+
+@pytest.mark.parametrize("batch_size", [True, 3.0, np.float64(3.0), 0, np.int64(-3)])
+def test_bad_batch_size(backend, batch_size):
+    scores = B.asarray(np.zeros((6, N_PROTOTYPES)), backend)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        swav_loss(scores, batch_size)
+
+
+def test_scores_that_are_not_cosines_are_an_error_on_numpy(rng):
+    # cosines times 30 at eps = 0.05 (outside the contract) underflow in Sinkhorn: named, not NaN
+    scores_np, _ = make_problem(rng, 2, False, 2)
+    scores_np[0, :] = -1.0
+    with np.errstate(all="ignore"), pytest.raises(ValueError, match="should be cosines"):
+        swav_loss(30.0 * scores_np.astype(np.float32), BATCH)
 
 
 def test_bad_queue_or_codes(backend):

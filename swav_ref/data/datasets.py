@@ -82,7 +82,8 @@ class ImageDataset:
     labels : numpy.ndarray, int64, (N,), or None
         class indices into ``class_names``; ``None`` for unlabelled data.
     class_names : tuple of str
-        empty for unlabelled data.
+        empty for unlabelled data; for labels given without names, ``"0"``, ``"1"``, ...
+        up to the largest label.
     name : str
         a short description for logs and plots, e.g. ``"digits/train"``.
     """
@@ -100,6 +101,12 @@ class ImageDataset:
             )
         if self.images.ndim != 4:
             raise ValueError(f"{self.name}: images must be (N, C, H, W), got shape {self.images.shape}")
+        if self.images.shape[1] > 4 and self.images.shape[-1] in (1, 3, 4):
+            raise ValueError(
+                f"{self.name}: images of shape {self.images.shape} look channels-last (N, H, W, C); "
+                "ImageDataset takes channels first (N, C, H, W): pass "
+                "np.ascontiguousarray(images.transpose(0, 3, 1, 2))"
+            )
         self.class_names = tuple(self.class_names)
         if self.labels is not None:
             self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -108,6 +115,8 @@ class ImageDataset:
                     f"{self.name}: labels of shape {self.labels.shape} do not match "
                     f"{self.images.shape[0]} images"
                 )
+            if not self.class_names and self.labels.size:  # default names "0", "1", ...
+                self.class_names = tuple(str(i) for i in range(max(int(self.labels.max()) + 1, 0)))
             n_classes = len(self.class_names)
             if self.labels.size and (self.labels.min() < 0 or self.labels.max() >= n_classes):
                 raise ValueError(

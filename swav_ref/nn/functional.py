@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import numpy as np
+
 from swav_ref import fused
 from swav_ref.backend import array_namespace, is_cupy, is_numpy, logsumexp
 
@@ -835,8 +837,9 @@ def softmax_cross_entropy_forward(logits: Any, labels: Any) -> tuple[Any, tuple]
     Parameters
     ----------
     logits : array (N, K)
-    labels : integer array (N,), values in ``[0, K)`` (not checked: that would need a sync
-        with the host)
+    labels : integer array (N,), values in ``[0, K)``. Checked on NumPy (``ValueError``
+        naming the bad values and K); not checked on other backends, where it would need a
+        sync with the host (a label out of range there gives a zero one-hot row: a wrong loss)
 
     Returns
     -------
@@ -853,6 +856,11 @@ def softmax_cross_entropy_forward(logits: Any, labels: Any) -> tuple[Any, tuple]
     if not xp.isdtype(labels.dtype, "integral"):
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     n, k = logits.shape
+    if is_numpy(xp) and n:  # NumPy only: host memory, free to read (never run on a device)
+        host = labels.view(np.ndarray)  # a plain view: array subclasses (counters) see no read
+        if host.min() < 0 or host.max() >= k:
+            bad = sorted(set(host[(host < 0) | (host >= k)].tolist()))
+            raise ValueError(f"labels must be in [0, {k}) for K={k} classes, got {bad[:10]}")
     log_probs = logits - logsumexp(logits, axis=1, keepdims=True)
     classes = xp.reshape(xp.arange(k, dtype=labels.dtype), (1, k))
     one_hot = xp.astype(xp.reshape(labels, (n, 1)) == classes, logits.dtype)

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from swav_ref.backend import Random, array_namespace, asarray, host_dtype
+from swav_ref.backend import Random, array_namespace, asarray, get_backend, host_dtype
 from swav_ref.nn import functional as F
 
 __all__ = [
@@ -62,6 +62,17 @@ def _as_random(rng: Random | int | None) -> Random:
     return Random(0 if rng is None else rng)
 
 
+def _as_namespace(xp: Any) -> types.ModuleType:
+    """``xp`` itself, or the namespace a backend name (``"numpy"``, ``"cupy"``) stands for."""
+    if isinstance(xp, str):
+        return get_backend(xp)
+    if not hasattr(xp, "asarray"):
+        raise TypeError(
+            f"xp must be an array namespace module such as numpy, or a name for get_backend, got {xp!r}"
+        )
+    return xp
+
+
 def _resolve_dtype(xp: types.ModuleType, dtype: Any) -> Any:
     """``xp``'s dtype for a name (``"float32"``) or for another backend's dtype."""
     return getattr(xp, dtype if isinstance(dtype, str) else host_dtype(dtype).name)
@@ -77,9 +88,9 @@ class Module:
     PyTorch, which gives the dotted names of :meth:`state_dict`.
     """
 
-    def __init__(self, xp: types.ModuleType = np, dtype: Any = "float32"):
+    def __init__(self, xp: types.ModuleType | str = np, dtype: Any = "float32"):
         object.__setattr__(self, "_children", {})
-        self.xp = xp
+        self.xp = xp = _as_namespace(xp)
         self.dtype = _resolve_dtype(xp, dtype)
         self.params: dict[str, Any] = {}
         self.grads: dict[str, Any] = {}
@@ -125,6 +136,8 @@ class Module:
                 f"{type(self).__name__}.backward: dout has shape {tuple(dout.shape)} but the "
                 f"pending forward returned {tuple(out_shape)} (backwards run in reverse order)"
             )
+        if self.params:  # as the forward checks its input (parameter-free layers take any dtype)
+            self._check_gradient(dout)
         self._caches.pop()
         return self._backward(dout, cache)
 
@@ -147,8 +160,19 @@ class Module:
             raise ValueError(f"{type(self).__name__} expects {want}, got shape {tuple(x.shape)}")
         if x.dtype != self.dtype:
             raise ValueError(
-                f"{type(self).__name__} holds {self.dtype} parameters but got {x.dtype} input; "
+                f"{type(self).__name__} holds {host_dtype(self.dtype).name} parameters but got "
+                f"{host_dtype(x.dtype).name} input; "
                 "convert one of them (Module.astype)"
+            )
+
+    def _check_gradient(self, dout: Any) -> None:
+        """The gradient has the parameters' dtype (a dtype comparison: no host sync), so a
+        float64 gradient never turns a float32 network's gradients into float64."""
+        if dout.dtype != self.dtype:
+            raise ValueError(
+                f"{type(self).__name__} holds {host_dtype(self.dtype).name} parameters but got a "
+                f"{host_dtype(dout.dtype).name} gradient in backward; convert the gradient or the "
+                "module (Module.astype)"
             )
 
     # -- tree walking --------------------------------------------------------------------
@@ -237,8 +261,10 @@ class Module:
             if store is module.params:
                 module.grads[key] = None
 
-    def to(self, xp: types.ModuleType) -> Module:
-        """Move every parameter and buffer to the backend ``xp`` (in place; returns self)."""
+    def to(self, xp: types.ModuleType | str) -> Module:
+        """Move every parameter and buffer to the backend ``xp`` (a namespace or a name for
+        :func:`~swav_ref.backend.get_backend`; in place; returns self)."""
+        xp = _as_namespace(xp)
         for _, module in self.named_modules():
             dtype = _resolve_dtype(xp, module.dtype)
             for store in (module.params, module.buffers):
@@ -289,6 +315,7 @@ class Conv2d(Module):
         dtype: Any = "float32",
     ):
         super().__init__(xp, dtype)
+        xp = self.xp  # the namespace, also when a backend name was given
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         rng = _as_random(rng)
@@ -335,6 +362,7 @@ class Linear(Module):
         dtype: Any = "float32",
     ):
         super().__init__(xp, dtype)
+        xp = self.xp  # the namespace, also when a backend name was given
         self.in_features, self.out_features = in_features, out_features
         rng = _as_random(rng)
         bound = 1.0 / math.sqrt(in_features)  # PyTorch's default for weight and bias
@@ -382,6 +410,7 @@ class _BatchNorm(Module):
         dtype: Any = "float32",
     ):
         super().__init__(xp, dtype)
+        xp = self.xp  # the namespace, also when a backend name was given
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.allreduce = allreduce
         self.params["weight"] = xp.ones((num_features,), dtype=self.dtype)

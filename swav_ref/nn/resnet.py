@@ -60,6 +60,7 @@ class BasicBlock(Module):
         dtype: Any = "float32",
     ):
         super().__init__(xp, dtype)
+        xp = self.xp  # the namespace, also when a backend name was given
         rng = _as_random(rng)
         kw = dict(xp=xp, dtype=dtype)
         self.conv1 = Conv2d(in_planes, planes, 3, stride, 1, rng=rng, **kw)
@@ -105,7 +106,7 @@ class ResNet(Module):
         Start every block's last BatchNorm at weight 0, so each block begins as the
         identity (an option of the official SwAV ResNet; off by default there too).
     rng : Random or int seed, for the initial weights
-    xp : array namespace of the parameters
+    xp : array namespace of the parameters, or a backend name (``"numpy"``, ``"cupy"``)
     dtype : ``"float32"`` (training) or ``"float64"`` (gradient checks)
 
     Notes
@@ -130,6 +131,7 @@ class ResNet(Module):
         if min(widths) < 1 or min(blocks) < 1 or in_channels < 1:
             raise ValueError(f"channels and block counts must be positive: {in_channels}, {widths}, {blocks}")
         super().__init__(xp, dtype)
+        xp = self.xp  # the namespace, also when a backend name was given
         rng = _as_random(rng)
         kw = dict(xp=xp, dtype=dtype)
         self.in_channels, self.widths, self.blocks = in_channels, tuple(widths), tuple(blocks)
@@ -169,6 +171,7 @@ class ResNet(Module):
 
     def backward(self, dfeatures: Any) -> Any:
         """Gradient of the newest pending forward: d features (N, out_dim) -> d images."""
+        self._check_gradient(dfeatures)  # before any layer pops its cache
         d = self.avgpool.backward(dfeatures)
         for stage in reversed(self.stages):
             d = stage.backward(d)

@@ -14,10 +14,13 @@ by step, with two safety measures that do not change the result (see
 from __future__ import annotations
 
 import math
+import numbers
+
+import numpy as np
 from typing import Any, Callable, Optional
 
 from swav_ref import fused
-from swav_ref.backend import array_namespace
+from swav_ref.backend import array_namespace, is_numpy
 
 __all__ = ["FLOAT32_SAFE_EPSILON", "sinkhorn_codes"]
 
@@ -45,7 +48,9 @@ def sinkhorn_codes(
     Parameters
     ----------
     scores : array (B, K)
-        Scores of B samples against K prototypes, usually cosines in [-1, 1].
+        Scores of B samples against K prototypes: cosines in [-1, 1] (L2-normalised
+        embeddings against L2-normalised prototypes). Other scores, e.g. cosines times 30,
+        can underflow (see Notes).
     epsilon : float
         Entropic regularisation; smaller gives sharper codes (official default 0.05).
     n_iters : int
@@ -105,9 +110,16 @@ def sinkhorn_codes(
     that can happen for epsilon below about 0.02 (the threshold grows with ln(B K)), hence
     the automatic float64 iterations below ``FLOAT32_SAFE_EPSILON``. They reproduce the official algorithm (in more
     precision); they are not a different algorithm.
+
+    *Scores outside the contract.* Scores that are not cosines can make a whole sample row
+    underflow even in float64 (unit-norm embeddings times 30 at eps = 0.05 give exponents
+    down to -1200), and one 0/0 row turns every code into NaN through the per-prototype
+    sums. On NumPy that is an error naming the scores' range; elsewhere finding it would
+    cost a wait for the device, so the NaN reaches the loss, where the trainer's check at
+    its logging boundary stops training with advice.
     """
     xp = array_namespace(scores)
-    _check_arguments(scores, epsilon, n_iters, allreduce, allreduce_max)
+    epsilon, n_iters = _check_arguments(scores, epsilon, n_iters, allreduce, allreduce_max)
     dtype = _choose_compute_dtype(xp, scores.dtype, epsilon, compute_dtype)
     reduce_sum = allreduce if allreduce is not None else _identity
     reduce_max = allreduce_max if allreduce_max is not None else _identity
@@ -130,7 +142,10 @@ def sinkhorn_codes(
         q /= xp.sum(q, axis=1, keepdims=True) * batch_total
     q *= batch_total  # rows now sum to 1: the codes
 
-    return q if q.dtype == scores.dtype else xp.astype(q, scores.dtype)
+    q = q if q.dtype == scores.dtype else xp.astype(q, scores.dtype)
+    if is_numpy(xp):  # free on the host; on a device the trainer's NaN check catches it
+        _check_finite(q, s, epsilon)
+    return q
 
 
 def _fused_iterations(s, per_prototype_max, epsilon, n_iters, reduce_sum, out_dtype):
@@ -150,11 +165,27 @@ def _fused_iterations(s, per_prototype_max, epsilon, n_iters, reduce_sum, out_dt
     return q if q.dtype == out_dtype else xp.astype(q, out_dtype)
 
 
+def _check_finite(q: Any, s: Any, epsilon: float) -> None:
+    """Raise, naming the cause, when NumPy codes came out NaN (see *Scores outside the
+    contract* in :func:`sinkhorn_codes`)."""
+    codes, scores = q.view(np.ndarray), s.view(np.ndarray)  # plain arrays: no device stand-in
+    if np.all(np.isfinite(codes)):
+        return
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("sinkhorn_codes: the scores contain NaN or infinity")
+    low, high = float(scores.min()), float(scores.max())
+    raise ValueError(
+        f"sinkhorn_codes: the codes are NaN: scores spanning [{low:.3g}, {high:.3g}] at epsilon {epsilon} make "
+        f"exp((score - max) / epsilon) underflow to 0 for a whole sample in {scores.dtype}; the scores should "
+        "be cosines in [-1, 1] (L2-normalised embeddings and prototypes), else raise epsilon or pass "
+        "compute_dtype=float64")
+
+
 def _identity(x: Any) -> Any:
     return x
 
 
-def _check_arguments(scores, epsilon, n_iters, allreduce, allreduce_max) -> None:
+def _check_arguments(scores, epsilon, n_iters, allreduce, allreduce_max) -> tuple[float, int]:
     if getattr(scores, "ndim", None) != 2:
         raise ValueError(
             f"sinkhorn_codes: scores must be 2-D (batch, prototypes), got shape "
@@ -162,15 +193,18 @@ def _check_arguments(scores, epsilon, n_iters, allreduce, allreduce_max) -> None
         )
     if scores.shape[0] < 1 or scores.shape[1] < 1:
         raise ValueError(f"sinkhorn_codes: scores has an empty axis, shape {scores.shape}")
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
+    if isinstance(epsilon, bool) or not (
+        isinstance(epsilon, numbers.Real) and math.isfinite(epsilon) and epsilon > 0
+    ):
         raise ValueError(f"sinkhorn_codes: epsilon must be a positive number, got {epsilon!r}")
-    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
+    if isinstance(n_iters, bool) or not isinstance(n_iters, numbers.Integral) or n_iters < 1:
         raise ValueError(f"sinkhorn_codes: n_iters must be an integer >= 1, got {n_iters!r}")
     if allreduce is not None and allreduce_max is None:
         raise ValueError(
             "sinkhorn_codes: allreduce given without allreduce_max; the shift before exp must "
             "be the same on every worker, so pass an element-wise max all-reduce as well"
         )
+    return float(epsilon), int(n_iters)  # Python numbers: NumPy scalars would promote
 
 
 def _choose_compute_dtype(xp, dtype, epsilon: float, requested):

@@ -236,6 +236,8 @@ class SwAVHead(Module):
     def backward(self, dscores: Any) -> Any:
         if not self._caches:
             raise RuntimeError("SwAVHead.backward called with no pending forward")
+        for ds in dscores:
+            self._check_gradient(ds)  # before popping: nothing is lost
         caches = self._caches.pop()
         if len(dscores) != len(caches):
             raise ValueError(f"SwAVHead.backward: {len(dscores)} score gradients for {len(caches)} prototype sets")

@@ -18,6 +18,8 @@ Usage::
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -100,7 +102,7 @@ def swav_loss(
     See :func:`swapped_prediction_loss` for the loss and its gradient.
     """
     xp = array_namespace(scores)
-    _check_layout(scores, batch_size, crops_for_assign)
+    _, batch_size = _check_layout(scores, batch_size, crops_for_assign)
     queue_scores = _check_queue(queue_scores, crops_for_assign, scores)
     codes = []
     for crop, queued in zip(crops_for_assign, queue_scores):
@@ -186,10 +188,13 @@ def swapped_prediction_loss(
     :math:`\sum_k (T_v)_{bk} = n_v`.
     """
     xp = array_namespace(scores, *codes)
-    n_crops = _check_layout(scores, batch_size, crops_for_assign)
+    n_crops, batch_size = _check_layout(scores, batch_size, crops_for_assign)
     _check_codes(codes, crops_for_assign, batch_size, scores)
-    if not temperature > 0:
+    if isinstance(temperature, bool) or not (
+        isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0
+    ):
         raise ValueError(f"swapped_prediction_loss: temperature must be positive, got {temperature!r}")
+    temperature = float(temperature)  # a Python number: NumPy scalars would promote
     n_assign, (n_rows, n_prototypes) = len(crops_for_assign), scores.shape
     weight = 1.0 / (n_assign * (n_crops - 1) * batch_size)  # mean over b, v != a, a
     grad_weight = weight / temperature
@@ -227,14 +232,16 @@ def _sum(arrays):
     return total
 
 
-def _check_layout(scores, batch_size, crops_for_assign) -> int:
-    """The number of crops, after checking the stacked layout; ValueError otherwise."""
+def _check_layout(scores, batch_size, crops_for_assign) -> tuple[int, int]:
+    """The number of crops and ``batch_size`` as a Python int (NumPy integers are accepted),
+    after checking the stacked layout; ValueError otherwise."""
     if getattr(scores, "ndim", None) != 2:
         raise ValueError(
             f"scores must be 2-D (n_crops * batch_size, K), got shape {getattr(scores, 'shape', None)}"
         )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = int(batch_size)
     n_rows = scores.shape[0]
     if n_rows % batch_size != 0:
         raise ValueError(
@@ -246,12 +253,12 @@ def _check_layout(scores, batch_size, crops_for_assign) -> int:
         raise ValueError(f"SwAV needs at least 2 crops, got {n_crops} ({n_rows} rows / {batch_size})")
     crops = list(crops_for_assign)
     if not crops or len(set(crops)) != len(crops) or any(
-        isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < n_crops for c in crops
+        isinstance(c, bool) or not isinstance(c, numbers.Integral) or not 0 <= c < n_crops for c in crops
     ):
         raise ValueError(
             f"crops_for_assign must be distinct crop indices in [0, {n_crops}), got {crops_for_assign!r}"
         )
-    return n_crops
+    return n_crops, batch_size
 
 
 def _check_codes(codes, crops_for_assign, batch_size, scores) -> None:
