@@ -193,3 +193,15 @@ def test_bad_arguments(backend, kwargs, match):
 def test_bad_shape(backend):
     with pytest.raises(ValueError, match="2-D"):
         sinkhorn_codes(B.asarray(np.zeros(3), backend))
+
+
+def test_converged_codes_are_the_optimal_transport_plan_times_b(rng):
+    """docs/api.md's dictionary: sinkhorn_codes(S, epsilon) iterated to convergence is
+    B * sinkhorn_knopp(M = -S, r = 1/B, c = 1/K, lam = 1/epsilon).plan."""
+    from swav_ref.ot import sinkhorn_knopp
+
+    s = cosine_scores(rng, 24, 6)
+    b, k = s.shape
+    codes = sinkhorn_codes(s, epsilon=0.05, n_iters=2000)
+    plan = sinkhorn_knopp(-s, np.full(b, 1.0 / b), np.full(k, 1.0 / k), lam=20.0, tol=1e-12).plan
+    np.testing.assert_allclose(codes, b * plan, atol=1e-9)
