@@ -234,6 +234,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     _, meta = load_checkpoint(args.checkpoint)
     config = TrainConfig.from_dict(meta.get("config", {}))
+    if config.dataset == "arrays":
+        raise UserError(f"{args.checkpoint} was trained on images handed to the Trainer from Python "
+                        "(dataset 'arrays'), which the command line cannot load; evaluate it from Python: "
+                        "swav_ref.encoder.load_encoder(path).features(images), then a classifier of your choice")
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name("eval.json")
     _output_folder(str(out.parent), "--out")  # before the evaluation, not after it
     changes = {"progress": False}

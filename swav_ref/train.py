@@ -52,6 +52,8 @@ from swav_ref.swav.loss import swav_loss
 from swav_ref.swav.queue import Queue, queue_length_per_worker
 
 METHODS = ("swav", "deepcluster-v2", "supervised")
+#: ``TrainConfig.dataset`` for images handed to the Trainer (``train_set=``) rather than loaded.
+ARRAYS = "arrays"
 #: The multi-crop fields of TrainConfig whose default (None) is the data set's recipe.
 CROP_FIELDS = ("n_crops", "crop_sizes", "min_scale", "max_scale")
 CHECKPOINT_FORMAT = "swav_ref.trainer/1"
@@ -127,7 +129,7 @@ class TrainConfig:
     """
 
     method: str = "swav"
-    dataset: str = "digits"
+    dataset: str = "digits"  # or cifar10, folder; "arrays": images handed to Trainer(train_set=...)
     data_dir: str | None = None
     backend: str = "numpy"
     dtype: str = "float32"
@@ -216,15 +218,17 @@ class TrainConfig:
         raise ConfigError(f"--{name.replace('_', '-')} {shown}: {rule}")
 
     def _check_choices(self) -> None:
-        choices = {"method": METHODS, "dataset": DATASETS, "backend": ("numpy", "cupy", "array_api_strict"),
+        choices = {"method": METHODS, "dataset": (*DATASETS, ARRAYS), "backend": ("numpy", "cupy", "array_api_strict"),
                    "dtype": ("float32", "float64"), "arch": ("resnet_tiny", "resnet18"), "optimizer": ("lars", "sgd")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 self._refuse(name, f"choose one of {', '.join(allowed)}")
-        if self.dataset != "digits" and self.data_dir is None:
+        if self.dataset in ("cifar10", "folder") and self.data_dir is None:
             self._refuse("dataset", "needs --data-dir, the folder holding the data")
-        if self.dataset == "digits" and self.data_dir is not None:
-            self._refuse("data_dir", "the digits are embedded (scikit-learn); --data-dir applies to cifar10 and folder")
+        if self.dataset in ("digits", ARRAYS) and self.data_dir is not None:
+            where = "the digits are embedded (scikit-learn)" if self.dataset == "digits" else \
+                "arrays are handed to the Trainer"
+            self._refuse("data_dir", f"{where}; --data-dir applies to cifar10 and folder")
         if self.image_size and self.dataset != "folder":
             self._refuse("image_size", "applies to --dataset folder only (digits are 8x8, CIFAR-10 32x32)")
         if self.tf32 and self.backend != "cupy":
@@ -410,6 +414,9 @@ class Trainer:
         self.device = use_device_for_local_rank(self.xp, self.comm.local_rank, self.comm.local_size)
         self.dtype = getattr(self.xp, cfg.dtype)
         set_tf32(self.xp, cfg.tf32)
+        if train_set is None and cfg.dataset == ARRAYS:
+            raise ConfigError("dataset 'arrays': hand the images to the trainer, "
+                              "Trainer(config, train_set=ImageDataset(images, labels))")
         if train_set is None:
             train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size or None, seed=0)
         self.train_set, self.test_set = train_set, test_set

@@ -151,6 +151,13 @@ def test_eval_warns_when_the_data_are_not_those_trained_on(tiny, tmp_path, capsy
         assert main(["eval", str(tmp_path / "run" / "checkpoint.npz"), "--out", str(tmp_path / "e.json")]) == 0
 
 
+def test_eval_of_a_run_on_arrays_says_to_use_python(tiny, tmp_path, capsys):
+    trainer = Trainer(TrainConfig(**SMALL, dataset="arrays", out_dir=str(tmp_path / "run")), train_set=tiny[0])
+    trainer.save(tmp_path / "run" / "checkpoint.npz")
+    assert main(["eval", str(tmp_path / "run" / "checkpoint.npz")]) == 2
+    assert "evaluate it from Python: swav_ref.encoder.load_encoder(path)" in one_line_error(capsys)
+
+
 # -- 4. demo leaves no empty folders --------------------------------------------------------
 @pytest.mark.slow
 def test_comparison_leaves_no_empty_folders(tmp_path, scratch_tmp):

@@ -81,3 +81,19 @@ def test_digits_keep_their_two_epochs_of_frozen_prototypes(tiny, tmp_path):
     trainer = Trainer(config, train_set=train, test_set=test)
     assert trainer.steps_per_epoch == 5 and trainer.config.freeze_prototypes_niters == 10
     assert trainer.config.n_crops == (2, 4)
+
+
+def test_images_handed_over_as_arrays_get_the_general_recipe(tmp_path):
+    """dataset="arrays": the general (folder) recipe at the arrays' size, flips and blur
+    included, without a data folder; without the arrays it is a clear error."""
+    rng = np.random.default_rng(1)
+    data = ImageDataset(rng.integers(0, 256, size=(64, 3, 16, 16), dtype=np.uint8), rng.integers(0, 3, 64))
+    config = TrainConfig(dataset="arrays", batch_size=16, epochs=1, n_prototypes=(8,), out_dir=str(tmp_path),
+                         progress=False)
+    trainer = Trainer(config, train_set=data)
+    assert trainer.config.crop_sizes == (16, 7) and trainer.multicrop.config.flip_p == 0.5
+    assert data.class_names == ("0", "1", "2")  # labels without names are numbered
+    with pytest.raises(ConfigError, match="dataset 'arrays': hand the images to the trainer"):
+        Trainer(config)
+    with pytest.raises(ConfigError, match="arrays are handed to the Trainer; --data-dir applies"):
+        TrainConfig(dataset="arrays", data_dir="somewhere")

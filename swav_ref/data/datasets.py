@@ -509,6 +509,8 @@ def load_dataset(
     """
     if name == "digits":
         return split_dataset(load_digits_dataset(), test_fraction=test_fraction, seed=seed)
+    if name == "arrays":
+        raise ValueError("dataset 'arrays' is not loaded: its images are handed to the Trainer (train_set=...)")
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     if data_dir is None:
