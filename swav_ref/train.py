@@ -489,7 +489,7 @@ class Trainer:
             raise ConfigError(f"--n-prototypes {' '.join(map(str, cfg.n_prototypes))}: k-means needs at least as "
                               f"many embeddings as clusters, and the memory bank holds {bank_size}")
         codes_per_batch = cfg.batch_size * workers + cfg.queue_length
-        if cfg.method == "swav" and max(cfg.n_prototypes) > codes_per_batch:
+        if cfg.method == "swav" and max(cfg.n_prototypes) > codes_per_batch and self.comm.is_root:
             warnings.warn(
                 f"{max(cfg.n_prototypes)} prototypes but only {codes_per_batch} samples per Sinkhorn problem "
                 f"(batch {cfg.batch_size} x {workers} workers + queue {cfg.queue_length}): the equal partition "
@@ -782,7 +782,8 @@ class Trainer:
                 record["code_row_entropy"] = float(mean_entropy)
             if self.comm.is_root:
                 self.log.write(record)
-            self.monitor.update(value)
+            if self.comm.is_root:  # one warning per job, not one per worker (the values are the same)
+                self.monitor.update(value)
         self._pending.clear()
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}", used=record.get("prototypes_used", "-"))
 

@@ -274,6 +274,32 @@ def test_sync_batchnorm_equals_one_big_batch(backend, shape, rng):
     assert rel_error(F.batchnorm_backward(r[parts[0], ...], c_local)[0], to_numpy(g0[0])) > 1e-3
 
 
+def test_sync_batchnorm_with_the_running_mean_as_shift_equals_one_big_batch(backend, rng):
+    x, weight, bias, rm, rv = _bn_inputs(rng, (6, 3), backend)
+    out, _ = F.batchnorm_forward(x, weight, bias)
+
+    def worker(rank, allreduce):
+        return F.batchnorm_forward(x[3 * rank : 3 * rank + 3, ...], weight, bias, rm, rv, allreduce=allreduce)[0]
+
+    assert rel_error(np.concatenate([to_numpy(o) for o in _ThreadWorkers(2).run(worker)]), out) < 1e-12
+
+
+def test_sync_batchnorm_variance_keeps_float32_precision_far_from_zero():
+    """A channel at mean 30, std 1: the variance from sums of x and x^2 loses 3 to 4 digits in
+    float32; from sums of x - running mean (near 30 once it has caught up) it keeps them."""
+    rng = np.random.default_rng(0)
+    x = (30.0 + rng.normal(size=(4096, 2))).astype(np.float32)
+    truth = x.astype(np.float64).var(axis=0)
+    weight, bias = np.ones(2, np.float32), np.zeros(2, np.float32)
+
+    def variance(running_mean):
+        cache = F.batchnorm_forward(x, weight, bias, running_mean, np.ones(2, np.float32), allreduce=lambda a: a)[1]
+        return np.max(np.abs(cache.var - truth) / truth)
+
+    assert variance(np.full(2, 29.9, np.float32)) < 2e-6
+    assert variance(np.zeros(2, np.float32)) > 2e-5  # no shift: the cancellation the shift avoids
+
+
 def test_batchnorm_rejects_bad_input():
     with pytest.raises(ValueError, match="more than 1 value"):
         F.batchnorm_forward(np.ones((1, 3)), np.ones(3), np.zeros(3))

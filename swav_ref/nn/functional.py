@@ -541,8 +541,13 @@ def batchnorm_forward(
     The work is done on the (C, M) matrix with one row per channel, so every statistic is a
     reduction along rows. Locally the variance is computed from the centred values (two
     passes, accurate in float32). With ``allreduce``, one call sums the packed vector
-    :math:`(\sum x, \sum x^2, m)` over the workers and
-    :math:`\sigma^2 = \overline{x^2} - \mu^2` (one communication round per layer).
+    :math:`(\sum (x - s), \sum (x - s)^2, m)` over the workers, for a shift :math:`s` that
+    every worker holds alike (the running mean, kept identical by the synchronised
+    updates; zero without one), and
+    :math:`\sigma^2 = \overline{(x - s)^2} - (\overline{x - s})^2`: one communication round
+    per layer, and in float32 the subtraction cancels only :math:`(\mu - s)^2`, small once
+    the running mean has caught up, rather than :math:`\mu^2` (a relative error of 2e-4 in
+    the variance of a channel whose mean is 30 standard deviations).
     """
     xp = array_namespace(x, weight, bias)
     rows = _channel_rows(x)
@@ -566,12 +571,15 @@ def batchnorm_forward(
         else:
             var = sum_sq / m
     else:
-        local = [xp.sum(rows, axis=1), _row_dot(rows, rows), xp.full((1,), m, dtype=x.dtype)]
+        shift = running_mean if running_mean is not None else xp.zeros((c,), dtype=x.dtype)
+        centred = rows - _column(shift)  # x - s, centred below once the global mean is known
+        local = [xp.sum(centred, axis=1), _row_dot(centred, centred), xp.full((1,), m, dtype=x.dtype)]
         total = allreduce(xp.concat(local))
         count = total[2 * c]
-        mean = total[:c] / count
-        var = xp.maximum(total[c : 2 * c] / count - mean * mean, 0.0)
-        centred = rows - _column(mean)
+        offset = total[:c] / count  # the global mean of x - s
+        var = xp.maximum(total[c : 2 * c] / count - offset * offset, 0.0)
+        mean = shift + offset
+        centred -= _column(offset)
     if invstd is None:
         invstd = 1.0 / xp.sqrt(var + eps)
     if fused.usable(centred, invstd, weight, bias):
