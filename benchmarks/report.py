@@ -264,6 +264,15 @@ def read_deepcluster_scaling(data: dict, path: Path, results_dir: Path) -> list[
     return rows
 
 
+def read_threads(data: dict, path: Path, results_dir: Path) -> list[Row]:
+    """``bench_threads.py``: --threads 1 against the BLAS default, quiet and with a busy core."""
+    threads = data.get("default_blas_threads") or "one per core"
+    return [Row(f"{data.get('what', 'SwAV training on digits')}, {name}: --threads 1 vs the BLAS default "
+                f"({threads} threads)", case["one_thread_s"], case["default_s"], "s", data.get("machine") or "CPU",
+                _date(data, path), data.get("command", "python benchmarks/bench_threads.py"))
+            for name, case in data.get("conditions", {}).items()]
+
+
 def read_training(data: dict, path: Path, results_dir: Path) -> list[Row]:
     """``swav-ref demo``'s results.json: each self-supervised method against supervised."""
     results = {r["method"]: r for r in data.get("results", [])}
@@ -302,6 +311,7 @@ READERS: dict[str, Reader] = {
     "bench_launches.json": read_launches,
     "bench_host.json": read_host,
     "bench_deepcluster_scaling.json": read_deepcluster_scaling,
+    "bench_threads.json": read_threads,
     **{name: read_training for name in TRAINING_RESULTS},
 }
 

@@ -122,6 +122,25 @@ def _output_folder(path: str, option: str) -> Path:
     return folder
 
 
+def _add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads", type=int, default=0, metavar="N",
+        help="threads for NumPy's matrix products (BLAS) on the CPU; 0 = the library's default, one per core. "
+             "On a machine busy with other work, 1 can be several times faster: idle BLAS threads spin "
+             "and compete with the other programs for the cores")
+
+
+def _limit_threads(n: int) -> None:
+    """Cap the BLAS (and OpenMP) thread pools for the rest of the command (threadpoolctl, a
+    dependency of scikit-learn)."""
+    if n < 0:
+        raise UserError(f"--threads {n}: must be at least 0 (0 = the BLAS library's default)")
+    if n:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n)
+
+
 class UserError(Exception):
     """A problem with what the user asked for (options, data, checkpoint, machine), reported
     as one line, ``swav-ref: error: ...``, with exit status 2, instead of a traceback."""
@@ -164,6 +183,7 @@ def _add_train(sub) -> None:
                    help="continue from this checkpoint (e.g. OUT_DIR/checkpoint.npz); the loss continues bit for bit")
     p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the trained backbone (linear probe, kNN) at the end")
+    _add_threads_option(p)
     p.set_defaults(func=_run_train)
 
 
@@ -175,6 +195,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from swav_ref.evaluate import format_results, results_table
     from swav_ref.train import Trainer
 
+    _limit_threads(args.threads)
     comm = get_communicator()
     install_abort_on_exception(comm)
     config = _config_from_args(args, TrainConfig())
@@ -220,6 +241,7 @@ def _add_eval(sub) -> None:
                    help="where the data of a cifar10 or folder checkpoint now lies (default: the checkpoint's "
                         "data folder); not for digits, which is embedded")
     p.add_argument("--out", default=None, help="JSON file for the results (default: eval.json next to the checkpoint)")
+    _add_threads_option(p)
     p.set_defaults(func=_run_eval)
 
 
@@ -232,6 +254,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from swav_ref.experiment import METHOD_NAMES, check_evaluable, evaluate_raw_pixels, evaluate_trainer
     from swav_ref.train import Trainer
 
+    _limit_threads(args.threads)
     _, meta = load_checkpoint(args.checkpoint)
     config = TrainConfig.from_dict(meta.get("config", {}))
     if config.dataset == "arrays":
@@ -313,6 +336,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="epochs for every trained model")
     p.add_argument("--backend", default="numpy", choices=("numpy", "cupy"), help="array backend")
     p.add_argument("--out", default="swav_out", help="folder for results.json and the figures")
+    _add_threads_option(p)
     p.set_defaults(func=_run_demo)
 
 
@@ -322,6 +346,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from swav_ref.evaluate import format_results
     from swav_ref.experiment import run_comparison
 
+    _limit_threads(args.threads)
     t0 = time.perf_counter()
     config = TrainConfig(epochs=args.epochs, backend=args.backend, out_dir=str(_output_folder(args.out, "--out")))
     print(f"swav_ref demo: {', '.join(args.methods)} on digits ({args.backend}), {args.epochs} epochs, "

@@ -75,6 +75,7 @@ def test_train_then_eval_on_an_image_folder(tmp_path, capsys):
     (["train", "--crops-for-assign", "0", "6"], "--crops-for-assign 0 6: needs distinct crop indices in 0..5"),
     (["train", "--crop-sizes", "32"], "--crop-sizes 32 gives 1 crop size(s), but the digits recipe"),
     (["train", "--n-prototypes", "50", "50"], "SwAV has one set of prototypes"),
+    (["train", "--threads", "-1"], "--threads -1: must be at least 0"),
     (["train", "--dataset", "folder"], "--dataset folder: needs --data-dir"),
     (["demo", "--epochs", "0"], "--epochs 0: must be at least 1"),
     (["dessert", "--lam", "0"], "--lam 0.0: the regularisation strength must be a positive number"),
@@ -187,3 +188,15 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(desserts, "run_dessert_example", broken)
     with pytest.raises(ZeroDivisionError):
         main(["dessert"])
+
+
+def test_threads_caps_numpys_blas_pool():
+    """--threads N reaches the BLAS library NumPy really uses (checked in a fresh process, so
+    the cap does not outlive the test)."""
+    import subprocess
+    import sys
+
+    code = ("from swav_ref.cli import _limit_threads; _limit_threads(1); from threadpoolctl import threadpool_info; "
+            "print([p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[1]"

@@ -306,3 +306,16 @@ def test_gpu_check_script_calls_scripts_and_options_that_exist():
                                    cwd=ROOT, check=True).stdout
         for option in re.findall(r"(--[a-z][a-z-]*)", rest):
             assert option in help_text, f"{path} has no option {option}"
+
+
+def test_thread_rows_compare_one_thread_with_the_default_per_condition(report, tmp_path):
+    d = tmp_path / "threads"
+    d.mkdir()
+    write(d / "bench_threads.json", {
+        "what": "SwAV on digits, 2 epochs", "default_blas_threads": 2, "machine": "x86_64 (2 cores)",
+        "date": "2031-01-02", "conditions": {"quiet": {"one_thread_s": 3.0, "default_s": 2.5},
+                                             "one core busy": {"one_thread_s": 3.5, "default_s": 7.0}}})
+    quiet, busy = report.collect_rows(d)
+    assert quiet.what == "SwAV on digits, 2 epochs, quiet: --threads 1 vs the BLAS default (2 threads)"
+    assert quiet.ratio == pytest.approx(1.2) and busy.ratio == pytest.approx(0.5)
+    assert busy.command == "python benchmarks/bench_threads.py"
