@@ -19,7 +19,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from swav_ref.train import METHODS, TrainConfig
+from swav_ref.backend import BACKENDS
+from swav_ref.data.datasets import DATASETS
+from swav_ref.train import CHOICES, METHODS, TrainConfig
 
 #: Help for each TrainConfig field, shown by ``swav-ref train --help``.
 OPTION_HELP = {
@@ -46,7 +48,8 @@ OPTION_HELP = {
     "sinkhorn_iterations": "Sinkhorn-Knopp iterations per batch",
     "queue_length": "embeddings kept in the queue per assignment crop (0 = no queue)",
     "epoch_queue_starts": "epoch from which the queue is used",
-    "freeze_prototypes_niters": "iterations during which the prototypes are not updated",
+    "freeze_prototypes_niters": "SwAV: iterations during which the prototypes are not updated (DeepCluster-v2's, "
+                                "the k-means centroids, never are)",
     "optimizer": "lars (as SwAV) or sgd",
     "base_lr": "peak learning rate after warm-up",
     "final_lr": "learning rate at the end of the cosine schedule",
@@ -56,6 +59,7 @@ OPTION_HELP = {
     "momentum": "SGD momentum",
     "kmeans_iters": "DeepCluster-v2: k-means iterations per epoch",
     "kmeans_restarts": "DeepCluster-v2: k-means restarts (the best objective wins)",
+    "kmeans_init": "DeepCluster-v2: initial centroids, k-means++ seeding or random rows (the official code's)",
     "sync_bn": "synchronise BatchNorm statistics across MPI workers",
     "seed": "random seed (data order, augmentation, initialisation)",
     "out_dir": "output folder: metrics.jsonl, checkpoint.npz, figures",
@@ -100,9 +104,7 @@ def _add_config_options(parser: argparse.ArgumentParser, defaults: TrainConfig, 
         elif field.name == "data_dir":
             parser.add_argument(flag, default=default, help=help_text)
         else:
-            choices = {"method": METHODS, "backend": ("numpy", "cupy"), "dtype": ("float32", "float64"),
-                       "arch": ("resnet_tiny", "resnet18"), "optimizer": ("lars", "sgd"),
-                       "dataset": ("digits", "cifar10", "folder")}.get(field.name)
+            choices = {**CHOICES, "backend": BACKENDS, "dataset": DATASETS}.get(field.name)
             parser.add_argument(flag, type=type(default), default=default, choices=choices, help=help_text)
     parser.set_defaults(_config_fields=[f.name for f in dataclasses.fields(TrainConfig) if f.name not in skip])
 

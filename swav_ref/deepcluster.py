@@ -241,6 +241,10 @@ def deepcluster_loss(scores: Sequence[Any], targets: Sequence[Any], n_crops: int
         -\log \mathrm{softmax}(s_r / \tau)_{y_r}` over the valid rows R.
     grads : d loss / d scores, one per set:
         :math:`(\mathrm{softmax}(s_r/\tau) - \mathrm{onehot}(y_r)) / (\tau H |R|)`.
+
+    A set whose rows are all IGNORE_INDEX (a whole batch missing from last epoch's bank,
+    rare) adds 0 to the loss and the gradient, where PyTorch's ``CrossEntropyLoss`` in the
+    official code returns NaN.
     """
     xp = array_namespace(*scores)
     n_sets = len(scores)

@@ -54,6 +54,11 @@ from swav_ref.swav.queue import Queue, queue_length_per_worker
 METHODS = ("swav", "deepcluster-v2", "supervised")
 #: ``TrainConfig.dataset`` for images handed to the Trainer (``train_set=``) rather than loaded.
 ARRAYS = "arrays"
+#: The allowed values of TrainConfig's text fields (the command line offers the user-facing
+#: ones: no "arrays", which only Python can hand over, and no test backend).
+CHOICES = {"method": METHODS, "dataset": (*DATASETS, ARRAYS), "backend": ("numpy", "cupy", "array_api_strict"),
+           "dtype": ("float32", "float64"), "arch": ("resnet_tiny", "resnet18"), "optimizer": ("lars", "sgd"),
+           "kmeans_init": ("k-means++", "random")}
 #: The multi-crop fields of TrainConfig whose default (None) is the data set's recipe.
 CROP_FIELDS = ("n_crops", "crop_sizes", "min_scale", "max_scale")
 CHECKPOINT_FORMAT = "swav_ref.trainer/1"
@@ -161,6 +166,7 @@ class TrainConfig:
     momentum: float = 0.9
     kmeans_iters: int = 10  # DeepCluster-v2
     kmeans_restarts: int = 1
+    kmeans_init: str = "k-means++"  # or "random" (the official: random rows of rank 0's bank)
     sync_bn: bool = False
     seed: int = 0
     out_dir: str = "runs/swav"
@@ -218,9 +224,7 @@ class TrainConfig:
         raise ConfigError(f"--{name.replace('_', '-')} {shown}: {rule}")
 
     def _check_choices(self) -> None:
-        choices = {"method": METHODS, "dataset": (*DATASETS, ARRAYS), "backend": ("numpy", "cupy", "array_api_strict"),
-                   "dtype": ("float32", "float64"), "arch": ("resnet_tiny", "resnet18"), "optimizer": ("lars", "sgd")}
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 self._refuse(name, f"choose one of {', '.join(allowed)}")
         if self.dataset in ("cifar10", "folder") and self.data_dir is None:
@@ -664,7 +668,7 @@ class Trainer:
                 self.bank, cfg.n_prototypes, cfg.kmeans_iters, self._cluster_random(epoch), len(self.train_set),
                 allreduce=None if self.comm.size == 1 else self.comm.allreduce_sum,
                 broadcast=None if self.comm.size == 1 else self.comm.broadcast,
-                n_restarts=cfg.kmeans_restarts,
+                init=cfg.kmeans_init, n_restarts=cfg.kmeans_restarts,
             )
             for h, c in enumerate(centroids):
                 self.model.head.set_prototype_weight(h, c)

@@ -259,3 +259,21 @@ def test_a_constant_channel_is_centred_not_scaled(tmp_path):
     assert trainer.std[1] == 1.0 and trainer.std[0] > 0 and trainer.mean[1] == pytest.approx(7 / 255)
     trainer.fit()
     assert np.isfinite(trainer.log.steps()[-1]["loss"])
+
+
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+def test_deepcluster_clusters_with_the_chosen_initialisation(tiny, tmp_path, monkeypatch, init):
+    from swav_ref import train
+
+    seen = []
+    real = train.cluster_memory
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["init"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "cluster_memory", recording)
+    trainer = Trainer(small_config(tmp_path, method="deepcluster-v2", kmeans_init=init, epochs=1),
+                      train_set=tiny[0], test_set=tiny[1])
+    trainer.fit()
+    assert seen == [init]
