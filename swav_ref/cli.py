@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -133,11 +134,17 @@ def _add_threads_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _limit_threads(n: int) -> None:
-    """Cap the BLAS (and OpenMP) thread pools for the rest of the command (threadpoolctl, a
-    dependency of scikit-learn)."""
+    """Cap every BLAS and OpenMP thread pool for the rest of the command: NumPy's, and
+    SciPy's and scikit-learn's (the linear probe), loaded first so that threadpoolctl (a
+    dependency of scikit-learn) reaches them too; the environment variables cover any
+    library loaded later."""
     if n < 0:
         raise UserError(f"--threads {n}: must be at least 0 (0 = the BLAS library's default)")
     if n:
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(n)
+        import scipy.linalg  # noqa: F401
+        import sklearn.linear_model  # noqa: F401
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(n)
@@ -207,6 +214,7 @@ def _run_train(args: argparse.Namespace) -> int:
             raise UserError(f"--resume {args.resume}: no such checkpoint file")
         if comm.is_root:  # a corrupt file is refused before --out-dir is made (the others wait)
             load_checkpoint(args.resume)
+        config = _with_the_checkpoints_recipe(config, args.resume)
     if comm.is_root:
         print(comm.describe())
     trainer = Trainer(config, comm=comm)
@@ -309,6 +317,20 @@ def _run_eval(args: argparse.Namespace) -> int:
                                            "k_used": table.attrs["k_used"]})
     print(f"results: {out}")
     return 0
+
+
+def _with_the_checkpoints_recipe(config: TrainConfig, checkpoint: str) -> TrainConfig:
+    """Resuming: the settings left to the data set's recipe (None) take the checkpoint's
+    values, so the same command resumes a run whatever recipe its version filled in (one
+    written before the recipe existed holds the digits crops for any data); a setting
+    given on the command line is kept, and one that differs from the checkpoint's is
+    refused by the resume."""
+    from swav_ref.train import CROP_FIELDS, load_trainer_checkpoint
+
+    saved = load_trainer_checkpoint(checkpoint)[2]
+    fields = (*CROP_FIELDS, "freeze_prototypes_niters")
+    return dataclasses.replace(config, **{name: getattr(saved, name) for name in fields
+                                          if getattr(config, name) is None and getattr(saved, name) is not None})
 
 
 def _warn_if_other_data(checkpoint: str, trained_on: dict | None, data) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from swav_ref import checkpoint as ckpt
 from swav_ref.backend import Random, get_backend
 from swav_ref.evaluate import extract_features
-from swav_ref.train import CHECKPOINT_FORMAT, TrainConfig, build_backbone
+from swav_ref.train import TrainConfig, build_backbone, load_trainer_checkpoint
 
 __all__ = ["Encoder", "load_encoder"]
 
@@ -73,14 +73,11 @@ def load_encoder(path: Any, backend: str | None = None) -> Encoder:
     swav_ref.checkpoint.CheckpointError : not a trainer checkpoint, weights that do not fit
         the architecture, or a checkpoint too old to hold its normalisation.
     """
-    arrays, meta = ckpt.load_checkpoint(path)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ckpt.CheckpointError(f"{path}: not a swav_ref trainer checkpoint (format {meta.get('format')!r})")
+    arrays, meta, config = load_trainer_checkpoint(path)
     if "normalisation" not in meta:
         raise ckpt.CheckpointError(
             f"{path}: written before checkpoints kept their input normalisation; load it with its data instead: "
             "Trainer(config, train_set=...).load(path, weights_only=True), then Trainer.features")
-    config = TrainConfig.from_dict(meta["config"])
     xp = get_backend(backend or config.backend)
     dtype = getattr(xp, config.dtype)
     weights = {k[len(_BACKBONE):]: v for k, v in arrays.items() if k.startswith(_BACKBONE)}

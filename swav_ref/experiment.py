@@ -144,20 +144,23 @@ def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
             artefacts["trainers"][method] = trainer
             artefacts["seconds"].setdefault(method, []).append(time.perf_counter() - t0)
     table = results_table([{"method": m, **v} for m, v in rows.items()])
+    # the settings as trained: the recipe's prototype freeze filled in (as by the first method's trainer)
+    trained = dataclasses.replace(config, freeze_prototypes_niters=artefacts["trainers"][methods[0]].config
+                                  .freeze_prototypes_niters) if methods else config
     save_results_json(out / "results.json", [{"method": m, **v} for m, v in rows.items()],
-                      metadata={"config": config.to_dict(), "seeds": list(seeds), "methods": list(methods),
+                      metadata={"config": trained.to_dict(), "seeds": list(seeds), "methods": list(methods),
                                 "seconds": artefacts["seconds"], "k_used": table.attrs["k_used"]})
     write_figures(artefacts["trainers"], out)
     return table, artefacts
 
 
-def supervised_config(config: TrainConfig) -> TrainConfig:
+def supervised_config(config: TrainConfig, image_side: int | None = None) -> TrainConfig:
     """The supervised baseline's recipe: the same network, optimiser, schedule and large
     crops, without the small crops (label prediction needs no multi-crop, and it halves
-    the baseline's cost). Crops left to the data set's recipe are filled in first (a
-    folder of images needs ``image_size`` for that, else :meth:`TrainConfig.with_crop_recipe`
-    with the images' side)."""
-    config = config.with_crop_recipe()
+    the baseline's cost). Crops left to the data set's recipe are filled in first
+    (:meth:`TrainConfig.with_crop_recipe`; a folder without ``image_size``, or arrays, need
+    ``image_side``, the images' shorter side)."""
+    config = config.with_crop_recipe(image_side)
     return dataclasses.replace(
         config, method="supervised", n_crops=config.n_crops[:1], crop_sizes=config.crop_sizes[:1],
         min_scale=config.min_scale[:1], max_scale=config.max_scale[:1],

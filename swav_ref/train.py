@@ -24,6 +24,7 @@ progress bar and checked for NaN and collapse.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import numbers
@@ -96,6 +97,21 @@ DIVERGENCE_ADVICE = ("Try a lower --base-lr or a longer warm-up (--warmup-epochs
                      "that features and prototypes are L2-normalised.")
 
 
+def load_trainer_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict, TrainConfig]:
+    """A checkpoint written by :meth:`Trainer.save`: its arrays, metadata and configuration
+    (:class:`~swav_ref.checkpoint.CheckpointError` for any other file)."""
+    arrays, meta = ckpt.load_checkpoint(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ckpt.CheckpointError(f"{path}: not a swav_ref trainer checkpoint (format {meta.get('format')!r})")
+    return arrays, meta, TrainConfig.from_dict(meta["config"])
+
+
+def recipe_name(dataset: str) -> str:
+    """The :func:`~swav_ref.data.multicrop.default_config` recipe of a data set: its own for
+    digits and CIFAR-10, the general one (sized to the images) for a folder or arrays."""
+    return dataset if dataset in ("digits", "cifar10") else "folder"
+
+
 def _as_options(values: dict[str, tuple]) -> str:
     """``{"n_crops": (2, 6)}`` as the command line spells it: ``--n-crops 2 6``."""
     return ", ".join(f"--{name.replace('_', '-')} {' '.join(map(str, v))}" for name, v in values.items())
@@ -116,9 +132,9 @@ class TrainConfig:
     128-d embedding.
 
     The fields that only make sense for one kind of image default to ``None``, "the data
-    set's recipe", and a :class:`Trainer` fills them in (:meth:`with_data_recipe`) once it
-    knows the images, so that ``--dataset cifar10`` never trains with the crops of 8x8
-    digits:
+    set's recipe", and a :class:`Trainer` fills them in once it knows the images (the crops
+    by :meth:`with_crop_recipe`, the freeze from its steps per epoch), so that
+    ``--dataset cifar10`` never trains with the crops of 8x8 digits:
 
     - ``n_crops``, ``crop_sizes``, ``min_scale``, ``max_scale``: from
       :func:`swav_ref.data.multicrop.default_config`. Digits: 2 crops of 8 at area scale
@@ -200,8 +216,8 @@ class TrainConfig:
 
     def _as_kind(self, name: str, value: Any, kind: str) -> Any:
         option = f"--{name.replace('_', '-')} {value!r}"
-        if kind == "bool":
-            if not isinstance(value, (bool, np.bool_)):
+        if kind == "bool":  # 0 and 1 too: configurations saved before the kinds were checked hold them
+            if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))):
                 raise ConfigError(f"{option}: must be True or False")
             return bool(value)
         if kind == "str":
@@ -286,10 +302,11 @@ class TrainConfig:
         given = {name: getattr(self, name) for name in CROP_FIELDS if getattr(self, name) is not None}
         if len(given) == len(CROP_FIELDS):
             return self
-        recipe = self.dataset if self.dataset in ("digits", "cifar10") else "folder"
+        recipe = recipe_name(self.dataset)
         side = image_side or self.image_size or None
         if recipe == "folder" and side is None:
-            raise ConfigError("--dataset folder: the crop sizes follow the images' size; give --image-size, or "
+            how = "--image-size" if self.dataset == "folder" else "image_side (the arrays' shorter side)"
+            raise ConfigError(f"--dataset {self.dataset}: the crop sizes follow the images' size; give {how}, or "
                               "all of --n-crops, --crop-sizes, --min-scale and --max-scale")
         crops = default_config(recipe, image_size=side)
         filled = {"n_crops": crops.n_crops, "crop_sizes": crops.sizes,
@@ -517,8 +534,7 @@ class Trainer:
         none of ImageNet's flips and blurs on 8x8 digits), with this run's crop counts,
         sizes and scales, normalised by the training set's own channel statistics."""
         cfg = self.config
-        recipe = cfg.dataset if cfg.dataset in ("digits", "cifar10") else "folder"
-        base = default_config(recipe, image_size=max(cfg.crop_sizes))
+        base = default_config(recipe_name(cfg.dataset), image_size=max(cfg.crop_sizes))
         return base.replace(n_crops=cfg.n_crops, sizes=cfg.crop_sizes, min_scale=cfg.min_scale,
                             max_scale=cfg.max_scale, mean=self.mean, std=self.std)
 
@@ -870,7 +886,8 @@ class Trainer:
             ckpt.save_checkpoint(path, arrays, meta)
         self.comm.barrier()
         if local_arrays:  # the checkpoint now names this step's files: earlier ones are not needed
-            for old in Path(path).parent.glob(f"{Path(path).stem}.rank{self.comm.rank}.*local{Path(path).suffix}"):
+            pattern = f"{glob.escape(Path(path).stem)}.rank{self.comm.rank}.*local{glob.escape(Path(path).suffix)}"
+            for old in Path(path).parent.glob(pattern):
                 if old != mine:
                     old.unlink(missing_ok=True)
 
@@ -884,13 +901,10 @@ class Trainer:
         continues at the next epoch boundary, with this run's steps per epoch (not bit for
         bit: the batches are cut differently).
         """
-        arrays, meta = ckpt.load_checkpoint(path)
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ckpt.CheckpointError(f"{path}: not a swav_ref trainer checkpoint (format {meta.get('format')!r})")
-        saved = TrainConfig.from_dict(meta["config"])
+        arrays, meta, saved = load_trainer_checkpoint(path)
         compared = ("method", "arch", "n_prototypes", "feat_dim", "hidden_dim")
         if not weights_only:  # these shape the optimiser's and the workers' state too
-            compared += ("batch_size", "n_crops", "dataset", "queue_length")
+            compared += ("batch_size", "dataset", "queue_length", *CROP_FIELDS)
         for name in compared:
             if getattr(saved, name) != getattr(self.config, name):
                 raise ckpt.CheckpointError(
@@ -909,6 +923,7 @@ class Trainer:
             self.std = tuple(meta["normalisation"]["std"])
             self.multicrop = MultiCrop(self._multicrop_config(), self.xp, self.dtype)
         if weights_only:
+            self.step = int(meta["step"])  # which step's weights these are (eval's label)
             if self.comm.size > 1:
                 self._broadcast_parameters()
             return

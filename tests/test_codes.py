@@ -111,9 +111,9 @@ def test_scores_that_are_not_cosines_are_named_on_numpy(rng):
     s[0, :] = -1.0  # a sample far from every prototype
     with np.errstate(all="ignore"), pytest.raises(ValueError, match=r"scores spanning \[-30, .*should be cosines"):
         sinkhorn_codes(30.0 * s, epsilon=0.05)
-    s[3, 2] = np.nan
-    with np.errstate(all="ignore"), pytest.raises(ValueError, match="scores contain NaN"):
-        sinkhorn_codes(s, epsilon=0.05)
+    s[3, 2] = np.nan  # a diverged network: NaN in, NaN out, for the trainer's check to report
+    with np.errstate(all="ignore"):
+        assert np.isnan(sinkhorn_codes(s, epsilon=0.05)).any()
 
 
 def test_numpy_scalar_arguments_are_accepted(backend, rng):

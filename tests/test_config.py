@@ -25,13 +25,21 @@ def test_numpy_scalars_and_paths_become_plain_values():
     ("epochs", "5", "--epochs '5': must be a number"),
     ("batch_size", True, "--batch-size True: must be a number"),
     ("n_crops", (2, 4.5), "--n-crops 4.5: must be a whole number"),
-    ("sync_bn", 1, "--sync-bn 1: must be True or False"),
+    ("sync_bn", 2, "--sync-bn 2: must be True or False"),
     ("arch", 18, "--arch 18: must be text"),
 ])
 def test_a_value_of_the_wrong_kind_is_refused_by_name(field, value, message):
     with pytest.raises(ConfigError) as info:
         TrainConfig(**{field: value})
     assert str(info.value) == message
+
+
+def test_switches_saved_as_0_or_1_still_load():
+    """Configurations written before the kinds were checked may hold 0 and 1 for a switch."""
+    config = TrainConfig.from_dict({"progress": 0, "sync_bn": 1})
+    assert config.progress is False and config.sync_bn is True
+    with pytest.raises(ConfigError, match="--progress 2: must be True or False"):
+        TrainConfig(progress=2)
 
 
 def test_from_dict_names_the_keys_it_ignores():

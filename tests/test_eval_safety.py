@@ -8,6 +8,7 @@ import tempfile
 
 import pytest
 
+from swav_ref.checkpoint import load_checkpoint
 from swav_ref.cli import main
 from swav_ref.evaluate import KNNResult, format_results, results_table
 from swav_ref.train import Trainer, TrainConfig
@@ -156,6 +157,26 @@ def test_eval_of_a_run_on_arrays_says_to_use_python(tiny, tmp_path, capsys):
     trainer.save(tmp_path / "run" / "checkpoint.npz")
     assert main(["eval", str(tmp_path / "run" / "checkpoint.npz")]) == 2
     assert "evaluate it from Python: swav_ref.encoder.load_encoder(path)" in one_line_error(capsys)
+
+
+def test_the_same_command_resumes_a_run_whose_crops_an_older_version_chose(tmp_path, capsys, scratch_tmp):
+    """A folder run checkpointed before the crops followed the data set (it holds the digits
+    crops and a 22-step freeze): `swav-ref train ... --resume` without crop options takes
+    the checkpoint's values, not today's folder recipe; eval then names the step."""
+    images = str(write_digit_folder(tmp_path / "classes", 100, labelled=True))
+    old = dict(SMALL, epochs=1, freeze_prototypes_niters=22)  # the values an older version saved
+    Trainer(TrainConfig(**old, dataset="folder", data_dir=images, out_dir=str(tmp_path / "run"))).fit()
+    command = ["train", "--dataset", "folder", "--data-dir", images, "--batch-size", "32", "--hidden-dim", "16",
+               "--feat-dim", "8", "--n-prototypes", "10", "--warmup-epochs", "0", "--epochs", "2", "--no-progress",
+               "--no-evaluate", "--out-dir", str(tmp_path / "run"), "--resume", str(tmp_path / "run" / "checkpoint.npz")]
+    assert main(command) == 0
+    _, meta = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    saved = meta["config"]
+    assert (saved["n_crops"], saved["crop_sizes"], saved["min_scale"]) == ([2, 2], [8, 6], [0.5, 0.3])
+    assert saved["freeze_prototypes_niters"] == 22 and meta["step"] == 4
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run" / "checkpoint.npz"), "--out", str(tmp_path / "e.json")]) == 0
+    assert "SwAV (step 4)" in capsys.readouterr().out
 
 
 # -- 4. demo leaves no empty folders --------------------------------------------------------

@@ -95,5 +95,7 @@ def test_images_handed_over_as_arrays_get_the_general_recipe(tmp_path):
     assert data.class_names == ("0", "1", "2")  # labels without names are numbered
     with pytest.raises(ConfigError, match="dataset 'arrays': hand the images to the trainer"):
         Trainer(config)
+    with pytest.raises(ConfigError, match=r"give image_side \(the arrays' shorter side\)"):
+        config.with_crop_recipe()
     with pytest.raises(ConfigError, match="arrays are handed to the Trainer; --data-dir applies"):
         TrainConfig(dataset="arrays", data_dir="somewhere")

@@ -82,6 +82,21 @@ def test_a_job_killed_while_saving_leaves_a_checkpoint_whose_files_are_all_there
     assert resumed.step == 5 and resumed.bank is not None
 
 
+def test_saving_removes_only_this_checkpoints_earlier_files(tiny, tmp_path):
+    """The clean-up matches the checkpoint's own name literally: brackets in it are no
+    pattern, and another checkpoint's files in the same folder stay."""
+    run = trainer(tiny, tmp_path / "run", **LOCAL_STATE["deepcluster"])
+    run.fit()
+    folder = tmp_path / "run"
+    decoy = folder / "ckpt1.rank0.step5.local.npz"  # what the pattern "ckpt[1]" would also match
+    decoy.write_bytes(b"another checkpoint's file")
+    run.save(folder / "ckpt[1].npz")
+    run.step += 1
+    run.save(folder / "ckpt[1].npz")
+    assert decoy.exists() and (folder / "checkpoint.rank0.step10.local.npz").exists()
+    assert sorted(f.name for f in folder.glob("ckpt?1?.*")) == ["ckpt[1].npz", "ckpt[1].rank0.step11.local.npz"]
+
+
 def test_eval_loads_the_weights_without_the_workers_files(tiny, tmp_path):
     """The per-worker files matter to a resume only: evaluation of a queue or DeepCluster
     checkpoint needs none of them (it was refused when written by other workers)."""

@@ -178,6 +178,18 @@ def test_divergence_before_any_checkpoint_says_so_and_what_to_try(tiny, tmp_path
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
 
 
+@pytest.mark.parametrize("method", ["swav", "deepcluster-v2"])
+def test_a_learning_rate_that_really_diverges_stops_with_advice(tiny, tmp_path, method):
+    """Not a poisoned loss: parameters blown up by the rate, then NaN scores reaching
+    Sinkhorn (which must leave them to the trainer's check, not raise its own error)."""
+    train, test = tiny
+    config = small_config(tmp_path, method=method, optimizer="sgd", base_lr=1e30, warmup_epochs=0, epochs=3)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TrainingDivergedError, match="--base-lr"):
+            Trainer(config, train_set=train, test_set=test).fit()
+
+
 def test_a_run_shorter_than_the_warm_up_still_decays_its_rate(tiny, tmp_path):
     """--epochs 1 with --warmup-epochs 2: at most half a run warms up, so it does not end
     at the peak rate."""

@@ -116,7 +116,7 @@ def sinkhorn_codes(
     down to -1200), and one 0/0 row turns every code into NaN through the per-prototype
     sums. On NumPy that is an error naming the scores' range; elsewhere finding it would
     cost a wait for the device, so the NaN reaches the loss, where the trainer's check at
-    its logging boundary stops training with advice.
+    its logging boundary stops training with advice. NaN scores give NaN codes everywhere.
     """
     xp = array_namespace(scores)
     epsilon, n_iters = _check_arguments(scores, epsilon, n_iters, allreduce, allreduce_max)
@@ -128,23 +128,23 @@ def sinkhorn_codes(
     n_prototypes = s.shape[1]
     per_prototype_max = reduce_max(xp.max(s, axis=0, keepdims=True))  # (1, K), same everywhere
     if fused.usable(s):
-        return _fused_iterations(s, per_prototype_max, epsilon, n_iters, reduce_sum, scores.dtype)
-    q = s - per_prototype_max
-    q *= 1.0 / epsilon
-    q = xp.exp(q)  # every entry in (0, 1]; each prototype has an entry equal to 1
+        q = _fused_iterations(s, per_prototype_max, epsilon, n_iters, reduce_sum, scores.dtype)
+    else:
+        q = s - per_prototype_max
+        q *= 1.0 / epsilon
+        q = xp.exp(q)  # every entry in (0, 1]; each prototype has an entry equal to 1
 
-    q /= reduce_sum(xp.sum(q))  # official: Q /= sum(Q), an all-reduce
-    batch_total = reduce_sum(xp.asarray(s.shape[0], dtype=dtype))  # global B
-    for _ in range(n_iters):
-        # each prototype (official row) gets total mass 1/K; its sum is all-reduced
-        q /= reduce_sum(xp.sum(q, axis=0, keepdims=True)) * n_prototypes
-        # each sample (official column) gets total mass 1/B; local, no communication
-        q /= xp.sum(q, axis=1, keepdims=True) * batch_total
-    q *= batch_total  # rows now sum to 1: the codes
-
-    q = q if q.dtype == scores.dtype else xp.astype(q, scores.dtype)
+        q /= reduce_sum(xp.sum(q))  # official: Q /= sum(Q), an all-reduce
+        batch_total = reduce_sum(xp.asarray(s.shape[0], dtype=dtype))  # global B
+        for _ in range(n_iters):
+            # each prototype (official row) gets total mass 1/K; its sum is all-reduced
+            q /= reduce_sum(xp.sum(q, axis=0, keepdims=True)) * n_prototypes
+            # each sample (official column) gets total mass 1/B; local, no communication
+            q /= xp.sum(q, axis=1, keepdims=True) * batch_total
+        q *= batch_total  # rows now sum to 1: the codes
+        q = q if q.dtype == scores.dtype else xp.astype(q, scores.dtype)
     if is_numpy(xp):  # free on the host; on a device the trainer's NaN check catches it
-        _check_finite(q, s, epsilon)
+        _check_underflow(q, s, epsilon)
     return q
 
 
@@ -165,14 +165,13 @@ def _fused_iterations(s, per_prototype_max, epsilon, n_iters, reduce_sum, out_dt
     return q if q.dtype == out_dtype else xp.astype(q, out_dtype)
 
 
-def _check_finite(q: Any, s: Any, epsilon: float) -> None:
-    """Raise, naming the cause, when NumPy codes came out NaN (see *Scores outside the
-    contract* in :func:`sinkhorn_codes`)."""
+def _check_underflow(q: Any, s: Any, epsilon: float) -> None:
+    """Raise, naming the cause, when finite NumPy scores gave NaN codes (see *Scores outside
+    the contract* in :func:`sinkhorn_codes`). Scores that are NaN already (a diverged
+    network) give NaN codes, left for the trainer, whose check stops training with advice."""
     codes, scores = q.view(np.ndarray), s.view(np.ndarray)  # plain arrays: no device stand-in
-    if np.all(np.isfinite(codes)):
+    if np.all(np.isfinite(codes)) or not np.all(np.isfinite(scores)):
         return
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("sinkhorn_codes: the scores contain NaN or infinity")
     low, high = float(scores.min()), float(scores.max())
     raise ValueError(
         f"sinkhorn_codes: the codes are NaN: scores spanning [{low:.3g}, {high:.3g}] at epsilon {epsilon} make "
