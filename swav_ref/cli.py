@@ -150,6 +150,20 @@ def _limit_threads(n: int) -> None:
         threadpool_limits(n)
 
 
+def _one_process_only(command: str) -> None:
+    """``demo`` and ``eval`` run in one process: under ``mpiexec -n N`` every rank would run
+    the whole job and write the same files. Each rank stops alike (exit status 2, no
+    collective to hang in); rank 0 says why."""
+    from swav_ref.distributed import detect_mpi_launch
+
+    launched, rank, size = detect_mpi_launch()
+    if launched and (size is None or size > 1):
+        if not rank:
+            print(f"swav-ref: error: {command} runs in one process; start it without mpiexec/srun "
+                  "(data-parallel training is swav-ref train)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 class UserError(Exception):
     """A problem with what the user asked for (options, data, checkpoint, machine), reported
     as one line, ``swav-ref: error: ...``, with exit status 2, instead of a traceback."""
@@ -264,6 +278,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from swav_ref.experiment import METHOD_NAMES, check_evaluable, evaluate_raw_pixels, evaluate_trainer
     from swav_ref.train import Trainer
 
+    _one_process_only("eval")
     _limit_threads(args.threads)
     _, meta = load_checkpoint(args.checkpoint)
     config = TrainConfig.from_dict(meta.get("config", {}))
@@ -370,6 +385,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from swav_ref.evaluate import format_results
     from swav_ref.experiment import run_comparison
 
+    _one_process_only("demo")
     _limit_threads(args.threads)
     t0 = time.perf_counter()
     config = TrainConfig(epochs=args.epochs, backend=args.backend, out_dir=str(_output_folder(args.out, "--out")))

@@ -202,3 +202,14 @@ def test_threads_caps_numpys_blas_pool():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
     counts, n_pools = out.split("] ")
     assert counts == "[1" and int(n_pools) >= 2, out  # NumPy's BLAS and at least one more, all at 1
+
+
+@pytest.mark.parametrize("command", [["demo"], ["eval", "checkpoint.npz"]])
+def test_demo_and_eval_refuse_to_run_once_per_rank(command, monkeypatch, capsys):
+    """Under mpiexec -n 2 every rank would run the whole job and write the same files."""
+    monkeypatch.setenv("PMI_RANK", "0")
+    monkeypatch.setenv("PMI_SIZE", "2")
+    with pytest.raises(SystemExit) as info:
+        main(command)
+    assert info.value.code == 2
+    assert f"{command[0]} runs in one process; start it without mpiexec" in capsys.readouterr().err
