@@ -51,6 +51,7 @@ from swav_ref import exercises, plots
 from swav_ref.data.datasets import load_dataset
 from swav_ref.data.multicrop import show_crops
 from swav_ref.evaluate import results_table
+from swav_ref.encoder import load_encoder
 from swav_ref.experiment import evaluate_raw_pixels, evaluate_trainer, prototype_assignments, supervised_config
 from swav_ref.swav import CollapseMonitor
 from swav_ref.train import TrainConfig, Trainer
@@ -219,6 +220,18 @@ table = results_table(rows)
 # the full recipe for every row (with the supervised one) and reports mean and standard
 # deviation over seeds; the *Results* page has its numbers at 30 epochs and at 60
 # (`--epochs 60`).
+
+# %% [markdown]
+# The trained network is in its checkpoint, with the input normalisation it was trained
+# with, so features of new images need neither this notebook's objects nor the data set:
+# `load_encoder` rebuilds the backbone from `checkpoint.npz` alone, and its features are
+# the trainer's, bit for bit. A classifier of your own can be fitted on them.
+
+# %%
+encoder = load_encoder(run_dir / "swav" / "checkpoint.npz")
+new_features = encoder.features(test_set.images[:5])
+print(new_features.shape, "| the trainer's features:",
+      bool(xp.all(new_features == trainer.features(test_set.images[:5]))))
 
 # %% [markdown]
 # ## 5 · Images grouped by prototype
