@@ -156,8 +156,10 @@ def _one_process_only(command: str) -> None:
     collective to hang in); rank 0 says why."""
     from swav_ref.distributed import detect_mpi_launch
 
-    launched, rank, size = detect_mpi_launch()
-    if launched and (size is None or size > 1):
+    # SLURM_NTASKS alone is no launch: a batch script's own shell sees the allocation's task
+    # count without being one of srun's tasks. Rank 0 of a launch of unannounced size runs.
+    launched, rank, size = detect_mpi_launch({k: v for k, v in os.environ.items() if k != "SLURM_NTASKS"})
+    if launched and ((size or 1) > 1 or (rank or 0) > 0):
         if not rank:
             print(f"swav-ref: error: {command} runs in one process; start it without mpiexec/srun "
                   "(data-parallel training is swav-ref train)", file=sys.stderr)
@@ -212,7 +214,6 @@ def _add_train(sub) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from swav_ref import plots
-    from swav_ref.checkpoint import load_checkpoint
     from swav_ref.distributed import get_communicator, install_abort_on_exception
     from swav_ref.experiment import METHOD_NAMES, check_evaluable, evaluate_trainer
     from swav_ref.evaluate import format_results, results_table
@@ -226,8 +227,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if not Path(args.resume).is_file():
             raise UserError(f"--resume {args.resume}: no such checkpoint file")
-        if comm.is_root:  # a corrupt file is refused before --out-dir is made (the others wait)
-            load_checkpoint(args.resume)
+        # read here, so a corrupt file is refused before --out-dir is made
         config = _with_the_checkpoints_recipe(config, args.resume)
     if comm.is_root:
         print(comm.describe())
@@ -325,6 +325,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         rows = [{"method": "raw pixels", **evaluate_raw_pixels(trainer)}]
         _warn_if_other_data(args.checkpoint, meta.get("data"), train)
         trainer.load(args.checkpoint, weights_only=True)  # any number of workers may have written it
+        trainer.step = int(meta["step"])  # which step's weights these are, for the label
         rows.append({"method": f"{METHOD_NAMES[config.method]} (step {trainer.step})", **evaluate_trainer(trainer)})
     table = results_table(rows)
     print(format_results(table))
@@ -335,16 +336,16 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _with_the_checkpoints_recipe(config: TrainConfig, checkpoint: str) -> TrainConfig:
-    """Resuming: the settings left to the data set's recipe (None) take the checkpoint's
-    values, so the same command resumes a run whatever recipe its version filled in (one
-    written before the recipe existed holds the digits crops for any data); a setting
-    given on the command line is kept, and one that differs from the checkpoint's is
-    refused by the resume."""
+    """Resuming: the crop settings left to the data set's recipe (None) take the
+    checkpoint's values, so the same command resumes a run whatever recipe its version
+    filled in (one written before the recipe existed holds the digits crops for any data).
+    A crop setting given on the command line is kept, and the resume refuses one that
+    differs from the checkpoint's. (The prototype freeze is left to this run's recipe: it
+    counts this run's steps, which differ on another number of workers.)"""
     from swav_ref.train import CROP_FIELDS, load_trainer_checkpoint
 
     saved = load_trainer_checkpoint(checkpoint)[2]
-    fields = (*CROP_FIELDS, "freeze_prototypes_niters")
-    return dataclasses.replace(config, **{name: getattr(saved, name) for name in fields
+    return dataclasses.replace(config, **{name: getattr(saved, name) for name in CROP_FIELDS
                                           if getattr(config, name) is None and getattr(saved, name) is not None})
 
 
@@ -424,10 +425,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (UserError, ConfigError, BackendUnavailableError, CheckpointError, DatasetError, MPIUnavailableError) as exc:
         # The user's to fix, and the message says how; a bug anywhere else keeps its traceback.
-        # Under MPI the error goes on to the abort hook, which stops every rank (one rank
-        # quietly returning would leave the others waiting in a collective forever).
+        # Under MPI a training error goes on to the abort hook, which stops every rank (one
+        # rank quietly returning would leave the others waiting in a collective forever);
+        # the other commands run in one process, with nobody to leave waiting.
         launched, _, size = detect_mpi_launch()
-        if launched and (size is None or size > 1):
+        if args.command == "train" and launched and (size is None or size > 1):
             raise
         print(f"swav-ref: error: {exc}", file=sys.stderr)
         return 2

@@ -145,8 +145,9 @@ def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
             artefacts["seconds"].setdefault(method, []).append(time.perf_counter() - t0)
     table = results_table([{"method": m, **v} for m, v in rows.items()])
     # the settings as trained: the recipe's prototype freeze filled in (as by the first method's trainer)
-    trained = dataclasses.replace(config, freeze_prototypes_niters=artefacts["trainers"][methods[0]].config
-                                  .freeze_prototypes_niters) if methods else config
+    first = artefacts["trainers"].get(methods[0]) if methods else None
+    trained = config if first is None else dataclasses.replace(
+        config, freeze_prototypes_niters=first.config.freeze_prototypes_niters)
     save_results_json(out / "results.json", [{"method": m, **v} for m, v in rows.items()],
                       metadata={"config": trained.to_dict(), "seeds": list(seeds), "methods": list(methods),
                                 "seconds": artefacts["seconds"], "k_used": table.attrs["k_used"]})

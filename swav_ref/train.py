@@ -923,7 +923,6 @@ class Trainer:
             self.std = tuple(meta["normalisation"]["std"])
             self.multicrop = MultiCrop(self._multicrop_config(), self.xp, self.dtype)
         if weights_only:
-            self.step = int(meta["step"])  # which step's weights these are (eval's label)
             if self.comm.size > 1:
                 self._broadcast_parameters()
             return

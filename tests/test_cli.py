@@ -213,3 +213,14 @@ def test_demo_and_eval_refuse_to_run_once_per_rank(command, monkeypatch, capsys)
         main(command)
     assert info.value.code == 2
     assert f"{command[0]} runs in one process; start it without mpiexec" in capsys.readouterr().err
+
+
+def test_eval_runs_in_a_slurm_batch_script(monkeypatch, capsys):
+    """The batch script's shell sees the allocation (SLURM_PROCID 0 of SLURM_NTASKS 4)
+    without being one of srun's tasks: eval runs (and here stops at the missing file)."""
+    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert main(["eval", "/nonexistent/checkpoint.npz"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err

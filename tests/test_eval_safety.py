@@ -161,8 +161,8 @@ def test_eval_of_a_run_on_arrays_says_to_use_python(tiny, tmp_path, capsys):
 
 def test_the_same_command_resumes_a_run_whose_crops_an_older_version_chose(tmp_path, capsys, scratch_tmp):
     """A folder run checkpointed before the crops followed the data set (it holds the digits
-    crops and a 22-step freeze): `swav-ref train ... --resume` without crop options takes
-    the checkpoint's values, not today's folder recipe; eval then names the step."""
+    crops): `swav-ref train ... --resume` without crop options takes the checkpoint's
+    values, not today's folder recipe; eval then names the step."""
     images = str(write_digit_folder(tmp_path / "classes", 100, labelled=True))
     old = dict(SMALL, epochs=1, freeze_prototypes_niters=22)  # the values an older version saved
     Trainer(TrainConfig(**old, dataset="folder", data_dir=images, out_dir=str(tmp_path / "run"))).fit()
@@ -173,7 +173,7 @@ def test_the_same_command_resumes_a_run_whose_crops_an_older_version_chose(tmp_p
     _, meta = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
     saved = meta["config"]
     assert (saved["n_crops"], saved["crop_sizes"], saved["min_scale"]) == ([2, 2], [8, 6], [0.5, 0.3])
-    assert saved["freeze_prototypes_niters"] == 22 and meta["step"] == 4
+    assert meta["step"] == 4
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run" / "checkpoint.npz"), "--out", str(tmp_path / "e.json")]) == 0
     assert "SwAV (step 4)" in capsys.readouterr().out
