@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import threading
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +9,7 @@ from hypothesis import strategies as st
 
 from swav_ref import backend as B
 from swav_ref.swav import FLOAT32_SAFE_EPSILON, sinkhorn_codes
+from thread_workers import ThreadWorkers
 
 
 def official_sinkhorn(scores: np.ndarray, epsilon: float, n_iters: int) -> np.ndarray:
@@ -126,42 +124,20 @@ def test_numpy_scalar_arguments_are_accepted(backend, rng):
     assert q.dtype == backend.float32 and np.all(np.isfinite(B.to_numpy(q)))
 
 
-class ThreadedComm:
-    """Fake data-parallel workers: each thread calls the hooks in the same order."""
-
-    def __init__(self, n_workers: int):
-        self.barrier = threading.Barrier(n_workers)
-        self.slots = [None] * n_workers
-
-    def hook(self, rank: int, combine):
-        def reduce(x):
-            self.slots[rank] = x
-            self.barrier.wait()
-            out = functools.reduce(combine, self.slots)
-            self.barrier.wait()
-            return out
-
-        return reduce
-
-
 def test_allreduce_hooks_reproduce_the_global_batch(backend, rng):
     s = cosine_scores(rng, 12, 5)
     whole = B.to_numpy(sinkhorn_codes(B.asarray(s, backend)))
     parts = [s[:5], s[5:]]  # unequal local batches
-    comm, results = ThreadedComm(2), [None, None]
+    workers = ThreadWorkers(2)
 
     def worker(rank):
-        results[rank] = sinkhorn_codes(
+        return sinkhorn_codes(
             B.asarray(parts[rank], backend),
-            allreduce=comm.hook(rank, lambda a, b: a + b),
-            allreduce_max=comm.hook(rank, backend.maximum),
+            allreduce=workers.allreduce(rank),
+            allreduce_max=workers.allreduce(rank, backend.maximum),
         )
 
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+    results = workers.run(worker)
     got = np.concatenate([B.to_numpy(r) for r in results])
     assert np.max(np.abs(got - whole)) < 1e-12
     # local Sinkhorn on each part alone is a different answer: the hooks did matter

@@ -1,5 +1,3 @@
-import threading
-
 import numpy as np
 import pytest
 
@@ -12,6 +10,7 @@ from swav_ref.deepcluster import (
     spherical_kmeans,
 )
 from swav_ref.nn.gradcheck import check_gradient
+from thread_workers import ThreadWorkers
 
 
 def _blobs(n_per, k, d, seed=0, spread=0.05):
@@ -76,36 +75,6 @@ def test_distributed_kmeans_equals_single_process():
     np.testing.assert_allclose(c_full, cents, atol=1e-12)
 
 
-class ThreadWorkers:
-    """Workers as threads, in lock-step: ``allreduce`` sums and ``broadcast`` hands out rank 0's
-    array, each at a barrier, as MPI's collectives do (a stand-in for ``mpiexec -n 2``)."""
-
-    def __init__(self, size: int):
-        self.size, self.slots, self.barrier = size, [None] * size, threading.Barrier(size)
-
-    def _exchange(self, rank: int, x, combine):
-        self.slots[rank] = x
-        self.barrier.wait()
-        out = combine(list(self.slots))
-        self.barrier.wait()  # every worker has read the slots before they are reused
-        return out
-
-    def run(self, work):
-        """``work(rank, allreduce, broadcast)`` on every worker; the results by rank."""
-        results = [None] * self.size
-
-        def worker(rank):
-            results[rank] = work(rank, lambda x: self._exchange(rank, x, sum),
-                                 lambda x: self._exchange(rank, x, lambda xs: xs[0].copy()))
-
-        threads = [threading.Thread(target=worker, args=(r,)) for r in range(self.size)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=30)
-        return results
-
-
 def test_data_parallel_kmeans_starts_every_worker_from_rank_0s_centroids():
     """Two workers with different rows: the result is k-means on all rows started from the
     centroids rank 0 drew from its own rows (each worker drawing its own start, the summed
@@ -114,10 +83,13 @@ def test_data_parallel_kmeans_starts_every_worker_from_rank_0s_centroids():
     halves = [x[: len(x) // 2], x[len(x) // 2 :]]
     k, iters = 6, 3
 
-    def work(rank, allreduce, broadcast):
-        return spherical_kmeans(halves[rank], k, iters, Random(7), allreduce=allreduce, broadcast=broadcast)[0]
+    workers = ThreadWorkers(2)
 
-    centroids = ThreadWorkers(2).run(work)
+    def work(rank):
+        return spherical_kmeans(halves[rank], k, iters, Random(7), allreduce=workers.allreduce(rank),
+                                broadcast=workers.broadcast(rank))[0]
+
+    centroids = workers.run(work)
     start = spherical_kmeans(halves[0], k, 0, Random(7))[0]  # rank 0's draw (0 iterations: the start)
     expected = spherical_kmeans(x, k, iters, Random(0), init=start)[0]
     np.testing.assert_allclose(centroids[0], expected, atol=1e-12)

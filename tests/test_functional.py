@@ -7,14 +7,13 @@ ops (1e-10 in float64) when torch imports.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
 from swav_ref.backend import asarray, to_numpy
 from swav_ref.nn import functional as F
 from swav_ref.nn.gradcheck import check_gradient, rel_error
+from thread_workers import ThreadWorkers
 
 TOL = 1e-6
 
@@ -206,46 +205,6 @@ def test_batchnorm_matches_torch(shape, training, rng):
         assert rel_error(new_var, trv.numpy()) < 1e-12
 
 
-class _ThreadWorkers:
-    """Simulates ``n`` data-parallel workers in one process: each runs in a thread and
-    ``hook(rank)`` is its allreduce (a barrier, then everyone sums every worker's array)."""
-
-    def __init__(self, n):
-        self.n, self.slots, self.barrier = n, [None] * n, threading.Barrier(n)
-
-    def hook(self, rank):
-        def allreduce(a):
-            self.slots[rank] = a
-            self.barrier.wait()
-            total = self.slots[0]
-            for other in self.slots[1:]:
-                total = total + other
-            self.barrier.wait()  # nobody overwrites a slot before all have read
-            return total
-
-        return allreduce
-
-    def run(self, fn):
-        results = [None] * self.n
-        errors = []
-
-        def target(rank):
-            try:
-                results[rank] = fn(rank, self.hook(rank))
-            except Exception as exc:  # surfaces in the main thread
-                errors.append(exc)
-                self.barrier.abort()
-
-        threads = [threading.Thread(target=target, args=(rank,)) for rank in range(self.n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return results
-
-
 @pytest.mark.parametrize("shape", [(6, 3), (4, 2, 3, 3)])
 def test_sync_batchnorm_equals_one_big_batch(backend, shape, rng):
     x, weight, bias, rm, rv = _bn_inputs(rng, shape, backend)
@@ -256,12 +215,14 @@ def test_sync_batchnorm_equals_one_big_batch(backend, shape, rng):
     half = shape[0] // 2
     parts = [slice(0, half), slice(half, shape[0])]
 
-    def worker(rank, allreduce):
-        o, c = F.batchnorm_forward(x[parts[rank], ...], weight, bias, allreduce=allreduce)
+    workers = ThreadWorkers(2)
+
+    def worker(rank):
+        o, c = F.batchnorm_forward(x[parts[rank], ...], weight, bias, allreduce=workers.allreduce(rank))
         grads = F.batchnorm_backward(r[parts[rank], ...], c)
         return o, grads, F.batchnorm_update_running(rm, rv, c)
 
-    (o0, g0, s0), (o1, g1, s1) = _ThreadWorkers(2).run(worker)
+    (o0, g0, s0), (o1, g1, s1) = workers.run(worker)
     assert rel_error(np.concatenate([to_numpy(o0), to_numpy(o1)]), out) < 1e-12
     assert rel_error(np.concatenate([to_numpy(g0[0]), to_numpy(g1[0])]), dx) < 1e-12
     # parameter gradients are per worker; the data-parallel all-reduce adds them up
@@ -278,10 +239,13 @@ def test_sync_batchnorm_with_the_running_mean_as_shift_equals_one_big_batch(back
     x, weight, bias, rm, rv = _bn_inputs(rng, (6, 3), backend)
     out, _ = F.batchnorm_forward(x, weight, bias)
 
-    def worker(rank, allreduce):
-        return F.batchnorm_forward(x[3 * rank : 3 * rank + 3, ...], weight, bias, rm, rv, allreduce=allreduce)[0]
+    workers = ThreadWorkers(2)
 
-    assert rel_error(np.concatenate([to_numpy(o) for o in _ThreadWorkers(2).run(worker)]), out) < 1e-12
+    def worker(rank):
+        return F.batchnorm_forward(x[3 * rank : 3 * rank + 3, ...], weight, bias, rm, rv,
+                                   allreduce=workers.allreduce(rank))[0]
+
+    assert rel_error(np.concatenate([to_numpy(o) for o in workers.run(worker)]), out) < 1e-12
 
 
 def test_sync_batchnorm_variance_keeps_float32_precision_far_from_zero():
