@@ -273,15 +273,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     import tempfile
 
     from swav_ref.backend import BackendUnavailableError, get_backend
-    from swav_ref.checkpoint import load_checkpoint
     from swav_ref.evaluate import format_results, results_table, save_results_json
     from swav_ref.experiment import METHOD_NAMES, check_evaluable, evaluate_raw_pixels, evaluate_trainer
-    from swav_ref.train import Trainer
+    from swav_ref.train import Trainer, load_trainer_checkpoint
 
     _one_process_only("eval")
     _limit_threads(args.threads)
-    _, meta = load_checkpoint(args.checkpoint)
-    config = TrainConfig.from_dict(meta.get("config", {}))
+    _, meta, config = load_trainer_checkpoint(args.checkpoint)
     if config.dataset == "arrays":
         raise UserError(f"{args.checkpoint} was trained on images handed to the Trainer from Python "
                         "(dataset 'arrays'), which the command line cannot load; evaluate it from Python: "

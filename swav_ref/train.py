@@ -278,9 +278,13 @@ class TrainConfig:
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 self._refuse(name, "must be a number >= 0")
 
+    def _crops_given(self) -> dict[str, tuple]:
+        """The crop settings set explicitly (the others are None: the data set's recipe)."""
+        return {name: getattr(self, name) for name in CROP_FIELDS if getattr(self, name) is not None}
+
     def _check_crops(self) -> None:
         """The crop settings that are given (the others come from the data set's recipe)."""
-        given = {name: getattr(self, name) for name in CROP_FIELDS if getattr(self, name) is not None}
+        given = self._crops_given()
         if len({len(v) for v in given.values()}) > 1:
             raise ConfigError("--n-crops, --crop-sizes, --min-scale and --max-scale need one entry per crop size, "
                               f"got {_as_options(given)}")
@@ -299,7 +303,7 @@ class TrainConfig:
         set's recipe (see the class notes). ``image_side``, the images' shorter side, sets
         the crops of a folder (default ``image_size``; digits and cifar10 need none);
         ``data_name`` names the data in an error."""
-        given = {name: getattr(self, name) for name in CROP_FIELDS if getattr(self, name) is not None}
+        given = self._crops_given()
         if len(given) == len(CROP_FIELDS):
             return self
         recipe = recipe_name(self.dataset)
@@ -800,9 +804,8 @@ class Trainer:
                 record["prototypes_used"] = int(n_used)
                 record["code_entropy"] = float(entropy_of_mean)
                 record["code_row_entropy"] = float(mean_entropy)
-            if self.comm.is_root:
+            if self.comm.is_root:  # one record and one warning per job, not one per worker
                 self.log.write(record)
-            if self.comm.is_root:  # one warning per job, not one per worker (the values are the same)
                 self.monitor.update(value)
         self._pending.clear()
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}", used=record.get("prototypes_used", "-"))

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any, Callable, Optional
 
 import numpy as np
-from typing import Any, Callable, Optional
 
 from swav_ref import fused
 from swav_ref.backend import array_namespace, is_numpy
