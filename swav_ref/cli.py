@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from swav_ref.backend import BACKENDS
-from swav_ref.data.datasets import DATASETS
+from swav_ref.data.datasets import ARRAYS, DATASETS
 from swav_ref.train import CHOICES, METHODS, TrainConfig
 
 #: Help for each TrainConfig field, shown by ``swav-ref train --help``.
@@ -280,7 +280,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     _one_process_only("eval")
     _limit_threads(args.threads)
     _, meta, config = load_trainer_checkpoint(args.checkpoint)
-    if config.dataset == "arrays":
+    if config.dataset == ARRAYS:
         raise UserError(f"{args.checkpoint} was trained on images handed to the Trainer from Python "
                         "(dataset 'arrays'), which the command line cannot load; evaluate it from Python: "
                         "swav_ref.encoder.load_encoder(path).features(images), then a classifier of your choice")

@@ -40,7 +40,7 @@ import numpy as np
 
 from swav_ref import checkpoint as ckpt
 from swav_ref.backend import Random, get_backend, set_tf32, to_numpy, use_device_for_local_rank
-from swav_ref.data.datasets import DATASETS, ImageDataset, channel_stats, load_dataset
+from swav_ref.data.datasets import ARRAYS, DATASETS, ImageDataset, channel_stats, load_dataset
 from swav_ref.data.multicrop import MultiCrop, MultiCropConfig, default_config
 from swav_ref.deepcluster import MemoryBank, cluster_memory, deepcluster_loss
 from swav_ref.distributed import get_communicator, install_abort_on_exception
@@ -53,8 +53,6 @@ from swav_ref.swav.loss import swav_loss
 from swav_ref.swav.queue import Queue, queue_length_per_worker
 
 METHODS = ("swav", "deepcluster-v2", "supervised")
-#: ``TrainConfig.dataset`` for images handed to the Trainer (``train_set=``) rather than loaded.
-ARRAYS = "arrays"
 #: The allowed values of TrainConfig's text fields (the command line offers the user-facing
 #: ones: no "arrays", which only Python can hand over, and no test backend).
 CHOICES = {"method": METHODS, "dataset": (*DATASETS, ARRAYS), "backend": ("numpy", "cupy", "array_api_strict"),

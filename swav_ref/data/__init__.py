@@ -8,6 +8,7 @@
 """
 
 from swav_ref.data.datasets import (
+    ARRAYS,
     DATASETS,
     DatasetError,
     ImageDataset,
@@ -28,6 +29,7 @@ from swav_ref.data.multicrop import (
 )
 
 __all__ = [
+    "ARRAYS",
     "DATASETS",
     "CropParams",
     "DatasetError",

@@ -42,6 +42,7 @@ from swav_ref.data.image_files import (
 )
 
 __all__ = [
+    "ARRAYS",
     "CIFAR10_CLASSES",
     "DATASETS",
     "DatasetError",
@@ -480,6 +481,8 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
 
 # -- by name -----------------------------------------------------------------------------
 DATASETS = ("digits", "cifar10", "folder")
+#: ``TrainConfig.dataset`` for images handed to the Trainer (``train_set=``) rather than loaded.
+ARRAYS = "arrays"
 
 
 def load_dataset(
@@ -509,7 +512,7 @@ def load_dataset(
     """
     if name == "digits":
         return split_dataset(load_digits_dataset(), test_fraction=test_fraction, seed=seed)
-    if name == "arrays":
+    if name == ARRAYS:
         raise ValueError("dataset 'arrays' is not loaded: its images are handed to the Trainer (train_set=...)")
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
