@@ -22,6 +22,7 @@ from pathlib import Path
 
 from swav_ref.backend import BACKENDS
 from swav_ref.data.datasets import ARRAYS, DATASETS
+from swav_ref.data.multicrop import default_config
 from swav_ref.train import CHOICES, METHODS, TrainConfig
 
 #: Help for each TrainConfig field, shown by ``swav-ref train --help``.
@@ -77,13 +78,30 @@ OPTION_HELP = {
 #: The options whose default is the data set's recipe (TrainConfig leaves them None): value type, nargs.
 RECIPE_OPTIONS = {"n_crops": (int, "+"), "crop_sizes": (int, "+"), "min_scale": (float, "+"),
                   "max_scale": (float, "+"), "freeze_prototypes_niters": (int, None)}
-RECIPE_HELP = {
-    "n_crops": "digits 2 4; cifar10 and folder 2 6",
-    "crop_sizes": "digits 8 6; cifar10 32 16; folder S and S*96/224, S the image side",
-    "min_scale": "digits 0.5 0.3; cifar10 and folder 0.14 0.05, as the official code",
-    "max_scale": "digits 1 0.6; cifar10 and folder 1 0.14, as the official code",
-    "freeze_prototypes_niters": "the steps of one epoch, two on digits",
-}
+
+
+def _recipe_help() -> dict[str, str]:
+    """What each recipe option defaults to, read from the recipes themselves
+    (:func:`~swav_ref.data.multicrop.default_config`; a folder shares CIFAR-10's counts and
+    scales, at its own size)."""
+    digits, cifar = default_config("digits"), default_config("cifar10")
+
+    def show(values) -> str:
+        return " ".join(f"{v:g}" for v in values)
+
+    return {
+        "n_crops": f"digits {show(digits.n_crops)}; cifar10 and folder {show(cifar.n_crops)}",
+        "crop_sizes": f"digits {show(digits.sizes)}; cifar10 {show(cifar.sizes)}; folder S and S*96/224, "
+                      "S the image side",
+        "min_scale": f"digits {show(digits.min_scale)}; cifar10 and folder {show(cifar.min_scale)}, "
+                     "as the official code",
+        "max_scale": f"digits {show(digits.max_scale)}; cifar10 and folder {show(cifar.max_scale)}, "
+                     "as the official code",
+        "freeze_prototypes_niters": "the steps of one epoch, two on digits",
+    }
+
+
+RECIPE_HELP = _recipe_help()
 
 
 def _add_config_options(parser: argparse.ArgumentParser, defaults: TrainConfig, skip: tuple[str, ...] = ()) -> None:

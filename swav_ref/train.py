@@ -294,7 +294,8 @@ class TrainConfig:
         assign = self.crops_for_assign
         n_total = sum(self.n_crops) if self.n_crops is not None else None
         if not assign or min(assign) < 0 or len(set(assign)) != len(assign) or (n_total and max(assign) >= n_total):
-            self._refuse("crops_for_assign", "needs distinct crop indices" + (f" in 0..{n_total - 1}" if n_total else ""))
+            within = f" in 0..{n_total - 1}" if n_total else ""
+            self._refuse("crops_for_assign", f"needs distinct crop indices{within}")
 
     def with_crop_recipe(self, image_side: int | None = None, data_name: str | None = None) -> TrainConfig:
         """This configuration with the crop fields left as ``None`` filled in from the data
