@@ -342,6 +342,18 @@ def test_maxpool_matches_torch(k, s, p, shape, rng):
     assert rel_error(dx, tx.grad.numpy()) < 1e-10
 
 
+def test_maxpool_passes_a_nan_on_wherever_it_sits_in_the_window():
+    x = np.arange(16.0).reshape(1, 1, 4, 4)
+    x[0, 0, 0, 1] = np.nan  # the second offset of the first window: `>` alone skipped it
+    out, cache = F.maxpool2d_forward(x, 2, 2, 0)
+    assert np.isnan(out[0, 0, 0, 0]) and not np.isnan(out[0, 0, 1:, :]).any()
+    dx = F.maxpool2d_backward(np.ones_like(out), cache)
+    assert dx[0, 0, 0, 1] == 1.0 and dx[0, 0, :2, :2].sum() == 1.0  # the NaN took the gradient
+    torch = pytest.importorskip("torch")
+    tout = torch.nn.functional.max_pool2d(torch.tensor(x), 2, 2, 0).numpy()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(tout))
+
+
 def test_maxpool_rejects_large_padding():
     with pytest.raises(ValueError, match="at most half"):
         F.maxpool2d_forward(np.zeros((1, 1, 4, 4)), 2, 2, 2)
@@ -394,3 +406,21 @@ def test_l2_normalize_gradient(backend, rng):
     r = _arr(rng, out.shape, backend)
     dx = F.l2_normalize_backward(r, cache)
     assert check_gradient(lambda: _loss_against(r)(F.l2_normalize_forward(x)[0]), x, dx) < TOL
+
+
+def test_l2_normalize_of_rows_shorter_than_eps(rng):
+    eps = 1e-12
+    x = rng.normal(size=(4, 5))
+    x[1] *= 1e-14  # clamped: divided by eps, so the gradient is dy / eps
+    x[2] = 0.0
+    out, cache = F.l2_normalize_forward(x, eps)
+    r = rng.normal(size=out.shape)
+    dx = F.l2_normalize_backward(r, cache)
+    np.testing.assert_allclose(dx[1:3], r[1:3] / eps, rtol=1e-14)
+    assert np.linalg.norm(out[0]) == pytest.approx(1.0) and np.abs(out[1]).max() < 1
+    torch = pytest.importorskip("torch")
+    tx = torch.tensor(x, requires_grad=True)
+    tout = torch.nn.functional.normalize(tx, dim=1, eps=eps)
+    tout.backward(torch.tensor(r))
+    assert rel_error(out, tout.detach().numpy()) < 1e-12
+    assert rel_error(dx, tx.grad.numpy()) < 1e-10

@@ -50,13 +50,14 @@ def l2_normalize_forward(x: Any, eps: float = 1e-12) -> tuple[Any, tuple]:
     -----
     .. math:: y_i = \frac{x_i}{\max(\lVert x_i \rVert, \epsilon)}
 
-    ``eps`` only guards an all-zero row (PyTorch's ``F.normalize`` does the same).
+    ``eps`` guards an all-zero row, as PyTorch's ``F.normalize`` does: a row shorter than
+    ``eps`` is divided by the constant ``eps``, in the forward and in the backward.
     """
     xp = array_namespace(x)
-    norm = xp.sqrt(xp.sum(x * x, axis=1, keepdims=True))
-    norm = xp.maximum(norm, eps)
+    length = xp.sqrt(xp.sum(x * x, axis=1, keepdims=True))
+    norm = xp.maximum(length, eps)
     y = x / norm
-    return y, (y, norm)
+    return y, (y, norm, length > eps)
 
 
 def l2_normalize_backward(dy: Any, cache: tuple) -> Any:
@@ -71,11 +72,13 @@ def l2_normalize_backward(dy: Any, cache: tuple) -> Any:
               \qquad g = \frac{\partial L}{\partial y}
 
     i.e. the incoming gradient with its component along ``y`` removed: moving along the
-    unit vector does not change a normalised output.
+    unit vector does not change a normalised output. A row shorter than ``eps`` was divided
+    by a constant, so its gradient is just :math:`g / \epsilon`.
     """
     xp = array_namespace(dy)
-    y, norm = cache
-    return (dy - y * xp.sum(y * dy, axis=1, keepdims=True)) / norm
+    y, norm, normalised = cache
+    along_y = y * xp.sum(y * dy, axis=1, keepdims=True)
+    return (dy - xp.where(normalised, along_y, xp.zeros_like(along_y))) / norm
 
 
 # ---------------------------------------------------------------------------------------
@@ -803,7 +806,9 @@ def maxpool2d_forward(
             best = window
             winner = xp.zeros(window.shape, dtype=xp.int32)
         else:
-            better = window > best
+            # A NaN wins over any number and over an earlier NaN, as in PyTorch, so that a
+            # diverged input shows in the output instead of being pooled away.
+            better = (window > best) | xp.isnan(window)
             best = xp.where(better, window, best)
             winner = xp.where(better, xp.asarray(k, dtype=xp.int32), winner)
     out = xp.asarray(best, copy=True) if kernel_size == 1 else best
