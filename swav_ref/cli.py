@@ -338,11 +338,13 @@ def _run_eval(args: argparse.Namespace) -> int:
             check_evaluable(train, test)
         except ValueError as exc:
             raise UserError(f"cannot evaluate {args.checkpoint}: {exc}") from exc
-        rows = [{"method": "raw pixels", **evaluate_raw_pixels(trainer)}]
+        # The probe's folds are shuffled by the run's seed, as in training's own evaluation,
+        # so that eval reproduces the accuracy that training reported.
+        rows = [{"method": "raw pixels", **evaluate_raw_pixels(trainer, config.seed)}]
         _warn_if_other_data(args.checkpoint, meta.get("data"), train)
         trainer.load(args.checkpoint, weights_only=True)  # any number of workers may have written it
         trainer.step = int(meta["step"])  # which step's weights these are, for the label
-        rows.append({"method": f"{METHOD_NAMES[config.method]} (step {trainer.step})", **evaluate_trainer(trainer)})
+        rows.append({"method": f"{METHOD_NAMES[config.method]} (step {trainer.step})", **evaluate_trainer(trainer, config.seed)})
     table = results_table(rows)
     print(format_results(table))
     save_results_json(out, rows, metadata={"checkpoint": str(args.checkpoint), "config": config.to_dict(),
@@ -390,6 +392,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--methods", nargs="+", default=["swav"], choices=("swav", "deepcluster-v2"),
                    help="self-supervised methods to train (each compared with the same baselines)")
     p.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="epochs for every trained model")
+    p.add_argument("--n-prototypes", type=int, nargs="+", default=list(TrainConfig.n_prototypes), metavar="K",
+                   help="prototypes per set, one value per set (several sets: DeepCluster-v2 only)")
     p.add_argument("--backend", default="numpy", choices=("numpy", "cupy"), help="array backend")
     p.add_argument("--out", default="swav_out", help="folder for results.json and the figures")
     _add_threads_option(p)
@@ -400,12 +404,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     import time
 
     from swav_ref.evaluate import format_results
-    from swav_ref.experiment import run_comparison
+    from swav_ref.experiment import check_comparison, run_comparison
 
     _one_process_only("demo")
     _limit_threads(args.threads)
     t0 = time.perf_counter()
-    config = TrainConfig(epochs=args.epochs, backend=args.backend, out_dir=str(_output_folder(args.out, "--out")))
+    try:
+        config = TrainConfig(method=args.methods[0], epochs=args.epochs, backend=args.backend,
+                             n_prototypes=tuple(args.n_prototypes),
+                             out_dir=str(_output_folder(args.out, "--out")))
+        check_comparison(config, args.seeds, args.methods)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     print(f"swav_ref demo: {', '.join(args.methods)} on digits ({args.backend}), {args.epochs} epochs, "
           f"seeds {args.seeds}; baselines: raw pixels, random init, supervised")
     table, _ = run_comparison(config, seeds=args.seeds, methods=args.methods, out_dir=args.out)

@@ -55,14 +55,17 @@ Results = dict[str, LinearProbeResult | KNNResult]
 
 def check_evaluable(train: Any, test: Any) -> None:
     """Raise ValueError, saying why, unless the linear probe and kNN can score these splits:
-    both labelled, at least 2 classes, and at least 2 training images of every class (the
-    probe chooses its regularisation by stratified cross-validation). Cheap: call it before
-    training, so a run does not fail only at its evaluation."""
+    both labelled and not empty, at least 2 classes, and at least 2 training images of every
+    class (the probe chooses its regularisation by stratified cross-validation). Cheap: call
+    it before training, so a run does not fail only at its evaluation."""
     for split in (train, test):
         if split is None or not split.has_labels:
             name = "the test split" if split is None else split.name
             raise ValueError(f"evaluation needs labelled train and test splits, but {name} has no labels "
                              "(e.g. a flat image folder); put the images in one sub-folder per class")
+    if len(test) == 0:
+        raise ValueError(f"{test.name} is empty: the split holds out a fraction of each class, rounded, which is "
+                         "no image for a class of 2 or fewer images: add images")
     classes, counts = np.unique(train.labels, return_counts=True)
     if classes.size < 2:
         raise ValueError(f"{train.name} has {classes.size} class ({', '.join(train.class_names) or 'unnamed'}); "
@@ -99,6 +102,22 @@ def evaluate_raw_pixels(trainer: Trainer, seed: int = 0) -> Results:
                              raw_pixel_features(test.images), test.labels, seed=seed)
 
 
+def check_comparison(config: TrainConfig, seeds: Sequence[int], methods: Sequence[str]) -> None:
+    """Raise ValueError, saying why, for a comparison that would mislead or fail late: a
+    seed or a method given twice (the same run counted twice, a spread of ± 0.0 that looks
+    like agreement between seeds, and one run's folder overwritten by the other), no seed,
+    or a setting that one of the methods refuses (SwAV: several prototype sets)."""
+    if not seeds:
+        raise ValueError("no seeds given: a comparison needs at least one")
+    for name, given in (("seed", list(seeds)), ("method", list(methods))):
+        twice = sorted({str(v) for v in given if given.count(v) > 1})
+        if twice:
+            raise ValueError(f"{name} {', '.join(twice)} given twice: each {name} counts once in the "
+                             f"table's mean ± std, so give distinct {name}s")
+    for method in methods:  # each method's own checks (SwAV: one prototype set), before any training
+        dataclasses.replace(config, method=method)
+
+
 def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
                    methods: Sequence[str] = ("swav",), out_dir: str | Path = "swav_out",
                    log: Any = print) -> tuple[Any, dict]:
@@ -110,6 +129,7 @@ def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
     ``attrs["k_used"]``) and figures into ``out_dir``, and ``seed<N>/<method>/`` for each
     trained method. The untrained "random init" trainer writes nothing, so it gets no folder.
     """
+    check_comparison(config, seeds, methods)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, list]] = {}

@@ -115,6 +115,7 @@ def test_a_corrupt_resume_file_is_refused_before_the_out_dir_is_made(tmp_path, c
 @pytest.mark.parametrize("layout, message", [
     ("one_class", "has 1 class (all); a classifier needs 2 or more"),
     ("single_image_class", "class b has a single training image"),
+    ("two_images_per_class", "is empty: the split holds out a fraction of each class"),
 ])
 def test_data_that_cannot_be_evaluated_is_refused_before_training(layout, message, tmp_path, capsys):
     """Evaluation needs 2 classes and 2 training images of each; the run is refused up front
@@ -122,6 +123,9 @@ def test_data_that_cannot_be_evaluated_is_refused_before_training(layout, messag
     sizes = [(8, 8)] * 16
     if layout == "one_class":
         _write_images(tmp_path / "images" / "all", sizes, labelled=False)
+    elif layout == "two_images_per_class":  # 20 % of 2 rounds to no test image at all
+        for name in "abcd":
+            _write_images(tmp_path / "images" / name, sizes[:2], labelled=False)
     else:
         _write_images(tmp_path / "images" / "a", sizes, labelled=False)
         _write_images(tmp_path / "images" / "b", sizes[:1], labelled=False)
@@ -144,6 +148,18 @@ def _write_images(folder, sizes, labelled=True):
         where = folder / str(i % 2) if labelled else folder
         where.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, size=(h, w), dtype=np.uint8)).save(where / f"{i}.png")
+
+
+def test_demo_refuses_a_seed_or_method_twice_and_sets_swav_cannot_use(tmp_path, capsys):
+    """A repeated seed counted twice gave a table of "± 0.0" that looked like two seeds
+    agreeing; these are refused before any training."""
+    out = str(tmp_path / "demo")
+    for argv, message in ((["--seeds", "0", "0"], "seed 0 given twice"),
+                          (["--methods", "swav", "swav"], "method swav given twice"),
+                          (["--n-prototypes", "50", "50"], "SwAV has one set of prototypes")):
+        assert main(["demo", *argv, "--out", out]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo" / "results.json").exists()
 
 
 SMALL_RUN = ["--epochs", "1", "--batch-size", "8", "--n-crops", "2", "2", "--hidden-dim", "8", "--feat-dim", "8",

@@ -219,3 +219,18 @@ def test_eval_names_a_missing_data_dir(tmp_path, capsys):
     missing = tmp_path / "moved"
     assert main(["eval", checkpoint, "--data-dir", str(missing)]) == 2
     assert f"--data-dir {missing} does not exist" in one_line_error(capsys)
+
+
+def test_eval_shuffles_the_probes_folds_with_the_runs_seed(tmp_path, capsys, monkeypatch):
+    """``train`` and ``demo`` score with the run's seed; ``eval`` used seed 0, so it could pick
+    another C and report another accuracy for the same weights."""
+    import swav_ref.evaluate as E
+
+    seeds = []
+    probe = E.linear_probe
+    monkeypatch.setattr(E, "linear_probe", lambda *a, **kw: seeds.append(kw.get("seed")) or probe(*a, **kw))
+    checkpoint, _ = save_untrained_checkpoint(tmp_path, seed=3)
+    assert main(["eval", checkpoint, "--out", str(tmp_path / "eval.json")]) == 0
+    assert seeds == [3, 3]  # raw pixels and the network
+    probes = [r["linear probe"]["probe"][0] for r in json.loads((tmp_path / "eval.json").read_text())["results"]]
+    assert [p["cv_folds"] for p in probes] == [5, 5]  # the probe's choices are in the file

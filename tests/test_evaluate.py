@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 
@@ -141,8 +142,19 @@ def test_linear_probe_separable_data_is_perfect(rng):
     result = E.linear_probe(x[:90], y[:90], x[90:], y[90:])
     assert result.accuracy == pytest.approx(1.0) and float(result) == result.accuracy
     assert result.C in E.DEFAULT_C_GRID and set(result.cv_accuracy) == set(E.DEFAULT_C_GRID)
-    assert result.n_folds == 3 and result.converged
+    assert result.n_folds == 5 and result.n_repeats == 3 and result.converged  # 90 images: 3 repeats
     assert result.cv_accuracy[result.C] == max(result.cv_accuracy.values())
+
+
+def test_linear_probe_repeats_its_cross_validation_on_small_splits_only(rng, monkeypatch):
+    x, y = _blobs(rng, 40)
+    assert E.linear_probe(x[:90], y[:90], x[90:], y[90:], cv_repeats=2).n_repeats == 2
+    monkeypatch.setattr(E, "CV_PREDICTIONS", 90)  # as if 90 images were a large split
+    assert E.linear_probe(x[:90], y[:90], x[90:], y[90:]).n_repeats == 1
+    assert E.linear_probe(x[:90], y[:90], x[90:], y[90:], C=1.0).n_repeats == 0
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="cv_repeats must be a positive integer"):
+            E.linear_probe(x[:90], y[:90], x[90:], y[90:], cv_repeats=bad)
 
 
 def test_linear_probe_random_labels_is_chance(rng):
@@ -316,12 +328,32 @@ def test_results_table_accepts_mapping_and_result_objects():
         E.results_table([{"method": "a"}, {"method": "a"}])
 
 
+def test_the_probes_choices_are_kept_and_a_probe_that_did_not_converge_is_marked(tmp_path):
+    fine = E.LinearProbeResult(accuracy=0.9, C=1.0, n_folds=5, n_repeats=3)
+    stuck = E.LinearProbeResult(accuracy=0.8, C=10.0, n_folds=5, n_repeats=3, converged=False)
+    rows = [{"method": "SwAV", "linear probe": [fine, stuck], "kNN k=20": [0.9, 0.8]},
+            {"method": "raw pixels", "linear probe": [fine, fine]}]
+    table = E.results_table(rows)
+    assert table.attrs["not_converged"] == [("SwAV", "linear probe")]
+    text = E.format_results(table)
+    assert "85.0 ± 7.1 *" in text and "did not converge" in text.splitlines()[-1]
+    assert "*" not in next(line for line in text.splitlines() if line.startswith("raw pixels"))
+    assert "*" not in E.format_results(E.results_table(rows[1:]))
+    data = json.loads(E.save_results_json(tmp_path / "r.json", rows).read_text())
+    swav = data["results"][0]["linear probe"]
+    assert swav["values"] == [0.9, 0.8]
+    assert swav["probe"] == [{"C": 1.0, "cv_folds": 5, "cv_repeats": 3, "converged": True},
+                             {"C": 10.0, "cv_folds": 5, "cv_repeats": 3, "converged": False}]
+    assert "probe" not in data["results"][0]["kNN k=20"]
+
+
 def test_save_results_json_roundtrip(tmp_path):
     path = E.save_results_json(tmp_path / "out" / "results.json", iter(_rows()),
                                metadata={"dataset": "digits"})
     data = json.loads(path.read_text())
     assert data["metrics"] == ["linear probe", "kNN k=20", "kNN k=200"]
-    assert data["metadata"] == {"dataset": "digits"}
+    assert data["metadata"]["dataset"] == "digits"
+    assert data["metadata"]["date"] == datetime.date.today().isoformat() and data["metadata"]["machine"]
     swav = next(r for r in data["results"] if r["method"] == "SwAV")
     assert swav["seeds"] == 3 and swav["linear probe"]["values"] == [0.9, 0.92, 0.94]
     assert swav["linear probe"]["mean"] == pytest.approx(0.92)
