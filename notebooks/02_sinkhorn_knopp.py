@@ -120,13 +120,15 @@ print(f"KL of the row rescaling: {kl(projected, Q):.5f}; best of {len(others)} o
 
 # %%
 source = inspect.getsource(sinkhorn_knopp)
-print(source[source.index("        K = M * (-lam)"):source.index("        plan = ")])
+print(source[source.index("        neg_lam_M = M * (-lam)"):source.index("        plan = ")])
 
 # %% [markdown]
 # Two details in that loop:
 #
-# - $K$ is built from $M - \min M$: a constant factor that the scalings absorb. Its largest
-#   entry is then 1, so it cannot overflow; it can still **underflow** (section 4).
+# - $K$ is built from $M_{ij} - f_i - g_j$, each row and column shifted by its cheapest
+#   entry ($f_i = \min_j M_{ij}$, then $g_j = \min_i (M_{ij} - f_i)$): diagonal factors that
+#   the scalings absorb, so the plan is the same. Every row and column of $K$ then has a 1
+#   and nothing larger, so it cannot overflow; it can still **underflow** (section 4).
 # - After the column fit the columns are exact up to rounding, so the marginal error (the
 #   larger of the row and column errors, over the total mass) is in effect the row error
 #   $\lVert a \odot K b - r \rVert_\infty / \sum_i r_i$, and $Kb$ is needed by the next row
@@ -184,9 +186,14 @@ print(res.converged, "|", caught[0].category.__name__, ":", caught[0].message)
 # On the dessert problem $M$ spans 4 units, so the smallest kernel entry is
 # $e^{-4\lambda}$. float64 underflows to 0 below about $e^{-745}$ and float32 below about
 # $e^{-103}$: entries vanish from $\lambda \approx 186$ (float64) and $\lambda \approx 26$
-# (float32). A few zeros are harmless, but once a whole row of $K$ is zero, or the scalings
-# $a, b$ that must compensate for tiny entries overflow, the kernel domain breaks.
-# `sinkhorn_knopp` detects both and raises a `ValueError` that names the cure:
+# (float32). (`sinkhorn_knopp` first shifts each row and column of $M$ by its cheapest
+# entry, which the scalings absorb: then every row and column of $K$ keeps a 1, and only
+# entries far above the cheapest of their row *and* column can vanish.) A zero is not
+# harmless: no scaling can bring it back, so the plan never uses that entry and can
+# converge, marginals and all, to the wrong plan. `sinkhorn_knopp` checks at the end what
+# the vanished entries would have carried, and it also watches for the scalings $a, b$
+# overflowing as they compensate for tiny entries. Either way it raises a `ValueError` that
+# names the cure:
 
 # %%
 M32, r32, c32 = desserts.dessert_problem(xp, "float32")

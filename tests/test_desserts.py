@@ -64,6 +64,12 @@ def test_cost_against_lam_decreases_to_the_exact_optimum():
     assert costs[0] > -15  # nearly uniform plan: about mean cost * mass
 
 
+def test_cost_against_lam_in_float32_takes_the_log_domain_where_the_kernel_fails():
+    lams = np.logspace(-2, 3, 11)
+    cost32 = D.cost_against_lam(lams, dtype="float32")  # raised from lam = 100 before
+    np.testing.assert_allclose(cost32, D.cost_against_lam(lams), rtol=1e-4)
+
+
 def test_plan_table_and_figures(backend):
     M, r, c = D.dessert_problem(backend)
     plan = sinkhorn_knopp(M, r, c, 10.0).plan

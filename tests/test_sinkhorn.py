@@ -136,7 +136,73 @@ def test_log_domain_recovers_when_the_fast_path_overflows():
 def test_kernel_domain_underflow_raises_with_advice(backend):
     M, r, c = dessert_problem(backend)
     with pytest.raises(ValueError, match="sinkhorn_log"):
-        sinkhorn_knopp(M, r, c, 1000.0)  # a whole kernel row is exp(-1000) = 0
+        sinkhorn_knopp(M, r, c, 1000.0)  # exp(-1000 * 4) = 0: the scalings overflow making up for it
+
+
+def test_kernel_domain_is_unchanged_by_adding_a_constant_to_a_row_or_column(backend):
+    """The entropic plan ignores such offsets. Shifted by min M only, the kernel lost the
+    offset row's cheap entries and converged, without a warning, to a plan that never used
+    them: Hilde lost her 3.2 merveilleux."""
+    M, r, c = (to_numpy(x) for x in dessert_problem())
+    shifted = M.copy()
+    shifted[3, :] += 40.0
+    shifted[:, 0] += 40.0
+    reference = sinkhorn_log(asarray(M, backend), asarray(r, backend), asarray(c, backend), 10.0)
+    result = sinkhorn_knopp(asarray(shifted, backend), asarray(r, backend), asarray(c, backend), 10.0)
+    assert result.converged
+    np.testing.assert_allclose(to_numpy(result.plan), to_numpy(reference.plan), atol=1e-8)
+
+
+def test_kernel_domain_never_returns_a_wrong_plan_as_converged():
+    """Random small problems, some with zero masses, lam up to 100: the kernel domain either
+    agrees with the log domain or raises; it never claims convergence on a wrong plan (13 in
+    750 such problems did, before the kernel was shifted by the c-transform pair)."""
+    rng = np.random.default_rng(0)
+    raised = 0
+    for _ in range(300):
+        n, m = rng.integers(2, 7, size=2)
+        M = rng.uniform(0, 100, size=(n, m)) * (rng.uniform() < 0.5) + rng.integers(0, 5, size=(n, m))
+        r = rng.uniform(0, 1, n) * (rng.uniform(size=n) > 0.2)
+        c = rng.uniform(0, 1, m) * (rng.uniform(size=m) > 0.2)
+        if r.sum() == 0 or c.sum() == 0:
+            continue
+        c *= r.sum() / c.sum()
+        lam = float(10 ** rng.uniform(0, 2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            reference = sinkhorn_log(M, r, c, lam)
+            try:
+                result = sinkhorn_knopp(M, r, c, lam)
+            except ValueError as err:
+                assert "sinkhorn_log" in str(err)
+                raised += 1
+                continue
+        if result.converged:
+            assert np.abs(result.plan - reference.plan).max() <= 1e-6 * r.sum(), (M, r, c, lam)
+    assert 0 < raised < 100  # the large-lam cases are refused, the others solved
+
+
+def test_kernel_entries_that_vanished_but_should_carry_mass_are_refused():
+    M = np.array([[35.541, 49.591], [103.121, 82.496], [46.04, 85.508], [83.792, 95.007]])
+    r, c = np.array([0.205, 0.86, 0.388, 0.597]), np.array([1.247, 0.803])
+    lam = 50.0  # row 1, column 0 is 20.6 above its row's cheapest (exp(-1031) = 0), yet must carry 0.057
+    assert sinkhorn_log(M, r, c, lam).plan[1, 0] == pytest.approx(0.057, abs=1e-6)
+    with pytest.raises(ValueError, match="underflowed to zero should carry mass.*sinkhorn_log"):
+        sinkhorn_knopp(M, r, c, lam)
+
+
+def test_a_row_without_mass_does_not_spoil_the_kernel_domain():
+    """Its costs far above the others used to zero its kernel row: a refusal for nothing."""
+    M, r, c = np.array([[0.0, 1.0], [1000.0, 1000.0]]), np.array([1.0, 0.0]), np.array([0.5, 0.5])
+    for solver in SOLVERS:
+        np.testing.assert_allclose(solver(M, r, c, 1.0).plan, [[0.5, 0.5], [0.0, 0.0]], atol=1e-9)
+
+
+def test_log_domain_with_zero_masses_stays_on_the_fast_path():
+    M = np.array([[0.0, 2.0], [2.0, 0.0]], dtype=np.float32)
+    result = sinkhorn_log(M, np.float32([1, 0]), np.float32([0, 1]), 100.0)
+    assert result.details == {"kernel_rebuilds": 1, "exact_blocks": 0}
+    np.testing.assert_allclose(result.plan, [[0, 1], [0, 0]])
 
 
 def test_kernel_domain_scaling_overflow_raises_with_advice(backend):
@@ -251,6 +317,9 @@ def _bad_inputs():
         "masses differ": ((M, r, c * 1.01), "same mass"),
         "zero mass": ((M, 0 * r, 0 * c), "zero total mass"),
         "empty": ((np.zeros((0, 5)), np.zeros(0), c), "empty"),
+        "r sums to inf": ((M, np.full_like(r, 1e308), np.full_like(c, 1e308) * len(r) / len(c)),
+                          "r sums to more than"),
+        "lam * M overflows": ((M * 1e307, r, c), "lam \\* M overflows"),
     }
 
 
@@ -275,11 +344,21 @@ def test_bad_lam_raises_value_error(solver, lam):
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
-@pytest.mark.parametrize("kwargs", [{"tol": -1.0}, {"max_iter": 0}, {"check_every": 0}, {"max_iter": 2.5}])
+@pytest.mark.parametrize("kwargs", [{"tol": -1.0}, {"max_iter": 0}, {"check_every": 0}, {"max_iter": 2.5},
+                                    {"max_iter": 15.0}, {"check_every": 2.0}, {"max_iter": True}])
 def test_bad_loop_options_raise_value_error(solver, kwargs):
     M, r, c = dessert_problem()
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         solver(M, r, c, 10.0, **kwargs)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_masses_that_are_not_arrays_are_refused_by_name(solver):
+    M, r, c = dessert_problem()
+    with pytest.raises(ValueError, match="r must be an array.*xp.full"):
+        solver(M, 0.25, c, 10.0)
+    with pytest.raises(ValueError, match="c must be an array"):
+        solver(M, r, list(c), 10.0)
 
 
 def test_no_runtime_warnings_on_underflow_paths():

@@ -116,7 +116,7 @@ def original_sinkhorn(
     Notes
     -----
     Exactly the original operations, in the original order (so it reproduces the published
-    numbers to the last digits):
+    numbers to their last digit, or one unit in it):
 
     .. math::
 
@@ -207,13 +207,22 @@ def cost_against_lam(lams: Any, xp: Any = np, dtype: str = "float64", max_iter: 
     """Sinkhorn cost of the dessert problem for each ``lam`` (host array of floats).
 
     The kernel domain (:func:`sinkhorn_knopp`) for ``lam <= 100``, where its kernel is safe in
-    float64; the log domain (:func:`sinkhorn_log`) above, where the kernel would underflow.
+    float64; the log domain (:func:`sinkhorn_log`) above, and also below wherever the kernel
+    domain refuses (its ``ValueError``: in float32 the kernel under/overflows from ``lam``
+    about 25).
     """
     M, r_, c_ = dessert_problem(xp, dtype)
     costs = []
     for lam in np.asarray(lams, dtype=float):
-        solver = sinkhorn_knopp if lam <= 100 else sinkhorn_log
-        costs.append(float(solver(M, r_, c_, lam, max_iter=max_iter).cost))
+        result = None
+        if lam <= 100:
+            try:
+                result = sinkhorn_knopp(M, r_, c_, lam, max_iter=max_iter)
+            except ValueError:
+                pass  # the kernel under/overflowed: the log domain below
+        if result is None:
+            result = sinkhorn_log(M, r_, c_, lam, max_iter=max_iter)
+        costs.append(float(result.cost))
     return np.array(costs)
 
 

@@ -19,11 +19,12 @@ fitting the rows and the columns in turn:
 Two implementations:
 
 :func:`sinkhorn_knopp`
-    the kernel domain, two matrix-vector products per iteration. Fast, but an entry of
-    :math:`e^{-\lambda M}` underflows to zero once :math:`\lambda (M_{ij} - \min M)` exceeds
-    about 745 (float64) or 103 (float32). Single entries do so silently (the plan is then
-    slightly off there); when a whole row or column of the kernel does, or the scalings
-    overflow, it raises ``ValueError`` and recommends :func:`sinkhorn_log`.
+    the kernel domain, two matrix-vector products per iteration. Fast, but an entry of the
+    kernel underflows to zero once :math:`\lambda` times its cost above the cheapest of its
+    row and column exceeds about 745 (float64) or 103 (float32), and the scalings cannot
+    bring a zero back: the plan leaves that entry empty. When such an entry should have
+    carried mass, or the scalings overflow, it raises ``ValueError`` and recommends
+    :func:`sinkhorn_log`.
 :func:`sinkhorn_log`
     the log domain, with dual potentials :math:`f, g` and
     :math:`P_{ij} = e^{\lambda (f_i + g_j - M_{ij})}`. It stays finite for any ``lam``, and is
@@ -119,6 +120,7 @@ class TransportProblem:
     mass: float
     min_cost: float
     has_zero_mass: bool
+    max_cost: float = 0.0
 
 
 def _as_float(x: Any, xp: Any) -> Any:
@@ -146,8 +148,13 @@ def check_problem(M: Any, r: Any, c: Any) -> TransportProblem:
     Notes
     -----
     All checks are reductions computed on the device and brought to the host in one transfer
-    (one sync per call). Integer inputs become float64; mixed float32/float64 become float64.
+    (one sync per call). Integer and float16 inputs become float64 (float16 is too coarse for
+    the iterations); mixed float32/float64 become float64.
     """
+    for name, x in (("M", M), ("r", r), ("c", c)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise ValueError(f"{name} must be an array (NumPy, CuPy, ...), got {type(x).__name__} {x!r:.60}; "
+                             f"for uniform masses write e.g. xp.full(n, 1 / n)")
     xp = array_namespace(M, r, c)
     if M.ndim != 2:
         raise ValueError(f"M must be a 2-D cost matrix (n, m), got shape {tuple(M.shape)}")
@@ -169,8 +176,11 @@ def check_problem(M: Any, r: Any, c: Any) -> TransportProblem:
     if not (math.isfinite(m_min) and math.isfinite(m_max)):
         raise ValueError("M contains NaN or inf; costs must be finite")
     for name, lo, hi, total in (("r", r_min, r_max, r_sum), ("c", c_min, c_max, c_sum)):
-        if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(total)):
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"{name} contains NaN or inf; masses must be finite")
+        if not math.isfinite(total):
+            raise ValueError(f"{name} sums to more than {dtype} can hold (its largest entry is {hi:g}); "
+                             "rescale the masses, e.g. to total 1")
         if lo < 0:
             raise ValueError(f"{name} has a negative entry ({lo:g}); masses must be >= 0")
         if total <= 0:
@@ -182,16 +192,22 @@ def check_problem(M: Any, r: Any, c: Any) -> TransportProblem:
         )
     if c_sum != r_sum:
         c = c * (r_sum / c_sum)
-    return TransportProblem(xp, M, r, c, r_sum, m_min, has_zero_mass=min(r_min, c_min) == 0)
+    return TransportProblem(xp, M, r, c, r_sum, m_min, has_zero_mass=min(r_min, c_min) == 0, max_cost=m_max)
 
 
-def _check_lam(lam: Any) -> float:
+def _check_lam(lam: Any, prob: TransportProblem | None = None) -> float:
+    """``lam`` as a float; with ``prob``, also that ``lam * M`` fits in the dtype."""
     try:
         lam = float(lam)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"lam must be a number, got {lam!r}") from exc
     if not math.isfinite(lam) or lam <= 0:
         raise ValueError(f"lam must be positive and finite, got {lam}")
+    if prob is not None:
+        largest = max(abs(prob.min_cost), abs(prob.max_cost))
+        if lam * largest > float(prob.xp.finfo(prob.M.dtype).max) / 4:
+            raise ValueError(f"lam * M overflows {prob.M.dtype}: lam={lam:g} times the largest |cost| "
+                             f"{largest:g}; rescale M (e.g. divide by its largest entry) or lower lam")
     return lam
 
 
@@ -199,11 +215,43 @@ def _check_loop(tol: float | None, max_iter: int, check_every: int, dtype: Any) 
     tol = default_tol(dtype) if tol is None else float(tol)
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
-    if int(max_iter) != max_iter or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if int(check_every) != check_every or check_every < 1:
-        raise ValueError(f"check_every must be a positive integer, got {check_every!r}")
+    for name, value in (("max_iter", max_iter), ("check_every", check_every)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return tol
+
+
+def _c_transform_pair(neg_lam_M: Any, prob: TransportProblem) -> tuple[Any, Any]:
+    r"""Scaled potentials :math:`F = \lambda f`, :math:`G = \lambda g` of the c-transform pair
+    :math:`f_i = \min_j M_{ij}`, :math:`g_j = \min_i (M_{ij} - f_i)`, the minima taken over
+    the columns and rows that carry mass.
+
+    Then :math:`e^{F_i + G_j - \lambda M_{ij}}` is at most 1 on every row and column with
+    mass and equals 1 somewhere in each of them, whatever constant a row or a column of
+    ``M`` is shifted by: the kernel built on it underflows only where a cost is far above
+    the cheapest of its row *and* of its column, never merely far above ``min M``.
+    """
+    xp = prob.xp
+    n, m = neg_lam_M.shape
+    if not prob.has_zero_mass:
+        F = -xp.max(neg_lam_M, axis=1)
+        G = -xp.max(neg_lam_M + xp.reshape(F, (n, 1)), axis=0)
+        return F, G
+    # rows and columns without mass get no say: their entries of the plan are zero anyway
+    never = xp.asarray(-xp.inf, dtype=neg_lam_M.dtype)
+    F = -xp.max(xp.where(xp.reshape(prob.c > 0, (1, m)), neg_lam_M, never), axis=1)
+    shifted = neg_lam_M + xp.reshape(F, (n, 1))
+    G = -xp.max(xp.where(xp.reshape(prob.r > 0, (n, 1)), shifted, never), axis=0)
+    return F, G
+
+
+def _shifted_exponent(neg_lam_M: Any, F: Any, G: Any, prob: TransportProblem) -> Any:
+    r""":math:`F_i + G_j - \lambda M_{ij}`, capped at 0 (only rows without mass exceed it)."""
+    xp = prob.xp
+    n, m = neg_lam_M.shape
+    exponent = neg_lam_M + xp.reshape(F, (n, 1))
+    exponent += xp.reshape(G, (1, m))
+    return xp.minimum(exponent, 0.0) if prob.has_zero_mass else exponent
 
 
 def _quiet_floating_point():
@@ -256,6 +304,23 @@ def _warn_not_converged(method: str, tol: float, max_iter: int, err: float, hint
     )
 
 
+def _check_vanished_entries(K, a, b, M, lam, F, G, prob, tol, hint) -> None:
+    r"""Raise ValueError if the kernel entries that underflowed to zero would have carried
+    more than ``tol`` of the mass: :math:`\max_{K_{ij} = 0} a_i b_j e^{F_i + G_j - \lambda M_{ij}}`,
+    computed in logs (one more pass over the matrix, only for a kernel with zeros)."""
+    xp = prob.xp
+    n, m = K.shape
+    exponent = _shifted_exponent(M * (-lam), F, G, prob)
+    exponent += xp.reshape(xp.log(a), (n, 1))
+    exponent += xp.reshape(xp.log(b), (1, m))
+    lost = float(xp.max(xp.where(K == 0, exponent, xp.asarray(-xp.inf, dtype=K.dtype))))
+    if lost > math.log(max(tol, np.finfo(np.float64).tiny) * prob.mass):
+        raise ValueError(
+            f"sinkhorn_knopp: kernel entries that underflowed to zero should carry mass (more than "
+            f"tol={tol:g} of the total), so the plan would be wrong; {hint}"
+        )
+
+
 def sinkhorn_knopp(
     M: Any,
     r: Any,
@@ -302,36 +367,50 @@ def sinkhorn_knopp(
     One iteration fits the rows, then the columns:
 
     .. math:: a \leftarrow r \oslash (K b), \qquad b \leftarrow c \oslash (K^\top a),
-              \qquad K = e^{-\lambda (M - \min M)}.
+              \qquad K_{ij} = e^{-\lambda (M_{ij} - f_i - g_j)}.
 
-    Subtracting :math:`\min M` multiplies :math:`K` by a constant that the scalings absorb; it
-    keeps the largest kernel entry at 1, so the kernel cannot overflow. After the column fit
-    the column sums are exact up to rounding, and ``K @ b``, needed by the next row fit, also
-    gives the row sums :math:`a \odot K b` of the current plan, so the marginal error costs
-    no extra matrix product.
+    The shift by the c-transform pair :math:`f_i = \min_j M_{ij}`,
+    :math:`g_j = \min_i (M_{ij} - f_i)` multiplies :math:`K` by diagonal matrices that the
+    scalings absorb (the plan is the same); it puts a 1 in every row and column and nothing
+    above 1. A plain shift by :math:`\min M` would not do: a row whose costs are all
+    high would underflow to a row of zeros, or, worse, lose only some of its entries and
+    converge to a plan that never uses them. After the column fit the column sums are exact
+    up to rounding, and ``K @ b``, needed by the next row fit, also gives the row sums
+    :math:`a \odot K b` of the current plan, so the marginal error costs no extra matrix
+    product.
+
+    An entry that underflowed to zero cannot carry mass, however large the scalings grow.
+    If the kernel has such entries, the end checks what they would have carried,
+    :math:`a_i b_j e^{-\lambda (M_{ij} - f_i - g_j)}`, computed in logs, and raises
+    ``ValueError`` when that exceeds ``tol`` of the mass: the plan would then be wrong, however
+    well its marginals fit.
     """
     prob = check_problem(M, r, c)
     xp, M, r, c = prob.xp, prob.M, prob.r, prob.c
-    lam = _check_lam(lam)
+    lam = _check_lam(lam, prob)
     tol = _check_loop(tol, max_iter, check_every, M.dtype)
     underflow_hint = (
-        f"lam={lam:g} is too large for the kernel domain in {M.dtype}: exp(-lam * (M - min M)) "
-        "under/overflows; use sinkhorn_log, or a smaller lam"
+        f"lam={lam:g} is too large for the kernel domain in {M.dtype}: the kernel "
+        "exp(-lam * (M - f - g)) under/overflows; use sinkhorn_log, or a smaller lam"
     )
 
     with _quiet_floating_point():
-        K = M * (-lam)
-        if prob.min_cost != 0:
-            K += lam * prob.min_cost  # in place: one (n, m) temporary fewer
-        K = xp.exp(K)
+        neg_lam_M = M * (-lam)
+        F, G = _c_transform_pair(neg_lam_M, prob)
+        exponent = _shifted_exponent(neg_lam_M, F, G, prob)
+        del neg_lam_M  # the exponent is rebuilt from M in the rare case it is needed again
+        K = xp.exp(exponent)
+        smallest_entry = xp.min(K)
+        del exponent
         Kt = K.T
         row_sums = K @ xp.ones(M.shape[1], dtype=M.dtype)  # = K b for the first b = 1
         col_sums = Kt @ xp.ones(M.shape[0], dtype=M.dtype)
-        smallest = to_numpy(xp.stack([xp.min(row_sums), xp.min(col_sums)]))
-        if not np.all(smallest > 0):
+        smallest = to_numpy(xp.stack([xp.min(row_sums), xp.min(col_sums), smallest_entry]))
+        if not np.all(smallest[:2] > 0):  # cannot happen after the shift, unless lam*M misbehaves
             raise ValueError(
                 f"sinkhorn_knopp: a whole row or column of the kernel is zero; {underflow_hint}"
             )
+        underflowed = not smallest[2] > 0
 
         b, Kb = xp.ones(M.shape[1], dtype=M.dtype), row_sums
         history, checked_at, it, err = [], [], 0, math.inf
@@ -353,6 +432,8 @@ def sinkhorn_knopp(
                 )
             if err <= tol:
                 break
+        if underflowed:
+            _check_vanished_entries(K, a, b, M, lam, F, G, prob, tol, underflow_hint)
         plan = _scaled_plan(a, K, b)
     converged = err <= tol
     if not converged:
@@ -416,7 +497,7 @@ def sinkhorn_log(
     """
     prob = check_problem(M, r, c)
     xp, M, r, c = prob.xp, prob.M, prob.r, prob.c
-    lam = _check_lam(lam)
+    lam = _check_lam(lam, prob)
     tol = _check_loop(tol, max_iter, check_every, M.dtype)
     n, m = M.shape
     dtype = M.dtype
@@ -459,12 +540,12 @@ def sinkhorn_log(
             exponent += xp.reshape(G, (1, m))
             return xp.exp(exponent)
 
-        # Start from the c-transform pair f_i = min_j M_ij, g_j = min_i (M_ij - f_i): then
-        # f_i + g_j <= M_ij, so no kernel entry exceeds 1, and every row and every column has
-        # an entry equal to 1, so none is all zero. Cheaper than a log-sum-exp sweep.
-        F = -xp.max(neg_lam_M, axis=1)
-        G = -xp.max(neg_lam_M + xp.reshape(F, (n, 1)), axis=0)
-        K = absorbed_kernel(F, G)
+        # Start from the c-transform pair f_i = min_j M_ij, g_j = min_i (M_ij - f_i), over the
+        # rows and columns with mass: then f_i + g_j <= M_ij there, so no kernel entry exceeds
+        # 1, and every row and every column has an entry equal to 1, so none is all zero.
+        # Cheaper than a log-sum-exp sweep.
+        F, G = _c_transform_pair(neg_lam_M, prob)
+        K = xp.exp(_shifted_exponent(neg_lam_M, F, G, prob))
         a, b = ones_n, ones_m
         Kb, Kta = K @ ones_m, K.T @ ones_n
         history, checked_at, it, err = [], [], 0, math.inf
