@@ -88,8 +88,8 @@ print({k: v for k, v in trainer.config.to_dict().items() if k in ("arch", "n_cro
 
 # %% [markdown]
 # Each image becomes six views: two large crops (covering 50-100% of the image, resized
-# to $8 \times 8$) and four small ones (30-60%, resized to $6 \times 6$), each with its
-# brightness and contrast jittered. No flips (a mirrored 3 is no digit) and no blur (one
+# to $8 \times 8$) and four small ones (30-60%, resized to $6 \times 6$), most of them (80 %)
+# with their brightness and contrast jittered. No flips (a mirrored 3 is no digit) and no blur (one
 # pixel is an eighth of the image): the digits recipe of `swav_ref.data.multicrop`. The codes are computed for the two large crops,
 # and every other crop must predict them. The augmentation runs on the backend, so under
 # CuPy the crops are made on the GPU.
