@@ -9,15 +9,21 @@ for the training results the supervised baseline), so the ratio is the number to
 below 1 for a time means we are faster. Files that are absent are skipped; a JSON file that
 no reader knows is listed on stderr and skipped.
 
+The accuracy tables on digits (``digits_results*.json``, written by ``swav-ref demo``) are
+made here too, one per file, with the per-seed differences between methods, so that no number
+in them is copied by hand.
+
 Usage::
 
-    python benchmarks/report.py            # print the table
+    python benchmarks/report.py            # print the tables
     python benchmarks/report.py --write    # also replace the block between
                                            # <!-- report:start --> and <!-- report:end -->
-                                           # in README.md and docs/results.md
+                                           # in README.md and docs/results.md, and each
+                                           # <!-- digits:FILE:start --> ... :end --> block
 
-Dates: a result without a ``date`` field gets its file's modification date. Machines: GPU
-results without a ``machine`` field take the first line of ``gpu_machine.txt``.
+Dates: a result without a ``date`` field gets the date of the commit that last changed its
+file, or, outside git, its modification date (a fresh clone's files are all new). Machines:
+GPU results without a ``machine`` field take the first line of ``gpu_machine.txt``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import argparse
 import datetime
 import json
 import math
+import statistics
+import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -38,6 +46,13 @@ START, END = "<!-- report:start -->", "<!-- report:end -->"
 TARGETS = (ROOT / "README.md", ROOT / "docs" / "results.md")
 #: Training results of ``swav-ref demo`` that the lead copies in (looked up in this order).
 TRAINING_RESULTS = ("digits_results.json",)
+#: ``swav-ref demo`` results shown as accuracy tables of their own (:func:`accuracy_table`),
+#: each between ``<!-- digits:NAME:start -->`` and ``<!-- digits:NAME:end -->``.
+DIGITS_TABLES = ("digits_results_60_epochs.json", "digits_results.json", "digits_results_deepcluster_3_sets.json")
+#: How the accuracy tables name the rows.
+METHOD_LABELS = {"random init": "random init (same network, untrained)", "SwAV": "SwAV (no labels)",
+                 "DeepCluster-v2": "DeepCluster-v2 (no labels)", "supervised": "supervised (same network, labels)"}
+SELF_SUPERVISED = ("SwAV", "DeepCluster-v2")
 
 
 @dataclass
@@ -92,11 +107,60 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def replace_block(text: str, block: str, path: str = "the file") -> str:
-    """``text`` with everything between the report markers replaced by ``block``.
+def _mean_sd(values: Sequence[float]) -> str:
+    """Percent, one decimal: ``97.9 ± 0.6`` (sample sd over seeds); ``97.9`` for one value or
+    for a value that every seed gave (a baseline with nothing random in it)."""
+    if len(set(values)) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def accuracy_table(data: dict) -> str:
+    """A ``swav-ref demo`` results file as a Markdown table (mean ± sd over seeds, %), then
+    the per-seed differences on the linear probe between each self-supervised method and
+    the baselines: every seed scores both rows on the same test images, so the difference
+    of each seed's pair is what separates two methods, and its spread shows whether it does.
+    The size of one test image in points says what the table can resolve."""
+    metrics = data["metrics"]
+    results = {r["method"]: r for r in data["results"]}
+    lines = ["| method | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for method, entry in results.items():
+        cells = [_mean_sd(entry[m]["values"]) if entry.get(m, {}).get("values") else "-" for m in metrics]
+        lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    probe = "linear probe"
+    learnt = [m for m in SELF_SUPERVISED if m in results]
+    pairs = [(b, a) for i, a in enumerate(learnt) for b in learnt[i + 1:]]  # between the methods
+    pairs += [(m, baseline) for m in learnt for baseline in ("supervised", "raw pixels", "random init")]
+    gaps = []
+    for method, other in pairs:
+        ours = results[method].get(probe, {}).get("values", [])
+        theirs = results.get(other, {}).get(probe, {}).get("values", [])
+        if ours and len(theirs) == len(ours):
+            diffs = [a - b for a, b in zip(ours, theirs)]
+            sd = f" ± {100 * statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
+            mean = f"{100 * statistics.mean(diffs):+.1f}".replace("-", "−")  # a minus sign, not a hyphen
+            gaps.append(f"{method} − {other} {mean}{sd}")
+    text = "\n".join(lines)
+    if gaps:
+        n_seeds = len(results[learnt[0]][probe]["values"])
+        text += (f"\n\nPer-seed differences on the linear probe, in points (mean ± sd over {n_seeds} seeds): "
+                 + "; ".join(gaps) + ".")
+    n_test = data.get("metadata", {}).get("test_images")
+    if n_test:
+        text += f" One test image is {100 / n_test:.2f} points ({n_test} test images)."
+    return text
+
+
+def digits_markers(name: str) -> tuple[str, str]:
+    return f"<!-- digits:{name}:start -->", f"<!-- digits:{name}:end -->"
+
+
+def replace_block(text: str, block: str, path: str = "the file", markers: tuple[str, str] = (START, END)) -> str:
+    """``text`` with everything between the markers (by default the report's) replaced by ``block``.
 
     Raises ValueError when the markers are missing, repeated or out of order.
     """
+    START, END = markers
     if text.count(START) != 1 or text.count(END) != 1:
         raise ValueError(f"{path}: needs exactly one {START} and one {END} marker "
                          f"(found {text.count(START)} and {text.count(END)})")
@@ -109,9 +173,15 @@ def replace_block(text: str, block: str, path: str = "the file") -> str:
 
 # -- readers: one per result file -------------------------------------------------------------
 def _date(data: dict, path: Path) -> str:
-    if data.get("date"):
-        return str(data["date"])
-    return datetime.date.fromtimestamp(path.stat().st_mtime).isoformat()
+    for date in (data.get("date"), data.get("metadata", {}).get("date")):
+        if date:
+            return str(date)
+    try:  # the day the result was committed: a clone or checkout gives every file a new mtime
+        committed = subprocess.run(["git", "log", "-1", "--format=%cs", "--", path.name], cwd=path.parent,
+                                   capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        committed = ""
+    return committed or datetime.date.fromtimestamp(path.stat().st_mtime).isoformat()
 
 
 def _gpu_machine(results_dir: Path) -> str:
@@ -280,8 +350,10 @@ def read_training(data: dict, path: Path, results_dir: Path) -> list[Row]:
     seeds = meta.get("seeds", [0])
     methods = meta.get("methods", ["swav"])
     epochs = meta.get("config", {}).get("epochs")
+    prototypes = meta.get("config", {}).get("n_prototypes")
     command = (f"swav-ref demo{'' if epochs is None else f' --epochs {epochs}'} --methods {' '.join(methods)} "
-               f"--seeds {' '.join(str(s) for s in seeds)}")
+               f"--seeds {' '.join(str(s) for s in seeds)}"
+               + (f" --n-prototypes {' '.join(str(k) for k in prototypes)}" if prototypes else ""))
     supervised = results.get("supervised", {})
     rows = []
     for method, entry in results.items():
@@ -313,6 +385,8 @@ READERS: dict[str, Reader] = {
     "bench_deepcluster_scaling.json": read_deepcluster_scaling,
     "bench_threads.json": read_threads,
     **{name: read_training for name in TRAINING_RESULTS},
+    # shown as accuracy tables of their own (DIGITS_TABLES), not as rows of this one
+    **{name: lambda data, path, results_dir: [] for name in DIGITS_TABLES if name not in TRAINING_RESULTS},
 }
 
 
@@ -343,11 +417,17 @@ def _read(path: Path, reader: Reader, results_dir: Path, warn) -> list[Row]:
         return []
 
 
-def write_block(path: Path, block: str) -> bool:
+def digits_blocks(results_dir: Path = RESULTS) -> dict[str, str]:
+    """``{file name: accuracy table}`` for each of :data:`DIGITS_TABLES` in ``results_dir``."""
+    return {name: accuracy_table(json.loads((results_dir / name).read_text()))
+            for name in DIGITS_TABLES if (results_dir / name).exists()}
+
+
+def write_block(path: Path, block: str, markers: tuple[str, str] = (START, END)) -> bool:
     """Replace the marked block of ``path``; False (with a message) when it has no markers."""
     text = path.read_text()
     try:
-        new = replace_block(text, block, str(path))
+        new = replace_block(text, block, str(path), markers)
     except ValueError as exc:
         print(f"report: {exc}; not written", file=sys.stderr)
         return False
@@ -358,20 +438,28 @@ def write_block(path: Path, block: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results-dir", type=Path, default=RESULTS)
-    p.add_argument("--training", type=Path, nargs="*",
-                   default=[ROOT / "results" / name for name in TRAINING_RESULTS],
-                   help="training results (swav-ref demo's results.json) to add, when present")
+    p.add_argument("--training", type=Path, nargs="*", default=[],
+                   help="more training results (swav-ref demo's results.json) to add as rows")
     p.add_argument("--write", action="store_true", help="replace the marked block in the target files")
     p.add_argument("--targets", type=Path, nargs="+", default=list(TARGETS))
     args = p.parse_args(argv)
     table = markdown_table(collect_rows(args.results_dir, args.training))
     print(table)
+    digits = digits_blocks(args.results_dir)
+    for name, block in digits.items():
+        print(f"\n{name}:\n{block}")
     if args.write:
         for target in args.targets:
             if not target.exists():
                 print(f"report: {target} does not exist; skipped", file=sys.stderr)
-            elif write_block(target, table):
+                continue
+            if write_block(target, table):
                 print(f"report: wrote the table into {target}", file=sys.stderr)
+            text = target.read_text()
+            for name, block in digits.items():
+                markers = digits_markers(name)
+                if markers[0] in text and write_block(target, block, markers):
+                    print(f"report: wrote the {name} table into {target}", file=sys.stderr)
     return 0
 
 

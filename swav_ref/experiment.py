@@ -170,6 +170,7 @@ def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
         config, freeze_prototypes_niters=first.config.freeze_prototypes_niters)
     save_results_json(out / "results.json", [{"method": m, **v} for m, v in rows.items()],
                       metadata={"config": trained.to_dict(), "seeds": list(seeds), "methods": list(methods),
+                                "train_images": len(train_set), "test_images": len(test_set),
                                 "seconds": artefacts["seconds"], "k_used": table.attrs["k_used"]})
     write_figures(artefacts["trainers"], out)
     return table, artefacts

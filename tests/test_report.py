@@ -102,6 +102,63 @@ def test_date_falls_back_to_the_file_date(report, results):
     assert len(sinkhorn.date) == 10 and sinkhorn.date[4] == "-"
 
 
+def test_date_is_the_commit_date_in_git_not_the_checkout_date(report, tmp_path):
+    """A clone gives every file today's mtime; the date a result was committed does not move."""
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    path = write(folder / "bench_sinkhorn.json", {"results": []})
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(folder)]
+    env = {"GIT_COMMITTER_DATE": "2030-05-06T12:00:00", "GIT_AUTHOR_DATE": "2030-05-06T12:00:00",
+           "PATH": __import__("os").environ["PATH"], "HOME": str(tmp_path)}
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "a result"]):
+        subprocess.run([*git, *args], check=True, env=env)
+    assert report._date({}, path) == "2030-05-06"
+    assert report._date({"metadata": {"date": "2031-01-01"}}, path) == "2031-01-01"  # a file's own date wins
+
+
+def _demo_results(swav, supervised, raw, n_test=None):
+    metadata = {"seeds": list(range(len(swav))), "methods": ["swav"]}
+    if n_test:
+        metadata["test_images"] = n_test
+    entry = lambda method, values: {"method": method, "seeds": len(values),
+                                    "linear probe": {"values": values}, "kNN k=20": {"values": values}}
+    return {"metrics": ["linear probe", "kNN k=20"], "metadata": metadata,
+            "results": [entry("raw pixels", raw), entry("SwAV", swav), entry("supervised", supervised)]}
+
+
+def test_accuracy_table_gives_mean_sd_and_the_per_seed_differences(report):
+    # Seeds vary together: each mean ± sd is wide, the paired difference is exact.
+    text = report.accuracy_table(_demo_results([0.90, 0.94, 0.98], [0.91, 0.95, 0.99], [0.9, 0.9, 0.9], n_test=400))
+    lines = text.splitlines()
+    assert lines[0] == "| method | linear probe | kNN k=20 |"
+    assert "| SwAV (no labels) | 94.0 ± 4.0 | 94.0 ± 4.0 |" in lines
+    assert "| raw pixels | 90.0 | 90.0 |" in lines  # the same for every seed: no ± 0.0
+    assert "SwAV − supervised −1.0 ± 0.0; SwAV − raw pixels +4.0 ± 4.0." in text
+    assert text.endswith("One test image is 0.25 points (400 test images).")
+
+
+def test_write_replaces_each_digits_block_and_the_committed_tables_are_generated(report, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    write(results / "digits_results.json", _demo_results([0.9, 0.92], [0.95, 0.96], [0.9, 0.9]))
+    start, end = report.digits_markers("digits_results.json")
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n{report.START}\n{report.END}\n{start}\nold numbers\n{end}\noutro\n")
+    assert report.main(["--results-dir", str(results), "--write", "--targets", str(page)]) == 0
+    text = page.read_text()
+    assert "old numbers" not in text and "| SwAV (no labels) | 91.0 ± 1.4 |" in text and text.endswith("outro\n")
+    # The README's and the course's tables are exactly what the committed results make.
+    blocks = report.digits_blocks()
+    assert set(blocks) == set(report.DIGITS_TABLES)
+    for target in report.TARGETS:
+        shown = target.read_text()
+        for name, block in blocks.items():
+            start, end = report.digits_markers(name)
+            if start in shown:
+                assert shown.split(start)[1].split(end)[0].strip() == block, (target.name, name)
+    assert all(report.digits_markers(name)[0] in report.TARGETS[1].read_text() for name in blocks)
+
+
 def test_training_results_compare_with_supervised(report, results, tmp_path):
     training = write(tmp_path / "digits_results.json", {
         "metrics": ["linear probe"],
