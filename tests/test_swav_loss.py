@@ -81,6 +81,22 @@ def _bench_loss():
     return module
 
 
+@pytest.mark.parametrize("epsilon, n_iters, temperature", [(0.03, 1, 0.2), (0.1, 5, 0.2), (0.05, 3, 0.5)])
+def test_epsilon_iterations_and_temperature_reach_the_loss(rng, epsilon, n_iters, temperature):
+    """Each setting changes the official loss; a loss that ignored one (kept 0.05, 3 or 0.1)
+    would match the oracle at the defaults only."""
+    torch = pytest.importorskip("torch")
+    scores_np, queue_np = make_problem(rng, 4, True, 2)
+    out = swav_loss(scores_np, BATCH, crops_for_assign=(0, 1), queue_scores=queue_np, temperature=temperature,
+                    epsilon=epsilon, sinkhorn_iterations=n_iters)
+    ref_loss, ref_grad = torch_official_loss(torch, scores_np, BATCH, (0, 1), queue_np, temperature=temperature,
+                                             epsilon=epsilon, n_iters=n_iters)
+    default_loss, _ = torch_official_loss(torch, scores_np, BATCH, (0, 1), queue_np)
+    assert abs(ref_loss - default_loss) > 1e-3  # the setting matters here
+    assert abs(float(out.loss) - ref_loss) < 1e-10
+    assert np.max(np.abs(out.grad - ref_grad)) < 1e-10
+
+
 def torch_official_loss(torch, scores_np, batch_size, crops_for_assign, queue_np=None,
                         temperature=0.1, epsilon=0.05, n_iters=3):
     """main_swav.py's loss with autograd, written from the official recipe (float64)."""

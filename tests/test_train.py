@@ -94,6 +94,90 @@ def test_prototypes_are_frozen_then_trained(tiny, tmp_path):
     assert np.abs(np.array(trainer.model.head.prototype_weight(0)) - before).max() > 1e-4
 
 
+def record_swav_loss_calls(monkeypatch, trainer) -> list[dict]:
+    """Every call of swav_loss by the trainer: its step, scores, queue scores and codes."""
+    import swav_ref.train as train_module
+
+    calls, real = [], train_module.swav_loss
+
+    def recording(scores, batch, **kwargs):
+        out = real(scores, batch, **kwargs)
+        calls.append({"step": trainer.step, "scores": np.array(scores), "codes": [np.array(c) for c in out.codes],
+                      "queue_scores": kwargs["queue_scores"], "kwargs": kwargs,
+                      "queue": None if trainer.queue is None else np.array(trainer.queue.embeddings),
+                      "prototypes": np.array(trainer.model.head.prototype_weight(0))})
+        return out
+
+    monkeypatch.setattr(train_module, "swav_loss", recording)
+    return calls
+
+
+def test_the_queue_joins_sinkhorn_once_full_with_the_current_prototypes(tiny, tmp_path, monkeypatch):
+    """Batches of 32, a queue of 64 from epoch 1: no queue in epoch 0, an unfilled queue for
+    two steps, then the queue's 64 rows of each assignment crop scored against this step's
+    prototypes, which change the codes."""
+    from swav_ref.swav.codes import sinkhorn_codes
+
+    train, test = tiny
+    trainer = Trainer(small_config(tmp_path, queue_length=64, epoch_queue_starts=1, epochs=2),
+                      train_set=train, test_set=test)
+    calls = record_swav_loss_calls(monkeypatch, trainer)
+    trainer.fit()
+    assert [c["queue_scores"] is None for c in calls] == [True] * 7 + [False] * 3
+    for call in calls[7:]:
+        for i, crop in enumerate(trainer.config.crops_for_assign):
+            expected = call["queue"][i] @ call["prototypes"].T  # all 64 rows, newest first
+            np.testing.assert_allclose(np.array(call["queue_scores"][i]), expected, rtol=1e-5, atol=1e-6)
+            batch_scores = call["scores"][crop * 32 : (crop + 1) * 32]
+            alone = np.array(sinkhorn_codes(batch_scores, epsilon=trainer.config.epsilon,
+                                            n_iters=trainer.config.sinkhorn_iterations))
+            assert np.abs(call["codes"][i] - alone).max() > 1e-3  # the queue changed the codes
+
+
+def test_the_configured_epsilon_and_iterations_make_the_codes(tiny, tmp_path, monkeypatch):
+    from swav_ref.swav.codes import sinkhorn_codes
+
+    train, test = tiny
+    trainer = Trainer(small_config(tmp_path, epsilon=0.1, sinkhorn_iterations=5, epochs=1),
+                      train_set=train, test_set=test)
+    calls = record_swav_loss_calls(monkeypatch, trainer)
+    trainer._start_epoch(0)
+    idx = trainer.batch_indices(0, 0)
+    trainer.train_step(trainer.make_crops(idx), idx)
+    call = calls[0]
+    for i, crop in enumerate(trainer.config.crops_for_assign):
+        batch_scores = call["scores"][crop * 32 : (crop + 1) * 32]
+        np.testing.assert_allclose(call["codes"][i], sinkhorn_codes(batch_scores, epsilon=0.1, n_iters=5),
+                                   rtol=1e-5, atol=1e-7)
+        assert np.abs(call["codes"][i] - sinkhorn_codes(batch_scores)).max() > 1e-3  # not the defaults
+
+
+def test_each_step_starts_from_unit_prototypes(tiny, tmp_path):
+    """The trainer re-normalises the prototypes before every SwAV step (as officially), so
+    the scores are cosines; frozen prototypes scaled by 3 come out of one step as unit rows."""
+    train, test = tiny
+    trainer = Trainer(small_config(tmp_path, freeze_prototypes_niters=100, epochs=1), train_set=train, test_set=test)
+    weight = trainer.model.head.prototype_weight(0)
+    weight[...] = 3 * weight / np.linalg.norm(weight, axis=1, keepdims=True)
+    trainer._start_epoch(0)
+    idx = trainer.batch_indices(0, 0)
+    trainer.train_step(trainer.make_crops(idx), idx)
+    np.testing.assert_allclose(np.linalg.norm(trainer.model.head.prototype_weight(0), axis=1), 1.0, rtol=1e-6)
+
+
+def test_a_checkpoint_is_never_overwritten_by_weights_with_nan(tiny, tmp_path):
+    train, test = tiny
+    trainer = Trainer(small_config(tmp_path, epochs=1), train_set=train, test_set=test)
+    path = tmp_path / "run" / "checkpoint.npz"
+    trainer.save(path)
+    good = path.read_bytes()
+    _, module, key = next(trainer.model.backbone.named_parameters())
+    module.params[key][0] = np.nan  # one weight of the first layer
+    with pytest.raises(TrainingDivergedError):
+        trainer.save(path)
+    assert path.read_bytes() == good
+
+
 @pytest.mark.parametrize("method,extra", [
     ("swav", {}),
     ("swav", {"queue_length": 64, "epoch_queue_starts": 1}),
