@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 import pytest
+
+import required
 from hypothesis import settings
 
 from swav_ref.backend import BackendUnavailableError, get_backend
@@ -28,7 +30,7 @@ ALL_BACKENDS = ["numpy", "array_api_strict", "cupy"]
 def load_backend(name: str):
     """The namespace ``name``, or a pytest skip saying why it is unavailable."""
     if name == "array_api_strict":
-        pytest.importorskip("array_api_strict")
+        required.module("array_api_strict")
     try:
         return get_backend(name)
     except BackendUnavailableError as exc:
@@ -76,7 +78,8 @@ def host_kernel_library(tmp_path_factory):
 
     library = compile_host_library(tmp_path_factory.mktemp("fused"))
     if library is None:
-        pytest.skip("no C++ compiler to build the fused kernels for the CPU")
+        required.need_compiler()  # skips or fails: there is no compiler
+        pytest.fail("a C++ compiler is on the PATH but could not build the fused kernels")
     return library
 
 

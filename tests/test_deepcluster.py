@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 
+import required
+
 from swav_ref.backend import Random, asarray, to_numpy
 from swav_ref.deepcluster import (
     IGNORE_INDEX,
@@ -134,7 +136,7 @@ def test_deepcluster_loss_gradient_and_ignore(backend):
 
 
 def test_deepcluster_loss_matches_torch():
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     rng = np.random.default_rng(1)
     scores = [rng.normal(size=(2 * 5, 6))]
     targets = [np.array([0, 5, 2, IGNORE_INDEX, 1])]

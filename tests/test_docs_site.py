@@ -19,6 +19,8 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+import required
+
 from required import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +34,7 @@ def site(tmp_path_factory) -> Path:
         path = Path(built)
         assert (path / "index.html").exists(), f"SWAV_REF_DOCS_HTML={built} holds no index.html"
         return path
-    pytest.importorskip("myst_nb")
+    required.module("myst_nb")
     out = tmp_path_factory.mktemp("site") / "html"
     cmd = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(ROOT / "docs"), str(out)]
     # no MPLBACKEND=Agg here: the notebooks' figures must come out inline

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import required
+
 from swav_ref.backend import asarray, to_numpy
 from swav_ref.nn import functional as F
 from swav_ref.nn.gradcheck import check_gradient, rel_error
@@ -86,7 +88,7 @@ def test_conv2d_gradients(backend, case, rng):
 
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv2d_matches_torch(case, rng):
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     n, c, h, w, o, k, s, p = case
     x, weight, bias = rng.normal(size=(n, c, h, w)), rng.normal(size=(o, c, k, k)), rng.normal(size=o)
     out, cache = F.conv2d_forward(x, weight, bias, s, p)
@@ -187,7 +189,7 @@ def test_batchnorm_gradients(backend, shape, training, rng):
 @pytest.mark.parametrize("shape", BN_SHAPES)
 @pytest.mark.parametrize("training", [True, False])
 def test_batchnorm_matches_torch(shape, training, rng):
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     x, weight, bias, rm, rv = _bn_inputs(rng, shape, np)
     out, cache = F.batchnorm_forward(x, weight, bias, rm, rv, training=training, eps=1e-5)
     r = rng.normal(size=out.shape)
@@ -297,7 +299,7 @@ def test_linear_gradients_and_torch(backend, rng):
     f = lambda: _loss_against(r)(F.linear_forward(x, weight, bias)[0])  # noqa: E731
     for a, g in ((x, dx), (weight, dw), (bias, db)):
         assert check_gradient(f, a, g) < TOL
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     tx, tw, tb = (torch.tensor(to_numpy(a), requires_grad=True) for a in (x, weight, bias))
     tout = torch.nn.functional.linear(tx, tw, tb)
     tout.backward(torch.tensor(to_numpy(r)))
@@ -329,7 +331,7 @@ def test_maxpool_gradient(backend, k, s, p, shape, rng):
 
 @pytest.mark.parametrize("k, s, p, shape", MAXPOOL_CASES)
 def test_maxpool_matches_torch(k, s, p, shape, rng):
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     x = rng.normal(size=shape)
     x[0, 0, :2, :2] = 1.0  # a tie: both pick the first maximum of the window
     out, cache = F.maxpool2d_forward(x, k, s, p)
@@ -349,7 +351,7 @@ def test_maxpool_passes_a_nan_on_wherever_it_sits_in_the_window():
     assert np.isnan(out[0, 0, 0, 0]) and not np.isnan(out[0, 0, 1:, :]).any()
     dx = F.maxpool2d_backward(np.ones_like(out), cache)
     assert dx[0, 0, 0, 1] == 1.0 and dx[0, 0, :2, :2].sum() == 1.0  # the NaN took the gradient
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     tout = torch.nn.functional.max_pool2d(torch.tensor(x), 2, 2, 0).numpy()
     np.testing.assert_array_equal(np.isnan(out), np.isnan(tout))
 
@@ -377,7 +379,7 @@ def test_softmax_cross_entropy(backend, rng):
     dlogits = F.softmax_cross_entropy_backward(1.0, cache)
     f = lambda: float(F.softmax_cross_entropy_forward(logits, labels)[0])  # noqa: E731
     assert check_gradient(f, logits, dlogits) < TOL
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     tl = torch.tensor(to_numpy(logits), requires_grad=True)
     tloss = torch.nn.functional.cross_entropy(tl, torch.tensor(to_numpy(labels)))
     tloss.backward()
@@ -418,7 +420,7 @@ def test_l2_normalize_of_rows_shorter_than_eps(rng):
     dx = F.l2_normalize_backward(r, cache)
     np.testing.assert_allclose(dx[1:3], r[1:3] / eps, rtol=1e-14)
     assert np.linalg.norm(out[0]) == pytest.approx(1.0) and np.abs(out[1]).max() < 1
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     tx = torch.tensor(x, requires_grad=True)
     tout = torch.nn.functional.normalize(tx, dim=1, eps=eps)
     tout.backward(torch.tensor(r))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import required
+
 from swav_ref.backend import Random, asarray, to_numpy
 from swav_ref.nn.gradcheck import check_gradient_sampled, numerical_gradient
 from swav_ref.nn.resnet import ResNet
@@ -70,7 +72,7 @@ def test_whole_model_gradients(backend, n_prototypes):
 
 
 def test_head_matches_torch():
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     xp = np
     head = SwAVHead(6, 8, 5, (7,), xp=xp, dtype="float64", rng=Random(2))
     ref = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 5)).double()

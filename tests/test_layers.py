@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import required
+
 from swav_ref.backend import asarray, to_numpy
 from swav_ref.nn import layers as L
 from swav_ref.nn.gradcheck import check_gradient, projected_loss, rel_error
@@ -88,7 +90,7 @@ def test_two_forwards_accumulate_like_one_concatenated_batch(backend, rng):
 
 
 def test_two_forwards_with_batchnorm_match_torch_autograd(rng):
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     net = L.Sequential(L.Conv2d(2, 3, 3, 1, 1, dtype="float64"), L.BatchNorm2d(3, dtype="float64"), L.ReLU())
     tnet = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(3), torch.nn.ReLU()).double()
     tnet.load_state_dict({k: torch.tensor(to_numpy(v)) for k, v in net.state_dict().items()})
@@ -184,7 +186,7 @@ def test_input_checks():
 
 @pytest.mark.parametrize("dims", [2, 4])
 def test_batchnorm_train_eval_and_running_stats_match_torch(dims, rng):
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     ours = (L.BatchNorm1d if dims == 2 else L.BatchNorm2d)(3, dtype="float64")
     theirs = (torch.nn.BatchNorm1d if dims == 2 else torch.nn.BatchNorm2d)(3).double()
     with torch.no_grad():
@@ -278,7 +280,7 @@ def test_train_eval_recursive_and_names():
 
 
 def test_astype_and_to(rng):
-    strict = pytest.importorskip("array_api_strict")
+    strict = required.module("array_api_strict")
     net = _small_net(0).astype("float64")
     assert all(owner.params[k].dtype == np.float64 for _, owner, k in net.named_parameters())
     assert net[1].buffers["num_batches_tracked"].dtype == np.int64

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+import required
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -160,7 +162,7 @@ def test_scale_one_resized_matches_pillow(size):
 
 def test_box_crop_matches_torch_interpolate():
     """A crop of a box, shrunk and enlarged, against torch's antialiased bilinear resize."""
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     images = random_images((2, 3, 11, 13), seed=3)
     x = images / 255.0
     boxes = dict(top=[2, 0], left=[3, 5], height=[6, 11], width=[7, 8])

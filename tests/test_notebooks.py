@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import required
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
 
@@ -17,8 +19,8 @@ def test_there_are_six_notebooks():
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
-    jupytext = pytest.importorskip("jupytext")
-    nbclient = pytest.importorskip("nbclient")
+    jupytext = required.module("jupytext")
+    nbclient = required.module("nbclient")
     nb = jupytext.read(path)
     assert any(c.cell_type == "markdown" for c in nb.cells), "a notebook needs prose"
     source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")

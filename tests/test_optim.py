@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 
+import required
+
 from swav_ref.backend import asarray, to_numpy
 from swav_ref.nn import layers as L
 from swav_ref.nn.optim import LARS, SGD, warmup_cosine_schedule
@@ -31,7 +33,7 @@ def _params(model):
 
 
 def test_sgd_matches_torch(backend, rng):
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     model = _model(backend)
     start = _params(model)
     tparams = {n: torch.tensor(v, requires_grad=True) for n, v in start.items()}
@@ -68,7 +70,7 @@ def _torch_larc_step(torch, tparams, topt, lr, weight_decay, trust=0.001, eps=1e
 
 
 def test_lars_matches_torch_larc(backend, rng):
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     model = _model(backend)
     start = _params(model)
     start["1.bias"] = np.zeros(3)  # |p| = 0: LARC leaves the gradient alone

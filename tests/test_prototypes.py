@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import required
+
 from swav_ref import backend as B
 from swav_ref.nn.gradcheck import check_gradient
 from swav_ref.swav import (
@@ -52,7 +54,7 @@ def test_gradients_into_z_and_prototypes(backend, rng, n_crops, with_queue):
 
 @pytest.mark.parametrize("n_crops, with_queue", SETTINGS)
 def test_agrees_with_torch_autograd(backend, rng, n_crops, with_queue):
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     import torch.nn.functional as F
 
     z, weight, queue = make_problem(rng, backend, n_crops, with_queue)

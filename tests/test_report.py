@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import required
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -249,7 +251,7 @@ def test_bench_gpu_rehearsal_feeds_the_report(report, tmp_path):
     """benchmarks/bench_gpu.py at toy sizes on the CPU (NumPy against torch CPU): every case
     runs without error and report.py reads each one with its own description and peer, so
     the one GPU run a session may get is not spent on a typo."""
-    pytest.importorskip("torch")
+    required.module("torch")
     out = tmp_path / "gpu" / "bench_gpu.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--backend", "numpy", "--small",
                     "--repeats", "1", "--out", str(out)], check=True, capture_output=True, text=True, cwd=ROOT)
@@ -277,10 +279,7 @@ def test_launch_counts_show_the_fused_path_and_feed_the_report(report, tmp_path)
     the CPU) must cut the kernel launches of a step to under a third of the plain code's.
     A fused path that silently falls back to the plain code (a layout or dtype that no
     longer qualifies) shows up here as a higher count."""
-    import shutil
-
-    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
-        pytest.skip("no C++ compiler to build the fused kernels for the CPU")
+    required.need_compiler()
     out = tmp_path / "launches" / "bench_launches.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_launches.py"), "--cases", "resnet_tiny_step",
                     "--out", str(out)], check=True, capture_output=True, text=True, cwd=ROOT)
@@ -298,10 +297,7 @@ def test_launch_counts_show_the_fused_path_and_feed_the_report(report, tmp_path)
 def test_the_host_time_case_issues_exactly_resnet18s_operations():
     """bench_host.py times a narrow resnet18 as a stand-in for resnet18's host work: that
     holds only if it issues the same operations, on the fused path and on the plain code."""
-    import shutil
-
-    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
-        pytest.skip("no C++ compiler to build the fused kernels for the CPU")
+    required.need_compiler()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     sys.path.insert(0, str(ROOT / "tests"))
     import bench_launches

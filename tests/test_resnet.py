@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import required
+
 from swav_ref.backend import asarray, to_numpy
 from swav_ref.nn.gradcheck import check_gradient, check_gradient_sampled, projected_loss, rel_error
 from swav_ref.nn.resnet import BasicBlock, ResNet, resnet18, resnet_tiny
@@ -20,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _torch_mirror():
     """PyTorch's ``Block(cin, cout, stride)`` and ``ResNet(in_channels, widths, blocks)`` with
     our parameter names: the ones benchmarks/bench_resnet.py measures against."""
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     spec = importlib.util.spec_from_file_location("bench_resnet", ROOT / "benchmarks" / "bench_resnet.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

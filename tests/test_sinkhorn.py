@@ -7,6 +7,8 @@ import warnings
 
 import numpy as np
 import pytest
+
+import required
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -46,7 +48,7 @@ def random_problem(seed: int, n: int, m: int, scale: float = 1.0):
 @pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("lam", [1.0, 10.0])
 def test_dessert_cost_matches_pot(backend, solver, lam):
-    ot = pytest.importorskip("ot")
+    ot = required.module("ot")
     M, r, c = dessert_problem(backend)
     ours = solver(M, r, c, lam, tol=1e-12, max_iter=100_000)
     Mh, rh, ch = dessert_problem()
@@ -80,7 +82,7 @@ def test_marginals_hold_on_random_problems(backend, seed, n, m, lam):
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 8), m=st.integers(2, 8))
 def test_log_domain_matches_pot_log(seed, n, m):
-    ot = pytest.importorskip("ot")
+    ot = required.module("ot")
     M, r, c = random_problem(seed, n, m, scale=3.0)
     lam = 20.0
     ours = sinkhorn_log(M, r, c, lam, tol=1e-12, max_iter=100_000)

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import required
+
 from swav_ref import backend as B
 from swav_ref.nn.gradcheck import check_gradient
 from swav_ref.swav import SwAVLossOutput, sinkhorn_codes, swapped_prediction_loss, swav_loss
@@ -63,7 +65,7 @@ def test_gradient_matches_central_differences(backend, rng, n_crops, assign, wit
 
 @pytest.mark.parametrize("n_crops, assign, with_queue", SETTINGS)
 def test_agrees_with_torch_autograd_of_the_official_formula(backend, rng, n_crops, assign, with_queue):
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     scores_np, queue_np = make_problem(rng, n_crops, with_queue, len(assign))
     loss, grad = swav_loss(B.asarray(scores_np, backend), BATCH, crops_for_assign=assign,
                            queue_scores=on(backend, queue_np))
@@ -85,7 +87,7 @@ def _bench_loss():
 def test_epsilon_iterations_and_temperature_reach_the_loss(rng, epsilon, n_iters, temperature):
     """Each setting changes the official loss; a loss that ignored one (kept 0.05, 3 or 0.1)
     would match the oracle at the defaults only."""
-    torch = pytest.importorskip("torch")
+    torch = required.module("torch")
     scores_np, queue_np = make_problem(rng, 4, True, 2)
     out = swav_loss(scores_np, BATCH, crops_for_assign=(0, 1), queue_scores=queue_np, temperature=temperature,
                     epsilon=epsilon, sinkhorn_iterations=n_iters)

@@ -9,6 +9,8 @@ import warnings
 import numpy as np
 import pytest
 
+import required
+
 import small_runs
 from swav_ref import checkpoint as ckpt
 from swav_ref.swav.diagnostics import CollapseMonitor, CollapseWarning
@@ -307,7 +309,7 @@ def test_mismatched_checkpoint_is_refused(tiny, tmp_path):
 
 @pytest.mark.parametrize("method", ["swav", "deepcluster-v2"])
 def test_methods_run_under_array_api_strict(tiny, tmp_path, method):
-    pytest.importorskip("array_api_strict")
+    required.module("array_api_strict")
     train, test = tiny
     cfg = small_config(tmp_path, method=method, backend="array_api_strict", epochs=2, dtype="float64")
     trainer = Trainer(cfg, train_set=train, test_set=test)
