@@ -56,8 +56,10 @@ def test_kmeans_rejects_too_many_clusters():
         spherical_kmeans(np.eye(10), 11, 3, Random(0))
 
 
-def test_distributed_kmeans_equals_single_process():
-    """Summing the M-step statistics of two halves equals k-means on the whole."""
+def test_kmeans_statistics_summed_over_two_halves_equal_kmeans_on_the_whole():
+    """The arithmetic that makes data-parallel k-means exact: summing the M-step statistics
+    of two halves (written out here, by hand) equals k-means on the whole. The trainer's own
+    all-reduce path is run on thread workers by the broadcast tests below."""
     x, _, _ = _blobs(20, 4, 6, seed=3)
     init = x[:4]
     c_full, a_full = spherical_kmeans(x, 4, 5, Random(0), init=init)

@@ -424,5 +424,6 @@ def test_l2_normalize_of_rows_shorter_than_eps(rng):
     tx = torch.tensor(x, requires_grad=True)
     tout = torch.nn.functional.normalize(tx, dim=1, eps=eps)
     tout.backward(torch.tensor(r))
-    assert rel_error(out, tout.detach().numpy()) < 1e-12
-    assert rel_error(dx, tx.grad.numpy()) < 1e-10
+    np.testing.assert_allclose(out, tout.detach().numpy(), rtol=1e-12, atol=1e-15)
+    # row by row: the clamped rows' gradients (~1e12) would swamp an error in the others
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-10, atol=0)

@@ -295,8 +295,8 @@ def test_astype_and_to(rng):
 def test_initialisation_is_seeded_and_documented():
     a, b = L.Conv2d(4, 8, 3, rng=5), L.Conv2d(4, 8, 3, rng=5)
     np.testing.assert_array_equal(a.params["weight"], b.params["weight"])
-    std = float(np.std(L.Conv2d(64, 64, 3, rng=0).params["weight"]))
-    assert abs(std - np.sqrt(2.0 / (64 * 9))) < 0.02 * np.sqrt(2.0 / (64 * 9))  # Kaiming fan_out
+    std = float(np.std(L.Conv2d(16, 64, 3, rng=0).params["weight"]))  # fan_in 16*9, fan_out 64*9
+    assert abs(std - np.sqrt(2.0 / (64 * 9))) < 0.02 * np.sqrt(2.0 / (64 * 9))  # Kaiming fan_out, not fan_in
     lin = L.Linear(100, 50, rng=0)
     assert np.max(np.abs(lin.params["weight"])) <= 0.1 and np.max(np.abs(lin.params["bias"])) <= 0.1
     bn = L.BatchNorm2d(3)

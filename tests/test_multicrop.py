@@ -266,6 +266,24 @@ def test_colour_operations(backend):
     np.testing.assert_allclose(masked[2, 0], luma[2], atol=1e-12)
 
 
+def test_contrast_and_saturation_clip_to_the_unit_range(backend):
+    """At factor 1.8 on images spanning [0, 1] the blends leave the range; they must be clipped
+    (1-channel digits get no saturation step after contrast to hide a missing clip)."""
+    rng = np.random.default_rng(1)
+    host = rng.uniform(0.0, 1.0, size=(2, 3, 6, 5))
+    f = np.array([1.8, 1.8])
+    luma = 0.299 * host[:, 0] + 0.587 * host[:, 1] + 0.114 * host[:, 2]
+    contrast = to_numpy(M.adjust_contrast(asarray(host, backend), asarray(f, backend)))
+    unclipped = 1.8 * host - 0.8 * luma.mean(axis=(1, 2))[:, None, None, None]
+    assert unclipped.min() < 0 and unclipped.max() > 1  # the clip has work to do
+    np.testing.assert_allclose(contrast, np.clip(unclipped, 0, 1), atol=1e-12)
+    saturation = to_numpy(M.adjust_saturation(asarray(host, backend), asarray(f, backend)))
+    np.testing.assert_allclose(saturation, np.clip(1.8 * host - 0.8 * luma[:, None], 0, 1), atol=1e-12)
+    grey = host[:, :1]
+    one_channel = to_numpy(M.adjust_contrast(asarray(grey, backend), asarray(f, backend)))
+    assert one_channel.min() >= 0 and one_channel.max() <= 1
+
+
 def test_hue_matches_colorsys(backend):
     """Per pixel: RGB -> HSV, hue + shift (mod 1), HSV -> RGB, with the standard library."""
     import colorsys

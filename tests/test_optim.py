@@ -96,6 +96,26 @@ def test_lars_matches_torch_larc(backend, rng):
         assert np.max(np.abs(value - start[name])) > 1e-5, name
 
 
+def test_lars_first_step_by_hand(rng):
+    """One LARS step from zero momentum, from its formula alone (no PyTorch): for each
+    parameter, alpha = eta |p| / (|g| + wd |p| + eps), p -= lr * alpha * (g + wd p); a
+    parameter or gradient of norm 0 (here BatchNorm's bias, which starts at 0) takes p -= lr g."""
+    model = _model()
+    start = _params(model)
+    grads = _random_grads(model, rng, 0)
+    _set_grads(model, grads)
+    wd, eta, eps, lr = 1e-2, 1e-3, 1e-8, 0.5
+    LARS(model, momentum=0.9, weight_decay=wd, trust_coefficient=eta, eps=eps).step(lr)
+    for name, p in start.items():
+        g = grads[name]
+        if np.linalg.norm(p) == 0 or np.linalg.norm(g) == 0:
+            expected = p - lr * g
+        else:
+            alpha = eta * np.linalg.norm(p) / (np.linalg.norm(g) + wd * np.linalg.norm(p) + eps)
+            expected = p - lr * alpha * (g + wd * p)
+        np.testing.assert_allclose(_params(model)[name], expected, rtol=1e-12, err_msg=name)
+
+
 def test_none_grad_skips_weight_decay_and_momentum(backend, rng):
     model = _model(backend)
     opt = SGD(model, momentum=0.9, weight_decay=0.1)

@@ -319,8 +319,8 @@ def _bad_inputs():
         "masses differ": ((M, r, c * 1.01), "same mass"),
         "zero mass": ((M, 0 * r, 0 * c), "zero total mass"),
         "empty": ((np.zeros((0, 5)), np.zeros(0), c), "empty"),
-        "r sums to inf": ((M, np.full_like(r, 1e308), np.full_like(c, 1e308) * len(r) / len(c)),
-                          "r sums to more than"),
+        "r sums to inf": ((M, np.full_like(r, 1e308), np.full_like(c, 1.6e308)), "r sums to more than"),
+        "c sums to inf": ((M, r, np.full_like(c, 1e308)), "c sums to more than"),
         "lam * M overflows": ((M * 1e307, r, c), "lam \\* M overflows"),
     }
 

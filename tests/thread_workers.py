@@ -15,9 +15,15 @@ from collections.abc import Callable
 from typing import Any
 
 
+#: Seconds a worker waits at a collective, or the whole run lasts, before the test fails:
+#: a worker that calls one collective too many (or too few) must fail the test, not hang it.
+TIMEOUT = 120
+
+
 class ThreadWorkers:
     def __init__(self, size: int):
-        self.size, self.slots, self.barrier = size, [None] * size, threading.Barrier(size)
+        self.size, self.slots = size, [None] * size
+        self.barrier = threading.Barrier(size, timeout=TIMEOUT)
 
     def collective(self, rank: int, combine: Callable[[list], Any]) -> Callable[[Any], Any]:
         """Worker ``rank``'s hook: ``x -> combine(every worker's x, by rank)``."""
@@ -50,11 +56,15 @@ class ThreadWorkers:
                 errors.append(exc)
                 self.barrier.abort()
 
-        threads = [threading.Thread(target=target, args=(rank,)) for rank in range(self.size)]
+        threads = [threading.Thread(target=target, args=(rank,), daemon=True) for rank in range(self.size)]
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
+            t.join(TIMEOUT)
+            if t.is_alive():
+                self.barrier.abort()
+                raise TimeoutError(f"a worker was still running after {TIMEOUT} s: the workers' collectives "
+                                   "do not match (one called more of them than the others)")
         if errors:
             raise errors[0]
         return results
