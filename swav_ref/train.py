@@ -101,6 +101,9 @@ def load_trainer_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarr
     arrays, meta = ckpt.load_checkpoint(path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ckpt.CheckpointError(f"{path}: not a swav_ref trainer checkpoint (format {meta.get('format')!r})")
+    if "config" not in meta:  # a worker's own state file (queue, memory bank) has the format but no model
+        raise ckpt.CheckpointError(f"{path}: a worker's local state file (its queue or memory bank), not a "
+                                   "checkpoint; load the checkpoint.npz beside it, which names it")
     return arrays, meta, TrainConfig.from_dict(meta["config"])
 
 

@@ -238,9 +238,10 @@ class SwAVHead(Module):
             raise RuntimeError("SwAVHead.backward called with no pending forward")
         for ds in dscores:
             self._check_gradient(ds)  # before popping: nothing is lost
+        if len(dscores) != len(self._caches[-1]):  # as is this
+            raise ValueError(f"SwAVHead.backward: {len(dscores)} score gradients for {len(self._caches[-1])} "
+                             "prototype sets")
         caches = self._caches.pop()
-        if len(dscores) != len(caches):
-            raise ValueError(f"SwAVHead.backward: {len(dscores)} score gradients for {len(caches)} prototype sets")
         dz = None
         for h, (ds, cache) in enumerate(zip(dscores, caches)):
             dz_h, dweight = prototypes_backward(ds, cache)
