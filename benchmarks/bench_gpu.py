@@ -36,7 +36,11 @@ the peer named in ``what``), medians of interleaved rounds (``bench_loss.median_
 
 Run on a machine with an NVIDIA GPU:  python benchmarks/bench_gpu.py --out FILE.json
 ``--backend numpy --small`` runs every case at toy sizes against torch on the CPU: a
-rehearsal of the script itself (the test suite runs it), not a benchmark.
+rehearsal of the script itself (the test suite runs it), not a benchmark. Its resnet18
+steps use resnet18's layers at 1/8 width (``bench_resnet.py``'s ``resnet18_narrow``, which
+issues exactly resnet18's operations, as ``tests/test_report.py`` checks), so that each
+takes milliseconds, not most of a second; and each timing stops after ``--repeats``
+rounds instead of running for at least half a second.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_loss import make_scores, median_times, torch_loss, torch_sinkhorn  # noqa: E402
 from bench_resnet import (  # noqa: E402  (the CPU benchmark's step and precision settings)
+    CASES,
     case_inputs,
     make_ours,
     make_torch,
@@ -66,9 +71,11 @@ from swav_ref import fused  # noqa: E402
 from swav_ref.backend import Random, get_backend, set_tf32, synchronize  # noqa: E402
 
 SIZES = {"full": dict(batch=4096, prototypes=3000, images=256, floor_images=8, swav_batch=256,
-                     prototypes_step=3000, hidden=2048),
+                     prototypes_step=3000, hidden=2048, net="resnet18", min_seconds=0.5),
          "small": dict(batch=64, prototypes=30, images=8, floor_images=2, swav_batch=8, prototypes_step=3000,
-                       hidden=32)}
+                       hidden=32, net="resnet18_narrow", min_seconds=0.0)}
+#: How each network of ``SIZES`` is named in a case's description.
+NET_LABELS = {"resnet18": "resnet18", "resnet18_narrow": "resnet18 at 1/8 width"}
 
 
 class Setup:
@@ -166,7 +173,7 @@ def bench_sinkhorn_and_loss(s: Setup, size: dict, repeats: int) -> dict:
 
     # fused.disabled() is a contextlib context manager, so it also wraps a function
     t = median_times({"fused": codes, "plain": fused.disabled()(codes),
-                      "torch": lambda: torch_sinkhorn(s.torch, scores_t[:b])}, repeats, s.sync)
+                      "torch": lambda: torch_sinkhorn(s.torch, scores_t[:b])}, repeats, s.sync, size["min_seconds"])
     out = {
         f"sinkhorn_B{b}_K{k}": _case(f"SwAV Sinkhorn codes, B={b}, K={k}, 3 iterations: ours (fused kernels) vs "
                                      "the official loop in torch", t["fused"], t["torch"],
@@ -175,21 +182,25 @@ def bench_sinkhorn_and_loss(s: Setup, size: dict, repeats: int) -> dict:
                                            "the official loop in torch", t["plain"], t["torch"]),
     }
     t = median_times({"ours": lambda: swav_loss(scores, b), "torch": lambda: torch_loss(s.torch, scores_t, b, False)},
-                     repeats, s.sync)
+                     repeats, s.sync, size["min_seconds"])
     out[f"swav_loss_fwd_bwd_B{b}_K{k}_2+6crops"] = _case(
         f"SwAV loss forward + backward, B={b}, K={k}, 2+6 crops: ours vs torch autograd (official loop)",
         t["ours"], t["torch"])
     return out
 
 
-def resnet18_steps(s: Setup, batch: int):
+def resnet18_steps(s: Setup, batch: int, arch: str = "resnet18"):
     """Three training steps of resnet18 on the same ``batch`` of 3x32x32 images (those of
     ``bench_resnet.py``, without its per-step sync): ours with the fused kernels, ours with
-    the plain CuPy code, and torch's on copies of our weights."""
+    the plain CuPy code, and torch's on copies of our weights. ``arch="resnet18_narrow"``
+    (``--small``): the same layers at 1/8 width."""
     from swav_ref.nn import Linear
     from swav_ref.nn.resnet import resnet18
 
-    net = resnet18(3, xp=s.xp, dtype="float32", rng=Random(0))
+    if arch == "resnet18_narrow":
+        net = CASES["resnet18_narrow"][0](xp=s.xp, dtype="float32")
+    else:
+        net = resnet18(3, xp=s.xp, dtype="float32", rng=Random(0))
     head = Linear(net.out_dim, 10, xp=s.xp, dtype="float32", rng=Random(1))
     x_np, y_np = case_inputs((3, 32, 32), batch)
     x, y = s.xp.asarray(x_np), s.xp.asarray(y_np)
@@ -203,8 +214,8 @@ def resnet18_steps(s: Setup, batch: int):
 
 
 def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
-    batch = size["images"]
-    ours, ours_plain, peer = resnet18_steps(s, batch)
+    batch, label = size["images"], NET_LABELS[size["net"]]
+    ours, ours_plain, peer = resnet18_steps(s, batch, size["net"])
     out = {}
     profiles = {}
     try:
@@ -219,16 +230,16 @@ def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
             fns = {"fused": ours, "torch": peer}
             if not tf32:
                 fns["plain"] = ours_plain
-            t = median_times(fns, repeats, s.sync)
+            t = median_times(fns, repeats, s.sync, size["min_seconds"])
             rule = precision_label(tf32)
             key = f"resnet18_cifar_step_b{batch}_{mode}"
             extra = ({"profile_ms": profiles["fused_tf32"]} if tf32 else
                      {"profile_ms": profiles["fused"], "profile_plain_ms": profiles["plain"]})
-            out[key] = _case(f"resnet18 training step, batch {batch}, 3x32x32, {rule}: ours (fused kernels) vs torch",
+            out[key] = _case(f"{label} training step, batch {batch}, 3x32x32, {rule}: ours (fused kernels) vs torch",
                              t["fused"], t["torch"], ours_images_per_s=batch / t["fused"],
                              torch_images_per_s=batch / t["torch"], **extra)
             if "plain" in t:
-                out[key + "_plain"] = _case(f"resnet18 training step, batch {batch}, {rule}: ours (plain CuPy code) "
+                out[key + "_plain"] = _case(f"{label} training step, batch {batch}, {rule}: ours (plain CuPy code) "
                                             "vs torch", t["plain"], t["torch"])
     finally:
         s.precision(False)
@@ -266,13 +277,14 @@ def bench_graph_replay(s: Setup, size: dict, repeats: int) -> dict:
     the module notes)."""
     out = {}
     s.precision(False)
+    label = NET_LABELS[size["net"]]
     for batch in (size["images"], size["floor_images"]):
-        ours, _, peer = resnet18_steps(s, batch)
+        ours, _, peer = resnet18_steps(s, batch, size["net"])
         replay = replayable(s, ours)
-        t = median_times({"eager": ours, "graph": replay, "torch": peer}, repeats, s.sync)
+        t = median_times({"eager": ours, "graph": replay, "torch": peer}, repeats, s.sync, size["min_seconds"])
         rehearsal = "" if s.device == "cuda" else " (CPU rehearsal: no graph, the step itself)"
         key = f"resnet18_cifar_step_b{batch}_graph_replay"
-        out[key] = _case(f"resnet18 training step, batch {batch}, TF32 off, replayed from a CUDA graph: ours vs "
+        out[key] = _case(f"{label} training step, batch {batch}, TF32 off, replayed from a CUDA graph: ours vs "
                          f"torch{rehearsal}", t["graph"], t["torch"], eager_ms=1e3 * t["eager"],
                          graph_over_eager=t["graph"] / t["eager"])
     return out
@@ -282,14 +294,14 @@ def bench_host_floor(s: Setup, size: dict, repeats: int) -> dict:
     """The resnet18 step on a tiny batch, where the device has almost nothing to do: the
     time is then the host's, issuing launches (divide by ``bench_launches.py``'s count of
     kernels per step for the cost of one). TF32 off in both."""
-    batch = size["floor_images"]
-    ours, ours_plain, peer = resnet18_steps(s, batch)
+    batch, label = size["floor_images"], NET_LABELS[size["net"]]
+    ours, ours_plain, peer = resnet18_steps(s, batch, size["net"])
     s.precision(False)
-    t = median_times({"fused": ours, "plain": ours_plain, "torch": peer}, repeats, s.sync)
+    t = median_times({"fused": ours, "plain": ours_plain, "torch": peer}, repeats, s.sync, size["min_seconds"])
     key = f"resnet18_cifar_step_b{batch}_host_floor"
-    return {key: _case(f"resnet18 training step, batch {batch} (host-bound: launch overhead), fused kernels: "
+    return {key: _case(f"{label} training step, batch {batch} (host-bound: launch overhead), fused kernels: "
                        "ours vs torch", t["fused"], t["torch"]),
-            key + "_plain": _case(f"resnet18 training step, batch {batch} (host-bound), plain CuPy code: ours vs "
+            key + "_plain": _case(f"{label} training step, batch {batch} (host-bound), plain CuPy code: ours vs "
                                   "torch", t["plain"], t["torch"])}
 
 
@@ -310,7 +322,7 @@ def bench_launch_overhead(s: Setup, size: dict, repeats: int, launches: int = 20
 
     t = median_times({"ours_add": repeat(lambda: a + b), "torch_add": repeat(lambda: ta + tb),
                       "ours_view": repeat(lambda: xp.reshape(a, (1, 1))), "torch_view": repeat(lambda: ta.view(1, 1))},
-                     repeats, s.sync)
+                     repeats, s.sync, size["min_seconds"])
     per = {k: v / launches for k, v in t.items()}
     return {"launch_overhead_add": _case("host time of one element-wise launch (1-element add): ours vs torch",
                                          per["ours_add"], per["torch_add"]),
@@ -337,7 +349,8 @@ def bench_row_dot(s: Setup, size: dict, repeats: int) -> dict:
         rng = np.random.default_rng(0)
         a = xp.asarray(rng.normal(size=(channels, m)).astype(np.float32))
         b = xp.asarray(rng.normal(size=(channels, m)).astype(np.float32))
-        t = median_times({name: (lambda fn=fn: fn(a, b)) for name, fn in fns.items()}, repeats, s.sync)
+        t = median_times({name: (lambda fn=fn: fn(a, b)) for name, fn in fns.items()}, repeats, s.sync,
+                         size["min_seconds"])
         for peer in [name for name in fns if name != "matmul"]:
             label = "sum(a * b, axis=1)" if peer == "sum" else "a ReductionKernel (one launch)"
             key = f"bn_row_dot_C{channels}_M{m}" + ("" if peer == "sum" else f"_vs_{peer}")
@@ -378,7 +391,7 @@ def swav_step(backend: str, batch: int, prototypes: int, hidden: int, feat_dim: 
 def bench_swav_step(s: Setup, size: dict, repeats: int) -> dict:
     batch = size["swav_batch"]
     step = swav_step("cupy" if s.device == "cuda" else "numpy", batch, size["prototypes_step"], size["hidden"])
-    t = median_times({"fused": step, "plain": fused.disabled()(step)}, repeats, s.sync)
+    t = median_times({"fused": step, "plain": fused.disabled()(step)}, repeats, s.sync, size["min_seconds"])
     return {f"swav_step_resnet18_2x32+6x16_b{batch}": _case(
         f"full SwAV step, resnet18, 2x32 + 6x16 crops, batch {batch}, LARS: fused kernels vs the plain CuPy code "
         f"({batch / t['fused']:.0f} vs {batch / t['plain']:.0f} images/s)", t["fused"], t["plain"],

@@ -120,11 +120,13 @@ def test_eval_reports_clipped_k_in_table_and_json(tmp_path, capsys, scratch_tmp)
 def test_a_gpu_runs_checkpoint_evaluates_on_the_cpu(tmp_path, capsys, scratch_tmp):
     """A checkpoint trained with --backend cupy --tf32 evaluates with --backend numpy (TF32,
     a GPU setting, is dropped rather than refused); without --backend, on a machine where
-    CuPy is unusable, the error says to add --backend numpy."""
+    CuPy is unusable, the error says to add --backend numpy. (On 100 digits in a folder:
+    the point is the backend, not the data.)"""
     from swav_ref.backend import BackendUnavailableError, get_backend
     from swav_ref.checkpoint import load_checkpoint, save_checkpoint
 
-    checkpoint, _ = save_untrained_checkpoint(tmp_path / "run")
+    images = write_digit_folder(tmp_path / "classes", 100, labelled=True)
+    checkpoint, _ = save_untrained_checkpoint(tmp_path / "run", dataset="folder", data_dir=str(images))
     arrays, meta = load_checkpoint(checkpoint)
     meta["config"].update(backend="cupy", tf32=True)  # as written by a GPU run
     save_checkpoint(checkpoint, arrays, meta)
@@ -223,13 +225,15 @@ def test_eval_names_a_missing_data_dir(tmp_path, capsys):
 
 def test_eval_shuffles_the_probes_folds_with_the_runs_seed(tmp_path, capsys, monkeypatch):
     """``train`` and ``demo`` score with the run's seed; ``eval`` used seed 0, so it could pick
-    another C and report another accuracy for the same weights."""
+    another C and report another accuracy for the same weights. (On 100 digits in a folder:
+    the point is the seed, not the data.)"""
     import swav_ref.evaluate as E
 
     seeds = []
     probe = E.linear_probe
     monkeypatch.setattr(E, "linear_probe", lambda *a, **kw: seeds.append(kw.get("seed")) or probe(*a, **kw))
-    checkpoint, _ = save_untrained_checkpoint(tmp_path, seed=3)
+    images = write_digit_folder(tmp_path / "classes", 100, labelled=True)
+    checkpoint, _ = save_untrained_checkpoint(tmp_path / "run", seed=3, dataset="folder", data_dir=str(images))
     assert main(["eval", checkpoint, "--out", str(tmp_path / "eval.json")]) == 0
     assert seeds == [3, 3]  # raw pixels and the network
     probes = [r["linear probe"]["probe"][0] for r in json.loads((tmp_path / "eval.json").read_text())["results"]]

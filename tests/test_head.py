@@ -9,7 +9,7 @@ import pytest
 import required
 
 from swav_ref.backend import Random, asarray, to_numpy
-from swav_ref.nn.gradcheck import check_gradient_sampled, numerical_gradient
+from swav_ref.nn.gradcheck import check_gradient_sampled, numerical_gradient, rel_error
 from swav_ref.nn.resnet import ResNet
 from swav_ref.swav import swapped_prediction_loss, sinkhorn_codes
 from swav_ref.swav.head import ClassifierHead, SwAVHead
@@ -34,9 +34,9 @@ def _objective(backbone, head, crops, batch, codes):
     return total, grads
 
 
-@pytest.mark.parametrize("n_prototypes", [(7,), (7, 3)])
-def test_whole_model_gradients(backend, n_prototypes):
-    xp, batch = backend, 3
+def _whole_model_step(xp, n_prototypes, batch):
+    """The model, its crops and codes, and one forward and backward of the swapped loss:
+    ``(backbone, head, crops, codes, loss, dinputs)``, from the same seeds on every backend."""
     rng = np.random.default_rng(0)
     backbone, head = _model(xp, n_prototypes)
     crops = [asarray(rng.normal(size=(batch, 1, s, s)), xp) for s in (6, 6, 4, 4)]
@@ -45,16 +45,50 @@ def test_whole_model_gradients(backend, n_prototypes):
         [xp.concat(crops[:2], axis=0), xp.concat(crops[2:], axis=0)]), axis=0))
     codes = [[sinkhorn_codes(s[i * batch:(i + 1) * batch, :]) for i in (0, 1)] for s in scores]
     backbone.clear_cache(), head.clear_cache()
+    backbone.zero_grad(), head.zero_grad()
+    loss, dscores = _objective(backbone, head, crops, batch, codes)
+    dfeat = head.backward(dscores)
+    dinputs = backbone.backward_groups([dfeat[:2 * batch, :], dfeat[2 * batch:, :]])
+    return backbone, head, crops, codes, loss, dinputs
+
+
+def _assert_whole_model_matches_numpy(xp, n_prototypes, batch):
+    """The array_api_strict lane: the same step on ``xp`` and on NumPy gives the same codes,
+    loss, input gradients and parameter gradients, to 1e-12. The lane proves the code uses
+    only the Array API; the NumPy (and CuPy) lanes check the calculus by central differences,
+    which would cost hundreds of forwards on array_api_strict."""
+    results = []
+    for lane in (np, xp):
+        backbone, head, _, codes, loss, dinputs = _whole_model_step(lane, n_prototypes, batch)
+        assert backbone.num_pending() == 0 and head.num_pending() == 0
+        arrays = [to_numpy(c) for per_head in codes for c in per_head] + [to_numpy(d) for d in dinputs]
+        grads = {f"{prefix}.{name}": to_numpy(owner.grads[key])
+                 for prefix, module in (("backbone", backbone), ("head", head))
+                 for name, owner, key in module.named_parameters()}
+        results.append((float(loss), arrays, grads))
+    (loss_np, arrays_np, grads_np), (loss_b, arrays_b, grads_b) = results
+    assert abs(loss_np - loss_b) <= 1e-12 * abs(loss_np), (loss_np, loss_b)
+    assert len(arrays_np) == len(arrays_b)
+    for i, (a, b) in enumerate(zip(arrays_np, arrays_b)):
+        assert rel_error(a, b) < 1e-12, i
+    assert grads_np.keys() == grads_b.keys()
+    for name in grads_np:
+        assert rel_error(grads_np[name], grads_b[name]) < 1e-12, name
+
+
+@pytest.mark.parametrize("n_prototypes", [(7,), (7, 3)])
+def test_whole_model_gradients(backend, n_prototypes):
+    xp, batch = backend, 3
+    if xp.__name__ == "array_api_strict":
+        _assert_whole_model_matches_numpy(xp, n_prototypes, batch)
+        return
+    backbone, head, crops, codes, _, dinputs = _whole_model_step(xp, n_prototypes, batch)
 
     def f():
         loss, _ = _objective(backbone, head, crops, batch, codes)
         backbone.clear_cache(), head.clear_cache()
         return float(loss)
 
-    backbone.zero_grad(), head.zero_grad()
-    _, dscores = _objective(backbone, head, crops, batch, codes)
-    dfeat = head.backward(dscores)
-    dinputs = backbone.backward_groups([dfeat[:2 * batch, :], dfeat[2 * batch:, :]])
     # input gradient of the first crop (large)
     err = check_gradient_sampled(f, crops[0], dinputs[0][:batch, ...], samples=12)
     assert err < 1e-6, err
