@@ -22,7 +22,8 @@ Usage::
                                            # <!-- digits:FILE:start --> ... :end --> block
 
 Dates: a result without a ``date`` field gets the date of the commit that last changed its
-file, or, outside git, its modification date (a fresh clone's files are all new). Machines:
+file (a fresh clone's files all have today's modification date), or its modification date
+when it has changed since that commit or is not in git. Machines:
 GPU results without a ``machine`` field take the first line of ``gpu_machine.txt``.
 """
 
@@ -177,10 +178,13 @@ def _date(data: dict, path: Path) -> str:
         if date:
             return str(date)
     try:  # the day the result was committed: a clone or checkout gives every file a new mtime
-        committed = subprocess.run(["git", "log", "-1", "--format=%cs", "--", path.name], cwd=path.parent,
-                                   capture_output=True, text=True, timeout=30).stdout.strip()
+        git = dict(cwd=path.parent, capture_output=True, text=True, timeout=30)
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", path.name], **git).returncode != 0
+        committed = "" if changed else subprocess.run(["git", "log", "-1", "--format=%cs", "--", path.name],
+                                                      **git).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         committed = ""
+    # re-measured and not yet committed (or outside git): the file's own date
     return committed or datetime.date.fromtimestamp(path.stat().st_mtime).isoformat()
 
 

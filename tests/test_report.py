@@ -116,6 +116,10 @@ def test_date_is_the_commit_date_in_git_not_the_checkout_date(report, tmp_path):
         subprocess.run([*git, *args], check=True, env=env)
     assert report._date({}, path) == "2030-05-06"
     assert report._date({"metadata": {"date": "2031-01-01"}}, path) == "2031-01-01"  # a file's own date wins
+    path.write_text(json.dumps({"results": [1]}))  # re-measured, not yet committed: its own mtime
+    stamp = __import__("datetime").datetime(2032, 7, 8, 12).timestamp()
+    __import__("os").utime(path, (stamp, stamp))
+    assert report._date({}, path) == "2032-07-08"
 
 
 def _demo_results(swav, supervised, raw, n_test=None):

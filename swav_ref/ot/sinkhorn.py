@@ -27,7 +27,8 @@ Two implementations:
     :func:`sinkhorn_log`.
 :func:`sinkhorn_log`
     the log domain, with dual potentials :math:`f, g` and
-    :math:`P_{ij} = e^{\lambda (f_i + g_j - M_{ij})}`. It stays finite for any ``lam``, and is
+    :math:`P_{ij} = e^{\lambda (f_i + g_j - M_{ij})}`. It stays finite for any ``lam`` (as long
+    as :math:`\lambda M` itself fits in the dtype), and is
     fast because it absorbs the potentials into the kernel and runs the cheap scaling
     iterations on top of it (see its Notes).
 
@@ -170,8 +171,9 @@ def check_problem(M: Any, r: Any, c: Any) -> TransportProblem:
     M, r, c = (xp.astype(x, dtype, copy=False) for x in (M, r, c))  # no copy if already right
 
     # min and max propagate NaN, so they double as finiteness checks.
-    stats = to_numpy(xp.stack([xp.min(M), xp.max(M), xp.min(r), xp.max(r), xp.sum(r),
-                               xp.min(c), xp.max(c), xp.sum(c)]))
+    with _quiet_floating_point():  # a sum that overflows is reported below, by name
+        stats = to_numpy(xp.stack([xp.min(M), xp.max(M), xp.min(r), xp.max(r), xp.sum(r),
+                                   xp.min(c), xp.max(c), xp.sum(c)]))
     m_min, m_max, r_min, r_max, r_sum, c_min, c_max, c_sum = (float(s) for s in stats)
     if not (math.isfinite(m_min) and math.isfinite(m_max)):
         raise ValueError("M contains NaN or inf; costs must be finite")
@@ -305,19 +307,32 @@ def _warn_not_converged(method: str, tol: float, max_iter: int, err: float, hint
 
 
 def _check_vanished_entries(K, a, b, M, lam, F, G, prob, tol, hint) -> None:
-    r"""Raise ValueError if the kernel entries that underflowed to zero would have carried
-    more than ``tol`` of the mass: :math:`\max_{K_{ij} = 0} a_i b_j e^{F_i + G_j - \lambda M_{ij}}`,
-    computed in logs (one more pass over the matrix, only for a kernel with zeros)."""
+    r"""Raise ValueError if the kernel entries that underflowed (to zero, or to a subnormal
+    number with only a few significant bits) put more than ``tol`` of the mass in the wrong
+    place.
+
+    An entry :math:`e^{E_{ij}}`, :math:`E = F_i + G_j - \lambda M_{ij}`, stored below the
+    smallest normal number is off by at most :math:`\min(e^{E_{ij}}, u)`, :math:`u` half the
+    smallest subnormal (:math:`2^{-1075}` in float64, :math:`2^{-150}` in float32); the plan's
+    entry by :math:`a_i b_j` times that. The bound summed over those entries, computed in
+    logs, is compared with ``tol`` of the mass (one more pass over the matrix, only for a
+    kernel that underflowed).
+    """
     xp = prob.xp
     n, m = K.shape
+    info = xp.finfo(K.dtype)
+    half_subnormal = math.log(float(info.smallest_normal)) + math.log(float(info.eps)) - math.log(2.0)
     exponent = _shifted_exponent(M * (-lam), F, G, prob)
-    exponent += xp.reshape(xp.log(a), (n, 1))
-    exponent += xp.reshape(xp.log(b), (1, m))
-    lost = float(xp.max(xp.where(K == 0, exponent, xp.asarray(-xp.inf, dtype=K.dtype))))
-    if lost > math.log(max(tol, np.finfo(np.float64).tiny) * prob.mass):
+    error = xp.minimum(exponent, xp.asarray(half_subnormal, dtype=K.dtype))  # the capped exponent first
+    error += xp.reshape(xp.log(a), (n, 1))
+    error += xp.reshape(xp.log(b), (1, m))
+    imprecise = K < xp.asarray(float(info.smallest_normal), dtype=K.dtype)
+    lost = float(logsumexp(xp.reshape(xp.where(imprecise, error, xp.asarray(-xp.inf, dtype=K.dtype)), (-1,))))
+    # compared in logs: tol * mass can underflow to 0 for a tiny total mass or tol = 0
+    if lost - math.log(prob.mass) > math.log(max(tol, np.finfo(np.float64).tiny)):
         raise ValueError(
-            f"sinkhorn_knopp: kernel entries that underflowed to zero should carry mass (more than "
-            f"tol={tol:g} of the total), so the plan would be wrong; {hint}"
+            f"sinkhorn_knopp: kernel entries that underflowed (to zero or to a subnormal number) should "
+            f"carry mass (more than tol={tol:g} of the total), so the plan would be wrong; {hint}"
         )
 
 
@@ -379,11 +394,12 @@ def sinkhorn_knopp(
     :math:`a \odot K b` of the current plan, so the marginal error costs no extra matrix
     product.
 
-    An entry that underflowed to zero cannot carry mass, however large the scalings grow.
-    If the kernel has such entries, the end checks what they would have carried,
-    :math:`a_i b_j e^{-\lambda (M_{ij} - f_i - g_j)}`, computed in logs, and raises
-    ``ValueError`` when that exceeds ``tol`` of the mass: the plan would then be wrong, however
-    well its marginals fit.
+    An entry that underflowed to zero cannot carry mass, however large the scalings grow,
+    and one that underflowed to a subnormal number carries it with the wrong weight (a few
+    significant bits). If the kernel has such entries, the end bounds the mass they misplace,
+    :math:`a_i b_j e^{-\lambda (M_{ij} - f_i - g_j)}` capped at the subnormal rounding error,
+    computed in logs, and raises ``ValueError`` when that exceeds ``tol`` of the mass: the plan
+    would then be wrong, however well its marginals fit.
     """
     prob = check_problem(M, r, c)
     xp, M, r, c = prob.xp, prob.M, prob.r, prob.c
@@ -410,7 +426,8 @@ def sinkhorn_knopp(
             raise ValueError(
                 f"sinkhorn_knopp: a whole row or column of the kernel is zero; {underflow_hint}"
             )
-        underflowed = not smallest[2] > 0
+        # below the smallest normal number an entry keeps only a few significant bits
+        underflowed = not smallest[2] >= float(xp.finfo(M.dtype).smallest_normal)
 
         b, Kb = xp.ones(M.shape[1], dtype=M.dtype), row_sums
         history, checked_at, it, err = [], [], 0, math.inf
