@@ -109,7 +109,10 @@ desserts.plan_table(exact.plan)
 # ($P \approx r c^\top / 20$). Large $\lambda$: the cost wins, $P_\lambda$ approaches an
 # optimal plan. The solution has the form $P_\lambda = \operatorname{diag}(a)\, e^{-\lambda M}
 # \operatorname{diag}(b)$, and **Sinkhorn-Knopp** finds the scalings $a, b$ by alternately fixing
-# the row sums and the column sums (notebook 02 explains why this works). Here is the loop:
+# the row sums and the column sums (notebook 02 explains why this works). Here is the loop;
+# in it `K` is $e^{-\lambda M}$ with each row and column rescaled by a constant (which the
+# scalings absorb; notebook 02, section 2), `Kt` is its transpose, and the last lines are
+# notebook 02's check for kernel entries that underflowed:
 
 # %%
 source = inspect.getsource(sinkhorn_knopp)

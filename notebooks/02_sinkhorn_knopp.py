@@ -125,10 +125,14 @@ print(source[source.index("        neg_lam_M = M * (-lam)"):source.index("      
 # %% [markdown]
 # Two details in that loop:
 #
-# - $K$ is built from $M_{ij} - f_i - g_j$, each row and column shifted by its cheapest
-#   entry ($f_i = \min_j M_{ij}$, then $g_j = \min_i (M_{ij} - f_i)$): diagonal factors that
-#   the scalings absorb, so the plan is the same. Every row and column of $K$ then has a 1
-#   and nothing larger, so it cannot overflow; it can still **underflow** (section 4).
+# - The kernel is built from the reduced costs $M_{ij} - \hat f_i - \hat g_j$: first each
+#   row is shifted by its cheapest entry, $\hat f_i = \min_j M_{ij}$, then each column of
+#   what is left by its cheapest, $\hat g_j = \min_i (M_{ij} - \hat f_i)$ (the code keeps
+#   $F = \lambda \hat f$, $G = \lambda \hat g$). These are diagonal factors that the scalings
+#   absorb, so the optimal plan is the same; the true potentials of section 1 are
+#   $\hat f + \log(a)/\lambda$ and $\hat g + \log(b)/\lambda$. Every row and column of this
+#   kernel has a 1 and nothing larger, so it cannot overflow; it can still **underflow**
+#   (section 4).
 # - After the column fit the columns are exact up to rounding, so the marginal error (the
 #   larger of the row and column errors, over the total mass) is in effect the row error
 #   $\lVert a \odot K b - r \rVert_\infty / \sum_i r_i$, and $Kb$ is needed by the next row
@@ -183,17 +187,24 @@ print(res.converged, "|", caught[0].category.__name__, ":", caught[0].message)
 # %% [markdown]
 # ## 4 · Kernel domain versus log domain
 #
-# On the dessert problem $M$ spans 4 units, so the smallest kernel entry is
-# $e^{-4\lambda}$. float64 underflows to 0 below about $e^{-745}$ and float32 below about
-# $e^{-103}$: entries vanish from $\lambda \approx 186$ (float64) and $\lambda \approx 26$
-# (float32). (`sinkhorn_knopp` first shifts each row and column of $M$ by its cheapest
-# entry, which the scalings absorb: then every row and column of $K$ keeps a 1, and only
-# entries far above the cheapest of their row *and* column can vanish.) A zero is not
-# harmless: no scaling can bring it back, so the plan never uses that entry and can
-# converge, marginals and all, to the wrong plan. `sinkhorn_knopp` checks at the end what
-# the vanished entries would have carried, and it also watches for the scalings $a, b$
-# overflowing as they compensate for tiny entries. Either way it raises a `ValueError` that
-# names the cure:
+# An entry of the kernel is $e^{-\lambda (M_{ij} - \hat f_i - \hat g_j)}$ (section 2). On the
+# desserts the largest reduced cost is 4 (Jan's and Tim's rows each span 4 units), so the
+# smallest entry is $e^{-4\lambda}$. float64 underflows to 0 below about $e^{-745}$ and
+# float32 below about $e^{-103}$: entries vanish from $\lambda \approx 186$ (float64) and
+# $\lambda \approx 26$ (float32). A little before that, below $e^{-708}$ and $e^{-87}$, they
+# are *subnormal*: stored with only a few significant bits. (A reduced cost is at most the
+# entry's height above the cheapest entry of its row; it can be more than its height above
+# the cheapest of its column, because the rows are fitted first.)
+#
+# A zero is not harmless: no scaling can bring it back, so the plan never uses that entry
+# and can converge, marginals and all, to the wrong plan; a subnormal entry gives it the
+# wrong weight. `sinkhorn_knopp` bounds at the end the mass that such entries misplace, and
+# it watches for the scalings $a, b$ overflowing as they compensate for tiny entries; either
+# way it raises a `ValueError` that names the cure. On the desserts the first entries to go
+# (reduced cost 4) carry nothing at the optimum, so the kernel domain still answers at
+# $\lambda = 300$ (float64) and 30 (float32); it refuses from about 365 and 49, when
+# Bernard's carrot-cake entry (reduced cost 2, 0.09 portions at the optimum) turns
+# subnormal. In float32 at $\lambda = 100$:
 
 # %%
 M32, r32, c32 = desserts.dessert_problem(xp, "float32")

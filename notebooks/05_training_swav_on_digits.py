@@ -29,7 +29,8 @@
 #
 # To keep this notebook to a minute on a laptop, the training here is **short** (a few
 # epochs). The full recipe, with the supervised baseline and several seeds, is
-# one command: `swav-ref demo --seeds 0 1 2` (see the README and the *Results* page).
+# one command: `swav-ref demo --seeds 0 1 2 --epochs 30` (see the README and the *Results*
+# page).
 
 # %%
 # %matplotlib inline
@@ -180,8 +181,9 @@ print(exercises.check_collapse(collapsed))
 #
 # The backbone is frozen and put in eval mode; its features of the training images fit a
 # classifier, scored on the test images. Two protocols: a **linear probe** (logistic
-# regression on standardised features, its regularisation chosen by cross-validation on the
-# training split), the SwAV paper's main evaluation, and a **weighted kNN** on cosine
+# regression on standardised features, its regularisation $C$ chosen by 5-fold
+# cross-validation on the training split, repeated 3 times with other folds), the SwAV
+# paper's main evaluation, and a **weighted kNN** on cosine
 # similarity ($k = 20$ and $k = 200$, temperature 0.07), the protocol of Wu et al. (2018),
 # later used by DINO, which needs no training at all. The baselines:
 #

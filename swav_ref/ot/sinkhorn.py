@@ -20,9 +20,10 @@ Two implementations:
 
 :func:`sinkhorn_knopp`
     the kernel domain, two matrix-vector products per iteration. Fast, but an entry of the
-    kernel underflows to zero once :math:`\lambda` times its cost above the cheapest of its
-    row and column exceeds about 745 (float64) or 103 (float32), and the scalings cannot
-    bring a zero back: the plan leaves that entry empty. When such an entry should have
+    kernel underflows once :math:`\lambda` times its reduced cost (its cost less the row's
+    and the column's shifts, at most its height above the cheapest entry of its row)
+    exceeds about 708 (float64) or 87 (float32), and the scalings cannot bring back what
+    was lost: the plan leaves that entry empty, or weighs it wrongly. When such an entry should have
     carried mass, or the scalings overflow, it raises ``ValueError`` and recommends
     :func:`sinkhorn_log`.
 :func:`sinkhorn_log`
@@ -230,8 +231,8 @@ def _c_transform_pair(neg_lam_M: Any, prob: TransportProblem) -> tuple[Any, Any]
 
     Then :math:`e^{F_i + G_j - \lambda M_{ij}}` is at most 1 on every row and column with
     mass and equals 1 somewhere in each of them, whatever constant a row or a column of
-    ``M`` is shifted by: the kernel built on it underflows only where a cost is far above
-    the cheapest of its row *and* of its column, never merely far above ``min M``.
+    ``M`` is shifted by: an entry of the kernel built on it underflows only where its cost is
+    far above the cheapest of its row, never merely far above ``min M``.
     """
     xp = prob.xp
     n, m = neg_lam_M.shape
@@ -381,13 +382,14 @@ def sinkhorn_knopp(
     -----
     One iteration fits the rows, then the columns:
 
-    .. math:: a \leftarrow r \oslash (K b), \qquad b \leftarrow c \oslash (K^\top a),
-              \qquad K_{ij} = e^{-\lambda (M_{ij} - f_i - g_j)}.
+    .. math:: a \leftarrow r \oslash (\hat K b), \qquad b \leftarrow c \oslash (\hat K^\top a),
+              \qquad \hat K_{ij} = e^{-\lambda (M_{ij} - \hat f_i - \hat g_j)}.
 
-    The shift by the c-transform pair :math:`f_i = \min_j M_{ij}`,
-    :math:`g_j = \min_i (M_{ij} - f_i)` multiplies :math:`K` by diagonal matrices that the
-    scalings absorb (the plan is the same); it puts a 1 in every row and column and nothing
-    above 1. A plain shift by :math:`\min M` would not do: a row whose costs are all
+    The shift by the c-transform pair :math:`\hat f_i = \min_j M_{ij}`,
+    :math:`\hat g_j = \min_i (M_{ij} - \hat f_i)` turns the Gibbs kernel
+    :math:`e^{-\lambda M}` into :math:`\hat K` by diagonal factors that the scalings absorb
+    (the optimal plan is the same; ``F``, ``G`` in the code are :math:`\lambda \hat f`,
+    :math:`\lambda \hat g`); it puts a 1 in every row and column and nothing above 1. A plain shift by :math:`\min M` would not do: a row whose costs are all
     high would underflow to a row of zeros, or, worse, lose only some of its entries and
     converge to a plan that never uses them. After the column fit the column sums are exact
     up to rounding, and ``K @ b``, needed by the next row fit, also gives the row sums
@@ -407,7 +409,8 @@ def sinkhorn_knopp(
     tol = _check_loop(tol, max_iter, check_every, M.dtype)
     underflow_hint = (
         f"lam={lam:g} is too large for the kernel domain in {M.dtype}: the kernel "
-        "exp(-lam * (M - f - g)) under/overflows; use sinkhorn_log, or a smaller lam"
+        "exp(-lam * (M - f - g)) underflows (and the scalings overflow making up for it); use "
+        "sinkhorn_log, or a smaller lam"
     )
 
     with _quiet_floating_point():
