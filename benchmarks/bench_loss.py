@@ -191,6 +191,7 @@ def run(sizes, repeats: int, backend: str = "numpy", torch_threads: int = 1) -> 
         "numpy_version": np.__version__,
         "machine": platform.machine(),
         "processor": platform.processor(),
+        "date": time.strftime("%Y-%m-%d"),
         "results": rows,
     }
 

@@ -445,6 +445,7 @@ def main(argv=None) -> dict | None:
         "matmul_peak_gflops_before_after": [round(peak_before, 1), round(peak_after, 1)],
         "numpy_version": np.__version__,
         "machine": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
         "targets": {"resnet18_ratio_max": 1.3, "resnet18_fraction_of_peak_min": 0.6},
         "cases": cases,
     }

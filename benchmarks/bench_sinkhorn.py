@@ -138,6 +138,7 @@ def main(argv=None) -> dict:
     sizes = (200, 500) if args.quick else (500, 2000)
     report = {
         "benchmark": "bench_sinkhorn",
+        "date": time.strftime("%Y-%m-%d"),
         "settings": {"sizes": sizes, "lam": args.lam, "pot_reg": 1.0 / args.lam, "tol": args.tol,
                      "repeats": args.repeats or "15 (3 for n >= 2000)", "dtype": "float64",
                      "quick": args.quick,

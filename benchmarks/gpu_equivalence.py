@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     a, ta = losses("numpy", args.steps)
     b, tb = losses("cupy", args.steps)
     rel = (np.abs(np.array(a) - np.array(b)) / np.abs(np.array(a))).tolist()
-    result = {"steps": args.steps, "numpy": a, "cupy": b, "relative_difference": rel, "max_relative_difference": max(rel),
+    result = {"date": time.strftime("%Y-%m-%d"), "steps": args.steps, "numpy": a, "cupy": b, "relative_difference": rel, "max_relative_difference": max(rel),
               "rtol": args.rtol, "passed": max(rel) <= args.rtol, "numpy_seconds": ta, "cupy_seconds": tb,
               "fused_kernels": fused.enabled()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
