@@ -184,13 +184,49 @@ def test_kernel_domain_never_returns_a_wrong_plan_as_converged():
     assert 0 < raised < 100  # the large-lam cases are refused, the others solved
 
 
-def test_kernel_entries_that_vanished_but_should_carry_mass_are_refused():
+def test_kernel_entries_that_vanished_but_should_carry_mass_are_refused(backend):
     M = np.array([[35.541, 49.591], [103.121, 82.496], [46.04, 85.508], [83.792, 95.007]])
     r, c = np.array([0.205, 0.86, 0.388, 0.597]), np.array([1.247, 0.803])
     lam = 50.0  # row 1, column 0 is 20.6 above its row's cheapest (exp(-1031) = 0), yet must carry 0.057
     assert sinkhorn_log(M, r, c, lam).plan[1, 0] == pytest.approx(0.057, abs=1e-6)
     with pytest.raises(ValueError, match="underflowed .to zero or to a subnormal number. should carry mass.*sinkhorn_log"):
-        sinkhorn_knopp(M, r, c, lam)
+        sinkhorn_knopp(*(asarray(x, backend) for x in (M, r, c)), lam)
+
+
+def _flushed_problem():
+    """float32; the entry (2, 0) sits at exp(-94.6) yet carries 0.005 of the mass."""
+    M = np.array([[0, 1, 2, 0], [2, 1, 0, 0], [0, 1, 1, 1], [2, 0, 1, 0], [1, 2, 2, 1]], dtype=np.float32)
+    r = np.array([0.533, 0.234, 0.0738, 0.608, 0.0], dtype=np.float32)
+    c = np.array([0.0, 0.842, 0.325, 0.283], dtype=np.float32)
+    return M, r, c * (r.sum() / c.sum()), 47.32
+
+
+def _refuses_or_agrees(M, r, c, lam, xp=np):
+    reference = sinkhorn_log(M, r, c, lam).plan
+    try:
+        result = sinkhorn_knopp(*(asarray(x, xp) for x in (M, r, c)), lam)
+    except ValueError as err:
+        assert "sinkhorn_log" in str(err)
+    else:
+        np.testing.assert_allclose(to_numpy(result.plan), reference, atol=1e-4 * float(r.sum()))
+
+
+def test_a_kernel_entry_flushed_to_zero_is_not_taken_for_a_tiny_one(backend, monkeypatch):
+    """float32, an entry at exp(-94.6) that should carry 0.005 of the mass: a subnormal on
+    the CPU, but 0 on a GPU that flushes subnormals (CuPy's float32 kernels). A stored 0 must
+    be bounded by the smallest normal number, not by the subnormal rounding error: the
+    kernel domain then refuses, or agrees with the log domain, with or without the flush."""
+    M, r, c, lam = _flushed_problem()
+    _refuses_or_agrees(M, r, c, lam, backend)
+    if backend is np:  # flush the kernel's subnormals to zero by hand, as such a GPU does
+        real_exp = np.exp
+
+        def flushing_exp(x, *args, **kwargs):
+            y = real_exp(x, *args, **kwargs)
+            return np.where(np.abs(y) < np.finfo(y.dtype).smallest_normal, np.zeros_like(y), y)
+
+        monkeypatch.setattr(np, "exp", flushing_exp)
+        _refuses_or_agrees(M, r, c, lam)
 
 
 @pytest.mark.parametrize("dtype, M, lam", [

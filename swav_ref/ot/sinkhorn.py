@@ -313,18 +313,23 @@ def _check_vanished_entries(K, a, b, M, lam, F, G, prob, tol, hint) -> None:
     place.
 
     An entry :math:`e^{E_{ij}}`, :math:`E = F_i + G_j - \lambda M_{ij}`, stored below the
-    smallest normal number is off by at most :math:`\min(e^{E_{ij}}, u)`, :math:`u` half the
-    smallest subnormal (:math:`2^{-1075}` in float64, :math:`2^{-150}` in float32); the plan's
-    entry by :math:`a_i b_j` times that. The bound summed over those entries, computed in
+    smallest normal number is off by at most :math:`\min(e^{E_{ij}}, u)`: :math:`u` is half the
+    smallest subnormal (:math:`2^{-1075}` in float64, :math:`2^{-150}` in float32) for an entry
+    kept as a subnormal, and the smallest normal number for one stored as 0 (a GPU that
+    flushes subnormals to zero, as CuPy's float32 kernels do, zeroes entries well above
+    :math:`u`). The plan's entry is off by :math:`a_i b_j` times that. The bound summed over those entries, computed in
     logs, is compared with ``tol`` of the mass (one more pass over the matrix, only for a
     kernel that underflowed).
     """
     xp = prob.xp
     n, m = K.shape
     info = xp.finfo(K.dtype)
-    half_subnormal = math.log(float(info.smallest_normal)) + math.log(float(info.eps)) - math.log(2.0)
+    log_tiny = math.log(float(info.smallest_normal))
+    half_subnormal = log_tiny + math.log(float(info.eps)) - math.log(2.0)
+    stored_as_zero = K == 0
+    cap = xp.where(stored_as_zero, xp.asarray(log_tiny, dtype=K.dtype), xp.asarray(half_subnormal, dtype=K.dtype))
     exponent = _shifted_exponent(M * (-lam), F, G, prob)
-    error = xp.minimum(exponent, xp.asarray(half_subnormal, dtype=K.dtype))  # the capped exponent first
+    error = xp.minimum(exponent, cap)  # the capped exponent first
     error += xp.reshape(xp.log(a), (n, 1))
     error += xp.reshape(xp.log(b), (1, m))
     imprecise = K < xp.asarray(float(info.smallest_normal), dtype=K.dtype)
