@@ -72,9 +72,14 @@ def check_arguments(name: str, args: tuple, signature: tuple[str, ...]) -> None:
                             f"got {type(arg).__name__} {arg!r}")
 
 
+def find_compiler() -> str | None:
+    """The path of a C++ compiler on the PATH, or ``None``."""
+    return shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
 def compile_host_library(directory: Path) -> Path | None:
     """Compile the kernels into ``directory``; ``None`` when no C++ compiler is found."""
-    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    compiler = find_compiler()
     if compiler is None:
         return None
     library = directory / "swav_fused_host.so"

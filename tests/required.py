@@ -23,9 +23,9 @@ def skip_or_fail(tool: str, promised_by: str, reason: str) -> NoReturn:
 
 def have_compiler() -> bool:
     """Whether a C++ compiler is on the PATH (the fused kernels compiled for the CPU)."""
-    import shutil
+    from fused_host import find_compiler
 
-    return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+    return find_compiler() is not None
 
 
 def need_compiler() -> None:

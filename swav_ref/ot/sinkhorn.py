@@ -198,19 +198,19 @@ def check_problem(M: Any, r: Any, c: Any) -> TransportProblem:
     return TransportProblem(xp, M, r, c, r_sum, m_min, has_zero_mass=min(r_min, c_min) == 0, max_cost=m_max)
 
 
-def _check_lam(lam: Any, prob: TransportProblem | None = None) -> float:
-    """``lam`` as a float; with ``prob``, also that ``lam * M`` fits in the dtype."""
+def _check_lam(lam: Any, prob: TransportProblem) -> float:
+    """``lam`` as a float, checked to be positive, finite, and such that ``lam * M`` fits in
+    the dtype of the problem."""
     try:
         lam = float(lam)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"lam must be a number, got {lam!r}") from exc
     if not math.isfinite(lam) or lam <= 0:
         raise ValueError(f"lam must be positive and finite, got {lam}")
-    if prob is not None:
-        largest = max(abs(prob.min_cost), abs(prob.max_cost))
-        if lam * largest > float(prob.xp.finfo(prob.M.dtype).max) / 4:
-            raise ValueError(f"lam * M overflows {prob.M.dtype}: lam={lam:g} times the largest |cost| "
-                             f"{largest:g}; rescale M (e.g. divide by its largest entry) or lower lam")
+    largest = max(abs(prob.min_cost), abs(prob.max_cost))
+    if lam * largest > float(prob.xp.finfo(prob.M.dtype).max) / 4:
+        raise ValueError(f"lam * M overflows {prob.M.dtype}: lam={lam:g} times the largest |cost| "
+                         f"{largest:g}; rescale M (e.g. divide by its largest entry) or lower lam")
     return lam
 
 
@@ -248,13 +248,20 @@ def _c_transform_pair(neg_lam_M: Any, prob: TransportProblem) -> tuple[Any, Any]
     return F, G
 
 
-def _shifted_exponent(neg_lam_M: Any, F: Any, G: Any, prob: TransportProblem) -> Any:
-    r""":math:`F_i + G_j - \lambda M_{ij}`, capped at 0 (only rows without mass exceed it)."""
-    xp = prob.xp
+def _exponent(neg_lam_M: Any, F: Any, G: Any) -> Any:
+    r""":math:`F_i + G_j - \lambda M_{ij}` (n, m): the log of the kernel with the scaled
+    potentials absorbed (one new matrix, added to in place)."""
+    xp = array_namespace(neg_lam_M)
     n, m = neg_lam_M.shape
     exponent = neg_lam_M + xp.reshape(F, (n, 1))
     exponent += xp.reshape(G, (1, m))
-    return xp.minimum(exponent, 0.0) if prob.has_zero_mass else exponent
+    return exponent
+
+
+def _shifted_exponent(neg_lam_M: Any, F: Any, G: Any, prob: TransportProblem) -> Any:
+    r""":func:`_exponent` at the c-transform pair, capped at 0 (only rows without mass exceed it)."""
+    exponent = _exponent(neg_lam_M, F, G)
+    return prob.xp.minimum(exponent, 0.0) if prob.has_zero_mass else exponent
 
 
 def _quiet_floating_point():
@@ -424,20 +431,15 @@ def sinkhorn_knopp(
         exponent = _shifted_exponent(neg_lam_M, F, G, prob)
         del neg_lam_M  # the exponent is rebuilt from M in the rare case it is needed again
         K = xp.exp(exponent)
-        smallest_entry = xp.min(K)
         del exponent
         Kt = K.T
-        row_sums = K @ xp.ones(M.shape[1], dtype=M.dtype)  # = K b for the first b = 1
-        col_sums = Kt @ xp.ones(M.shape[0], dtype=M.dtype)
-        smallest = to_numpy(xp.stack([xp.min(row_sums), xp.min(col_sums), smallest_entry]))
-        if not np.all(smallest[:2] > 0):  # cannot happen after the shift, unless lam*M misbehaves
-            raise ValueError(
-                f"sinkhorn_knopp: a whole row or column of the kernel is zero; {underflow_hint}"
-            )
-        # below the smallest normal number an entry keeps only a few significant bits
-        underflowed = not smallest[2] >= float(xp.finfo(M.dtype).smallest_normal)
+        # Every row and column of K holds a 1 after the shift (_c_transform_pair), so no row
+        # or column is all zero; single entries can underflow, and below the smallest normal
+        # number an entry keeps only a few significant bits (checked after the iterations).
+        underflowed = not float(xp.min(K)) >= float(xp.finfo(M.dtype).smallest_normal)  # one host sync
 
-        b, Kb = xp.ones(M.shape[1], dtype=M.dtype), row_sums
+        b = xp.ones(M.shape[1], dtype=M.dtype)
+        Kb = K @ b
         history, checked_at, it, err = [], [], 0, math.inf
         while it < max_iter:
             for _ in range(min(check_every, max_iter - it)):
@@ -561,9 +563,7 @@ def sinkhorn_log(
             return log_c - logsumexp(xp.reshape(F, (n, 1)) + neg_lam_M, axis=0)
 
         def absorbed_kernel(F, G):
-            exponent = neg_lam_M + xp.reshape(F, (n, 1))
-            exponent += xp.reshape(G, (1, m))
-            return xp.exp(exponent)
+            return xp.exp(_exponent(neg_lam_M, F, G))
 
         # Start from the c-transform pair f_i = min_j M_ij, g_j = min_i (M_ij - f_i), over the
         # rows and columns with mass: then f_i + g_j <= M_ij there, so no kernel entry exceeds
