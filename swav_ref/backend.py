@@ -26,6 +26,8 @@ the same numbers on every backend (this is what makes NumPy-versus-CuPy runs com
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 import types
 import warnings
 from typing import Any
@@ -46,6 +48,7 @@ __all__ = [
     "is_numpy",
     "logsumexp",
     "pad2d",
+    "python_float",
     "set_tf32",
     "synchronize",
     "to_numpy",
@@ -199,6 +202,22 @@ def asarray(x: Any, xp: types.ModuleType, dtype: Any = None) -> Any:
         if array_namespace(x) is not xp:
             x = to_numpy(x)
     return xp.asarray(x, dtype=dtype)
+
+
+def python_float(value: Any, name: str) -> float:
+    """``value`` as a Python ``float``; ``ValueError`` naming ``name`` unless it is a finite
+    real number.
+
+    Hyperparameters (learning rate, momentum, epsilon, temperature) go through here where
+    they enter numerical code, for two reasons. A NumPy scalar such as ``np.float64(0.9)``
+    times a float32 array gives float64 under NumPy 2's promotion rules (and
+    array_api_strict refuses it), where a Python float takes the array's dtype: state
+    updated every step would silently become float64. And a 0-d device array is refused
+    rather than read back to the host, a sync, at every call.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
 
 
 def default_tol(dtype: Any) -> float:

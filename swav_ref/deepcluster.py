@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from swav_ref.backend import Random, array_namespace, host_dtype, logsumexp, to_numpy
+from swav_ref.backend import Random, array_namespace, host_dtype, logsumexp, python_float, to_numpy
 from swav_ref.nn.functional import l2_normalize_forward
 
 #: Target value of images that have no entry in the memory bank (dropped last batch).
@@ -247,6 +247,9 @@ def deepcluster_loss(scores: Sequence[Any], targets: Sequence[Any], n_crops: int
     official code returns NaN.
     """
     xp = array_namespace(*scores)
+    temperature = python_float(temperature, "deepcluster_loss: temperature")
+    if temperature <= 0:
+        raise ValueError(f"deepcluster_loss: temperature must be positive, got {temperature}")
     n_sets = len(scores)
     loss = xp.zeros((), dtype=scores[0].dtype)
     grads = []

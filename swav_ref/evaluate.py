@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from swav_ref.backend import array_namespace, asarray, to_numpy
+from swav_ref.backend import array_namespace, asarray, python_float, to_numpy
 from swav_ref.nn.functional import SCRATCH, l2_normalize_forward
 
 __all__ = [
@@ -347,8 +347,9 @@ def knn_predict(
     _check_same_width(train_features, test_features)
     if not (isinstance(k, int) and k >= 1):
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    temperature = python_float(temperature, "knn_predict: temperature")
     if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+        raise ValueError(f"knn_predict: temperature must be positive, got {temperature}")
     # One host read of the label range, outside the loop, to size the vote.
     lowest, highest = int(xp.min(labels)), int(xp.max(labels))
     if lowest < 0:

@@ -137,6 +137,16 @@ def test_deepcluster_loss_gradient_and_ignore(backend):
     assert np.all(to_numpy(grads[0])[2::b] == 0)
 
 
+def test_deepcluster_loss_keeps_float32_and_checks_its_temperature(backend):
+    rng = np.random.default_rng(0)
+    scores = [asarray(rng.normal(size=(2 * 3, 5)), backend, "float32")]
+    targets = [asarray(np.array([0, 4, IGNORE_INDEX]), backend)]
+    loss, grads = deepcluster_loss(scores, targets, 2, temperature=np.float64(0.1))  # NumPy 2 would promote
+    assert loss.dtype == grads[0].dtype == backend.float32
+    with pytest.raises(ValueError, match="temperature must be positive, got 0.0"):
+        deepcluster_loss(scores, targets, 2, temperature=0)
+
+
 def test_deepcluster_loss_matches_torch():
     torch = required.module("torch")
     rng = np.random.default_rng(1)

@@ -9,6 +9,7 @@ import pytest
 import required
 
 from swav_ref.backend import asarray, to_numpy
+from swav_ref.nn import functional as F
 from swav_ref.nn import layers as L
 from swav_ref.nn.gradcheck import check_gradient, projected_loss, rel_error
 
@@ -182,6 +183,23 @@ def test_input_checks():
 
 
 # -- BatchNorm's PyTorch semantics ---------------------------------------------------------
+
+
+def test_numpy_scalar_hyperparameters_keep_float32_state(backend, rng):
+    """A BatchNorm momentum or an epsilon given as a NumPy scalar would turn the running
+    statistics (and the normalised output) float64 under NumPy 2's promotion; they are
+    taken as Python floats on the way in."""
+    bn = L.BatchNorm2d(3, eps=np.float64(1e-5), momentum=np.float64(0.1), xp=backend)
+    x = asarray(rng.normal(size=(4, 3, 2, 2)), backend, "float32")
+    assert bn.forward(x).dtype == backend.float32
+    assert bn.buffers["running_mean"].dtype == bn.buffers["running_var"].dtype == backend.float32
+    y, _ = F.l2_normalize_forward(x[:, :, 0, 0], eps=np.float64(1e-12))
+    assert y.dtype == backend.float32
+    with pytest.raises(ValueError, match=r"momentum in \[0, 1\], got eps=1e-05, momentum=1.5"):
+        L.BatchNorm1d(3, momentum=1.5)
+    with pytest.raises(ValueError, match="BatchNorm eps must be a finite real number, got nan"):
+        L.BatchNorm1d(3, eps=float("nan"))
+
 
 
 @pytest.mark.parametrize("dims", [2, 4])

@@ -168,6 +168,35 @@ def test_optimizer_state_errors():
         SGD(_model(), momentum=-0.1)
 
 
+@pytest.mark.parametrize("make", [lambda m, h: SGD(m, momentum=h(0.9), weight_decay=h(1e-2)),
+                                  lambda m, h: LARS(m, h(0.9), h(1e-6), h(0.001), h(1e-8))])
+def test_numpy_scalar_hyperparameters_keep_float32_state(backend, make, rng):
+    """NumPy 2 promotes ``float32 array * np.float64(0.9)`` to float64, so a hyperparameter
+    given as a NumPy scalar would make the momentum buffers float64 for good (and
+    array_api_strict refuses the product): they are taken as Python floats on the way in."""
+    model = _model(backend).astype("float32")
+    opt = make(model, np.float64)
+    for step in range(2):
+        for name, owner, key in model.named_parameters():
+            owner.grads[key] = asarray(rng.normal(size=owner.params[key].shape), backend, "float32")
+        opt.step(np.float64(0.1))
+    for name, owner, key in model.named_parameters():
+        assert owner.params[key].dtype == backend.float32, name
+        assert opt.momentum_buffers[name].dtype == backend.float32, name
+
+
+def test_hyperparameters_must_be_finite_real_numbers():
+    opt = SGD(_model())
+    with pytest.raises(ValueError, match=r"lr must be a finite real number, got array\(0\.1\)"):
+        opt.step(np.asarray(0.1))  # a 0-d array: on CuPy, reading it would sync every step
+    with pytest.raises(ValueError, match="lr must be a finite real number, got nan"):
+        opt.step(float("nan"))
+    with pytest.raises(ValueError, match="momentum must be a finite real number, got nan"):
+        SGD(_model(), momentum=float("nan"))
+    with pytest.raises(ValueError, match="trust_coefficient must be a finite real number, got '0.001'"):
+        LARS(_model(), trust_coefficient="0.001")
+
+
 def _official_schedule(base_lr, final_lr, start_warmup, warmup_steps, total_steps):
     """The schedule as main_swav.py builds it (an array over all iterations)."""
     warmup = np.linspace(start_warmup, base_lr, warmup_steps)

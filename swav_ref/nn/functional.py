@@ -40,7 +40,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from swav_ref import fused
-from swav_ref.backend import array_namespace, is_cupy, is_numpy, logsumexp
+from swav_ref.backend import array_namespace, is_cupy, is_numpy, logsumexp, python_float
 
 
 def l2_normalize_forward(x: Any, eps: float = 1e-12) -> tuple[Any, tuple]:
@@ -54,6 +54,7 @@ def l2_normalize_forward(x: Any, eps: float = 1e-12) -> tuple[Any, tuple]:
     ``eps`` is divided by the constant ``eps``, in the forward and in the backward.
     """
     xp = array_namespace(x)
+    eps = python_float(eps, "l2_normalize_forward: eps")
     length = xp.sqrt(xp.sum(x * x, axis=1, keepdims=True))
     norm = xp.maximum(length, eps)
     y = x / norm
@@ -553,6 +554,7 @@ def batchnorm_forward(
     the variance of a channel whose mean is 30 standard deviations).
     """
     xp = array_namespace(x, weight, bias)
+    eps = python_float(eps, "batchnorm_forward: eps")
     rows = _channel_rows(x)
     c, m = rows.shape
     if weight.shape != (c,) or bias.shape != (c,):
@@ -667,6 +669,7 @@ def batchnorm_update_running(
     """
     if not cache.training:
         raise ValueError("running statistics are only updated from a training-mode forward")
+    momentum = python_float(momentum, "batchnorm_update_running: momentum")
     count = cache.count
     if isinstance(count, int) and fused.usable(running_mean, running_var, cache.mean, cache.var):
         return fused.batchnorm_running_update(running_mean, running_var, cache.mean, cache.var, momentum,

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from swav_ref.backend import Random, array_namespace, asarray, get_backend, host_dtype
+from swav_ref.backend import Random, array_namespace, asarray, get_backend, host_dtype, python_float
 from swav_ref.nn import functional as F
 
 __all__ = [
@@ -411,6 +411,9 @@ class _BatchNorm(Module):
     ):
         super().__init__(xp, dtype)
         xp = self.xp  # the namespace, also when a backend name was given
+        eps, momentum = python_float(eps, "BatchNorm eps"), python_float(momentum, "BatchNorm momentum")
+        if eps <= 0 or not 0 <= momentum <= 1:
+            raise ValueError(f"BatchNorm needs eps > 0 and momentum in [0, 1], got eps={eps}, momentum={momentum}")
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.allreduce = allreduce
         self.params["weight"] = xp.ones((num_features,), dtype=self.dtype)

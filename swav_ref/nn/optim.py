@@ -18,7 +18,7 @@ import math
 from typing import Any
 
 from swav_ref import fused
-from swav_ref.backend import array_namespace, asarray
+from swav_ref.backend import array_namespace, asarray, python_float
 from swav_ref.nn.layers import Module
 
 __all__ = ["LARS", "SGD", "warmup_cosine_schedule"]
@@ -45,6 +45,7 @@ class SGD:
     """
 
     def __init__(self, model: Module, momentum: float = 0.9, weight_decay: float = 0.0):
+        momentum, weight_decay = python_float(momentum, "momentum"), python_float(weight_decay, "weight_decay")
         if momentum < 0 or weight_decay < 0:
             raise ValueError(f"momentum and weight_decay must be >= 0, got {momentum}, {weight_decay}")
         self.model, self.momentum, self.weight_decay = model, momentum, weight_decay
@@ -56,6 +57,7 @@ class SGD:
 
     def step(self, lr: float) -> None:
         """One update of every parameter that has a gradient, with learning rate ``lr``."""
+        lr = python_float(lr, "lr")
         for name, module, key in self.model.named_parameters():
             g = module.grads[key]
             if g is None:
@@ -146,7 +148,8 @@ class LARS(SGD):
         eps: float = 1e-8,
     ):
         super().__init__(model, momentum, weight_decay)
-        self.trust_coefficient, self.eps = trust_coefficient, eps
+        self.trust_coefficient = python_float(trust_coefficient, "trust_coefficient")
+        self.eps = python_float(eps, "eps")
 
     def _direction(self, p: Any, g: Any) -> Any:
         xp = array_namespace(p, g)
