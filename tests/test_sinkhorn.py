@@ -338,6 +338,17 @@ def test_marginal_violation_matches_a_hand_computation(backend):
     assert float(marginal_violation(P, r, c)) == pytest.approx(0.25)
 
 
+@pytest.mark.parametrize("shapes", [((2, 2), (1,), (2,)), ((2, 2), (2,), (3,)), ((2, 3), (3,), (2,)),
+                                    ((4,), (2,), (2,)), ((2, 2), (2, 1), (2,))])
+def test_marginal_violation_refuses_shapes_that_do_not_fit(backend, shapes):
+    """An r of shape (1,) used to broadcast against every row sum, and be divided by its own
+    sum, the wrong total; other mismatches surfaced as NumPy's broadcast errors."""
+    plan, r, c = (backend.ones(shape, dtype=backend.float64) for shape in shapes)
+    wanted = "plan {}, r {}, c {}".format(*(str(tuple(shape)) for shape in shapes))
+    with pytest.raises(ValueError, match="marginal_violation: .*" + wanted.replace("(", r"\(").replace(")", r"\)")):
+        marginal_violation(plan, r, c)
+
+
 # -- bad input ------------------------------------------------------------------------------
 
 
@@ -384,6 +395,50 @@ def test_bad_input_raises_value_error(backend, solver, case):
     args = tuple(asarray(x, backend) for x in args)
     with pytest.raises(ValueError, match=message):
         solver(*args, 10.0)
+
+
+def _bad_host_arrays():
+    """NumPy-only inputs (array_api_strict holds none of them) that used to be converted to
+    float64 and solved, or to fail deep inside NumPy."""
+    M, r, c = (np.array(x, dtype=float) for x in dessert_problem())
+    seconds = np.round(M).astype(np.int64)
+    return {
+        "string M": ((M.astype(str), r, c), "M must hold real numbers .*dtype <U"),
+        "object M": ((M.astype(object), r, c), "M must hold real numbers .*dtype object"),
+        "datetime64 M": ((seconds.astype("datetime64[s]"), r, c), "M must hold real numbers .*dtype datetime64"),
+        "timedelta64 c": ((M, r, (1000 * c).astype("timedelta64[ms]")), "c must hold real numbers .*dtype timedelta64"),
+        "bool r": ((M, r > 0, c), "r must hold real numbers .*dtype bool"),
+        "complex M": ((M + 0j, r, c), "must be real, got dtype complex128 for M"),
+        "np.matrix M": ((np.asmatrix(M), r, c), "M is an np.matrix"),
+        "np.matrix r": ((M, np.asmatrix(r), c), "r is an np.matrix"),
+        "masked M": ((np.ma.masked_greater(M, 3.0), r, c), "M is a masked array"),
+        "masked c": ((M, r, np.ma.masked_array(c)), "c is a masked array"),
+    }
+
+
+BAD_HOST = _bad_host_arrays()
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("case", list(BAD_HOST))
+def test_arrays_that_are_not_plain_real_arrays_are_refused_by_name(solver, case):
+    args, message = BAD_HOST[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before NumPy can warn about them
+        with pytest.raises(ValueError, match=message):
+            solver(*args, 10.0)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("dtype", ["int32", "uint8", "float16"])
+def test_integer_and_half_precision_inputs_are_still_accepted(backend, solver, dtype):
+    if not hasattr(backend, dtype):
+        pytest.skip(f"{backend.__name__} has no {dtype}")
+    M, r, c = (to_numpy(x) for x in dessert_problem())  # whole-number masses
+    res = solver(asarray(np.round(M - M.min()), backend, dtype), asarray(r, backend, dtype),
+                 asarray(c, backend, dtype), 1.0)
+    assert array_namespace(res.plan) is backend and res.plan.dtype == backend.float64
+    assert res.converged
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

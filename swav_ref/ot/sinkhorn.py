@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from swav_ref.backend import array_namespace, default_tol, logsumexp, to_numpy
+from swav_ref.backend import array_namespace, default_tol, host_dtype, logsumexp, to_numpy
 
 __all__ = [
     "ConvergenceWarning",
@@ -125,12 +125,31 @@ class TransportProblem:
     max_cost: float = 0.0
 
 
+def _check_array(name: str, x: Any) -> None:
+    """Refuse what is not a plain array of real numbers, by name. Looks only at the type and
+    the dtype, never at the data, so it costs no device sync."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise ValueError(f"{name} must be an array (NumPy, CuPy, ...), got {type(x).__name__} {x!r:.60}; "
+                         f"for uniform masses write e.g. xp.full(n, 1 / n)")
+    # NumPy's subclasses that change the arithmetic: np.matrix makes `*` and `@` matrix
+    # products and keeps everything 2-D; a masked array's mask is dropped by some operations
+    # and obeyed by others, so its masked entries would count in some sums and not in others.
+    if isinstance(x, np.matrix):
+        raise ValueError(f"{name} is an np.matrix (shape {x.shape}); pass a plain array, np.asarray({name})")
+    if isinstance(x, np.ma.MaskedArray):
+        raise ValueError(f"{name} is a masked array; say what its masked entries mean and pass a plain "
+                         f"array, e.g. {name}.filled(0.0)")
+    kind = host_dtype(x.dtype).kind  # metadata only: works for any backend's dtype
+    if kind == "c":
+        raise ValueError(f"costs and marginals must be real, got dtype {x.dtype} for {name}")
+    if kind not in "fiu":  # bool, str, bytes, object, datetime64, timedelta64, ...
+        raise ValueError(f"{name} must hold real numbers (a floating or integer dtype), got dtype {x.dtype}")
+
+
 def _as_float(x: Any, xp: Any) -> Any:
     if x.dtype == xp.float32 or x.dtype == xp.float64:
         return x
-    if "complex" in str(x.dtype):
-        raise ValueError(f"costs and marginals must be real, got dtype {x.dtype}")
-    return xp.astype(x, xp.float64)
+    return xp.astype(x, xp.float64)  # integers and float16 (checked by _check_array)
 
 
 def check_problem(M: Any, r: Any, c: Any) -> TransportProblem:
@@ -147,16 +166,21 @@ def check_problem(M: Any, r: Any, c: Any) -> TransportProblem:
         ``MASS_RTOL`` (1e-6); ``c`` is then rescaled to exactly the mass of ``r`` so that a
         rounding-level mismatch cannot stall the iterations.
 
+    Raises
+    ------
+    ValueError
+        naming the problem: not an array, an ``np.matrix`` or masked array, a dtype that is
+        not real floating or integer (bool, complex, string, object, datetime64), a shape,
+        NaN/inf, a negative or zero mass, or masses that differ.
+
     Notes
     -----
-    All checks are reductions computed on the device and brought to the host in one transfer
-    (one sync per call). Integer and float16 inputs become float64 (float16 is too coarse for
+    The type and dtype checks read only metadata; the value checks are reductions computed on
+    the device and brought to the host in one transfer (one sync per call). Integer and float16 inputs become float64 (float16 is too coarse for
     the iterations); mixed float32/float64 become float64.
     """
     for name, x in (("M", M), ("r", r), ("c", c)):
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise ValueError(f"{name} must be an array (NumPy, CuPy, ...), got {type(x).__name__} {x!r:.60}; "
-                             f"for uniform masses write e.g. xp.full(n, 1 / n)")
+        _check_array(name, x)
     xp = array_namespace(M, r, c)
     if M.ndim != 2:
         raise ValueError(f"M must be a 2-D cost matrix (n, m), got shape {tuple(M.shape)}")
@@ -284,8 +308,18 @@ def marginal_violation(plan: Any, r: Any, c: Any) -> Any:
     0-d array
         :math:`\max(\lVert P 1 - r \rVert_\infty, \lVert P^\top 1 - c \rVert_\infty)
         / \sum_i r_i`.
+
+    Raises
+    ------
+    ValueError
+        shapes that do not fit together, named.
     """
     xp = array_namespace(plan, r, c)
+    # broadcasting would otherwise compare, say, every row sum with a single r, and divide
+    # by the wrong total
+    if plan.ndim != 2 or (tuple(r.shape), tuple(c.shape)) != ((plan.shape[0],), (plan.shape[1],)):
+        raise ValueError(f"marginal_violation: plan (n, m) needs r (n,) and c (m,), got plan "
+                         f"{tuple(plan.shape)}, r {tuple(r.shape)}, c {tuple(c.shape)}")
     rows = xp.max(xp.abs(xp.sum(plan, axis=1) - r))
     cols = xp.max(xp.abs(xp.sum(plan, axis=0) - c))
     return xp.maximum(rows, cols) / xp.sum(r)
