@@ -181,3 +181,13 @@ def test_converged_codes_are_the_optimal_transport_plan_times_b(rng):
     codes = sinkhorn_codes(s, epsilon=0.05, n_iters=2000)
     plan = sinkhorn_knopp(-s, np.full(b, 1.0 / b), np.full(k, 1.0 / k), lam=20.0, tol=1e-12).plan
     np.testing.assert_allclose(codes, b * plan, atol=1e-9)
+
+
+@pytest.mark.parametrize("compute_dtype", [None, "float32", "float64"])
+@pytest.mark.parametrize("dtype", ["int64", "bool", "complex128"])
+def test_scores_must_be_real_floating_point_whatever_the_compute_dtype(backend, dtype, compute_dtype):
+    """With compute_dtype given, integer scores used to give all-zero codes, bool ones all
+    True, complex ones lost their imaginary part (cast in, cast back out)."""
+    scores = B.asarray(np.arange(12).reshape(3, 4).astype(dtype), backend)
+    with pytest.raises(ValueError, match=r"scores must be a floating-point array, got \S*" + dtype):
+        sinkhorn_codes(scores, compute_dtype=compute_dtype)

@@ -82,3 +82,13 @@ def test_monitor_bad_arguments(kwargs, match):
 def test_code_usage_bad_shape(backend):
     with pytest.raises(ValueError, match="codes must be"):
         code_usage(B.asarray(np.ones(3), backend))
+
+
+def test_monitor_accepts_numpy_integers():
+    """K read from a NumPy array (np.int64) was refused as "not an integer"."""
+    monitor = CollapseMonitor(n_prototypes=np.int64(30), window=np.int64(2))
+    with pytest.warns(CollapseWarning, match="ln 30 "):
+        fired = [monitor.update(math.log(30)) for _ in range(2)]
+    assert fired == [False, True]
+    with pytest.raises(ValueError, match="n_prototypes must be an integer >= 2, got True"):
+        CollapseMonitor(n_prototypes=True)

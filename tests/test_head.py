@@ -173,3 +173,25 @@ def test_swav_package_re_exports_every_public_name(module):
     mod = importlib.import_module(f"swav_ref.swav.{module}")
     for name in mod.__all__:
         assert name in package.__all__ and getattr(package, name) is getattr(mod, name), name
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [((0, 8, 5, (7,)), r"SwAVHead: in_dim must be a positive integer, got 0"),  # was ZeroDivisionError
+     ((6, 8, 0, (7,)), r"SwAVHead: out_dim must be a positive integer, got 0"),
+     ((6, -1, 5, (7,)), r"SwAVHead: hidden_dim must be an integer >= 0, got -1"),
+     ((6, 8, 5, (7, 0)), r"SwAVHead: n_prototypes must be a positive integer, got 0"),
+     ((6, 8, 5, 7.0), r"SwAVHead: n_prototypes must be a positive integer, got 7.0"),
+     ((6, 8, 5, ()), r"SwAVHead: n_prototypes must name at least one prototype set"),
+     ((6.0, 8, 5, (7,)), r"SwAVHead: in_dim must be a positive integer, got 6.0")],
+)
+def test_swav_head_refuses_bad_dimensions(args, match):
+    with pytest.raises(ValueError, match=match):
+        SwAVHead(*args, rng=0)
+
+
+def test_heads_accept_numpy_integer_dimensions():
+    head = SwAVHead(np.int64(6), np.int64(0), np.int64(4), np.int64(5), rng=0)
+    assert head.n_sets == 1 and tuple(head.prototype_weight(0).shape) == (5, 4)
+    with pytest.raises(ValueError, match="ClassifierHead: n_classes must be a positive integer, got 0"):
+        ClassifierHead(4, 0, rng=0)

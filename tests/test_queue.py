@@ -115,3 +115,12 @@ def test_bad_shapes(backend):
         queue.load_state_dict({"embeddings": np.zeros((N_CROPS, LENGTH, DIM)), "filled": 7})
     with pytest.raises(ValueError, match="lacks"):
         queue.load_state_dict({"filled": 0})
+
+
+@pytest.mark.parametrize("crop", [1.5, True, "0"])
+def test_crop_index_must_be_an_integer(backend, crop):
+    """1.5 used to reach the indexing: a raw IndexError."""
+    queue = Queue(N_CROPS, LENGTH, DIM, BATCH, xp=backend)
+    with pytest.raises(ValueError, match="crop index must be an integer, got"):
+        queue.scores(crop, backend.zeros((4, DIM)))
+    assert tuple(queue.scores(np.int64(1), backend.zeros((4, DIM))).shape) == (0, 4)

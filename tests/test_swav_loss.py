@@ -228,3 +228,46 @@ def test_bad_queue_or_codes(backend):
     codes = [B.asarray(np.zeros((BATCH, N_PROTOTYPES + 1)), backend)] * 2
     with pytest.raises(ValueError, match=r"codes of crop 0 have shape \(3, 6\)"):
         swapped_prediction_loss(scores, codes, BATCH)
+
+
+@pytest.mark.parametrize("dtype", ["int64", "complex128"])
+def test_scores_that_are_not_real_floating_point_are_named(backend, dtype):
+    """Integer scores failed inside the arithmetic (NumPy's UFuncTypeError) or in Sinkhorn,
+    whose message does not name the loss's input."""
+    scores = B.asarray(np.ones((2 * BATCH, N_PROTOTYPES)).astype(dtype), backend)
+    codes = [B.asarray(np.full((BATCH, N_PROTOTYPES), 1 / N_PROTOTYPES).astype(dtype), backend)] * 2
+    match = r"scores must be a real floating-point array, got dtype \S*" + dtype
+    with pytest.raises(ValueError, match=match):
+        swapped_prediction_loss(scores, codes, BATCH)
+    with pytest.raises(ValueError, match=match):
+        swav_loss(scores, BATCH)
+
+
+@pytest.mark.parametrize(
+    "row, match",
+    [(np.ones(N_PROTOTYPES), "row 1 sums to 5"),  # unnormalised: used to give a wrong loss
+     (np.array([2.0, -1.0, 0.0, 0.0, 0.0]), r"row 1 sums to 1 \(min entry -1\)")],  # not >= 0
+)
+def test_codes_that_are_not_probability_vectors_are_named_on_numpy(rng, row, match):
+    scores, _ = make_problem(rng, 2, False, 2)
+    good = B.to_numpy(swav_loss(scores, BATCH).codes[0])
+    bad = good.copy()
+    bad[1] = row
+    with pytest.raises(ValueError, match="codes of crop 1: " + match):
+        swapped_prediction_loss(scores, [good, bad], BATCH)
+
+
+def test_nan_codes_pass_the_row_check_for_the_trainer_to_report(rng):
+    """NaN scores (a diverged network) give NaN codes; the loss returns NaN, which the
+    trainer's check at its logging boundary turns into advice."""
+    scores, _ = make_problem(rng, 2, False, 2)
+    scores[0, 0] = np.nan
+    assert np.isnan(float(swav_loss(scores, BATCH).loss))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_sinkhorn_codes_pass_the_row_check_at_many_prototypes(rng, dtype):
+    """The tolerance admits the rounding of K-term row sums (K = 3000, SwAV's ImageNet K)."""
+    prototypes = unit_rows(rng.normal(size=(3000, 16)))
+    scores = (unit_rows(rng.normal(size=(2 * 64, 16))) @ prototypes.T).astype(dtype)
+    assert np.isfinite(float(swav_loss(scores, 64).loss))

@@ -47,7 +47,7 @@ def sinkhorn_codes(
 
     Parameters
     ----------
-    scores : array (B, K)
+    scores : array (B, K), float16, float32 or float64
         Scores of B samples against K prototypes: cosines in [-1, 1] (L2-normalised
         embeddings against L2-normalised prototypes). Other scores, e.g. cosines times 30,
         can underflow (see Notes).
@@ -207,14 +207,16 @@ def _check_arguments(scores, epsilon, n_iters, allreduce, allreduce_max) -> tupl
 
 
 def _choose_compute_dtype(xp, dtype, epsilon: float, requested):
+    # The scores first, whatever compute_dtype says: integer, bool or complex scores would
+    # be cast to it and the codes cast back, giving all-zero, all-True or real-part codes.
+    if dtype not in (xp.float32, xp.float64, getattr(xp, "float16", xp.float32)):
+        raise ValueError(
+            f"sinkhorn_codes: scores must be a floating-point array, got {dtype}; the scores are real "
+            "(cosines), in float16, float32 or float64")
     if requested is not None:
         if isinstance(requested, str):
             requested = getattr(xp, requested)
         if requested not in (xp.float32, xp.float64):
             raise ValueError(f"sinkhorn_codes: compute_dtype must be float32 or float64, got {requested}")
         return requested
-    if dtype == xp.float64:
-        return xp.float64
-    if dtype != xp.float32 and dtype != getattr(xp, "float16", xp.float32):
-        raise ValueError(f"sinkhorn_codes: scores must be a floating-point array, got {dtype}")
-    return xp.float64 if epsilon < FLOAT32_SAFE_EPSILON else xp.float32
+    return xp.float64 if dtype == xp.float64 or epsilon < FLOAT32_SAFE_EPSILON else xp.float32

@@ -16,6 +16,7 @@ code too, so it does not prevent this; it only rules out the *other* trivial sol
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -115,18 +116,19 @@ class CollapseMonitor:
     """
 
     def __init__(self, n_prototypes: int, window: int = 100, tolerance: float = 0.01):
-        if isinstance(n_prototypes, bool) or not isinstance(n_prototypes, int) or n_prototypes < 2:
+        # numbers.Integral: a NumPy integer (K read from a config array) is an integer too
+        if isinstance(n_prototypes, bool) or not isinstance(n_prototypes, numbers.Integral) or n_prototypes < 2:
             raise ValueError(f"CollapseMonitor: n_prototypes must be an integer >= 2, got {n_prototypes!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
             raise ValueError(f"CollapseMonitor: window must be a positive integer, got {window!r}")
         if not (math.isfinite(tolerance) and tolerance > 0):
             raise ValueError(f"CollapseMonitor: tolerance must be a positive number, got {tolerance!r}")
-        self.n_prototypes = n_prototypes
-        self.window = window
+        self.n_prototypes = int(n_prototypes)
+        self.window = int(window)
         self.tolerance = tolerance
-        self.log_k = math.log(n_prototypes)
+        self.log_k = math.log(self.n_prototypes)
         self.fired = False
-        self._recent: deque[float] = deque(maxlen=window)
+        self._recent: deque[float] = deque(maxlen=self.window)
 
     def update(self, loss: float) -> bool:
         """Record one loss (a host float); returns True on the call that warns."""

@@ -17,6 +17,7 @@ plus the two things the training loop does to the prototypes outside back-propag
 
 from __future__ import annotations
 
+import numbers
 import operator
 
 import numpy as np
@@ -173,6 +174,7 @@ class SwAVHead(Module):
     out_dim : d, the embedding size.
     n_prototypes : K, or a tuple of K's for several prototype sets (DeepCluster-v2 uses
         three; SwAV one).
+    All sizes are positive integers (``hidden_dim`` may be 0); NumPy integers are accepted.
     xp, dtype, rng : backend, dtype and seeded generator for the initialisation.
 
     Notes
@@ -185,6 +187,12 @@ class SwAVHead(Module):
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, n_prototypes: Any = (3000,), *,
                  xp: Any = None, dtype: Any = "float32", rng: Any = None):
+        in_dim, out_dim = _dimension(in_dim, "SwAVHead: in_dim"), _dimension(out_dim, "SwAVHead: out_dim")
+        hidden_dim = _dimension(hidden_dim, "SwAVHead: hidden_dim", minimum=0)
+        sizes = (n_prototypes,) if isinstance(n_prototypes, numbers.Number) else tuple(n_prototypes)
+        if not sizes:
+            raise ValueError("SwAVHead: n_prototypes must name at least one prototype set, got ()")
+        sizes = tuple(_dimension(k, "SwAVHead: n_prototypes") for k in sizes)
         xp = np if xp is None else xp
         super().__init__(xp, dtype)
         kw = {"xp": xp, "dtype": dtype, "rng": rng}
@@ -195,7 +203,6 @@ class SwAVHead(Module):
             )
         else:
             self.projection = Linear(in_dim, out_dim, **kw)
-        sizes = (n_prototypes,) if isinstance(n_prototypes, int) else tuple(n_prototypes)
         self.n_sets = len(sizes)
         for h, k in enumerate(sizes):
             setattr(self, f"prototypes{h}", Linear(out_dim, k, bias=False, **kw))
@@ -257,6 +264,8 @@ class ClassifierHead(Module):
     n_sets = 1
 
     def __init__(self, in_dim: int, n_classes: int, *, xp: Any = None, dtype: Any = "float32", rng: Any = None):
+        in_dim = _dimension(in_dim, "ClassifierHead: in_dim")
+        n_classes = _dimension(n_classes, "ClassifierHead: n_classes")
         xp = np if xp is None else xp
         super().__init__(xp, dtype)
         self.fc = Linear(in_dim, n_classes, xp=xp, dtype=dtype, rng=rng)
@@ -272,3 +281,12 @@ class ClassifierHead(Module):
 
     def drop_prototype_gradients(self) -> None:
         pass
+
+
+def _dimension(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as a Python int >= ``minimum`` (NumPy integers accepted), else a ValueError
+    naming it: a 0 would otherwise end in Linear's 1/sqrt(fan_in), a ZeroDivisionError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(value)

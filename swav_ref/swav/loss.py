@@ -23,7 +23,9 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from swav_ref.backend import array_namespace
+import numpy as np
+
+from swav_ref.backend import array_namespace, is_numpy
 from swav_ref.swav.codes import sinkhorn_codes
 
 __all__ = ["SwAVLossOutput", "swapped_prediction_loss", "swav_loss"]
@@ -135,11 +137,13 @@ def swapped_prediction_loss(
 
     Parameters
     ----------
-    scores : array (n_crops * batch_size, K)
+    scores : array (n_crops * batch_size, K), real floating point
         Stacked crop by crop.
     codes : sequence of arrays (batch_size, K)
-        One per assignment crop, in ``crops_for_assign`` order; each row sums to 1.
-        Treated as constants (SwAV's stop-gradient).
+        One per assignment crop, in ``crops_for_assign`` order, the dtype of ``scores``;
+        each row is a probability vector (entries >= 0, sum 1). Checked on NumPy only;
+        elsewhere a precondition (checking costs a device sync). Treated as constants
+        (SwAV's stop-gradient).
     batch_size : int
     crops_for_assign : sequence of int
     temperature : float
@@ -239,6 +243,8 @@ def _check_layout(scores, batch_size, crops_for_assign) -> tuple[int, int]:
         raise ValueError(
             f"scores must be 2-D (n_crops * batch_size, K), got shape {getattr(scores, 'shape', None)}"
         )
+    if not array_namespace(scores).isdtype(scores.dtype, "real floating"):  # a dtype check: no sync
+        raise ValueError(f"scores must be a real floating-point array, got dtype {scores.dtype}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     batch_size = int(batch_size)
@@ -272,6 +278,27 @@ def _check_codes(codes, crops_for_assign, batch_size, scores) -> None:
             raise ValueError(f"codes of crop {a} have shape {tuple(q.shape)}, expected {want}")
         if q.dtype != scores.dtype:
             raise ValueError(f"codes of crop {a} are {q.dtype}, scores are {scores.dtype}")
+    # The loss and its gradient assume every code row sums to 1 (n_v p_v - T_v). Checking the
+    # sums reads values: free on NumPy, a wait for the device on every step elsewhere. So,
+    # as sinkhorn_codes does, NumPy checks and the other backends take it as a precondition.
+    if is_numpy(array_namespace(scores)):
+        _check_code_sums(codes, crops_for_assign)
+
+
+def _check_code_sums(codes, crops_for_assign) -> None:
+    """Raise unless every finite code row is a probability vector (>= 0, sums to 1). NaN
+    codes (NaN scores, a diverged network) pass: the trainer's NaN check gives advice."""
+    for a, q in zip(crops_for_assign, codes):
+        q = q.view(np.ndarray)  # a plain array: no device stand-in counts this read
+        sums = np.sum(q, axis=1)
+        tol = max(1e-6, 10 * q.shape[1] * np.finfo(q.dtype).eps)  # summation rounding of K terms
+        bad = np.flatnonzero((np.abs(sums - 1) > tol) | np.any(q < 0, axis=1))
+        if bad.size:
+            b = int(bad[0])
+            raise ValueError(
+                f"codes of crop {a}: row {b} sums to {float(sums[b]):.6g} (min entry "
+                f"{float(q[b].min()):.3g}); each row must be a probability vector (>= 0, sums to 1), "
+                "as sinkhorn_codes returns")
 
 
 def _check_queue(queue_scores, crops_for_assign, scores) -> list:

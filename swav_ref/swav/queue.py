@@ -19,6 +19,7 @@ The training loop, per assignment crop ``i`` (as in main_swav.py)::
 
 from __future__ import annotations
 
+import numbers
 import operator
 import types
 from typing import Any, Sequence
@@ -132,6 +133,8 @@ class Queue:
             :math:`E_{\text{queue}}\, C^\top`, newest rows first. The official code uses
             them only once the queue is full (check :attr:`is_full`).
         """
+        if isinstance(crop, bool) or not isinstance(crop, numbers.Integral):  # 1.5 would be an IndexError
+            raise ValueError(f"crop index must be an integer, got {crop!r}")
         if not 0 <= crop < self.n_crops:
             raise ValueError(f"crop index {crop} out of range for a queue of {self.n_crops} crops")
         if prototype_weight.ndim != 2 or prototype_weight.shape[1] != self.dim:
