@@ -21,6 +21,7 @@ the targets differ.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -66,9 +67,10 @@ def spherical_kmeans(x: Any, n_clusters: int, n_iters: int, rng: Random,
 
     Parameters
     ----------
-    x : (N, d) unit-norm embeddings.
+    x : (N, d) unit-norm embeddings, all finite.
     n_clusters : K, at most N.
-    n_iters : Lloyd iterations (the official code uses 10).
+    n_iters : Lloyd iterations (the official code uses 10); 0 returns the initial
+        centroids and the assignments to them.
     rng : draws the initial centroids.
     allreduce : sums an array over workers (data-parallel k-means); None = one process.
     init : ``"k-means++"`` (default, :func:`kmeans_plus_plus`), ``"random"`` (K random rows,
@@ -77,8 +79,8 @@ def spherical_kmeans(x: Any, n_clusters: int, n_iters: int, rng: Random,
         ``allreduce``. Each worker draws its initial centroids from its own rows, so they
         must be replaced by rank 0's (as the official code broadcasts them): otherwise the
         all-reduced sums would add up the members of unrelated clusters.
-    n_restarts : runs from different seeds; the one with the highest total cosine
-        :math:`\sum_n \max_k x_n^\top c_k` wins (chosen on the device, no host sync).
+    n_restarts : runs from different seeds, at least 1; the one with the highest total
+        cosine :math:`\sum_n \max_k x_n^\top c_k` wins (chosen on the device, no host sync).
 
     Returns
     -------
@@ -93,9 +95,18 @@ def spherical_kmeans(x: Any, n_clusters: int, n_iters: int, rng: Random,
     the one-hot assignment matrix, which is the Array API's way to scatter-add.
     """
     xp = array_namespace(x)
-    n = x.shape[0]
-    if not 0 < n_clusters <= n:
-        raise ValueError(f"spherical_kmeans: n_clusters={n_clusters} must be in 1..{n} (the number of points)")
+    _check_kmeans_arguments(x, n_clusters, n_iters, n_restarts, init)
+    # One host sync per call for the finiteness check (k-means runs once per epoch, outside
+    # the training step): a NaN row would otherwise win or lose every argmax silently. The
+    # count is summed over workers so that every worker raises, none waits at a collective.
+    bad = xp.sum(xp.astype(xp.logical_not(xp.isfinite(x)), x.dtype))
+    if not isinstance(init, str):
+        bad = bad + xp.sum(xp.astype(xp.logical_not(xp.isfinite(init)), x.dtype))
+    if allreduce is not None:
+        bad = allreduce(bad)
+    if float(bad) > 0:
+        raise ValueError("spherical_kmeans: x (or init) contains NaN or infinity"
+                         + (" on some worker" if allreduce is not None else ""))
     best = None
     for _ in range(n_restarts):
         centroids = _initial_centroids(x, n_clusters, rng, init)
@@ -113,6 +124,26 @@ def spherical_kmeans(x: Any, n_clusters: int, n_iters: int, rng: Random,
             best = (xp.where(better, objective, best[0]), xp.where(better, centroids, best[1]),
                     xp.where(better, xp.argmax(similarity, axis=1), best[2]))
     return best[1], best[2]
+
+
+def _check_kmeans_arguments(x: Any, n_clusters: Any, n_iters: Any, n_restarts: Any, init: Any) -> None:
+    """Shapes and counts, checked before any work (and any collective) starts."""
+    if len(x.shape) != 2:
+        raise ValueError(f"spherical_kmeans: x must be 2-D (N, d), got shape {tuple(x.shape)}")
+    n, d = x.shape
+    for name, value, lowest in (("n_clusters", n_clusters, 1), ("n_iters", n_iters, 0),
+                                ("n_restarts", n_restarts, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lowest:
+            raise ValueError(f"spherical_kmeans: {name} must be an integer >= {lowest}, got {value!r}")
+    if n_clusters > n:
+        raise ValueError(f"spherical_kmeans: n_clusters={n_clusters} must be in 1..{n} (the number of points)")
+    if not isinstance(init, str):
+        if not hasattr(init, "shape"):
+            raise ValueError(f"spherical_kmeans: init must be 'k-means++', 'random' or an array, got {init!r}")
+        array_namespace(x, init)  # TypeError if init lives in another library
+        if tuple(init.shape) != (n_clusters, d):
+            raise ValueError(f"spherical_kmeans: init must have shape (n_clusters, d) = ({n_clusters}, {d}), "
+                             f"got {tuple(init.shape)}")
 
 
 def _initial_centroids(x: Any, n_clusters: int, rng: Random, init: Any) -> Any:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -95,6 +96,13 @@ def _check_same_width(train_features: Any, test_features: Any) -> None:
             f"train and test features differ in width: {train_features.shape[1]} vs "
             f"{test_features.shape[1]}"
         )
+
+
+def _positive_int(value: Any, name: str) -> int:
+    """``value`` as a Python int, or ``ValueError`` naming ``name`` unless it is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _labels_on(labels: Any, xp: Any) -> Any:
@@ -181,7 +189,8 @@ def linear_probe(
         ``C_grid`` by stratified ``cv_folds``-fold cross-validation on the train split,
         repeated ``cv_repeats`` times with other folds.
     C_grid : the candidates for C (default :data:`DEFAULT_C_GRID`, 1e-3 ... 10).
-    cv_folds : number of folds (default 5; reduced to the size of the smallest class).
+    cv_folds : number of folds, at least 2 (default 5; reduced to the size of the smallest
+        class).
     cv_repeats : how many times to repeat the cross-validation. Default: enough repeats for
         about :data:`CV_PREDICTIONS` held-out predictions per candidate, at most 3 (3 on the
         1438 training digits, 1 on CIFAR-10's 50000 images).
@@ -241,7 +250,10 @@ def linear_probe(
         if C is None:
             if len(C_grid) == 0:
                 raise ValueError("C_grid is empty; give candidates or a fixed C")
-            n_folds = min(cv_folds, int(counts.min()))
+            # Checked before the data: otherwise cv_folds=1 is blamed on the smallest class.
+            if isinstance(cv_folds, bool) or not isinstance(cv_folds, numbers.Integral) or cv_folds < 2:
+                raise ValueError(f"cv_folds must be an integer >= 2, got {cv_folds!r}")
+            n_folds = min(int(cv_folds), int(counts.min()))
             if n_folds < 2:
                 raise ValueError(
                     f"the smallest class in the train split has {int(counts.min())} example(s); "
@@ -310,18 +322,21 @@ def knn_predict(
 
     Parameters
     ----------
-    train_features : (N_train, D) array; any backend.
+    train_features : (N_train, D) finite array; any backend.
     train_labels : (N_train,) integer labels in ``[0, n_classes)`` (host or backend array).
-    test_features : (N_test, D) array of the same backend as ``train_features``.
+    test_features : (N_test, D) finite array of the same backend as ``train_features``;
+        N_test may be 0 (an empty prediction: nothing to predict is not an error, unlike
+        an empty split in :func:`knn_classifier`, whose accuracy would be undefined).
     k : neighbours per test point; clipped to ``N_train``.
     temperature : T in the vote weights :math:`e^{s/T}`.
     n_classes : number of classes; default ``max(train_labels) + 1``.
-    chunk_size : test points handled at once (default: enough to hold about 4M similarities),
-        which bounds memory at ``chunk_size * max(N_train, k * n_classes)`` elements.
+    chunk_size : positive number of test points handled at once (default: enough to hold
+        about 4M similarities), which bounds memory at
+        ``chunk_size * max(N_train, k * n_classes)`` elements.
 
     Returns
     -------
-    (N_test,) int64 array in the features' namespace.
+    (N_test,) int64 array in the features' namespace (empty when N_test is 0).
 
     Notes
     -----
@@ -345,21 +360,32 @@ def knn_predict(
             f"test features must be 2-D (N, D), got shape {tuple(test_features.shape)}"
         )
     _check_same_width(train_features, test_features)
-    if not (isinstance(k, int) and k >= 1):
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = _positive_int(k, "k")
+    if chunk_size is not None:
+        chunk_size = _positive_int(chunk_size, "chunk_size")
     temperature = python_float(temperature, "knn_predict: temperature")
     if not temperature > 0:
         raise ValueError(f"knn_predict: temperature must be positive, got {temperature}")
-    # One host read of the label range, outside the loop, to size the vote.
-    lowest, highest = int(xp.min(labels)), int(xp.max(labels))
+    # One host read, outside the loop: the label range sizes the vote, and the features must
+    # be finite (a NaN similarity sorts anywhere, so NaN features gave a plausible-looking
+    # accuracy instead of an error).
+    summary = xp.stack([xp.min(labels), xp.max(labels),
+                        xp.astype(xp.all(xp.isfinite(train_features)), xp.int64),
+                        xp.astype(xp.all(xp.isfinite(test_features)), xp.int64)])
+    lowest, highest, train_finite, test_finite = (int(v) for v in to_numpy(summary))
     if lowest < 0:
         raise ValueError(f"labels must be non-negative, found {lowest}")
     if n_classes is None:
         n_classes = highest + 1
     elif highest >= n_classes:
         raise ValueError(f"found label {highest} but n_classes={n_classes}")
+    for name, finite in (("train", train_finite), ("test", test_finite)):
+        if not finite:
+            raise ValueError(f"{name} features contain NaN or infinity")
 
     n_train, n_test = train_features.shape[0], test_features.shape[0]
+    if n_test == 0:
+        return xp.zeros((0,), dtype=xp.int64)
     k = min(k, n_train)
     if chunk_size is None:
         chunk_size = max(1, _KNN_CHUNK_ELEMENTS // max(n_train, k * n_classes))

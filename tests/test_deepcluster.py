@@ -56,6 +56,62 @@ def test_kmeans_rejects_too_many_clusters():
         spherical_kmeans(np.eye(10), 11, 3, Random(0))
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_clusters=0), "n_clusters must be an integer >= 1, got 0"),
+    (dict(n_clusters=2.5), "n_clusters must be an integer >= 1, got 2.5"),
+    (dict(n_iters=-1), "n_iters must be an integer >= 0, got -1"),
+    (dict(n_restarts=0), "n_restarts must be an integer >= 1, got 0"),
+    (dict(init=np.eye(5)), r"init must have shape \(n_clusters, d\) = \(3, 5\), got \(5, 5\)"),
+    (dict(init=np.eye(5)[:3, :4]), r"init must have shape \(n_clusters, d\) = \(3, 5\), got \(3, 4\)"),
+    (dict(init=[[1.0, 0.0]]), "init must be 'k-means\\+\\+', 'random' or an array"),
+])
+def test_kmeans_refuses_bad_arguments(kwargs, message):
+    x, _, _ = _blobs(4, 3, 5)
+    args = dict(n_clusters=3, n_iters=2, init="k-means++", n_restarts=1) | kwargs
+    with pytest.raises(ValueError, match=message):
+        spherical_kmeans(x, args.pop("n_clusters"), args.pop("n_iters"), Random(0), **args)
+
+
+def test_kmeans_with_zero_iterations_returns_its_start(backend):
+    x, _, _ = _blobs(4, 3, 5)
+    init = asarray(x[[0, 5, 9]], backend)
+    centroids, assignments = spherical_kmeans(asarray(x, backend), 3, 0, Random(0), init=init)
+    np.testing.assert_array_equal(to_numpy(centroids), x[[0, 5, 9]])
+    np.testing.assert_array_equal(to_numpy(assignments), np.argmax(x @ x[[0, 5, 9]].T, axis=1))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_kmeans_refuses_non_finite_input(backend, bad):
+    x, _, _ = _blobs(4, 3, 5)
+    x[7, 2] = bad
+    with pytest.raises(ValueError, match="x \\(or init\\) contains NaN or infinity"):
+        spherical_kmeans(asarray(x, backend), 3, 2, Random(0))
+    init = x[[0, 1, 2]].copy()
+    with pytest.raises(ValueError, match="contains NaN or infinity"):
+        spherical_kmeans(asarray(np.nan_to_num(x, posinf=0.0), backend), 3, 2, Random(0),
+                         init=asarray(np.where(np.isfinite(x[[0, 7, 2]]), init, bad), backend))
+
+
+def test_data_parallel_kmeans_refuses_non_finite_rows_on_every_worker():
+    """A NaN on one worker makes every worker raise, none is left waiting at a collective."""
+    x, _, _ = _blobs(6, 3, 5)
+    halves = [x[:9].copy(), x[9:]]
+    halves[1][4, 0] = np.nan
+    workers = ThreadWorkers(2)
+
+    def work(rank):
+        # The error is returned, not raised: a raise aborts the thread barrier, which could
+        # break the other worker's exit from the last collective before it sees the count.
+        try:
+            return spherical_kmeans(halves[rank], 3, 2, Random(7), allreduce=workers.allreduce(rank),
+                                    broadcast=workers.broadcast(rank))
+        except ValueError as exc:
+            return exc
+
+    for outcome in workers.run(work):
+        assert isinstance(outcome, ValueError) and "NaN or infinity on some worker" in str(outcome)
+
+
 def test_kmeans_statistics_summed_over_two_halves_equal_kmeans_on_the_whole():
     """The arithmetic that makes data-parallel k-means exact: summing the M-step statistics
     of two halves (written out here, by hand) equals k-means on the whole. The trainer's own

@@ -134,6 +134,38 @@ def test_knn_refuses_bad_input(rng):
         E.knn_predict(train, y.astype(float), test)
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_knn_refuses_non_finite_features(backend, rng, split, bad):
+    # All-NaN features used to score a chance-level 0.333 instead of failing.
+    features = {"train": rng.normal(size=(12, 3)), "test": rng.normal(size=(5, 3))}
+    features[split][2, 1] = bad
+    train, test = B.asarray(features["train"], backend), B.asarray(features["test"], backend)
+    y_train, y_test = rng.integers(0, 3, size=12), rng.integers(0, 3, size=5)
+    with pytest.raises(ValueError, match=f"{split} features contain NaN or infinity"):
+        E.knn_predict(train, y_train, test, k=3)
+    with pytest.raises(ValueError, match=f"{split} features contain NaN or infinity"):
+        E.knn_classifier(train, y_train, test, y_test, k=3)
+
+
+def test_knn_empty_test_set(backend, rng):
+    """Predicting for no points is an empty prediction; an accuracy over no points is an error."""
+    train = B.asarray(rng.normal(size=(10, 3)), backend)
+    empty = B.asarray(np.zeros((0, 3)), backend)
+    y = rng.integers(0, 2, size=10)
+    got = E.knn_predict(train, y, empty, k=3)
+    assert B.array_namespace(got) is backend and got.shape == (0,) and got.dtype == backend.int64
+    with pytest.raises(ValueError, match="the test split is empty"):
+        E.knn_classifier(train, y, empty, np.zeros(0, dtype=int), k=3)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 1.5, True])
+def test_knn_refuses_bad_chunk_size(rng, chunk_size):
+    train, test, y = rng.normal(size=(10, 3)), rng.normal(size=(4, 3)), np.zeros(10, dtype=int)
+    with pytest.raises(ValueError, match=f"chunk_size must be a positive integer, got {chunk_size!r}"):
+        E.knn_predict(train, y, test, chunk_size=chunk_size)
+
+
 # ------------------------------------------------------------------------------------------
 # linear probe
 # ------------------------------------------------------------------------------------------
@@ -217,6 +249,14 @@ def test_linear_probe_refuses_bad_input(rng):
         E.linear_probe(x, y, np.full_like(x, np.nan), y)
     with pytest.raises(ValueError, match="C must be positive"):
         E.linear_probe(x, y, x, y, C=0.0)
+
+
+@pytest.mark.parametrize("cv_folds", [0, 1, -3, 2.5])
+def test_linear_probe_refuses_too_few_folds(rng, cv_folds):
+    # Ten examples per class: the message must blame cv_folds, not the smallest class.
+    x, y = rng.normal(size=(20, 3)), np.array([0, 1] * 10)
+    with pytest.raises(ValueError, match=f"cv_folds must be an integer >= 2, got {cv_folds!r}"):
+        E.linear_probe(x, y, x, y, cv_folds=cv_folds)
 
 
 def test_evaluate_features_gives_a_table_row(rng):
