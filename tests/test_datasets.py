@@ -85,6 +85,22 @@ def test_image_dataset_names_classes_when_only_labels_are_given():
         ImageDataset(images=np.zeros((2, 1, 4, 4), dtype=np.uint8), labels=[-1, 1])
 
 
+@pytest.mark.parametrize(
+    "labels, shown",
+    [([0.2, 1.7], r"label 0\.2 \(at index 0\)"), ([0.0, np.nan], r"label nan \(at index 1\)"),
+     ([np.inf, 1.0], r"label inf \(at index 0\)"), ([0.0, 1e20], r"label 1e\+20")],
+)
+def test_image_dataset_refuses_labels_that_are_not_whole_numbers(labels, shown):
+    # a cast to int64 made 1.7 class 1 and NaN -2**63
+    with pytest.raises(ValueError, match=shown + ".*not a whole number"):
+        ImageDataset(images=np.zeros((2, 1, 4, 4), dtype=np.uint8), labels=labels)
+
+
+def test_image_dataset_takes_whole_float_labels_as_classes():
+    ds = ImageDataset(images=np.zeros((2, 1, 4, 4), dtype=np.uint8), labels=np.array([1.0, 0.0]))
+    assert ds.labels.dtype == np.int64 and ds.labels.tolist() == [1, 0] and ds.class_names == ("0", "1")
+
+
 def test_digits_scaled_to_bytes():
     from sklearn.datasets import load_digits
 
@@ -262,6 +278,13 @@ def test_cifar10_bad_meta(tmp_path):
         D.load_cifar10(folder)
 
 
+def test_cifar10_meta_that_is_not_utf8_names_the_file(tmp_path):
+    folder, _ = make_cifar(tmp_path)
+    (folder / "batches.meta.txt").write_bytes(b"airplane\n\xff\xfe\xfa\n")
+    with pytest.raises(DatasetError, match=r"batches\.meta\.txt is not UTF-8"):
+        D.load_cifar10(folder)
+
+
 # -- image folders -----------------------------------------------------------------------
 def test_folder_with_classes(tmp_path):
     rng = np.random.default_rng(0)
@@ -303,6 +326,19 @@ def test_folder_resize(tmp_path):
     ds = D.load_image_folder(tmp_path, image_size=5)
     assert ds.images.shape == (2, 3, 5, 5)
     assert np.all(ds.images[1] == 200)
+
+
+def test_folder_resize_takes_numpy_integers_and_pairs(tmp_path):
+    save_png(tmp_path / "a.png", np.zeros((4, 6, 3), dtype=np.uint8))
+    assert D.load_image_folder(tmp_path, image_size=np.int64(3)).images.shape == (1, 3, 3, 3)
+    assert D.load_image_folder(tmp_path, image_size=(np.int32(2), 5)).images.shape == (1, 3, 2, 5)
+
+
+@pytest.mark.parametrize("image_size", [0, -3, True, 2.5, (8,), (8, 0), (8, 8.0), "8"])
+def test_folder_bad_image_size_is_refused_before_reading(tmp_path, image_size):
+    (tmp_path / "bad.png").write_bytes(b"not a png: decoding it would fail with another message")
+    with pytest.raises(ValueError, match=r"image_size must be a positive integer .*got"):
+        D.load_image_folder(tmp_path, image_size=image_size)
 
 
 def test_folder_wrong_size_names_file(tmp_path):

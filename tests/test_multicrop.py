@@ -50,6 +50,40 @@ def test_config_validation():
         M.default_config("folder")
 
 
+@pytest.mark.parametrize(
+    "changes, shown",
+    [
+        (dict(std=(np.nan, 0.2, 0.2)), r"std .* must be finite .*got nan"),
+        (dict(std=(0.2, 1e-320, 0.2)), r"std .* >= 1.18e-38 .*got 1e-320"),
+        (dict(std=(0.2, 0.2, np.inf)), r"std .*got inf"),
+        (dict(mean=(np.inf, 0.5, 0.5)), r"mean .* must be finite, got inf"),
+        (dict(mean=(0.5, np.nan, 0.5)), r"mean .* must be finite, got nan"),
+        (dict(ratio=(1.0, np.inf)), r"ratio .*< inf, got \(1.0, inf\)"),
+        (dict(blur_sigma=(0.1, np.inf)), r"blur_sigma .*< inf, got \(0.1, inf\)"),
+        (dict(sizes=(2.5, 4)), r"sizes must be integers >= 1, got \(2.5, 4\) \(2.5 is not\)"),
+        (dict(n_crops=(1.5, 3)), r"n_crops must be integers >= 1, got \(1.5, 3\) \(1.5 is not\)"),
+        (dict(n_crops=(True, 3)), r"n_crops must be integers >= 1.*\(True is not\)"),
+        (dict(n_crops=(2, 0)), r"n_crops must be integers >= 1.*\(0 is not\)"),
+    ],
+)
+def test_config_refuses_values_that_give_nan_crops_or_fail_in_numpy(changes, shown):
+    # each was accepted, then gave crops of NaN or inf, or an error from inside NumPy
+    with pytest.raises(ValueError, match="MultiCropConfig: " + shown):
+        small_config(**changes)
+
+
+def test_config_takes_numpy_integers():
+    config = small_config(n_crops=(np.int64(2), np.int32(3)), sizes=np.array([8, 4]))
+    assert config.n_crops == (2, 3) and config.sizes == (8, 4)
+    assert all(type(v) is int for v in config.n_crops + config.sizes)
+
+
+def test_folder_recipe_for_one_pixel_images_says_to_scale_them_up():
+    # the trainer asks for the recipe with the loaded images' shorter side
+    with pytest.raises(ValueError, match=r"got 1: images 1 pixel .*\(e.g. 1x1\).*scale them up.*--image-size"):
+        M.default_config("folder", image_size=1)
+
+
 def test_default_configs():
     from swav_ref.data.datasets import channel_stats, load_digits_dataset
 

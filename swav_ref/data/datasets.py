@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from swav_ref.data.errors import DatasetError
+from swav_ref.data.errors import DatasetError, is_integer
 from swav_ref.data.image_files import (
     GREY_MODES,
     IMAGE_EXTENSIONS,
@@ -81,7 +81,9 @@ class ImageDataset:
     images : numpy.ndarray, uint8, (N, C, H, W)
         pixel values 0..255, channels first (PyTorch's layout).
     labels : numpy.ndarray, int64, (N,), or None
-        class indices into ``class_names``; ``None`` for unlabelled data.
+        class indices into ``class_names``; ``None`` for unlabelled data. Given as integers,
+        or as floats holding whole numbers (``1.0`` is class 1, as ``np.loadtxt`` or a
+        pandas column gives them); any other float (``1.7``, NaN) is refused, not truncated.
     class_names : tuple of str
         empty for unlabelled data; for labels given without names, ``"0"``, ``"1"``, ...
         up to the largest label.
@@ -110,7 +112,7 @@ class ImageDataset:
             )
         self.class_names = tuple(self.class_names)
         if self.labels is not None:
-            self.labels = np.asarray(self.labels, dtype=np.int64)
+            self.labels = _integer_labels(self.labels, self.name)
             if self.labels.shape != (self.images.shape[0],):
                 raise ValueError(
                     f"{self.name}: labels of shape {self.labels.shape} do not match "
@@ -150,6 +152,24 @@ class ImageDataset:
             class_names=self.class_names,
             name=name or self.name,
         )
+
+
+def _integer_labels(labels, name: str) -> np.ndarray:
+    """``labels`` as int64, refusing what a cast would change: a cast truncates ``1.7`` to 1
+    and turns NaN into -2**63 without a word."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f":
+        # whole numbers within int64's range; NaN and inf fail both tests
+        whole = (labels == np.round(labels)) & (np.abs(labels) < 2.0**63)
+        if not whole.all():
+            index = int(np.flatnonzero(~whole.ravel())[0])
+            raise ValueError(
+                f"{name}: label {labels.ravel()[index]} (at index {index}) is not a whole number; labels are "
+                "class indices 0, 1, ..."
+            )
+    elif labels.dtype.kind not in "biu":
+        raise ValueError(f"{name}: labels must be integers (class indices), got dtype {labels.dtype}")
+    return labels.astype(np.int64)
 
 
 # -- splits and statistics --------------------------------------------------------------
@@ -329,7 +349,14 @@ def _read_cifar_classes(folder: Path) -> tuple[str, ...]:
     meta = folder / _CIFAR_META_FILE
     if not meta.is_file():
         return CIFAR10_CLASSES  # the names are fixed; the file only restates them
-    names = tuple(line.strip() for line in meta.read_text(encoding="utf-8").splitlines() if line.strip())
+    try:
+        text = meta.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"CIFAR-10 class-name file {meta} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "the file is corrupt: restore it or delete it (the names are fixed and built in)"
+        ) from exc
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
     if len(names) != 10:
         raise DatasetError(f"CIFAR-10 class-name file {meta} lists {len(names)} names, expected 10")
     return names
@@ -378,6 +405,21 @@ def load_cifar10(data_dir: str | os.PathLike) -> tuple[ImageDataset, ImageDatase
 
 
 # -- image folders -----------------------------------------------------------------------
+def _size_pair(image_size) -> tuple[int, int] | None:
+    """``image_size`` (``None``, an integer or ``(height, width)``) as ``(height, width)``."""
+    if image_size is None:
+        return None
+    pair = (image_size, image_size) if is_integer(image_size) else image_size
+    try:
+        height, width = pair
+    except (TypeError, ValueError):  # not a pair: a float, a string of another length, ...
+        height = width = None
+    if not (is_integer(height) and is_integer(width) and height >= 1 and width >= 1):
+        raise ValueError(
+            f"image_size must be a positive integer or a pair (height, width) of them, got {image_size!r}"
+        )
+    return int(height), int(width)
+
 
 def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, int] | None = None) -> ImageDataset:
     """Images from a folder: one sub-folder per class, or flat without labels.
@@ -406,10 +448,14 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
     ----------
     image_size : None, int or (height, width)
         ``None``: every image must have the size of the first one. Otherwise each image is
-        resized to it (bilinear, with Pillow's antialiasing when shrinking).
+        resized to it (bilinear, with Pillow's antialiasing when shrinking). Integers >= 1
+        (Python or NumPy, not ``bool``).
 
     Raises
     ------
+    ValueError
+        an ``image_size`` that is not a positive integer or a pair of them (before any file
+        is read).
     DatasetError
         missing or empty folder, a class folder without images, image files beside class
         folders, a broken link with an image name, a folder link that loops, a corrupt or
@@ -423,6 +469,7 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
     """
     from PIL import Image
 
+    image_size = _size_pair(image_size)  # before a file is read: a bad size fails at once
     root = Path(data_dir)
     if not root.is_dir():
         raise DatasetError(f"image folder not found: {root} does not exist or is not a folder")
@@ -451,8 +498,6 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
             raise DatasetError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         class_names, label_array = (), None
 
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
     pictures = [read_image(f) for f in files]
     mode = "L" if all(p.mode in GREY_MODES for p in pictures) else "RGB"
     expected = None if image_size is None else (image_size[1], image_size[0])  # Pillow: (w, h)

@@ -56,6 +56,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from swav_ref.backend import Random, array_namespace, asarray, to_numpy
+from swav_ref.data.errors import is_integer
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -67,6 +68,7 @@ __all__ = [
     "IMAGENET_STD",
     "MultiCrop",
     "MultiCropConfig",
+    "STD_MIN",
     "adjust_brightness",
     "adjust_contrast",
     "adjust_hue",
@@ -92,6 +94,11 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 DIGITS_MEAN = (0.3053087,)
 DIGITS_STD = (0.3758859,)
 
+#: The smallest ``std`` accepted: float32's smallest normal number, so that ``std`` and
+#: ``1 / std`` are both finite and non-zero in the crops' default dtype (a smaller one gives
+#: crops of inf or NaN).
+STD_MIN = float(np.finfo(np.float32).tiny)
+
 #: ITU-R 601 luma weights (torchvision's ``rgb_to_grayscale`` rounds red to 0.2989).
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -115,7 +122,11 @@ class MultiCropConfig:
     jitter_p : probability that an image is colour-jittered at all.
     grayscale_p : probability of greyscale (RGB only).
     blur_p, blur_sigma : probability of a Gaussian blur, and the range of its sigma in pixels.
-    mean, std : per-channel normalisation on the 0..1 scale, ``(x - mean) / std``.
+    mean, std : per-channel normalisation on the 0..1 scale, ``(x - mean) / std``; finite,
+        and ``std >= STD_MIN``.
+
+    Counts and sizes must be integers (Python or NumPy, not ``bool``) and ranges finite:
+    a bad value is refused here, naming it, not found later as NaN crops or a NumPy error.
     """
 
     n_crops: tuple[int, ...] = (2, 6)
@@ -142,13 +153,19 @@ class MultiCropConfig:
                     f"MultiCropConfig: {name} has {len(getattr(self, name))} entries but n_crops "
                     f"has {groups}; give one per size group"
                 )
-        if groups == 0 or any(n < 1 for n in self.n_crops) or any(s < 1 for s in self.sizes):
-            raise ValueError(f"MultiCropConfig: need n_crops >= 1 and sizes >= 1, got {self.n_crops}, {self.sizes}")
+        if groups == 0:
+            raise ValueError("MultiCropConfig: n_crops is empty; give at least one size group")
+        for name in ("n_crops", "sizes"):
+            values = getattr(self, name)
+            bad = [v for v in values if not (is_integer(v) and v >= 1)]
+            if bad:
+                raise ValueError(f"MultiCropConfig: {name} must be integers >= 1, got {values} ({bad[0]!r} is not)")
+            object.__setattr__(self, name, tuple(int(v) for v in values))  # NumPy integers become int
         for lo, hi in zip(self.min_scale, self.max_scale):
             if not 0.0 < lo <= hi <= 1.0:
                 raise ValueError(f"MultiCropConfig: scale range ({lo}, {hi}) must satisfy 0 < min <= max <= 1")
-        if len(self.ratio) != 2 or not 0.0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"MultiCropConfig: ratio must be (low, high) with 0 < low <= high, got {self.ratio}")
+        if len(self.ratio) != 2 or not 0.0 < self.ratio[0] <= self.ratio[1] < math.inf:
+            raise ValueError(f"MultiCropConfig: ratio must be (low, high) with 0 < low <= high < inf, got {self.ratio}")
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"MultiCropConfig: {name}={getattr(self, name)} is not a probability")
@@ -157,10 +174,21 @@ class MultiCropConfig:
                 f"MultiCropConfig: jitter_strength={self.jitter_strength} outside [0, 1.25] "
                 "(1 - 0.8 s must stay >= 0)"
             )
-        if len(self.blur_sigma) != 2 or not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
-            raise ValueError(f"MultiCropConfig: blur_sigma must be (low, high) with 0 < low <= high, got {self.blur_sigma}")
-        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
-            raise ValueError(f"MultiCropConfig: mean {self.mean} and std {self.std} need equal lengths and std > 0")
+        if len(self.blur_sigma) != 2 or not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1] < math.inf:
+            raise ValueError(
+                f"MultiCropConfig: blur_sigma must be (low, high) with 0 < low <= high < inf, got {self.blur_sigma}"
+            )
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"MultiCropConfig: mean {self.mean} and std {self.std} need equal lengths")
+        bad_mean = [m for m in self.mean if not math.isfinite(m)]
+        if bad_mean:
+            raise ValueError(f"MultiCropConfig: mean {self.mean} must be finite, got {bad_mean[0]}")
+        bad_std = [s for s in self.std if not STD_MIN <= s < math.inf]  # NaN fails too
+        if bad_std:
+            raise ValueError(
+                f"MultiCropConfig: std {self.std} must be finite and >= {STD_MIN:.3g} (so that 1 / std is finite "
+                f"in float32), got {bad_std[0]}"
+            )
 
     @property
     def n_total_crops(self) -> int:
@@ -221,7 +249,16 @@ def default_config(
         config = MultiCropConfig()
     elif name == "folder":
         if image_size is None or image_size < 2:
-            raise ValueError(f"default_config('folder') needs image_size >= 2, got {image_size}")
+            hint = ""
+            if image_size == 1:  # the trainer passes the loaded images' shorter side: tiny images
+                hint = (
+                    ": images 1 pixel on their shorter side (e.g. 1x1) are too small to crop; scale them up "
+                    "when loading, with --image-size on the command line (image_size= in TrainConfig, "
+                    "load_dataset or load_image_folder)"
+                )
+            raise ValueError(
+                f"default_config('folder') needs image_size >= 2 (the side of the large crops), got {image_size}{hint}"
+            )
         config = MultiCropConfig(sizes=(image_size, max(1, round(image_size * 96 / 224))))
     else:
         raise ValueError(f"unknown multi-crop recipe {name!r}; choose digits, cifar10, imagenet or folder")
