@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -134,12 +135,20 @@ def _config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfi
 
 
 def _output_folder(path: str, option: str) -> Path:
-    """``path`` as a folder to write into, checked before any work is done: an existing file
-    in its place (or on the way to it) is reported now, not after training."""
+    """``path`` as a folder to write into, checked before any work is done (and without
+    making it yet): an existing file in its place (or on the way to it), or a place where
+    nothing can be written, is reported now, not after training."""
     folder = Path(path)
     for part in (folder, *folder.parents):
         if part.exists() and not part.is_dir():
             raise UserError(f"{option} {path}: {part} is a file, not a folder")
+    existing = next(part for part in (folder, *folder.parents) if part.exists())
+    try:
+        # A trial folder, removed at once: the one sure test of permissions, read-only
+        # mounts and pseudo file systems such as /proc (where even root cannot write).
+        os.rmdir(tempfile.mkdtemp(prefix=".swav_ref_write_test_", dir=existing))
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot write into {existing} ({exc.strerror or exc})") from exc
     return folder
 
 
@@ -158,6 +167,9 @@ def _limit_threads(n: int) -> None:
     library loaded later."""
     if n < 0:
         raise UserError(f"--threads {n}: must be at least 0 (0 = the BLAS library's default)")
+    cores = os.cpu_count()
+    if cores and n > cores:  # idle threads past the cores only spin and take turns with the busy ones
+        raise UserError(f"--threads {n}: this machine has {cores} cores; use at most {cores} (0 = one per core)")
     if n:
         for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = str(n)
@@ -443,13 +455,14 @@ def main(argv: list[str] | None = None) -> int:
     from swav_ref.checkpoint import CheckpointError
     from swav_ref.data.datasets import DatasetError
     from swav_ref.distributed import MPIUnavailableError, detect_mpi_launch
-    from swav_ref.train import ConfigError
+    from swav_ref.train import ConfigError, TrainingDivergedError
 
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default")
     try:
         return args.func(args)
-    except (UserError, ConfigError, BackendUnavailableError, CheckpointError, DatasetError, MPIUnavailableError) as exc:
+    except (UserError, ConfigError, BackendUnavailableError, CheckpointError, DatasetError, MPIUnavailableError,
+            TrainingDivergedError) as exc:
         # The user's to fix, and the message says how; a bug anywhere else keeps its traceback.
         # Under MPI a training error goes on to the abort hook, which stops every rank (one
         # rank quietly returning would leave the others waiting in a collective forever);

@@ -314,6 +314,10 @@ class TrainConfig:
             how = "--image-size" if self.dataset == "folder" else "image_side (the arrays' shorter side)"
             raise ConfigError(f"--dataset {self.dataset}: the crop sizes follow the images' size; give {how}, or "
                               "all of --n-crops, --crop-sizes, --min-scale and --max-scale")
+        if recipe == "folder" and side < 2:
+            raise ConfigError(f"{data_name or self.dataset}: the images are {side} pixel(s) on their shorter side, too "
+                              "small for two crop sizes; scale them up with --image-size N (N >= 2), or give all of "
+                              "--n-crops, --crop-sizes, --min-scale and --max-scale")
         crops = default_config(recipe, image_size=side)
         filled = {"n_crops": crops.n_crops, "crop_sizes": crops.sizes,
                   "min_scale": crops.min_scale, "max_scale": crops.max_scale}
@@ -515,13 +519,34 @@ class Trainer:
         if cfg.method == "deepcluster-v2" and max(cfg.n_prototypes) > bank_size:
             raise ConfigError(f"--n-prototypes {' '.join(map(str, cfg.n_prototypes))}: k-means needs at least as "
                               f"many embeddings as clusters, and the memory bank holds {bank_size}")
-        codes_per_batch = cfg.batch_size * workers + cfg.queue_length
+        queue_length = cfg.queue_length if cfg.method == "swav" and self._queue_is_used() else 0
+        codes_per_batch = cfg.batch_size * workers + queue_length
         if cfg.method == "swav" and max(cfg.n_prototypes) > codes_per_batch and self.comm.is_root:
             warnings.warn(
                 f"{max(cfg.n_prototypes)} prototypes but only {codes_per_batch} samples per Sinkhorn problem "
-                f"(batch {cfg.batch_size} x {workers} workers + queue {cfg.queue_length}): the equal partition "
+                f"(batch {cfg.batch_size} x {workers} workers + queue {queue_length}): the equal partition "
                 "gives each prototype less than one sample per batch; use a queue (--queue-length) or fewer "
                 "prototypes", stacklevel=3)
+
+    def _queue_is_used(self) -> bool:
+        """Whether a SwAV queue (``--queue-length``) is ever used in this run, with a warning
+        if not. The queue is made at the start of epoch ``epoch_queue_starts`` (counting
+        from 0) and serves the codes only once full, after ``queue_length / (batch x
+        workers)`` more steps: a run too short for both would train without it, silently."""
+        cfg = self.config
+        if not cfg.queue_length:
+            return False
+        steps_to_fill = cfg.queue_length // (cfg.batch_size * self.comm.size)
+        first_use = cfg.epoch_queue_starts * self.steps_per_epoch + steps_to_fill
+        total = cfg.epochs * self.steps_per_epoch
+        if first_use < total:
+            return True
+        if self.comm.is_root:
+            warnings.warn(f"--queue-length {cfg.queue_length} is never used: the queue is made at epoch "
+                          f"{cfg.epoch_queue_starts} (--epoch-queue-starts, counting from 0) and is full "
+                          f"{steps_to_fill} steps later, at step {first_use}, but the run has {total} steps; "
+                          "lower --epoch-queue-starts or --queue-length, or train longer", stacklevel=4)
+        return False
 
     @staticmethod
     def _normalisation(train_set: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,6 +107,49 @@ def test_an_output_path_through_a_file_is_refused_before_any_work(tmp_path, caps
         assert f"{tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where even root cannot write")
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(capsys):
+    for argv in (["train", "--out-dir", "/proc/swav_ref_run"], ["demo", "--out", "/proc/swav_ref_run"],
+                 ["dessert", "--out", "/proc/swav_ref_run/figs"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "cannot write into /proc" in err and "Traceback" not in err, err
+
+
+def test_a_diverged_run_is_one_line_with_its_advice(tmp_path, capsys, monkeypatch):
+    from swav_ref import train
+
+    def diverge(self, resume=None):
+        raise train.TrainingDivergedError(f"the loss is not finite at step 3. {train.DIVERGENCE_ADVICE}")
+
+    monkeypatch.setattr(train.Trainer, "fit", diverge)
+    assert main(["train", "--no-evaluate", "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("swav-ref: error: the loss is not finite") and "--base-lr" in err and "Traceback" not in err
+
+
+def test_threads_beyond_the_cores_are_refused(capsys):
+    cores = os.cpu_count()
+    assert main(["train", "--threads", str(cores + 1)]) == 2
+    assert f"--threads {cores + 1}: this machine has {cores} cores" in capsys.readouterr().err
+
+
+def test_a_queue_the_run_never_reaches_warns(tmp_path):
+    from swav_ref.train import Trainer
+
+    config = TrainConfig(epochs=2, batch_size=64, queue_length=3840, out_dir=str(tmp_path), progress=False)
+    with pytest.warns(UserWarning, match=r"--queue-length 3840 is never used: .* full 60 steps later, at step 390, "
+                                         r"but the run has 44 steps") as record:
+        Trainer(config)  # starts at epoch 15 (the default) of 2
+    # nor does the queue count towards the samples per Sinkhorn problem, then
+    assert any("100 prototypes but only 64 samples" in str(w.message) for w in record)
+    with pytest.warns(UserWarning, match="full 60 steps later, at step 60, but the run has 44 steps"):
+        Trainer(dataclasses.replace(config, epoch_queue_starts=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(dataclasses.replace(config, epochs=3, epoch_queue_starts=0, queue_length=1280))  # used from step 20
+
+
 def test_a_corrupt_resume_file_is_refused_before_the_out_dir_is_made(tmp_path, capsys):
     (tmp_path / "checkpoint.npz").write_bytes(b"PK\x03\x04 not a checkpoint")
     out = tmp_path / "run"
@@ -148,6 +194,15 @@ def _write_images(folder, sizes, labelled=True):
         where = folder / str(i % 2) if labelled else folder
         where.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, size=(h, w), dtype=np.uint8)).save(where / f"{i}.png")
+
+
+def test_one_pixel_images_ask_for_image_size(tmp_path, capsys):
+    _write_images(tmp_path / "tiny", [(1, 1)] * 8)
+    argv = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "tiny"), "--out-dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("swav-ref: error: ") and "are 1 pixel(s) on their shorter side" in err, err
+    assert "--image-size N" in err and "Traceback" not in err
 
 
 def test_demo_refuses_a_seed_or_method_twice_and_sets_swav_cannot_use(tmp_path, capsys):

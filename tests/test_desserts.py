@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from swav_ref.backend import array_namespace, to_numpy
-from swav_ref.ot import sinkhorn_knopp
+from swav_ref.ot import ConvergenceWarning, sinkhorn_knopp
 from swav_ref.ot import desserts as D
 
 
@@ -96,12 +96,23 @@ def test_plot_into_given_axes():
 def test_run_dessert_example_prints_and_writes(tmp_path, capsys):
     out = D.run_dessert_example(lam=10.0, out_dir=tmp_path / "figs")
     text = capsys.readouterr().out
-    assert "Bernard" in text and "carrot cake" in text and "-36.0000" in text
+    assert "Bernard" in text and "carrot cake" in text and "-36.0000" in text and "not converged" not in text
     assert out["exact_cost"] == pytest.approx(-36.0)
     assert out["sinkhorn_cost"] == pytest.approx(-35.99488, abs=1e-4)
     for path in out["figures"]:
         assert path.exists() and path.stat().st_size > 1000
         assert str(path) in text
+
+
+def test_an_unconverged_cost_says_so_on_its_line(tmp_path, capsys, monkeypatch):
+    """Stopped early, the plan misses the marginals and its cost can fall below the optimum
+    (lam = 1e6 stops at -38 against -36); the cost line must not read as a result."""
+    solve = D.sinkhorn_log
+    monkeypatch.setattr(D, "sinkhorn_log", lambda *args, **kw: solve(*args, **{**kw, "max_iter": 20}))
+    with pytest.warns(ConvergenceWarning):
+        D.run_dessert_example(lam=1000.0, out_dir=tmp_path)
+    cost_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Sinkhorn cost"))
+    assert "(not converged: the plan misses the marginals by" in cost_line
 
 
 def test_cli_dessert(tmp_path, capsys):
