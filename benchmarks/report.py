@@ -1,13 +1,17 @@
-"""The performance table: every benchmark result in benchmarks/results/ as one Markdown table.
+"""The performance tables: every benchmark result in benchmarks/results/ as Markdown.
 
-One row per benchmark case, with the columns
+One table per result file (one benchmark run), in the order of :data:`READERS`, under a
+bold lead-in line that names the benchmark and gives the command that wrote the file, the
+machine and the date once. Each row is one case, with the columns
 
-    what | ours | peer | ours / peer | machine | date | command
+    what | ours | peer | ours / peer
 
 where *peer* is the independent implementation measured in the same run (POT, PyTorch, or
 for the training results the supervised baseline), so the ratio is the number to read:
-below 1 for a time means we are faster. Files that are absent are skipped; a JSON file that
-no reader knows is listed on stderr and skipped.
+below 1 for a time means we are faster. Should the rows of one file differ in command,
+machine or date, the lead-in says "per row" for it and the table gets a column for it.
+Files that are absent are skipped; a JSON file that no reader knows is listed on stderr and
+skipped.
 
 The accuracy tables on digits (``digits_results*.json``, written by ``swav-ref demo``) are
 made here too, one per file, with the per-seed differences between methods, so that no number
@@ -75,6 +79,29 @@ class Row:
         return self.ours / self.peer
 
 
+#: What a group's lead-in gives once, and the table a column of when its rows differ.
+SHARED_FIELDS = ("command", "machine", "date")
+
+
+@dataclass
+class Group:
+    """The rows of one result file: one table under one lead-in line."""
+
+    title: str
+    source: str  # the result file's name
+    rows: list[Row]
+
+    def shared(self, field: str) -> str | None:
+        """The ``field`` (see :data:`SHARED_FIELDS`) of every row, or None when they differ."""
+        values = {getattr(r, field) for r in self.rows}
+        return values.pop() if len(values) == 1 else None
+
+    @property
+    def varying(self) -> tuple[str, ...]:
+        """The fields of :data:`SHARED_FIELDS` that differ between the rows: table columns."""
+        return tuple(f for f in SHARED_FIELDS if self.shared(f) is None and self.rows)
+
+
 # -- formatting ------------------------------------------------------------------------------
 def format_value(value: float | None, unit: str) -> str:
     """``0.0021`` s -> ``2.10 ms``; bytes in KiB/MiB; percentages with one decimal."""
@@ -96,16 +123,39 @@ def format_value(value: float | None, unit: str) -> str:
     return f"{value:.3g} {unit}".strip()
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
-    """The rows as a GitHub-flavoured Markdown table."""
-    lines = ["| what | ours | peer | ours / peer | machine | date | command |",
-             "|---|---:|---:|---:|---|---|---|"]
+def _cell(field: str, value: str) -> str:
+    return f"`{value}`" if field == "command" else value
+
+
+def markdown_table(rows: Sequence[Row], extra: Sequence[str] = ()) -> str:
+    """The rows as a GitHub-flavoured Markdown table: what | ours | peer | ours / peer, then a
+    column for each of ``extra`` (fields of :data:`SHARED_FIELDS`)."""
+    lines = ["| " + " | ".join(["what", "ours", "peer", "ours / peer", *extra]) + " |",
+             "|---|---:|---:|---:|" + "---|" * len(extra)]
     for r in rows:
         ratio = "-" if r.ratio is None else f"{r.ratio:.3g}"
-        cells = [r.what, format_value(r.ours, r.unit), format_value(r.peer, r.unit), ratio, r.machine, r.date,
-                 f"`{r.command}`"]
+        cells = [r.what, format_value(r.ours, r.unit), format_value(r.peer, r.unit), ratio,
+                 *(_cell(f, getattr(r, f)) for f in extra)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
+
+
+def lead_in(group: Group) -> str:
+    """The bold line above a group's table: its title, then the command, the machine and the
+    date (``per row`` for any that differ between the rows, which the table then shows)."""
+    marked = " (*before the fused kernels*)" if group.rows and all(BEFORE_FUSED in r.what for r in group.rows) else ""
+    given = []
+    for field in SHARED_FIELDS:
+        value = group.shared(field)
+        given.append(f"{field}: " + ("per row" if value is None else _cell(field, value)))
+    text = "; ".join(given)
+    return f"**{group.title}**{marked}. {text[:1].upper()}{text[1:]}."
+
+
+def markdown_report(groups: Sequence[Group]) -> str:
+    """Every group as its lead-in line and its table, in order; blank lines between blocks."""
+    blocks = [f"{lead_in(g)}\n\n{markdown_table(g.rows, g.varying)}" for g in groups if g.rows]
+    return "\n\n".join(blocks) if blocks else "No benchmark results yet."
 
 
 def _mean_sd(values: Sequence[float]) -> str:
@@ -374,7 +424,7 @@ def read_training(data: dict, path: Path, results_dir: Path) -> list[Row]:
 
 Reader = Callable[[dict, Path, Path], list[Row]]
 
-#: File name -> reader, in the order the table lists them.
+#: File name -> reader, in the order the tables list them.
 READERS: dict[str, Reader] = {
     "bench_sinkhorn.json": read_sinkhorn,
     "bench_loss.json": read_loss,
@@ -394,23 +444,48 @@ READERS: dict[str, Reader] = {
 }
 
 
-def collect_rows(results_dir: Path = RESULTS, extra: Iterable[Path] = (), warn=None) -> list[Row]:
-    """Every known result file in ``results_dir`` (and the training results in ``extra``)."""
+#: File name -> the title of its group (the bold start of its lead-in line).
+TITLES: dict[str, str] = {
+    "bench_sinkhorn.json": "Sinkhorn, ours vs POT (CPU)",
+    "bench_loss.json": "SwAV loss, ours vs PyTorch (CPU)",
+    "bench_resnet.json": "ResNet training step, ours vs PyTorch (CPU)",
+    "bench_loss_gpu.json": "SwAV loss, ours vs PyTorch (GPU)",
+    "bench_resnet_cupy.json": "ResNet training step, ours vs PyTorch (GPU)",
+    "bench_gpu.json": "GPU benchmark: Sinkhorn, loss, ResNet step, SwAV step",
+    "gpu_equivalence.json": "The first training steps, CuPy vs NumPy (GPU)",
+    "gpu_equivalence_plain.json": "The first training steps, plain CuPy code vs NumPy (GPU)",
+    "bench_launches.json": "GPU kernel launches per training step, fused path vs plain code",
+    "bench_host.json": "Host time of a training step, ours vs PyTorch (CPU)",
+    "bench_deepcluster_scaling.json": "SwAV vs DeepCluster-v2 as the data grow (CPU)",
+    "bench_threads.json": "One BLAS thread vs the default (CPU)",
+    **{name: "Accuracy on digits, each method vs the supervised network" for name in TRAINING_RESULTS},
+}
+
+
+def collect_groups(results_dir: Path = RESULTS, extra: Iterable[Path] = (), warn=None) -> list[Group]:
+    """Every known result file in ``results_dir`` (and the training results in ``extra``) as a
+    :class:`Group` of its rows, in the order of :data:`READERS`; files without rows give none."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     results_dir = Path(results_dir)
-    rows: list[Row] = []
+    groups: list[Group] = []
     for name, reader in READERS.items():
         path = results_dir / name
         if path.exists():
-            rows += _read(path, reader, results_dir, warn)
+            groups.append(Group(TITLES.get(name, name), name, _read(path, reader, results_dir, warn)))
     for path in extra:
         path = Path(path)
         if path.exists() and path.parent.resolve() != results_dir.resolve():
-            rows += _read(path, read_training, results_dir, warn)
+            groups.append(Group(f"Accuracy on digits ({path.name}), each method vs the supervised network",
+                                path.name, _read(path, read_training, results_dir, warn)))
     for path in sorted(results_dir.glob("*.json")):
         if path.name not in READERS:
             warn(f"report: no reader for {path.name}; skipped")
-    return rows
+    return [g for g in groups if g.rows]
+
+
+def collect_rows(results_dir: Path = RESULTS, extra: Iterable[Path] = (), warn=None) -> list[Row]:
+    """The rows of :func:`collect_groups`, one list in the same order."""
+    return [r for g in collect_groups(results_dir, extra, warn) for r in g.rows]
 
 
 def _read(path: Path, reader: Reader, results_dir: Path, warn) -> list[Row]:
@@ -447,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--write", action="store_true", help="replace the marked block in the target files")
     p.add_argument("--targets", type=Path, nargs="+", default=list(TARGETS))
     args = p.parse_args(argv)
-    table = markdown_table(collect_rows(args.results_dir, args.training))
+    table = markdown_report(collect_groups(args.results_dir, args.training))
     print(table)
     digits = digits_blocks(args.results_dir)
     for name, block in digits.items():
@@ -458,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"report: {target} does not exist; skipped", file=sys.stderr)
                 continue
             if write_block(target, table):
-                print(f"report: wrote the table into {target}", file=sys.stderr)
+                print(f"report: wrote the tables into {target}", file=sys.stderr)
             text = target.read_text()
             for name, block in digits.items():
                 markers = digits_markers(name)

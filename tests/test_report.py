@@ -1,9 +1,10 @@
-"""benchmarks/report.py: the performance table from small fake result files."""
+"""benchmarks/report.py: the performance tables from small fake result files."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,24 +70,87 @@ def test_rows_and_ratios(report, results):
     assert len(by_what) == len(rows) == 5  # 1 sinkhorn + 2 gpu + time and memory rows
 
 
+def _cells(line: str) -> list[str]:
+    """The cells of a Markdown table line (``\\|`` is a bar inside a cell)."""
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
 def test_markdown_table_shows_values_and_ratio(report, results):
     table = report.markdown_table(report.collect_rows(results))
     lines = table.splitlines()
-    assert lines[0] == "| what | ours | peer | ours / peer | machine | date | command |"
+    assert lines[0] == "| what | ours | peer | ours / peer |"  # machine, date, command: in the lead-in
     sinkhorn = next(line for line in lines if line.startswith("| Sinkhorn"))
-    cells = [c.strip() for c in sinkhorn.strip("|").split("|")]
-    assert cells[1:4] == ["2 ms", "8 ms", "0.25"]
-    assert cells[6] == "`python benchmarks/bench_sinkhorn.py`"
+    assert _cells(sinkhorn)[1:] == ["2 ms", "8 ms", "0.25"]
     memory = next(line for line in lines if "method state" in line)
     assert "2 KiB" in memory and "| 0 B |" in memory
     assert len(lines) == 2 + 5
+    wide = report.markdown_table(report.collect_rows(results), ("date", "command")).splitlines()
+    assert wide[0] == "| what | ours | peer | ours / peer | date | command |" and wide[1].count("|") == 7
+    sinkhorn = next(line for line in wide if line.startswith("| Sinkhorn"))
+    assert _cells(sinkhorn)[5] == "`python benchmarks/bench_sinkhorn.py`"
+
+
+def _blocks(text: str) -> list[tuple[str, list[str]]]:
+    """The report as (lead-in line, table lines) pairs, checking its Markdown on the way: each
+    lead-in a one-line bold paragraph, each table right after it with a blank line between,
+    a header, a delimiter row and rows with as many cells as the header."""
+    paragraphs = text.strip().split("\n\n")
+    assert len(paragraphs) % 2 == 0, paragraphs
+    pairs = []
+    for lead, table in zip(paragraphs[::2], paragraphs[1::2]):
+        assert "\n" not in lead and lead.startswith("**") and not lead.startswith("|"), lead
+        lines = table.splitlines()
+        header = _cells(lines[0])
+        assert header[:4] == ["what", "ours", "peer", "ours / peer"], lines[0]
+        assert set(header[4:]) <= {"command", "machine", "date"} and len(lines) > 2
+        assert _cells(lines[1]) == ["---", "---:", "---:", "---:"] + ["---"] * (len(header) - 4)
+        assert all(len(_cells(line)) == len(header) for line in lines[2:]), table
+        pairs.append((lead, lines))
+    return pairs
+
+
+def test_one_table_per_result_file_under_a_lead_in_with_command_machine_and_date(report, results):
+    groups = report.collect_groups(results)
+    assert [g.source for g in groups] == ["bench_sinkhorn.json", "bench_gpu.json", "bench_deepcluster_scaling.json"]
+    assert [len(g.rows) for g in groups] == [1, 2, 2]
+    text = report.markdown_report(groups)
+    blocks = _blocks(text)
+    assert len(blocks) == 3
+    for group, (lead, lines) in zip(groups, blocks):
+        assert lead.startswith(f"**{group.title}**")
+        row = group.rows[0]
+        assert f"Command: `{row.command}`" in lead and f"machine: {row.machine};" in lead
+        assert lead.endswith(f"date: {row.date}.")
+        assert len(lines[0].split("|")) == 6  # shared by every row: no column for them
+        assert [_cells(line)[0] for line in lines[2:]] == [r.what for r in group.rows]
+    assert blocks[1][0].startswith("**GPU benchmark: Sinkhorn, loss, ResNet step, SwAV step** (*before the fused")
+    assert "Fake GPU" in blocks[1][0] and "2031-01-02" in blocks[1][0] and "Fake GPU" not in blocks[2][0]
+    for row in report.collect_rows(results):  # every row exactly once
+        assert text.count(f"| {row.what} |") == 1, row.what
+    assert report.markdown_report([]) == report.markdown_report(report.collect_groups(results / "none"))
+
+
+def test_a_group_whose_rows_differ_shows_what_differs_per_row(report):
+    rows = [report.Row("a", 1.0, 2.0, "s", "CPU (2 cores)", "2031-01-01", "python bench.py"),
+            report.Row("b", 3.0, None, "s", "CPU (2 cores)", "2031-02-03", "python bench.py --quick")]
+    group = report.Group("Mixed runs", "bench.json", rows)
+    assert group.varying == ("command", "date")
+    ((lead, lines),) = _blocks(report.markdown_report([group]))
+    assert lead == "**Mixed runs**. Command: per row; machine: CPU (2 cores); date: per row."
+    assert lines[0] == "| what | ours | peer | ours / peer | command | date |"
+    assert _cells(lines[2]) == ["a", "1 s", "2 s", "0.5", "`python bench.py`", "2031-01-01"]
+    assert _cells(lines[3]) == ["b", "3 s", "-", "-", "`python bench.py --quick`", "2031-02-03"]
+    bar = report.Row("x | y", 1.0, 1.0, "s", "CPU", "2031-01-01", "python bench.py")
+    ((_, lines),) = _blocks(report.markdown_report([report.Group("Bars", "bars.json", [bar])]))
+    assert lines[2].startswith("| x \\| y |") and _cells(lines[2])[0] == "x | y"
 
 
 def test_missing_files_are_skipped(report, tmp_path):
     empty = tmp_path / "none"
     empty.mkdir()
-    assert report.collect_rows(empty) == []
+    assert report.collect_rows(empty) == [] and report.collect_groups(empty) == []
     assert report.markdown_table([]).count("\n") == 1  # the header alone
+    assert "|" not in report.markdown_report([])
 
 
 def test_unknown_and_malformed_files_are_skipped_with_a_message(report, results):
@@ -154,6 +218,10 @@ def test_write_replaces_each_digits_block_and_the_committed_tables_are_generated
     text = page.read_text()
     assert "old numbers" not in text and "| SwAV (no labels) | 91.0 ± 1.4 |" in text and text.endswith("outro\n")
     # The README's and the course's tables are exactly what the committed results make.
+    performance = report.markdown_report(report.collect_groups())
+    for target in report.TARGETS:
+        shown = target.read_text().split(report.START)[1].split(report.END)[0].strip()
+        assert shown == performance, f"{target.name}: run python benchmarks/report.py --write"
     blocks = report.digits_blocks()
     assert set(blocks) == set(report.DIGITS_TABLES)
     for target in report.TARGETS:
@@ -208,8 +276,9 @@ def test_main_writes_every_target(report, results, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Sinkhorn, kernel domain" in out
     text = page.read_text()
-    assert text.startswith("intro\n<!-- report:start -->\n| what |") and text.endswith("<!-- report:end -->\noutro\n")
-    assert "sinkhorn_case" in text
+    assert text.startswith("intro\n<!-- report:start -->\n**Sinkhorn, ours vs POT (CPU)**. Command: ")
+    assert text.endswith("<!-- report:end -->\noutro\n")
+    assert "sinkhorn_case" in text and text.count("| what | ours | peer | ours / peer |") == 3
 
 
 def test_gpu_results_take_the_machine_from_gpu_machine_txt(report, tmp_path):
@@ -343,6 +412,11 @@ def test_gpu_rows_written_before_the_fused_kernels_say_so(report, results):
     gpu = next(r for r in rows if r.what.startswith("sinkhorn_case"))
     assert gpu.what.endswith("(before the fused kernels)")
     assert not any("fused" in r.what for r in rows if r.machine != "Fake GPU")
+    # Each row keeps its mark in its table; a group made only of such rows says so in its lead-in.
+    text = report.markdown_report(report.collect_groups(results))
+    assert text.count("(before the fused kernels) |") == 2 and text.count("(*before the fused kernels*)") == 1
+    mixed = report.Group("Mixed", "x.json", [gpu, next(r for r in rows if r.what.startswith("Sinkhorn"))])
+    assert "*before the fused kernels*" not in report.lead_in(mixed)
 
 
 def test_gpu_check_script_calls_scripts_and_options_that_exist():
