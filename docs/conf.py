@@ -45,6 +45,11 @@ nb_execution_raise_on_error = True
 nb_execution_show_tb = True
 nb_execution_in_temp = False
 nb_merge_streams = True
+# Training's progress bars are Jupyter widgets where ipywidgets is installed (the `jupyter`
+# package brings it). Their JavaScript would come from a CDN, which the offline site cannot
+# reach, and a finished bar shows nothing anyway (it is cleared at the end of each epoch):
+# load no widget JavaScript, so every page works offline.
+nb_ipywidgets_js = {}
 
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3
@@ -57,6 +62,30 @@ autodoc_typehints = "description"
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
 suppress_warnings = ["mystnb.unknown_mime_type"]
+
+# Every cross-reference must resolve (with -W, a dead one fails the build): a reference to
+# a swav_ref object names the module that defines it (autodoc documents it there, not where
+# it is re-exported), e.g. :func:`~swav_ref.ot.sinkhorn.sinkhorn_knopp`. The build is
+# offline, so there is no intersphinx inventory; ignored are only the targets that cannot
+# resolve without one, and the pieces of napoleon's free-text types ("array (n, m)").
+nitpicky = True
+nitpick_ignore_regex = [
+    # Third-party libraries, in annotations and "Returns" types (matplotlib.figure.Figure,
+    # numpy.ndarray, numpy.random.Generator, pandas.DataFrame).
+    (r"py:.*", r"(numpy|matplotlib|pandas|mpi4py)(\..*)?"),
+    # The standard library, in annotations (pathlib.Path, os.PathLike, types.ModuleType,
+    # collections.abc.Sequence...); autodoc leaves a class's ``Path | None`` unqualified.
+    (r"py:class", r"(pathlib|os|types|collections\.abc)\.\w+|Path"),
+    # napoleon makes each word of a parameter's type a class reference: in "array (n, m)",
+    # "int, optional", "0-d array", "(B, K) float array"... Not a dotted Python name at all
+    # (a number, a shape, prose in parentheses):
+    (r"py:class", r"(?![A-Za-z_]\w*(\.[A-Za-z_]\w*)*$).*"),
+    # a lower-case word (array, sequence, callable, optional, dtype, float32, numpy, cupy,
+    # shape symbols n, m, d, batch_size); swav_ref's classes are all CamelCase:
+    (r"py:class", r"[a-z_][a-z0-9_]*"),
+    # a shape symbol in capitals (N, K, D_in, H_out, N_train, K_h):
+    (r"py:class", r"[A-Z][A-Z0-9]?(_\w+)?"),
+]
 
 html_theme = "sphinx_book_theme"
 html_title = "swav_ref: SwAV from first principles"

@@ -38,6 +38,7 @@ import warnings
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from IPython.display import Code
 
 import swav_ref.backend
 from swav_ref.ot import exact_transport, sinkhorn_knopp
@@ -116,7 +117,7 @@ desserts.plan_table(exact.plan)
 
 # %%
 source = inspect.getsource(sinkhorn_knopp)
-print(source[source.index("        b = xp.ones("):source.index("        plan = ")])
+Code(source[source.index("        b = xp.ones("):source.index("        plan = ")], language="python")
 
 # %%
 result = sinkhorn_knopp(M, r, c, lam=10.0)

@@ -32,6 +32,7 @@ import warnings
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from IPython.display import Code
 
 import swav_ref.backend
 from swav_ref import exercises
@@ -54,14 +55,18 @@ M, r, c = desserts.dessert_problem(xp)
 #
 # The entropic problem is
 #
-# $$\min_{P \ge 0} \; \langle P, M \rangle - \frac{1}{\lambda} H(P)
-# \quad \text{s.t.} \quad P\mathbf 1 = r,\; P^\top \mathbf 1 = c,
-# \qquad H(P) = -\sum_{ij} P_{ij} \log P_{ij}.$$
+# $$\begin{aligned}
+# &\min_{P \ge 0} \; \langle P, M \rangle - \frac{1}{\lambda} H(P)
+# \quad \text{s.t.} \quad P\mathbf 1 = r,\; P^\top \mathbf 1 = c, \\
+# &H(P) = -\sum_{ij} P_{ij} \log P_{ij}.
+# \end{aligned}$$
 #
 # Attach a multiplier $f_i$ to each row constraint and $g_j$ to each column constraint:
 #
-# $$\mathcal L(P, f, g) = \sum_{ij} P_{ij} M_{ij} + \frac{1}{\lambda} \sum_{ij} P_{ij} \log P_{ij}
-# + \sum_i f_i \Big(r_i - \sum_j P_{ij}\Big) + \sum_j g_j \Big(c_j - \sum_i P_{ij}\Big).$$
+# $$\begin{aligned}
+# \mathcal L(P, f, g) = {} & \sum_{ij} P_{ij} M_{ij} + \frac{1}{\lambda} \sum_{ij} P_{ij} \log P_{ij} \\
+# & + \sum_i f_i \Big(r_i - \sum_j P_{ij}\Big) + \sum_j g_j \Big(c_j - \sum_i P_{ij}\Big).
+# \end{aligned}$$
 #
 # Setting $\partial \mathcal L / \partial P_{ij} = M_{ij} + \frac{1}{\lambda}(\log P_{ij} + 1) - f_i - g_j = 0$
 # gives (after folding the constant $-1/\lambda$ into $f$)
@@ -120,7 +125,7 @@ print(f"KL of the row rescaling: {kl(projected, Q):.5f}; best of {len(others)} o
 
 # %%
 source = inspect.getsource(sinkhorn_knopp)
-print(source[source.index("        neg_lam_M = M * (-lam)"):source.index("        plan = ")])
+Code(source[source.index("        neg_lam_M = M * (-lam)"):source.index("        plan = ")], language="python")
 
 # %% [markdown]
 # Two details in that loop:

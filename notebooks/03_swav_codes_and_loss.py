@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # 03 - SwAV's codes and loss
+# # 03 · SwAV's codes and loss
 #
 # SwAV learns by *swapped prediction*: two crops of the same image should be assigned to
 # the same prototypes, so each crop is asked to predict the **code** (soft assignment) of
@@ -34,6 +34,7 @@ import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
+from IPython.display import Code
 
 import swav_ref.backend
 from swav_ref import exercises
@@ -96,9 +97,9 @@ print("scores", scores.shape, "range", float(xp.min(scores)), "to", float(xp.max
 # official algorithm step by step:
 
 # %%
-print("sinkhorn_codes" + str(inspect.signature(sinkhorn_codes)))
 source = inspect.getsource(sinkhorn_codes)
-print(source[source.index("    xp = array_namespace"):])  # the body, without the docstring
+signature = source[:source.index('    r"""')]
+Code(signature + source[source.index("    xp = array_namespace"):], language="python")  # without the docstring
 
 # %%
 eps = 0.05

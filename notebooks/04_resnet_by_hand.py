@@ -29,6 +29,7 @@ import inspect
 
 import matplotlib.pyplot as plt
 import numpy as np
+from IPython.display import Code
 
 import swav_ref.backend
 from swav_ref import exercises
@@ -78,7 +79,7 @@ print("columns (one per output pixel):\n", cols)
 # 3x3 kernel, whatever the batch size.
 
 # %%
-print(inspect.getsource(F.im2col))
+Code(inspect.getsource(F.im2col), language="python")
 
 # %%
 x = on_backend(rng.normal(size=(2, 3, 6, 5)))
@@ -160,7 +161,7 @@ print(exercises.check_conv2d_backward(my_conv2d_backward))
 # `col2im`:
 
 # %%
-print(inspect.getsource(F.conv2d_backward))
+Code(inspect.getsource(F.conv2d_backward), language="python")
 
 # %% [markdown]
 # **Gradient check.** For a random $R$, the loss $L = \sum Y \odot R$ has
@@ -200,10 +201,12 @@ for name, array, grad in [("x", x, dx), ("weight", weight, dweight), ("bias", bi
 # $\partial L/\partial x_j = \sum_k \gamma g_k\, \partial \hat x_k / \partial x_j$ collapses
 # to two reductions:
 #
-# $$\frac{\partial L}{\partial x} = \frac{\gamma}{\sqrt{\sigma^2+\epsilon}}
-#   \Big(g - \frac1m \sum g - \hat x \cdot \frac1m \sum g \hat x\Big), \qquad
-#   \frac{\partial L}{\partial \gamma} = \sum g \hat x, \qquad
-#   \frac{\partial L}{\partial \beta} = \sum g.$$
+# $$\begin{aligned}
+# \frac{\partial L}{\partial x} &= \frac{\gamma}{\sqrt{\sigma^2+\epsilon}}
+#   \Big(g - \frac1m \sum g - \hat x \cdot \frac1m \sum g \hat x\Big), \\
+# \frac{\partial L}{\partial \gamma} &= \sum g \hat x, \qquad
+#   \frac{\partial L}{\partial \beta} = \sum g.
+# \end{aligned}$$
 #
 # The gradient loses its mean and its component along $\hat x$: shifting or scaling a
 # channel's inputs does not change its normalised output. With synchronised BatchNorm the
@@ -230,7 +233,7 @@ print(exercises.check_batchnorm_backward(my_batchnorm_backward))
 # sums are reductions along rows:
 
 # %%
-print(inspect.getsource(F.batchnorm_backward))
+Code(inspect.getsource(F.batchnorm_backward), language="python")
 
 # %%
 xb = on_backend(rng.normal(size=(4, 3, 3, 2)) * 2.0 + 1.0)

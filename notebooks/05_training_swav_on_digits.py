@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from IPython.display import Code
 
 import swav_ref
 import swav_ref.backend
@@ -111,8 +112,8 @@ show_crops(train_set.images[:4], trainer.multicrop, swav_ref.backend.Random(0, x
 t0 = time.perf_counter()
 log = trainer.fit()
 print(f"trained {EPOCHS} epochs ({trainer.step} steps) in {time.perf_counter() - t0:.0f} s; "
-      f"log: {trainer.out_dir / 'metrics.jsonl'}")
-pd.DataFrame(log.epochs())[["epoch", "loss", "seconds"]]
+      f"log: {(trainer.out_dir / 'metrics.jsonl').relative_to(run_dir)} in the run folder")
+pd.DataFrame(log.epochs())[["epoch", "loss", "seconds"]].set_index("epoch")
 
 # %% [markdown]
 # ## 3 · Loss and code usage
@@ -271,7 +272,7 @@ crosstab.loc[crosstab.sum(axis=1).sort_values(ascending=False).index[:10]]
 # epoch differs.
 
 # %%
-print(inspect.getsource(Trainer._start_epoch))
+Code(inspect.getsource(Trainer._start_epoch), language="python")
 
 # %% [markdown]
 # The loss is SwAV's with the soft code replaced by a one-hot vector: every crop of image

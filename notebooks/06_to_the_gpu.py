@@ -44,6 +44,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from IPython.display import Code
 
 import swav_ref
 import swav_ref.backend
@@ -256,7 +257,7 @@ from swav_ref import fused  # noqa: E402
 
 source = fused.KERNEL_SOURCE.read_text()
 start = source.index("template <typename T, typename I>\n__device__ void relu_backward")
-print(source[start : source.index("#define", start)])
+display(Code(source[start : source.index("#define", start)], language="cuda"))  # noqa: F821
 print(f"fused kernels enabled: {fused.enabled()}; used on this backend: {fused.applies(xp, xp.float32)}")
 
 # %% [markdown]

@@ -138,8 +138,9 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata
     path : the final file name (``.npz`` by convention; the name is used as given).
     arrays : name -> array of any backend (moved to the host with ``to_numpy``). Names are
         any non-empty strings not starting with ``__swav_ref_``; object arrays are refused.
-    metadata : JSON-serialisable dict (nested dicts, lists, str, bool, None, floats and
-        ints of any size). Tuples come back as lists.
+    metadata : dict
+        JSON-serialisable (nested dicts, lists, str, bool, None, floats and ints of any
+        size). Tuples come back as lists.
 
     Raises
     ------

@@ -140,6 +140,7 @@ class SingleProcessCommunicator:
     is_root = True
 
     def describe(self) -> str:
+        """One line for logs: ``"single process (no MPI)"``."""
         return "single process (no MPI)"
 
     def allreduce_sum(self, x: Any) -> Any:
@@ -197,9 +198,25 @@ class MPICommunicator:
 
     Parameters
     ----------
-    comm : an ``mpi4py.MPI.Comm``; default ``MPI.COMM_WORLD``.
-    cuda_aware : pass CuPy arrays to MPI directly (``True``) or stage them through host
-        memory (``False``); ``None`` (default) detects it, see :meth:`describe`.
+    comm : mpi4py.MPI.Comm, optional
+        the communicator; default ``MPI.COMM_WORLD``.
+    cuda_aware : bool or None
+        pass CuPy arrays to MPI directly (``True``) or stage them through host memory
+        (``False``); ``None`` (default) detects it, see :meth:`describe`.
+
+    Attributes
+    ----------
+    rank : int
+        this process's place among all the processes, 0 to ``size - 1``.
+    size : int
+        the number of processes.
+    local_rank : int
+        this process's place among the processes on its machine (the ranks that share its
+        memory and its GPUs): the local rank picks the GPU.
+    local_size : int
+        the number of processes on this machine.
+    cuda_aware : bool
+        whether CuPy arrays go to MPI directly.
 
     Notes
     -----
@@ -230,6 +247,8 @@ class MPICommunicator:
         return self.rank == 0
 
     def describe(self) -> str:
+        """One line for logs: the processes, this rank, the MPI library and how CuPy arrays
+        reach it (directly, or staged through host memory, and why)."""
         # Some libraries pad the version string with NUL characters; keep its first line.
         library = self._MPI.Get_library_version().replace("\x00", "").strip()
         library = library.splitlines()[0].strip()

@@ -192,7 +192,7 @@ def linear_probe(
     cv_folds : number of folds, at least 2 (default 5; reduced to the size of the smallest
         class).
     cv_repeats : how many times to repeat the cross-validation. Default: enough repeats for
-        about :data:`CV_PREDICTIONS` held-out predictions per candidate, at most 3 (3 on the
+        about ``CV_PREDICTIONS`` (5000) held-out predictions per candidate, at most 3 (3 on the
         1438 training digits, 1 on CIFAR-10's 50000 images).
     max_iter : L-BFGS iteration limit per fit.
     seed : shuffles the folds.
@@ -296,10 +296,12 @@ class KNNResult:
 
     @property
     def clipped(self) -> bool:
+        """Whether ``k_requested`` was more than the train split holds."""
         return self.k < self.k_requested
 
     @property
     def note(self) -> str:
+        """``"k=200 clipped to 150, the size of the train split"`` when clipped, else ``""``."""
         if not self.clipped:
             return ""
         return f"k={self.k_requested} clipped to {self.k}, the size of the train split"
@@ -757,7 +759,7 @@ def save_results_json(
     is written as ``null``. A linear probe's metric also keeps ``"probe"``, its choices for
     each seed (:meth:`LinearProbeResult.summary`: C, the folds, convergence). ``metadata``
     must be JSON-serialisable (dataset, backend, seed...); ``date`` (today, ISO) and
-    ``machine`` (what :func:`machine_description` says) are added unless it has them.
+    ``machine`` (``"x86_64, 2 cores"``: the processor and its cores) are added unless it has them.
     """
     if not isinstance(rows, Mapping):
         rows = list(rows)  # read twice below

@@ -161,8 +161,9 @@ def check_g_update(my_g_update: Answer) -> CheckResult:
     .. math:: g_j = \frac{1}{\lambda}\log c_j
               - \frac{1}{\lambda}\log \sum_i e^{\lambda (f_i - M_{ij})}.
 
-    Reference: the potentials ``res.f, res.g`` of :func:`swav_ref.ot.sinkhorn_log`, whose
-    last step is a column fit, so ``res.g`` is the update of ``res.f``. The check also shifts
+    Reference: the potentials ``res.f, res.g`` of
+    :func:`swav_ref.ot.sinkhorn_log <swav_ref.ot.sinkhorn.sinkhorn_log>`, whose last step is a
+    column fit, so ``res.g`` is the update of ``res.f``. The check also shifts
     the pair to ``(f + 1, g - 1)`` (the same plan) at ``lam = 1000``, where
     :math:`e^{\lambda (f_i - M_{ij})}` overflows float64 unless the log-sum-exp subtracts
     its maximum first.
@@ -195,16 +196,16 @@ def check_codes_as_transport(my_codes: Answer) -> CheckResult:
     r"""SwAV's codes as an optimal-transport plan: ``my_codes(scores, epsilon) -> codes``.
 
     ``scores`` (B, K) are cosines; the answer returns the (B, K) codes computed with
-    :func:`swav_ref.ot.sinkhorn_knopp`: cost :math:`M = -S`, sample masses
-    :math:`r = \mathbf 1_B / B`, prototype masses :math:`c = \mathbf 1_K / K`,
+    :func:`swav_ref.ot.sinkhorn_knopp <swav_ref.ot.sinkhorn.sinkhorn_knopp>`: cost
+    :math:`M = -S`, sample masses :math:`r = \mathbf 1_B / B`, prototype masses :math:`c = \mathbf 1_K / K`,
     :math:`\lambda = 1/\varepsilon`, a tight ``tol`` (1e-12), and the plan times B (so each
     row sums to 1):
 
     .. math:: \text{codes} = B \cdot \arg\max_{P \in U(r, c)} \langle P, S\rangle
               + \varepsilon H(P).
 
-    Reference: :func:`swav_ref.swav.sinkhorn_codes` iterated to convergence
-    (``n_iters=1000``); the two must agree within ``1e-8``.
+    Reference: :func:`swav_ref.swav.sinkhorn_codes <swav_ref.swav.codes.sinkhorn_codes>`
+    iterated to convergence (``n_iters=1000``); the two must agree within ``1e-8``.
     """
     if my_codes is None:
         return _not_attempted("define my_codes(scores, epsilon)")
@@ -229,12 +230,12 @@ def check_swapped_loss_grad(my_swapped_loss_grad: Answer) -> CheckResult:
     with ``scores`` (V B, K) stacked crop by crop, ``codes`` one (B, K) array per assignment
     crop (constants), and ``grad`` (V B, K):
 
-    .. math:: \frac{\partial L}{\partial s_v} = \frac{n_v\, p_v - T_v}{\tau\, |A|\, (V - 1)\, B},
-              \qquad p_v = \operatorname{softmax}(s_v / \tau),\quad
-              T_v = \sum_{a \in A,\, a \ne v} q_a,\quad n_v = \#\{a \in A : a \ne v\}.
+    .. math:: \frac{\partial L}{\partial s_v} &= \frac{n_v\, p_v - T_v}{\tau\, |A|\, (V - 1)\, B},
+              \qquad p_v = \operatorname{softmax}(s_v / \tau), \\
+              T_v &= \sum_{a \in A,\, a \ne v} q_a, \qquad n_v = \#\{a \in A : a \ne v\}.
 
     Checked with V = 4 crops, A = {0, 1}, B = 3, K = 5, tau = 0.1. Reference:
-    :func:`swav_ref.swav.swapped_prediction_loss`.
+    :func:`swav_ref.swav.swapped_prediction_loss <swav_ref.swav.loss.swapped_prediction_loss>`.
     """
     if my_swapped_loss_grad is None:
         return _not_attempted("define my_swapped_loss_grad(scores, codes, batch_size, crops_for_assign, temperature)")
@@ -273,8 +274,8 @@ def check_prototypes_backward(my_prototypes_backward: Answer) -> CheckResult:
               \frac{\partial L}{\partial z_i} = \frac{g_i - e_i (e_i^\top g_i)}{\lVert z_i \rVert},
               \quad g_i = (G C)_i .
 
-    Reference: :func:`swav_ref.swav.prototypes_forward` and
-    :func:`swav_ref.swav.prototypes_backward`.
+    Reference: :func:`swav_ref.swav.prototypes_forward <swav_ref.swav.head.prototypes_forward>` and
+    :func:`swav_ref.swav.prototypes_backward <swav_ref.swav.head.prototypes_backward>`.
     """
     if my_prototypes_backward is None:
         return _not_attempted("define my_prototypes_backward(dscores, z, C)")
@@ -307,9 +308,9 @@ def check_batchnorm_backward(my_batchnorm_backward: Answer) -> CheckResult:
     ``x`` and ``dout`` (N, C, H, W), ``gamma`` (C,); statistics per channel over its
     :math:`m = N H W` values, :math:`\hat x = (x - \mu)/\sqrt{\sigma^2 + \epsilon}`:
 
-    .. math:: \frac{\partial L}{\partial x} = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}
-              \Big(g - \frac1m \sum g - \hat x\, \frac1m \sum g \hat x\Big), \quad
-              \frac{\partial L}{\partial \gamma} = \sum g \hat x, \quad
+    .. math:: \frac{\partial L}{\partial x} &= \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}
+              \Big(g - \frac1m \sum g - \hat x\, \frac1m \sum g \hat x\Big), \\
+              \frac{\partial L}{\partial \gamma} &= \sum g \hat x, \qquad
               \frac{\partial L}{\partial \beta} = \sum g .
 
     Reference: :func:`swav_ref.nn.functional.batchnorm_forward` (training) and
@@ -344,9 +345,9 @@ def check_conv2d_backward(my_conv2d_backward: Answer) -> CheckResult:
     ``x`` (N, C, H, W), ``weight`` (O, C, kh, kw), ``dout`` (N, O, H_out, W_out); for the
     forward :math:`y[n,o,u,v] = b_o + \sum_{c,i,j} W[o,c,i,j]\, x_\text{pad}[n,c,su+i,sv+j]`:
 
-    .. math:: \frac{\partial L}{\partial W[o,c,i,j]} = \sum_{n,u,v} g[n,o,u,v]\,
-              x_\text{pad}[n,c,su+i,sv+j], \qquad
-              \frac{\partial L}{\partial b_o} = \sum_{n,u,v} g[n,o,u,v],
+    .. math:: \frac{\partial L}{\partial W[o,c,i,j]} &= \sum_{n,u,v} g[n,o,u,v]\,
+              x_\text{pad}[n,c,su+i,sv+j], \\
+              \frac{\partial L}{\partial b_o} &= \sum_{n,u,v} g[n,o,u,v],
 
     and every input pixel collects :math:`W[o,c,i,j]\, g[n,o,u,v]` from each window it
     appears in (cut the padding off at the end). Loops are fine. Checked with stride 2 and
@@ -387,7 +388,7 @@ def check_collapse(trainer: Any) -> CheckResult:
     r"""Did the run collapse, and did the monitor see it? ``trainer``: a fitted Trainer.
 
     Collapse is the loss sitting at :math:`\ln K` (every prediction uniform). Passes when the
-    trainer's :class:`~swav_ref.swav.CollapseMonitor` fired: its last ``window`` logged
+    trainer's :class:`~swav_ref.swav.diagnostics.CollapseMonitor` fired: its last ``window`` logged
     losses were all within ``tolerance`` of :math:`\ln K`. ``error`` is the largest distance
     :math:`|L - \ln K|` over those steps.
     """
@@ -421,9 +422,10 @@ def check_deepcluster_grad(my_deepcluster_grad: Answer) -> CheckResult:
     for an image without a target; every crop of image n has target :math:`y_n`), ``n_sets``
     the number H of prototype sets the loss averages over, and ``grad`` (V B, K):
 
-    .. math:: \frac{\partial \mathcal L}{\partial s_r} =
+    .. math:: \frac{\partial \mathcal L}{\partial s_r} &=
               \frac{\operatorname{softmax}(s_r / \tau) - \operatorname{onehot}(y_r)}{\tau\, H\, |R|}
-              \ \text{for } r \in R, \qquad 0 \text{ for the rows without a target},
+              \quad \text{for } r \in R, \\
+              \frac{\partial \mathcal L}{\partial s_r} &= 0 \quad \text{for the rows without a target},
 
     :math:`R` the (image, crop) rows that have a target. Checked with H = 2 sets and one
     ignored image. Reference: :func:`swav_ref.deepcluster.deepcluster_loss`.

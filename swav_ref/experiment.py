@@ -87,8 +87,8 @@ def _labelled_splits(trainer: Trainer):
 def evaluate_trainer(trainer: Trainer, seed: int = 0) -> Results:
     """Linear probe and kNN of the trainer's backbone (frozen, eval mode).
 
-    Returns ``{metric: result}``: ``float(result)`` is the accuracy, and a :class:`KNNResult`
-    also holds the k actually used, which :func:`results_table` reports when it was clipped.
+    Returns ``{metric: result}``: ``float(result)`` is the accuracy, and a :class:`~swav_ref.evaluate.KNNResult`
+    also holds the k actually used, which :func:`~swav_ref.evaluate.results_table` reports when it was clipped.
     """
     train, test = _labelled_splits(trainer)
     return evaluate_features(trainer.features(train.images), train.labels,
@@ -180,7 +180,7 @@ def supervised_config(config: TrainConfig, image_side: int | None = None) -> Tra
     """The supervised baseline's recipe: the same network, optimiser, schedule and large
     crops, without the small crops (label prediction needs no multi-crop, and it halves
     the baseline's cost). Crops left to the data set's recipe are filled in first
-    (:meth:`TrainConfig.with_crop_recipe`; a folder without ``image_size``, or arrays, need
+    (:meth:`~swav_ref.train.TrainConfig.with_crop_recipe`; a folder without ``image_size``, or arrays, need
     ``image_side``, the images' shorter side)."""
     config = config.with_crop_recipe(image_side)
     return dataclasses.replace(

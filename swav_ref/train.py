@@ -396,6 +396,13 @@ class MetricsLog:
 
     The file holds one run: :meth:`Trainer.fit` calls :meth:`restart` first, then each
     :meth:`write` appends a line.
+
+    Attributes
+    ----------
+    path : pathlib.Path or None
+        the ``.jsonl`` file; ``None`` keeps the records in memory only.
+    records : list of dict
+        every record of the run so far, in the order written.
     """
 
     def __init__(self, path: Path | None):
@@ -411,6 +418,7 @@ class MetricsLog:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict) -> None:
+        """Append ``record`` to :attr:`records` and, as one JSON line, to the file."""
         self.records.append(record)
         if self.path is not None:
             with open(self.path, "a") as f:

@@ -73,6 +73,17 @@ def test_mathjax_is_served_locally(site):
     assert "cdn.jsdelivr" not in html
 
 
+def test_every_script_and_stylesheet_is_served_by_the_site(site):
+    """Offline, a script from a CDN fails to load (notebooks with progress-bar widgets once
+    pulled require.js and the widget manager from two of them)."""
+    remote = []
+    for page in site.rglob("*.html"):
+        parser = _Links()
+        parser.feed(page.read_text(errors="replace"))
+        remote += [f"{page.relative_to(site)}: {src}" for src in parser.srcs if re.match(r"^(https?:)?//", src)]
+    assert not remote, remote[:10]
+
+
 def test_internal_links_resolve(site):
     broken = []
     for page in site.rglob("*.html"):

@@ -199,6 +199,8 @@ def test_numpy_scalar_hyperparameters_keep_float32_state(backend, rng):
         L.BatchNorm1d(3, momentum=1.5)
     with pytest.raises(ValueError, match="BatchNorm eps must be a finite real number, got nan"):
         L.BatchNorm1d(3, eps=float("nan"))
+    with pytest.raises(ValueError, match="batchnorm_forward: eps must be >= 0, got -10"):
+        F.batchnorm_forward(x, bn.params["weight"], bn.params["bias"], eps=-10)
 
 
 

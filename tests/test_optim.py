@@ -195,6 +195,8 @@ def test_hyperparameters_must_be_finite_real_numbers():
         SGD(_model(), momentum=float("nan"))
     with pytest.raises(ValueError, match="trust_coefficient must be a finite real number, got '0.001'"):
         LARS(_model(), trust_coefficient="0.001")
+    with pytest.raises(ValueError, match="LARS needs trust_coefficient > 0 and eps >= 0, got 0.001, -1"):
+        LARS(_model(), eps=-1)
 
 
 def _official_schedule(base_lr, final_lr, start_warmup, warmup_steps, total_steps):

@@ -435,7 +435,7 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
 
     Hidden files and folders (names starting with ``.``) and OS metadata such as
     ``__MACOSX`` or ``Thumbs.db`` are ignored. Other files without an image extension
-    (:data:`IMAGE_EXTENSIONS`, case-insensitive) are skipped with one ``UserWarning`` that
+    (:data:`~swav_ref.data.image_files.IMAGE_EXTENSIONS`, case-insensitive) are skipped with one ``UserWarning`` that
     counts them by extension. Links are followed.
 
     Each image is turned upright by its EXIF orientation tag. Transparent pixels become

@@ -52,7 +52,7 @@ def pick_images(paths: list[Path], skipped: list[Path]) -> list[Path]:
 
     A path is an image when it names an existing file with an extension in
     :data:`IMAGE_EXTENSIONS`; the others are appended to ``skipped``. A link with an image
-    name whose target is gone raises :class:`DatasetError`: it was meant to be an image.
+    name whose target is gone raises :class:`~swav_ref.data.errors.DatasetError`: it was meant to be an image.
     """
     images = []
     for path in paths:
@@ -71,7 +71,7 @@ def find_images(folder: Path, skipped: list[Path], _outer: frozenset = frozenset
 
     A folder's own images come first (sorted by name), then those of each sub-folder in
     name order, recursively. Links to folders are followed (as torchvision does); one that
-    leads back into a folder being read raises :class:`DatasetError` instead of looping.
+    leads back into a folder being read raises :class:`~swav_ref.data.errors.DatasetError` instead of looping.
     """
     real = folder.resolve()
     if real in _outer:
@@ -146,8 +146,8 @@ def read_image(path: Path):
 
     The EXIF orientation tag is applied (phone photos are often stored sideways with a tag
     that says so), 16-bit greyscale is scaled to 8 bits and transparency is flattened onto
-    white; see :func:`to_8_bit` and :func:`flatten_alpha`. Anything unreadable raises
-    :class:`DatasetError` naming the file.
+    white (the module's helpers ``to_8_bit`` and ``flatten_alpha``). Anything unreadable
+    raises :class:`~swav_ref.data.errors.DatasetError` naming the file.
     """
     from PIL import Image, ImageOps
 

@@ -548,8 +548,9 @@ def adjust_hue(x: Any, shift: Any) -> Any:
 
     It is moved to :math:`h' = (h + 6\,\text{shift}) \bmod 6`, and converted back with
 
-    .. math:: f(n) = V - C \,\operatorname{clip}(\min(k, 4 - k), 0, 1), \qquad
-              k = (n + h') \bmod 6, \qquad (r', g', b') = (f(5), f(3), f(1))
+    .. math:: f(n) &= V - C \,\operatorname{clip}(\min(k, 4 - k), 0, 1), \qquad
+              k = (n + h') \bmod 6, \\
+              (r', g', b') &= (f(5), f(3), f(1))
 
     Grey pixels (:math:`C = 0`) stay as they are whatever :math:`h`. This is what
     torchvision's ``adjust_hue`` computes; 1-channel images are returned as they are.

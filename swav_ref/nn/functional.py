@@ -555,6 +555,8 @@ def batchnorm_forward(
     """
     xp = array_namespace(x, weight, bias)
     eps = python_float(eps, "batchnorm_forward: eps")
+    if eps < 0:  # var + eps < 0 would give NaN
+        raise ValueError(f"batchnorm_forward: eps must be >= 0, got {eps}")
     rows = _channel_rows(x)
     c, m = rows.shape
     if weight.shape != (c,) or bias.shape != (c,):
@@ -614,9 +616,9 @@ def batchnorm_backward(dout: Any, cache: BatchNormCache) -> tuple[Any, Any, Any]
     :math:`\sigma` depend on every :math:`x` of the channel, and the chain rule through them
     collapses to two reductions:
 
-    .. math:: \frac{\partial L}{\partial \beta} = \sum g, \qquad
-              \frac{\partial L}{\partial \gamma} = \sum g \hat x, \qquad
-              \frac{\partial L}{\partial x} = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}
+    .. math:: \frac{\partial L}{\partial \beta} &= \sum g, \qquad
+              \frac{\partial L}{\partial \gamma} = \sum g \hat x, \\
+              \frac{\partial L}{\partial x} &= \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}
               \Big( g - \frac1m \sum g - \hat x\, \frac1m \sum g \hat x \Big)
 
     (the gradient with its mean and its component along :math:`\hat x` removed). Under

@@ -82,7 +82,7 @@ class Module:
     """Base class: parameters, gradients, buffers, children, the cache stack.
 
     Sub-classes with parameters implement ``_forward(x) -> (out, cache)`` and
-    ``_backward(dout, cache) -> dx`` (calling :meth:`_accumulate` for each parameter);
+    ``_backward(dout, cache) -> dx`` (calling ``_accumulate(key, grad)`` for each parameter);
     containers override :meth:`forward` and :meth:`backward` and delegate to children.
     Assigning a Module to an attribute registers it as a child under that name, as in
     PyTorch, which gives the dotted names of :meth:`state_dict`.

@@ -3,7 +3,7 @@
 Both optimisers walk ``model.named_parameters()`` at every step and update
 ``module.params[key]`` in place. A parameter whose gradient is ``None`` is skipped
 entirely (no weight decay, no momentum update): that is how SwAV keeps its prototypes
-frozen for the first iterations. The learning rate is passed to each :meth:`step`, from
+frozen for the first iterations. The learning rate is passed to each :meth:`~SGD.step`, from
 :func:`warmup_cosine_schedule`. Optimiser state is a flat dict of arrays keyed by parameter
 name, so a checkpoint needs no pickle.
 
@@ -150,6 +150,8 @@ class LARS(SGD):
         super().__init__(model, momentum, weight_decay)
         self.trust_coefficient = python_float(trust_coefficient, "trust_coefficient")
         self.eps = python_float(eps, "eps")
+        if self.trust_coefficient <= 0 or self.eps < 0:  # a negative guard can zero the denominator
+            raise ValueError(f"LARS needs trust_coefficient > 0 and eps >= 0, got {trust_coefficient}, {eps}")
 
     def _direction(self, p: Any, g: Any) -> Any:
         xp = array_namespace(p, g)

@@ -94,11 +94,18 @@ def original_sinkhorn(
     :math:`\max_i |u^{(t)}_i - u^{(t-1)}_i| \le \text{tol}` with :math:`u = P 1`, which is not
     the same as meeting the marginals: at large ``lam`` the iteration crawls, the row sums
     barely move, and it stops with the constraints badly violated (and a cost *below* the
-    true optimum). Use :func:`swav_ref.ot.sinkhorn_knopp` instead.
+    true optimum). Use :func:`swav_ref.ot.sinkhorn_knopp <swav_ref.ot.sinkhorn.sinkhorn_knopp>` instead.
 
     Parameters
     ----------
-    M : array (n, m); r : array (n,); c : array (m,); lam : float
+    M : array (n, m)
+        costs.
+    r : array (n,)
+        source masses.
+    c : array (m,)
+        target masses, of the same total as ``r``.
+    lam : float
+        regularisation strength :math:`\lambda`.
     tol : float
         threshold on the change of the row sums (the original used 1e-5 for its printed
         values).
@@ -120,9 +127,9 @@ def original_sinkhorn(
 
     .. math::
 
-        P \leftarrow e^{-\lambda M} / \textstyle\sum e^{-\lambda M};\quad
-        \text{repeat: } u \leftarrow P 1;\; P \leftarrow \operatorname{diag}(r / u) P;\;
-        P \leftarrow P \operatorname{diag}(c / P^\top 1).
+        & P \leftarrow e^{-\lambda M} / \textstyle\sum e^{-\lambda M}; \\
+        & \text{repeat: } u \leftarrow P 1;\; P \leftarrow \operatorname{diag}(r / u) P;\;
+          P \leftarrow P \operatorname{diag}(c / P^\top 1).
 
     Beyond :math:`\lambda \approx 354` (on the dessert data) the normalising sum of
     :math:`e^{-\lambda M}` overflows, which the original did not notice (its plan became
@@ -177,7 +184,7 @@ def plot_plan(plan: Any, ax: Any = None, title: str | None = None, legend: bool 
     Parameters
     ----------
     plan : array (8, 5)
-    ax : matplotlib Axes, optional
+    ax : matplotlib.axes.Axes, optional
         draw into it (notebooks); otherwise a new :class:`~matplotlib.figure.Figure` is made.
     legend : bool
         add the dessert legend (outside the axes, on the right).
@@ -206,8 +213,8 @@ def plot_plan(plan: Any, ax: Any = None, title: str | None = None, legend: bool 
 def cost_against_lam(lams: Any, xp: Any = np, dtype: str = "float64", max_iter: int = 100_000) -> np.ndarray:
     """Sinkhorn cost of the dessert problem for each ``lam`` (host array of floats).
 
-    The kernel domain (:func:`sinkhorn_knopp`) for ``lam <= 100``, where its kernel is safe in
-    float64; the log domain (:func:`sinkhorn_log`) above, and also below wherever the kernel
+    The kernel domain (:func:`~swav_ref.ot.sinkhorn.sinkhorn_knopp`) for ``lam <= 100``, where its kernel is safe in
+    float64; the log domain (:func:`~swav_ref.ot.sinkhorn.sinkhorn_log`) above, and also below wherever the kernel
     domain refuses (its ``ValueError``; in float32, on this problem, from ``lam`` about 49).
     """
     M, r_, c_ = dessert_problem(xp, dtype)

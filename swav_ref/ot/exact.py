@@ -36,9 +36,11 @@ def exact_transport(M: Any, r: Any, c: Any) -> TransportResult:
     ----------
     M : array (n, m)
         costs.
-    r : array (n,), c : array (m,)
-        non-negative masses of equal total (checked as in
+    r : array (n,)
+        source masses, non-negative (checked as in
         :func:`swav_ref.ot.sinkhorn.check_problem`).
+    c : array (m,)
+        target masses, non-negative, of the same total as ``r``.
 
     Returns
     -------

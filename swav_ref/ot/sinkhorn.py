@@ -6,9 +6,9 @@ not spread out:
 
 .. math::
 
-    P_\lambda = \arg\min_{P \ge 0,\; P 1 = r,\; P^\top 1 = c}
-        \sum_{ij} P_{ij} M_{ij} - \frac{1}{\lambda} H(P),
-    \qquad H(P) = -\sum_{ij} P_{ij} \log P_{ij}.
+    P_\lambda &= \arg\min_{P \ge 0,\; P 1 = r,\; P^\top 1 = c}
+        \sum_{ij} P_{ij} M_{ij} - \frac{1}{\lambda} H(P), \\
+    H(P) &= -\sum_{ij} P_{ij} \log P_{ij}.
 
 Its solution has the scaling form :math:`P = \operatorname{diag}(a)\, K \operatorname{diag}(b)`
 with the Gibbs kernel :math:`K = e^{-\lambda M}`, and Sinkhorn-Knopp finds the scalings by
@@ -399,8 +399,10 @@ def sinkhorn_knopp(
     ----------
     M : array (n, m)
         costs.
-    r : array (n,), c : array (m,)
-        masses, non-negative, of equal total (any total, not necessarily 1).
+    r : array (n,)
+        source masses, non-negative (any total, not necessarily 1).
+    c : array (m,)
+        target masses, non-negative, of the same total as ``r``.
     lam : float
         regularisation strength :math:`\lambda > 0` (POT's ``reg`` is :math:`1/\lambda`).
         Larger is closer to exact transport, slower, and eventually underflows.
@@ -526,9 +528,9 @@ def sinkhorn_log(
 
     .. math::
 
-        f_i \leftarrow \tfrac{1}{\lambda}\log r_i
-            - \tfrac{1}{\lambda}\log\sum_j e^{\lambda (g_j - M_{ij})}, \qquad
-        g_j \leftarrow \tfrac{1}{\lambda}\log c_j
+        f_i &\leftarrow \tfrac{1}{\lambda}\log r_i
+            - \tfrac{1}{\lambda}\log\sum_j e^{\lambda (g_j - M_{ij})}, \\
+        g_j &\leftarrow \tfrac{1}{\lambda}\log c_j
             - \tfrac{1}{\lambda}\log\sum_i e^{\lambda (f_i - M_{ij})},
 
     which never overflows but costs an exponential of the whole (n, m) matrix per update.

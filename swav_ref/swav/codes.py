@@ -82,11 +82,11 @@ def sinkhorn_codes(
 
     .. math::
 
-        Q \leftarrow Q / \textstyle\sum_{kb} Q_{kb};\qquad
-        \text{repeat } n: \quad
-        Q_{kb} \leftarrow \frac{Q_{kb}}{K \sum_{b'} Q_{kb'}},\quad
-        Q_{kb} \leftarrow \frac{Q_{kb}}{B \sum_{k'} Q_{k'b}};\qquad
-        \text{codes} = (B\,Q)^\top .
+        & Q \leftarrow Q / \textstyle\sum_{kb} Q_{kb}; \\
+        & \text{repeat } n: \quad
+          Q_{kb} \leftarrow \frac{Q_{kb}}{K \sum_{b'} Q_{kb'}},\quad
+          Q_{kb} \leftarrow \frac{Q_{kb}}{B \sum_{k'} Q_{k'b}}; \\
+        & \text{codes} = (B\,Q)^\top .
 
     Here the array stays in the (B, K) layout of ``scores``: the official "rows" (one per
     prototype, sums over the batch) are our ``axis=0`` sums, its "columns" (one per sample)

@@ -58,9 +58,10 @@ def code_usage(codes: Any) -> CodeUsage:
     -----
     .. math::
 
-        n_{\text{used}} = \#\{k : \exists b,\ k = \arg\max_j Q_{bj}\}, \qquad
-        H(\bar q) = -\sum_k \bar q_k \ln \bar q_k,\ \bar q = \tfrac1B \textstyle\sum_b Q_b,
-        \qquad \overline{H} = \tfrac1B \textstyle\sum_b H(Q_b)
+        n_{\text{used}} &= \#\{k : \exists b,\ k = \arg\max_j Q_{bj}\}, \\
+        H(\bar q) &= -\sum_k \bar q_k \ln \bar q_k, \qquad
+            \bar q = \tfrac1B \textstyle\sum_b Q_b, \\
+        \overline{H} &= \tfrac1B \textstyle\sum_b H(Q_b)
 
     with :math:`0 \ln 0 = 0`. Returned as backend arrays; convert them where you log.
     """

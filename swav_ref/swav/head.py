@@ -94,9 +94,9 @@ def prototypes_backward(dscores: Any, cache: PrototypesCache) -> tuple[Any, Any]
     -----
     .. math::
 
-        \frac{\partial L}{\partial C} = G^\top E, \qquad
-        \frac{\partial L}{\partial E} = G\, C, \qquad
-        \frac{\partial L}{\partial z_i} = \frac{g_i - e_i (e_i^\top g_i)}{\lVert z_i \rVert}
+        \frac{\partial L}{\partial C} &= G^\top E, \qquad
+        \frac{\partial L}{\partial E} = G\, C, \\
+        \frac{\partial L}{\partial z_i} &= \frac{g_i - e_i (e_i^\top g_i)}{\lVert z_i \rVert}
         \ \text{ with } g_i = (G C)_i,
 
     where :math:`G = \partial L / \partial S`. The last step is

@@ -144,7 +144,7 @@ class Queue:
         return self.embeddings[crop, : self.filled, :] @ prototype_weight.T
 
     def all_scores(self, prototype_weight: Any) -> list:
-        """``[scores(i, weight) for each crop]``, the ``queue_scores`` of :func:`swav_loss`."""
+        """``[scores(i, weight) for each crop]``, the ``queue_scores`` of :func:`~swav_ref.swav.loss.swav_loss`."""
         return [self.scores(i, prototype_weight) for i in range(self.n_crops)]
 
     # -- checkpoints ---------------------------------------------------------------------
