@@ -33,6 +33,7 @@
 # %%
 # %matplotlib inline
 import inspect
+import os
 import warnings
 
 import matplotlib.pyplot as plt
@@ -44,7 +45,8 @@ import swav_ref.backend
 from swav_ref.ot import exact_transport, sinkhorn_knopp
 from swav_ref.ot import desserts
 
-BACKEND = "numpy"  # "cupy" runs the same notebook on a GPU
+# "cupy" runs the same notebook on a GPU; so does SWAV_REF_BACKEND=cupy in the environment
+BACKEND = os.environ.get("SWAV_REF_BACKEND", "numpy")
 xp = swav_ref.backend.get_backend(BACKEND)
 to_numpy = swav_ref.backend.to_numpy
 

@@ -26,6 +26,7 @@
 # %%
 # %matplotlib inline
 import inspect
+import os
 import time
 import warnings
 
@@ -44,7 +45,8 @@ from swav_ref.ot import (
 )
 from swav_ref.ot import desserts
 
-BACKEND = "numpy"  # "cupy" runs the same notebook on a GPU
+# "cupy" runs the same notebook on a GPU; so does SWAV_REF_BACKEND=cupy in the environment
+BACKEND = os.environ.get("SWAV_REF_BACKEND", "numpy")
 xp = swav_ref.backend.get_backend(BACKEND)
 to_numpy = swav_ref.backend.to_numpy
 

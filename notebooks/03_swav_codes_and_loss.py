@@ -30,6 +30,7 @@
 # %matplotlib inline
 import inspect
 import math
+import os
 import warnings
 
 import matplotlib.pyplot as plt
@@ -51,7 +52,8 @@ from swav_ref.swav import (
     swav_loss,
 )
 
-BACKEND = "numpy"  # "cupy" runs this notebook on a GPU
+# "cupy" runs this notebook on a GPU; so does SWAV_REF_BACKEND=cupy in the environment
+BACKEND = os.environ.get("SWAV_REF_BACKEND", "numpy")
 xp = swav_ref.backend.get_backend(BACKEND)
 rand = swav_ref.backend.Random(3, xp)
 

@@ -26,6 +26,7 @@
 
 # %%
 import inspect
+import os
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -37,7 +38,8 @@ from swav_ref.nn import SGD, Linear, resnet_tiny, warmup_cosine_schedule
 from swav_ref.nn import functional as F
 from swav_ref.nn.gradcheck import check_gradient, check_gradient_sampled, projected_loss, rel_error
 
-BACKEND = "numpy"  # "cupy" runs the same cells on a GPU
+# "cupy" runs the same cells on a GPU; so does SWAV_REF_BACKEND=cupy in the environment
+BACKEND = os.environ.get("SWAV_REF_BACKEND", "numpy")
 xp = swav_ref.backend.get_backend(BACKEND)
 to_numpy = swav_ref.backend.to_numpy
 rng = np.random.default_rng(0)

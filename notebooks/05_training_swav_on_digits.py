@@ -37,6 +37,7 @@
 import dataclasses
 import inspect
 import json
+import os
 import sys
 import tempfile
 import time
@@ -58,7 +59,8 @@ from swav_ref.experiment import evaluate_raw_pixels, evaluate_trainer, prototype
 from swav_ref.swav import CollapseMonitor
 from swav_ref.train import TrainConfig, Trainer
 
-BACKEND = "numpy"  # "cupy" runs this notebook on a GPU
+# "cupy" runs this notebook on a GPU; so does SWAV_REF_BACKEND=cupy in the environment
+BACKEND = os.environ.get("SWAV_REF_BACKEND", "numpy")
 xp = swav_ref.backend.get_backend(BACKEND)
 # Without ipywidgets the progress bar is plain text; tqdm would warn about that.
 warnings.filterwarnings("ignore", message="IProgress not found")

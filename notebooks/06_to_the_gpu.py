@@ -36,6 +36,7 @@
 # %%
 # %matplotlib inline
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -52,7 +53,8 @@ from swav_ref.backend import BackendUnavailableError, backend_name, synchronize
 from swav_ref.data.datasets import load_dataset
 from swav_ref.train import TrainConfig, Trainer
 
-BACKEND = "cupy"  # this notebook is about the GPU; "numpy" runs it on the CPU
+# this notebook is about the GPU; "numpy" (or SWAV_REF_BACKEND=numpy in the environment) runs it on the CPU
+BACKEND = os.environ.get("SWAV_REF_BACKEND", "cupy")
 try:
     xp = swav_ref.backend.get_backend(BACKEND)
 except BackendUnavailableError as error:

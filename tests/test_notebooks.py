@@ -18,7 +18,10 @@ def test_there_are_six_notebooks():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path, monkeypatch):
+def test_notebook_runs(path, gpu_or_numpy, tmp_path, monkeypatch):
+    """On NumPy, and on CuPy where a GPU is (``-m slow -k "notebook and cupy"``): the
+    notebooks read their backend from ``SWAV_REF_BACKEND``, which the kernel inherits."""
+    monkeypatch.setenv("SWAV_REF_BACKEND", gpu_or_numpy.__name__)
     jupytext = required.module("jupytext")
     nbclient = required.module("nbclient")
     nb = jupytext.read(path)
@@ -33,3 +36,6 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     client.execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, errors
+    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    if path.name.startswith("06"):  # the notebook that says which backend it runs on
+        assert f"backend: {gpu_or_numpy.__name__}" in printed, printed[:2000]
