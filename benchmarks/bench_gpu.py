@@ -1,56 +1,75 @@
 """GPU benchmarks: ours on CuPy against PyTorch on the same GPU, in the same run.
 
-1. SwAV's Sinkhorn codes, B=4096, K=3000: ours (fused kernels, and the plain CuPy code)
-   against the official loop in torch (``bench_loss.torch_sinkhorn``);
-2. the swapped loss, forward + backward, B=4096, K=3000, 2+6 crops: ours against the
-   official formula under torch autograd (``bench_loss.torch_loss``);
-3. a training step of resnet18 (CIFAR layout, 3x32x32, batch 256, float32): forward,
+The cases come in two groups, run in this order (``--cases required``, ``--cases probes``,
+or ``--cases all``, the default, for both): the numbers the GPU check exists for first, so
+that a run cut short by a time limit, or a probe that breaks, cannot lose them.
+
+Required:
+
+1. a training step of resnet18 (CIFAR layout, 3x32x32, batch 256, float32): forward,
    linear head, cross-entropy, backward, SGD, against the same network and weights in
-   torch, in two precision settings applied to both libraries alike:
+   torch, with true float32 products in both (``fp32``: TF32 off in torch,
+   ``cudnn.allow_tf32`` and ``cuda.matmul.allow_tf32`` False; ours
+   :func:`swav_ref.backend.set_tf32` False); ours with the fused kernels and with the plain
+   CuPy code;
+2. a full SwAV training step with CIFAR-10's augmentation (2x32 + 6x16 crops, flips,
+   colour jitter, greyscale, made on the GPU; resnet18, LARS), images per second, fused
+   kernels against the plain CuPy code, with the CuPy memory pool's bytes;
+3. SwAV's Sinkhorn codes, B=4096, K=3000: ours (fused kernels, and the plain CuPy code)
+   against the official loop in torch (``bench_loss.torch_sinkhorn``);
+4. the swapped loss, forward + backward, B=4096, K=3000, 2+6 crops: ours against the
+   official formula under torch autograd (``bench_loss.torch_loss``);
+5. the resnet18 step of 1. with TF32 tensor cores allowed in both libraries (``tf32``,
+   PyTorch's default for convolutions).
 
-   - ``fp32``: true float32 products (TF32 off in torch: ``cudnn.allow_tf32`` and
-     ``cuda.matmul.allow_tf32`` False; ours :func:`swav_ref.backend.set_tf32` False);
-   - ``tf32``: TF32 tensor cores allowed in both (PyTorch's default for convolutions);
+Probes (where the remaining time goes, and what might pay next):
 
-   ours with the fused kernels and, in fp32, with the plain CuPy code too; one step of each
-   is also profiled by operation kind (``profile_ms``, ``profile_plain_ms``: device time
-   between CUDA events, the two GEMMs of a convolution's backward told apart), which says
-   where the remaining time goes;
-4. the same step on a batch of 8 (``host_floor``): the device has almost nothing to do, so
+6. one resnet18 step of each variant profiled by operation kind (``profile_ms``,
+   ``profile_plain_ms``, ``profile_tf32_ms``: device time between CUDA events, the two
+   GEMMs of a convolution's backward told apart);
+7. CUDA graphs: the resnet18 step (batch 256 and the host floor's 8, TF32 off) recorded
+   once by stream capture and replayed, against the same step issued op by op and against
+   torch. A replay costs the host one launch, so it times the device's work alone: if it
+   is much faster than the eager step, the host is the limit and graphs would pay (the
+   training loop would then need the learning rate in device memory, as a kernel argument
+   is frozen into the graph, and a memory pool safe under capture); if not, the device's
+   kernels are;
+8. the same step on a batch of 8 (``host_floor``): the device has almost nothing to do, so
    this is the host's cost of issuing the step's launches (see ``bench_launches.py``);
-5. the host time of one launch and of one view, ours against torch's;
-6. BatchNorm's per-channel sums of products: our batched matmul against ``sum(a * b)``;
-7. a full SwAV training step (2x32 + 6x16 crops, augmentation on the GPU, resnet18,
-   LARS), images per second, fused kernels against the plain CuPy code;
-8. a probe for the next step, CUDA graphs: the resnet18 step (batch 256 and the host
-   floor's 8, TF32 off) recorded once by stream capture and replayed, against the same
-   step issued op by op and against torch. A replay costs the host one launch, so it
-   times the device's work alone: if it is much faster than the eager step, the host is
-   the limit and graphs would pay (the training loop would then need the learning rate
-   in device memory, as a kernel argument is frozen into the graph, and a memory pool
-   safe under capture); if not, the device's kernels are.
+9. the host time of one launch and of one view, ours against torch's;
+10. BatchNorm's per-channel sums of products: our batched matmul against ``sum(a * b)``.
 
 Every case records ``ours_ms`` and the peer's time (``torch_ms``, or ``peer_ms`` with
 the peer named in ``what``), medians of interleaved rounds (``bench_loss.median_times``).
+A case that fails is recorded as ``{"error": ..., "traceback": [...]}`` under its name and
+the next one runs; the file is rewritten after every case (``running`` names the case in
+progress, ``finished`` is set at the end), so a run killed from outside keeps what it
+measured. The exit status is 1 when a case failed. The file also records how it was made
+(``command``, ``argv``), the library versions and the GPU's name.
 ``benchmarks/report.py`` turns the file into the README's table.
 
 Run on a machine with an NVIDIA GPU:  python benchmarks/bench_gpu.py --out FILE.json
 ``--backend numpy --small`` runs every case at toy sizes against torch on the CPU: a
-rehearsal of the script itself (the test suite runs it), not a benchmark. Its resnet18
-steps use resnet18's layers at 1/8 width (``bench_resnet.py``'s ``resnet18_narrow``, which
-issues exactly resnet18's operations, as ``tests/test_report.py`` checks), so that each
-takes milliseconds, not most of a second; and each timing stops after ``--repeats``
-rounds instead of running for at least half a second.
+rehearsal of the script itself (the test suite runs it), not a benchmark; ``--small``
+alone falls back to NumPy where CuPy is missing. A rehearsal must be given ``--out``: the
+default paths hold the committed GPU results. Its resnet18 steps use resnet18's layers at
+1/8 width (``bench_resnet.py``'s ``resnet18_narrow``, which issues exactly resnet18's
+operations, as ``tests/test_report.py`` checks), so that each takes milliseconds, not most
+of a second; and each timing stops after ``--repeats`` rounds instead of running for at
+least half a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import platform
 import sys
 import time
+import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +86,10 @@ from bench_resnet import (  # noqa: E402  (the CPU benchmark's step and precisio
     torch_tf32,
 )
 
+from gpu_equivalence import provenance  # noqa: E402
+
 from swav_ref import fused  # noqa: E402
-from swav_ref.backend import Random, get_backend, set_tf32, synchronize  # noqa: E402
+from swav_ref.backend import BackendUnavailableError, Random, get_backend, set_tf32, synchronize  # noqa: E402
 
 SIZES = {"full": dict(batch=4096, prototypes=3000, images=256, floor_images=8, swav_batch=256,
                      prototypes_step=3000, hidden=2048, net="resnet18", min_seconds=0.5),
@@ -156,13 +177,18 @@ def _case(what: str, ours_s: float, peer_s: float | None = None, peer_key: str =
     return case
 
 
-def bench_sinkhorn_and_loss(s: Setup, size: dict, repeats: int) -> dict:
-    from swav_ref.swav import sinkhorn_codes, swav_loss
+def _scores(s: Setup, size: dict):
+    """The 8 crops' scores (cosines, float32) on both sides, and the batch ``b``."""
+    b = size["batch"]
+    host = make_scores(b, size["prototypes"])  # 8 crops of b rows
+    return s.xp.asarray(host), s.torch.from_numpy(host).to(s.device), b
 
-    b, k = size["batch"], size["prototypes"]
-    host = make_scores(b, k)  # 8 crops of b rows: cosines, float32
-    scores = s.xp.asarray(host)
-    scores_t = s.torch.from_numpy(host).to(s.device)
+
+def bench_sinkhorn(s: Setup, size: dict, repeats: int) -> dict:
+    from swav_ref.swav import sinkhorn_codes
+
+    scores, scores_t, b = _scores(s, size)
+    k = size["prototypes"]
     first = scores[:b]
     with fused.disabled():
         plain_codes = sinkhorn_codes(first)
@@ -174,19 +200,25 @@ def bench_sinkhorn_and_loss(s: Setup, size: dict, repeats: int) -> dict:
     # fused.disabled() is a contextlib context manager, so it also wraps a function
     t = median_times({"fused": codes, "plain": fused.disabled()(codes),
                       "torch": lambda: torch_sinkhorn(s.torch, scores_t[:b])}, repeats, s.sync, size["min_seconds"])
-    out = {
+    return {
         f"sinkhorn_B{b}_K{k}": _case(f"SwAV Sinkhorn codes, B={b}, K={k}, 3 iterations: ours (fused kernels) vs "
                                      "the official loop in torch", t["fused"], t["torch"],
                                      max_abs_difference_fused_vs_plain=gap),
         f"sinkhorn_B{b}_K{k}_plain": _case(f"SwAV Sinkhorn codes, B={b}, K={k}: ours (plain CuPy code) vs "
                                            "the official loop in torch", t["plain"], t["torch"]),
     }
+
+
+def bench_loss(s: Setup, size: dict, repeats: int) -> dict:
+    from swav_ref.swav import swav_loss
+
+    scores, scores_t, b = _scores(s, size)
+    k = size["prototypes"]
     t = median_times({"ours": lambda: swav_loss(scores, b), "torch": lambda: torch_loss(s.torch, scores_t, b, False)},
                      repeats, s.sync, size["min_seconds"])
-    out[f"swav_loss_fwd_bwd_B{b}_K{k}_2+6crops"] = _case(
+    return {f"swav_loss_fwd_bwd_B{b}_K{k}_2+6crops": _case(
         f"SwAV loss forward + backward, B={b}, K={k}, 2+6 crops: ours vs torch autograd (official loop)",
-        t["ours"], t["torch"])
-    return out
+        t["ours"], t["torch"])}
 
 
 def resnet18_steps(s: Setup, batch: int, arch: str = "resnet18"):
@@ -213,37 +245,67 @@ def resnet18_steps(s: Setup, batch: int, arch: str = "resnet18"):
     return ours, fused.disabled()(ours), (lambda: peer_step(tx, ty))
 
 
-def bench_resnet18_step(s: Setup, size: dict, repeats: int) -> dict:
+def bench_resnet18_step(s: Setup, size: dict, repeats: int, tf32: bool = False) -> dict:
+    """The resnet18 step, ours (fused kernels; in fp32 the plain code too) against torch,
+    both libraries with the same float32 product rule (``tf32``)."""
     batch, label = size["images"], NET_LABELS[size["net"]]
     ours, ours_plain, peer = resnet18_steps(s, batch, size["net"])
-    out = {}
-    profiles = {}
+    fns = {"fused": ours, "torch": peer} if tf32 else {"fused": ours, "torch": peer, "plain": ours_plain}
+    s.precision(tf32)
     try:
-        for variant, step, tf32 in (("fused", ours, False), ("plain", ours_plain, False), ("fused_tf32", ours, True)):
-            s.precision(tf32)
-            step()  # warm: kernels compiled, buffers pooled
-            with op_profile(s) as profiles[variant]:
-                s.sync()
-                step()
-        for mode, tf32 in (("fp32", False), ("tf32", True)):
-            s.precision(tf32)
-            fns = {"fused": ours, "torch": peer}
-            if not tf32:
-                fns["plain"] = ours_plain
-            t = median_times(fns, repeats, s.sync, size["min_seconds"])
-            rule = precision_label(tf32)
-            key = f"resnet18_cifar_step_b{batch}_{mode}"
-            extra = ({"profile_ms": profiles["fused_tf32"]} if tf32 else
-                     {"profile_ms": profiles["fused"], "profile_plain_ms": profiles["plain"]})
-            out[key] = _case(f"{label} training step, batch {batch}, 3x32x32, {rule}: ours (fused kernels) vs torch",
-                             t["fused"], t["torch"], ours_images_per_s=batch / t["fused"],
-                             torch_images_per_s=batch / t["torch"], **extra)
-            if "plain" in t:
-                out[key + "_plain"] = _case(f"{label} training step, batch {batch}, {rule}: ours (plain CuPy code) "
-                                            "vs torch", t["plain"], t["torch"])
+        t = median_times(fns, repeats, s.sync, size["min_seconds"])
     finally:
         s.precision(False)
+    rule, key = precision_label(tf32), f"resnet18_cifar_step_b{batch}_{'tf32' if tf32 else 'fp32'}"
+    out = {key: _case(f"{label} training step, batch {batch}, 3x32x32, {rule}: ours (fused kernels) vs torch",
+                      t["fused"], t["torch"], ours_images_per_s=batch / t["fused"],
+                      torch_images_per_s=batch / t["torch"])}
+    if "plain" in t:
+        out[key + "_plain"] = _case(f"{label} training step, batch {batch}, {rule}: ours (plain CuPy code) vs torch",
+                                    t["plain"], t["torch"])
     return out
+
+
+@contextlib.contextmanager
+def device_time(s: Setup):
+    """The block's time in ms, as ``{"ms": ...}`` filled in when it ends: between two CUDA
+    events on the GPU (device time), wall time on the CPU."""
+    gpu, out = s.device == "cuda", {}
+    if gpu:
+        start, end = s.xp.cuda.Event(), s.xp.cuda.Event()
+        start.record()
+    else:
+        t0 = time.perf_counter()
+    yield out
+    if gpu:
+        end.record()
+        end.synchronize()
+        out["ms"] = s.xp.cuda.get_elapsed_time(start, end)
+    else:
+        out["ms"] = 1e3 * (time.perf_counter() - t0)
+
+
+def bench_resnet18_profile(s: Setup, size: dict, repeats: int) -> dict:
+    """One resnet18 step of each variant (fused and plain, TF32 off; fused with TF32) profiled
+    by kind of operation (:func:`op_profile`): where the step's time goes. The row compares
+    the whole profiled step, fused against plain (the events add a little to both)."""
+    batch, label = size["images"], NET_LABELS[size["net"]]
+    ours, ours_plain, _ = resnet18_steps(s, batch, size["net"])
+    profiles, whole = {}, {}
+    try:
+        for variant, step, tf32 in (("fused", ours, False), ("plain", ours_plain, False), ("tf32", ours, True)):
+            s.precision(tf32)
+            step()  # warm: kernels compiled, buffers pooled
+            s.sync()
+            with op_profile(s) as profiles[variant], device_time(s) as whole[variant]:
+                step()
+    finally:
+        s.precision(False)
+    return {f"resnet18_cifar_step_b{batch}_profile": _case(
+        f"{label} training step, batch {batch}, TF32 off, one step profiled by kind of operation: fused kernels "
+        "vs the plain CuPy code", whole["fused"]["ms"] / 1e3, whole["plain"]["ms"] / 1e3, peer_key="peer_ms",
+        tf32_ms=whole["tf32"]["ms"], profile_ms=profiles["fused"], profile_plain_ms=profiles["plain"],
+        profile_tf32_ms=profiles["tf32"])}
 
 
 def replayable(s: Setup, step):
@@ -361,80 +423,172 @@ def bench_row_dot(s: Setup, size: dict, repeats: int) -> dict:
 
 def swav_step(backend: str, batch: int, prototypes: int, hidden: int, feat_dim: int = 128, arch: str = "resnet18",
               **overrides):
-    """One full SwAV training step (2x32 + 6x16 crops of synthetic CIFAR-sized images,
-    augmentation on the backend, resnet18, projection head, prototypes, Sinkhorn, LARS)
-    as a function of no arguments, on the same ``batch`` of images each time.
-    ``overrides``: more :class:`~swav_ref.train.TrainConfig` fields (e.g. a queue, which
-    the first epoch's start then creates)."""
+    """One full SwAV training step (CIFAR-10's multi-crop recipe on synthetic 32x32 images:
+    2x32 + 6x16 crops, flips, colour jitter, greyscale, no blur, CIFAR-10's mean and std; the
+    augmentation made on the backend; resnet18, projection head, prototypes, Sinkhorn, LARS)
+    as a function of no arguments (its ``trainer`` attribute holds the trainer), on the same
+    ``batch`` of images each time. ``overrides``: more :class:`~swav_ref.train.TrainConfig`
+    fields (e.g. a queue, which the first epoch's start then creates)."""
     import tempfile
 
-    from swav_ref.data.datasets import ImageDataset
+    from swav_ref.data.datasets import ARRAYS, ImageDataset
+    from swav_ref.data.multicrop import MultiCrop, default_config
     from swav_ref.train import TrainConfig, Trainer
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(batch * 2, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, 10, size=batch * 2)
     ds = ImageDataset(images, labels, tuple(str(i) for i in range(10)), "synthetic-cifar")
-    cfg = TrainConfig(backend=backend, arch=arch, batch_size=batch, n_crops=(2, 6), crop_sizes=(32, 16),
-                      min_scale=(0.14, 0.05), max_scale=(1.0, 0.14), n_prototypes=(prototypes,),
-                      hidden_dim=hidden, feat_dim=feat_dim, epochs=1000,
+    recipe = default_config("cifar10")  # what `swav-ref train --dataset cifar10` augments with
+    cfg = TrainConfig(backend=backend, dataset=ARRAYS, arch=arch, batch_size=batch, n_crops=recipe.n_crops,
+                      crop_sizes=recipe.sizes, min_scale=recipe.min_scale, max_scale=recipe.max_scale,
+                      n_prototypes=(prototypes,), hidden_dim=hidden, feat_dim=feat_dim, epochs=1000,
                       out_dir=str(Path(tempfile.gettempdir()) / "swav_step_bench"), progress=False, **overrides)
     trainer = Trainer(cfg, train_set=ds, test_set=ds)
+    # Arrays get the general recipe (ImageNet's blur) and their own channel statistics; a
+    # CIFAR-10 run gets the CIFAR recipe, normalised by CIFAR-10's constants (the recipe's).
+    trainer.mean, trainer.std = recipe.mean, recipe.std
+    trainer.multicrop = MultiCrop(recipe, trainer.xp, trainer.dtype)
     trainer._start_epoch(0)  # what fit() does first (creates the queue, if asked for)
     idx = np.arange(batch)
 
     def step():
         trainer.train_step(trainer.make_crops(idx), idx)
+    step.trainer = trainer  # for the tests: what the step trains with
     return step
+
+
+def pool_bytes(s: Setup) -> dict:
+    """The CuPy memory pool's ``total_bytes`` (held from the device: as freed blocks stay in
+    the pool, its high-water mark since the last ``free_all_blocks``) and ``used_bytes``
+    (held by live arrays); nothing on NumPy. Never fails the case it describes."""
+    if s.device != "cuda":
+        return {}
+    try:
+        pool = s.xp.get_default_memory_pool()
+        return {"pool_total_bytes": int(pool.total_bytes()), "pool_used_bytes": int(pool.used_bytes())}
+    except Exception as exc:
+        return {"pool_error": f"{type(exc).__name__}: {exc}"}
+
+
+def free_pool(s: Setup) -> None:
+    """Return the pool's unused blocks to the device, so that the next case's
+    ``pool_total_bytes`` counts that case's own memory."""
+    if s.device == "cuda":
+        with contextlib.suppress(Exception):
+            s.xp.get_default_memory_pool().free_all_blocks()
 
 
 def bench_swav_step(s: Setup, size: dict, repeats: int) -> dict:
     batch = size["swav_batch"]
+    free_pool(s)
     step = swav_step("cupy" if s.device == "cuda" else "numpy", batch, size["prototypes_step"], size["hidden"])
     t = median_times({"fused": step, "plain": fused.disabled()(step)}, repeats, s.sync, size["min_seconds"])
     return {f"swav_step_resnet18_2x32+6x16_b{batch}": _case(
-        f"full SwAV step, resnet18, 2x32 + 6x16 crops, batch {batch}, LARS: fused kernels vs the plain CuPy code "
-        f"({batch / t['fused']:.0f} vs {batch / t['plain']:.0f} images/s)", t["fused"], t["plain"],
-        peer_key="peer_ms", images_per_s=batch / t["fused"], plain_images_per_s=batch / t["plain"])}
+        f"full SwAV step, CIFAR-10 augmentation, resnet18, 2x32 + 6x16 crops, batch {batch}, LARS: fused kernels vs "
+        f"the plain CuPy code ({batch / t['fused']:.0f} vs {batch / t['plain']:.0f} images/s)", t["fused"], t["plain"],
+        peer_key="peer_ms", images_per_s=batch / t["fused"], plain_images_per_s=batch / t["plain"], **pool_bytes(s))}
 
 
-def main(argv=None) -> dict:
+#: The cases, most important first (see the module notes): a run cut short keeps the first.
+REQUIRED = (("resnet18_fp32", bench_resnet18_step), ("swav_step", bench_swav_step), ("sinkhorn", bench_sinkhorn),
+            ("loss", bench_loss), ("resnet18_tf32", functools.partial(bench_resnet18_step, tf32=True)))
+PROBES = (("resnet18_profile", bench_resnet18_profile), ("graph_replay", bench_graph_replay),
+          ("host_floor", bench_host_floor), ("launch_overhead", bench_launch_overhead), ("row_dot", bench_row_dot))
+GROUPS = {"required": REQUIRED, "probes": PROBES, "all": REQUIRED + PROBES}
+RESULTS = Path(__file__).resolve().parent / "results"
+#: Where each group goes by default (report.py reads both names).
+DEFAULT_OUT = {"required": RESULTS / "bench_gpu.json", "probes": RESULTS / "bench_gpu_probes.json",
+               "all": RESULTS / "bench_gpu.json"}
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--backend", choices=("cupy", "numpy"), default="cupy",
-                   help="numpy: rehearse the script on the CPU against torch CPU (use with --small)")
-    p.add_argument("--small", action="store_true", help="toy sizes, to rehearse the script")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_gpu.json")
+    p.add_argument("--backend", choices=("cupy", "numpy"), default=None,
+                   help="cupy (default), or numpy: rehearse the script on the CPU against torch CPU (with --small "
+                        "and --out)")
+    p.add_argument("--small", action="store_true", help="toy sizes, to rehearse the script (NumPy without CuPy)")
+    p.add_argument("--cases", choices=tuple(GROUPS), default="all",
+                   help="required: the resnet18 step, the SwAV step, Sinkhorn, the loss, TF32; probes: profile, CUDA "
+                        "graphs, host floor, launch cost, BatchNorm sums; all: both, in that order")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON file (default benchmarks/results/bench_gpu.json, bench_gpu_probes.json for --cases "
+                        "probes); required for a rehearsal")
     args = p.parse_args(argv)
+    if args.backend is None:
+        args.backend = "cupy"
+        if args.small and not _have_cupy():
+            args.backend = "numpy"
+            print("bench_gpu: --small without CuPy: rehearsing on NumPy (as --backend numpy)", file=sys.stderr)
+    if args.out is None:
+        if args.backend != "cupy" or args.small:  # never over the committed H200 numbers
+            p.error("a rehearsal (--backend numpy or --small) needs --out, e.g. --out /tmp/bench_gpu.json: the "
+                    "default path holds the committed GPU results")
+        args.out = DEFAULT_OUT[args.cases]
+    return args
+
+
+def _have_cupy() -> bool:
+    try:
+        get_backend("cupy")
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+def make_setup(backend: str, torch) -> Setup:
+    try:
+        return Setup(backend, torch)
+    except BackendUnavailableError as exc:
+        raise SystemExit(f"bench_gpu: {exc}\nTo rehearse the script on a CPU: python benchmarks/bench_gpu.py "
+                         "--backend numpy --small --out /tmp/bench_gpu.json") from exc
+
+
+def run_case(s: Setup, size: dict, repeats: int, fn) -> dict:
+    """The case's entries, or one entry ``{"error", "traceback"}``: a failing case is
+    recorded and must not stop the next."""
+    try:
+        return fn(s, size, repeats)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc().splitlines()[-12:]}
+    finally:
+        s.precision(False)  # whatever the case left, the next starts with true float32
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     import torch
 
-    s = Setup(args.backend, torch)
+    s = make_setup(args.backend, torch)
     size = SIZES["small" if args.small else "full"]
-    if s.device == "cuda":
-        machine = s.xp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-        versions = {"cupy": s.xp.__version__}
-    else:
-        machine, versions = f"CPU ({platform.machine()}), rehearsal", {"numpy": np.__version__}
-    command = "python benchmarks/bench_gpu.py" + ("" if args.backend == "cupy" else " --backend numpy")
+    info = provenance("benchmarks/bench_gpu.py", argv, s.xp)
+    info["versions"]["torch"] = torch.__version__
+    machine = info.get("gpu") or (f"CPU ({platform.machine()}), rehearsal" if s.device != "cuda" else "GPU")
     result = {"benchmark": "bench_gpu", "date": time.strftime("%Y-%m-%d"), "machine": machine,
-              "host": platform.node(), **versions, "torch": torch.__version__, "small": args.small,
-              "fused_kernels": fused.enabled(), "command": command + (" --small" if args.small else ""),
-              "cases": {}}
-    # the graph probe right after the step it probes: if the run is cut short, it is kept
-    for name, fn in [("sinkhorn_and_loss", bench_sinkhorn_and_loss), ("resnet18", bench_resnet18_step),
-                     ("graph_replay", bench_graph_replay), ("host_floor", bench_host_floor),
-                     ("launch_overhead", bench_launch_overhead), ("row_dot", bench_row_dot),
-                     ("swav_step", bench_swav_step)]:
-        try:
-            result["cases"].update(fn(s, size, args.repeats))
-        except Exception as exc:  # record and go on: one failing case must not hide the others
-            result["cases"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+              "host": platform.node(), **info["versions"], **info, "small": args.small,
+              "fused_kernels": fused.enabled(), "case_group": args.cases, "cases": {}, "case_seconds": {},
+              "running": None, "finished": False}
+
+    def write() -> None:  # after every case: a run killed from outside keeps what it measured
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
-        print(json.dumps(result["cases"], indent=2), flush=True)
+
+    for name, fn in GROUPS[args.cases]:
+        result["running"] = name
+        write()
+        t0 = time.perf_counter()
+        entries = run_case(s, size, args.repeats, fn)
+        result["case_seconds"][name] = time.perf_counter() - t0
+        result["cases"].update({name: entries} if "error" in entries else entries)
+        print(f"bench_gpu: {name} ({result['case_seconds'][name]:.1f} s)\n{json.dumps(entries, indent=2)}", flush=True)
+    result["running"], result["finished"] = None, True
+    write()
     return result
 
 
 if __name__ == "__main__":
     with contextlib.suppress(KeyboardInterrupt):
-        main()
+        done = main()
+        raise SystemExit(1 if any("error" in c for c in done["cases"].values()) else 0)

@@ -1,34 +1,204 @@
 #!/usr/bin/env bash
-# The GPU check, prepared to run in under 8 minutes on a machine with an NVIDIA GPU and
-# CuPy + PyTorch installed:  bash benchmarks/gpu_check.sh
-# 1. the test suite's cupy lane (every backend test on CuPy, and the fused CUDA kernels of
-#    swav_ref/fused against the plain code, compiled by NVRTC);
-# 2. NumPy-vs-CuPy equivalence of the first 20 training steps, with the fused kernels (the
-#    default) and with the plain CuPy code (SWAV_REF_FUSED=0);
-# 3. the GPU benchmarks against PyTorch (bench_gpu.py: Sinkhorn, loss, resnet18 step with
-#    TF32 off and on in both libraries, fused and plain; the SwAV step), bench_resnet.py and
-#    bench_loss.py on CuPy.
+# The GPU check: one run on a machine with an NVIDIA GPU, CuPy and PyTorch, within an overall
+# budget of TOTAL_SECONDS (default 450 s, under the 8 minutes a device session allows it):
+#     OUT=<dir> bash benchmarks/gpu_check.sh
 # Results go to $OUT when it is set (the device tool), otherwise to benchmarks/results/.
-# A failing step does not stop the later ones: each writes its own file.
+#
+# Order: what the GPU check exists for first. Every step runs under `timeout` with the
+# smaller of its own cap and the time left in the budget; a step that fails or hangs is
+# recorded and the next one runs. The caps of steps 0-4 add up to 405 s, inside the
+# default budget, so (a)-(e) come back even if every one of them runs to its cap; steps 5-7
+# get what is left and are skipped (and recorded as skipped) once fewer than
+# MIN_STEP_SECONDS (20) remain.
+#   step               cap   what
+#   0 machine           30   nvidia-smi and the library versions -> gpu_machine.txt
+#   1 bench_required   120   bench_gpu.py --cases required: (a) the resnet18 CIFAR step,
+#                            batch 256, float32, ours vs PyTorch; (b) images/s of a full SwAV
+#                            step (2x32 + 6x16 crops, CIFAR-10 augmentation); (c) Sinkhorn
+#                            B=4096 K=3000 and the loss vs PyTorch; then the step with TF32.
+#                            The file is rewritten after each case, so a kill keeps the first.
+#   2 equivalence       60   (d) NumPy vs CuPy, the first 20 training steps' losses (1e-3)
+#   3 equivalence_plain 45   the same with the plain CuPy code (SWAV_REF_FUSED=0)
+#   4 tests            150   (e) the test suite's cupy lane (NVRTC-compiled fused kernels too)
+#   5 e2e_train         60   the CLI end to end on the digits: train 2 epochs, stop after 1,
+#     e2e_resume        45   --resume to the end, then eval the checkpoint (each skipped when
+#     e2e_eval          45   the one before failed)
+#   6 bench_probes      60   bench_gpu.py --cases probes: profile, CUDA graphs, host floor, ...
+#   7 bench_loss_cupy   45   the README's older GPU tables (bench_loss.py, bench_resnet.py;
+#     bench_resnet_cupy 90   the slower one last)
+# The benchmarks come before the equivalence because their numbers are the question; the
+# order within 0-4 does not decide what comes back, the caps do.
+#
+# Records: $RESULTS/gpu_check.json, rewritten when the run starts, when each step starts
+# ("running") and ends, and at the end ("finished": true), so a run killed from outside
+# still says which steps ran and which one was running. Per step: the command, its cap,
+# seconds, exit code, status (ok, failed, timeout, skipped) and its log, the full output in
+# $RESULTS/gpu_check/NAME.log (the console shows each log's last lines); for the test lane
+# also the passed/failed/skipped counts of pytest's summary line. The script exits 1 when a
+# step failed or timed out.
+#
+# Rehearsal on a CPU (no CuPy): GPU_CHECK_BACKEND=numpy OUT=/tmp/gc bash benchmarks/gpu_check.sh
+# runs every step with --backend numpy at toy sizes (and needs OUT: rehearsal numbers must
+# not land in benchmarks/results/). It checks the plumbing, not the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+TOTAL_SECONDS="${TOTAL_SECONDS:-450}"
+MIN_STEP_SECONDS="${MIN_STEP_SECONDS:-20}"
+BACKEND="${GPU_CHECK_BACKEND:-cupy}"
+if [[ $BACKEND != cupy && -z ${OUT:-} ]]; then
+    echo "gpu_check: GPU_CHECK_BACKEND=$BACKEND is a rehearsal; set OUT=/tmp/somewhere" >&2
+    exit 2
+fi
 RESULTS="${OUT:-benchmarks/results}"
-mkdir -p "$RESULTS"
+LOGS="$RESULTS/gpu_check"
+CHECK_JSON="$RESULTS/gpu_check.json"
+mkdir -p "$LOGS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$RESULTS/gpu_machine.txt"
-python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)" | tee -a "$RESULTS/gpu_machine.txt"
 
-echo "=== 1. cupy test lane ($SECONDS s)"
-timeout "${TEST_SECONDS:-180}" python3 -m pytest -q -p no:cacheprovider -k cupy -m "not slow" tests \
-    2>&1 | tail -n 60 | tee "$RESULTS/gpu_tests.log"
+if [[ $BACKEND == cupy ]]; then
+    BENCH=(--backend cupy)
+    EQUIV=(--backend cupy)
+    OLDER=(--backend cupy)
+else  # toy sizes; gpu_equivalence.py's NumPy-vs-NumPy is trivially equal
+    BENCH=(--backend numpy --small --repeats 1)
+    EQUIV=(--backend numpy --steps 3)
+    OLDER=(--backend numpy --quick)
+fi
 
-echo "=== 2. NumPy vs CuPy: first 20 training steps ($SECONDS s)"
-timeout "${EQUIV_SECONDS:-120}" python3 benchmarks/gpu_equivalence.py --out "$RESULTS/gpu_equivalence.json"
-SWAV_REF_FUSED=0 timeout "${EQUIV_SECONDS:-120}" python3 benchmarks/gpu_equivalence.py \
+# record MODE ARGS...: update $CHECK_JSON. Modes: start BACKEND BUDGET; running NAME;
+# step NAME RC SECONDS CAP LOG REASON COMMAND... (RC empty: skipped, for REASON); finish.
+record() {
+    python3 - "$CHECK_JSON" "$@" <<'PY' || echo "gpu_check: could not update $CHECK_JSON" >&2
+import json, re, shlex, sys, time
+from pathlib import Path
+
+path, mode, *args = sys.argv[1:]
+path = Path(path)
+now = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def pytest_counts(log: Path) -> dict:
+    """The counts of pytest's last summary line ("3 failed, 198 passed, 4 skipped ... in 60.1s")."""
+    lines = [l for l in log.read_text(errors="replace").splitlines()
+             if re.search(r"\d+ (passed|failed|skipped|errors?|deselected)\b", l) and re.search(r" in [\d.]+s", l)]
+    if not lines:
+        return {"summary": None}  # killed before pytest could sum up
+    counts = {("errors" if k == "error" else "warnings" if k == "warning" else k): int(n)
+              for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed|warnings?)",
+                                     lines[-1])}
+    return {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, **counts, "summary": lines[-1].strip("= ")}
+
+
+if mode == "start":
+    data = {"script": "benchmarks/gpu_check.sh", "backend": args[0], "total_seconds": int(args[1]),
+            "started": now, "finished": False, "running": None, "steps": []}
+else:
+    data = json.loads(path.read_text())
+if mode == "running":
+    data["running"] = args[0]
+elif mode == "step":
+    name, rc, seconds, cap, log, reason, *command = args
+    status = ("skipped" if rc == "" else "ok" if rc == "0" else "timeout" if rc in ("124", "137") else "failed")
+    entry = {"name": name, "command": shlex.join(command), "cap_s": int(cap), "status": status,
+             "exit_code": None if rc == "" else int(rc), "seconds": None if seconds == "" else round(float(seconds), 1),
+             "log": str(Path(log).relative_to(path.parent)) if Path(log).exists() else None}
+    if reason:
+        entry["reason"] = reason
+    if name == "tests" and Path(log).exists():
+        entry["tests"] = pytest_counts(Path(log))
+    data["steps"].append(entry)
+    data["running"] = None
+elif mode == "finish":
+    data["finished"] = True
+    data["elapsed_s"] = int(args[0])
+    for s in data["steps"]:
+        print(f"{s['name']:18} {s['status']:8} rc={s['exit_code']!s:4} {s['seconds']!s:>6} s  {s.get('tests', '')}")
+data["updated"] = now
+path.write_text(json.dumps(data, indent=2))
+PY
+}
+
+FAILED=0
+# step NAME CAP COMMAND...: run COMMAND under min(CAP, time left), its output in $LOGS/NAME.log;
+# returns its exit code (1 when skipped). Skipped when under MIN_STEP_SECONDS of budget remain.
+step() {
+    local name=$1 cap=$2
+    shift 2
+    local log="$LOGS/$name.log" left=$((TOTAL_SECONDS - SECONDS))
+    ((cap > left)) && cap=$left
+    if ((cap < MIN_STEP_SECONDS)); then
+        echo "=== $name: skipped (${left} s of the ${TOTAL_SECONDS} s budget left)"
+        record step "$name" "" "" "$cap" "$log" "budget spent (${left} s left)" "$@"
+        return 1
+    fi
+    echo "=== $name (cap $cap s, at $SECONDS s): $*"
+    record running "$name"
+    local t0 t1 rc
+    t0=$(date +%s.%N)
+    timeout -k 5 "$cap" "$@" >"$log" 2>&1
+    rc=$?
+    t1=$(date +%s.%N)
+    tail -n "${TAIL_LINES:-12}" "$log"
+    ((rc == 0)) || { FAILED=1; echo "=== $name: exit code $rc$( ((rc == 124 || rc == 137)) && echo ' (timed out)')"; }
+    record step "$name" "$rc" "$(python3 -c "print($t1 - $t0)")" "$cap" "$log" "" "$@"
+    return "$rc"
+}
+
+# skip NAME REASON COMMAND...: record a step that is not run, and why.
+skip() {
+    local name=$1 reason=$2
+    shift 2
+    echo "=== $name: skipped ($reason)"
+    record step "$name" "" "" 0 "$LOGS/$name.log" "$reason" "$@"
+}
+
+record start "$BACKEND" "$TOTAL_SECONDS"
+
+# 0. the machine
+if [[ $BACKEND == cupy ]]; then
+    step machine 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader &&
+        python3 -c "import cupy, torch; print(\"cupy\", cupy.__version__, \"torch\", torch.__version__)"' &&
+        cp "$LOGS/machine.log" "$RESULTS/gpu_machine.txt"
+else
+    step machine 30 python3 -c "import numpy, torch; print('CPU rehearsal: numpy', numpy.__version__,
+        'torch', torch.__version__)"
+fi
+
+# 1. (a), (b), (c): the benchmarks the issue asks for
+step bench_required 120 python3 benchmarks/bench_gpu.py --cases required "${BENCH[@]}" --out "$RESULTS/bench_gpu.json"
+
+# 2., 3. (d): NumPy vs CuPy, fused kernels and plain code
+step equivalence 60 python3 benchmarks/gpu_equivalence.py "${EQUIV[@]}" --out "$RESULTS/gpu_equivalence.json"
+step equivalence_plain 45 env SWAV_REF_FUSED=0 python3 benchmarks/gpu_equivalence.py "${EQUIV[@]}" \
     --out "$RESULTS/gpu_equivalence_plain.json"
 
-echo "=== 3. GPU benchmarks ($SECONDS s)"
-timeout "${BENCH_SECONDS:-180}" python3 benchmarks/bench_gpu.py --out "$RESULTS/bench_gpu.json"
-timeout "${BENCH_SECONDS:-150}" python3 benchmarks/bench_resnet.py --backend cupy --out "$RESULTS/bench_resnet_cupy.json"
-timeout "${BENCH_SECONDS:-150}" python3 benchmarks/bench_loss.py --backend cupy --output "$RESULTS/bench_loss_gpu.json"
-echo "=== done ($SECONDS s)"
+# 4. (e): the cupy test lane (the full output in gpu_check/tests.log, its end in gpu_tests.log)
+step tests 150 python3 -m pytest -q -p no:cacheprovider -k cupy -m "not slow" tests
+[[ -f $LOGS/tests.log ]] && tail -n 80 "$LOGS/tests.log" >"$RESULTS/gpu_tests.log"
+
+# 5. the command line end to end: train, stop after epoch 1 of 2, resume, evaluate
+E2E="$LOGS/e2e"
+if step e2e_train 60 python3 -m swav_ref train --backend "$BACKEND" --epochs 2 --stop-after 1 --warmup-epochs 0 \
+    --batch-size 128 --n-prototypes 30 --hidden-dim 64 --feat-dim 32 --no-progress --no-evaluate --out-dir "$E2E"; then
+    if step e2e_resume 45 python3 -m swav_ref train --backend "$BACKEND" --epochs 2 --warmup-epochs 0 \
+        --batch-size 128 --n-prototypes 30 --hidden-dim 64 --feat-dim 32 --no-progress --no-evaluate --out-dir "$E2E" \
+        --resume "$E2E/checkpoint.npz"; then
+        step e2e_eval 45 python3 -m swav_ref eval "$E2E/checkpoint.npz" --out "$E2E/eval.json"
+    else
+        skip e2e_eval "e2e_resume did not succeed"
+    fi
+else
+    skip e2e_resume "e2e_train did not succeed"
+    skip e2e_eval "e2e_train did not succeed"
+fi
+
+# 6. the probes: where the step's time goes, and what might pay next
+step bench_probes 60 python3 benchmarks/bench_gpu.py --cases probes "${BENCH[@]}" --out "$RESULTS/bench_gpu_probes.json"
+
+# 7. the README's older GPU tables
+step bench_loss_cupy 45 python3 benchmarks/bench_loss.py "${OLDER[@]}" --output "$RESULTS/bench_loss_gpu.json"
+step bench_resnet_cupy 90 python3 benchmarks/bench_resnet.py "${OLDER[@]}" --out "$RESULTS/bench_resnet_cupy.json"
+
+echo "=== done ($SECONDS s of $TOTAL_SECONDS)"
+record finish "$SECONDS"
+exit "$FAILED"

@@ -24,6 +24,11 @@ Usage::
                                            # <!-- report:start --> and <!-- report:end -->
                                            # in README.md and docs/results.md, and each
                                            # <!-- digits:FILE:start --> ... :end --> block
+    python benchmarks/report.py --results-dir $OUT   # a GPU run's tables, printed only
+
+``--write`` into README.md and docs/results.md reads benchmarks/results/ only: the tables
+are rebuilt from one folder, so a GPU run's $OUT alone would drop every CPU row. Copy its
+files into benchmarks/results/ first.
 
 Dates: a result without a ``date`` field gets the date of the commit that last changed its
 file (a fresh clone's files all have today's modification date), or its modification date
@@ -337,12 +342,19 @@ def read_gpu(data: dict, path: Path, results_dir: Path) -> list[Row]:
 
 
 def read_equivalence(data: dict, path: Path, results_dir: Path) -> list[Row]:
+    if "error" in data:
+        print(f"report: {path.name}: the comparison failed: {data['error']}", file=sys.stderr)
+        return []
     code = {True: "CuPy with fused kernels", False: "plain CuPy code"}.get(data.get("fused_kernels"),
                                                                            "CuPy" + BEFORE_FUSED)
     what = (f"{data.get('steps', '?')} SwAV training steps on digits: {code} vs NumPy (same seed; largest "
             f"relative loss difference {data.get('max_relative_difference', float('nan')):.1e})")
-    return [Row(what, data.get("cupy_seconds"), data.get("numpy_seconds"), "s", _gpu_machine(results_dir),
-                _date(data, path), "python benchmarks/gpu_equivalence.py")]
+    # newer files record their command; older ones say by fused_kernels whether the
+    # environment switched the fused kernels off
+    command = data.get("command") or (("SWAV_REF_FUSED=0 " if data.get("fused_kernels") is False else "")
+                                      + "python benchmarks/gpu_equivalence.py")
+    return [Row(what, data.get("cupy_seconds"), data.get("numpy_seconds"), "s",
+                data.get("machine") or _gpu_machine(results_dir), _date(data, path), command)]
 
 
 def read_launches(data: dict, path: Path, results_dir: Path) -> list[Row]:
@@ -432,6 +444,7 @@ READERS: dict[str, Reader] = {
     "bench_loss_gpu.json": read_loss,
     "bench_resnet_cupy.json": read_resnet,
     "bench_gpu.json": read_gpu,
+    "bench_gpu_probes.json": read_gpu,
     "gpu_equivalence.json": read_equivalence,
     "gpu_equivalence_plain.json": read_equivalence,
     "bench_launches.json": read_launches,
@@ -439,6 +452,8 @@ READERS: dict[str, Reader] = {
     "bench_deepcluster_scaling.json": read_deepcluster_scaling,
     "bench_threads.json": read_threads,
     **{name: read_training for name in TRAINING_RESULTS},
+    # gpu_check.sh's record of its steps (commands, seconds, exit codes): for people, no table
+    "gpu_check.json": lambda data, path, results_dir: [],
     # shown as accuracy tables of their own (DIGITS_TABLES), not as rows of this one
     **{name: lambda data, path, results_dir: [] for name in DIGITS_TABLES if name not in TRAINING_RESULTS},
 }
@@ -452,6 +467,8 @@ TITLES: dict[str, str] = {
     "bench_loss_gpu.json": "SwAV loss, ours vs PyTorch (GPU)",
     "bench_resnet_cupy.json": "ResNet training step, ours vs PyTorch (GPU)",
     "bench_gpu.json": "GPU benchmark: Sinkhorn, loss, ResNet step, SwAV step",
+    "bench_gpu_probes.json": "GPU probes: where the ResNet step's time goes (profile, CUDA graphs, host floor, "
+                             "launch cost, BatchNorm sums)",
     "gpu_equivalence.json": "The first training steps, CuPy vs NumPy (GPU)",
     "gpu_equivalence_plain.json": "The first training steps, plain CuPy code vs NumPy (GPU)",
     "bench_launches.json": "GPU kernel launches per training step, fused path vs plain code",
@@ -514,14 +531,36 @@ def write_block(path: Path, block: str, markers: tuple[str, str] = (START, END))
     return True
 
 
+def refuse_partial_write(results_dir: Path, targets: Sequence[Path]) -> str | None:
+    """Why ``--write`` must not run, or None. The README's and the course's tables are rebuilt
+    from one results folder: from any other than benchmarks/results/ (a GPU run's $OUT, say)
+    they would lose every row that folder lacks, the CPU ones among them."""
+    if Path(results_dir).resolve() == RESULTS.resolve():
+        return None
+    committed = {t.resolve() for t in TARGETS}
+    hit = [t for t in targets if Path(t).resolve() in committed]
+    if not hit:
+        return None  # other pages: the caller chose what they show
+    return (f"--write with --results-dir {results_dir} would rebuild the tables of "
+            f"{', '.join(str(t) for t in hit)} from that folder alone and drop every row it lacks (the CPU rows "
+            f"among them). Copy the new result files into {RESULTS} first (e.g. cp {results_dir}/bench_gpu.json "
+            f"{RESULTS}/), then run: python benchmarks/report.py --write")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--training", type=Path, nargs="*", default=[],
                    help="more training results (swav-ref demo's results.json) to add as rows")
-    p.add_argument("--write", action="store_true", help="replace the marked block in the target files")
+    p.add_argument("--write", action="store_true",
+                   help="replace the marked block in the target files (README and docs only from benchmarks/results/)")
     p.add_argument("--targets", type=Path, nargs="+", default=list(TARGETS))
     args = p.parse_args(argv)
+    if args.write:
+        reason = refuse_partial_write(args.results_dir, args.targets)
+        if reason:
+            print(f"report: {reason}", file=sys.stderr)
+            return 2
     table = markdown_report(collect_groups(args.results_dir, args.training))
     print(table)
     digits = digits_blocks(args.results_dir)

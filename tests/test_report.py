@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -321,30 +322,132 @@ def test_gpu_network_rows_say_how_each_side_computed(report, tmp_path):
 
 @pytest.mark.slow
 def test_bench_gpu_rehearsal_feeds_the_report(report, tmp_path):
-    """benchmarks/bench_gpu.py at toy sizes on the CPU (NumPy against torch CPU): every case
-    runs without error and report.py reads each one with its own description and peer, so
-    the one GPU run a session may get is not spent on a typo."""
+    """benchmarks/bench_gpu.py at toy sizes on the CPU (NumPy against torch CPU), in the two
+    runs gpu_check.sh makes (required cases, then probes): every case runs without error, the
+    required ones come first, and report.py reads each one with its own description and peer,
+    so that the one GPU run a session may get is not spent on a typo."""
     required.module("torch")
-    out = tmp_path / "gpu" / "bench_gpu.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--backend", "numpy", "--small",
-                    "--repeats", "1", "--out", str(out)], check=True, capture_output=True, text=True, cwd=ROOT)
-    data = json.loads(out.read_text())
-    errors = {k: c["error"] for k, c in data["cases"].items() if "error" in c}
-    assert not errors, errors
-    assert {"sinkhorn_B64_K30", "resnet18_cifar_step_b8_fp32", "resnet18_cifar_step_b8_fp32_plain",
-            "resnet18_cifar_step_b8_tf32", "resnet18_cifar_step_b2_host_floor", "launch_overhead_add",
-            "launch_overhead_view", "bn_row_dot_C64_M8192", "swav_step_resnet18_2x32+6x16_b8",
-            "resnet18_cifar_step_b8_graph_replay", "resnet18_cifar_step_b2_graph_replay"} <= set(data["cases"])
-    assert data["cases"]["resnet18_cifar_step_b8_graph_replay"]["eager_ms"] > 0
-    for mode in ("fp32", "tf32"):
-        profile = data["cases"][f"resnet18_cifar_step_b8_{mode}"]["profile_ms"]
+    out = tmp_path / "gpu"
+    for group, name in (("required", "bench_gpu.json"), ("probes", "bench_gpu_probes.json")):
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--backend", "numpy", "--small",
+                        "--cases", group, "--repeats", "1", "--out", str(out / name)],
+                       check=True, capture_output=True, text=True, cwd=ROOT)
+    data, probes = (json.loads((out / name).read_text()) for name in ("bench_gpu.json", "bench_gpu_probes.json"))
+    for d in (data, probes):
+        errors = {k: c["error"] for k, c in d["cases"].items() if "error" in c}
+        assert not errors, errors
+        assert d["finished"] and d["running"] is None and "torch" in d["versions"]
+        assert d["command"].startswith("python benchmarks/bench_gpu.py --backend numpy --small --cases")
+        assert "--out" not in d["command"] and "--out" in d["argv"]
+    assert list(data["cases"])[:2] == ["resnet18_cifar_step_b8_fp32", "resnet18_cifar_step_b8_fp32_plain"]
+    assert list(data["case_seconds"]) == ["resnet18_fp32", "swav_step", "sinkhorn", "loss", "resnet18_tf32"]
+    assert {"sinkhorn_B64_K30", "swav_loss_fwd_bwd_B64_K30_2+6crops", "resnet18_cifar_step_b8_tf32",
+            "swav_step_resnet18_2x32+6x16_b8"} <= set(data["cases"])
+    assert {"resnet18_cifar_step_b8_profile", "resnet18_cifar_step_b2_host_floor", "launch_overhead_add",
+            "launch_overhead_view", "bn_row_dot_C64_M8192", "resnet18_cifar_step_b8_graph_replay",
+            "resnet18_cifar_step_b2_graph_replay"} == set(probes["cases"]) - {"resnet18_cifar_step_b2_host_floor_plain",
+                                                                             "bn_row_dot_C512_M128"}
+    assert probes["cases"]["resnet18_cifar_step_b8_graph_replay"]["eager_ms"] > 0
+    profile_case = probes["cases"]["resnet18_cifar_step_b8_profile"]
+    for key in ("profile_ms", "profile_plain_ms", "profile_tf32_ms"):
+        profile = profile_case[key]
         assert {"im2col", "BatchNorm backward", "dX GEMM (in conv backward)", "optimiser step"} <= set(profile)
         assert min(profile.values()) > 0
-    rows = report.collect_rows(out.parent)
-    assert len(rows) == len(data["cases"])
-    step = next(r for r in rows if r.what.startswith("full SwAV step"))
-    assert step.peer is not None and step.ratio == pytest.approx(data["cases"]["swav_step_resnet18_2x32+6x16_b8"]["ratio"])
+    rows = report.collect_rows(out)
+    assert len(rows) == len(data["cases"]) + len(probes["cases"])
+    step = next(r for r in rows if r.what.startswith("full SwAV step, CIFAR-10 augmentation"))
+    swav_case = data["cases"]["swav_step_resnet18_2x32+6x16_b8"]
+    assert step.peer is not None and step.ratio == pytest.approx(swav_case["ratio"])
     assert all(r.ratio is not None and r.ratio > 0 for r in rows)
+
+
+def _bench_gpu():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_gpu
+
+    return bench_gpu
+
+
+def test_the_swav_step_benchmark_augments_as_cifar10_training_does():
+    """bench_gpu's SwAV step uses CIFAR-10's recipe (flips, greyscale, CIFAR-10's mean and
+    std, 2x32 + 6x16 crops), not the digits' or the general one."""
+    from swav_ref.data.multicrop import CIFAR10_MEAN, default_config
+
+    step = _bench_gpu().swav_step("numpy", 4, prototypes=4, hidden=8, feat_dim=4, arch="resnet_tiny")
+    config = step.trainer.multicrop.config
+    assert config == default_config("cifar10")
+    assert config.n_crops == (2, 6) and config.sizes == (32, 16) and config.flip_p > 0 and config.grayscale_p > 0
+    assert config.mean == CIFAR10_MEAN and step.trainer.mean == CIFAR10_MEAN
+
+
+def test_bench_gpu_rehearsals_never_overwrite_the_committed_results(capsys):
+    """A NumPy or --small run needs --out (the default path holds the H200's numbers); --small
+    alone falls back to NumPy where CuPy is missing; probes go to a file of their own."""
+    bench_gpu = _bench_gpu()
+    for argv in (["--backend", "numpy"], ["--small"], ["--backend", "numpy", "--small", "--cases", "probes"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_gpu.parse_args(argv)
+        assert exit_info.value.code == 2 and "needs --out" in capsys.readouterr().err
+    args = bench_gpu.parse_args(["--small", "--out", "x.json"])
+    assert args.backend == ("cupy" if bench_gpu._have_cupy() else "numpy") and args.out == Path("x.json")
+    assert bench_gpu.parse_args(["--cases", "probes"]).out.name == "bench_gpu_probes.json"
+    assert bench_gpu.parse_args([]).out == ROOT / "benchmarks" / "results" / "bench_gpu.json"
+
+
+def test_gpu_equivalence_rehearses_on_numpy_and_records_its_command(report, tmp_path):
+    """benchmarks/gpu_equivalence.py --backend numpy: NumPy against itself (trivially equal),
+    the script's whole path on a CPU; the file records its command, which report.py shows.
+    Without --out the rehearsal is refused (the default path holds the GPU result)."""
+    script = ROOT / "benchmarks" / "gpu_equivalence.py"
+    committed = (ROOT / "benchmarks" / "results" / "gpu_equivalence.json").read_bytes()
+    refused = subprocess.run([sys.executable, str(script), "--backend", "numpy", "--steps", "1"],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2 and "give --out" in refused.stderr
+    assert (ROOT / "benchmarks" / "results" / "gpu_equivalence.json").read_bytes() == committed
+    out = tmp_path / "gpu_equivalence_plain.json"
+    env = {**os.environ, "SWAV_REF_FUSED": "0"}
+    subprocess.run([sys.executable, str(script), "--backend", "numpy", "--steps", "2", "--out", str(out)],
+                   check=True, capture_output=True, text=True, cwd=ROOT, env=env)
+    data = json.loads(out.read_text())
+    assert data["passed"] and data["max_relative_difference"] == 0.0 and len(data["cupy"]) == 2
+    assert data["command"] == "SWAV_REF_FUSED=0 python benchmarks/gpu_equivalence.py --backend numpy --steps 2"
+    assert data["fused_kernels"] is False and data["versions"]["numpy"]
+    (row,) = report.collect_rows(tmp_path)
+    assert row.command == data["command"] and "plain CuPy code" in row.what
+
+
+def test_equivalence_rows_name_the_command_that_made_them(report, tmp_path, capsys):
+    """Files without a recorded command: the plain-code run says SWAV_REF_FUSED=0; a recorded
+    command and machine win; a failed comparison gives no row but a message."""
+    cases = {"gpu_equivalence.json": ({"fused_kernels": True}, "python benchmarks/gpu_equivalence.py"),
+             "gpu_equivalence_plain.json": ({"fused_kernels": False},
+                                            "SWAV_REF_FUSED=0 python benchmarks/gpu_equivalence.py")}
+    for name, (extra, command) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        write(d / name, {"steps": 20, "numpy_seconds": 4.0, "cupy_seconds": 2.0, "max_relative_difference": 1e-5,
+                         **extra})
+        (row,) = report.collect_rows(d)
+        assert row.command == command
+        write(d / name, {"steps": 20, "numpy_seconds": 4.0, "cupy_seconds": 2.0, "max_relative_difference": 1e-5,
+                         "command": "python benchmarks/gpu_equivalence.py --steps 20", "machine": "Fake H9", **extra})
+        (row,) = report.collect_rows(d)
+        assert row.command == "python benchmarks/gpu_equivalence.py --steps 20" and row.machine == "Fake H9"
+        write(d / name, {"steps": 20, "error": "BackendUnavailableError: no GPU", **extra})
+        assert report.collect_rows(d) == []
+        assert "no GPU" in capsys.readouterr().err
+
+
+def test_write_refuses_to_rebuild_the_committed_tables_from_another_folder(report, results, capsys):
+    """`report.py --results-dir $OUT --write` would rebuild README.md's and docs/results.md's
+    tables from a GPU run's files alone and drop every CPU row: refused, with what to do."""
+    before = [t.read_text() for t in report.TARGETS]
+    assert report.main(["--results-dir", str(results), "--write"]) == 2
+    err = capsys.readouterr().err
+    assert "drop every row" in err and "Copy the new result files into" in err
+    assert [t.read_text() for t in report.TARGETS] == before
+    assert report.refuse_partial_write(report.RESULTS, report.TARGETS) is None
+    assert report.refuse_partial_write(results, [results / "page.md"]) is None  # a page of one's own: allowed
 
 
 def test_launch_counts_show_the_fused_path_and_feed_the_report(report, tmp_path):
@@ -421,22 +524,66 @@ def test_gpu_rows_written_before_the_fused_kernels_say_so(report, results):
 
 def test_gpu_check_script_calls_scripts_and_options_that_exist():
     """benchmarks/gpu_check.sh runs once per GPU session: its shell must parse, and every
-    benchmark it calls must exist and accept the options it is given (checked with --help)."""
+    benchmark and CLI command it calls must exist and accept the options it is given
+    (checked with --help)."""
     import re
     import shutil
 
     script = ROOT / "benchmarks" / "gpu_check.sh"
     if shutil.which("bash"):
         subprocess.run(["bash", "-n", str(script)], check=True)
-    calls = re.findall(r"python3 (benchmarks/\w+\.py)((?:\\\n|[^\n])*)", script.read_text())  # with continued lines
+    text = script.read_text()
+    calls = re.findall(r"python3 (benchmarks/\w+\.py)((?:\\\n|[^\n])*)", text)  # with continued lines
     assert {c[0] for c in calls} >= {"benchmarks/bench_gpu.py", "benchmarks/gpu_equivalence.py",
                                      "benchmarks/bench_resnet.py", "benchmarks/bench_loss.py"}
-    for path, rest in calls:
-        assert (ROOT / path).exists(), path
-        help_text = subprocess.run([sys.executable, str(ROOT / path), "--help"], capture_output=True, text=True,
+    cli = re.findall(r"python3 -m (swav_ref \w+)((?:\\\n|[^\n])*)", text)
+    assert {c[0] for c in cli} == {"swav_ref train", "swav_ref eval"}
+    for path, rest in calls + cli:
+        program = [str(ROOT / path)] if path.endswith(".py") else ["-m", *path.split()]
+        help_text = subprocess.run([sys.executable, *program, "--help"], capture_output=True, text=True,
                                    cwd=ROOT, check=True).stdout
         for option in re.findall(r"(--[a-z][a-z-]*)", rest):
             assert option in help_text, f"{path} has no option {option}"
+
+
+def test_gpu_check_puts_what_the_issue_needs_first_within_its_budget():
+    """The steps that give the numbers the GPU check exists for come first, and their caps
+    add up to less than the default budget, itself under 8 minutes: they come back even if
+    each runs to its cap."""
+    import re
+
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    budget = int(re.search(r'TOTAL_SECONDS="\$\{TOTAL_SECONDS:-(\d+)\}"', text).group(1))
+    found = re.findall(r"^\s*(?:if )?step (\w+) (\d+) ", text, re.M)
+    steps = list({name: int(cap) for name, cap in found}.items())  # the machine step has a CPU variant
+    first = ["machine", "bench_required", "equivalence", "equivalence_plain", "tests"]
+    assert [name for name, _ in steps[:5]] == first
+    assert sum(cap for _, cap in steps[:5]) <= budget - 30 and budget <= 8 * 60 - 30
+    assert "bench_probes" in dict(steps) and "e2e_train" in dict(steps)
+
+
+def test_gpu_check_records_its_steps_even_when_the_budget_is_spent(tmp_path):
+    """With no budget every step is skipped, and gpu_check.json still records each one, with
+    its command and why it did not run: the record's plumbing, in seconds (the rehearsal with
+    a budget, GPU_CHECK_BACKEND=numpy, runs every step on the CPU in about 3 minutes)."""
+    import shutil
+
+    if not shutil.which("bash") or not shutil.which("timeout"):
+        pytest.skip("needs bash and coreutils' timeout")
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_CHECK_BACKEND": "numpy", "OUT": str(out), "TOTAL_SECONDS": "0"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "gpu_check.json").read_text())
+    assert record["finished"] and record["backend"] == "numpy" and record["running"] is None
+    steps = {s["name"]: s for s in record["steps"]}
+    assert all(s["status"] == "skipped" and s["exit_code"] is None for s in steps.values())
+    assert "budget spent" in steps["tests"]["reason"] and steps["e2e_resume"]["reason"] == "e2e_train did not succeed"
+    assert steps["bench_required"]["command"].startswith("python3 benchmarks/bench_gpu.py --cases required")
+    refused = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                             cwd=ROOT, env={**os.environ, "GPU_CHECK_BACKEND": "numpy", "OUT": ""})
+    assert refused.returncode == 2 and "rehearsal" in refused.stderr
 
 
 def test_thread_rows_compare_one_thread_with_the_default_per_condition(report, tmp_path):
