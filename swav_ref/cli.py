@@ -167,9 +167,10 @@ def _limit_threads(n: int) -> None:
     library loaded later."""
     if n < 0:
         raise UserError(f"--threads {n}: must be at least 0 (0 = the BLAS library's default)")
-    cores = os.cpu_count()
-    if cores and n > cores:  # idle threads past the cores only spin and take turns with the busy ones
-        raise UserError(f"--threads {n}: this machine has {cores} cores; use at most {cores} (0 = one per core)")
+    cpus = _usable_cpus()
+    if cpus and n > cpus:  # threads past the CPUs only spin and take turns with the busy ones
+        raise UserError(f"--threads {n}: this process may use {cpus} CPU(s); use at most {cpus} "
+                        "(0 = the BLAS library's default)")
     if n:
         for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = str(n)
@@ -178,6 +179,14 @@ def _limit_threads(n: int) -> None:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(n)
+
+
+def _usable_cpus() -> int | None:
+    """The CPUs this process may run on (its affinity: taskset, a Slurm allocation), which
+    can be fewer than the machine's ``os.cpu_count()``."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count()
 
 
 def _one_process_only(command: str) -> None:
@@ -315,7 +324,8 @@ def _run_eval(args: argparse.Namespace) -> int:
                         "(dataset 'arrays'), which the command line cannot load; evaluate it from Python: "
                         "swav_ref.encoder.load_encoder(path).features(images), then a classifier of your choice")
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name("eval.json")
-    _output_folder(str(out.parent), "--out")  # before the evaluation, not after it
+    # before the evaluation, not after it
+    _output_folder(str(out.parent), "--out" if args.out else "eval.json goes next to the checkpoint (give --out): its folder")
     changes = {"progress": False}
     if args.backend:
         changes["backend"] = args.backend

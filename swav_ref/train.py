@@ -315,9 +315,11 @@ class TrainConfig:
             raise ConfigError(f"--dataset {self.dataset}: the crop sizes follow the images' size; give {how}, or "
                               "all of --n-crops, --crop-sizes, --min-scale and --max-scale")
         if recipe == "folder" and side < 2:
+            scale_up = ("scale them up with --image-size N (N >= 2)" if self.dataset == "folder"
+                        else "scale them up before handing them over")
             raise ConfigError(f"{data_name or self.dataset}: the images are {side} pixel(s) on their shorter side, too "
-                              "small for two crop sizes; scale them up with --image-size N (N >= 2), or give all of "
-                              "--n-crops, --crop-sizes, --min-scale and --max-scale")
+                              f"small for two crop sizes; {scale_up}, or give all of --n-crops, --crop-sizes, "
+                              "--min-scale and --max-scale")
         crops = default_config(recipe, image_size=side)
         filled = {"n_crops": crops.n_crops, "crop_sizes": crops.sizes,
                   "min_scale": crops.min_scale, "max_scale": crops.max_scale}
@@ -573,7 +575,9 @@ class Trainer:
         none of ImageNet's flips and blurs on 8x8 digits), with this run's crop counts,
         sizes and scales, normalised by the training set's own channel statistics."""
         cfg = self.config
-        base = default_config(recipe_name(cfg.dataset), image_size=max(cfg.crop_sizes))
+        # only the recipe's flips, jitter and blur are used: its sizes are replaced by this
+        # run's, which may be smaller than the folder recipe's least (2)
+        base = default_config(recipe_name(cfg.dataset), image_size=max(2, *cfg.crop_sizes))
         return base.replace(n_crops=cfg.n_crops, sizes=cfg.crop_sizes, min_scale=cfg.min_scale,
                             max_scale=cfg.max_scale, mean=self.mean, std=self.std)
 

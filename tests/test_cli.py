@@ -128,10 +128,13 @@ def test_a_diverged_run_is_one_line_with_its_advice(tmp_path, capsys, monkeypatc
     assert err.startswith("swav-ref: error: the loss is not finite") and "--base-lr" in err and "Traceback" not in err
 
 
-def test_threads_beyond_the_cores_are_refused(capsys):
-    cores = os.cpu_count()
-    assert main(["train", "--threads", str(cores + 1)]) == 2
-    assert f"--threads {cores + 1}: this machine has {cores} cores" in capsys.readouterr().err
+def test_threads_beyond_the_usable_cpus_are_refused(capsys):
+    from swav_ref.cli import _usable_cpus
+
+    cpus = _usable_cpus()
+    assert 1 <= cpus <= os.cpu_count()
+    assert main(["train", "--threads", str(cpus + 1)]) == 2
+    assert f"--threads {cpus + 1}: this process may use {cpus} CPU(s)" in capsys.readouterr().err
 
 
 def test_a_queue_the_run_never_reaches_warns(tmp_path):
@@ -194,6 +197,21 @@ def _write_images(folder, sizes, labelled=True):
         where = folder / str(i % 2) if labelled else folder
         where.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, size=(h, w), dtype=np.uint8)).save(where / f"{i}.png")
+
+
+def test_arrays_of_one_pixel_are_refused_with_advice_that_fits_and_tiny_crops_still_train(tmp_path):
+    from swav_ref.data.datasets import ImageDataset
+    from swav_ref.train import ConfigError, Trainer
+
+    tiny = ImageDataset(np.zeros((40, 1, 1, 1), dtype=np.uint8), name="my arrays")
+    config = TrainConfig(dataset="arrays", out_dir=str(tmp_path), progress=False, batch_size=8, n_prototypes=(4,))
+    with pytest.raises(ConfigError, match="my arrays: the images are 1 pixel.*scale them up before handing them over"):
+        Trainer(config, train_set=tiny)
+    # a crop size of 1 on larger images is the user's call: the recipe's own sizes are replaced
+    images = ImageDataset(np.zeros((40, 1, 16, 16), dtype=np.uint8), name="arrays")
+    crops = {"n_crops": (2,), "crop_sizes": (1,), "min_scale": (0.5,), "max_scale": (1.0,)}
+    trainer = Trainer(dataclasses.replace(config, **crops), train_set=images)
+    assert trainer.multicrop.config.sizes == (1,)
 
 
 def test_one_pixel_images_ask_for_image_size(tmp_path, capsys):

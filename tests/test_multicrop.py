@@ -78,9 +78,8 @@ def test_config_takes_numpy_integers():
     assert all(type(v) is int for v in config.n_crops + config.sizes)
 
 
-def test_folder_recipe_for_one_pixel_images_says_to_scale_them_up():
-    # the trainer asks for the recipe with the loaded images' shorter side
-    with pytest.raises(ValueError, match=r"got 1: images 1 pixel .*\(e.g. 1x1\).*scale them up.*--image-size"):
+def test_folder_recipe_needs_two_pixels():
+    with pytest.raises(ValueError, match=r"needs image_size >= 2 \(the side of the large crops\), got 1"):
         M.default_config("folder", image_size=1)
 
 

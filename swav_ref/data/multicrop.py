@@ -249,15 +249,9 @@ def default_config(
         config = MultiCropConfig()
     elif name == "folder":
         if image_size is None or image_size < 2:
-            hint = ""
-            if image_size == 1:  # the trainer passes the loaded images' shorter side: tiny images
-                hint = (
-                    ": images 1 pixel on their shorter side (e.g. 1x1) are too small to crop; scale them up "
-                    "when loading, with --image-size on the command line (image_size= in TrainConfig, "
-                    "load_dataset or load_image_folder)"
-                )
+            # (the trainer refuses one-pixel images itself, with the advice that fits them)
             raise ValueError(
-                f"default_config('folder') needs image_size >= 2 (the side of the large crops), got {image_size}{hint}"
+                f"default_config('folder') needs image_size >= 2 (the side of the large crops), got {image_size}"
             )
         config = MultiCropConfig(sizes=(image_size, max(1, round(image_size * 96 / 224))))
     else:

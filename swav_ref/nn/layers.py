@@ -412,8 +412,8 @@ class _BatchNorm(Module):
         super().__init__(xp, dtype)
         xp = self.xp  # the namespace, also when a backend name was given
         eps, momentum = python_float(eps, "BatchNorm eps"), python_float(momentum, "BatchNorm momentum")
-        if eps <= 0 or not 0 <= momentum <= 1:
-            raise ValueError(f"BatchNorm needs eps > 0 and momentum in [0, 1], got eps={eps}, momentum={momentum}")
+        if eps < 0 or not 0 <= momentum <= 1:
+            raise ValueError(f"BatchNorm needs eps >= 0 and momentum in [0, 1], got eps={eps}, momentum={momentum}")
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.allreduce = allreduce
         self.params["weight"] = xp.ones((num_features,), dtype=self.dtype)
