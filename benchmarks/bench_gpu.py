@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import platform
 import sys
@@ -89,6 +90,7 @@ from bench_resnet import (  # noqa: E402  (the CPU benchmark's step and precisio
 from gpu_equivalence import provenance  # noqa: E402
 
 from swav_ref import fused  # noqa: E402
+from swav_ref.nn import functional as F  # noqa: E402
 from swav_ref.backend import BackendUnavailableError, Random, get_backend, set_tf32, synchronize  # noqa: E402
 
 SIZES = {"full": dict(batch=4096, prototypes=3000, images=256, floor_images=8, swav_batch=256,
@@ -318,6 +320,9 @@ def replayable(s: Setup, step):
     which nothing else uses while the benchmark runs."""
     if s.device != "cuda":
         return step
+    # A non-blocking stream does not wait for the default one, where CuPy 14's asarray copies
+    # the inputs asynchronously: let them land first.
+    s.sync()
     stream = s.xp.cuda.Stream(non_blocking=True)
     with stream:
         step()  # warm on this stream: kernels compiled, memory pooled for this stream
@@ -325,8 +330,11 @@ def replayable(s: Setup, step):
         stream.begin_capture()
         try:
             step()
-        finally:
-            graph = stream.end_capture()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                stream.end_capture()  # leave capture mode; its own error would hide the first one
+            raise
+        graph = stream.end_capture()
 
     def replay():
         graph.launch(stream=stream)
@@ -473,7 +481,11 @@ def pool_bytes(s: Setup) -> dict:
 
 def free_pool(s: Setup) -> None:
     """Return the pool's unused blocks to the device, so that the next case's
-    ``pool_total_bytes`` counts that case's own memory."""
+    ``pool_total_bytes`` counts that case's own memory. The convolutions' kept column
+    buffers (``F.SCRATCH``, several GB after a resnet18 step at batch 256) hold their
+    blocks in use, so they are let go first."""
+    F.SCRATCH.clear()
+    gc.collect()
     if s.device == "cuda":
         with contextlib.suppress(Exception):
             s.xp.get_default_memory_pool().free_all_blocks()

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check: one run on a machine with an NVIDIA GPU, CuPy and PyTorch, within an overall
 # budget of TOTAL_SECONDS (default 450 s, under the 8 minutes a device session allows it):
-#     OUT=<dir> bash benchmarks/gpu_check.sh
-# Results go to $OUT when it is set (the device tool), otherwise to benchmarks/results/.
+#     bash benchmarks/gpu_check.sh     (on the device tool, which sets $OUT itself)
+# Without $OUT the results go to benchmarks/results/. With $OUT (the device tool brings back
+# at most 8 files from it) they are written to a folder of their own (GPU_CHECK_WORK, default
+# a fresh /tmp/gpu_check.XXXXXX) and, after every step, packed into $OUT/gpu_check.tgz
+# (checkpoints left out) beside copies of gpu_check.json, bench_gpu.json,
+# gpu_equivalence.json and gpu_tests.log; the console ends with the numbers that answer
+# the question. Unpack: tar -xzf gpu_check.tgz -C <folder>.
 #
 # Order: what the GPU check exists for first. Every step runs under `timeout` with the
 # smaller of its own cap and the time left in the budget; a step that fails or hangs is
@@ -49,7 +54,11 @@ if [[ $BACKEND != cupy && -z ${OUT:-} ]]; then
     echo "gpu_check: GPU_CHECK_BACKEND=$BACKEND is a rehearsal; set OUT=/tmp/somewhere" >&2
     exit 2
 fi
-RESULTS="${OUT:-benchmarks/results}"
+if [[ -n ${OUT:-} ]]; then
+    RESULTS="${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}"
+else
+    RESULTS=benchmarks/results
+fi
 LOGS="$RESULTS/gpu_check"
 CHECK_JSON="$RESULTS/gpu_check.json"
 mkdir -p "$LOGS"
@@ -118,6 +127,20 @@ path.write_text(json.dumps(data, indent=2))
 PY
 }
 
+# publish: with $OUT, pack the results into $OUT/gpu_check.tgz (written aside, then moved, so
+# a kill leaves the last whole one) and copy the main records beside it: at most 6 files.
+publish() {
+    [[ -n ${OUT:-} ]] || return 0
+    mkdir -p "$OUT"
+    tar -czf "$OUT/.gpu_check.tgz.part" --exclude='*.npz' -C "$RESULTS" . &&
+        mv "$OUT/.gpu_check.tgz.part" "$OUT/gpu_check.tgz"
+    local f
+    for f in gpu_check.json bench_gpu.json gpu_equivalence.json gpu_tests.log; do
+        [[ -f $RESULTS/$f ]] && cp "$RESULTS/$f" "$OUT/$f"
+    done
+    return 0
+}
+
 FAILED=0
 # step NAME CAP COMMAND...: run COMMAND under min(CAP, time left), its output in $LOGS/NAME.log;
 # returns its exit code (1 when skipped). Skipped when under MIN_STEP_SECONDS of budget remain.
@@ -129,6 +152,7 @@ step() {
     if ((cap < MIN_STEP_SECONDS)); then
         echo "=== $name: skipped (${left} s of the ${TOTAL_SECONDS} s budget left)"
         record step "$name" "" "" "$cap" "$log" "budget spent (${left} s left)" "$@"
+        publish
         return 1
     fi
     echo "=== $name (cap $cap s, at $SECONDS s): $*"
@@ -141,6 +165,7 @@ step() {
     tail -n "${TAIL_LINES:-12}" "$log"
     ((rc == 0)) || { FAILED=1; echo "=== $name: exit code $rc$( ((rc == 124 || rc == 137)) && echo ' (timed out)')"; }
     record step "$name" "$rc" "$(python3 -c "print($t1 - $t0)")" "$cap" "$log" "" "$@"
+    publish
     return "$rc"
 }
 
@@ -173,7 +198,8 @@ step equivalence_plain 45 env SWAV_REF_FUSED=0 python3 benchmarks/gpu_equivalenc
     --out "$RESULTS/gpu_equivalence_plain.json"
 
 # 4. (e): the cupy test lane (the full output in gpu_check/tests.log, its end in gpu_tests.log)
-step tests 150 python3 -m pytest -q -p no:cacheprovider -k cupy -m "not slow" tests
+# -v: each test's outcome by name as it finishes, so a lane cut short still says how far it got
+step tests 150 python3 -m pytest -v -p no:cacheprovider --durations=15 -k cupy -m "not slow" tests
 [[ -f $LOGS/tests.log ]] && tail -n 80 "$LOGS/tests.log" >"$RESULTS/gpu_tests.log"
 
 # 5. the command line end to end: train, stop after epoch 1 of 2, resume, evaluate
@@ -201,4 +227,28 @@ step bench_resnet_cupy 90 python3 benchmarks/bench_resnet.py "${OLDER[@]}" --out
 
 echo "=== done ($SECONDS s of $TOTAL_SECONDS)"
 record finish "$SECONDS"
+# The numbers the check exists for, last on the console (the device tool returns its end).
+python3 - "$RESULTS" <<'PY' || true
+import json, sys
+from pathlib import Path
+
+results = Path(sys.argv[1])
+for name in ("bench_gpu.json", "gpu_equivalence.json", "gpu_equivalence_plain.json"):
+    path = results / name
+    if not path.exists():
+        print(f"{name}: missing")
+        continue
+    data = json.loads(path.read_text())
+    for key, case in data.get("cases", {}).items():
+        if "error" in case:
+            print(f"{key}: ERROR {case['error']}")
+            continue
+        ratio = f"ratio {case['ratio']:.3g}" if "ratio" in case else ""
+        rate = f"{case['images_per_s']:.0f} images/s" if "images_per_s" in case else ""
+        print(f"{key}: ours {case.get('ours_ms', float('nan')):.3g} ms {ratio} {rate}".rstrip())
+    if "max_relative_difference" in data:
+        print(f"{name}: largest relative loss difference {data['max_relative_difference']:.2e} "
+              f"(rtol {data.get('rtol')}), passed={data.get('passed')}")
+PY
+publish
 exit "$FAILED"

@@ -581,6 +581,12 @@ def test_gpu_check_records_its_steps_even_when_the_budget_is_spent(tmp_path):
     assert all(s["status"] == "skipped" and s["exit_code"] is None for s in steps.values())
     assert "budget spent" in steps["tests"]["reason"] and steps["e2e_resume"]["reason"] == "e2e_train did not succeed"
     assert steps["bench_required"]["command"].startswith("python3 benchmarks/bench_gpu.py --cases required")
+    # the device tool brings back at most 8 files from $OUT: the rest travels packed
+    import tarfile
+
+    assert len([p for p in out.rglob("*") if p.is_file()]) <= 8, sorted(out.rglob("*"))
+    with tarfile.open(out / "gpu_check.tgz") as packed:
+        assert "./gpu_check.json" in packed.getnames()
     refused = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
                              cwd=ROOT, env={**os.environ, "GPU_CHECK_BACKEND": "numpy", "OUT": ""})
     assert refused.returncode == 2 and "rehearsal" in refused.stderr
