@@ -24,6 +24,8 @@ def training_curves(steps: Sequence[dict], n_prototypes: int | None = None) -> F
         when present, ``prototypes_used`` and ``code_entropy``).
     n_prototypes : K; draws the collapse level ``ln K`` on the loss panel.
     """
+    if n_prototypes is not None and not (isinstance(n_prototypes, (int, np.integer)) and n_prototypes >= 1):
+        raise ValueError(f"training_curves: n_prototypes must be a positive integer (K) or None, got {n_prototypes!r}")
     step = np.array([r["step"] for r in steps])
     loss = np.array([r["loss"] for r in steps], dtype=float)
     fig = Figure(figsize=(10, 3.6), layout="constrained")
@@ -52,8 +54,13 @@ def training_curves(steps: Sequence[dict], n_prototypes: int | None = None) -> F
 
 def image_grid(images: np.ndarray, nrows: int, ncols: int, titles: Sequence[str] | None = None,
                figsize: tuple[float, float] | None = None) -> Figure:
-    """A grid of images (N, C, H, W), uint8 or float in [0, 1], greyscale or RGB."""
+    """A grid of images (N, C, H, W), uint8 or float in [0, 1], greyscale or RGB; one
+    title per shown image when ``titles`` is given."""
     images = np.asarray(images)
+    _check_images(images)
+    shown = min(len(images), nrows * ncols)
+    if titles is not None and len(titles) < shown:
+        raise ValueError(f"image_grid: {len(titles)} titles for {shown} images")
     fig = Figure(figsize=figsize or (1.2 * ncols, 1.2 * nrows), layout="constrained")
     axes = np.atleast_2d(fig.subplots(nrows, ncols, squeeze=False))
     for i, ax in enumerate(axes.ravel()):
@@ -79,7 +86,10 @@ def prototype_gallery(images: np.ndarray, assignments: np.ndarray, n_prototypes:
     ``per_prototype`` of its images; a row of one digit class means the prototype has
     discovered that class without labels.
     """
-    assignments = np.asarray(assignments)
+    images, assignments = np.asarray(images), np.asarray(assignments)
+    if len(images) == 0 or assignments.shape != (len(images),):
+        raise ValueError(f"prototype_gallery: needs one assignment per image and at least one image, got "
+                         f"{len(images)} images and assignments of shape {assignments.shape}")
     counts = np.bincount(assignments)
     top = np.argsort(counts)[::-1][:n_prototypes]
     rows, titles = [], []
@@ -90,3 +100,17 @@ def prototype_gallery(images: np.ndarray, assignments: np.ndarray, n_prototypes:
             rows.append(images[members[j]] if j < len(members) else blank)
             titles.append(f"proto {k} (n={counts[k]})" if j == 0 else "")
     return image_grid(np.stack(rows), len(top), per_prototype, titles=titles)
+
+
+def _check_images(images: np.ndarray) -> None:
+    """(N, C, H, W) with 1 or 3 channels, uint8 or float in [0, 1]: anything else would be
+    clipped to white or black without a word (float pixels on the 0..255 scale, int16)."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (N, C, H, W) with 1 or 3 channels, got shape {images.shape}")
+    if images.dtype == np.uint8:
+        return
+    if images.dtype.kind != "f":
+        raise ValueError(f"images must be uint8 (0..255) or float (0..1), got dtype {images.dtype}")
+    if images.size and (np.nanmin(images) < 0 or np.nanmax(images) > 1):
+        raise ValueError(f"float images must lie in [0, 1], got values in [{np.nanmin(images):g}, "
+                         f"{np.nanmax(images):g}]; divide 0..255 pixels by 255 (or pass uint8)")

@@ -1,0 +1,46 @@
+"""The figures: what they draw, and the inputs they refuse instead of drawing them wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from swav_ref import plots
+
+
+def test_training_curves_draws_the_collapse_level():
+    steps = [{"step": s, "loss": 4.6 - 0.1 * s, "prototypes_used": 90, "code_entropy": 4.5} for s in range(5)]
+    fig = plots.training_curves(steps, n_prototypes=100)
+    loss_axes = fig.axes[0]
+    assert [line.get_ydata()[0] for line in loss_axes.lines][-1] == pytest.approx(np.log(100))
+    with pytest.raises(ValueError, match="n_prototypes must be a positive integer"):
+        plots.training_curves(steps, n_prototypes=-3)
+
+
+def test_image_grid_shows_uint8_and_unit_floats():
+    rng = np.random.default_rng(0)
+    grid = plots.image_grid(rng.integers(0, 256, (3, 1, 8, 8), dtype=np.uint8), 1, 3, titles=["a", "b", "c"])
+    assert [ax.get_title() for ax in grid.axes] == ["a", "b", "c"]
+    plots.image_grid(rng.random((2, 3, 8, 8)), 1, 2)
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.full((2, 1, 8, 8), 200.0), r"float images must lie in \[0, 1\], got values in \[200, 200\]"),
+    (np.zeros((2, 1, 8, 8), dtype=np.int16), "must be uint8 .* got dtype int16"),
+    (np.zeros((2, 8, 8), dtype=np.uint8), r"\(N, C, H, W\) with 1 or 3 channels, got shape \(2, 8, 8\)"),
+])
+def test_image_grid_refuses_images_it_would_clip(images, message):
+    with pytest.raises(ValueError, match=message):
+        plots.image_grid(images, 1, 2)
+
+
+def test_grid_titles_and_gallery_assignments_must_cover_the_images():
+    images = np.zeros((4, 1, 8, 8), dtype=np.uint8)
+    with pytest.raises(ValueError, match="1 titles for 4 images"):
+        plots.image_grid(images, 2, 2, titles=["only one"])
+    with pytest.raises(ValueError, match="one assignment per image"):
+        plots.prototype_gallery(images, np.array([0, 1]))
+    with pytest.raises(ValueError, match="at least one image"):
+        plots.prototype_gallery(images[:0], np.array([], dtype=np.int64))
+    fig = plots.prototype_gallery(images, np.array([0, 0, 1, 1]), n_prototypes=2, per_prototype=2)
+    assert len(fig.axes) == 4
