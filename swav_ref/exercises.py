@@ -14,8 +14,11 @@ verdict::
 An answer of ``None`` (or a stub that returns ``None``) gives "not attempted yet", so the
 notebooks run to the end with the exercises unanswered. The distance is
 :func:`swav_ref.nn.gradcheck.rel_error`, :math:`\max|a - b| / \max(|a| + |b|)`; an answer
-passes below ``1e-8``. Where the answer is off, the message says how: a transposed or
-mis-shaped output, a flipped sign, a constant factor, or which rows differ, with a hint.
+passes below ``1e-8``, so it must be computed in float64 like the inputs (a float32 answer
+is told so); complex or non-numeric answers are refused. Where the answer is off, the message
+says how: a transposed or mis-shaped output, a flipped sign, a constant factor, or which rows
+differ, with a hint. The reference is computed before the answer runs, and the answer gets
+copies of the inputs, so an answer that edits its inputs in place changes neither.
 
 The exercises, by notebook: 02 :func:`check_g_update`; 03 :func:`check_codes_as_transport`,
 :func:`check_swapped_loss_grad`, :func:`check_prototypes_backward`; 04
@@ -25,6 +28,7 @@ The exercises, by notebook: 02 :func:`check_g_update`; 03 :func:`check_codes_as_
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -96,8 +100,13 @@ def _not_yet(error: float, message: str) -> CheckResult:
 
 
 def _run(answer: Callable[..., Any], *args: Any) -> tuple[Any, CheckResult | None]:
-    """The answer's output, or the verdict when it raised or returned None."""
+    """The answer's output, or the verdict when it raised or returned None.
+
+    The answer gets deep copies of ``args``: an answer that edits an input in place (``dout *= 2``)
+    must change neither the reference nor the inputs of its next call.
+    """
     name = getattr(answer, "__name__", "your function")
+    args = copy.deepcopy(args)
     try:
         result = answer(*args)
     except Exception as exc:  # any mistake in the student's code is reported, not raised
@@ -105,28 +114,64 @@ def _run(answer: Callable[..., Any], *args: Any) -> tuple[Any, CheckResult | Non
     return result, (_not_attempted(f"{name} returned None") if result is None else None)
 
 
+def _real_array(name: str, got: Any) -> tuple[np.ndarray | None, str | None]:
+    """``got`` as an array of real numbers, or ``(None, what is wrong)``.
+
+    Only integer and floating dtypes are accepted: converting a complex answer to float64 would
+    silently drop its imaginary part, and strings of digits would convert without complaint.
+    """
+    try:
+        array = np.asarray(got)
+    except Exception:  # ragged lists, objects whose __array__ raises, ...
+        return None, f"{name} is not an array of numbers (got {type(got).__name__})"
+    if array.dtype == object:  # a dict, a ragged list, ...
+        return None, f"{name} is not an array of numbers (got {type(got).__name__}, dtype object)"
+    if array.dtype.kind not in "iuf":  # complex, bool, strings, dates
+        return None, (f"{name} has dtype {array.dtype}: return an array of real numbers "
+                      f"(float64, like the inputs)")
+    return array, None
+
+
+def _tolerance(dtype: np.dtype) -> float:
+    """How close an answer of this dtype can get: float32 (or float16) stops near its own eps,
+    so the float64 ``TOLERANCE`` would fail a correct answer with a misleading formula hint."""
+    if dtype.kind == "f" and dtype.itemsize < 8:
+        return min(1e3 * float(np.finfo(dtype).eps), 1e-2)
+    return TOLERANCE
+
+
 def _difference(name: str, got: Any, want: Any, hint: str) -> tuple[float, str | None]:
     """``(error, None)`` when ``got`` matches ``want``, else ``(error, what is wrong)``."""
     want = np.asarray(want, dtype=np.float64)
-    try:
-        got = np.asarray(got, dtype=np.float64)
-    except (TypeError, ValueError):
-        return math.nan, f"{name} is not an array of numbers (got {type(got).__name__})"
+    got, problem = _real_array(name, got)
+    if problem is not None:
+        return math.nan, problem
     if got.shape != want.shape:
         if got.ndim == 2 and got.shape == want.shape[::-1]:
             return math.nan, f"{name} has shape {got.shape}, the reference {want.shape}: transposed?"
         return math.nan, f"{name} has shape {got.shape}, the reference {want.shape}"
     if not np.all(np.isfinite(got)):
         return math.nan, f"{name} contains NaN or inf; {hint}"
+    dtype, tolerance = got.dtype, _tolerance(got.dtype)  # for the float32 verdict, the sign and the factor
+    got = got.astype(np.float64)
     error = rel_error(got, want)
     if error < TOLERANCE:
         return error, None
-    if rel_error(-got, want) < TOLERANCE:
+    if error < tolerance:  # right, but float32 (or float16) cannot get closer
+        return error, (f"{name} is {dtype}, which agrees with the reference only to {dtype}'s precision "
+                       f"({error:.0e}) while the check needs {TOLERANCE:.0e}: compute in float64 "
+                       f"(the inputs are float64)")
+    if rel_error(-got, want) < tolerance:
         return error, f"{name} is -1 times the reference: check the sign; {hint}"
     scale = float(np.sum(got * want) / np.sum(want * want)) if np.any(want) else 0.0
-    if scale != 0.0 and rel_error(got, scale * want) < TOLERANCE:
+    if scale != 0.0 and rel_error(got, scale * want) < tolerance:
         return error, f"{name} is {scale:.4g} times the reference: a missing or extra factor; {hint}"
     return error, f"{name} differs from the reference by {error:.2g} (max rel. error); {hint}"
+
+
+def _matches(got: Any, want: Any) -> bool:
+    """Whether ``got`` passes against ``want`` (for spotting swapped or misread outputs)."""
+    return _difference("", got, want, "")[1] is None
 
 
 def _verdict(comparisons: list[tuple[str, Any, Any, str]]) -> CheckResult:
@@ -214,10 +259,10 @@ def check_codes_as_transport(my_codes: Answer) -> CheckResult:
     embeddings, _ = F.l2_normalize_forward(rng.normal(size=(batch, 5)))
     prototypes, _ = F.l2_normalize_forward(rng.normal(size=(n_prototypes, 5)))
     scores = embeddings @ prototypes.T  # cosines
+    reference = sinkhorn_codes(scores, epsilon=epsilon, n_iters=1000)
     codes, failed = _run(my_codes, scores, epsilon)
     if failed:
         return failed
-    reference = sinkhorn_codes(scores, epsilon=epsilon, n_iters=1000)
     hint = ("cost -scores, r = 1/B per sample, c = 1/K per prototype, lam = 1/epsilon, "
             "multiply the plan by B so that every row sums to 1, and solve to a tight tol (1e-12)")
     return _verdict([("codes", codes, reference, hint)])
@@ -243,24 +288,48 @@ def check_swapped_loss_grad(my_swapped_loss_grad: Answer) -> CheckResult:
     n_crops, batch, n_prototypes, assign, temperature = 4, 3, 5, (0, 1), 0.1
     scores = rng.uniform(-1, 1, size=(n_crops * batch, n_prototypes))
     codes = [rng.dirichlet(np.ones(n_prototypes), size=batch) for _ in assign]
+    _, reference = swapped_prediction_loss(scores, codes, batch, crops_for_assign=assign, temperature=temperature)
     grad, failed = _run(my_swapped_loss_grad, scores, codes, batch, assign, temperature)
     if failed:
         return failed
-    _, reference = swapped_prediction_loss(scores, codes, batch, crops_for_assign=assign, temperature=temperature)
     error, problem = _difference("the gradient", grad, reference,
                                  "prediction minus target, divided by tau |A| (V - 1) B")
     if problem is None:
         return CheckResult(True, error, f"correct: max rel. error {error:.0e}")
-    if math.isfinite(error):  # same shape: say which crop's rows are furthest off
-        rows = [slice(v * batch, (v + 1) * batch) for v in range(n_crops)]
-        worst = max(range(n_crops), key=lambda v: rel_error(np.asarray(grad)[rows[v]], reference[rows[v]]))
-        role = ("an assignment crop, so it predicts the other assignment crop's code only (n_v = |A| - 1)"
-                if worst in assign else "not an assignment crop, so it predicts every code (n_v = |A|)")
-        problem += f". Crop {worst}'s rows differ most; crop {worst} is {role}"
-        if all(rel_error(np.asarray(grad)[r], reference[r]) > TOLERANCE for r in rows):
-            problem += (f". Every crop's rows differ: the scores are stacked crop by crop, rows v B to "
-                        f"(v + 1) B - 1 are crop v (here B = {batch})")
+    if _row_diagnosis_helps(problem):
+        problem = _swapped_loss_rows(problem, grad, reference, scores, codes, batch, assign, temperature)
     return _not_yet(error, problem)
+
+
+def _row_diagnosis_helps(problem: str) -> bool:
+    """Only a plain "differs" is worth narrowing down to rows: a shape, dtype, sign or factor
+    diagnosis is already the most specific one (and adding row advice would contradict it)."""
+    return " differs from the reference by " in problem
+
+
+def _swapped_loss_rows(problem: str, grad: Any, reference: np.ndarray, scores: np.ndarray,
+                       codes: list[np.ndarray], batch: int, assign: tuple[int, ...], temperature: float) -> str:
+    """``problem`` (a plain "differs") narrowed down to the rows that are wrong: one diagnosis."""
+    grad = np.asarray(grad, dtype=np.float64)
+    n_crops = len(scores) // batch
+    stacking = (f"the scores are stacked crop by crop, rows v B to (v + 1) B - 1 are crop v "
+                f"(here B = {batch})")
+    # An answer that reads the rows image by image (image n, crop v at row n V + v) is
+    # recognised by running the reference on the scores reordered that way.
+    image_major = np.arange(n_crops * batch).reshape(n_crops, batch).T.reshape(-1)
+    misread = np.empty_like(reference)
+    misread[image_major] = swapped_prediction_loss(scores[image_major], codes, batch, crops_for_assign=assign,
+                                                   temperature=temperature)[1]
+    if _matches(grad, misread):
+        return f"your rows are ordered image by image, but {stacking}"
+    rows = [slice(v * batch, (v + 1) * batch) for v in range(n_crops)]
+    wrong = [v for v in range(n_crops) if not _matches(grad[rows[v]], reference[rows[v]])]
+    if len(wrong) == n_crops:
+        return f"{problem}. Every crop's rows differ (mind that {stacking})"
+    worst = max(wrong, key=lambda v: rel_error(grad[rows[v]], reference[rows[v]]))
+    role = ("an assignment crop, so it predicts the other assignment crop's code only (n_v = |A| - 1)"
+            if worst in assign else "not an assignment crop, so it predicts every code (n_v = |A|)")
+    return f"{problem}. Crop {worst}'s rows differ most; crop {worst} is {role}"
 
 
 def check_prototypes_backward(my_prototypes_backward: Answer) -> CheckResult:
@@ -283,14 +352,14 @@ def check_prototypes_backward(my_prototypes_backward: Answer) -> CheckResult:
     z = rng.normal(size=(6, 3)) * rng.uniform(0.5, 2.0, size=(6, 1))  # rows of different lengths
     weight, _ = F.l2_normalize_forward(rng.normal(size=(4, 3)))
     dscores = rng.normal(size=(6, 4))
+    _, cache = prototypes_forward(z, weight)
+    dz, dweight = prototypes_backward(dscores, cache)
     result, failed = _run(my_prototypes_backward, dscores, z, weight)
     if failed:
         return failed
     result, failed = _outputs(result, 2, "dz, dC")
     if failed:
         return failed
-    _, cache = prototypes_forward(z, weight)
-    dz, dweight = prototypes_backward(dscores, cache)
     if np.shape(result[0]) == dweight.shape and np.shape(result[1]) == dz.shape:
         return _not_yet(math.nan, "return (dz, dC) in that order: your first array has dC's shape (K, d)")
     return _verdict([
@@ -323,14 +392,18 @@ def check_batchnorm_backward(my_batchnorm_backward: Answer) -> CheckResult:
     gamma, beta = rng.uniform(0.5, 1.5, size=3), rng.normal(size=3)
     dout = rng.normal(size=x.shape)
     eps = 1e-5
+    _, cache = F.batchnorm_forward(x, gamma, beta, training=True, eps=eps)
+    dx, dgamma, dbeta = F.batchnorm_backward(dout, cache)
     result, failed = _run(my_batchnorm_backward, dout, x, gamma, eps)
     if failed:
         return failed
     result, failed = _outputs(result, 3, "dx, dgamma, dbeta")
     if failed:
         return failed
-    _, cache = F.batchnorm_forward(x, gamma, beta, training=True, eps=eps)
-    dx, dgamma, dbeta = F.batchnorm_backward(dout, cache)
+    # dgamma and dbeta have the same shape (C,), so a swap would read as two wrong formulas
+    if _matches(result[1], dbeta) and _matches(result[2], dgamma):
+        return _not_yet(rel_error(np.asarray(result[2], dtype=np.float64), dbeta),
+                        "your dgamma and dbeta look swapped: return (dx, dgamma, dbeta) in that order")
     return _verdict([
         ("dbeta", result[2], dbeta, "sum g over the batch and the pixels (axes 0, 2, 3)"),
         ("dgamma", result[1], dgamma, "sum g * x_hat over axes 0, 2, 3"),
@@ -395,6 +468,9 @@ def check_collapse(trainer: Any) -> CheckResult:
     if trainer is None:
         return _not_attempted("set REPRODUCE_COLLAPSE = True, choose the temperature and the window, "
                               "and run the cell (a second short training run)")
+    if not all(hasattr(trainer, attribute) for attribute in ("log", "monitor", "config")):
+        return _not_yet(math.nan, f"check_collapse expects the Trainer you ran fit() on (not what fit() "
+                        f"returns), got {type(trainer).__name__}")
     losses = [record["loss"] for record in trainer.log.steps()]
     if not losses:
         return _not_yet(math.nan, "the trainer has no logged steps: call trainer.fit() first")
@@ -445,15 +521,19 @@ def check_deepcluster_grad(my_deepcluster_grad: Answer) -> CheckResult:
         grad, failed = _run(my_deepcluster_grad, scores[h], targets[h], n_crops, temperature, 2)
         if failed:
             return failed
-        if np.shape(grad) == reference[h].shape and np.any(np.asarray(grad)[ignored] != 0):
-            zero_rows = np.all(np.asarray(grad) == 0, axis=1)
+        name = f"the gradient of set {h}"
+        grad, problem = _real_array(name, grad)
+        if problem is not None:
+            return _not_yet(math.nan, problem)
+        if grad.shape == reference[h].shape and np.any(grad[ignored] != 0):
+            zero_rows = np.all(grad == 0, axis=1)
             if np.array_equal(zero_rows, np.repeat(targets[h] == IGNORE_INDEX, n_crops)):
                 return _not_yet(rel_error(grad, reference[h]), "your zero rows are those of image n at row "
                                 "n V + v, but the rows are stacked crop by crop: crop v of image n is row "
                                 "v B + n (np.tile(targets, n_crops), not np.repeat)")
             return _not_yet(rel_error(grad, reference[h]), "the rows of the image whose target is IGNORE_INDEX "
                             "must get zero gradient (and must not count in |R|)")
-        comparisons.append((f"the gradient of set {h}", grad, reference[h],
+        comparisons.append((name, grad, reference[h],
                             "softmax(s / tau) - onehot(y), divided by tau H |R| with |R| the rows that "
                             "have a target"))
     return _verdict(comparisons)

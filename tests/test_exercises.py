@@ -4,6 +4,7 @@ why, and an unanswered exercise (None) is "not attempted" without an error."""
 from __future__ import annotations
 
 import ast
+import copy
 import math
 import warnings
 from types import SimpleNamespace
@@ -316,3 +317,133 @@ def test_collapse_check():
     assert "call trainer.fit()" in verdict(ex.check_collapse(fake_trainer([], window=20)))
     message = verdict(ex.check_collapse(fake_trainer(collapsed[:30], window=20)))  # 0.1, stopped too early
     assert "train longer" in message
+
+
+# -- answers that edit their inputs, or return the wrong kind of numbers --------------------
+
+
+def scribbling(answer):
+    """``answer``, computed on its own copy of the inputs, after which it overwrites every input
+    array in place (NaN into floats, 0 into ints): legal for a student, and it must not matter."""
+    def scribble(value):
+        if isinstance(value, np.ndarray):
+            value[...] = np.nan if value.dtype.kind == "f" else 0
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                scribble(item)
+
+    def scribbler(*args):
+        result = answer(*(copy.deepcopy(a) for a in args))
+        scribble(args)
+        return result
+    scribbler.__name__ = answer.__name__
+    return scribbler
+
+
+# The checks whose reference (or next call) used to see the answer's edits.
+EDITED_INPUTS = {
+    ex.check_g_update: lse_g_update,  # M and c are passed to both of its calls
+    ex.check_codes_as_transport: library_codes,
+    ex.check_swapped_loss_grad: explicit_swapped_grad,
+    ex.check_prototypes_backward: library_prototypes_backward,
+    ex.check_batchnorm_backward: naive_batchnorm_backward,
+}
+
+
+@pytest.mark.parametrize("check, answer", list(EDITED_INPUTS.items()), ids=lambda x: x.__name__)
+def test_a_correct_answer_that_edits_its_inputs_passes(check, answer):
+    result = check(scribbling(answer))
+    assert result.passed, result.message
+
+
+def test_a_wrong_answer_that_edits_its_inputs_fails():
+    def doubled_dout(dout, x, gamma, eps):  # the right formula on a doubled dout
+        dout *= 2
+        return naive_batchnorm_backward(dout, x, gamma, eps)
+
+    def doubled_dscores(dscores, z, weight):
+        dscores *= 2
+        return library_prototypes_backward(dscores, z, weight)
+
+    assert "dbeta is 2 times the reference" in verdict(ex.check_batchnorm_backward(doubled_dout))
+    assert "dC is 2 times the reference" in verdict(ex.check_prototypes_backward(doubled_dscores))
+
+    def scaled_scores(scores, codes, batch_size, crops_for_assign, temperature):  # right, from s / T
+        scores /= temperature
+        return explicit_swapped_grad(scores * temperature, codes, batch_size, crops_for_assign, temperature)
+
+    assert ex.check_swapped_loss_grad(scaled_scores).passed
+
+
+def as_float32(answer):
+    def answer32(*args):
+        result = answer(*args)
+        if isinstance(result, tuple):
+            return tuple(np.asarray(r, dtype=np.float32) for r in result)
+        return np.asarray(result, dtype=np.float32)
+    answer32.__name__ = answer.__name__
+    return answer32
+
+
+@pytest.mark.parametrize("check", list(CORRECT), ids=lambda c: c.__name__)
+def test_a_float32_answer_is_told_to_use_float64(check):
+    message = verdict(check(as_float32(CORRECT[check][0])))
+    assert "is float32" in message and "compute in float64" in message
+    assert "times the reference" not in message and "differs" not in message  # no formula hint
+
+
+def test_a_wrong_float32_answer_gets_the_formula_diagnosis():
+    message = verdict(ex.check_g_update(as_float32(lambda *a: -lse_g_update(*a))))
+    assert "-1 times the reference" in message
+
+
+@pytest.mark.parametrize("convert, dtype", [
+    (lambda g: g + 5j, "complex128"),
+    (lambda g: g.astype(str), "<U"),
+    (lambda g: g > 0, "bool"),
+    (lambda g: {"g": g}, "dtype object"),
+], ids=["complex", "str", "bool", "dict"])
+def test_a_non_real_answer_is_refused_naming_its_dtype(convert, dtype):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a ComplexWarning is no verdict
+        message = verdict(ex.check_g_update(lambda *a: convert(lse_g_update(*a))))
+    assert dtype in message, message
+    message = verdict(ex.check_deepcluster_grad(lambda *a: convert(library_deepcluster_grad(*a))))
+    assert dtype in message, message
+
+
+def test_the_swapped_loss_check_gives_one_diagnosis():
+    for answer, diagnosis in [(lambda *a: -library_swapped_grad(*a), "-1 times the reference"),
+                              (lambda *a: library_swapped_grad(*a) * a[4], "0.1 times the reference")]:
+        message = verdict(ex.check_swapped_loss_grad(answer))
+        assert diagnosis in message and "rows" not in message and "Crop" not in message, message
+
+    def image_major(scores, codes, batch_size, crops_for_assign, temperature):
+        n_crops = scores.shape[0] // batch_size
+        order = np.arange(n_crops * batch_size).reshape(n_crops, batch_size).T.reshape(-1)
+        grad = np.empty_like(scores)
+        grad[order] = explicit_swapped_grad(scores[order], codes, batch_size, crops_for_assign, temperature)
+        return grad
+
+    message = verdict(ex.check_swapped_loss_grad(image_major))
+    assert "image by image" in message and "stacked crop by crop" in message
+    assert "differ most" not in message and "differs from the reference" not in message, message
+    message = verdict(ex.check_swapped_loss_grad(lambda *a: explicit_swapped_grad(*a, count_self=True)))
+    assert "rows differ most; crop 1 is an assignment crop" in message and "Every crop" not in message, message
+
+
+@pytest.mark.parametrize("argument", [3, "trainer", SimpleNamespace(steps=lambda: [])],
+                         ids=["int", "str", "the log fit() returns"])
+def test_collapse_check_says_what_it_expects(argument):
+    message = verdict(ex.check_collapse(argument))
+    assert "expects the Trainer" in message and type(argument).__name__ in message
+
+
+def test_batchnorm_swapped_dgamma_dbeta():
+    def swapped(dout, x, gamma, eps):
+        dx, dgamma, dbeta = naive_batchnorm_backward(dout, x, gamma, eps)
+        return dx, dbeta, dgamma
+
+    message = verdict(ex.check_batchnorm_backward(swapped))
+    assert "dgamma and dbeta look swapped" in message
+    assert "sum" not in message and "x_hat" not in message  # no formula given away
