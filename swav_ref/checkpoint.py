@@ -54,7 +54,15 @@ import numpy as np
 
 from swav_ref.backend import to_numpy
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "check_compatible", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MAX_METADATA_DEPTH",
+    "MAX_NAME_BYTES",
+    "CheckpointError",
+    "check_compatible",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 #: The version this module writes and the only one it reads.
 FORMAT_VERSION = 1
@@ -76,6 +84,93 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable: {value!r}")
+
+
+#: Longest array name: a zip entry name is at most 65535 bytes (a 16-bit length field), and
+#: each array is stored as ``NAME.npy``.
+MAX_NAME_BYTES = 0xFFFF - len(".npy")
+
+#: Most dicts and lists nested inside one another in the metadata (the metadata dict itself
+#: included). Far beyond any real use; it keeps ``json`` away from Python's recursion limit
+#: when the file is written *and* when it is read back (perhaps from deeper inside a call
+#: stack), so a file that saves also loads.
+MAX_METADATA_DEPTH = 100
+
+
+def _check_names(names: list[Any]) -> None:
+    """Refuse, before anything is written, array names that would not come back as given.
+
+    Each array is stored as the zip member ``NAME.npy``, and NumPy's npz reader answers a
+    name that is itself a member before adding ``.npy``: with both ``x`` and ``x.npy`` saved,
+    asking for ``x.npy`` returns ``x``'s data (the file then fails its checksum). The zip
+    format also cuts a name at a NUL, turns ``\\`` into ``/`` on Windows, and limits names to
+    65535 bytes.
+    """
+    for name in names:
+        if not isinstance(name, str) or not name or name.startswith(_PREFIX):
+            raise ValueError(f"checkpoint array name {name!r} is empty, not a string, or reserved ({_PREFIX}*)")
+        if "\0" in name:
+            raise ValueError(f"checkpoint array name {name!r} contains a NUL character, which zip names cannot hold")
+        if "\\" in name:
+            raise ValueError(
+                f"checkpoint array name {name!r} contains a backslash, which zip readers on Windows turn "
+                "into '/' (use '/' or '.')"
+            )
+        try:
+            size = len(name.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"checkpoint array name {name!r} cannot be encoded as UTF-8: {exc}") from None
+        if size > MAX_NAME_BYTES:
+            raise ValueError(
+                f"checkpoint array name {name[:40]!r}... is {size} bytes in UTF-8; a zip entry name "
+                f"holds at most {MAX_NAME_BYTES} (65535 less '.npy')"
+            )
+    given = set(names)
+    clashes = sorted((name[:-4], name) for name in names if name.endswith(".npy") and name[:-4] in given)
+    if clashes:
+        pairs = ", ".join(f"{a!r} and {b!r}" for a, b in clashes)
+        raise ValueError(
+            f"checkpoint array names collide: {pairs} (each array is stored as NAME.npy, so "
+            "'x.npy' is the member of array 'x'); rename one of each pair"
+        )
+
+
+def _check_metadata(metadata: Any) -> dict:
+    """Refuse metadata that would not come back as given: not a dict, a key that is not a
+    string (JSON would turn ``1`` into ``'1'``), or nesting deeper than MAX_METADATA_DEPTH.
+    Walks iteratively (no recursion); values are left for ``json.dumps`` to judge."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise TypeError(
+            f"checkpoint metadata must be a dict (or None), got {type(metadata).__name__}: {metadata!r:.80}"
+        )
+    metadata = dict(metadata)
+    deepest: dict[int, int] = {}  # id -> deepest level it was checked at (shared lists, cycles)
+    stack: list[tuple[Any, str, int]] = [(metadata, "metadata", 1)]
+    while stack:
+        value, where, depth = stack.pop()
+        if deepest.get(id(value), 0) >= depth:
+            continue  # already checked here or deeper: the same keys, no deeper nesting
+        deepest[id(value)] = depth
+        if depth > MAX_METADATA_DEPTH:  # (a cycle ends here too)
+            raise ValueError(
+                f"checkpoint metadata is nested more than {MAX_METADATA_DEPTH} levels deep, or is circular "
+                f"(at {where[:200]}...)"
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise ValueError(
+                        f"checkpoint metadata key {key!r} ({type(key).__name__}) in {where[:200]} is not a "
+                        f"string; JSON object keys are strings, so it would not come back as {key!r}"
+                    )
+                if isinstance(item, (dict, list, tuple)):
+                    stack.append((item, f"{where}[{key!r}]", depth + 1))
+        else:
+            containers = (i for i, item in enumerate(value) if isinstance(item, (dict, list, tuple)))
+            stack.extend((value[i], f"{where}[{i}]", depth + 1) for i in containers)
+    return metadata
 
 
 def _digest(arrays: Mapping[str, np.ndarray], metadata_bytes: bytes) -> bytes:
@@ -137,28 +232,42 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata
     ----------
     path : the final file name (``.npz`` by convention; the name is used as given).
     arrays : name -> array of any backend (moved to the host with ``to_numpy``). Names are
-        any non-empty strings not starting with ``__swav_ref_``; object arrays are refused.
+        non-empty strings not starting with ``__swav_ref_``, without NUL or backslash, at
+        most :data:`MAX_NAME_BYTES` bytes in UTF-8, and never both ``x`` and ``x.npy`` (the
+        zip member of ``x``); object arrays are refused.
     metadata : dict
-        JSON-serialisable (nested dicts, lists, str, bool, None, floats and ints of any
-        size). Tuples come back as lists.
+        JSON-serialisable (nested dicts with string keys, lists, str, bool, None, floats and
+        ints of any size; at most :data:`MAX_METADATA_DEPTH` levels). Tuples come back as lists.
 
     Raises
     ------
     ValueError
-        a reserved or empty name, an object array, or metadata that JSON cannot hold.
-        Nothing is written then.
+        an empty path or a folder; a reserved, empty, over-long or colliding name; an
+        object array; or metadata that JSON cannot hold exactly.
+    TypeError
+        ``arrays`` or ``metadata`` is not a dict.
+
+    Nothing is written when any of these is raised.
     """
+    if not os.fspath(path):
+        raise ValueError("checkpoint path is empty")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint path {path} is a folder; give a file name such as {path / 'last.npz'}")
+    if not isinstance(arrays, Mapping):
+        raise TypeError(f"checkpoint arrays must be a dict of name -> array, got {type(arrays).__name__}")
+    _check_names(list(arrays))
+    metadata = _check_metadata(metadata)
     host: dict[str, np.ndarray] = {}
     for name, value in arrays.items():
-        if not isinstance(name, str) or not name or name.startswith(_PREFIX):
-            raise ValueError(f"checkpoint array name {name!r} is empty, not a string, or reserved ({_PREFIX}*)")
         a = np.asarray(to_numpy(value), order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
         if a.dtype.hasobject:
             raise ValueError(f"checkpoint array {name!r} has dtype {a.dtype}; object arrays would need pickle")
         host[name] = a
     try:
-        metadata_bytes = json.dumps(dict(metadata or {}), sort_keys=True, default=_json_default).encode("utf-8")
+        metadata_bytes = json.dumps(metadata, sort_keys=True, default=_json_default).encode("utf-8")
+    except RecursionError as exc:  # (only from a very deep call stack: the depth is checked above)
+        raise ValueError(f"checkpoint metadata is nested too deeply for JSON: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ValueError(f"checkpoint metadata cannot be stored as JSON: {exc}") from exc
 
@@ -202,6 +311,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
         CRC); lacks the reserved entries (not a swav_ref checkpoint); has an unknown format
         version; or fails its SHA-256. The message names the file and which of these it is.
     """
+    if not os.fspath(path):
+        raise CheckpointError("checkpoint path is empty")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -214,7 +325,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
         f.seek(0)
         try:
             with np.load(f, allow_pickle=False) as npz:
-                contents = {name: np.asarray(npz[name]) for name in npz.files}
+                # Read by member name (``x.npy``), never by the short name: npz["x.npy"] is the
+                # member of ``x`` when both ``x`` and ``x.npy`` are stored (files written before
+                # save_checkpoint refused such pairs).
+                contents = {m.removesuffix(".npy"): np.asarray(npz[m]) for m in npz.zip.namelist()}
         except Exception as exc:  # noqa: BLE001
             # A flipped or missing byte can surface from zipfile, zlib or NumPy's .npy reader as
             # almost any exception (BadZipFile, a CRC error, NotImplementedError for a "new"
@@ -244,7 +358,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
         raise CheckpointError(f"{path} is corrupt: checksum mismatch (SHA-256 of arrays and metadata)")
     try:
         metadata = json.loads(metadata_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:  # only if written corrupt
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # only if written corrupt
         raise CheckpointError(f"{path} is corrupt: metadata is not valid JSON ({exc})") from exc
     return contents, metadata
 

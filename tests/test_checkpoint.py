@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from swav_ref.backend import Random, asarray
+from swav_ref import checkpoint
 from swav_ref.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
 
 
@@ -104,6 +105,124 @@ def test_bad_contents_are_refused_before_writing(tmp_path):
         save_checkpoint(path, {"o": np.array([{"a": 1}], dtype=object)}, {})
     with pytest.raises(ValueError, match="JSON.*set"):
         save_checkpoint(path, {"a": np.zeros(1)}, {"s": {1, 2}})
+    assert list(tmp_path.iterdir()) == []
+
+
+def assert_previous_checkpoint_kept(tmp_path, path):
+    arrays, metadata = load_checkpoint(path)
+    np.testing.assert_array_equal(arrays["good"], np.arange(3.0))
+    assert metadata == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    "names, match",
+    [
+        (["layer", "layer.npy"], r"names collide: 'layer' and 'layer.npy'"),  # npz["layer.npy"] is layer's member
+        (["x.npy", "x.npy.npy"], r"names collide: 'x.npy' and 'x.npy.npy'"),
+        (["w", "x", "x.npy", "x.npy.npy"], r"collide: 'x' and 'x.npy', 'x.npy' and 'x.npy.npy'"),
+        (["a\0b"], r"'a\\x00b' contains a NUL"),  # zip cuts the name at the NUL: stored as 'a'
+        (["a\0b", "a\0c"], r"contains a NUL"),
+        (["a\\b"], r"'a\\\\b' contains a backslash"),  # 'a/b' when read on Windows
+        (["x" * 70_000], r"is 70000 bytes in UTF-8; a zip entry name holds at most 65531"),
+        (["é" * 32_766], r"is 65532 bytes in UTF-8"),  # bytes, not characters
+    ],
+)
+def test_names_that_would_not_come_back_are_refused_before_writing(tmp_path, names, match):
+    """Each array is stored as NAME.npy, so 'x' and 'x.npy' collide; the new file used to
+    replace a good one atomically and then fail its checksum on every load."""
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, {"good": np.arange(3.0)}, {"epoch": 1})
+    with pytest.raises(ValueError, match=match):
+        save_checkpoint(path, {name: np.full(2, i) for i, name in enumerate(names)}, {"epoch": 2})
+    assert_previous_checkpoint_kept(tmp_path, path)
+
+
+def test_longest_name_and_npy_suffixes_round_trip(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    arrays = {
+        "x" * checkpoint.MAX_NAME_BYTES: np.zeros(1),
+        "a.npy": np.ones(2),  # a '.npy' suffix alone is fine: no 'a' beside it
+        "b.npy.npy": np.arange(3),
+        "__swav_ref": np.ones(1),  # only the full reserved prefix is reserved
+    }
+    save_checkpoint(path, arrays, {})
+    assert_same_arrays(load_checkpoint(path)[0], arrays)
+
+
+def test_file_with_colliding_members_still_loads(tmp_path):
+    """A file written before such names were refused holds the right data: it is read by
+    member name, so it loads (it used to fail its checksum)."""
+    arrays = {"layer": np.zeros(2), "layer.npy": np.ones(3), "layer.npy.npy": np.arange(4)}
+    metadata_bytes = b'{"epoch": 1}'
+    members = {
+        **arrays,
+        "__swav_ref_format__": np.asarray(1, dtype=np.int64),
+        "__swav_ref_metadata__": np.frombuffer(metadata_bytes, np.uint8),
+        "__swav_ref_sha256__": np.frombuffer(checkpoint._digest(arrays, metadata_bytes), np.uint8),
+    }
+    with open(tmp_path / "old.npz", "wb") as f:
+        checkpoint._write_npz(f, members)
+    got, metadata = load_checkpoint(tmp_path / "old.npz")
+    assert_same_arrays(got, arrays)
+    assert metadata == {"epoch": 1}
+
+
+@pytest.mark.parametrize(
+    "metadata, error, match",
+    [
+        ({1: "a"}, ValueError, r"metadata key 1 \(int\) in metadata is not a string"),  # came back as {'1': 'a'}
+        ({1: "a", "b": 2}, ValueError, r"key 1 \(int\)"),  # was "'<' not supported"
+        ({"c": [{"ok": 1}, {2.5: 1}]}, ValueError, r"key 2.5 \(float\) in metadata\['c'\]\[1\] is not a"),
+        ({"c": {None: 1}}, ValueError, r"key None \(NoneType\)"),
+        ([("epoch", 1)], TypeError, r"metadata must be a dict \(or None\), got list"),  # was "dictionary update..."
+        ("epoch", TypeError, r"metadata must be a dict"),
+    ],
+)
+def test_metadata_must_be_a_dict_with_string_keys(tmp_path, metadata, error, match):
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, {"good": np.arange(3.0)}, {"epoch": 1})
+    with pytest.raises(error, match=match):
+        save_checkpoint(path, {"good": np.zeros(3)}, metadata)
+    assert_previous_checkpoint_kept(tmp_path, path)
+
+
+def test_deep_or_circular_metadata_is_refused_clearly(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, {"good": np.arange(3.0)}, {"epoch": 1})
+
+    def nested(levels):
+        value = []
+        for _ in range(levels - 1):
+            value = [value]
+        return value
+
+    with pytest.raises(ValueError, match=r"metadata is nested more than 100 levels deep"):
+        save_checkpoint(path, {}, {"deep": nested(100_000)})  # was an unwrapped RecursionError
+    with pytest.raises(ValueError, match=r"more than 100 levels deep"):
+        save_checkpoint(path, {}, {"deep": nested(checkpoint.MAX_METADATA_DEPTH)})  # + the metadata dict
+    circular = {"a": []}
+    circular["a"].append(circular)
+    with pytest.raises(ValueError, match=r"or is circular"):
+        save_checkpoint(path, {}, circular)
+    assert_previous_checkpoint_kept(tmp_path, path)
+    shared = [[1, 2]] * 1000  # one list many times over: checked quickly, stored 1000 times
+    save_checkpoint(path, {}, {"deep": nested(checkpoint.MAX_METADATA_DEPTH - 1), "shared": shared})
+    assert load_checkpoint(path)[1] == {"deep": nested(checkpoint.MAX_METADATA_DEPTH - 1), "shared": shared}
+
+
+def test_bad_arguments_are_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match=r"checkpoint arrays must be a dict of name -> array, got NoneType"):
+        save_checkpoint(tmp_path / "a.npz", None)  # was AttributeError
+    with pytest.raises(TypeError, match=r"got list"):
+        save_checkpoint(tmp_path / "a.npz", [("w", np.zeros(2))])
+    with pytest.raises(ValueError, match=r"checkpoint path is empty"):
+        save_checkpoint("", {"w": np.zeros(2)})  # was "Device or resource busy" on a rename to '.'
+    with pytest.raises(ValueError, match=r"is a folder"):
+        save_checkpoint(tmp_path, {"w": np.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"checkpoint path is empty"):
+        load_checkpoint("")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -273,6 +273,97 @@ def test_load_state_dict_errors_name_the_problem():
         net.load_state_dict({**state, "4.weight": np.zeros((3, 4))})
 
 
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("4.weight", np.full((4, 3), None), r"4.weight: dtype object"),  # was NaN weights, silently
+        ("4.bias", np.array(["a", "b", "c", "d"]), r"4.bias: dtype <U1"),
+        ("4.bias", np.ones(4, dtype=bool), r"4.bias: dtype bool"),
+        ("4.weight", np.full((4, 3), 1 + 2j), r"4.weight: dtype complex128"),  # lost its imaginary part
+        ("1.running_var", [1.0, 1.0, 1.0], r"1.running_var: list, not an array"),
+        ("4.weight", np.full((4, 3), 1e300), r"refused values for 4.weight: not finite as float32"),  # was inf
+        ("1.running_mean", np.array([0.0, np.nan, 0.0], dtype=np.float32), r"1.running_mean: not finite"),
+        ("5.bias", np.array([0.0, np.inf, 0.0, 0.0]), r"5.bias: not finite"),
+        ("1.num_batches_tracked", np.asarray(2.7), r"1.num_batches_tracked: not integers in the range of int64"),
+        ("1.num_batches_tracked", np.asarray(np.nan), r"1.num_batches_tracked: not integers"),
+        ("1.num_batches_tracked", np.asarray(2.0**63), r"1.num_batches_tracked: not integers"),
+        ("1.num_batches_tracked", np.asarray(2**64 - 1, dtype=np.uint64), r"1.num_batches_tracked: not integers"),
+    ],
+)
+def test_load_state_dict_refuses_values_it_would_change(backend, key, value, match):
+    """A cast to the module's dtype must not change what was saved: nothing is loaded then."""
+    net = _small_net(0, xp=backend)
+    before = {k: to_numpy(v).copy() for k, v in net.state_dict().items()}
+    state = {k: to_numpy(v) for k, v in net.state_dict().items()}
+    state[key] = value
+    with pytest.raises(ValueError, match=match):
+        net.load_state_dict(state)
+    for name, v in net.state_dict().items():
+        np.testing.assert_array_equal(to_numpy(v), before[name], err_msg=name)
+
+
+def test_load_state_dict_names_every_refused_value_and_casts_the_rest(backend):
+    net = _small_net(0, xp=backend)
+    state = {k: to_numpy(v) for k, v in net.state_dict().items()}
+    bad = {**state, "4.weight": np.full((4, 3), -1e39), "1.num_batches_tracked": np.asarray(2.5)}
+    with pytest.raises(ValueError, match=r"refused values for 1.num_batches_tracked: not integers") as info:
+        net.load_state_dict(bad)
+    assert "; 4.weight: not finite as float32" in str(info.value)  # every refused key, in one message
+    # what a cast leaves as it was is loaded
+    state["4.weight"] = np.full((4, 3), 0.1)  # float64 into float32: rounded, finite
+    state["4.bias"] = np.arange(4, dtype=np.int32)  # integers into a float parameter
+    state["1.num_batches_tracked"] = np.asarray(7.0)  # an integral float into the integer buffer
+    state["5.num_batches_tracked"] = np.asarray(9, dtype=np.uint8)
+    net.load_state_dict(state)
+    assert to_numpy(net[4].params["weight"]).dtype == np.float32
+    np.testing.assert_array_equal(to_numpy(net[4].params["weight"]), np.full((4, 3), 0.1, dtype=np.float32))
+    np.testing.assert_array_equal(to_numpy(net[4].params["bias"]), np.arange(4.0))
+    assert int(net[1].buffers["num_batches_tracked"]) == 7 and int(net[5].buffers["num_batches_tracked"]) == 9
+    assert to_numpy(net[1].buffers["num_batches_tracked"]).dtype == np.int64
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "uint8", "bool", "complex64", np.complex128, np.int16, "float128"])
+def test_modules_are_real_floating_point(dtype):
+    """An integer dtype rounded every initial weight to 0 and the first forward failed deep
+    inside BatchNorm; complex or bool made no more sense."""
+    name = np.dtype(dtype).name
+    with pytest.raises(ValueError, match=rf"must be real floating point, one of float16, float32, float64; got {name}"):
+        L.Conv2d(2, 3, 3, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"got {name}"):
+        L.ReLU(dtype=dtype)
+    net = _small_net(0)
+    before = {k: v.copy() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"dtype must be real floating point.*got {name}"):
+        net.astype(dtype)
+    for key, value in net.state_dict().items():  # nothing was cast
+        assert value.dtype == before[key].dtype, key
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
+    assert all(m.dtype == np.float32 for _, m in net.named_modules())
+
+
+def test_resnet_astype_integer_is_refused():
+    from swav_ref.nn.resnet import resnet_tiny
+
+    net = resnet_tiny(rng=0)
+    with pytest.raises(ValueError, match=r"got int32"):
+        net.astype("int32")
+    net.eval()
+    assert net.forward(np.ones((2, 1, 8, 8), dtype=np.float32)).dtype == np.float32
+
+
+def test_float16_modules_and_dtype_spellings():
+    lin = L.Linear(3, 2, dtype="float16")
+    assert lin.params["weight"].dtype == np.float16
+    assert L.Linear(3, 2).astype(np.float16).params["bias"].dtype == np.float16
+    assert L.Linear(3, 2, dtype=np.dtype("float64")).dtype == np.float64
+    with pytest.raises(ValueError, match=r"got 'not-a-dtype'"):
+        L.Linear(3, 2, dtype="not-a-dtype")
+    strict = required.module("array_api_strict")
+    with pytest.raises(ValueError, match=r"backend array_api_strict has no float16; use one of float32, float64"):
+        lin.to(strict)
+    assert lin.xp is np and lin.params["weight"].dtype == np.float16  # nothing moved
+
+
 def test_grads_none_then_accumulate_then_zero_grad(rng):
     lin = L.Linear(3, 2, dtype="float64")
     assert lin.grads == {"weight": None, "bias": None}

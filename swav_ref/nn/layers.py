@@ -73,9 +73,28 @@ def _as_namespace(xp: Any) -> types.ModuleType:
     return xp
 
 
+#: The dtypes a Module computes in: real floating point (integer weights would all be
+#: rounded to 0 by the initialisation, and BatchNorm cannot write a float into them).
+FLOAT_DTYPES = ("float16", "float32", "float64")
+
+
 def _resolve_dtype(xp: types.ModuleType, dtype: Any) -> Any:
-    """``xp``'s dtype for a name (``"float32"``) or for another backend's dtype."""
-    return getattr(xp, dtype if isinstance(dtype, str) else host_dtype(dtype).name)
+    """``xp``'s dtype for a name (``"float32"``) or for another backend's dtype; ``ValueError``
+    naming it unless it is one of :data:`FLOAT_DTYPES` that ``xp`` has."""
+    try:
+        name = host_dtype(dtype).name
+    except (TypeError, ValueError):
+        name = None
+    if name not in FLOAT_DTYPES:
+        raise ValueError(
+            f"a Module's dtype must be real floating point, one of {', '.join(FLOAT_DTYPES)}; "
+            f"got {name or repr(dtype)}"
+        )
+    resolved = getattr(xp, name, None)
+    if resolved is None:
+        has = ", ".join(n for n in FLOAT_DTYPES if hasattr(xp, n))
+        raise ValueError(f"a Module's dtype: the backend {xp.__name__} has no {name}; use one of {has}")
+    return resolved
 
 
 class Module:
@@ -237,8 +256,14 @@ class Module:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load :meth:`state_dict` output (any backend's arrays, NumPy included).
 
-        Raises ``ValueError`` naming the missing keys, the unexpected keys, or the
-        entries whose shape differs; nothing is loaded unless everything fits.
+        Each value is cast to the dtype of the array it replaces. Raises ``ValueError``
+        naming the missing keys, the unexpected keys, the entries that are not arrays of
+        real numbers (object, string, bool or complex dtypes), the entries whose shape
+        differs, the floating entries that are not finite once cast (NaN, or a float64 too
+        large for a float32 module), and the integer buffers given values that are not
+        integers in the buffer's range (``num_batches_tracked``); nothing is loaded unless
+        everything fits. Not a hot path: the value checks read one flag per entry back
+        from the device.
         """
         targets = {}
         for prefix, module in self.named_modules():
@@ -249,15 +274,48 @@ class Module:
         unexpected = sorted(set(state) - set(targets))
         if missing or unexpected:
             raise ValueError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        not_real = []
+        for name in targets:
+            value = state[name]
+            if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+                not_real.append(f"{name}: {type(value).__name__}, not an array")
+                continue
+            try:
+                kind = host_dtype(value.dtype).kind
+            except (TypeError, ValueError):
+                kind = "?"
+            if kind not in ("i", "u", "f"):
+                not_real.append(f"{name}: dtype {value.dtype}")
+        if not_real:
+            raise ValueError(
+                "load_state_dict: parameters and buffers are real numbers (integer or floating "
+                "dtypes), but got " + "; ".join(not_real)
+            )
         bad = []
         for name, (module, store, key) in targets.items():
             if tuple(state[name].shape) != tuple(store[key].shape):
                 bad.append(f"{name}: expected {tuple(store[key].shape)}, got {tuple(state[name].shape)}")
         if bad:
             raise ValueError("load_state_dict: shape mismatch for " + "; ".join(bad))
+        loaded, refused = {}, []
         for name, (module, store, key) in targets.items():
-            value = asarray(state[name], module.xp, dtype=store[key].dtype)
-            store[key] = module.xp.asarray(value, copy=True)  # never alias the caller's arrays
+            xp, target = module.xp, store[key].dtype
+            value = asarray(state[name], xp)  # onto the module's backend, in its own dtype
+            with np.errstate(over="ignore", invalid="ignore"):  # (NumPy's warnings: refused below)
+                cast = xp.astype(value, target)  # a copy: never aliases the caller's arrays
+                if xp.isdtype(target, "real floating"):
+                    ok = xp.all(xp.isfinite(cast))
+                    why = f"not finite as {host_dtype(target).name} (NaN or inf, or too large for it)"
+                else:  # an integer buffer: the values must survive the cast exactly
+                    ok = xp.all((xp.astype(cast, value.dtype) == value) & ((cast < 0) == (value < 0)))
+                    why = f"not integers in the range of {host_dtype(target).name}"
+            if not bool(ok):
+                refused.append(f"{name}: {why}")
+            loaded[name] = cast
+        if refused:
+            raise ValueError("load_state_dict: refused values for " + "; ".join(refused))
+        for name, (module, store, key) in targets.items():
+            store[key] = loaded[name]
             if store is module.params:
                 module.grads[key] = None
 
@@ -265,8 +323,8 @@ class Module:
         """Move every parameter and buffer to the backend ``xp`` (a namespace or a name for
         :func:`~swav_ref.backend.get_backend`; in place; returns self)."""
         xp = _as_namespace(xp)
-        for _, module in self.named_modules():
-            dtype = _resolve_dtype(xp, module.dtype)
+        resolved = [(module, _resolve_dtype(xp, module.dtype)) for _, module in self.named_modules()]
+        for module, dtype in resolved:  # (all checked first: a backend without the dtype changes nothing)
             for store in (module.params, module.buffers):
                 for key, value in store.items():
                     store[key] = asarray(value, xp)
@@ -277,10 +335,12 @@ class Module:
 
     def astype(self, dtype: Any) -> Module:
         """Cast parameters and floating buffers to ``dtype`` (e.g. ``"float64"`` for gradient
-        checks); in place, returns self."""
-        for _, module in self.named_modules():
+        checks); in place, returns self. ``ValueError`` unless ``dtype`` is one of
+        :data:`FLOAT_DTYPES`."""
+        resolved = [(module, _resolve_dtype(module.xp, dtype)) for _, module in self.named_modules()]
+        for module, module_dtype in resolved:  # (all checked first: a refused dtype changes nothing)
             xp = module.xp
-            module.dtype = _resolve_dtype(xp, dtype)
+            module.dtype = module_dtype
             module.params = {k: xp.astype(v, module.dtype) for k, v in module.params.items()}
             module.buffers = {
                 k: xp.astype(v, module.dtype) if xp.isdtype(v.dtype, "real floating") else v
