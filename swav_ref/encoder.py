@@ -17,6 +17,7 @@ loaded. Checkpoints written before the normalisation was saved need their data: 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,8 @@ class Encoder:
     mean, std : per-channel normalisation of the [0, 1] pixels, ``(x - mean) / std``.
     xp, dtype : the backend and floating type the backbone runs in.
     config : the training run's :class:`~swav_ref.train.TrainConfig`.
+    image_shape : ``(H, W)`` of the training images, or None (not recorded: checkpoints
+        written before the data were, or an Encoder built by hand).
     """
 
     backbone: Any
@@ -50,12 +53,26 @@ class Encoder:
     xp: Any
     dtype: Any
     config: TrainConfig
+    image_shape: tuple[int, int] | None = None
 
     def features(self, images: Any, batch_size: int = 512) -> Any:
-        """Features (N, D) on ``xp`` of uint8 images (N, C, H, W), host or device arrays."""
+        """Features (N, D) on ``xp`` of uint8 images (N, C, H, W), host or device arrays.
+
+        Images of another channel count are refused (ValueError). Images of another size
+        than the training images (:attr:`image_shape`) are warned about, as ``swav-ref eval``
+        warns about other data: the network runs on any size (it pools over the whole
+        image), so a 1x1 or 32x32 image gives features from an 8x8 model without an error,
+        but its filters learned the training images' scale, and such features are not
+        those the model was trained to give; resize the images first.
+        """
         if getattr(images, "ndim", None) != 4 or images.shape[1] != self.backbone.in_channels:
             raise ValueError(f"the encoder takes (N, {self.backbone.in_channels}, H, W) uint8 images, as it was "
                              f"trained on; got shape {tuple(getattr(images, 'shape', ()))}")
+        if self.image_shape is not None and tuple(images.shape[2:]) != tuple(self.image_shape):
+            (h, w), (got_h, got_w) = self.image_shape, images.shape[2:]
+            warnings.warn(f"the encoder was trained on {h}x{w} images, these are {got_h}x{got_w}: the network runs "
+                          "on any size, but its filters learned the training images' scale, so these features are "
+                          f"not those it was trained to give; resize the images to {h}x{w} first", stacklevel=2)
         return extract_features(self.backbone, images, xp=self.xp, dtype=self.dtype, batch_size=batch_size,
                                 normalize=(self.mean, self.std))
 
@@ -89,4 +106,7 @@ def load_encoder(path: Any, backend: str | None = None) -> Encoder:
     backbone.load_state_dict(weights)
     backbone.eval()
     normalisation = meta["normalisation"]
-    return Encoder(backbone, tuple(normalisation["mean"]), tuple(normalisation["std"]), xp, dtype, config)
+    trained_on = (meta.get("data") or {}).get("image_shape")  # (C, H, W); absent in early checkpoints
+    image_shape = None if not trained_on else (int(trained_on[-2]), int(trained_on[-1]))
+    return Encoder(backbone, tuple(normalisation["mean"]), tuple(normalisation["std"]), xp, dtype, config,
+                   image_shape)

@@ -25,8 +25,10 @@ standard deviation per row.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,7 @@ from swav_ref.evaluate import (
     save_results_json,
 )
 from swav_ref.swav.head import normalize_prototypes
-from swav_ref.train import TrainConfig, Trainer
+from swav_ref.train import ReusedOutDirWarning, TrainConfig, Trainer
 
 METHOD_NAMES = {"swav": "SwAV", "deepcluster-v2": "DeepCluster-v2", "supervised": "supervised"}
 
@@ -106,9 +108,26 @@ def check_comparison(config: TrainConfig, seeds: Sequence[int], methods: Sequenc
     """Raise ValueError, saying why, for a comparison that would mislead or fail late: a
     seed or a method given twice (the same run counted twice, a spread of ± 0.0 that looks
     like agreement between seeds, and one run's folder overwritten by the other), no seed,
-    or a setting that one of the methods refuses (SwAV: several prototype sets)."""
+    a seed that is not a whole number >= 0 (which TrainConfig would refuse only after the
+    seeds before it had trained every method, leaving no results.json), "supervised" among
+    the methods (it is the baseline every comparison trains already, into the same
+    folder: it would be trained twice and counted as two seeds), or a setting that one of
+    the methods refuses (SwAV: several prototype sets). All of it before anything trains."""
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (Sequence, np.ndarray)):
+        raise ValueError(f"seeds must be a list of whole numbers, e.g. [0, 1, 2]; got {seeds!r}")
+    if isinstance(methods, (str, bytes)) or not isinstance(methods, Sequence):
+        raise ValueError(f"methods must be a list of method names, e.g. ['swav']; got {methods!r}")
+    seeds = list(seeds)
     if not seeds:
         raise ValueError("no seeds given: a comparison needs at least one")
+    for seed in seeds:
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed {seed!r}: each seed must be a whole number >= 0 (it seeds the random "
+                             "generators and names the seed<N> folder)")
+    if "supervised" in methods:
+        raise ValueError("method supervised: the supervised baseline is trained in every comparison already "
+                         f"(seed<N>/supervised); give the self-supervised methods only "
+                         f"({', '.join(m for m in METHOD_NAMES if m != 'supervised')})")
     for name, given in (("seed", list(seeds)), ("method", list(methods))):
         twice = sorted({str(v) for v in given if given.count(v) > 1})
         if twice:
@@ -128,9 +147,21 @@ def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
     Writes ``results.json`` (per-seed values; ``metadata.k_used`` as in the table's
     ``attrs["k_used"]``) and figures into ``out_dir``, and ``seed<N>/<method>/`` for each
     trained method. The untrained "random init" trainer writes nothing, so it gets no folder.
+
+    Rerun into the same ``out_dir``, a comparison replaces the earlier one's runs: one
+    :class:`~swav_ref.train.ReusedOutDirWarning` names the runs it replaces (in place of
+    one per trained model, each of which is a fresh run into a folder that holds a
+    checkpoint).
     """
     check_comparison(config, seeds, methods)
+    seeds = [int(seed) for seed in seeds]  # NumPy integers too, for the folder names and results.json
     out = Path(out_dir)
+    earlier = [path.parent.relative_to(out).as_posix() for seed in seeds for method in (*methods, "supervised")
+               if (path := out / f"seed{seed}" / method / "checkpoint.npz").exists()]
+    if earlier:
+        warnings.warn(ReusedOutDirWarning(
+            f"{out} holds the runs of an earlier comparison ({', '.join(earlier)}); this comparison replaces them, "
+            "and results.json and the figures; choose another output folder (--out) to keep them"), stacklevel=2)
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, list]] = {}
     artefacts: dict[str, Any] = {"trainers": {}, "seconds": {}}
@@ -159,7 +190,9 @@ def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
                 cfg = supervised_config(cfg)
             log(f"[seed {seed}] training {METHOD_NAMES[method]} for {cfg.epochs} epochs ...")
             trainer = Trainer(cfg, train_set=train_set, test_set=test_set)
-            trainer.fit()
+            with warnings.catch_warnings():  # said once for the whole comparison, above
+                warnings.simplefilter("ignore", ReusedOutDirWarning)
+                trainer.fit()
             add(METHOD_NAMES[method], evaluate_trainer(trainer, seed))
             artefacts["trainers"][method] = trainer
             artefacts["seconds"].setdefault(method, []).append(time.perf_counter() - t0)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import numbers
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,25 @@ class ConfigError(ValueError):
 class TrainingDivergedError(RuntimeError):
     """The loss or the parameters became NaN or infinite; a good checkpoint is never
     overwritten by a bad one."""
+
+
+class ReusedOutDirWarning(UserWarning):
+    """A fresh run writes into an ``out_dir`` that holds the checkpoint of an earlier run,
+    which it replaces (:meth:`Trainer.fit`). A category of its own, so that a caller that
+    replaces runs on purpose (:func:`swav_ref.experiment.run_comparison`, which warns once
+    for the whole comparison) can silence it alone."""
+
+
+#: The TrainConfig fields that a resume may change without a word: how much longer the run
+#: goes on (``epochs``, ``stop_after``), where and how often it writes and reports
+#: (``out_dir``, ``progress``, ``log_every``, ``checkpoint_every``), the machine it runs on
+#: (``backend``, ``tf32``: the same computation, to rounding), and where the data lie
+#: (``data_dir``, ``image_size``: the data themselves are compared instead, see
+#: :meth:`Trainer.load`). Every other field is the recipe: a resume that changes one
+#: continues the checkpoint's run under another recipe, which is warned about (the model's
+#: shape, the method, the batch, the queue and the crops are refused outright).
+RESUME_MAY_CHANGE = ("epochs", "stop_after", "out_dir", "progress", "log_every", "checkpoint_every",
+                     "backend", "tf32", "data_dir", "image_size")
 
 
 DIVERGENCE_ADVICE = ("Try a lower --base-lr or a longer warm-up (--warmup-epochs); with your own model, check "
@@ -206,11 +226,15 @@ class TrainConfig:
         1-tuple), text for ``str`` (a path too), True/False for ``bool``."""
         for field in dataclasses.fields(self):
             value, kind = getattr(self, field.name), str(field.type)
+            if isinstance(value, np.ndarray) and value.ndim == 0:  # np.array(5): one number, as np.int64(5)
+                value = value[()]
             if value is None and "None" in kind:
                 continue
             if kind.startswith("tuple"):
                 element = kind[len("tuple["):].split(",")[0]
                 values = value if isinstance(value, (list, tuple, np.ndarray)) else (value,)
+                if len(values) == 0:  # () would fail later in min(), or train with no crops
+                    raise ConfigError(f"--{field.name.replace('_', '-')}: needs at least one value, got none")
                 setattr(self, field.name, tuple(self._as_kind(field.name, v, element) for v in values))
             else:
                 setattr(self, field.name, self._as_kind(field.name, value, kind.split("|")[0].strip()))
@@ -266,9 +290,12 @@ class TrainConfig:
         for name, low in at_least.items():
             if getattr(self, name) is not None and getattr(self, name) < low:
                 self._refuse(name, f"must be at least {low}")
-        for name in ("n_crops", "crop_sizes", "n_prototypes"):
+        for name in ("n_crops", "crop_sizes"):
             if getattr(self, name) is not None and min(getattr(self, name)) < 1:
                 self._refuse(name, "every entry must be at least 1")
+        if min(self.n_prototypes) < 2:  # K = 1: every sample in one cluster, a constant loss ln 1 = 0
+            self._refuse("n_prototypes", "every entry must be at least 2 (a single prototype takes every "
+                                         "sample: its codes, and so the loss, carry nothing to learn)")
         if self.method == "swav" and len(self.n_prototypes) != 1:
             self._refuse("n_prototypes", "SwAV has one set of prototypes (give one number); several sets are "
                                          "for --method deepcluster-v2")
@@ -336,10 +363,14 @@ class TrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
+    def from_dict(cls, d: Mapping) -> TrainConfig:
         """The configuration of a dict (``to_dict``'s, a checkpoint's, a JSON file's). A key
         that is no field is ignored with a warning that names it (a typo such as ``epoch``
-        would otherwise quietly leave the default)."""
+        would otherwise quietly leave the default); anything but a mapping (``None`` read
+        from an empty JSON file, a list) is a TypeError that says what it got."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"TrainConfig.from_dict takes a dict of settings (as to_dict() or a checkpoint's "
+                            f"'config' holds them), got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -439,13 +470,27 @@ class Trainer:
     Parameters
     ----------
     config : TrainConfig
+        (a dict is refused with a TypeError: ``TrainConfig.from_dict(d)`` makes one).
     comm : a communicator (:mod:`swav_ref.distributed`); default: MPI when launched under
         ``mpiexec``, else a single process.
     train_set, test_set : override the datasets named in ``config`` (tests, notebooks).
+        Each must be an :class:`~swav_ref.data.datasets.ImageDataset` (TypeError otherwise:
+        wrap arrays as ``ImageDataset(images, labels)``), and the test images must have the
+        training images' channels and size (ConfigError otherwise, at construction: the
+        evaluation runs the trained network on them, and images of another size would
+        score the model on what it never saw). A ``test_set`` given alone replaces the
+        loaded data set's test split.
     """
 
     def __init__(self, config: TrainConfig, comm: Any = None, train_set: ImageDataset | None = None,
                  test_set: ImageDataset | None = None):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"Trainer(config): config must be a TrainConfig, got {type(config).__name__}; "
+                            "make one with TrainConfig(**settings) or TrainConfig.from_dict(settings)")
+        for name, data in (("train_set", train_set), ("test_set", test_set)):
+            if data is not None and not isinstance(data, ImageDataset):
+                raise TypeError(f"Trainer({name}=...): must be an ImageDataset, got {type(data).__name__}; wrap "
+                                "the arrays as ImageDataset(images, labels) (uint8 images, N x C x H x W)")
         self.config = cfg = config
         if comm is None:  # launched under mpiexec: one rank's error must end the job, not hang the others
             comm = get_communicator()
@@ -459,8 +504,10 @@ class Trainer:
             raise ConfigError("dataset 'arrays': hand the images to the trainer, "
                               "Trainer(config, train_set=ImageDataset(images, labels))")
         if train_set is None:
-            train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size or None, seed=0)
+            train_set, loaded_test = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size or None, seed=0)
+            test_set = loaded_test if test_set is None else test_set
         self.train_set, self.test_set = train_set, test_set
+        self._check_test_set()
         self.mean, self.std = self._normalisation(train_set)
         if self.comm.size > 1:
             self._check_same_data()
@@ -484,10 +531,31 @@ class Trainer:
         self.out_dir = out
         self.log = MetricsLog(out / "metrics.jsonl" if self.comm.is_root else None)
         self._pending: list[tuple[int, Any, Any]] = []  # (step, loss, codes) awaiting the log
+        # The checkpoint that holds this run's last good state: the last one it wrote
+        # (save), or the one it resumed from (load); None until then. A checkpoint.npz in
+        # out_dir that is not this one belongs to an earlier run (see fit).
+        self._checkpoint: Path | None = None
+        self._fingerprint: str | None = None  # of the training data, see data_fingerprint
         if self.comm.size > 1:
             self._broadcast_parameters()
 
     # -- construction ----------------------------------------------------------------
+    def _check_test_set(self) -> None:
+        """The test images must be of the training images' channels and size: the probe
+        and kNN run the trained network on them (3 channels on a 1-channel network fail
+        only at the evaluation, after the training; another size runs, since the network
+        pools globally, but scores the model on a scale it never saw)."""
+        train, test = self.train_set, self.test_set
+        if test is None:
+            return
+        if test.n_channels != train.n_channels or test.image_shape != train.image_shape:
+            def shape(d: ImageDataset) -> str:
+                return f"{d.n_channels} channel(s) of {d.image_shape[0]}x{d.image_shape[1]}"
+
+            raise ConfigError(f"test_set {test.name}: images of {shape(test)}, but the training set {train.name} "
+                              f"has {shape(train)}; the evaluation runs the trained network on the test images, "
+                              "which need the training images' channels and size")
+
     def _check_same_data(self) -> None:
         """Every worker must have loaded the same data set (each reads its own copy, say a
         node-local one): else the steps per epoch differ, and a collective fails or hangs,
@@ -763,11 +831,21 @@ class Trainer:
         ``metrics.jsonl`` starts over with the records so far (:meth:`MetricsLog.restart`):
         none for a fresh run, the checkpoint's when resuming. Warns when the model has
         already trained ``config.epochs`` epochs, and then trains nothing.
+
+        ``out_dir`` holds one run. When it already holds a ``checkpoint.npz`` of an earlier
+        run (neither written by this trainer nor the one it resumes from), a
+        :class:`ReusedOutDirWarning` says so before anything is written: this run starts
+        ``metrics.jsonl`` and ``config.json`` over now and replaces that checkpoint at its
+        first save, so the earlier run is lost unless it is resumed (``resume=``) or this
+        run goes to another ``out_dir``. Should this run diverge before its first save, its
+        error says that the checkpoint there is the earlier run's, not a good state of
+        this one.
         """
         cfg = self.config
         if resume is not None:
             self.load(resume)
         if self.comm.is_root:
+            self._warn_if_out_dir_holds_another_run(resume)
             (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
             self.log.restart()
         self.model.train()
@@ -788,6 +866,40 @@ class Trainer:
             # for resnet18) are not needed by what comes after training, e.g. evaluation.
             F.SCRATCH.clear()
         return self.log
+
+    def _warn_if_out_dir_holds_another_run(self, resume: str | os.PathLike | None) -> None:
+        """A researcher reusing ``--out-dir`` by mistake would otherwise lose the earlier run
+        without a word (its metrics at once, its checkpoint at this run's first save), and a
+        divergence before that save would leave a folder whose checkpoint is the earlier
+        run's beside this run's config.json. Warned, not refused: rerunning a command into
+        the same folder (``swav-ref demo`` twice) is a normal way to replace a run."""
+        checkpoint = self.out_dir / "checkpoint.npz"
+        if not checkpoint.exists() or self._holds_this_run(checkpoint):
+            return
+        how = (f"this run (resumed from {resume}) replaces it" if resume is not None else "this run replaces it")
+        warnings.warn(ReusedOutDirWarning(
+            f"{self.out_dir} holds a checkpoint of an earlier run ({checkpoint.name}); {how} at its first save, and "
+            "starts metrics.jsonl and config.json over now; to continue that run use --resume "
+            f"{checkpoint} (fit(resume=...)), or choose another --out-dir to keep it"), stacklevel=3)
+
+    def _holds_this_run(self, path: Path) -> bool:
+        """Whether ``path`` is the checkpoint of this run's last good state."""
+        if self._checkpoint is None:
+            return False
+        try:
+            return os.path.samefile(self._checkpoint, path)
+        except OSError:  # either one is gone
+            return False
+
+    def _what_is_kept(self) -> str:
+        """For a divergence: which checkpoint holds this run's last good state, if any."""
+        checkpoint = self.out_dir / "checkpoint.npz"
+        if self._checkpoint is not None and self._checkpoint.exists():
+            return f"the last good checkpoint, {self._checkpoint}, is kept"
+        if checkpoint.exists():
+            return (f"this run wrote no checkpoint; the {checkpoint} there belongs to an earlier run (resuming from it "
+                    "continues that run, not this one)")
+        return "no checkpoint had been written yet"
 
     def _train_epoch(self, epoch: int) -> None:
         """The steps of ``epoch`` not yet taken (all of them, except after a resume)."""
@@ -830,11 +942,9 @@ class Trainer:
         ])) if with_codes else ())
         for (step, _, codes), value in zip(self._pending, values):
             if not math.isfinite(value):
-                checkpoint = self.out_dir / "checkpoint.npz"
-                kept = (f"the last good checkpoint, {checkpoint}, is kept" if checkpoint.exists()
-                        else "no checkpoint had been written yet")
                 raise TrainingDivergedError(
-                    f"the loss became {value} at step {step} (epoch {epoch + 1}); training stopped and {kept}. "
+                    f"the loss became {value} at step {step} (epoch {epoch + 1}); training stopped and "
+                    f"{self._what_is_kept()}. "
                     f"{DIVERGENCE_ADVICE}"
                 )
             record = {"kind": "step", "step": step, "epoch": epoch, "loss": value, "lr": self.learning_rate(step)}
@@ -879,12 +989,24 @@ class Trainer:
             # the input normalisation and the data it came from: features need no data set
             "normalisation": {"mean": list(self.mean), "std": list(self.std)},
             "data": {"name": self.train_set.name, "n_images": len(self.train_set),
-                     "image_shape": list(self.train_set.images.shape[1:])},
+                     "image_shape": list(self.train_set.images.shape[1:]), "fingerprint": self.data_fingerprint()},
             "local_ranks": list(range(self.comm.size)) if has_local else [],
             "monitor_fired": self.monitor.fired,
             "log": self.log.records,
         }
         return arrays, meta
+
+    def data_fingerprint(self) -> str:
+        """A digest of the training images, in order, and their labels (computed once): a
+        resume compares it with the checkpoint's, so other images of the same count and
+        shape are noticed (:meth:`load`)."""
+        if self._fingerprint is None:
+            digest = hashlib.blake2b(digest_size=16)
+            digest.update(np.ascontiguousarray(self.train_set.images).data)
+            if self.train_set.labels is not None:
+                digest.update(np.ascontiguousarray(self.train_set.labels, dtype=np.int64).data)
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def local_state(self) -> tuple[dict[str, Any], dict]:
         """This worker's queue and memory bank (each rank keeps its own, as officially)."""
@@ -932,6 +1054,7 @@ class Trainer:
             for old in Path(path).parent.glob(pattern):
                 if old != mine:
                     old.unlink(missing_ok=True)
+        self._checkpoint = Path(path)
 
     def load(self, path: str | os.PathLike, weights_only: bool = False) -> None:
         """Restore a checkpoint written by :meth:`save`, to resume training (raises
@@ -942,6 +1065,13 @@ class Trainer:
         A run without per-worker state may resume on another number of workers: it then
         continues at the next epoch boundary, with this run's steps per epoch (not bit for
         bit: the batches are cut differently).
+
+        A resume continues the checkpoint's run, so it must be that run's data and recipe:
+        training data of another number of images or image shape are refused (ConfigError;
+        other images of the same count and shape are warned about), and every other
+        setting that differs from the checkpoint's (seed, learning rates, temperature,
+        optimiser, dtype...; all but :data:`RESUME_MAY_CHANGE`) is listed in one warning,
+        so that nobody continues a run under another recipe by accident.
         """
         arrays, meta, saved = load_trainer_checkpoint(path)
         compared = ("method", "arch", "n_prototypes", "feat_dim", "hidden_dim")
@@ -953,6 +1083,10 @@ class Trainer:
                     f"{path}: checkpoint was trained with {name}={getattr(saved, name)!r}, this run has "
                     f"{name}={getattr(self.config, name)!r}"
                 )
+        if not weights_only:
+            self._check_resumed_data(path, meta.get("data"))
+            if self.comm.is_root:
+                self._warn_of_other_settings(path, saved, meta)
         local = None if weights_only else self._local_file(path, meta)
         ckpt.check_compatible(
             {k[6:]: v for k, v in arrays.items() if k.startswith("model.")},
@@ -978,6 +1112,53 @@ class Trainer:
             self._load_local(local)
         if self.comm.size > 1:
             self._broadcast_parameters()
+        self._checkpoint = Path(path)  # this run's last good state, until its first save
+
+    def _check_resumed_data(self, path: str | os.PathLike, trained_on: dict | None) -> None:
+        """Resuming on other data is a new experiment, not a continuation: another number
+        of images or image shape is refused (it would also change the steps per epoch, which
+        the resume would blame on the workers); other images of the same count and shape
+        (another digest, :meth:`data_fingerprint`) are warned about, since the same files
+        decoded by another version of an image library may differ by a few pixels.
+        Checkpoints written before the data were recorded are not checked."""
+        if not trained_on:
+            return
+        data = self.train_set
+        now = {"n_images": len(data), "image_shape": list(data.images.shape[1:])}
+        if {k: trained_on.get(k) for k in now} != now:
+            raise ConfigError(
+                f"--resume {path}: the checkpoint was trained on {trained_on['n_images']} images of shape "
+                f"{tuple(trained_on['image_shape'])} ({trained_on.get('name')}), but this run's training set "
+                f"({data.name}) has {now['n_images']} of shape {tuple(now['image_shape'])}; resume on the data it "
+                "was trained on, or start a fresh run (its weights alone: load_encoder, or "
+                "Trainer.load(path, weights_only=True))")
+        if "fingerprint" in trained_on and trained_on["fingerprint"] != self.data_fingerprint() and self.comm.is_root:
+            warnings.warn(f"--resume {path}: the training images (or their order or labels) differ from those the "
+                          f"checkpoint was trained on ({trained_on.get('name')}), though their number and shape "
+                          f"agree; this run continues it on other data ({data.name})", stacklevel=4)
+
+    def _warn_of_other_settings(self, path: str | os.PathLike, saved: TrainConfig, meta: dict) -> None:
+        """One warning listing every recipe setting of this run that differs from the
+        checkpoint's (all fields but :data:`RESUME_MAY_CHANGE`; those that shape the state,
+        such as the method and the batch size, were refused before). The prototype freeze
+        counts steps, so it is compared only at the same steps per epoch (another number of
+        workers rescales it)."""
+        skip = set(RESUME_MAY_CHANGE)
+        if meta.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
+            skip.add("freeze_prototypes_niters")
+
+        def shown(value: Any) -> str:
+            return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+        changed = [f"--{f.name.replace('_', '-')} {shown(getattr(saved, f.name))} -> "
+                   f"{shown(getattr(self.config, f.name))}"
+                   for f in dataclasses.fields(TrainConfig)
+                   if f.name not in skip and getattr(saved, f.name) != getattr(self.config, f.name)]
+        if changed:
+            warnings.warn(f"--resume {path}: this run's settings differ from the checkpoint's ({', '.join(changed)}; "
+                          "the checkpoint's first); the resumed run continues under this run's settings, another "
+                          "recipe than the one the checkpoint was trained with; to continue that run as it was, give "
+                          "the checkpoint's values", stacklevel=4)
 
     def _local_file(self, path: str | os.PathLike, meta: dict) -> Path | None:
         """This worker's queue / memory bank file named by the checkpoint (None if it has none)."""

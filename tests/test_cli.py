@@ -70,7 +70,9 @@ def test_train_then_eval_on_an_image_folder(tmp_path, capsys):
     (["train", "--checkpoint-every", "0"], "--checkpoint-every 0: must be at least 1"),
     (["train", "--stop-after", "-1"], "--stop-after -1: must be at least 0"),
     (["train", "--kmeans-restarts", "0"], "--kmeans-restarts 0: must be at least 1"),
-    (["train", "--n-prototypes", "30", "0"], "--n-prototypes 30 0: every entry must be at least 1"),
+    (["train", "--n-prototypes", "30", "0"], "--n-prototypes 30 0: every entry must be at least 2"),
+    (["train", "--n-prototypes", "1"], "--n-prototypes 1: every entry must be at least 2"),
+    (["demo", "--seeds", "0", "-1"], "seed -1: each seed must be a whole number >= 0"),
     (["train", "--temperature", "0"], "--temperature 0.0: must be a positive number"),
     (["train", "--epsilon", "nan"], "--epsilon nan: must be a positive number"),
     (["train", "--momentum", "-1"], "--momentum -1.0: must be a number >= 0"),
@@ -313,3 +315,50 @@ def test_eval_runs_in_a_slurm_batch_script(monkeypatch, capsys):
     monkeypatch.setenv("SLURM_NTASKS", "4")
     assert main(["eval", "/nonexistent/checkpoint.npz"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seeds, methods, message", [
+    ([0], ["supervised"], "method supervised: the supervised baseline is trained in every comparison already"),
+    ([0], ["swav", "supervised"], "give the self-supervised methods only .swav, deepcluster-v2."),
+    ([0, -1], ["swav"], "seed -1: each seed must be a whole number >= 0"),
+    ([0, 1.5], ["swav"], "seed 1.5: each seed must be a whole number >= 0"),
+    ([0, "a"], ["swav"], "seed 'a': each seed must be a whole number >= 0"),
+    ([True], ["swav"], "seed True: each seed must be a whole number >= 0"),
+])
+def test_a_comparison_refuses_the_baseline_as_a_method_and_seeds_that_are_no_seeds(seeds, methods, message,
+                                                                                   tmp_path, monkeypatch):
+    """The supervised baseline asked for again was trained twice into one folder and shown
+    as "2 seeds, std 0.0"; seed -1 failed after seed 0 had trained every method, leaving no
+    results.json. Both are refused before anything trains."""
+    from swav_ref import experiment
+
+    def no_training(self, resume=None):
+        raise AssertionError("trained before the comparison was checked")
+
+    monkeypatch.setattr(experiment.Trainer, "fit", no_training)
+    with pytest.raises(ValueError, match=message):
+        experiment.run_comparison(TrainConfig(epochs=1), seeds=seeds, methods=methods, out_dir=tmp_path / "out",
+                                  log=lambda msg: None)
+    assert not (tmp_path / "out").exists()
+    experiment.check_comparison(TrainConfig(), np.arange(3), ["swav", "deepcluster-v2"])  # NumPy seeds are seeds
+
+
+@pytest.mark.slow
+def test_a_comparison_rerun_into_its_folder_says_once_that_it_replaces_the_earlier_one(tiny, tmp_path, monkeypatch):
+    """As `swav-ref demo` twice in a row: the second run works, and warns once (not once per
+    trained model) that it replaces the first one's runs."""
+    from swav_ref import experiment
+
+    monkeypatch.setattr(experiment, "load_dataset", lambda *args, **kwargs: tiny)
+    monkeypatch.setattr(experiment, "write_figures", lambda *args: [])  # not what is tested: seconds saved
+    config = TrainConfig(epochs=1, batch_size=32, n_crops=(2, 2), crop_sizes=(8, 6), min_scale=(0.5, 0.3),
+                         max_scale=(1.0, 0.6), hidden_dim=16, feat_dim=8, n_prototypes=(10,), progress=False)
+    out = tmp_path / "demo"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*earlier")  # a first run replaces nothing
+        experiment.run_comparison(config, out_dir=out, log=lambda msg: None)
+    with pytest.warns(UserWarning) as record:
+        table, _ = experiment.run_comparison(config, out_dir=out, log=lambda msg: None)
+    earlier = [str(w.message) for w in record if "earlier" in str(w.message)]
+    assert len(earlier) == 1 and "holds the runs of an earlier comparison (seed0/swav, seed0/supervised)" in earlier[0]
+    assert set(table.index) >= {"SwAV", "supervised"} and (out / "results.json").exists()

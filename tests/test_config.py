@@ -46,3 +46,32 @@ def test_from_dict_names_the_keys_it_ignores():
     with pytest.warns(UserWarning, match="ignores 'base-lr', 'epoch': no such setting"):
         config = TrainConfig.from_dict({"epoch": 5, "base-lr": 0.1, "seed": 3})
     assert config.seed == 3 and config.epochs == TrainConfig().epochs
+
+
+@pytest.mark.parametrize("value, message", [
+    ((), "--n-prototypes: needs at least one value, got none"),  # was min() of an empty sequence
+    ((1,), "--n-prototypes 1: every entry must be at least 2"),  # was refused only by CollapseMonitor
+    ((30, 1), "--n-prototypes 30 1: every entry must be at least 2"),
+])
+def test_prototype_counts_that_cannot_train_are_refused_by_name(value, message):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(method="deepcluster-v2", n_prototypes=value)
+    assert str(info.value).startswith(message)
+
+
+def test_a_zero_dimensional_array_is_one_number():
+    """np.array(5), as a sweep's grid hands it over, is one number like np.int64(5)."""
+    config = TrainConfig(n_prototypes=np.array(5), epochs=np.array(3), n_crops=np.array([2, 4]))
+    assert config.n_prototypes == (5,) and config.epochs == 3 and type(config.epochs) is int
+    assert config.n_crops == (2, 4)
+    with pytest.raises(ConfigError, match="--crop-sizes: needs at least one value"):
+        TrainConfig(crop_sizes=[])
+
+
+def test_what_is_not_a_configuration_is_refused_with_what_it_got():
+    from swav_ref.train import Trainer
+
+    with pytest.raises(TypeError, match="from_dict takes a dict of settings.*got NoneType"):
+        TrainConfig.from_dict(None)
+    with pytest.raises(TypeError, match=r"Trainer\(config\): config must be a TrainConfig, got dict.*from_dict"):
+        Trainer({"epochs": 1})

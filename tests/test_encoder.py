@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -55,3 +57,17 @@ def test_an_old_checkpoint_without_its_normalisation_is_explained(dark_run, tmp_
     ckpt.save_checkpoint(tmp_path / "old.npz", arrays, meta)
     with pytest.raises(ckpt.CheckpointError, match="written before checkpoints kept their input normalisation"):
         load_encoder(tmp_path / "old.npz")
+
+
+@pytest.mark.parametrize("side", [1, 16])
+def test_images_of_another_size_than_the_training_images_warn(dark_run, side):
+    """The network pools globally, so 1x1 or 16x16 images give features from an 8x8 model
+    without an error; as `swav-ref eval` does for other data, the encoder says so."""
+    _, images, path = dark_run
+    encoder = load_encoder(path)
+    assert encoder.image_shape == (8, 8)
+    with pytest.warns(UserWarning, match=rf"trained on 8x8 images, these are {side}x{side}.*resize the images to 8x8"):
+        encoder.features(np.zeros((4, 1, side, side), dtype=np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the training images' size: no warning
+        encoder.features(images[:4])

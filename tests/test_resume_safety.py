@@ -140,6 +140,53 @@ def test_resuming_with_other_steps_per_epoch_continues_at_the_next_epoch(tiny, t
         trainer(tiny, tmp_path / "again", epochs=3).load(path)
 
 
+def test_resuming_on_other_data_is_refused_not_blamed_on_the_workers(tiny, tmp_path):
+    """Another number of images used to resume with a warning about "1 workers"; another
+    image shape too; the same count and shape of other images warns."""
+    from swav_ref.data.datasets import ImageDataset
+    from swav_ref.train import ConfigError
+
+    train, test = tiny
+    trainer(tiny, tmp_path / "run", epochs=1).fit()
+    path = tmp_path / "run" / "checkpoint.npz"
+    fewer = train.subset(np.arange(128), name="fewer")
+    larger = ImageDataset(np.repeat(np.repeat(train.images, 2, axis=2), 2, axis=3), train.labels, train.class_names,
+                          "larger")
+    for data, now in ((fewer, r"has 128 of shape \(1, 8, 8\)"), (larger, r"has 160 of shape \(1, 16, 16\)")):
+        resumed = Trainer(small_config(tmp_path / "resumed", epochs=2), train_set=data)
+        with pytest.raises(ConfigError, match=r"trained on 160 images of shape \(1, 8, 8\) \(digits/train\), "
+                                              rf"but this run's training set \({data.name}\) {now}"):
+            resumed.fit(resume=path)
+    shuffled = train.subset(np.arange(160)[::-1], name="reversed")
+    resumed = Trainer(small_config(tmp_path / "resumed", epochs=2), train_set=shuffled)
+    with pytest.warns(UserWarning, match=r"training images \(or their order or labels\) differ from those the "
+                                         r"checkpoint was trained on \(digits/train\)"):
+        resumed.load(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same data, copied: no warning
+        trainer(tiny, tmp_path / "same", epochs=2).load(path)
+
+
+def test_resuming_under_another_recipe_lists_every_difference(tiny, tmp_path):
+    """A resume with another seed, rate, temperature, optimiser or dtype used to continue
+    silently; what a resume is for (more epochs, another folder, logging) warns of nothing."""
+    trainer(tiny, tmp_path / "run", epochs=1).fit()
+    path = tmp_path / "run" / "checkpoint.npz"
+    other = trainer(tiny, tmp_path / "other", epochs=2, seed=3, base_lr=0.1, temperature=0.5, optimizer="sgd",
+                    dtype="float64")
+    with pytest.warns(UserWarning, match="settings differ from the checkpoint's") as record:
+        other.load(path)
+    [message] = [str(w.message) for w in record if "settings differ" in str(w.message)]  # one warning for all
+    for change in ("--seed 0 -> 3", "--base-lr 0.5 -> 0.1", "--temperature 0.2 -> 0.5", "--optimizer lars -> sgd",
+                   "--dtype float32 -> float64"):
+        assert change in message, message
+    assert "--epochs" not in message and "--out-dir" not in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer(tiny, tmp_path / "longer", epochs=4, stop_after=1, log_every=2, checkpoint_every=2,
+                progress=False).fit(resume=path)
+
+
 def test_stop_after_always_checkpoints_its_last_epoch(tiny, tmp_path):
     run = trainer(tiny, tmp_path / "run", epochs=4, stop_after=1, checkpoint_every=3)
     run.fit()
@@ -188,9 +235,16 @@ def test_truncated_checkpoint_closes_its_file(tmp_path):
 
 # -- 4. metrics.jsonl holds one run -------------------------------------------------------
 def test_fresh_run_in_a_reused_out_dir_starts_a_new_metrics_file(tiny, tmp_path):
+    """It also says so first: the earlier run, its checkpoint included, is replaced."""
     trainer(tiny, tmp_path, epochs=1).fit()
     second = trainer(tiny, tmp_path, epochs=1)
-    second.fit()
+    with pytest.warns(UserWarning, match="holds a checkpoint of an earlier run") as record:
+        second.fit()
+    assert len([w for w in record if "earlier run" in str(w.message)]) == 1
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        second.fit()  # its own checkpoint now: no warning about the folder (only "nothing to train")
+    assert not [w for w in again if "earlier run" in str(w.message)]
     records = file_records(tmp_path)
     assert records == second.log.records
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [0]

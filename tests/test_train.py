@@ -379,3 +379,69 @@ def test_deepcluster_clusters_with_the_chosen_initialisation(tiny, tmp_path, mon
                       train_set=tiny[0], test_set=tiny[1])
     trainer.fit()
     assert seen == [init]
+
+
+def test_divergence_in_a_reused_out_dir_does_not_call_the_earlier_runs_checkpoint_kept(tiny, tmp_path, monkeypatch):
+    """A fresh run into a folder that holds an earlier run's checkpoint warns at its start;
+    diverging before its own first save, it says the checkpoint there is the earlier run's,
+    not "the last good checkpoint ... is kept" (which invited a resume of the wrong run)."""
+    train, test = tiny
+    Trainer(small_config(tmp_path, epochs=1), train_set=train, test_set=test).fit()
+    earlier = (tmp_path / "run" / "checkpoint.npz").read_bytes()
+    second = Trainer(small_config(tmp_path, epochs=2, seed=1), train_set=train, test_set=test)
+    poison_the_loss(monkeypatch, second, from_step=2)
+    with pytest.warns(UserWarning, match=r"holds a checkpoint of an earlier run.*replaces it at its first save.*"
+                                         r"--resume .*checkpoint\.npz.*another --out-dir"):
+        with pytest.raises(TrainingDivergedError, match="this run wrote no checkpoint; the .*checkpoint.npz there "
+                                                        "belongs to an earlier run") as info:
+            second.fit()
+    assert "is kept" not in str(info.value)
+    assert (tmp_path / "run" / "checkpoint.npz").read_bytes() == earlier
+
+
+def test_a_resumed_run_names_the_checkpoint_it_resumed_from_as_kept(tiny, tmp_path, monkeypatch):
+    """Diverging before its first save, a resumed run's last good state is the checkpoint it
+    resumed from (it said "no checkpoint had been written yet" when that lay in another
+    folder); resumed in its own folder, it warns of nothing (the folder is its own)."""
+    train, test = tiny
+    Trainer(small_config(tmp_path, epochs=1), train_set=train, test_set=test).fit()
+    path = tmp_path / "run" / "checkpoint.npz"
+    for out in (tmp_path / "elsewhere", tmp_path / "run"):
+        resumed = Trainer(small_runs.small_config(out, epochs=3), train_set=train, test_set=test)
+        poison_the_loss(monkeypatch, resumed, from_step=6)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning at all: same settings, no earlier run in the folder
+            with pytest.raises(TrainingDivergedError, match=f"the last good checkpoint, {path}, is kept"):
+                resumed.fit(resume=path)
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((40, 1, 16, 16), r"test_set other: images of 1 channel\(s\) of 16x16, but the training set digits/train has "
+                      r"1 channel\(s\) of 8x8"),
+    ((40, 3, 8, 8), r"test_set other: images of 3 channel\(s\) of 8x8"),  # failed only at the evaluation
+])
+def test_a_test_set_of_other_images_is_refused_at_construction(tiny, tmp_path, shape, message):
+    from swav_ref.data.datasets import ImageDataset
+    from swav_ref.train import ConfigError
+
+    train, test = tiny
+    other = ImageDataset(np.zeros(shape, dtype=np.uint8), test.labels, test.class_names, "other")
+    with pytest.raises(ConfigError, match=message):
+        Trainer(small_config(tmp_path, epochs=1), train_set=train, test_set=other)
+    assert not (tmp_path / "run").exists()  # before anything is written
+
+
+def test_arrays_for_a_data_set_are_refused_naming_the_argument(tiny, tmp_path):
+    train, test = tiny
+    with pytest.raises(TypeError, match=r"Trainer\(test_set=...\): must be an ImageDataset, got ndarray"):
+        Trainer(small_config(tmp_path, epochs=1), train_set=train, test_set=test.images)
+    with pytest.raises(TypeError, match=r"Trainer\(train_set=...\): must be an ImageDataset, got ndarray.*"
+                                        r"ImageDataset\(images, labels\)"):
+        Trainer(small_config(tmp_path, epochs=1), train_set=train.images)
+
+
+def test_a_test_set_given_alone_is_the_one_evaluated(tiny, tmp_path):
+    """With the training data loaded by name, a test_set handed over is kept (it used to be
+    replaced by the loaded split without a word)."""
+    trainer = Trainer(small_config(tmp_path, epochs=1), test_set=tiny[1])
+    assert trainer.test_set is tiny[1] and len(trainer.train_set) > len(tiny[0])
