@@ -243,11 +243,9 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata
     ------
     ValueError
         an empty path or a folder; a reserved, empty, over-long or colliding name; an
-        object array; or metadata that JSON cannot hold exactly.
+        object array; or metadata that JSON cannot hold exactly. Nothing is written.
     TypeError
-        ``arrays`` or ``metadata`` is not a dict.
-
-    Nothing is written when any of these is raised.
+        ``arrays`` or ``metadata`` is not a dict. Nothing is written.
     """
     if not os.fspath(path):
         raise ValueError("checkpoint path is empty")

@@ -80,7 +80,7 @@ FLOAT_DTYPES = ("float16", "float32", "float64")
 
 def _resolve_dtype(xp: types.ModuleType, dtype: Any) -> Any:
     """``xp``'s dtype for a name (``"float32"``) or for another backend's dtype; ``ValueError``
-    naming it unless it is one of :data:`FLOAT_DTYPES` that ``xp`` has."""
+    naming it unless it is one of ``FLOAT_DTYPES`` (float16, float32, float64) that ``xp`` has."""
     try:
         name = host_dtype(dtype).name
     except (TypeError, ValueError):
@@ -336,7 +336,7 @@ class Module:
     def astype(self, dtype: Any) -> Module:
         """Cast parameters and floating buffers to ``dtype`` (e.g. ``"float64"`` for gradient
         checks); in place, returns self. ``ValueError`` unless ``dtype`` is one of
-        :data:`FLOAT_DTYPES`."""
+        ``FLOAT_DTYPES`` (float16, float32, float64)."""
         resolved = [(module, _resolve_dtype(module.xp, dtype)) for _, module in self.named_modules()]
         for module, module_dtype in resolved:  # (all checked first: a refused dtype changes nothing)
             xp = module.xp
