@@ -34,6 +34,7 @@
 # %matplotlib inline
 import inspect
 import os
+import textwrap
 import warnings
 
 import matplotlib.pyplot as plt
@@ -119,7 +120,7 @@ desserts.plan_table(exact.plan)
 
 # %%
 source = inspect.getsource(sinkhorn_knopp)
-Code(source[source.index("        b = xp.ones("):source.index("        plan = ")], language="python")
+Code(textwrap.dedent(source[source.index("        b = xp.ones("):source.index("        plan = ")]), language="python")
 
 # %%
 result = sinkhorn_knopp(M, r, c, lam=10.0)

@@ -27,6 +27,7 @@
 # %matplotlib inline
 import inspect
 import os
+import textwrap
 import time
 import warnings
 
@@ -127,7 +128,7 @@ print(f"KL of the row rescaling: {kl(projected, Q):.5f}; best of {len(others)} o
 
 # %%
 source = inspect.getsource(sinkhorn_knopp)
-Code(source[source.index("        neg_lam_M = M * (-lam)"):source.index("        plan = ")], language="python")
+Code(textwrap.dedent(source[source.index("        neg_lam_M = M * (-lam)"):source.index("        plan = ")]), language="python")
 
 # %% [markdown]
 # Two details in that loop:
@@ -143,7 +144,7 @@ Code(source[source.index("        neg_lam_M = M * (-lam)"):source.index("       
 # - After the column fit the columns are exact up to rounding, so the marginal error (the
 #   larger of the row and column errors, over the total mass) is in effect the row error
 #   $\lVert a \odot K b - r \rVert_\infty / \sum_i r_i$, and $Kb$ is needed by the next row
-#   fit anyway; the loop measures both, as printed. The error is brought to the host only
+#   fit anyway; the loop above measures both. The error is brought to the host only
 #   every `check_every` iterations (default 10), because on a GPU every such read is a
 #   synchronisation.
 
