@@ -49,6 +49,7 @@ __all__ = [
     "logsumexp",
     "pad2d",
     "python_float",
+    "python_int",
     "set_tf32",
     "synchronize",
     "to_numpy",
@@ -218,6 +219,16 @@ def python_float(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
     return float(value)
+
+
+def python_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as a Python ``int`` (NumPy integers accepted, ``bool`` not); ``ValueError``
+    naming ``name`` unless it is an integer >= ``minimum``. Sizes and counts go through here
+    so that a 0 or a 2.5 is refused where it enters, not found later deep inside NumPy."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
 
 
 def default_tol(dtype: Any) -> float:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from swav_ref.backend import array_namespace, asarray, python_float, to_numpy
+from swav_ref.backend import array_namespace, asarray, python_float, python_int, to_numpy
 from swav_ref.nn.functional import SCRATCH, l2_normalize_forward
 
 __all__ = [
@@ -96,13 +95,6 @@ def _check_same_width(train_features: Any, test_features: Any) -> None:
             f"train and test features differ in width: {train_features.shape[1]} vs "
             f"{test_features.shape[1]}"
         )
-
-
-def _positive_int(value: Any, name: str) -> int:
-    """``value`` as a Python int, or ``ValueError`` naming ``name`` unless it is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _labels_on(labels: Any, xp: Any) -> Any:
@@ -251,9 +243,7 @@ def linear_probe(
             if len(C_grid) == 0:
                 raise ValueError("C_grid is empty; give candidates or a fixed C")
             # Checked before the data: otherwise cv_folds=1 is blamed on the smallest class.
-            if isinstance(cv_folds, bool) or not isinstance(cv_folds, numbers.Integral) or cv_folds < 2:
-                raise ValueError(f"cv_folds must be an integer >= 2, got {cv_folds!r}")
-            n_folds = min(int(cv_folds), int(counts.min()))
+            n_folds = min(python_int(cv_folds, "cv_folds", minimum=2), int(counts.min()))
             if n_folds < 2:
                 raise ValueError(
                     f"the smallest class in the train split has {int(counts.min())} example(s); "
@@ -362,9 +352,9 @@ def knn_predict(
             f"test features must be 2-D (N, D), got shape {tuple(test_features.shape)}"
         )
     _check_same_width(train_features, test_features)
-    k = _positive_int(k, "k")
+    k = python_int(k, "k")
     if chunk_size is not None:
-        chunk_size = _positive_int(chunk_size, "chunk_size")
+        chunk_size = python_int(chunk_size, "chunk_size")
     temperature = python_float(temperature, "knn_predict: temperature")
     if not temperature > 0:
         raise ValueError(f"knn_predict: temperature must be positive, got {temperature}")

@@ -16,13 +16,12 @@ code too, so it does not prevent this; it only rules out the *other* trivial sol
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from swav_ref.backend import array_namespace
+from swav_ref.backend import array_namespace, python_int
 
 __all__ = ["CodeUsage", "CollapseMonitor", "CollapseWarning", "code_usage"]
 
@@ -117,15 +116,13 @@ class CollapseMonitor:
     """
 
     def __init__(self, n_prototypes: int, window: int = 100, tolerance: float = 0.01):
-        # numbers.Integral: a NumPy integer (K read from a config array) is an integer too
-        if isinstance(n_prototypes, bool) or not isinstance(n_prototypes, numbers.Integral) or n_prototypes < 2:
-            raise ValueError(f"CollapseMonitor: n_prototypes must be an integer >= 2, got {n_prototypes!r}")
-        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
-            raise ValueError(f"CollapseMonitor: window must be a positive integer, got {window!r}")
+        # a NumPy integer (K read from a config array) is an integer too
+        n_prototypes = python_int(n_prototypes, "CollapseMonitor: n_prototypes", minimum=2)
+        window = python_int(window, "CollapseMonitor: window")
         if not (math.isfinite(tolerance) and tolerance > 0):
             raise ValueError(f"CollapseMonitor: tolerance must be a positive number, got {tolerance!r}")
-        self.n_prototypes = int(n_prototypes)
-        self.window = int(window)
+        self.n_prototypes = n_prototypes
+        self.window = window
         self.tolerance = tolerance
         self.log_k = math.log(self.n_prototypes)
         self.fired = False

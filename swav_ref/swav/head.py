@@ -23,7 +23,7 @@ import operator
 import numpy as np
 from typing import Any, NamedTuple
 
-from swav_ref.backend import array_namespace
+from swav_ref.backend import array_namespace, python_int
 from swav_ref.nn.functional import l2_normalize_backward, l2_normalize_forward
 from swav_ref.nn.layers import BatchNorm1d, Linear, Module, ReLU, Sequential
 
@@ -187,12 +187,12 @@ class SwAVHead(Module):
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, n_prototypes: Any = (3000,), *,
                  xp: Any = None, dtype: Any = "float32", rng: Any = None):
-        in_dim, out_dim = _dimension(in_dim, "SwAVHead: in_dim"), _dimension(out_dim, "SwAVHead: out_dim")
-        hidden_dim = _dimension(hidden_dim, "SwAVHead: hidden_dim", minimum=0)
+        in_dim, out_dim = python_int(in_dim, "SwAVHead: in_dim"), python_int(out_dim, "SwAVHead: out_dim")
+        hidden_dim = python_int(hidden_dim, "SwAVHead: hidden_dim", minimum=0)
         sizes = (n_prototypes,) if isinstance(n_prototypes, numbers.Number) else tuple(n_prototypes)
         if not sizes:
             raise ValueError("SwAVHead: n_prototypes must name at least one prototype set, got ()")
-        sizes = tuple(_dimension(k, "SwAVHead: n_prototypes") for k in sizes)
+        sizes = tuple(python_int(k, "SwAVHead: n_prototypes") for k in sizes)
         xp = np if xp is None else xp
         super().__init__(xp, dtype)
         kw = {"xp": xp, "dtype": dtype, "rng": rng}
@@ -264,8 +264,8 @@ class ClassifierHead(Module):
     n_sets = 1
 
     def __init__(self, in_dim: int, n_classes: int, *, xp: Any = None, dtype: Any = "float32", rng: Any = None):
-        in_dim = _dimension(in_dim, "ClassifierHead: in_dim")
-        n_classes = _dimension(n_classes, "ClassifierHead: n_classes")
+        in_dim = python_int(in_dim, "ClassifierHead: in_dim")
+        n_classes = python_int(n_classes, "ClassifierHead: n_classes")
         xp = np if xp is None else xp
         super().__init__(xp, dtype)
         self.fc = Linear(in_dim, n_classes, xp=xp, dtype=dtype, rng=rng)
@@ -281,12 +281,3 @@ class ClassifierHead(Module):
 
     def drop_prototype_gradients(self) -> None:
         pass
-
-
-def _dimension(value: Any, name: str, minimum: int = 1) -> int:
-    """``value`` as a Python int >= ``minimum`` (NumPy integers accepted), else a ValueError
-    naming it: a 0 would otherwise end in Linear's 1/sqrt(fan_in), a ZeroDivisionError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
-    return int(value)
