@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from swav_ref.backend import array_namespace, is_numpy
+from swav_ref.backend import array_namespace, is_numpy, python_int
 from swav_ref.swav.codes import sinkhorn_codes
 
 __all__ = ["SwAVLossOutput", "swapped_prediction_loss", "swav_loss"]
@@ -104,7 +104,8 @@ def swav_loss(
     See :func:`swapped_prediction_loss` for the loss and its gradient.
     """
     xp = array_namespace(scores)
-    _, batch_size = _check_layout(scores, batch_size, crops_for_assign)
+    n_crops, batch_size = _check_layout(scores, batch_size, crops_for_assign)
+    temperature = _check_temperature(temperature)
     queue_scores = _check_queue(queue_scores, crops_for_assign, scores)
     codes = []
     for crop, queued in zip(crops_for_assign, queue_scores):
@@ -119,9 +120,9 @@ def swav_loss(
             allreduce_max=allreduce_max,
         )
         codes.append(q[q.shape[0] - batch_size :, :])  # the current batch only
-    loss, grad = swapped_prediction_loss(
-        scores, codes, batch_size, crops_for_assign=crops_for_assign, temperature=temperature
-    )
+    # the layout and the temperature are checked above, and Sinkhorn's codes are probability
+    # rows by construction: not checked again on every step
+    loss, grad = _loss_and_gradient(scores, codes, n_crops, batch_size, crops_for_assign, temperature)
     return SwAVLossOutput(loss, grad, tuple(codes))
 
 
@@ -191,14 +192,23 @@ def swapped_prediction_loss(
     crop a. :math:`\log p = z - \max z - \log\sum e^{z - \max z}`, with
     :math:`\sum_k (T_v)_{bk} = n_v`.
     """
-    xp = array_namespace(scores, *codes)
     n_crops, batch_size = _check_layout(scores, batch_size, crops_for_assign)
     _check_codes(codes, crops_for_assign, batch_size, scores)
+    return _loss_and_gradient(scores, codes, n_crops, batch_size, crops_for_assign, _check_temperature(temperature))
+
+
+def _check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not (
         isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0
     ):
         raise ValueError(f"swapped_prediction_loss: temperature must be positive, got {temperature!r}")
-    temperature = float(temperature)  # a Python number: NumPy scalars would promote
+    return float(temperature)  # a Python number: NumPy scalars would promote
+
+
+def _loss_and_gradient(scores, codes, n_crops: int, batch_size: int, crops_for_assign, temperature: float):
+    """:func:`swapped_prediction_loss` on checked arguments (what :func:`swav_loss` passes:
+    it has checked the layout, and its codes come from Sinkhorn, rows summing to 1)."""
+    xp = array_namespace(scores, *codes)
     n_assign, (n_rows, n_prototypes) = len(crops_for_assign), scores.shape
     weight = 1.0 / (n_assign * (n_crops - 1) * batch_size)  # mean over b, v != a, a
     grad_weight = weight / temperature
@@ -245,9 +255,7 @@ def _check_layout(scores, batch_size, crops_for_assign) -> tuple[int, int]:
         )
     if not array_namespace(scores).isdtype(scores.dtype, "real floating"):  # a dtype check: no sync
         raise ValueError(f"scores must be a real floating-point array, got dtype {scores.dtype}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    batch_size = int(batch_size)
+    batch_size = python_int(batch_size, "batch_size")
     n_rows = scores.shape[0]
     if n_rows % batch_size != 0:
         raise ValueError(
