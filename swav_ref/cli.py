@@ -395,8 +395,10 @@ def _warn_if_other_data(checkpoint: str, trained_on: dict | None, data) -> None:
     handed to ``Trainer(train_set=...)``, whose checkpoint names the digits by default."""
     if not trained_on:  # written before the data were recorded
         return
-    now = {"n_images": len(data), "image_shape": list(data.images.shape[1:])}
-    if {k: trained_on.get(k) for k in now} != now:
+    from swav_ref.train import data_record, trained_on_same
+
+    now = data_record(data)
+    if not trained_on_same(trained_on, data):
         warnings.warn(f"{checkpoint} was trained on {trained_on['n_images']} images of shape "
                       f"{tuple(trained_on['image_shape'])} ({trained_on['name']}), but the data loaded now "
                       f"({data.name}) has {now['n_images']} of shape {tuple(now['image_shape'])}: the scores below "

@@ -127,6 +127,19 @@ def load_trainer_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarr
     return arrays, meta, TrainConfig.from_dict(meta["config"])
 
 
+def data_record(data: ImageDataset) -> dict:
+    """What a checkpoint records of its training data, to tell other data later: the number
+    of images and their shape (C, H, W)."""
+    return {"n_images": len(data), "image_shape": list(data.images.shape[1:])}
+
+
+def trained_on_same(trained_on: dict, data: ImageDataset) -> bool:
+    """Whether ``data`` has the number of images and the image shape of a checkpoint's
+    ``meta["data"]``."""
+    now = data_record(data)
+    return {k: trained_on.get(k) for k in now} == now
+
+
 def recipe_name(dataset: str) -> str:
     """The :func:`~swav_ref.data.multicrop.default_config` recipe of a data set: its own for
     digits and CIFAR-10, the general one (sized to the images) for a folder or arrays."""
@@ -515,8 +528,8 @@ class Trainer:
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its data order), see epoch_order
         self._last_epoch = cfg.epochs - 1  # set by fit (--stop-after)
         self.config = cfg = self._with_recipe(config)
-        self._check_fits_the_data()
         self.total_steps = cfg.epochs * self.steps_per_epoch
+        self._check_fits_the_data()
         self.model = self._build_model()
         self.optimizer = self._build_optimizer()
         self.multicrop = MultiCrop(self._multicrop_config(), self.xp, self.dtype)
@@ -616,7 +629,7 @@ class Trainer:
             return False
         steps_to_fill = cfg.queue_length // (cfg.batch_size * self.comm.size)
         first_use = cfg.epoch_queue_starts * self.steps_per_epoch + steps_to_fill
-        total = cfg.epochs * self.steps_per_epoch
+        total = self.total_steps
         if first_use < total:
             return True
         if self.comm.is_root:
@@ -988,8 +1001,8 @@ class Trainer:
             "world_size": self.comm.size,
             # the input normalisation and the data it came from: features need no data set
             "normalisation": {"mean": list(self.mean), "std": list(self.std)},
-            "data": {"name": self.train_set.name, "n_images": len(self.train_set),
-                     "image_shape": list(self.train_set.images.shape[1:]), "fingerprint": self.data_fingerprint()},
+            "data": {"name": self.train_set.name, **data_record(self.train_set),
+                     "fingerprint": self.data_fingerprint()},
             "local_ranks": list(range(self.comm.size)) if has_local else [],
             "monitor_fired": self.monitor.fired,
             "log": self.log.records,
@@ -1124,15 +1137,15 @@ class Trainer:
         if not trained_on:
             return
         data = self.train_set
-        now = {"n_images": len(data), "image_shape": list(data.images.shape[1:])}
-        if {k: trained_on.get(k) for k in now} != now:
+        now = data_record(data)
+        if not trained_on_same(trained_on, data):
             raise ConfigError(
                 f"--resume {path}: the checkpoint was trained on {trained_on['n_images']} images of shape "
                 f"{tuple(trained_on['image_shape'])} ({trained_on.get('name')}), but this run's training set "
                 f"({data.name}) has {now['n_images']} of shape {tuple(now['image_shape'])}; resume on the data it "
                 "was trained on, or start a fresh run (its weights alone: load_encoder, or "
                 "Trainer.load(path, weights_only=True))")
-        if "fingerprint" in trained_on and trained_on["fingerprint"] != self.data_fingerprint() and self.comm.is_root:
+        if self.comm.is_root and "fingerprint" in trained_on and trained_on["fingerprint"] != self.data_fingerprint():
             warnings.warn(f"--resume {path}: the training images (or their order or labels) differ from those the "
                           f"checkpoint was trained on ({trained_on.get('name')}), though their number and shape "
                           f"agree; this run continues it on other data ({data.name})", stacklevel=4)

@@ -83,7 +83,7 @@ def exact_transport(M: Any, r: Any, c: Any) -> TransportResult:
     # 10%, one of 1e-8 by the empty plan, one of 1e12 not at all, and costs 1e-9 apart would
     # look equal. So solve the unit problem (see the Notes), then scale back.
     mass = float(r_host.sum())
-    low, high = float(M_host.min()), float(M_host.max())
+    low, high = prob.min_cost, prob.max_cost  # exact in any dtype: entries of M
     span = high - low if high > low else 1.0  # equal costs: every plan is optimal
     if not math.isfinite(span):
         raise ValueError(f"M spans {low:g} to {high:g}, more than float64 can hold; rescale M")
