@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import statistics
@@ -232,6 +233,13 @@ def _date(data: dict, path: Path) -> str:
     for date in (data.get("date"), data.get("metadata", {}).get("date")):
         if date:
             return str(date)
+    return _file_date(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _file_date(path: Path, mtime_ns: int) -> str:
+    """The date of a result file that records none; asked once per file and version (two
+    git processes), not once per row."""
     try:  # the day the result was committed: a clone or checkout gives every file a new mtime
         git = dict(cwd=path.parent, capture_output=True, text=True, timeout=30)
         changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", path.name], **git).returncode != 0
