@@ -12,12 +12,7 @@ from hypothesis import strategies as st
 from swav_ref.backend import array_namespace, asarray, to_numpy
 from swav_ref.ot import exact_transport, sinkhorn_log
 from swav_ref.ot.desserts import dessert_problem
-
-
-def host_marginal_error(plan, r, c) -> float:
-    """Independent of the library: plain NumPy on host copies."""
-    P, r, c = (np.asarray(to_numpy(x), dtype=np.float64) for x in (plan, r, c))
-    return max(np.abs(P.sum(1) - r).max(), np.abs(P.sum(0) - c).max()) / r.sum()
+from test_sinkhorn import host_marginal_error  # the library-independent check, shared
 
 
 def random_problem(seed: int, n: int, m: int):
