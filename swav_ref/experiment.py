@@ -121,7 +121,7 @@ def check_comparison(config: TrainConfig, seeds: Sequence[int], methods: Sequenc
     if not seeds:
         raise ValueError("no seeds given: a comparison needs at least one")
     for seed in seeds:
-        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or seed < 0:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:  # np.bool_ is no Integral
             raise ValueError(f"seed {seed!r}: each seed must be a whole number >= 0 (it seeds the random "
                              "generators and names the seed<N> folder)")
     if "supervised" in methods:
