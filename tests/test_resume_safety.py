@@ -33,10 +33,28 @@ def file_records(out_dir) -> list[dict]:
 LOCAL_STATE = {"queue": dict(queue_length=64, epoch_queue_starts=1), "deepcluster": dict(method="deepcluster-v2")}
 
 
+# Runs that several tests start from, trained once per module; each test works on its own
+# copy of the folder (some rewrite the checkpoint or delete its files).
+@pytest.fixture(scope="module")
+def finished_runs(tiny, tmp_path_factory) -> dict:
+    """Folders with ``checkpoint.npz``: ``"one_epoch"`` of SwAV, and two epochs of each
+    ``LOCAL_STATE`` run (``"queue"``, ``"deepcluster"``), with their per-worker files."""
+    root = tmp_path_factory.mktemp("finished_runs")
+    trainer(tiny, root / "one_epoch", epochs=1).fit()
+    for kind, extra in LOCAL_STATE.items():
+        trainer(tiny, root / kind, **extra).fit()
+    return {name: root / name for name in ("one_epoch", *LOCAL_STATE)}
+
+
+def copy_of(finished_runs, name, tmp_path):
+    """A copy of the finished run ``name`` in ``tmp_path / "run"``."""
+    return shutil.copytree(finished_runs[name], tmp_path / "run")
+
+
 @pytest.mark.parametrize("kind", LOCAL_STATE)
-def test_resume_without_the_local_file_is_refused(tiny, tmp_path, kind):
+def test_resume_without_the_local_file_is_refused(tiny, finished_runs, tmp_path, kind):
     extra = LOCAL_STATE[kind]
-    trainer(tiny, tmp_path / "run", **extra).fit()
+    copy_of(finished_runs, kind, tmp_path)
     # named by rank and step; the file of the first epoch's checkpoint (step 5) is gone
     assert [f.name for f in (tmp_path / "run").glob("*.local.npz")] == ["checkpoint.rank0.step10.local.npz"]
     copy = tmp_path / "copy"
@@ -49,9 +67,9 @@ def test_resume_without_the_local_file_is_refused(tiny, tmp_path, kind):
     trainer(tiny, tmp_path / "resumed", epochs=3, **extra).fit(resume=copy / "checkpoint.npz")
 
 
-def test_old_checkpoint_without_the_local_list_still_loads(tiny, tmp_path):
+def test_old_checkpoint_without_the_local_list_still_loads(tiny, finished_runs, tmp_path):
     """Written before ``local_ranks`` existed: nothing to check, the file is used if present."""
-    trainer(tiny, tmp_path / "run", epochs=1).fit()
+    copy_of(finished_runs, "one_epoch", tmp_path)
     path = tmp_path / "run" / "checkpoint.npz"
     arrays, meta = ckpt.load_checkpoint(path)
     assert meta.pop("local_ranks") == []  # no queue, no bank
@@ -97,10 +115,10 @@ def test_saving_removes_only_this_checkpoints_earlier_files(tiny, tmp_path):
     assert sorted(f.name for f in folder.glob("ckpt?1?.*")) == ["ckpt[1].npz", "ckpt[1].rank0.step11.local.npz"]
 
 
-def test_eval_loads_the_weights_without_the_workers_files(tiny, tmp_path):
+def test_eval_loads_the_weights_without_the_workers_files(tiny, finished_runs, tmp_path):
     """The per-worker files matter to a resume only: evaluation of a queue or DeepCluster
     checkpoint needs none of them (it was refused when written by other workers)."""
-    trainer(tiny, tmp_path / "run", method="deepcluster-v2").fit()
+    copy_of(finished_runs, "deepcluster", tmp_path)
     path = tmp_path / "run" / "checkpoint.npz"
     arrays, meta = ckpt.load_checkpoint(path)
     meta["world_size"] = 4  # as if written by four workers
@@ -115,17 +133,17 @@ def test_eval_loads_the_weights_without_the_workers_files(tiny, tmp_path):
         trainer(tiny, tmp_path / "resume", method="deepcluster-v2").load(path)
 
 
-def test_a_queue_setting_that_differs_from_the_checkpoints_is_refused(tiny, tmp_path):
-    trainer(tiny, tmp_path / "run", **LOCAL_STATE["queue"]).fit()
+def test_a_queue_setting_that_differs_from_the_checkpoints_is_refused(tiny, finished_runs, tmp_path):
+    copy_of(finished_runs, "queue", tmp_path)
     other = trainer(tiny, tmp_path / "other", queue_length=0)
     with pytest.raises(ckpt.CheckpointError, match="queue_length=64, this run has queue_length=0"):
         other.load(tmp_path / "run" / "checkpoint.npz")
 
 
-def test_resuming_with_other_steps_per_epoch_continues_at_the_next_epoch(tiny, tmp_path):
+def test_resuming_with_other_steps_per_epoch_continues_at_the_next_epoch(tiny, finished_runs, tmp_path):
     """As on another number of workers: 2 epochs of 2 steps (step 4) become 2 epochs of
     this run's 5 steps (step 10), with a warning; mid-epoch it is refused."""
-    trainer(tiny, tmp_path / "run", epochs=1).fit()
+    copy_of(finished_runs, "one_epoch", tmp_path)
     path = tmp_path / "run" / "checkpoint.npz"
     arrays, meta = ckpt.load_checkpoint(path)
     meta.update(step=4, steps_per_epoch=2, world_size=2)
@@ -140,14 +158,14 @@ def test_resuming_with_other_steps_per_epoch_continues_at_the_next_epoch(tiny, t
         trainer(tiny, tmp_path / "again", epochs=3).load(path)
 
 
-def test_resuming_on_other_data_is_refused_not_blamed_on_the_workers(tiny, tmp_path):
+def test_resuming_on_other_data_is_refused_not_blamed_on_the_workers(tiny, finished_runs, tmp_path):
     """Another number of images used to resume with a warning about "1 workers"; another
     image shape too; the same count and shape of other images warns."""
     from swav_ref.data.datasets import ImageDataset
     from swav_ref.train import ConfigError
 
     train, test = tiny
-    trainer(tiny, tmp_path / "run", epochs=1).fit()
+    copy_of(finished_runs, "one_epoch", tmp_path)
     path = tmp_path / "run" / "checkpoint.npz"
     fewer = train.subset(np.arange(128), name="fewer")
     larger = ImageDataset(np.repeat(np.repeat(train.images, 2, axis=2), 2, axis=3), train.labels, train.class_names,
@@ -167,10 +185,10 @@ def test_resuming_on_other_data_is_refused_not_blamed_on_the_workers(tiny, tmp_p
         trainer(tiny, tmp_path / "same", epochs=2).load(path)
 
 
-def test_resuming_under_another_recipe_lists_every_difference(tiny, tmp_path):
+def test_resuming_under_another_recipe_lists_every_difference(tiny, finished_runs, tmp_path):
     """A resume with another seed, rate, temperature, optimiser or dtype used to continue
     silently; what a resume is for (more epochs, another folder, logging) warns of nothing."""
-    trainer(tiny, tmp_path / "run", epochs=1).fit()
+    copy_of(finished_runs, "one_epoch", tmp_path)
     path = tmp_path / "run" / "checkpoint.npz"
     other = trainer(tiny, tmp_path / "other", epochs=2, seed=3, base_lr=0.1, temperature=0.5, optimizer="sgd",
                     dtype="float64")
