@@ -355,10 +355,10 @@ def run_case(name, xp, batch, repeats, threads, use_torch, profile, peak_n, tf32
         "batch": batch,
         "input": list(shape),
         "train_gflop_per_step": round(flops / 1e9, 3),
-        "ours_step_s": round(ours_s, 4),
-        "ours_step_s_all": [round(t, 4) for t in times["ours"]],
+        "ours_step_s": round(ours_s, 6),
+        "ours_step_s_all": [round(t, 6) for t in times["ours"]],
         "ours_gflops": round(flops / ours_s / 1e9, 1),
-        "ours_best_step_s": round(ours_best, 4),
+        "ours_best_step_s": round(ours_best, 6),
         "ours_best_gflops": round(flops / ours_best / 1e9, 1),
         # the machine's speed drifts: each block against the peak measured just before it
         "ours_fraction_of_matmul_peak_paired": round(
@@ -370,11 +370,11 @@ def run_case(name, xp, batch, repeats, threads, use_torch, profile, peak_n, tf32
     if use_torch:
         torch_s = statistics.median(times["torch"])
         result.update(
-            torch_step_s=round(torch_s, 4),
-            torch_step_s_all=[round(t, 4) for t in times["torch"]],
+            torch_step_s=round(torch_s, 6),
+            torch_step_s_all=[round(t, 6) for t in times["torch"]],
             torch_gflops=round(flops / torch_s / 1e9, 1),
             ratio_ours_over_torch=round(ours_s / torch_s, 3),
-            torch_best_step_s=round(min(times["torch"]), 4),
+            torch_best_step_s=round(min(times["torch"]), 6),
             ratio_best_ours_over_best_torch=round(ours_best / min(times["torch"]), 3),
         )
     if profile:

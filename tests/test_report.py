@@ -320,6 +320,17 @@ def test_gpu_network_rows_say_how_each_side_computed(report, tmp_path):
     assert report.OLD_GPU_PRECISION in network.what and report.OLD_GPU_PRECISION not in sinkhorn.what
 
 
+def test_a_step_ratio_is_the_one_the_benchmark_computed_not_that_of_its_rounded_times(report, tmp_path):
+    """bench_resnet stored 0.023 s against 0.0037 s with the ratio 6.313 of the unrounded
+    times; the table showed 0.023 / 0.0037 = 6.22. A file without the ratio divides."""
+    case = {"batch": 8, "input": [1, 8, 8], "ours_step_s": 0.023, "torch_step_s": 0.0037}
+    write(tmp_path / "bench_resnet.json", {"backend": "numpy", "cases": {"resnet_tiny": {
+        **case, "ratio_ours_over_torch": 6.313}, "resnet18": case}})
+    recorded, divided = report.collect_rows(tmp_path)
+    assert recorded.ratio == 6.313 and divided.ratio == pytest.approx(0.023 / 0.0037)
+    assert _cells(report.markdown_table([recorded]).splitlines()[2])[3] == "6.31"
+
+
 @pytest.mark.slow
 def test_bench_gpu_rehearsal_feeds_the_report(report, tmp_path):
     """benchmarks/bench_gpu.py at toy sizes on the CPU (NumPy against torch CPU), in the two
