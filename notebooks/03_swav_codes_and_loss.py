@@ -175,8 +175,9 @@ print(exercises.check_codes_as_transport(my_codes))
 # ## 2. The effect of epsilon
 #
 # $\varepsilon$ trades the transport objective against entropy. Large $\varepsilon$: soft,
-# almost uniform codes. Small $\varepsilon$: nearly one-hot codes, still equally
-# partitioned. `code_usage` summarises a batch of codes: the mean entropy of a code (0 for
+# almost uniform codes. Small $\varepsilon$: nearly one-hot codes, but a rougher partition
+# after the same 3 iterations, because Sinkhorn needs more iterations to converge as
+# $\varepsilon$ falls (section 1: three iterations are not convergence). `code_usage` summarises a batch of codes: the mean entropy of a code (0 for
 # one-hot, $\ln K$ for uniform) and how many prototypes are somebody's favourite.
 
 # %%
@@ -204,7 +205,8 @@ print("prototypes in use:", dict(zip(epsilons, used)))
 # delicate: $e^{s/\varepsilon}$ at $\varepsilon = 0.005$ spans $e^{\pm 200}$. The
 # library shifts each prototype's scores by their maximum before `exp` (the shift cancels
 # in the first normalisation), so nothing overflows; what remains is *underflow*: a sample
-# far from every prototype's best match can see its whole column round to 0 in float32,
+# far from every prototype's best match can see all its entries (its row of the codes, its
+# column of the paper's $Q$) round to 0 in float32,
 # and the official iterations divide 0 by 0. Below `FLOAT32_SAFE_EPSILON` a float32 input
 # is therefore iterated in float64 (and cast back). Forcing float32 shows why:
 

@@ -413,7 +413,8 @@ def knn_classifier(
 ) -> KNNResult:
     """Top-1 test accuracy of the weighted kNN vote of :func:`knn_predict`.
 
-    The SwAV and DINO evaluations report k=20 and k=200 with T=0.07; on a small train split
+    The weighted kNN of Wu et al. (2018), k=200 and T=0.07, which DINO reports at k=20 as
+    well (SwAV's own baseline included); on a small train split
     k is clipped to its size and the result's ``note`` says so. Runs on the features'
     backend; only the final accuracy comes back to the host.
 

@@ -40,8 +40,10 @@ class SGD:
     .. math:: g \leftarrow g + \lambda p, \qquad b \leftarrow \mu b + g, \qquad
               p \leftarrow p - \eta\, b
 
-    with :math:`b = g` at the first step (PyTorch's initial buffer) and no buffer at all
-    when ``momentum`` is 0.
+    with :math:`\lambda` = ``weight_decay`` (not the :math:`\lambda = 1/\varepsilon` of
+    optimal transport), :math:`\mu` = ``momentum``, :math:`\eta` the learning rate, and
+    :math:`b = g` at the first step (PyTorch's initial buffer) and no buffer at all when
+    ``momentum`` is 0.
     """
 
     def __init__(self, model: Module, momentum: float = 0.9, weight_decay: float = 0.0):
@@ -133,7 +135,8 @@ class LARS(SGD):
     .. math:: \alpha = \frac{\tau \lVert p \rVert}{\lVert g \rVert + \lambda \lVert p \rVert
               + \epsilon}, \qquad g \leftarrow \alpha\,(g + \lambda p)
 
-    then SGD with momentum and *no further* weight decay (LARC moves the decay into the
+    with :math:`\tau` = ``trust_coefficient`` (not the loss's temperature) and
+    :math:`\lambda` = ``weight_decay``, then SGD with momentum and *no further* weight decay (LARC moves the decay into the
     scaled gradient). If :math:`\lVert p \rVert = 0` or :math:`\lVert g \rVert = 0` the gradient
     is left as it is (:math:`\alpha = 1`, no decay), as LARC does; no clipping (SwAV uses
     ``clip=False``). The norms and the guard stay on the device as 0-d arrays: no sync.

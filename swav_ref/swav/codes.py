@@ -106,13 +106,14 @@ def sinkhorn_codes(
     rejected: it overflows on un-normalised features, a known way to get NaN in SwAV.
 
     *Underflow at small epsilon.* The smallest entry is about :math:`e^{-2/\varepsilon}`;
-    when a whole sample column underflows, the official iterations divide 0 by 0. In float32
+    when all of one sample's entries underflow (a row of our B x K array, a column of the
+    paper's K x B Q), the official iterations divide 0 by 0. In float32
     that can happen for epsilon below about 0.02 (the threshold grows with ln(B K)), hence
     the automatic float64 iterations below ``FLOAT32_SAFE_EPSILON``. They reproduce the official algorithm (in more
     precision); they are not a different algorithm.
 
-    *Scores outside the contract.* Scores that are not cosines can make a whole sample row
-    underflow even in float64 (unit-norm embeddings times 30 at eps = 0.05 give exponents
+    *Scores outside the contract.* Scores that are not cosines can make all of one sample's
+    entries underflow even in float64 (unit-norm embeddings times 30 at eps = 0.05 give exponents
     down to -1200), and one 0/0 row turns every code into NaN through the per-prototype
     sums. On NumPy that is an error naming the scores' range; elsewhere finding it would
     cost a wait for the device, so the NaN reaches the loss, where the trainer's check at
