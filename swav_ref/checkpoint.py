@@ -32,7 +32,10 @@ Atomic writes
     then moved over the final name with ``os.replace`` (atomic on POSIX and Windows), and
     the folder is ``fsync``-ed so the rename itself survives a power cut. A crash at any
     moment leaves either the old checkpoint or the new one at the final path, never a
-    mixture; at worst a hidden ``.<name>.*.tmp`` file is left beside it. The file gets the
+    mixture; at worst a hidden ``.<name>.<16 hex digits>.tmp`` file is left beside it, which
+    the next successful save to the same name removes (only names of exactly that form for
+    that name, and only files last written before that save began: a concurrent save to the
+    same name, which is a race anyway, is not disturbed while it writes). The file gets the
     permissions ``open(path, "w")`` would give it (``0o666`` less the umask), not
     ``tempfile.mkstemp``'s owner-only ``0o600``.
 
@@ -45,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import zipfile
 from pathlib import Path
@@ -195,6 +199,9 @@ def _write_npz(f, members: Mapping[str, np.ndarray]) -> None:
                 np.lib.format.write_array(member, array, allow_pickle=False)
 
 
+_TOKEN_BYTES = 8  # the random part of a temporary name: 16 hex digits
+
+
 def create_temp_beside(path: Path) -> tuple[int, str]:
     """Create a new hidden ``.<name>.<random>.tmp`` in ``path``'s folder, to be renamed over
     ``path``; return (a file descriptor open for writing, its name).
@@ -205,9 +212,35 @@ def create_temp_beside(path: Path) -> tuple[int, str]:
     result readable by its owner only; changing the mode afterwards would need the umask,
     which can only be read by setting it (a race with other threads).
     """
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(_TOKEN_BYTES)}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     return os.open(tmp, flags, 0o666), str(tmp)
+
+
+def _remove_stale_temps(folder: Path, name: str, started_ns: int) -> None:
+    """Remove the temporary files that earlier saves to ``folder / name`` left behind (a
+    process killed mid-save leaves one, as large as a checkpoint, that nothing else removes).
+
+    Only names exactly as :func:`create_temp_beside` makes them for this target, plain files
+    last written before this save began (``started_ns``, on the file system's own clock): a
+    save to the same path still writing in another process keeps its file. (That clock
+    ticks coarsely, some milliseconds, so a file last written in the tick this save began
+    is left for the next save.) Best effort: the checkpoint is already in place, so a file
+    that cannot be removed is left.
+    """
+    pattern = re.compile(re.escape(f".{name}.") + f"[0-9a-f]{{{2 * _TOKEN_BYTES}}}" + re.escape(".tmp"))
+    try:
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if (pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_mtime_ns < started_ns):
+                os.unlink(entry.path)
+        except OSError:  # removed meanwhile, or not ours to remove
+            pass
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -238,6 +271,9 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata
     metadata : dict
         JSON-serialisable (nested dicts with string keys, lists, str, bool, None, floats and
         ints of any size; at most :data:`MAX_METADATA_DEPTH` levels). Tuples come back as lists.
+
+    Once the file is in place, the temporary files of earlier saves to ``path`` that were
+    killed midway are removed (see "Atomic writes" in the module's notes).
 
     Raises
     ------
@@ -277,6 +313,7 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = create_temp_beside(path)
+    started_ns = os.fstat(fd).st_mtime_ns  # this save's start on the file system's clock
     try:
         with os.fdopen(fd, "wb") as f:
             _write_npz(f, members)
@@ -290,6 +327,7 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata
             pass
         raise
     _fsync_dir(folder)
+    _remove_stale_temps(folder, path.name, started_ns)
     return path
 
 

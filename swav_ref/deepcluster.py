@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from swav_ref.backend import Random, array_namespace, host_dtype, logsumexp, python_float, to_numpy
+from swav_ref.backend import Random, array_namespace, asarray, host_dtype, logsumexp, python_float, to_numpy
+from swav_ref.checkpoint import CheckpointError
 from swav_ref.nn.functional import l2_normalize_forward
 
 #: Target value of images that have no entry in the memory bank (dropped last batch).
@@ -207,17 +208,47 @@ class MemoryBank:
             self.embeddings[bank, start:stop, :] = emb
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"embeddings": (n_crops, size, dim), "index": (size,)}``, the arrays themselves."""
         return {"embeddings": self.embeddings, "index": self.index}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        xp = array_namespace(self.embeddings)
-        if tuple(state["embeddings"].shape) != tuple(self.embeddings.shape):
-            raise ValueError(
-                f"memory bank shape {tuple(state['embeddings'].shape)} does not match "
+        """Restore :meth:`state_dict` output (any backend's arrays, NumPy included).
+
+        Raises :class:`~swav_ref.checkpoint.CheckpointError` (a ``ValueError``) naming the
+        entry, and changes nothing, unless ``embeddings`` is an array of a floating dtype
+        (integers would be cast silently) and of this bank's shape, finite once cast (one
+        NaN row would win or lose every k-means argmax), and ``index`` a signed integer
+        array of one entry per row, each a dataset index or -1 (not written). Not a hot
+        path: one read-back for the finiteness.
+        """
+        missing = sorted({"embeddings", "index"} - set(state))
+        if missing:
+            raise CheckpointError(f"memory bank state lacks {missing}")
+        emb, index = state["embeddings"], state["index"]
+        # (the index is signed: -1 marks a row not written)
+        for name, value, kind, what in (("embeddings", emb, "f", "floating"), ("index", index, "i", "signed integer")):
+            if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+                raise CheckpointError(f"memory bank state '{name}' is a {type(value).__name__}, not an array")
+            if host_dtype(value.dtype).kind != kind:
+                raise CheckpointError(f"memory bank state '{name}' has dtype {host_dtype(value.dtype).name}, "
+                                      f"not a {what} dtype")
+        if tuple(emb.shape) != tuple(self.embeddings.shape):
+            raise CheckpointError(
+                f"memory bank shape {tuple(emb.shape)} does not match "
                 f"{tuple(self.embeddings.shape)} (dataset, batch size or crops changed)"
             )
-        self.embeddings = xp.asarray(state["embeddings"], dtype=self.embeddings.dtype)
-        self.index = np.asarray(state["index"], dtype=np.int64).copy()
+        index = to_numpy(index)
+        if index.shape != self.index.shape or np.any(index < -1):
+            raise CheckpointError(f"memory bank state 'index' must hold {self.index.shape[0]} dataset indices "
+                                  f"(or -1, not written), got shape {index.shape}, smallest "
+                                  f"{index.min() if index.size else None}")
+        xp = array_namespace(self.embeddings)
+        with np.errstate(over="ignore"):  # a float64 too large for float32 becomes inf: refused below
+            emb = xp.astype(asarray(emb, xp), self.embeddings.dtype)  # a copy, never aliased
+        if not bool(xp.all(xp.isfinite(emb))):
+            raise CheckpointError("memory bank state 'embeddings' holds NaN or infinity (or values too large "
+                                  f"for {host_dtype(self.embeddings.dtype).name})")
+        self.embeddings, self.index = emb, index.astype(np.int64)  # (astype copies)
 
 
 def cluster_memory(bank: MemoryBank, n_prototypes: Sequence[int], n_iters: int, rng: Random,

@@ -304,6 +304,47 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, where):
     assert len(leftovers) == 1 and leftovers[0].startswith(".ckpt.npz.")  # hidden debris, never the final name
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_next_save_removes_what_a_killed_save_left(tmp_path):
+    """A killed save leaves a temporary file as large as a checkpoint; it used to stay for ever."""
+    path = tmp_path / "ckpt.npz"
+    result = subprocess.run([sys.executable, "-c", KILLER, str(path), "mid_write"], capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    (leftover,) = temp_files(tmp_path)
+    # The next save comes a while later (here within the file system's clock tick, some
+    # milliseconds, which the cleanup would take for a save still writing): age it.
+    age = (tmp_path / leftover).stat().st_mtime_ns - 10**9
+    os.utime(tmp_path / leftover, ns=(age, age))
+    save_checkpoint(path, {"w": np.ones(2)}, {"epoch": 3})
+    assert temp_files(tmp_path) == []
+    assert load_checkpoint(path)[1] == {"epoch": 3}
+
+
+def test_stale_temp_cleanup_touches_only_this_targets_temporary_files(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    hex16 = "0123456789abcdef"
+    stale = [f".ckpt.npz.{hex16}.tmp", ".ckpt.npz.fedcba9876543210.tmp"]
+    kept = [
+        f".other.npz.{hex16}.tmp",  # another target's
+        f".ckpt.npz.{hex16[:15]}.tmp", f".ckpt.npz.{hex16}0.tmp", f".ckpt.npz.{hex16.upper()}.tmp",  # not 16 hex
+        f".ckpt.npz.{hex16}.tmp.bak", f"ckpt.npz.{hex16}.tmp", f"x.ckpt.npz.{hex16}.tmp",  # not exactly the form
+        ".ckpt.npz.zzzzzzzzzzzzzzzz.tmp", "notes.txt",
+    ]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"old")
+        age = (tmp_path / name).stat().st_mtime_ns - 10**9  # left by saves killed a while ago
+        os.utime(tmp_path / name, ns=(age, age))
+    (tmp_path / ".ckpt.npz.aaaaaaaaaaaaaaaa.tmp").mkdir()  # a folder is never removed
+    busy = tmp_path / ".ckpt.npz.bbbbbbbbbbbbbbbb.tmp"  # written after this save began: a concurrent save's
+    busy.write_bytes(b"being written")
+    future = busy.stat().st_mtime_ns + 3600 * 10**9
+    os.utime(busy, ns=(future, future))
+    save_checkpoint(path, {"w": np.ones(2)})
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([*kept, "ckpt.npz", ".ckpt.npz.aaaaaaaaaaaaaaaa.tmp", busy.name])
+    assert all((tmp_path / name).read_bytes() == b"old" for name in kept)
+
+
 # -- damaged files -----------------------------------------------------------------------
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found.*nope.npz"):

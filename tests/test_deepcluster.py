@@ -4,6 +4,7 @@ import pytest
 import required
 
 from swav_ref.backend import Random, asarray, to_numpy
+from swav_ref.checkpoint import CheckpointError
 from swav_ref.deepcluster import (
     IGNORE_INDEX,
     MemoryBank,
@@ -178,6 +179,33 @@ def test_memory_bank_state_roundtrip(backend):
     np.testing.assert_array_equal(other.index, bank.index)
     with pytest.raises(ValueError, match="memory bank shape"):
         MemoryBank(2, 7, 3, backend, backend.float64).load_state_dict(bank.state_dict())
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("embeddings", "nan", "'embeddings' holds NaN or infinity"),
+    ("embeddings", "inf", "'embeddings' holds NaN or infinity"),
+    ("embeddings", np.ones((2, 6, 3), dtype=np.int32), "'embeddings' has dtype int32, not a floating dtype"),
+    ("index", np.zeros(6), "'index' has dtype float64, not a signed integer dtype"),
+    ("index", np.zeros(5, dtype=np.int64), r"'index' must hold 6 dataset indices .* got shape \(5,\)"),
+    ("index", np.array([0, 1, -2, -1, -1, -1]), "'index' must hold 6 dataset indices .* smallest -2"),
+    ("index", None, r"lacks \['index'\]"),
+])
+def test_memory_bank_refuses_bad_state_and_keeps_its_own(backend, key, value, match):
+    """A NaN row used to load and win or lose every k-means argmax; integer embeddings
+    and a float index were cast."""
+    bank = MemoryBank(2, 6, 3, backend, backend.float32)
+    bank.write(0, np.array([5, 4, 3]), [asarray(np.ones((3, 3)), backend, "float32")] * 2)
+    state = {"embeddings": np.full((2, 6, 3), 0.5), "index": np.arange(6)}
+    if isinstance(value, str):
+        state["embeddings"][1, 2, 0] = {"nan": np.nan, "inf": -np.inf}[value]
+    elif value is None:
+        del state[key]
+    else:
+        state[key] = value
+    with pytest.raises(CheckpointError, match=match):
+        bank.load_state_dict(state)
+    np.testing.assert_array_equal(bank.index, [5, 4, 3, -1, -1, -1])
+    assert float(to_numpy(bank.embeddings).sum()) == 2 * 3 * 3
 
 
 def test_deepcluster_loss_gradient_and_ignore(backend):

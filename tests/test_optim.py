@@ -10,8 +10,9 @@ import pytest
 import required
 
 from swav_ref.backend import asarray, to_numpy
+from swav_ref.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from swav_ref.nn import layers as L
-from swav_ref.nn.optim import LARS, SGD, warmup_cosine_schedule
+from swav_ref.nn.optim import HAS_BUFFER_KEY, LARS, SGD, warmup_cosine_schedule
 
 
 def _model(xp=np):
@@ -166,6 +167,103 @@ def test_optimizer_state_errors():
         opt.load_state_dict({"0.bias": np.zeros(4)})
     with pytest.raises(ValueError, match="momentum"):
         SGD(_model(), momentum=-0.1)
+
+
+def _stepped(backend, rng, frozen=("0.weight",), momentum=0.9):
+    """An optimiser after one step in which ``frozen`` had no gradient (no buffer yet)."""
+    model = _model(backend)
+    opt = SGD(model, momentum=momentum)
+    grads = _random_grads(model, rng, 0)
+    grads.update({name: None for name in frozen})
+    _set_grads(model, grads)
+    opt.step(0.1)
+    return model, opt
+
+
+@pytest.mark.parametrize("when", ["fresh", "one parameter frozen", "momentum 0"])
+def test_state_dict_flags_which_buffers_exist_and_loads_through_a_checkpoint(backend, rng, tmp_path, when):
+    """A buffer is legitimately absent before a parameter's first update (a fresh
+    optimiser, SwAV's frozen prototypes) or always (momentum 0): the flags say which, and
+    every such state comes back exactly through a checkpoint file."""
+    if when == "fresh":
+        model = _model(backend)
+        opt = SGD(model)
+    else:
+        model, opt = _stepped(backend, rng, momentum=0.0 if when == "momentum 0" else 0.9)
+    expected = {"fresh": [], "one parameter frozen": ["0.bias", "1.bias", "1.weight"], "momentum 0": []}[when]
+    state = opt.state_dict()
+    assert sorted(set(state) - {HAS_BUFFER_KEY}) == expected
+    names = [name for name, _, _ in model.named_parameters()]
+    assert to_numpy(state[HAS_BUFFER_KEY]).tolist() == [name in expected for name in names]
+    save_checkpoint(tmp_path / "c.npz", {f"optim.{k}": v for k, v in state.items()})
+    arrays, _ = load_checkpoint(tmp_path / "c.npz")
+    other = SGD(model)
+    other.load_state_dict({k[6:]: v for k, v in arrays.items()})
+    assert sorted(other.momentum_buffers) == expected
+    for name in expected:
+        np.testing.assert_array_equal(to_numpy(other.momentum_buffers[name]), to_numpy(state[name]))
+
+
+def test_state_without_flags_still_loads(rng):
+    """State saved before the flags existed: a lost buffer cannot be told from one never
+    made there, but everything else is checked."""
+    _, opt = _stepped(np, rng)
+    state = {k: v for k, v in opt.state_dict().items() if k != HAS_BUFFER_KEY}
+    SGD(_model()).load_state_dict(state)
+    with pytest.raises(CheckpointError, match="1.bias.*NaN"):
+        SGD(_model()).load_state_dict({**state, "1.bias": np.full(3, np.nan)})
+
+
+def _bad_state(state, fault):
+    state = dict(state)
+    if fault == "missing":
+        del state["1.weight"]
+    elif fault == "unexpected":
+        state["0.weight"] = np.zeros((3, 4))  # frozen: the flags say it has no buffer
+    elif fault == "shape":
+        state["1.weight"] = np.zeros(4)
+    elif fault == "int32":
+        state["1.weight"] = np.ones(3, dtype=np.int32)
+    elif fault == "nan":
+        state["1.weight"] = np.array([0.1, np.nan, 0.2])
+    elif fault == "inf":
+        state["1.weight"] = np.array([0.1, -np.inf, 0.2])
+    elif fault == "flags":
+        state[HAS_BUFFER_KEY] = np.ones(4)
+    return state
+
+
+@pytest.mark.parametrize("fault, match", [
+    ("missing", r"missing buffers \['1.weight'\]"),
+    ("unexpected", r"buffers \['0.weight'\] that .* says were never made"),
+    ("shape", r"1.weight: shape \(4,\), the parameter is \(3,\)"),
+    ("int32", "1.weight: dtype int32, not a floating dtype"),
+    ("nan", r"buffers \['1.weight'\] hold NaN or infinity"),
+    ("inf", r"buffers \['1.weight'\] hold NaN or infinity"),
+    ("flags", "must be a bool array of shape \\(4,\\)"),
+])
+def test_load_refuses_state_that_would_not_resume_exactly(backend, rng, fault, match):
+    """Each used to load: a lost buffer restarted that parameter's momentum, an integer
+    array was cast, a NaN surfaced later as a "divergence" blamed on the learning rate."""
+    _, source = _stepped(backend, rng)
+    state = {k: to_numpy(v) for k, v in source.state_dict().items()}  # as a checkpoint holds them
+    model, opt = _stepped(backend, rng)
+    before = {k: to_numpy(v).copy() for k, v in opt.momentum_buffers.items()}
+    with pytest.raises(CheckpointError, match=match):
+        opt.load_state_dict(_bad_state(state, fault))
+    assert sorted(opt.momentum_buffers) == sorted(before)  # nothing was loaded
+    for name, value in before.items():
+        np.testing.assert_array_equal(to_numpy(opt.momentum_buffers[name]), value)
+
+
+def test_load_refuses_a_float64_buffer_too_large_for_float32(backend, rng):
+    model = _model(backend).astype("float32")
+    opt = SGD(model)
+    state = {"0.bias": np.array([1e300, 0.0, 0.0]), HAS_BUFFER_KEY: np.array([False, True, False, False])}
+    with pytest.raises(CheckpointError, match=r"\['0.bias'\] hold NaN or infinity \(or values too large"):
+        opt.load_state_dict(state)
+    opt.load_state_dict({**state, "0.bias": np.array([1.5, 0.0, 0.0])})  # other floats are cast
+    assert opt.momentum_buffers["0.bias"].dtype == backend.float32
 
 
 @pytest.mark.parametrize("make", [lambda m, h: SGD(m, momentum=h(0.9), weight_decay=h(1e-2)),

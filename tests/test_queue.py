@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from swav_ref import backend as B
+from swav_ref.checkpoint import CheckpointError
 from swav_ref.swav import Queue, queue_length_per_worker, swav_loss
 
 N_CROPS, LENGTH, DIM, BATCH = 2, 6, 3, 2
@@ -124,3 +125,38 @@ def test_crop_index_must_be_an_integer(backend, crop):
     with pytest.raises(ValueError, match="crop index must be an integer, got"):
         queue.scores(crop, backend.zeros((4, DIM)))
     assert tuple(queue.scores(np.int64(1), backend.zeros((4, DIM))).shape) == (0, 4)
+
+
+def _good_state(rng, dtype="float64"):
+    return {"embeddings": rng.normal(size=(N_CROPS, LENGTH, DIM)).astype(dtype), "filled": 4}
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("filled", 2.5, r"'filled' must be an integer, got 2.5"),  # was a raw TypeError
+    ("filled", True, "'filled' must be an integer, got True"),
+    ("filled", "4", "'filled' must be an integer, got '4'"),
+    ("filled", 3, "filled=3, not a multiple of batch_size 2"),  # whole batches are pushed
+    ("embeddings", np.ones((N_CROPS, LENGTH, DIM), dtype=np.int32), "'embeddings' has dtype int32, not a floating"),
+    ("embeddings", np.ones((N_CROPS, LENGTH, DIM), dtype=bool), "'embeddings' has dtype bool"),
+    ("embeddings", [[0.0]], "'embeddings' is a list, not an array"),
+    ("embeddings", "nan", "'embeddings' holds NaN or infinity"),
+    ("embeddings", "inf", "'embeddings' holds NaN or infinity"),
+    ("embeddings", "huge", r"'embeddings' holds NaN or infinity \(or values too large for float32\)"),
+])
+def test_load_refuses_bad_state_and_keeps_its_own(backend, rng, key, value, match):
+    """Each used to load (a NaN then poisoned every Sinkhorn problem and the run seemed to
+    diverge; integers were cast) or fail with a raw TypeError."""
+    queue = Queue(N_CROPS, LENGTH, DIM, BATCH, xp=backend)
+    queue.push(B.asarray(rng.normal(size=(N_CROPS, BATCH, DIM)), backend, "float32"))
+    before = B.to_numpy(queue.embeddings).copy()
+    state = _good_state(rng)
+    if isinstance(value, str) and key == "embeddings":
+        state["embeddings"][1, 3, 0] = {"nan": np.nan, "inf": np.inf, "huge": 1e300}[value]
+    else:
+        state[key] = value
+    with pytest.raises(CheckpointError, match=match):
+        queue.load_state_dict(state)
+    assert queue.filled == BATCH
+    np.testing.assert_array_equal(B.to_numpy(queue.embeddings), before)
+    queue.load_state_dict({**_good_state(rng), "filled": np.int64(6)})  # a NumPy integer is an integer
+    assert queue.filled == LENGTH and queue.embeddings.dtype == backend.float32

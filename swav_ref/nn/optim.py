@@ -5,7 +5,7 @@ Both optimisers walk ``model.named_parameters()`` at every step and update
 entirely (no weight decay, no momentum update): that is how SwAV keeps its prototypes
 frozen for the first iterations. The learning rate is passed to each :meth:`~SGD.step`, from
 :func:`warmup_cosine_schedule`. Optimiser state is a flat dict of arrays keyed by parameter
-name, so a checkpoint needs no pickle.
+name (plus :data:`HAS_BUFFER_KEY`, which parameters have one), so a checkpoint needs no pickle.
 
 On CuPy each parameter's whole update is one fused kernel (:func:`swav_ref.fused.sgd_update`,
 :func:`swav_ref.fused.lars_update`) instead of five to fifteen small array operations;
@@ -17,11 +17,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from swav_ref import fused
-from swav_ref.backend import array_namespace, asarray, python_float
+from swav_ref.backend import array_namespace, asarray, host_dtype, python_float, to_numpy
+from swav_ref.checkpoint import CheckpointError
 from swav_ref.nn.layers import Module
 
-__all__ = ["LARS", "SGD", "warmup_cosine_schedule"]
+__all__ = ["HAS_BUFFER_KEY", "LARS", "SGD", "warmup_cosine_schedule"]
+
+#: The optimiser-state entry flagging which parameters have a momentum buffer. Buffers are
+#: made at a parameter's first update, so some are legitimately absent: all with momentum 0
+#: or before the first step, SwAV's prototypes while they are frozen, DeepCluster-v2's always.
+HAS_BUFFER_KEY = "__has_momentum_buffer__"
 
 
 class SGD:
@@ -98,23 +106,76 @@ class SGD:
         fused.sgd_update(p, g, buf, lr, self.momentum, self.weight_decay, first)
 
     def state_dict(self) -> dict[str, Any]:
-        """Momentum buffers by parameter name (copies)."""
-        return {name: array_namespace(b).asarray(b, copy=True) for name, b in self.momentum_buffers.items()}
+        """Momentum buffers by parameter name (copies), and under :data:`HAS_BUFFER_KEY` a
+        bool array (one flag per parameter, in ``named_parameters`` order) saying which
+        parameters have one: a buffer is made at a parameter's first update, so without the
+        flags a lost buffer would look like one never made (see :meth:`load_state_dict`)."""
+        state = {name: array_namespace(b).asarray(b, copy=True) for name, b in self.momentum_buffers.items()}
+        params = [(name, module.params[key]) for name, module, key in self.model.named_parameters()]
+        xp = array_namespace(params[0][1]) if params else np  # on the parameters' backend
+        state[HAS_BUFFER_KEY] = xp.asarray([name in self.momentum_buffers for name, _ in params], dtype=xp.bool)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; ``ValueError`` for unknown names or shapes."""
+        """Restore :meth:`state_dict` output (any backend's arrays, NumPy included).
+
+        Each buffer is cast to its parameter's dtype. Raises
+        :class:`~swav_ref.checkpoint.CheckpointError` (a ``ValueError``) naming every entry
+        at fault, and loads nothing, unless the state resumes the run exactly: no buffer
+        missing or unexpected by the :data:`HAS_BUFFER_KEY` flags, none of a parameter the
+        model lacks, each an array of a floating dtype (an integer array is not momentum) of
+        its parameter's shape, finite once cast. State saved before the flags existed has
+        no way to tell a lost buffer from one never made; it is checked for the rest. Not a
+        hot path: the finiteness of all buffers is read back from the device at once.
+        """
         params = {name: module.params[key] for name, module, key in self.model.named_parameters()}
+        state = dict(state)
+        flags = state.pop(HAS_BUFFER_KEY, None)
+        problems = []
         unknown = sorted(set(state) - set(params))
         if unknown:
-            raise ValueError(f"optimiser state for unknown parameters: {unknown}")
-        bad = [f"{n}: {tuple(state[n].shape)} vs {tuple(params[n].shape)}" for n in state
-               if tuple(state[n].shape) != tuple(params[n].shape)]  # fmt: skip
-        if bad:
-            raise ValueError("optimiser state shape mismatch: " + "; ".join(bad))
-        self.momentum_buffers = {}
-        for name, value in state.items():
-            xp = array_namespace(params[name])
-            self.momentum_buffers[name] = xp.asarray(asarray(value, xp, params[name].dtype), copy=True)
+            problems.append(f"buffers for unknown parameters: {unknown} (not in the model)")
+        if flags is not None:
+            expected = self._flagged(flags, list(params))
+            missing = sorted(expected - set(state))
+            if missing:  # momentum lost: the resumed run would restart it from the next gradient
+                problems.append(f"missing buffers {missing} (flagged in {HAS_BUFFER_KEY})")
+            unflagged = sorted((set(state) & set(params)) - expected)
+            if unflagged:
+                problems.append(f"buffers {unflagged} that {HAS_BUFFER_KEY} says were never made")
+        for name in sorted(set(state) & set(params)):
+            value = state[name]
+            if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+                problems.append(f"{name}: {type(value).__name__}, not an array")
+            elif host_dtype(value.dtype).kind != "f":
+                problems.append(f"{name}: dtype {host_dtype(value.dtype).name}, not a floating dtype")
+            elif tuple(value.shape) != tuple(params[name].shape):
+                problems.append(f"{name}: shape {tuple(value.shape)}, the parameter is {tuple(params[name].shape)}")
+        if problems:
+            raise CheckpointError("optimiser state does not fit: " + "; ".join(problems))
+        buffers = {}
+        with np.errstate(over="ignore"):  # a float64 too large for float32 becomes inf: refused below
+            for name, value in state.items():
+                xp = array_namespace(params[name])
+                buffers[name] = xp.astype(asarray(value, xp), params[name].dtype)  # a copy, never aliased
+        if buffers:
+            xp = array_namespace(*buffers.values())
+            finite = to_numpy(xp.stack([xp.all(xp.isfinite(b)) for b in buffers.values()]))  # one read-back
+            bad = [name for name, ok in zip(buffers, finite) if not ok]
+            if bad:
+                raise CheckpointError(f"optimiser state does not fit: buffers {sorted(bad)} hold NaN or infinity "
+                                      "(or values too large for the parameter's dtype)")
+        self.momentum_buffers = buffers
+
+    @staticmethod
+    def _flagged(flags: Any, names: list[str]) -> set[str]:
+        """The parameters that :data:`HAS_BUFFER_KEY`'s flags say have a momentum buffer."""
+        host = to_numpy(flags) if hasattr(flags, "shape") and hasattr(flags, "dtype") else None
+        if host is None or host.dtype != np.bool_ or host.shape != (len(names),):
+            got = (f"dtype {host.dtype}, shape {host.shape}" if host is not None else type(flags).__name__)
+            raise CheckpointError(f"optimiser state does not fit: {HAS_BUFFER_KEY} must be a bool array of shape "
+                                  f"({len(names)},), one flag per parameter; got {got}")
+        return {name for name, has in zip(names, host.tolist()) if has}
 
 
 class LARS(SGD):

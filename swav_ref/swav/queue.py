@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from swav_ref.backend import array_namespace
+from swav_ref.backend import asarray, host_dtype
+from swav_ref.checkpoint import CheckpointError
 
 __all__ = ["Queue", "queue_length_per_worker"]
 
@@ -153,23 +154,42 @@ class Queue:
         return {"embeddings": self.embeddings, "filled": self.filled}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict` (the arrays may come from the host)."""
+        """Restore from :meth:`state_dict` (the arrays may come from the host).
+
+        Raises :class:`~swav_ref.checkpoint.CheckpointError` (a ``ValueError``) naming the
+        entry, and changes nothing, unless ``embeddings`` is an array of a floating dtype
+        (integers would be cast silently) and of this queue's shape, finite once cast (a NaN
+        would poison every later Sinkhorn problem, and the run would seem to diverge), and
+        ``filled`` an integer (not a bool or 2.5) that whole batches reach: a multiple of
+        ``batch_size`` in ``[0, length]``. Not a hot path: one read-back for the finiteness.
+        """
         missing = {"embeddings", "filled"} - set(state)
         if missing:
-            raise ValueError(f"queue state lacks {sorted(missing)}")
-        emb = state["embeddings"]
+            raise CheckpointError(f"queue state lacks {sorted(missing)}")
+        emb, filled = state["embeddings"], state["filled"]
+        if not (hasattr(emb, "shape") and hasattr(emb, "dtype")):
+            raise CheckpointError(f"queue state 'embeddings' is a {type(emb).__name__}, not an array")
+        if host_dtype(emb.dtype).kind != "f":
+            raise CheckpointError(f"queue state 'embeddings' has dtype {host_dtype(emb.dtype).name}, "
+                                  "not a floating dtype")
         want = (self.n_crops, self.length, self.dim)
         if tuple(emb.shape) != want:
-            raise ValueError(f"queue state has embeddings of shape {tuple(emb.shape)}, this queue is {want}")
-        filled = operator.index(state["filled"])
-        if not 0 <= filled <= self.length:
-            raise ValueError(f"queue state has filled={filled}, outside [0, {self.length}]")
-        if array_namespace(emb) is not self.xp:
-            from swav_ref.backend import asarray
-
-            emb = asarray(emb, self.xp)
-        self.embeddings = self.xp.astype(emb, self.dtype, copy=True)
-        self.filled = filled
+            raise CheckpointError(f"queue state has embeddings of shape {tuple(emb.shape)}, this queue is {want}")
+        try:
+            if isinstance(filled, bool):
+                raise TypeError
+            filled = operator.index(filled)  # an int, a NumPy integer or a 0-d integer array
+        except TypeError:
+            raise CheckpointError(f"queue state 'filled' must be an integer, got {filled!r}") from None
+        if not 0 <= filled <= self.length or filled % self.batch_size:
+            raise CheckpointError(f"queue state has filled={filled}, not a multiple of batch_size "
+                                  f"{self.batch_size} in [0, {self.length}]")
+        with np.errstate(over="ignore"):  # a float64 too large for float32 becomes inf: refused below
+            emb = self.xp.astype(asarray(emb, self.xp), self.dtype)  # a copy, never aliased
+        if not bool(self.xp.all(self.xp.isfinite(emb))):
+            raise CheckpointError("queue state 'embeddings' holds NaN or infinity (or values too large "
+                                  f"for {host_dtype(self.dtype).name})")
+        self.embeddings, self.filled = emb, filled
 
     def _stack(self, embeddings_per_crop) -> Any:
         xp, want = self.xp, (self.batch_size, self.dim)
