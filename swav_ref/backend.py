@@ -12,7 +12,7 @@ Three namespaces are known:
 ``numpy``
     the teaching backend, on the CPU.
 ``cupy``
-    the GPU backend (the ``gpu`` extra: ``pip install "swav_ref[gpu]"``).
+    the GPU backend (the ``gpu`` extra: ``pip install -e ".[gpu]"`` in the checkout).
 ``array_api_strict``
     used only by the tests: a namespace with nothing but the standard in it, which proves
     that no NumPy-only call hides in code that must also run on CuPy.
@@ -62,8 +62,9 @@ BACKENDS = ("numpy", "cupy")
 _ALL_NAMES = (*BACKENDS, "array_api_strict")
 
 _GPU_EXTRA_HINT = (
-    'install the gpu extra with a prebuilt wheel for your CUDA version, e.g. '
-    '`pip install "swav_ref[gpu]"` (cupy-cuda12x) or `pip install cupy-cuda13x`'
+    'install CuPy as a prebuilt wheel for your CUDA version: the gpu extra, '
+    '`pip install -e ".[gpu]"` in the swav_ref checkout (cupy-cuda12x, for CUDA 12), '
+    'or `pip install cupy-cuda13x` (CUDA 13)'
 )
 
 

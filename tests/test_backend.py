@@ -93,8 +93,10 @@ def test_cupy_error_names_the_cause(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_cupy)
-    with pytest.raises(B.BackendUnavailableError, match="not installed.*gpu extra"):
+    with pytest.raises(B.BackendUnavailableError, match="not installed.*gpu extra") as raised:
         B.get_backend("cupy")
+    # a command that works: swav_ref is installed from its checkout, not from an index
+    assert 'pip install -e ".[gpu]"' in str(raised.value) and "swav_ref[gpu]" not in str(raised.value)
 
 
 def test_cupy_without_gpu_names_the_cause(monkeypatch):
