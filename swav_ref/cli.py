@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import sys
 import tempfile
@@ -209,6 +210,15 @@ class UserError(Exception):
     """A problem with what the user asked for (options, data, checkpoint, machine), reported
     as one line, ``swav-ref: error: ...``, with exit status 2, instead of a traceback."""
 
+    exit_status = 2
+
+
+class Interrupted(UserError):
+    """Training stopped by Ctrl-C: one line saying which checkpoint is kept and how to go
+    on, and the shell's exit status for an interrupt (130)."""
+
+    exit_status = 130
+
 
 # -- dessert -------------------------------------------------------------------------------
 def _add_dessert(sub) -> None:
@@ -244,7 +254,9 @@ def _add_train(sub) -> None:
                        formatter_class=_DefaultsInHelp)
     _add_config_options(p, TrainConfig())
     p.add_argument("--resume", default=None, metavar="CHECKPOINT",
-                   help="continue from this checkpoint (e.g. OUT_DIR/checkpoint.npz); the loss continues bit for bit")
+                   help="continue the run of this checkpoint (e.g. OUT_DIR/checkpoint.npz), bit for bit: every option "
+                        "not given takes the checkpoint's value, and the output goes to its folder unless --out-dir "
+                        "is given")
     p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the trained backbone (linear probe, kNN) at the end")
     _add_threads_option(p)
@@ -261,15 +273,22 @@ def _run_train(args: argparse.Namespace) -> int:
     _limit_threads(args.threads)
     comm = get_communicator()
     install_abort_on_exception(comm)
+    given = _options_given(args.command_args)
     config = _config_from_args(args, TrainConfig())
-    _output_folder(config.out_dir, "--out-dir")
     if args.resume is not None:
         if not Path(args.resume).is_file():
             raise UserError(f"--resume {args.resume}: no such checkpoint file")
-        # read here, so a corrupt file is refused before --out-dir is made
-        config = _with_the_checkpoints_recipe(config, args.resume)
+        # read before anything is written, so a corrupt file is refused first
+        config, changed = _resumed_config(config, args.resume, given)
+        if comm.is_root:
+            print(f"resuming {args.resume} with its settings" + (f", except {changed} (given here)" if changed else "")
+                  + f"; writing to {config.out_dir}")
+    _output_folder(config.out_dir, "--out-dir")
+    if "warmup_epochs" in given and config.warmup_epochs > config.epochs // 2:
+        warnings.warn(f"--warmup-epochs {config.warmup_epochs} is more than half of --epochs {config.epochs}: the "
+                      f"warm-up is capped at {config.epochs // 2} epoch(s), so that the rate also decays", stacklevel=2)
     if comm.is_root:
-        print(comm.describe())
+        print(comm.describe(gpu=config.backend == "cupy"))
     trainer = Trainer(config, comm=comm)
     evaluate = args.evaluate and trainer.test_set is not None and trainer.test_set.has_labels
     if evaluate and comm.is_root:
@@ -277,7 +296,17 @@ def _run_train(args: argparse.Namespace) -> int:
             check_evaluable(trainer.train_set, trainer.test_set)
         except ValueError as exc:
             raise UserError(f"{exc}; or pass --no-evaluate to train without the evaluation") from exc
-    trainer.fit(resume=args.resume)
+    elif args.evaluate and comm.is_root:
+        print(f"no evaluation at the end: {trainer.train_set.name} has no labels (a flat image folder); the linear "
+              "probe and kNN need one sub-folder per class")
+    try:
+        trainer.fit(resume=args.resume)
+    except KeyboardInterrupt:
+        if comm.size > 1:  # every rank got the signal; the abort hook ends the job
+            raise
+        kept = trainer.last_checkpoint
+        raise Interrupted(f"interrupted at step {trainer.step}; {trainer.what_is_kept()}"
+                          + (f"; to continue: swav-ref train --resume {kept}" if kept else "")) from None
     if not comm.is_root:
         return 0
     out = Path(config.out_dir)
@@ -303,18 +332,20 @@ def _add_eval(sub) -> None:
     p.add_argument("--data-dir", default=None,
                    help="where the data of a cifar10 or folder checkpoint now lies (default: the checkpoint's "
                         "data folder); not for digits, which is embedded")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="folder data: resize every image to N x N (default: the checkpoint's --image-size)")
     p.add_argument("--out", default=None, help="JSON file for the results (default: eval.json next to the checkpoint)")
     _add_threads_option(p)
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from swav_ref.backend import BackendUnavailableError, get_backend
-    from swav_ref.evaluate import format_results, results_table, save_results_json
-    from swav_ref.experiment import METHOD_NAMES, check_evaluable, evaluate_raw_pixels, evaluate_trainer
-    from swav_ref.train import Trainer, load_trainer_checkpoint
+    from swav_ref.backend import BackendUnavailableError, get_backend, set_tf32
+    from swav_ref.data.datasets import load_dataset
+    from swav_ref.encoder import load_encoder
+    from swav_ref.evaluate import evaluate_features, format_results, raw_pixel_features, results_table, save_results_json
+    from swav_ref.experiment import METHOD_NAMES, check_evaluable
+    from swav_ref.train import load_trainer_checkpoint
 
     _one_process_only("eval")
     _limit_threads(args.threads)
@@ -326,17 +357,16 @@ def _run_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name("eval.json")
     # before the evaluation, not after it
     _output_folder(str(out.parent), "--out" if args.out else "eval.json goes next to the checkpoint (give --out): its folder")
-    changes = {"progress": False}
-    if args.backend:
-        changes["backend"] = args.backend
-        if args.backend != "cupy":
-            changes["tf32"] = False  # a GPU setting: a --tf32 run's checkpoint evaluates on the CPU too
-    elif config.backend == "cupy":
-        try:
-            get_backend("cupy")
-        except BackendUnavailableError as exc:
-            raise UserError(f"{args.checkpoint} was trained with --backend cupy, which is not usable here "
-                            f"({exc}); to evaluate it on the CPU, add --backend numpy") from exc
+    backend = args.backend or config.backend
+    try:
+        xp = get_backend(backend)
+    except BackendUnavailableError as exc:
+        if args.backend:
+            raise UserError(f"--backend {args.backend}: {exc}") from exc
+        raise UserError(f"{args.checkpoint} was trained with --backend cupy, which is not usable here "
+                        f"({exc}); to evaluate it on the CPU, add --backend numpy") from exc
+    set_tf32(xp, config.tf32 and backend == "cupy")  # as in training: a GPU setting, off on the CPU
+    data_dir, image_size = config.data_dir, config.image_size
     if args.data_dir is not None:
         if config.dataset == "digits":
             raise UserError(f"--data-dir {args.data_dir}: {args.checkpoint} was trained on digits, which is "
@@ -345,28 +375,41 @@ def _run_eval(args: argparse.Namespace) -> int:
             problem = "is not a folder" if Path(args.data_dir).exists() else "does not exist"
             raise UserError(f"--data-dir {args.data_dir} {problem}; give the folder holding the "
                             f"{config.dataset} data of {args.checkpoint}")
-        changes["data_dir"] = args.data_dir
-    # A Trainer needs an out_dir (loading the checkpoint rewrites its metrics.jsonl there);
-    # eval keeps nothing of it, so the folder goes when eval ends, even on error.
-    with tempfile.TemporaryDirectory(prefix="swav_ref_eval_") as scratch:
-        trainer = Trainer(dataclasses.replace(config, out_dir=scratch, **changes))
-        train, test = trainer.train_set, trainer.test_set
-        if not (train.has_labels and test is not None and test.has_labels):
-            raise UserError(f"the data set of {args.checkpoint} ({trainer.config.dataset} in "
-                            f"{trainer.config.data_dir}) has no labels, so there is nothing to score against: "
-                            "evaluation needs one sub-folder per class (DATA_DIR/<class>/<image>); "
-                            "pass such a folder with --data-dir")
-        try:
-            check_evaluable(train, test)
-        except ValueError as exc:
-            raise UserError(f"cannot evaluate {args.checkpoint}: {exc}") from exc
-        # The probe's folds are shuffled by the run's seed, as in training's own evaluation,
-        # so that eval reproduces the accuracy that training reported.
-        rows = [{"method": "raw pixels", **evaluate_raw_pixels(trainer, config.seed)}]
-        _warn_if_other_data(args.checkpoint, meta.get("data"), train)
-        trainer.load(args.checkpoint, weights_only=True)  # any number of workers may have written it
-        trainer.step = int(meta["step"])  # which step's weights these are, for the label
-        rows.append({"method": f"{METHOD_NAMES[config.method]} (step {trainer.step})", **evaluate_trainer(trainer, config.seed)})
+        data_dir = args.data_dir
+    if args.image_size is not None:
+        if config.dataset != "folder":
+            raise UserError(f"--image-size {args.image_size}: applies to image-folder checkpoints only "
+                            f"({args.checkpoint} was trained on {config.dataset})")
+        if args.image_size < 1:
+            raise UserError(f"--image-size {args.image_size}: must be at least 1 pixel")
+        image_size = args.image_size
+    # The data as training split them (the same seed), and the encoder alone: an evaluation
+    # needs no optimiser, batch or queue, so none of training's checks on them apply.
+    if config.dataset != "digits" and not Path(data_dir).is_dir():
+        raise UserError(f"{data_dir}, the folder {args.checkpoint} was trained on, is not there any more; if the "
+                        "data moved, give their folder with --data-dir")
+    train, test = load_dataset(config.dataset, data_dir, image_size=image_size or None, seed=0)
+    if not (train.has_labels and test is not None and test.has_labels):
+        raise UserError(f"the data set of {args.checkpoint} ({config.dataset} in {data_dir}) has no labels, so there "
+                        "is nothing to score against: evaluation needs one sub-folder per class "
+                        "(DATA_DIR/<class>/<image>); pass such a folder with --data-dir")
+    try:
+        check_evaluable(train, test)
+    except ValueError as exc:
+        raise UserError(f"cannot evaluate {args.checkpoint}: {exc}") from exc
+    encoder = load_encoder(args.checkpoint, backend=backend, train_set=train)
+    if train.images.shape[1] != encoder.backbone.in_channels:
+        raise UserError(f"{args.checkpoint} takes images of {encoder.backbone.in_channels} channel(s), but "
+                        f"{train.name} has {train.images.shape[1]}: evaluate it on data like those it was trained on")
+    _warn_if_other_data(args.checkpoint, meta.get("data"), train)
+    # The probe's folds are shuffled by the run's seed, as in training's own evaluation,
+    # so that eval reproduces the accuracy that training reported.
+    rows = [{"method": "raw pixels", **evaluate_features(raw_pixel_features(train.images), train.labels,
+                                                         raw_pixel_features(test.images), test.labels,
+                                                         seed=config.seed)},
+            {"method": f"{METHOD_NAMES[config.method]} (step {int(meta['step'])})",
+             **evaluate_features(encoder.features(train.images), train.labels, encoder.features(test.images),
+                                 test.labels, seed=config.seed)}]
     table = results_table(rows)
     print(format_results(table))
     save_results_json(out, rows, metadata={"checkpoint": str(args.checkpoint), "config": config.to_dict(),
@@ -375,18 +418,44 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_the_checkpoints_recipe(config: TrainConfig, checkpoint: str) -> TrainConfig:
-    """Resuming: the crop settings left to the data set's recipe (None) take the
-    checkpoint's values, so the same command resumes a run whatever recipe its version
-    filled in (one written before the recipe existed holds the digits crops for any data).
-    A crop setting given on the command line is kept, and the resume refuses one that
-    differs from the checkpoint's. (The prototype freeze is left to this run's recipe: it
-    counts this run's steps, which differ on another number of workers.)"""
-    from swav_ref.train import CROP_FIELDS, load_trainer_checkpoint
+#: The settings a resume leaves to this command line even when it does not give them: how
+#: long this job runs and whether it shows a bar, and the prototype freeze, which counts this
+#: run's steps (the data set's recipe rescales it on another number of workers).
+RESUME_KEEPS_THIS_RUNS = ("stop_after", "progress", "freeze_prototypes_niters")
+
+
+def _resumed_config(config: TrainConfig, checkpoint: str, given: set[str]) -> tuple[TrainConfig, str]:
+    """Resuming continues the checkpoint's run: every setting not given on this command line
+    is the checkpoint's (its recipe, its data, and its ``--epochs``, so that the learning-rate
+    schedule goes on unchanged), and the output goes to the checkpoint's folder unless
+    ``--out-dir`` is given. A setting given here is kept; :meth:`~swav_ref.train.Trainer.load`
+    refuses those that do not fit the checkpoint's state and warns of the others. Returns
+    the configuration and the given settings that differ from the checkpoint's, as options."""
+    from swav_ref.train import as_options, load_trainer_checkpoint
 
     saved = load_trainer_checkpoint(checkpoint)[2]
-    return dataclasses.replace(config, **{name: getattr(saved, name) for name in CROP_FIELDS
-                                          if getattr(config, name) is None and getattr(saved, name) is not None})
+    taken = {f.name: getattr(saved, f.name) for f in dataclasses.fields(TrainConfig)
+             if f.name not in given and f.name not in RESUME_KEEPS_THIS_RUNS}
+    if "out_dir" not in given:
+        taken["out_dir"] = str(Path(checkpoint).parent)
+    config = dataclasses.replace(config, **taken)
+    changed = {name: getattr(config, name) for name in sorted(given)
+               if name != "out_dir" and getattr(config, name) != getattr(saved, name)}
+    return config, as_options(changed)
+
+
+_NOT_GIVEN = object()
+
+
+def _options_given(argv: list[str]) -> set[str]:
+    """The TrainConfig fields written on the train command's line ``argv``, as opposed to
+    left to their defaults (which a resume takes from the checkpoint instead)."""
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _add_config_options(probe, TrainConfig())
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    probe.set_defaults(**dict.fromkeys(names, _NOT_GIVEN))
+    values = vars(probe.parse_known_args(argv)[0])  # the other options (--resume, --threads) are not config
+    return {name for name in names if values[name] is not _NOT_GIVEN}
 
 
 def _warn_if_other_data(checkpoint: str, trained_on: dict | None, data) -> None:
@@ -440,7 +509,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         check_comparison(config, args.seeds, args.methods)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    print(f"swav_ref demo: {', '.join(args.methods)} on digits ({args.backend}), {args.epochs} epochs, "
+    epochs = f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}"
+    print(f"swav_ref demo: {', '.join(args.methods)} on digits ({args.backend}), {epochs}, "
           f"seeds {args.seeds}; baselines: raw pixels, random init, supervised")
     table, _ = run_comparison(config, seeds=args.seeds, methods=args.methods, out_dir=args.out)
     print("\nTop-1 accuracy on the digits test split (%), mean ± std over seeds:\n")
@@ -453,13 +523,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swav-ref",
         description="SwAV from first principles: optimal transport, training and evaluation.",
+        allow_abbrev=False,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_demo(sub)
-    _add_train(sub)
-    _add_eval(sub)
-    _add_dessert(sub)
+    # No abbreviations (--epoch for --epochs): a shortened option that works today breaks
+    # when a new option shares its prefix; a typo gets a suggestion instead (main).
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=lambda **kwargs: argparse.ArgumentParser(allow_abbrev=False, **kwargs))
+    for add in (_add_demo, _add_train, _add_eval, _add_dessert):
+        add(sub)
+    for command_parser in sub.choices.values():
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
+
+
+def _unrecognised(extra: list[str], parser: argparse.ArgumentParser) -> str:
+    """The error for arguments no option takes, with the nearest option to each unknown one."""
+    options = [s for action in parser._actions for s in action.option_strings]  # argparse lists them nowhere public
+    hints = []
+    for word in extra:
+        flag = word.split("=", 1)[0]
+        if flag.startswith("--"):
+            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
+            hints.append(f"{flag}: did you mean {close[0]}?" if close else f"{flag}: no such option")
+    return f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else "")
+
+
+def _one_line_warnings(original):
+    """``warnings.formatwarning`` for the command line: the library's warnings as one line,
+    ``swav-ref: warning: ...``, like its errors (not a source path and a line of code, which
+    look like a crash); warnings from elsewhere keep Python's format, which says where."""
+    package = str(Path(__file__).resolve().parent)
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if str(Path(filename).resolve()).startswith(package):
+            return f"swav-ref: warning: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    return format_warning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,8 +569,14 @@ def main(argv: list[str] | None = None) -> int:
     from swav_ref.distributed import MPIUnavailableError, detect_mpi_launch
     from swav_ref.train import ConfigError, TrainingDivergedError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # the command's own usage and a suggestion, not the top level's bare error
+        args.command_parser.error(_unrecognised(extra, args.command_parser))
+    args.command_args = argv[argv.index(args.command) + 1:]
     warnings.simplefilter("default")
+    original_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warnings(original_format)
     try:
         return args.func(args)
     except (UserError, ConfigError, BackendUnavailableError, CheckpointError, DatasetError, MPIUnavailableError,
@@ -483,7 +589,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train" and launched and (size is None or size > 1):
             raise
         print(f"swav-ref: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_status", 2)
+    finally:
+        warnings.formatwarning = original_format
 
 
 if __name__ == "__main__":

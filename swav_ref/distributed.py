@@ -139,8 +139,8 @@ class SingleProcessCommunicator:
     local_size = 1
     is_root = True
 
-    def describe(self) -> str:
-        """One line for logs: ``"single process (no MPI)"``."""
+    def describe(self, gpu: bool = True) -> str:
+        """One line for logs: ``"single process (no MPI)"`` (``gpu`` as the MPI one's)."""
         return "single process (no MPI)"
 
     def allreduce_sum(self, x: Any) -> Any:
@@ -246,21 +246,21 @@ class MPICommunicator:
     def is_root(self) -> bool:
         return self.rank == 0
 
-    def describe(self) -> str:
-        """One line for logs: the processes, this rank, the MPI library and how CuPy arrays
-        reach it (directly, or staged through host memory, and why)."""
+    def describe(self, gpu: bool = True) -> str:
+        """One line for logs: the processes, this rank, the MPI library and, when ``gpu``
+        (a run on CuPy), how CuPy arrays reach it (directly, or staged through host memory,
+        and why)."""
         # Some libraries pad the version string with NUL characters; keep its first line.
         library = self._MPI.Get_library_version().replace("\x00", "").strip()
         library = library.splitlines()[0].strip()
-        gpu = (
+        how_cupy_arrays_go = (
             "CuPy arrays passed to CUDA-aware MPI directly"
             if self.cuda_aware
             else "CuPy arrays staged through host memory"
         )
-        return (
-            f"MPI: {self.size} processes, this is rank {self.rank}, local rank {self.local_rank} "
-            f"of {self.local_size} on this machine ({library}); {gpu} ({self._cuda_reason})"
-        )
+        line = (f"MPI: {self.size} processes, this is rank {self.rank}, local rank {self.local_rank} "
+                f"of {self.local_size} on this machine ({library})")
+        return f"{line}; {how_cupy_arrays_go} ({self._cuda_reason})" if gpu else line
 
     # -- array collectives --------------------------------------------------------------
     def _mpi_buffers(self, x: Any) -> tuple[Any, Any, Any]:

@@ -10,9 +10,8 @@ own, a plot, a retrieval index::
 
 A checkpoint holds the run's configuration (which names the architecture), the weights,
 and the per-channel mean and std its crops were normalised with, so no data set is
-loaded. Checkpoints written before the normalisation was saved need their data: build a
-:class:`swav_ref.train.Trainer` on it, ``load(path, weights_only=True)``, then
-``features``.
+loaded. Checkpoints written before the normalisation was saved need their training data
+to compute it from: ``load_encoder(path, train_set=...)``.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import numpy as np
 from swav_ref import checkpoint as ckpt
 from swav_ref.backend import Random, get_backend
 from swav_ref.evaluate import extract_features
-from swav_ref.train import TrainConfig, build_backbone, load_trainer_checkpoint
+from swav_ref.train import TrainConfig, build_backbone, input_normalisation, load_trainer_checkpoint
 
 __all__ = ["Encoder", "load_encoder"]
 
@@ -77,24 +76,32 @@ class Encoder:
                                 normalize=(self.mean, self.std))
 
 
-def load_encoder(path: Any, backend: str | None = None) -> Encoder:
+def load_encoder(path: Any, backend: str | None = None, train_set: Any = None) -> Encoder:
     """The backbone of a :class:`~swav_ref.train.Trainer` checkpoint, ready for features.
 
     Parameters
     ----------
     path : a ``checkpoint.npz`` written by ``swav-ref train`` (or ``Trainer.save``).
     backend : ``"numpy"`` or ``"cupy"``; default the run's own.
+    train_set : the run's training :class:`~swav_ref.data.datasets.ImageDataset`, needed
+        only for a checkpoint written before checkpoints kept their input normalisation
+        (it is then computed from these images, as the trainer did); ignored otherwise.
 
     Raises
     ------
     swav_ref.checkpoint.CheckpointError : not a trainer checkpoint, weights that do not fit
-        the architecture, or a checkpoint too old to hold its normalisation.
+        the architecture, or a checkpoint too old to hold its normalisation given without
+        ``train_set``.
     """
     arrays, meta, config = load_trainer_checkpoint(path)
-    if "normalisation" not in meta:
+    if "normalisation" in meta:
+        mean, std = tuple(meta["normalisation"]["mean"]), tuple(meta["normalisation"]["std"])
+    elif train_set is not None:
+        mean, std = input_normalisation(train_set)
+    else:
         raise ckpt.CheckpointError(
-            f"{path}: written before checkpoints kept their input normalisation; load it with its data instead: "
-            "Trainer(config, train_set=...).load(path, weights_only=True), then Trainer.features")
+            f"{path}: written before checkpoints kept their input normalisation; give its training data: "
+            "load_encoder(path, train_set=...)")
     xp = get_backend(backend or config.backend)
     dtype = getattr(xp, config.dtype)
     weights = {k[len(_BACKBONE):]: v for k, v in arrays.items() if k.startswith(_BACKBONE)}
@@ -105,8 +112,6 @@ def load_encoder(path: Any, backend: str | None = None) -> Encoder:
     ckpt.check_compatible(weights, {k: tuple(v.shape) for k, v in backbone.state_dict().items()})
     backbone.load_state_dict(weights)
     backbone.eval()
-    normalisation = meta["normalisation"]
     trained_on = (meta.get("data") or {}).get("image_shape")  # (C, H, W); absent in early checkpoints
     image_shape = None if not trained_on else (int(trained_on[-2]), int(trained_on[-1]))
-    return Encoder(backbone, tuple(normalisation["mean"]), tuple(normalisation["std"]), xp, dtype, config,
-                   image_shape)
+    return Encoder(backbone, mean, std, xp, dtype, config, image_shape)

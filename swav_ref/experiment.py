@@ -188,7 +188,8 @@ def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
             cfg = dataclasses.replace(base, method=method, out_dir=str(out / f"seed{seed}" / method))
             if method == "supervised":
                 cfg = supervised_config(cfg)
-            log(f"[seed {seed}] training {METHOD_NAMES[method]} for {cfg.epochs} epochs ...")
+            epochs = f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
+            log(f"[seed {seed}] training {METHOD_NAMES[method]} for {epochs} ...")
             trainer = Trainer(cfg, train_set=train_set, test_set=test_set)
             with warnings.catch_warnings():  # said once for the whole comparison, above
                 warnings.simplefilter("ignore", ReusedOutDirWarning)

@@ -43,7 +43,7 @@ from swav_ref import checkpoint as ckpt
 from swav_ref.backend import Random, get_backend, set_tf32, to_numpy, use_device_for_local_rank
 from swav_ref.data.datasets import ARRAYS, DATASETS, ImageDataset, channel_stats, load_dataset
 from swav_ref.data.multicrop import MultiCrop, MultiCropConfig, default_config
-from swav_ref.deepcluster import MemoryBank, cluster_memory, deepcluster_loss
+from swav_ref.deepcluster import IGNORE_INDEX, MemoryBank, cluster_memory, deepcluster_loss
 from swav_ref.distributed import get_communicator, install_abort_on_exception
 from swav_ref.nn import functional as F
 from swav_ref.nn.optim import LARS, SGD, warmup_cosine_schedule
@@ -127,6 +127,29 @@ def load_trainer_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarr
     return arrays, meta, TrainConfig.from_dict(meta["config"])
 
 
+def scheduled_rate(cfg: "TrainConfig", steps_per_epoch: int, step: int) -> float:
+    """The learning rate of the run ``cfg`` at a global step: linear warm-up from
+    ``start_warmup``, then cosine from ``base_lr`` to ``final_lr`` at ``epochs * steps_per_epoch``."""
+    return warmup_cosine_schedule(
+        step, cfg.epochs * steps_per_epoch, cfg.base_lr, cfg.final_lr,
+        # a short run warms up for half of it at most, so that its rate decays too (with
+        # --epochs <= --warmup-epochs it would end at the peak rate)
+        min(cfg.warmup_epochs, cfg.epochs // 2) * steps_per_epoch, cfg.start_warmup,
+    )
+
+
+def input_normalisation(train_set: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The training images' per-channel mean and std, for the crops' normalisation. A
+    channel that is constant over the whole set (a red-only stain saved as RGB, blank
+    images) has std 0: it is centred but not scaled (std 1), with a warning."""
+    mean, std = channel_stats(train_set.images)
+    constant = [c for c, s in enumerate(std) if s == 0.0]
+    if constant:
+        warnings.warn(f"{train_set.name}: channel {', '.join(map(str, constant))} is the same in every training "
+                      "image (standard deviation 0); it is centred but not scaled", stacklevel=3)
+    return mean, tuple(s if s > 0.0 else 1.0 for s in std)
+
+
 def data_record(data: ImageDataset) -> dict:
     """What a checkpoint records of its training data, to tell other data later: the number
     of images and their shape (C, H, W)."""
@@ -146,9 +169,20 @@ def recipe_name(dataset: str) -> str:
     return dataset if dataset in ("digits", "cifar10") else "folder"
 
 
-def _as_options(values: dict[str, tuple]) -> str:
-    """``{"n_crops": (2, 6)}`` as the command line spells it: ``--n-crops 2 6``."""
-    return ", ".join(f"--{name.replace('_', '-')} {' '.join(map(str, v))}" for name, v in values.items())
+def option_text(name: str, value: Any) -> str:
+    """A setting as the command line spells it: ``--n-crops 2 6``, ``--seed 3``,
+    ``--no-sync-bn``."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    if isinstance(value, (tuple, list)):
+        return f"{flag} {' '.join(map(str, value))}"
+    return f"{flag} {value}"
+
+
+def as_options(values: dict[str, Any]) -> str:
+    """``{"n_crops": (2, 6), "seed": 3}`` as the command line spells it: ``--n-crops 2 6, --seed 3``."""
+    return ", ".join(option_text(name, v) for name, v in values.items())
 
 
 @dataclass
@@ -328,11 +362,11 @@ class TrainConfig:
         given = self._crops_given()
         if len({len(v) for v in given.values()}) > 1:
             raise ConfigError("--n-crops, --crop-sizes, --min-scale and --max-scale need one entry per crop size, "
-                              f"got {_as_options(given)}")
+                              f"got {as_options(given)}")
         # (low, high) pairs; with only one of the two given, each value is checked against itself
         for low, high in zip(self.min_scale or self.max_scale or (), self.max_scale or self.min_scale or ()):
             if not 0 < low <= high <= 1:
-                raise ConfigError(f"{_as_options({k: given[k] for k in ('min_scale', 'max_scale') if k in given})}: "
+                raise ConfigError(f"{as_options({k: given[k] for k in ('min_scale', 'max_scale') if k in given})}: "
                                   "a crop's area fraction needs 0 < min-scale <= max-scale <= 1")
         assign = self.crops_for_assign
         n_total = sum(self.n_crops) if self.n_crops is not None else None
@@ -367,8 +401,8 @@ class TrainConfig:
         if groups and groups != {len(crops.n_crops)}:
             missing = {name: value for name, value in filled.items() if name not in given}
             raise ConfigError(
-                f"{_as_options(given)} gives {groups.pop()} crop size(s), but the {recipe} recipe for "
-                f"{data_name or self.dataset} has {len(crops.n_crops)} ({_as_options(missing)}); for another "
+                f"{as_options(given)} gives {groups.pop()} crop size(s), but the {recipe} recipe for "
+                f"{data_name or self.dataset} has {len(crops.n_crops)} ({as_options(missing)}); for another "
                 "number of crop sizes give all four of --n-crops, --crop-sizes, --min-scale and --max-scale")
         return dataclasses.replace(self, **{name: value for name, value in filled.items() if name not in given})
 
@@ -521,7 +555,7 @@ class Trainer:
             test_set = loaded_test if test_set is None else test_set
         self.train_set, self.test_set = train_set, test_set
         self._check_test_set()
-        self.mean, self.std = self._normalisation(train_set)
+        self.mean, self.std = input_normalisation(train_set)
         if self.comm.size > 1:
             self._check_same_data()
         self.steps_per_epoch = len(train_set) // (cfg.batch_size * self.comm.size)
@@ -639,18 +673,6 @@ class Trainer:
                           "lower --epoch-queue-starts or --queue-length, or train longer", stacklevel=4)
         return False
 
-    @staticmethod
-    def _normalisation(train_set: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """The training images' per-channel mean and std, for the crops' normalisation. A
-        channel that is constant over the whole set (a red-only stain saved as RGB, blank
-        images) has std 0: it is centred but not scaled (std 1), with a warning."""
-        mean, std = channel_stats(train_set.images)
-        constant = [c for c, s in enumerate(std) if s == 0.0]
-        if constant:
-            warnings.warn(f"{train_set.name}: channel {', '.join(map(str, constant))} is the same in every training "
-                          "image (standard deviation 0); it is centred but not scaled", stacklevel=3)
-        return mean, tuple(s if s > 0.0 else 1.0 for s in std)
-
     def _multicrop_config(self) -> MultiCropConfig:
         """The data set's augmentation recipe (flip, jitter, blur suited to its images:
         none of ImageNet's flips and blurs on 8x8 digits), with this run's crop counts,
@@ -691,13 +713,7 @@ class Trainer:
     # -- schedule and data -----------------------------------------------------------
     def learning_rate(self, step: int) -> float:
         """The scheduled rate at a global step: linear warm-up, then cosine to ``final_lr``."""
-        cfg = self.config
-        return warmup_cosine_schedule(
-            step, self.total_steps, cfg.base_lr, cfg.final_lr,
-            # a short run warms up for half of it at most, so that its rate decays too (with
-            # --epochs <= --warmup-epochs it would end at the peak rate)
-            min(cfg.warmup_epochs, cfg.epochs // 2) * self.steps_per_epoch, cfg.start_warmup,
-        )
+        return scheduled_rate(self.config, self.steps_per_epoch, step)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The data order of an epoch: a function of (seed, epoch) alone, so a run resumed
@@ -904,11 +920,20 @@ class Trainer:
         except OSError:  # either one is gone
             return False
 
-    def _what_is_kept(self) -> str:
-        """For a divergence: which checkpoint holds this run's last good state, if any."""
-        checkpoint = self.out_dir / "checkpoint.npz"
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """The checkpoint holding this run's last good state: the one it wrote last, or the
+        one it resumed from; None if there is none (yet, or any more)."""
         if self._checkpoint is not None and self._checkpoint.exists():
-            return f"the last good checkpoint, {self._checkpoint}, is kept"
+            return self._checkpoint
+        return None
+
+    def what_is_kept(self) -> str:
+        """For a divergence or an interruption: which checkpoint holds this run's last good
+        state, if any, in words."""
+        checkpoint = self.out_dir / "checkpoint.npz"
+        if self.last_checkpoint is not None:
+            return f"the last good checkpoint, {self.last_checkpoint}, is kept"
         if checkpoint.exists():
             return (f"this run wrote no checkpoint; the {checkpoint} there belongs to an earlier run (resuming from it "
                     "continues that run, not this one)")
@@ -934,7 +959,15 @@ class Trainer:
         n_steps = self.steps_per_epoch - first
         if self.comm.size > 1:  # the mean over workers, as the step records
             epoch_loss = self.comm.allreduce_mean(epoch_loss)
-        self._end_epoch(epoch, float(epoch_loss) / max(n_steps, 1), time.perf_counter() - t0)
+        total = float(epoch_loss)
+        # Resumed in the middle of the epoch: its earlier steps' losses are in the log the
+        # checkpoint carried (when it holds all of them), so the epoch's mean is the whole epoch's.
+        start = epoch * self.steps_per_epoch
+        earlier = [r["loss"] for r in self.log.records
+                   if r.get("kind") == "step" and start <= r["step"] < start + first]
+        if first and len(earlier) == first:
+            total, n_steps = total + math.fsum(earlier), n_steps + first
+        self._end_epoch(epoch, total / max(n_steps, 1), time.perf_counter() - t0)
 
     def _flush_log(self, epoch: int, bar: Any) -> None:
         """The logging boundary: bring the pending metrics to the host, check them.
@@ -957,7 +990,7 @@ class Trainer:
             if not math.isfinite(value):
                 raise TrainingDivergedError(
                     f"the loss became {value} at step {step} (epoch {epoch + 1}); training stopped and "
-                    f"{self._what_is_kept()}. "
+                    f"{self.what_is_kept()}. "
                     f"{DIVERGENCE_ADVICE}"
                 )
             record = {"kind": "step", "step": step, "epoch": epoch, "loss": value, "lr": self.learning_rate(step)}
@@ -1090,12 +1123,15 @@ class Trainer:
         compared = ("method", "arch", "n_prototypes", "feat_dim", "hidden_dim")
         if not weights_only:  # these shape the optimiser's and the workers' state too
             compared += ("batch_size", "dataset", "queue_length", *CROP_FIELDS)
-        for name in compared:
-            if getattr(saved, name) != getattr(self.config, name):
-                raise ckpt.CheckpointError(
-                    f"{path}: checkpoint was trained with {name}={getattr(saved, name)!r}, this run has "
-                    f"{name}={getattr(self.config, name)!r}"
-                )
+        differ = [name for name in compared if getattr(saved, name) != getattr(self.config, name)]
+        if differ:  # all of them in one message, not one per attempt
+            raise ckpt.CheckpointError(
+                f"{path}: the checkpoint was trained with {as_options({n: getattr(saved, n) for n in differ})}; "
+                f"this run has {as_options({n: getattr(self.config, n) for n in differ})}. These settings shape "
+                f"the model and its state, so {'evaluating' if weights_only else 'resuming'} it needs the "
+                "checkpoint's (swav-ref train --resume takes every setting not given on its command line from "
+                "the checkpoint)"
+            )
         if not weights_only:
             self._check_resumed_data(path, meta.get("data"))
             if self.comm.is_root:
@@ -1106,7 +1142,10 @@ class Trainer:
             {k: tuple(v.shape) for k, v in self.model.state_dict().items()},
         )
         xp = self.xp
-        self.model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
+        try:  # bad values (NaN weights, a None) are the file's fault: a CheckpointError naming it
+            self.model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
+        except ValueError as exc:
+            raise ckpt.CheckpointError(f"{path}: its model.* entries: {exc}") from exc
         if "normalisation" in meta:  # checkpoints written before it was saved: this data's own
             self.mean = tuple(meta["normalisation"]["mean"])
             self.std = tuple(meta["normalisation"]["std"])
@@ -1115,12 +1154,19 @@ class Trainer:
             if self.comm.size > 1:
                 self._broadcast_parameters()
             return
-        self.optimizer.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("optim.")})
+        try:
+            self.optimizer.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("optim.")})
+        except ckpt.CheckpointError as exc:
+            raise ckpt.CheckpointError(f"{path}: its optim.* entries: {exc}") from exc
         self.step = self._resumed_step(path, meta)
+        if self.comm.is_root:
+            self._warn_of_another_schedule(path, saved)
         if any(k.startswith("targets.") for k in arrays):
-            self.targets = [xp.asarray(arrays[f"targets.{h}"]) for h in range(len(self.config.n_prototypes))]
-        self.monitor.fired = bool(meta.get("monitor_fired", False))
+            self.targets = [xp.asarray(t) for t in self._checked_targets(path, arrays)]
         self.log.records = list(meta.get("log", []))  # up to this checkpoint's step (fit rewrites the file)
+        self.monitor.fired = bool(meta.get("monitor_fired", False))
+        # the collapse window spans the resume: a run of short jobs is watched as one run
+        self.monitor.remember(r["loss"] for r in self.log.records if r.get("kind") == "step")
         if local is not None:
             self._load_local(local)
         if self.comm.size > 1:
@@ -1173,6 +1219,42 @@ class Trainer:
                           "recipe than the one the checkpoint was trained with; to continue that run as it was, give "
                           "the checkpoint's values", stacklevel=4)
 
+    def _checked_targets(self, path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """DeepCluster-v2's targets as the checkpoint holds them (host arrays), refused
+        unless each is one whole-number cluster per training image, in ``0..K-1`` or
+        :data:`~swav_ref.deepcluster.IGNORE_INDEX`: a bad value would index past the scores."""
+        targets = []
+        for h, k in enumerate(self.config.n_prototypes):
+            name = f"targets.{h}"
+            t = arrays.get(name)
+            problem = None
+            if t is None:
+                problem = "is missing"
+            elif t.shape != (len(self.train_set),) or not np.issubdtype(t.dtype, np.integer):
+                problem = f"is {t.dtype} of shape {t.shape}, not one integer per training image ({len(self.train_set)})"
+            elif not np.all((t == IGNORE_INDEX) | ((t >= 0) & (t < k))):
+                problem = f"holds values outside 0..{k - 1} (and {IGNORE_INDEX}, no target)"
+            if problem:
+                raise ckpt.CheckpointError(f"{path}: {name} {problem}")
+            targets.append(t)
+        return targets
+
+    def _warn_of_another_schedule(self, path: str | os.PathLike, saved: TrainConfig) -> None:
+        """``--epochs`` may change on resume (to train a finished run further), but the
+        learning-rate schedule spans ``--epochs``: the resumed run follows a new warm-up and
+        cosine, and its rate jumps at once. Said with the numbers, since nothing else shows it."""
+        cfg = self.config
+        if saved.epochs == cfg.epochs or self.step >= self.total_steps:
+            return  # the same schedule, or nothing left to train (fit says so)
+        # the rate the checkpoint's schedule gives this step (its last step's, if it had ended)
+        was = scheduled_rate(saved, self.steps_per_epoch, min(self.step, saved.epochs * self.steps_per_epoch - 1))
+        now = self.learning_rate(self.step)
+        warnings.warn(
+            f"--resume {path}: --epochs {saved.epochs} -> {cfg.epochs} changes the learning-rate schedule, which "
+            f"spans --epochs (warm-up, then cosine to --final-lr): at step {self.step} the rate is {now:.4g}, where "
+            f"the checkpoint's run was at {was:.4g}. To split one run into several jobs without this, give every job "
+            "the run's final --epochs and end each one early with --stop-after", stacklevel=4)
+
     def _local_file(self, path: str | os.PathLike, meta: dict) -> Path | None:
         """This worker's queue / memory bank file named by the checkpoint (None if it has none)."""
         ranks = meta.get("local_ranks")  # None in checkpoints written before it existed
@@ -1200,7 +1282,11 @@ class Trainer:
     def _resumed_step(self, path: str | os.PathLike, meta: dict) -> int:
         """The step to continue from: the checkpoint's, or on another number of steps per
         epoch (other workers) the start of the epoch after the last one it completed."""
-        step, saved_per_epoch = int(meta["step"]), meta.get("steps_per_epoch", self.steps_per_epoch)
+        step, saved_per_epoch = meta["step"], meta.get("steps_per_epoch", self.steps_per_epoch)
+        for name, value, least in (("step", step, 0), ("steps_per_epoch", saved_per_epoch, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ckpt.CheckpointError(f"{path}: its {name} is {value!r}, not a whole number of steps "
+                                           f"(at least {least})")
         if saved_per_epoch == self.steps_per_epoch:
             return step
         if step % saved_per_epoch:
@@ -1218,15 +1304,18 @@ class Trainer:
         arrays, meta = ckpt.load_checkpoint(path)
         if meta.get("step") != self.step:
             raise ckpt.CheckpointError(f"{path}: local state of step {meta.get('step')} does not match step {self.step}")
-        if "queue.embeddings" in arrays:
-            self.queue = self._new_queue()
-            self.queue.load_state_dict({"embeddings": arrays["queue.embeddings"], "filled": meta["queue_filled"]})
-        if "bank.embeddings" in arrays:
-            cfg = self.config
-            self.bank = MemoryBank(len(cfg.crops_for_assign), self.steps_per_epoch * cfg.batch_size, cfg.feat_dim,
-                                   self.xp, self.dtype)
-            self.bank.load_state_dict({"embeddings": self.xp.asarray(arrays["bank.embeddings"]),
-                                       "index": arrays["bank.index"]})
+        try:
+            if "queue.embeddings" in arrays:
+                self.queue = self._new_queue()
+                self.queue.load_state_dict({"embeddings": arrays["queue.embeddings"], "filled": meta.get("queue_filled")})
+            if "bank.embeddings" in arrays:
+                cfg = self.config
+                self.bank = MemoryBank(len(cfg.crops_for_assign), self.steps_per_epoch * cfg.batch_size, cfg.feat_dim,
+                                       self.xp, self.dtype)
+                self.bank.load_state_dict({"embeddings": self.xp.asarray(arrays["bank.embeddings"]),
+                                           "index": arrays.get("bank.index")})
+        except ckpt.CheckpointError as exc:
+            raise ckpt.CheckpointError(f"{path}: {exc}") from exc
 
     # -- features for evaluation ----------------------------------------------------------
     def features(self, images: np.ndarray, batch_size: int = 512) -> Any:

@@ -514,11 +514,11 @@ def test_load_dataset_dispatch(tmp_path):
     for i in range(5):
         save_png(tmp_path / "flat" / f"{i}.png", np.zeros((3, 3), dtype=np.uint8))
     f_train, f_test = D.load_dataset("folder", tmp_path / "flat")
-    assert len(f_train) == 4 and len(f_test) == 1 and f_test.labels is None
+    assert len(f_train) == 5 and f_test is None  # no labels: no held-out part, which nothing could score
     with pytest.raises(ValueError, match="unknown dataset"):
         D.load_dataset("mnist")
     with pytest.raises(ValueError, match="needs data_dir"):
         D.load_dataset("cifar10")
-    save_png(tmp_path / "single" / "only.png", np.zeros((3, 3), dtype=np.uint8))
+    save_png(tmp_path / "single" / "cat" / "only.png", np.zeros((3, 3), dtype=np.uint8))
     with pytest.raises(DatasetError, match="single: cannot split 1 image"):
         D.load_dataset("folder", tmp_path / "single")

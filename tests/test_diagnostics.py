@@ -92,3 +92,15 @@ def test_monitor_accepts_numpy_integers():
     assert fired == [False, True]
     with pytest.raises(ValueError, match="n_prototypes must be an integer >= 2, got True"):
         CollapseMonitor(n_prototypes=True)
+
+
+def test_remembered_losses_fill_the_window_without_warning():
+    """A resumed run's losses, read back from its log, count towards the window: a run
+    split into jobs shorter than the window is watched as one run."""
+    monitor = CollapseMonitor(n_prototypes=10, window=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.remember([math.log(10)] * 3)
+    assert not monitor.fired and not monitor.collapsed
+    with pytest.warns(CollapseWarning):
+        assert monitor.update(math.log(10))  # the fourth loss in a row near ln K

@@ -57,6 +57,11 @@ def test_an_old_checkpoint_without_its_normalisation_is_explained(dark_run, tmp_
     ckpt.save_checkpoint(tmp_path / "old.npz", arrays, meta)
     with pytest.raises(ckpt.CheckpointError, match="written before checkpoints kept their input normalisation"):
         load_encoder(tmp_path / "old.npz")
+    # given its training data, it computes the normalisation as the trainer did
+    trainer, images, _ = dark_run
+    old = load_encoder(tmp_path / "old.npz", train_set=ImageDataset(images, name="dark images"))
+    assert (old.mean, old.std) == (trainer.mean, trainer.std)
+    np.testing.assert_array_equal(old.features(images[:8]), trainer.features(images[:8]))
 
 
 @pytest.mark.parametrize("side", [1, 16])

@@ -15,7 +15,7 @@ import pytest
 from small_runs import small_config
 from swav_ref import checkpoint as ckpt
 from swav_ref.evaluate import save_results_json
-from swav_ref.train import Trainer
+from swav_ref.train import Trainer, scheduled_rate
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +136,7 @@ def test_eval_loads_the_weights_without_the_workers_files(tiny, finished_runs, t
 def test_a_queue_setting_that_differs_from_the_checkpoints_is_refused(tiny, finished_runs, tmp_path):
     copy_of(finished_runs, "queue", tmp_path)
     other = trainer(tiny, tmp_path / "other", queue_length=0)
-    with pytest.raises(ckpt.CheckpointError, match="queue_length=64, this run has queue_length=0"):
+    with pytest.raises(ckpt.CheckpointError, match="trained with --queue-length 64; this run has --queue-length 0"):
         other.load(tmp_path / "run" / "checkpoint.npz")
 
 
@@ -182,12 +182,13 @@ def test_resuming_on_other_data_is_refused_not_blamed_on_the_workers(tiny, finis
         resumed.load(path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same data, copied: no warning
-        trainer(tiny, tmp_path / "same", epochs=2).load(path)
+        trainer(tiny, tmp_path / "same", epochs=1).load(path)
 
 
 def test_resuming_under_another_recipe_lists_every_difference(tiny, finished_runs, tmp_path):
     """A resume with another seed, rate, temperature, optimiser or dtype used to continue
-    silently; what a resume is for (more epochs, another folder, logging) warns of nothing."""
+    silently; what a resume is for (another folder, logging) warns of nothing, and more
+    epochs only of the learning-rate schedule they change, with the jump in the rate."""
     copy_of(finished_runs, "one_epoch", tmp_path)
     path = tmp_path / "run" / "checkpoint.npz"
     other = trainer(tiny, tmp_path / "other", epochs=2, seed=3, base_lr=0.1, temperature=0.5, optimizer="sgd",
@@ -199,10 +200,16 @@ def test_resuming_under_another_recipe_lists_every_difference(tiny, finished_run
                    "--dtype float32 -> float64"):
         assert change in message, message
     assert "--epochs" not in message and "--out-dir" not in message
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         trainer(tiny, tmp_path / "longer", epochs=4, stop_after=1, log_every=2, checkpoint_every=2,
                 progress=False).fit(resume=path)
+    [message] = [str(w.message) for w in record]
+    saved, longer = small_config(tmp_path, epochs=1), small_config(tmp_path, epochs=4)
+    was, now = scheduled_rate(saved, 5, 4), scheduled_rate(longer, 5, 5)  # the checkpoint is at step 5 of 5
+    assert "--epochs 1 -> 4 changes the learning-rate schedule" in message
+    assert f"at step 5 the rate is {now:.4g}, where the checkpoint's run was at {was:.4g}" in message
+    assert now > 5 * was  # the point of the warning: the rate jumps back up
 
 
 def test_stop_after_always_checkpoints_its_last_epoch(tiny, tmp_path):
@@ -300,3 +307,76 @@ def test_resume_with_nothing_left_to_train_says_so(tiny, tmp_path):
     with pytest.warns(UserWarning, match="nothing to train.*already trained 2 epochs.*--epochs is 1"):
         done.fit(resume=tmp_path / "run" / "checkpoint.npz")
     assert done.step == 10
+
+
+# -- 6. what a resume carries besides the arrays --------------------------------------------
+def test_collapse_is_seen_across_jobs_shorter_than_the_monitors_window(tiny, tmp_path):
+    """The monitor's window restarted empty at every resume, so a run split into jobs
+    shorter than the window never warned of a collapse the same run in one job warned of."""
+    from swav_ref.swav import CollapseMonitor, CollapseWarning
+
+    collapsing = dict(temperature=1000.0, epochs=4)  # the predictions are uniform: the loss sits at ln K
+
+    def with_window(run):
+        run.monitor = CollapseMonitor(10, window=8)  # 8 steps; each job below is 5
+        return run
+
+    with pytest.warns(CollapseWarning):
+        with_window(trainer(tiny, tmp_path / "one_job", **collapsing)).fit()
+    path = tmp_path / "jobs" / "checkpoint.npz"
+    with_window(trainer(tiny, tmp_path / "jobs", stop_after=1, **collapsing)).fit()
+    with pytest.warns(CollapseWarning):
+        with_window(trainer(tiny, tmp_path / "jobs", stop_after=1, **collapsing)).fit(resume=path)
+
+
+def test_an_epoch_resumed_in_its_middle_logs_the_whole_epochs_mean_loss(tiny, tmp_path):
+    """Saved from Python at step 2 of 5: the epoch's record averaged only the 3 steps after
+    the resume."""
+    full = trainer(tiny, tmp_path / "full", epochs=1)
+    full.fit()
+    first = trainer(tiny, tmp_path / "run", epochs=1)
+    real_step = first.train_step
+
+    def save_at_step_2_then_stop(crops, indices):
+        if first.step == 2:
+            first.save(tmp_path / "run" / "checkpoint.npz")
+            raise KeyboardInterrupt
+        return real_step(crops, indices)
+
+    first.train_step = save_at_step_2_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    resumed = trainer(tiny, tmp_path / "run", epochs=1)
+    resumed.fit(resume=tmp_path / "run" / "checkpoint.npz")
+
+    def epoch_loss(run):
+        [record] = [r for r in run.log.records if r["kind"] == "epoch"]
+        return record["loss"]
+
+    assert epoch_loss(resumed) == pytest.approx(epoch_loss(full), rel=1e-6)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t[:-1], r"targets.0 is int\w+ of shape \(159,\), not one integer per training image \(160\)"),
+    (lambda t: t.astype(np.float64), "targets.0 is float64"),
+    (lambda t: np.full_like(t, 10), r"targets.0 holds values outside 0..9"),
+])
+def test_deepcluster_targets_that_would_index_past_the_scores_are_refused(tiny, finished_runs, tmp_path, damage,
+                                                                          message):
+    copy_of(finished_runs, "deepcluster", tmp_path)
+    path = tmp_path / "run" / "checkpoint.npz"
+    arrays, meta = ckpt.load_checkpoint(path)
+    ckpt.save_checkpoint(path, {**arrays, "targets.0": damage(arrays["targets.0"])}, meta)
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        trainer(tiny, tmp_path / "resumed", epochs=3, **LOCAL_STATE["deepcluster"]).load(path)
+
+
+def test_nan_weights_are_a_checkpoint_error_naming_the_file(tiny, finished_runs, tmp_path):
+    copy_of(finished_runs, "one_epoch", tmp_path)
+    path = tmp_path / "run" / "checkpoint.npz"
+    arrays, meta = ckpt.load_checkpoint(path)
+    weight = arrays["model.backbone.conv1.weight"].copy()
+    weight[0] = np.nan
+    ckpt.save_checkpoint(path, {**arrays, "model.backbone.conv1.weight": weight}, meta)
+    with pytest.raises(ckpt.CheckpointError, match=f"{path}: its model.. entries: .*conv1.weight"):
+        trainer(tiny, tmp_path / "resumed", epochs=1).load(path, weights_only=True)

@@ -537,16 +537,16 @@ def load_dataset(
     image_size: int | tuple[int, int] | None = None,
     test_fraction: float = 0.2,
     seed: int = 0,
-) -> tuple[ImageDataset, ImageDataset]:
+) -> tuple[ImageDataset, ImageDataset | None]:
     """``(train, test)`` for ``name`` in ``"digits" | "cifar10" | "folder"``.
 
     - ``digits``: :func:`load_digits_dataset` split by :func:`split_dataset`
       (stratified, ``test_fraction``, ``seed``).
     - ``cifar10``: :func:`load_cifar10` on ``data_dir`` (its own train/test split).
-    - ``folder``: :func:`load_image_folder` on ``data_dir`` split by :func:`split_dataset`.
-      A flat folder has no labels, so both halves are unlabelled (``test.labels is None``):
-      the held-out images still serve for a validation loss, but a linear probe or kNN
-      evaluation must check ``has_labels`` and skip.
+    - ``folder``: :func:`load_image_folder` on ``data_dir``; one sub-folder per class is
+      split by :func:`split_dataset`. A flat folder has no labels, so nothing could score
+      a held-out part: every image trains, and ``test`` is None (a linear probe or kNN
+      evaluation needs labels and is skipped).
 
     Raises
     ------
@@ -565,4 +565,7 @@ def load_dataset(
         raise ValueError(f"dataset {name!r} needs data_dir (the folder holding the data)")
     if name == "cifar10":
         return load_cifar10(data_dir)
-    return split_dataset(load_image_folder(data_dir, image_size=image_size), test_fraction=test_fraction, seed=seed)
+    images = load_image_folder(data_dir, image_size=image_size)
+    if not images.has_labels:
+        return images, None
+    return split_dataset(images, test_fraction=test_fraction, seed=seed)

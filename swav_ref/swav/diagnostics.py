@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +128,12 @@ class CollapseMonitor:
         self.log_k = math.log(self.n_prototypes)
         self.fired = False
         self._recent: deque[float] = deque(maxlen=self.window)
+
+    def remember(self, losses: Iterable[float]) -> None:
+        """Record earlier losses (host floats) without warning: a resumed run's, read back
+        from its log, so that the window spans the resume and a run split into jobs
+        shorter than the window is watched as one run."""
+        self._recent.extend(float(x) for x in losses)
 
     def update(self, loss: float) -> bool:
         """Record one loss (a host float); returns True on the call that warns."""

@@ -1,0 +1,223 @@
+"""The command line as a user meets it: --resume continues the checkpoint's own run, eval
+needs only the encoder and labelled data, typos get a suggestion, warnings and Ctrl-C are
+one line, and a flat image folder trains on every image."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from swav_ref.checkpoint import load_checkpoint, save_checkpoint
+from swav_ref.cli import main
+from swav_ref.train import scheduled_rate, TrainConfig
+
+#: 160 training digits at batch 32: 5 steps per epoch, a second an epoch.
+SMALL = ["--batch-size", "32", "--n-crops", "2", "2", "--hidden-dim", "16", "--feat-dim", "8", "--n-prototypes", "10",
+         "--no-progress", "--no-evaluate", "--log-every", "1", "--checkpoint-every", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_process(monkeypatch):
+    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK",
+                 "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def small_digits(monkeypatch):
+    """``swav-ref train`` on the first 200 digits (160 to train), so that a run takes seconds."""
+    from swav_ref.data import datasets
+
+    real = datasets.load_digits_dataset
+    monkeypatch.setattr(datasets, "load_digits_dataset", lambda: real().subset(np.arange(200)))
+
+
+def step_losses(folder):
+    return [r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "step"]
+
+
+# -- --resume takes the checkpoint's settings ------------------------------------------------
+@pytest.mark.slow
+def test_a_bare_resume_continues_the_checkpoints_run_in_its_folder(small_digits, tmp_path, capsys):
+    """`--resume CHECKPOINT` alone used to take every default: --epochs 100 recomputed the
+    learning-rate schedule (the rate jumped back to its peak), --out-dir runs/swav wrote
+    elsewhere, and the checkpoint was overwritten with epochs = 100."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(["train", *SMALL, "--seed", "3", "--epochs", "3", "--out-dir", str(full)]) == 0
+    assert main(["train", *SMALL, "--seed", "3", "--epochs", "3", "--stop-after", "2", "--out-dir", str(split)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(split / "checkpoint.npz")]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {split / 'checkpoint.npz'} with its settings; writing to {split}" in out
+    meta = load_checkpoint(split / "checkpoint.npz")[1]
+    assert meta["step"] == 15 and meta["config"]["epochs"] == 3 and meta["config"]["seed"] == 3
+    assert step_losses(split) == step_losses(full)  # bit for bit, as if never interrupted
+
+
+@pytest.mark.slow
+def test_a_resume_says_what_it_changes_and_warns_of_a_new_schedule(small_digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "2", "--out-dir", str(run)]) == 0
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="--epochs 2 -> 3 changes the learning-rate schedule") as record:
+        assert main(["train", "--resume", str(run / "checkpoint.npz"), "--epochs", "3", "--out-dir",
+                     str(tmp_path / "longer")]) == 0
+    assert f"with its settings, except --epochs 3 (given here); writing to {tmp_path / 'longer'}" in \
+        capsys.readouterr().out
+    config = TrainConfig(**{**load_checkpoint(run / "checkpoint.npz")[1]["config"]})
+    now = scheduled_rate(TrainConfig(**{**config.to_dict(), "epochs": 3}), 5, 10)
+    assert f"at step 10 the rate is {now:.4g}" in str(record[0].message)
+
+
+def test_a_resume_that_does_not_fit_lists_every_difference_as_options(small_digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--out-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run / "checkpoint.npz"), "--feat-dim", "4", "--batch-size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with --feat-dim 8, --batch-size 32; this run has --feat-dim 4, --batch-size 16" in err, err
+    assert main(["eval", str(run / "checkpoint.npz"), "--image-size", "16"]) == 2  # digits are 8x8, embedded
+    assert "--image-size 16: applies to image-folder checkpoints only" in capsys.readouterr().err
+
+
+def test_a_checkpoint_whose_step_is_no_whole_number_is_refused(small_digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--out-dir", str(run)]) == 0
+    arrays, meta = load_checkpoint(run / "checkpoint.npz")
+    save_checkpoint(run / "checkpoint.npz", arrays, {**meta, "step": 4.5})  # was truncated to 4, silently
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run / "checkpoint.npz"), "--epochs", "2"]) == 2
+    assert "its step is 4.5, not a whole number of steps" in capsys.readouterr().err
+
+
+# -- Ctrl-C ----------------------------------------------------------------------------------
+def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_go_on(small_digits, tmp_path, capsys, monkeypatch):
+    from swav_ref.train import Trainer
+
+    real = Trainer._train_epoch
+
+    def interrupted_in_epoch_2(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        real(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", interrupted_in_epoch_2)
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "3", "--out-dir", str(run)]) == 130
+    err = capsys.readouterr().err
+    kept = run / "checkpoint.npz"
+    assert err == (f"swav-ref: error: interrupted at step 5; the last good checkpoint, {kept}, is kept; "
+                   f"to continue: swav-ref train --resume {kept}\n")
+
+
+# -- typos -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, usage, hint", [
+    (["train", "--batchsize", "16"], "swav-ref train", "--batchsize: did you mean --batch-size?"),
+    (["demo", "--epoch", "1"], "swav-ref demo", "--epoch: did you mean --epochs?"),  # no abbreviations
+    (["eval", "x.npz", "--bakend", "numpy"], "swav-ref eval", "--bakend: did you mean --backend?"),
+])
+def test_an_unknown_option_gets_the_commands_usage_and_the_nearest_option(argv, usage, hint, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith(f"usage: {usage}") and f"{usage}: error: unrecognized arguments" in err and hint in err, err
+
+
+# -- warnings --------------------------------------------------------------------------------
+def test_the_librarys_warnings_are_one_line_on_the_command_line(tmp_path):
+    """They used to print a source path and a line of code, like a crash; here an
+    explicit --warmup-epochs that the schedule caps (silently, before) comes first."""
+    done = subprocess.run([sys.executable, "-m", "swav_ref", "train", "--warmup-epochs", "5", "--epochs", "4",
+                           "--batch-size", "100000", "--out-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": ""})
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2, done.stderr
+    assert lines[0] == ("swav-ref: warning: --warmup-epochs 5 is more than half of --epochs 4: the warm-up is capped "
+                        "at 2 epoch(s), so that the rate also decays"), done.stderr
+    assert lines[1].startswith("swav-ref: error: ") and len(lines) == 2, done.stderr
+
+
+def test_warnings_from_elsewhere_keep_pythons_format():
+    import warnings
+
+    from swav_ref import cli
+
+    one_line = cli._one_line_warnings(warnings.formatwarning)
+    assert one_line("careful", UserWarning, cli.__file__, 10) == "swav-ref: warning: careful\n"
+    assert one_line("careful", UserWarning, "/elsewhere/lib.py", 10).startswith("/elsewhere/lib.py:10: UserWarning")
+
+
+# -- a flat image folder ---------------------------------------------------------------------
+def _write_flat_folder(folder, n):
+    from PIL import Image
+
+    from swav_ref.data.datasets import load_digits_dataset
+
+    folder.mkdir(parents=True)
+    for i, image in enumerate(load_digits_dataset().images[:n, 0]):
+        Image.fromarray(image).save(folder / f"{i}.png")
+
+
+def test_a_flat_folder_trains_on_every_image_and_says_why_nothing_is_evaluated(tmp_path, capsys):
+    """It used to hold out 20 % of the images, which nothing used, and to skip the
+    evaluation without a word."""
+    _write_flat_folder(tmp_path / "flat", 40)
+    argv = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "flat"), *SMALL[:-5], "--batch-size", "40",
+            "--epochs", "1", "--crop-sizes", "8", "6", "--out-dir", str(tmp_path / "run")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "no evaluation at the end: flat has no labels (a flat image folder)" in out, out
+    meta = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[1]
+    assert meta["data"]["n_images"] == 40 and meta["step"] == 1  # all 40, one batch of 40
+
+
+# -- eval ------------------------------------------------------------------------------------
+def _write_labelled_folder(folder, n, channels=1):
+    from PIL import Image
+
+    from swav_ref.data.datasets import load_digits_dataset
+
+    digits = load_digits_dataset()
+    for i in range(n):
+        where = folder / str(digits.labels[i])
+        where.mkdir(parents=True, exist_ok=True)
+        image = digits.images[i, 0]
+        Image.fromarray(np.stack([image] * 3, axis=-1) if channels == 3 else image).save(where / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_eval_scores_a_checkpoint_on_other_data_without_training_checks(small_digits, tmp_path, capsys):
+    """eval built a whole trainer: a labelled folder smaller than the run's batch was refused
+    with advice to lower --batch-size, which eval does not have; another channel count got
+    an internal shape message; a moved data folder gave no hint; --image-size was missing."""
+    run = tmp_path / "run"
+    folder = tmp_path / "images"
+    _write_labelled_folder(folder, 100)
+    assert main(["train", "--dataset", "folder", "--data-dir", str(folder), *SMALL, "--batch-size", "64",
+                 "--crop-sizes", "8", "6", "--epochs", "1", "--out-dir", str(run)]) == 0
+    checkpoint = str(run / "checkpoint.npz")
+    few = tmp_path / "few"
+    _write_labelled_folder(few, 60)  # 48 training images: fewer than the batch of 64
+    capsys.readouterr()
+    assert main(["eval", checkpoint, "--data-dir", str(few), "--out", str(tmp_path / "few.json")]) == 0
+    rows = json.loads((tmp_path / "few.json").read_text())["results"]
+    assert [r["method"] for r in rows] == ["raw pixels", "SwAV (step 1)"]
+    colour = tmp_path / "colour"
+    _write_labelled_folder(colour, 60, channels=3)
+    assert main(["eval", checkpoint, "--data-dir", str(colour)]) == 2
+    assert "takes images of 1 channel(s), but colour/train has 3" in capsys.readouterr().err
+    assert main(["eval", checkpoint, "--image-size", "0"]) == 2
+    assert "--image-size 0: must be at least 1 pixel" in capsys.readouterr().err
+    assert main(["eval", checkpoint, "--data-dir", str(few), "--image-size", "16", "--out",
+                 str(tmp_path / "big.json")]) == 0  # accepted (and warned of: not the training size)
+    folder.rename(tmp_path / "moved")
+    assert main(["eval", checkpoint]) == 2
+    assert "is not there any more; if the data moved, give their folder with --data-dir" in capsys.readouterr().err
+    assert main(["eval", checkpoint, "--data-dir", str(tmp_path / "moved"), "--out", str(tmp_path / "e.json")]) == 0
