@@ -206,9 +206,8 @@ step tests 150 python3 -m pytest -v -p no:cacheprovider --durations=15 -k cupy -
 E2E="$LOGS/e2e"
 if step e2e_train 60 python3 -m swav_ref train --backend "$BACKEND" --epochs 2 --stop-after 1 --warmup-epochs 0 \
     --batch-size 128 --n-prototypes 30 --hidden-dim 64 --feat-dim 32 --no-progress --no-evaluate --out-dir "$E2E"; then
-    if step e2e_resume 45 python3 -m swav_ref train --backend "$BACKEND" --epochs 2 --warmup-epochs 0 \
-        --batch-size 128 --n-prototypes 30 --hidden-dim 64 --feat-dim 32 --no-progress --no-evaluate --out-dir "$E2E" \
-        --resume "$E2E/checkpoint.npz"; then
+    # every other option, the backend and the folder included, comes from the checkpoint
+    if step e2e_resume 45 python3 -m swav_ref train --resume "$E2E/checkpoint.npz" --no-progress --no-evaluate; then
         step e2e_eval 45 python3 -m swav_ref eval "$E2E/checkpoint.npz" --out "$E2E/eval.json"
     else
         skip e2e_eval "e2e_resume did not succeed"
