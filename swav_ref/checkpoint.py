@@ -223,7 +223,9 @@ def _remove_stale_temps(folder: Path, name: str, started_ns: int) -> None:
 
     Only names exactly as :func:`create_temp_beside` makes them for this target, plain files
     last written before this save began (``started_ns``, on the file system's own clock): a
-    save to the same path still writing in another process keeps its file. (That clock
+    save to the same path still writing in another process keeps its file (one that has
+    finished writing and is about to rename it may not; two processes saving one checkpoint
+    at once is a race whatever this does). (That clock
     ticks coarsely, some milliseconds, so a file last written in the tick this save began
     is left for the next save.) Best effort: the checkpoint is already in place, so a file
     that cannot be removed is left.

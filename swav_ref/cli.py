@@ -274,12 +274,13 @@ def _run_train(args: argparse.Namespace) -> int:
     comm = get_communicator()
     install_abort_on_exception(comm)
     given = _options_given(args.command_args)
-    config = _config_from_args(args, TrainConfig())
-    if args.resume is not None:
+    if args.resume is None:
+        config = _config_from_args(args, TrainConfig())
+    else:
         if not Path(args.resume).is_file():
             raise UserError(f"--resume {args.resume}: no such checkpoint file")
         # read before anything is written, so a corrupt file is refused first
-        config, changed = _resumed_config(config, args.resume, given)
+        config, changed = _resumed_config(args, args.resume, given)
         if comm.is_root:
             print(f"resuming {args.resume} with its settings" + (f", except {changed} (given here)" if changed else "")
                   + f"; writing to {config.out_dir}")
@@ -339,12 +340,51 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=_run_eval)
 
 
+def _eval_data(args: argparse.Namespace, config: TrainConfig):
+    """``(train, test)`` for ``swav-ref eval``: the checkpoint's data, split as training split
+    them (the same seed), or the folder of ``--data-dir`` (at ``--image-size``), checked to
+    be labelled and evaluable. Only the data: an evaluation needs no optimiser, batch or
+    queue, so none of training's checks on them apply."""
+    from swav_ref.data.datasets import load_dataset
+    from swav_ref.experiment import check_evaluable
+
+    data_dir, image_size = config.data_dir, config.image_size
+    if args.data_dir is not None:
+        if config.dataset == "digits":
+            raise UserError(f"--data-dir {args.data_dir}: {args.checkpoint} was trained on digits, which is "
+                            "embedded; --data-dir applies to cifar10 and folder checkpoints only, so leave it out")
+        if not Path(args.data_dir).is_dir():
+            problem = "is not a folder" if Path(args.data_dir).exists() else "does not exist"
+            raise UserError(f"--data-dir {args.data_dir} {problem}; give the folder holding the "
+                            f"{config.dataset} data of {args.checkpoint}")
+        data_dir = args.data_dir
+    if args.image_size is not None:
+        if config.dataset != "folder":
+            raise UserError(f"--image-size {args.image_size}: applies to image-folder checkpoints only "
+                            f"({args.checkpoint} was trained on {config.dataset})")
+        if args.image_size < 1:
+            raise UserError(f"--image-size {args.image_size}: must be at least 1 pixel")
+        image_size = args.image_size
+    if config.dataset != "digits" and not Path(data_dir).is_dir():
+        raise UserError(f"{data_dir}, the folder {args.checkpoint} was trained on, is not there any more; if the "
+                        "data moved, give their folder with --data-dir")
+    train, test = load_dataset(config.dataset, data_dir, image_size=image_size or None, seed=0)
+    if not (train.has_labels and test is not None and test.has_labels):
+        raise UserError(f"the data set of {args.checkpoint} ({config.dataset} in {data_dir}) has no labels, so there "
+                        "is nothing to score against: evaluation needs one sub-folder per class "
+                        "(DATA_DIR/<class>/<image>); pass such a folder with --data-dir")
+    try:
+        check_evaluable(train, test)
+    except ValueError as exc:
+        raise UserError(f"cannot evaluate {args.checkpoint}: {exc}") from exc
+    return train, test
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from swav_ref.backend import BackendUnavailableError, get_backend, set_tf32
-    from swav_ref.data.datasets import load_dataset
     from swav_ref.encoder import load_encoder
     from swav_ref.evaluate import evaluate_features, format_results, raw_pixel_features, results_table, save_results_json
-    from swav_ref.experiment import METHOD_NAMES, check_evaluable
+    from swav_ref.experiment import METHOD_NAMES
     from swav_ref.train import load_trainer_checkpoint
 
     _one_process_only("eval")
@@ -366,37 +406,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise UserError(f"{args.checkpoint} was trained with --backend cupy, which is not usable here "
                         f"({exc}); to evaluate it on the CPU, add --backend numpy") from exc
     set_tf32(xp, config.tf32 and backend == "cupy")  # as in training: a GPU setting, off on the CPU
-    data_dir, image_size = config.data_dir, config.image_size
-    if args.data_dir is not None:
-        if config.dataset == "digits":
-            raise UserError(f"--data-dir {args.data_dir}: {args.checkpoint} was trained on digits, which is "
-                            "embedded; --data-dir applies to cifar10 and folder checkpoints only, so leave it out")
-        if not Path(args.data_dir).is_dir():
-            problem = "is not a folder" if Path(args.data_dir).exists() else "does not exist"
-            raise UserError(f"--data-dir {args.data_dir} {problem}; give the folder holding the "
-                            f"{config.dataset} data of {args.checkpoint}")
-        data_dir = args.data_dir
-    if args.image_size is not None:
-        if config.dataset != "folder":
-            raise UserError(f"--image-size {args.image_size}: applies to image-folder checkpoints only "
-                            f"({args.checkpoint} was trained on {config.dataset})")
-        if args.image_size < 1:
-            raise UserError(f"--image-size {args.image_size}: must be at least 1 pixel")
-        image_size = args.image_size
-    # The data as training split them (the same seed), and the encoder alone: an evaluation
-    # needs no optimiser, batch or queue, so none of training's checks on them apply.
-    if config.dataset != "digits" and not Path(data_dir).is_dir():
-        raise UserError(f"{data_dir}, the folder {args.checkpoint} was trained on, is not there any more; if the "
-                        "data moved, give their folder with --data-dir")
-    train, test = load_dataset(config.dataset, data_dir, image_size=image_size or None, seed=0)
-    if not (train.has_labels and test is not None and test.has_labels):
-        raise UserError(f"the data set of {args.checkpoint} ({config.dataset} in {data_dir}) has no labels, so there "
-                        "is nothing to score against: evaluation needs one sub-folder per class "
-                        "(DATA_DIR/<class>/<image>); pass such a folder with --data-dir")
-    try:
-        check_evaluable(train, test)
-    except ValueError as exc:
-        raise UserError(f"cannot evaluate {args.checkpoint}: {exc}") from exc
+    train, test = _eval_data(args, config)
     encoder = load_encoder(args.checkpoint, backend=backend, train_set=train)
     if train.images.shape[1] != encoder.backbone.in_channels:
         raise UserError(f"{args.checkpoint} takes images of {encoder.backbone.in_channels} channel(s), but "
@@ -419,26 +429,29 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 #: The settings a resume leaves to this command line even when it does not give them: how
-#: long this job runs and whether it shows a bar, and the prototype freeze, which counts this
-#: run's steps (the data set's recipe rescales it on another number of workers).
-RESUME_KEEPS_THIS_RUNS = ("stop_after", "progress", "freeze_prototypes_niters")
+#: long this job runs and whether it shows a bar. (Of the others, those a resume may change
+#: without a word are :data:`swav_ref.train.RESUME_MAY_CHANGE`; the trainer warns of the rest.)
+RESUME_KEEPS_THIS_RUNS = ("stop_after", "progress")
 
 
-def _resumed_config(config: TrainConfig, checkpoint: str, given: set[str]) -> tuple[TrainConfig, str]:
-    """Resuming continues the checkpoint's run: every setting not given on this command line
-    is the checkpoint's (its recipe, its data, and its ``--epochs``, so that the learning-rate
-    schedule goes on unchanged), and the output goes to the checkpoint's folder unless
-    ``--out-dir`` is given. A setting given here is kept; :meth:`~swav_ref.train.Trainer.load`
-    refuses those that do not fit the checkpoint's state and warns of the others. Returns
-    the configuration and the given settings that differ from the checkpoint's, as options."""
+def _resumed_config(args: argparse.Namespace, checkpoint: str, given: set[str]) -> tuple[TrainConfig, str]:
+    """Resuming continues the checkpoint's run: its configuration, with the settings given
+    on this command line (and :data:`RESUME_KEEPS_THIS_RUNS`) in their place, so that every
+    other one is the checkpoint's (its recipe, its data, and its ``--epochs``, so that the
+    learning-rate schedule goes on unchanged); the output goes to the checkpoint's folder
+    unless ``--out-dir`` is given. The given settings are checked against the checkpoint's
+    configuration, not the command line's defaults (``--data-dir`` fits a folder run).
+    :meth:`~swav_ref.train.Trainer.load` refuses those that do not fit the checkpoint's state
+    and warns of the others. Returns the configuration and, as options, the given settings
+    that differ from the checkpoint's."""
     from swav_ref.train import as_options, load_trainer_checkpoint
 
     saved = load_trainer_checkpoint(checkpoint)[2]
-    taken = {f.name: getattr(saved, f.name) for f in dataclasses.fields(TrainConfig)
-             if f.name not in given and f.name not in RESUME_KEEPS_THIS_RUNS}
+    here = {name: getattr(args, name) for name in args._config_fields
+            if name in given or name in RESUME_KEEPS_THIS_RUNS}
     if "out_dir" not in given:
-        taken["out_dir"] = str(Path(checkpoint).parent)
-    config = dataclasses.replace(config, **taken)
+        here["out_dir"] = str(Path(checkpoint).parent)
+    config = dataclasses.replace(saved, **here)  # a bad value raises ConfigError, reported in one line
     changed = {name: getattr(config, name) for name in sorted(given)
                if name != "out_dir" and getattr(config, name) != getattr(saved, name)}
     return config, as_options(changed)
@@ -552,10 +565,10 @@ def _one_line_warnings(original):
     """``warnings.formatwarning`` for the command line: the library's warnings as one line,
     ``swav-ref: warning: ...``, like its errors (not a source path and a line of code, which
     look like a crash); warnings from elsewhere keep Python's format, which says where."""
-    package = str(Path(__file__).resolve().parent)
+    package = Path(__file__).resolve().parent
 
     def format_warning(message, category, filename, lineno, line=None):
-        if str(Path(filename).resolve()).startswith(package):
+        if Path(filename).resolve().is_relative_to(package):
             return f"swav-ref: warning: {message}\n"
         return original(message, category, filename, lineno, line)
 

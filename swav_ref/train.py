@@ -1185,12 +1185,17 @@ class Trainer:
         data = self.train_set
         now = data_record(data)
         if not trained_on_same(trained_on, data):
+            old_split = trained_on.get("name") == f"{data.name}/train" and not data.has_labels
             raise ConfigError(
                 f"--resume {path}: the checkpoint was trained on {trained_on['n_images']} images of shape "
                 f"{tuple(trained_on['image_shape'])} ({trained_on.get('name')}), but this run's training set "
-                f"({data.name}) has {now['n_images']} of shape {tuple(now['image_shape'])}; resume on the data it "
-                "was trained on, or start a fresh run (its weights alone: load_encoder, or "
-                "Trainer.load(path, weights_only=True))")
+                f"({data.name}) has {now['n_images']} of shape {tuple(now['image_shape'])}; "
+                + ("it was written before a flat image folder trained on every image, on the 80 % split that "
+                   "versions before then held out; to resume it exactly, hand the trainer that split from Python: "
+                   "train, _ = split_dataset(load_image_folder(DATA_DIR), seed=0), then "
+                   "Trainer(config, train_set=train).fit(resume=PATH)" if old_split else
+                   "resume on the data it was trained on, or start a fresh run (its weights alone: load_encoder, "
+                   "or Trainer.load(path, weights_only=True))"))
         if self.comm.is_root and "fingerprint" in trained_on and trained_on["fingerprint"] != self.data_fingerprint():
             warnings.warn(f"--resume {path}: the training images (or their order or labels) differ from those the "
                           f"checkpoint was trained on ({trained_on.get('name')}), though their number and shape "

@@ -4,17 +4,19 @@ one line, and a flat image folder trains on every image."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 
 from swav_ref.checkpoint import load_checkpoint, save_checkpoint
 from swav_ref.cli import main
-from swav_ref.train import scheduled_rate, TrainConfig
+from swav_ref.train import TrainConfig, scheduled_rate
 
 #: 160 training digits at batch 32: 5 steps per epoch, a second an epoch.
 SMALL = ["--batch-size", "32", "--n-crops", "2", "2", "--hidden-dim", "16", "--feat-dim", "8", "--n-prototypes", "10",
@@ -221,3 +223,44 @@ def test_eval_scores_a_checkpoint_on_other_data_without_training_checks(small_di
     assert main(["eval", checkpoint]) == 2
     assert "is not there any more; if the data moved, give their folder with --data-dir" in capsys.readouterr().err
     assert main(["eval", checkpoint, "--data-dir", str(tmp_path / "moved"), "--out", str(tmp_path / "e.json")]) == 0
+
+
+# -- resuming a folder run ---------------------------------------------------------------------
+def test_a_resume_checks_the_given_options_against_the_checkpoint_and_keeps_its_freeze(tmp_path, capsys):
+    """The given options used to be checked against the command line's defaults (--data-dir
+    was refused as "the digits are embedded" for a folder run whose data had moved), and
+    an explicit --freeze-prototypes-niters fell back to the recipe's."""
+    folder = tmp_path / "images"
+    _write_labelled_folder(folder, 100)
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--data-dir", str(folder), *SMALL, "--crop-sizes", "8", "6",
+                 "--freeze-prototypes-niters", "7", "--epochs", "2", "--stop-after", "1", "--out-dir", str(run)]) == 0
+    folder.rename(tmp_path / "moved")
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same run: nothing to warn of
+        assert main(["train", "--resume", str(run / "checkpoint.npz"), "--data-dir", str(tmp_path / "moved")]) == 0
+    assert f"with its settings, except --data-dir {tmp_path / 'moved'} (given here)" in capsys.readouterr().out
+    config = load_checkpoint(run / "checkpoint.npz")[1]["config"]
+    assert config["freeze_prototypes_niters"] == 7 and config["data_dir"] == str(tmp_path / "moved")
+
+
+def test_a_flat_folder_checkpoint_of_the_80_percent_split_says_how_to_resume_it(tmp_path, capsys):
+    """Versions before flat folders trained on every image held out 20 %; their checkpoints
+    no longer match the folder's images, and the refusal says how to resume them exactly."""
+    from swav_ref.data.datasets import load_image_folder, split_dataset
+    from swav_ref.train import Trainer
+
+    _write_flat_folder(tmp_path / "flat", 50)
+    config = TrainConfig(dataset="folder", data_dir=str(tmp_path / "flat"), batch_size=20, n_crops=(2, 2),
+                         crop_sizes=(8, 6), hidden_dim=16, feat_dim=8, n_prototypes=(10,), epochs=2, stop_after=1,
+                         progress=False, out_dir=str(tmp_path / "run"))
+    old_split, _ = split_dataset(load_image_folder(tmp_path / "flat"), seed=0)  # as those versions trained
+    Trainer(config, train_set=old_split).fit()
+    path = tmp_path / "run" / "checkpoint.npz"
+    assert main(["train", "--resume", str(path), "--no-evaluate"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on 40 images" in err and "written before a flat image folder trained on every image" in err, err
+    resumed = Trainer(dataclasses.replace(config, stop_after=0), train_set=old_split)  # what the message says
+    resumed.fit(resume=path)
+    assert resumed.step == 4
