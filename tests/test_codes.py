@@ -93,6 +93,16 @@ def test_scores_above_one_do_not_overflow_float32(backend, rng, epsilon):
         assert np.all(np.isfinite(q)) and np.max(np.abs(q.sum(axis=1) - 1.0)) < 1e-5
 
 
+@pytest.mark.parametrize("epsilon", [0.012, 0.029])
+def test_float32_below_the_safe_epsilon_is_iterated_in_float64(backend, rng, epsilon):
+    """Anywhere below FLOAT32_SAFE_EPSILON (0.03), not only far below it: float32 iterations
+    start to lose whole samples to underflow from about eps = 0.02 (see the constant)."""
+    s = B.asarray(cosine_scores(rng, 16, 8), backend, "float32")
+    q = sinkhorn_codes(s, epsilon=epsilon)
+    assert q.dtype == backend.float32
+    np.testing.assert_array_equal(B.to_numpy(q), B.to_numpy(sinkhorn_codes(s, epsilon=epsilon, compute_dtype="float64")))
+
+
 def test_float32_default_epsilon_stays_in_float32(backend, rng):
     s = cosine_scores(rng, 16, 5)
     q = sinkhorn_codes(B.asarray(s, backend, "float32"), epsilon=FLOAT32_SAFE_EPSILON)

@@ -1,3 +1,5 @@
+import inspect
+
 import numpy as np
 import pytest
 
@@ -10,8 +12,10 @@ from swav_ref.deepcluster import (
     MemoryBank,
     cluster_memory,
     deepcluster_loss,
+    kmeans_plus_plus,
     spherical_kmeans,
 )
+from swav_ref.swav import swav_loss
 from swav_ref.nn.gradcheck import check_gradient
 from thread_workers import ThreadWorkers
 
@@ -52,9 +56,22 @@ def test_random_init_is_the_weaker_official_choice():
     assert sum(plus_ok) == 10 and sum(random_ok) < 10
 
 
-def test_kmeans_rejects_too_many_clusters():
+def test_kmeans_rejects_too_many_clusters_but_takes_one_per_row():
+    """More clusters than rows is refused; exactly as many is a valid (if trivial) request,
+    every row its own cluster."""
     with pytest.raises(ValueError, match="n_clusters=11"):
         spherical_kmeans(np.eye(10), 11, 3, Random(0))
+    _, assignments = spherical_kmeans(np.eye(4), 4, 2, Random(0))
+    assert sorted(np.asarray(assignments).tolist()) == [0, 1, 2, 3]
+
+
+def test_kmeans_plus_plus_never_picks_a_chosen_row_twice():
+    """A chosen row is at distance 0 from its centroid, so it cannot be drawn again; the
+    distances to a fixed row 0 instead of the first draw let the first draw repeat."""
+    x = np.eye(3)
+    for seed in range(30):
+        rows = np.asarray(kmeans_plus_plus(x, 3, Random(seed)))
+        assert len({tuple(row) for row in rows}) == 3, seed
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -157,6 +174,48 @@ def test_data_parallel_kmeans_starts_every_worker_from_rank_0s_centroids():
     np.testing.assert_array_equal(centroids[0], centroids[1])
 
 
+def test_data_parallel_kmeans_counts_a_cluster_whose_members_are_on_one_worker():
+    """The cluster counts are summed over workers like the sums: otherwise the worker
+    without members of cluster 2 kept its old centroid and the workers disagreed."""
+    e = np.eye(3)
+    x = e[[0, 0, 1, 1, 0, 1, 2, 2]] + 0.01 * np.random.default_rng(0).normal(size=(8, 3))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    halves = [x[:4], x[4:]]  # cluster 2 lives on rank 1 only
+    init = np.array([[1.0, 0.1, 0.0], [0.1, 1.0, 0.0], [0.6, 0.0, 0.8]])
+    init /= np.linalg.norm(init, axis=1, keepdims=True)
+    workers = ThreadWorkers(2)
+    got = workers.run(lambda rank: spherical_kmeans(halves[rank], 3, 3, Random(0), init=init,
+                                                    allreduce=workers.allreduce(rank))[0])
+    expected = spherical_kmeans(x, 3, 3, Random(0), init=init)[0]
+    for centroids in got:
+        np.testing.assert_allclose(centroids, expected, atol=1e-12)
+
+
+def test_data_parallel_restarts_pick_the_same_run_on_every_worker():
+    """The objective that ranks the restarts is summed over workers; each worker's own
+    share picked different winners, and the workers' centroids parted ways."""
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(24, 3))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        halves = [x[:12], x[12:]]
+        workers = ThreadWorkers(2)
+        got = workers.run(lambda rank: spherical_kmeans(halves[rank], 4, 2, Random(seed), init="random", n_restarts=4,
+                                                        allreduce=workers.allreduce(rank),
+                                                        broadcast=workers.broadcast(rank))[0])
+        np.testing.assert_array_equal(got[0], got[1], err_msg=f"seed {seed}")
+
+
+def test_each_prototype_set_clusters_its_own_crops_bank():
+    """Set h is clustered on bank h % n_banks (the embeddings of its assignment crop); using
+    bank 0 for every set gave all sets the same clusters."""
+    bank = MemoryBank(2, 4, 4, np, np.float64)
+    e = np.eye(4)
+    bank.write(0, np.arange(4), [e[[0, 0, 1, 1]], e[[2, 2, 3, 3]]])  # bank 0 on axes 0, 1; bank 1 on 2, 3
+    centroids, _ = cluster_memory(bank, [2, 2], 3, Random(0), dataset_size=4)
+    assert np.all(centroids[0][:, 2:] == 0) and np.all(centroids[1][:, :2] == 0)
+
+
 def test_cluster_memory_targets_cover_the_bank(backend):
     x, labels, _ = _blobs(10, 3, 4, seed=1)
     bank = MemoryBank(2, 30, 4, backend, backend.float64)
@@ -171,10 +230,16 @@ def test_cluster_memory_targets_cover_the_bank(backend):
 
 
 def test_memory_bank_state_roundtrip(backend):
+    """The loaded bank owns copies: writing into the arrays it was loaded from (a later
+    epoch's bank, a reused buffer) used to change it."""
     bank = MemoryBank(2, 6, 3, backend, backend.float64)
     bank.write(0, np.array([5, 4, 3]), [asarray(np.ones((3, 3)), backend)] * 2)
     other = MemoryBank(2, 6, 3, backend, backend.float64)
-    other.load_state_dict({k: v for k, v in bank.state_dict().items()})
+    state = {k: asarray(to_numpy(v).copy(), backend) if k == "embeddings" else v.copy()
+             for k, v in bank.state_dict().items()}
+    other.load_state_dict(state)
+    state["embeddings"] *= 5.0
+    state["index"][0] = 99
     np.testing.assert_array_equal(to_numpy(other.embeddings), to_numpy(bank.embeddings))
     np.testing.assert_array_equal(other.index, bank.index)
     with pytest.raises(ValueError, match="memory bank shape"):
@@ -219,6 +284,20 @@ def test_deepcluster_loss_gradient_and_ignore(backend):
         assert err < 1e-6
     # an ignored image's rows get no gradient
     assert np.all(to_numpy(grads[0])[2::b] == 0)
+
+
+def test_a_set_whose_images_are_all_ignored_adds_nothing(backend):
+    """No image of the batch has a target in this set: the set adds 0 to the loss and
+    its gradient is 0 (the mean over no rows was 0 / 0 = NaN)."""
+    scores = [asarray(np.random.default_rng(0).normal(size=(4, 3)), backend)]
+    loss, grads = deepcluster_loss(scores, [asarray(np.full(2, IGNORE_INDEX), backend)], n_crops=2)
+    assert float(loss) == 0.0 and np.all(to_numpy(grads[0]) == 0)
+
+
+def test_deepcluster_loss_defaults_to_swavs_temperature():
+    """docs/deepcluster.md: the same softmax at temperature tau as SwAV (0.1)."""
+    assert (inspect.signature(deepcluster_loss).parameters["temperature"].default
+            == inspect.signature(swav_loss).parameters["temperature"].default == 0.1)
 
 
 def test_deepcluster_loss_keeps_float32_and_checks_its_temperature(backend):

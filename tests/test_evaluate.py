@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import math
 
@@ -97,6 +98,18 @@ def test_knn_small_temperature_does_not_overflow(backend, rng):
     np.testing.assert_array_equal(B.to_numpy(got), expected)  # tiny T: the nearest one wins
 
 
+@pytest.mark.parametrize("function", [E.knn_predict, E.knn_classifier])
+def test_knn_defaults_are_k_20_and_temperature_0_07(rng, function):
+    """The documented protocol (Wu et al.'s T = 0.07; k = 20 as DINO reports it): the
+    results table's 'kNN k=20' column means exactly this."""
+    parameters = inspect.signature(function).parameters
+    assert (parameters["k"].default, parameters["temperature"].default) == (20, 0.07)
+    if function is E.knn_classifier:
+        x, y = _blobs(rng, 10)
+        result = E.knn_classifier(x[:25], y[:25], x[25:], y[25:])
+        assert (result.k, result.k_requested, result.temperature) == (20, 20, 0.07)
+
+
 def test_knn_k_clipped_to_train_size(rng):
     x, y = _blobs(rng, 10)
     clipped = E.knn_classifier(x[:20], y[:20], x[20:], y[20:], k=200)
@@ -130,6 +143,8 @@ def test_knn_refuses_bad_input(rng):
         E.knn_predict(train, y[:9], test)
     with pytest.raises(ValueError, match="n_classes=2"):
         E.knn_predict(train, y + 2, test, n_classes=2)
+    with pytest.raises(ValueError, match="labels must be non-negative, found -1"):  # a vote for no class
+        E.knn_predict(train, y - 1, test)
     with pytest.raises(ValueError, match="integers"):
         E.knn_predict(train, y.astype(float), test)
 
@@ -260,10 +275,13 @@ def test_linear_probe_refuses_too_few_folds(rng, cv_folds):
 
 
 def test_evaluate_features_gives_a_table_row(rng):
+    """One column per k, each at the temperature asked for (it used to be dropped for the
+    default 0.07)."""
     x, y = _blobs(rng, 20)
-    row = E.evaluate_features(x[:45], y[:45], x[45:], y[45:], ks=(5, 200))
+    row = E.evaluate_features(x[:45], y[:45], x[45:], y[45:], ks=(5, 200), temperature=0.5)
     assert list(row) == ["linear probe", "kNN k=5", "kNN k=200"]
     assert row["kNN k=200"].k == 45
+    assert row["kNN k=5"].temperature == row["kNN k=200"].temperature == 0.5
     table = E.results_table([{"method": "blobs", **row}])
     assert table.at["blobs", "kNN k=5"] == pytest.approx(1.0)
 

@@ -189,14 +189,15 @@ def test_batchnorm_gradients(backend, shape, training, rng):
 @pytest.mark.parametrize("shape", BN_SHAPES)
 @pytest.mark.parametrize("training", [True, False])
 def test_batchnorm_matches_torch(shape, training, rng):
+    """Including the default eps, PyTorch's 1e-5 (a notebook holds the two side by side)."""
     torch = required.module("torch")
     x, weight, bias, rm, rv = _bn_inputs(rng, shape, np)
-    out, cache = F.batchnorm_forward(x, weight, bias, rm, rv, training=training, eps=1e-5)
+    out, cache = F.batchnorm_forward(x, weight, bias, rm, rv, training=training)
     r = rng.normal(size=out.shape)
     dx, dw, db = F.batchnorm_backward(r, cache)
     tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, weight, bias))
     trm, trv = torch.tensor(rm), torch.tensor(rv)
-    tout = torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, training=training, momentum=0.1, eps=1e-5)
+    tout = torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, training=training, momentum=0.1)
     tout.backward(torch.tensor(r))
     assert rel_error(out, tout.detach().numpy()) < 1e-10
     for ours, theirs in ((dx, tx), (dw, tw), (db, tb)):
@@ -266,7 +267,17 @@ def test_sync_batchnorm_variance_keeps_float32_precision_far_from_zero():
     assert variance(np.zeros(2, np.float32)) > 2e-5  # no shift: the cancellation the shift avoids
 
 
+def test_sync_batchnorm_variance_never_goes_negative():
+    """E[x^2] - E[x]^2 of a nearly constant float32 channel at 77.7 cancels to a small
+    negative number; unclamped, var + eps < 0 gave NaN outputs."""
+    x = (np.float32(77.7) + np.float32(1e-3) * np.arange(6, dtype=np.float32))[:, None]
+    out, cache = F.batchnorm_forward(x, np.ones(1, np.float32), np.zeros(1, np.float32), allreduce=lambda a: a)
+    assert float(cache.var[0]) >= 0 and np.all(np.isfinite(out))
+
+
 def test_batchnorm_rejects_bad_input():
+    with pytest.raises(ValueError, match="eps must be >= 0, got -0.001"):  # var + eps < 0: NaN
+        F.batchnorm_forward(np.ones((4, 2)), np.ones(2), np.zeros(2), eps=-1e-3)
     with pytest.raises(ValueError, match="more than 1 value"):
         F.batchnorm_forward(np.ones((1, 3)), np.ones(3), np.zeros(3))
     with pytest.raises(ValueError, match=r"\(N, C\) or \(N, C, H, W\)"):
@@ -306,6 +317,20 @@ def test_linear_gradients_and_torch(backend, rng):
     assert rel_error(out, tout.detach().numpy()) < 1e-10
     for ours, theirs in ((dx, tx), (dw, tw), (db, tb)):
         assert rel_error(ours, theirs.grad.numpy()) < 1e-10
+
+
+def test_linear_without_bias(rng):
+    """No bias: no bias gradient (None, which the optimiser skips), not a zero array."""
+    x, weight = rng.normal(size=(2, 3)), rng.normal(size=(4, 3))
+    out, cache = F.linear_forward(x, weight)
+    np.testing.assert_allclose(out, x @ weight.T)
+    assert F.linear_backward(np.ones(out.shape), cache)[2] is None
+
+
+def test_linear_refuses_a_bias_that_would_broadcast():
+    """A (1,) bias used to broadcast over every output unit: a silently shared bias."""
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\), got \(1,\)"):
+        F.linear_forward(np.ones((2, 3)), np.ones((4, 3)), np.ones(1))
 
 
 def test_global_avg_pool_gradient(backend, rng):
@@ -354,6 +379,16 @@ def test_maxpool_passes_a_nan_on_wherever_it_sits_in_the_window():
     torch = required.module("torch")
     tout = torch.nn.functional.max_pool2d(torch.tensor(x), 2, 2, 0).numpy()
     np.testing.assert_array_equal(np.isnan(out), np.isnan(tout))
+
+
+def test_maxpool_with_a_1x1_window_returns_a_new_array(backend, rng):
+    """With k = 1 the output is the input's (strided) view unless copied: an in-place
+    operation on it (ReLU, the next layer's) then changed the layer's input too."""
+    x = _arr(rng, (1, 2, 4, 4), backend)
+    before = to_numpy(x).copy()
+    out, _ = F.maxpool2d_forward(x, 1, 2, 0)
+    out *= 0.0
+    np.testing.assert_array_equal(to_numpy(x), before)
 
 
 def test_maxpool_rejects_large_padding():
@@ -411,18 +446,22 @@ def test_l2_normalize_gradient(backend, rng):
 
 
 def test_l2_normalize_of_rows_shorter_than_eps(rng):
+    """At the default eps, PyTorch's 1e-12: a row of length 1e-8 is still normalised (a
+    larger default returned tiny embeddings as they were)."""
     eps = 1e-12
     x = rng.normal(size=(4, 5))
     x[1] *= 1e-14  # clamped: divided by eps, so the gradient is dy / eps
     x[2] = 0.0
-    out, cache = F.l2_normalize_forward(x, eps)
+    x[3] *= 1e-8 / np.linalg.norm(x[3])  # short, but longer than eps: unit length
+    out, cache = F.l2_normalize_forward(x)
     r = rng.normal(size=out.shape)
     dx = F.l2_normalize_backward(r, cache)
     np.testing.assert_allclose(dx[1:3], r[1:3] / eps, rtol=1e-14)
     assert np.linalg.norm(out[0]) == pytest.approx(1.0) and np.abs(out[1]).max() < 1
+    assert np.linalg.norm(out[3]) == pytest.approx(1.0)
     torch = required.module("torch")
     tx = torch.tensor(x, requires_grad=True)
-    tout = torch.nn.functional.normalize(tx, dim=1, eps=eps)
+    tout = torch.nn.functional.normalize(tx, dim=1)
     tout.backward(torch.tensor(r))
     np.testing.assert_allclose(out, tout.detach().numpy(), rtol=1e-12, atol=1e-15)
     # row by row: the clamped rows' gradients (~1e12) would swamp an error in the others

@@ -132,16 +132,44 @@ def test_head_matches_torch():
 
 
 def test_prototype_upkeep(backend):
-    _, head = _model(backend)
-    w = asarray(np.random.default_rng(0).normal(size=(7, 5)) * 3, backend)
-    head.set_prototype_weight(0, w)
+    """Re-normalising and freezing reach every prototype set (DeepCluster-v2 has three; a
+    loop over the first alone left the others drifting), and setting a set copies the
+    caller's array instead of adopting it."""
+    _, head = _model(backend, (7, 3))
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=(k, 5)) * 3 for k in (7, 3)]
+    for h, w in enumerate(weights):
+        given = asarray(w.copy(), backend)
+        head.set_prototype_weight(h, given)
+        given *= 0.0
+        np.testing.assert_array_equal(to_numpy(head.prototype_weight(h)), w)
     head.normalize_prototypes()
-    np.testing.assert_allclose(np.linalg.norm(to_numpy(head.prototype_weight(0)), axis=1), 1.0, rtol=1e-12)
+    for h in range(2):
+        np.testing.assert_allclose(np.linalg.norm(to_numpy(head.prototype_weight(h)), axis=1), 1.0, rtol=1e-12)
     with pytest.raises(ValueError, match="expected shape"):
         head.set_prototype_weight(0, asarray(np.zeros((3, 5)), backend))
-    head.prototype_layer(0).grads["weight"] = w
+    for h, w in enumerate(weights):
+        head.prototype_layer(h).grads["weight"] = asarray(w, backend)
     head.drop_prototype_gradients()
-    assert head.prototype_layer(0).grads["weight"] is None
+    assert all(head.prototype_layer(h).grads["weight"] is None for h in range(2))
+
+
+def test_an_eval_forward_between_forward_and_backward_changes_nothing():
+    """An eval-mode forward (a kNN check mid-step) keeps no cache; one kept made the next
+    backward use the eval batch's activations."""
+    rng = np.random.default_rng(0)
+    x1, x2, g = rng.normal(size=(2, 4)), rng.normal(size=(2, 4)), rng.normal(size=(2, 5))
+    reference = SwAVHead(4, 0, 3, (5,), rng=0, dtype="float64")
+    reference.forward(x1)
+    reference.backward([g])
+    head = SwAVHead(4, 0, 3, (5,), rng=0, dtype="float64")
+    head.forward(x1)
+    head.eval()
+    head.forward(x2)
+    head.train()
+    head.backward([g])
+    assert head.num_pending() == 0
+    np.testing.assert_allclose(head.prototype_layer(0).grads["weight"], reference.prototype_layer(0).grads["weight"])
 
 
 def test_classifier_head_interface(backend):
@@ -188,6 +216,11 @@ def test_swav_package_re_exports_every_public_name(module):
 def test_swav_head_refuses_bad_dimensions(args, match):
     with pytest.raises(ValueError, match=match):
         SwAVHead(*args, rng=0)
+
+
+def test_swav_head_defaults_to_swavs_3000_prototypes():
+    """The official n_prototypes (ImageNet's K = 3000), as for the other SwAV defaults."""
+    assert tuple(SwAVHead(4, 0, 3, rng=0).prototype_weight(0).shape) == (3000, 3)
 
 
 def test_heads_accept_numpy_integer_dimensions():

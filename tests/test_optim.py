@@ -117,6 +117,54 @@ def test_lars_first_step_by_hand(rng):
         np.testing.assert_allclose(_params(model)[name], expected, rtol=1e-12, err_msg=name)
 
 
+def test_lars_defaults_are_swavs(rng):
+    """LARS() is LARS(momentum=0.9, weight_decay=1e-6, trust_coefficient=0.001, eps=1e-8),
+    the official recipe's values, as documented; two steps bring momentum into play."""
+    default, explicit = _model(), _model()
+    opts = [LARS(default), LARS(explicit, momentum=0.9, weight_decay=1e-6, trust_coefficient=0.001, eps=1e-8)]
+    for step in range(2):
+        grads = _random_grads(default, rng, step)
+        for model, opt in zip((default, explicit), opts):
+            _set_grads(model, grads)
+            opt.step(0.5)
+    for name, value in _params(explicit).items():
+        np.testing.assert_array_equal(_params(default)[name], value, err_msg=name)
+
+
+def test_sgd_leaves_the_gradient_untouched(backend, rng):
+    """The first momentum buffer is a copy of the gradient: sharing it, the next step's
+    in-place momentum update wrote into the module's gradient (and moved p by the wrong step)."""
+    model = _model(backend)
+    start = _params(model)
+    grads = _random_grads(model, rng, 0)
+    _set_grads(model, grads)  # on NumPy, the module may hold these very arrays
+    expected = {name: g.copy() for name, g in grads.items()}
+    opt = SGD(model, momentum=0.9)
+    opt.step(0.1)
+    opt.step(0.1)  # the same gradients again: buffer g, then 0.9 g + g
+    for name, owner, key in model.named_parameters():
+        np.testing.assert_array_equal(to_numpy(owner.grads[key]), expected[name], err_msg=name)
+        np.testing.assert_allclose(_params(model)[name], start[name] - 0.29 * expected[name], rtol=1e-12,
+                                   err_msg=name)
+
+
+def test_optimizer_state_is_copied_both_ways(backend, rng):
+    """state_dict is a snapshot (a checkpoint written after the next step must not change),
+    and load_state_dict does not adopt the caller's arrays (its later steps wrote into them)."""
+    _, opt = _stepped(backend, rng, frozen=())
+    state = opt.state_dict()
+    snapshot = {k: to_numpy(v).copy() for k, v in state.items()}
+    opt.step(0.1)
+    for name, value in snapshot.items():
+        np.testing.assert_array_equal(to_numpy(state[name]), value, err_msg=name)
+    model, other = _stepped(backend, rng, frozen=())
+    loaded = {k: asarray(v.copy(), backend) for k, v in snapshot.items()}
+    other.load_state_dict(loaded)
+    other.step(0.1)
+    for name, value in snapshot.items():
+        np.testing.assert_array_equal(to_numpy(loaded[name]), value, err_msg=name)
+
+
 def test_none_grad_skips_weight_decay_and_momentum(backend, rng):
     model = _model(backend)
     opt = SGD(model, momentum=0.9, weight_decay=0.1)

@@ -34,12 +34,18 @@ def test_fifo_matches_the_official_shift(backend, rng):
 
 
 def test_push_accepts_a_stacked_array(backend, rng):
+    """A stacked array or a list; float64 embeddings are cast to the queue's dtype (NumPy's
+    promotion made the whole queue float64 for good, doubling its memory)."""
     a = Queue(N_CROPS, LENGTH, DIM, BATCH, xp=backend)
     new = B.asarray(rng.normal(size=(N_CROPS, BATCH, DIM)), backend, "float32")
     a.push(new)
     assert a.embeddings.dtype == backend.float32
     np.testing.assert_array_equal(B.to_numpy(a.embeddings)[:, :BATCH], B.to_numpy(new))
     assert np.all(B.to_numpy(a.embeddings)[:, BATCH:] == 0)
+    wide = rng.normal(size=(N_CROPS, BATCH, DIM))
+    a.push(B.asarray(wide, backend, "float64"))
+    a.push([B.asarray(wide[i], backend, "float64") for i in range(N_CROPS)])
+    assert a.embeddings.dtype == backend.float32
 
 
 def test_scores_use_filled_rows_and_current_prototypes(backend, rng):
@@ -61,6 +67,7 @@ def test_state_round_trip(backend, rng):
 
     restored = Queue(N_CROPS, LENGTH, DIM, BATCH, xp=backend, dtype="float64")
     restored.load_state_dict(host)
+    host["embeddings"][...] = 7.0  # the loaded queue is a copy: the caller's array is not its storage
     assert restored.filled == 4 and not restored.is_full
     np.testing.assert_array_equal(B.to_numpy(restored.embeddings), B.to_numpy(queue.embeddings))
     new = B.asarray(rng.normal(size=(N_CROPS, BATCH, DIM)), backend)
@@ -86,12 +93,16 @@ def test_full_queue_feeds_swav_loss(backend, rng):
 
 
 def test_queue_length_per_worker():
+    """The official rule: a multiple of batch_size * world_size, so that every worker's share
+    is whole batches (a multiple of the batch alone was let through)."""
     assert queue_length_per_worker(3840, 64, 4) == 960
     assert queue_length_per_worker(256, 64) == 256
     with pytest.raises(ValueError, match=r"queue_length=3800 .* 64 \* 4 = 256; use 3840 or 3584"):
         queue_length_per_worker(3800, 64, 4)
     with pytest.raises(ValueError, match="use 256$"):
         queue_length_per_worker(100, 64, 4)
+    with pytest.raises(ValueError, match=r"128 \* 2 = 256; use 512 or 256"):  # a multiple of the batch only
+        queue_length_per_worker(384, 128, 2)
     with pytest.raises(ValueError, match="world_size"):
         queue_length_per_worker(256, 64, 0)
 

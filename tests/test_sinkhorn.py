@@ -184,11 +184,14 @@ def test_kernel_domain_never_returns_a_wrong_plan_as_converged():
     assert 0 < raised < 100  # the large-lam cases are refused, the others solved
 
 
-def test_kernel_entries_that_vanished_but_should_carry_mass_are_refused(backend):
+@pytest.mark.parametrize("scale", [1.0, 1e-100])
+def test_kernel_entries_that_vanished_but_should_carry_mass_are_refused(backend, scale):
+    """At any total mass: the check compares the mass lost with the tolerance relative to the
+    total, so masses of 1e-100 (an absolute comparison) let the wrong plan through."""
     M = np.array([[35.541, 49.591], [103.121, 82.496], [46.04, 85.508], [83.792, 95.007]])
-    r, c = np.array([0.205, 0.86, 0.388, 0.597]), np.array([1.247, 0.803])
+    r, c = np.array([0.205, 0.86, 0.388, 0.597]) * scale, np.array([1.247, 0.803]) * scale
     lam = 50.0  # row 1, column 0 is 20.6 above its row's cheapest (exp(-1031) = 0), yet must carry 0.057
-    assert sinkhorn_log(M, r, c, lam).plan[1, 0] == pytest.approx(0.057, abs=1e-6)
+    assert sinkhorn_log(M, r, c, lam).plan[1, 0] == pytest.approx(0.057 * scale, rel=1e-4)
     with pytest.raises(ValueError, match="underflowed .to zero or to a subnormal number. should carry mass.*sinkhorn_log"):
         sinkhorn_knopp(*(asarray(x, backend) for x in (M, r, c)), lam)
 
@@ -229,6 +232,15 @@ def test_a_kernel_entry_flushed_to_zero_is_not_taken_for_a_tiny_one(backend, mon
         _refuses_or_agrees(M, r, c, lam)
 
 
+def test_a_subnormal_kernel_entry_whose_rounding_is_within_tol_is_accepted_on_the_cpu():
+    """NumPy keeps float32 subnormals: the entry at exp(-94.6) keeps about 12 bits, an error
+    below tol. Bounding every subnormal as if it were 0 refused this solvable problem."""
+    M, r, c, lam = _flushed_problem()
+    result = sinkhorn_knopp(M, r, c, lam)
+    assert result.converged
+    np.testing.assert_allclose(result.plan, sinkhorn_log(M, r, c, lam).plan, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype, M, lam", [
     ("float64", [[0.0, 7.42, 7.425], [5.0, 0.0, 0.0]], 100.0),  # entries exp(-742): 5e-323, 3 bits
     ("float32", [[0.0, 1.0, 1.005], [0.7, 0.0, 0.0]], 101.0),
@@ -247,6 +259,17 @@ def test_a_row_without_mass_does_not_spoil_the_kernel_domain():
     M, r, c = np.array([[0.0, 1.0], [1000.0, 1000.0]]), np.array([1.0, 0.0]), np.array([0.5, 0.5])
     for solver in SOLVERS:
         np.testing.assert_allclose(solver(M, r, c, 1.0).plan, [[0.5, 0.5], [0.0, 0.0]], atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_cheap_entry_between_a_row_and_a_column_without_mass_stays_finite(solver):
+    """Entry (2, 2) joins a row and a column that carry no mass; its exponent in the shifted
+    kernel is lam * 10 = +2000 unless capped at 0, and exp overflowed to inf (then NaN)."""
+    M = np.array([[0.0, 1.0, 10.0], [1.0, 0.0, 10.0], [1.0, 1.0, 0.0]])
+    r = c = np.array([0.5, 0.5, 0.0])
+    result = solver(M, r, c, 200.0)
+    assert result.converged and np.all(np.isfinite(result.plan))
+    np.testing.assert_allclose(result.plan, np.diag([0.5, 0.5, 0.0]), atol=1e-12)
 
 
 def test_log_domain_with_zero_masses_stays_on_the_fast_path():
@@ -294,10 +317,11 @@ def test_history_is_checked_every_k_iterations(solver):
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_not_converging_warns_with_advice(backend, solver):
     M, r, c = dessert_problem(backend)
-    with pytest.warns(ConvergenceWarning, match="max_iter"):
+    with pytest.warns(ConvergenceWarning, match="max_iter") as record:
         res = solver(M, r, c, 10.0, max_iter=15)
     assert not res.converged and res.n_iter == 15
     assert issubclass(ConvergenceWarning, UserWarning)
+    assert record[0].filename == __file__  # the caller's line, not the library's
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -308,6 +332,29 @@ def test_integer_inputs_and_any_total_mass(solver):
     res = solver(M, r, c, 2.0)
     assert res.plan.dtype == np.float64
     assert host_marginal_error(res.plan, r, c) <= 1e-9
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("float32_input", ["M", "r"])
+def test_mixed_float32_and_float64_inputs_run_in_float64(solver, float32_input):
+    """As documented: taking M's dtype instead ran float64 masses in float32 (tol 1e-6)."""
+    M, r, c = (to_numpy(x) for x in dessert_problem())
+    args = {"M": M, "r": r, "c": c}
+    args[float32_input] = args[float32_input].astype(np.float32)
+    res = solver(args["M"], args["r"], args["c"], 5.0)
+    assert res.plan.dtype == np.float64 and res.cost.dtype == np.float64
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("scale", [1e-6, 1e6])
+def test_the_stopping_rule_is_relative_to_the_total_mass(solver, scale):
+    """Scaling both masses scales the plan and changes nothing else: an absolute marginal
+    error stopped at once on tiny masses and never on large ones."""
+    M, r, c = (to_numpy(x) for x in dessert_problem())
+    unit = solver(M, r, c, 3.0)
+    scaled = solver(M, r * scale, c * scale, 3.0)
+    assert scaled.converged and scaled.n_iter == unit.n_iter
+    np.testing.assert_allclose(scaled.plan, unit.plan * scale, rtol=1e-9)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -324,10 +371,17 @@ def test_zero_masses_give_zero_rows_and_columns(backend, solver):
     assert host_marginal_error(P, rh, ch) <= 1e-9
 
 
-def test_masses_equal_up_to_rounding_are_accepted():
-    M, r, c = dessert_problem()
-    res = sinkhorn_knopp(M, r, c * (1 + 1e-9), 10.0)
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("rel", [1e-9, 1e-7])
+def test_masses_equal_up_to_rounding_are_accepted(solver, rel):
+    """Masses within MASS_RTOL are accepted and c is rescaled to r's mass; unscaled, a
+    mismatch of 1e-7 left a marginal error the iterations could never bring below tol."""
+    M, r, c = (to_numpy(x) for x in dessert_problem())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = solver(M, r, c * (1 + rel), 10.0)
     assert res.converged
+    np.testing.assert_allclose(res.plan.sum(axis=0), c * (r.sum() / c.sum()), rtol=1e-9)
 
 
 def test_marginal_violation_matches_a_hand_computation(backend):
@@ -377,6 +431,7 @@ def _bad_inputs():
         "NaN in r": ((M, nan_r, c), "r contains NaN"),
         "inf in c": ((M, r, inf_c), "c contains NaN"),
         "masses differ": ((M, r, c * 1.01), "same mass"),
+        "masses differ by 1e-5": ((M, r, c * (1 + 1e-5)), "same mass"),  # MASS_RTOL is 1e-6
         "zero mass": ((M, 0 * r, 0 * c), "zero total mass"),
         "empty": ((np.zeros((0, 5)), np.zeros(0), c), "empty"),
         "r sums to inf": ((M, np.full_like(r, 1e308), np.full_like(c, 1.6e308)), "r sums to more than"),
@@ -456,6 +511,17 @@ def test_bad_loop_options_raise_value_error(solver, kwargs):
     M, r, c = dessert_problem()
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         solver(M, r, c, 10.0, **kwargs)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("kwargs", [{"tol": 0.0}, {"max_iter": 1}, {"check_every": 1, "max_iter": 3}])
+def test_loop_options_at_their_limits_are_accepted(solver, kwargs):
+    """tol = 0 (run to max_iter) and single iterations are valid requests, not errors."""
+    M, r, c = dessert_problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        res = solver(M, r, c, 10.0, **{"max_iter": 20, **kwargs})
+    assert 1 <= res.n_iter <= 20
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

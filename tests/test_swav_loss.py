@@ -15,6 +15,7 @@ import required
 from swav_ref import backend as B
 from swav_ref.nn.gradcheck import check_gradient
 from swav_ref.swav import SwAVLossOutput, sinkhorn_codes, swapped_prediction_loss, swav_loss
+from thread_workers import ThreadWorkers
 
 BATCH, N_PROTOTYPES, DIM, QUEUE = 3, 5, 4, 6
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +169,38 @@ def test_float32_close_to_float64(backend, rng):
     assert np.max(np.abs(B.to_numpy(grad32) - B.to_numpy(grad64))) < 1e-5
 
 
+def test_float32_at_a_small_temperature_is_finite_and_right(rng):
+    """Each row's largest logit is subtracted before the softmax: exp(1 / 0.005) = e^200
+    overflows float32, and the loss and gradient came back inf and NaN."""
+    scores, _ = make_problem(rng, 2, False, 2)
+    codes = [sinkhorn_codes(scores[crop * BATCH : (crop + 1) * BATCH, :]) for crop in (0, 1)]
+    loss64, grad64 = swapped_prediction_loss(scores, codes, BATCH, temperature=0.005)
+    loss32, grad32 = swapped_prediction_loss(scores.astype(np.float32), [q.astype(np.float32) for q in codes],
+                                             BATCH, temperature=0.005)
+    assert np.isfinite(float(loss32)) and np.all(np.isfinite(grad32))
+    assert float(loss32) == pytest.approx(float(loss64), rel=1e-5)
+    np.testing.assert_allclose(grad32, grad64, atol=1e-5 * np.abs(grad64).max())
+
+
+def test_allreduce_hooks_give_every_worker_the_codes_of_the_global_batch(rng):
+    """The hooks reach Sinkhorn: two workers with half the images each get the codes of the
+    whole batch (the loss itself stays local); dropped, each worker solved its half alone."""
+    n_crops, batch = 2, 2 * BATCH
+    prototypes = unit_rows(rng.normal(size=(N_PROTOTYPES, DIM)))
+    whole = unit_rows(rng.normal(size=(n_crops * batch, DIM))) @ prototypes.T
+    expected = swav_loss(whole, batch).codes
+    halves = [np.concatenate([whole[v * batch + h * BATCH : v * batch + (h + 1) * BATCH] for v in range(n_crops)])
+              for h in (0, 1)]
+    workers = ThreadWorkers(2)
+    results = workers.run(lambda rank: swav_loss(halves[rank], BATCH, allreduce=workers.allreduce(rank),
+                                                 allreduce_max=workers.allreduce(rank, np.maximum)).codes)
+    for crop in (0, 1):
+        got = np.concatenate([results[rank][crop] for rank in (0, 1)])
+        np.testing.assert_allclose(got, expected[crop], atol=1e-12)
+    alone = swav_loss(halves[0], BATCH).codes[0]
+    assert np.max(np.abs(alone - expected[0][:BATCH])) > 1e-3  # the hooks did matter
+
+
 @pytest.mark.parametrize(
     "rows, kwargs, match",
     [
@@ -246,6 +279,7 @@ def test_scores_that_are_not_real_floating_point_are_named(backend, dtype):
 @pytest.mark.parametrize(
     "row, match",
     [(np.ones(N_PROTOTYPES), "row 1 sums to 5"),  # unnormalised: used to give a wrong loss
+     (np.full(N_PROTOTYPES, 1.001 / N_PROTOTYPES), r"row 1 sums to 1\.001 "),  # off by 1e-3: tol is 1e-6
      (np.array([2.0, -1.0, 0.0, 0.0, 0.0]), r"row 1 sums to 1 \(min entry -1\)")],  # not >= 0
 )
 def test_codes_that_are_not_probability_vectors_are_named_on_numpy(rng, row, match):
