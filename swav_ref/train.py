@@ -1251,9 +1251,14 @@ class Trainer:
         cfg = self.config
         if saved.epochs == cfg.epochs or self.step >= self.total_steps:
             return  # the same schedule, or nothing left to train (fit says so)
-        # the rate the checkpoint's schedule gives this step (its last step's, if it had ended)
-        was = scheduled_rate(saved, self.steps_per_epoch, min(self.step, saved.epochs * self.steps_per_epoch - 1))
-        now = self.learning_rate(self.step)
+        # Both schedules over the steps left (the checkpoint's at its last step past its end),
+        # at five points: a constant rate, say, is the same schedule whatever --epochs says.
+        saved_last, left = saved.epochs * self.steps_per_epoch - 1, self.total_steps - 1 - self.step
+        rates = [(scheduled_rate(saved, self.steps_per_epoch, min(step, saved_last)), self.learning_rate(step))
+                 for step in (self.step + left * i // 4 for i in range(5))]
+        if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in rates):
+            return
+        was, now = rates[0]
         warnings.warn(
             f"--resume {path}: --epochs {saved.epochs} -> {cfg.epochs} changes the learning-rate schedule, which "
             f"spans --epochs (warm-up, then cosine to --final-lr): at step {self.step} the rate is {now:.4g}, where "

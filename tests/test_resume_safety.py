@@ -17,7 +17,10 @@ from swav_ref import checkpoint as ckpt
 from swav_ref.evaluate import save_results_json
 from swav_ref.train import Trainer, scheduled_rate
 
-pytestmark = pytest.mark.slow
+#: Most tests here resume a short run for more epochs, which warns of the new learning-rate
+#: schedule; the test that checks that warning records it itself.
+NEW_SCHEDULE = "ignore:--resume .* changes the learning-rate schedule:UserWarning"
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings(NEW_SCHEDULE)]
 
 
 def trainer(tiny, out_dir, **changes) -> Trainer:
@@ -380,3 +383,13 @@ def test_nan_weights_are_a_checkpoint_error_naming_the_file(tiny, finished_runs,
     ckpt.save_checkpoint(path, {**arrays, "model.backbone.conv1.weight": weight}, meta)
     with pytest.raises(ckpt.CheckpointError, match=f"{path}: its model.. entries: .*conv1.weight"):
         trainer(tiny, tmp_path / "resumed", epochs=1).load(path, weights_only=True)
+
+
+def test_more_epochs_of_a_constant_rate_warn_of_nothing(tiny, tmp_path):
+    """The schedule warning is about the rate: a run at a constant rate follows the same
+    schedule whatever --epochs says (it used to warn "the rate is 0.5, where ... was at 0.5")."""
+    constant = dict(warmup_epochs=0, final_lr=0.5)  # small_config's base_lr is 0.5
+    trainer(tiny, tmp_path / "run", epochs=1, **constant).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer(tiny, tmp_path / "more", epochs=2, **constant).load(tmp_path / "run" / "checkpoint.npz")
