@@ -56,7 +56,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from swav_ref.backend import to_numpy
+from swav_ref.backend import asarray, host_dtype, to_numpy
 
 __all__ = [
     "FORMAT_VERSION",
@@ -64,6 +64,8 @@ __all__ = [
     "MAX_NAME_BYTES",
     "CheckpointError",
     "check_compatible",
+    "entry_problem",
+    "finite_copy",
     "load_checkpoint",
     "save_checkpoint",
 ]
@@ -399,6 +401,34 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # only if written corrupt
         raise CheckpointError(f"{path} is corrupt: metadata is not valid JSON ({exc})") from exc
     return contents, metadata
+
+
+#: The dtype kinds a loaded state's entry may be asked to have, as the messages name them.
+_KIND_NAMES = {"f": "floating", "i": "signed integer"}
+
+
+def entry_problem(value: Any, kind: str) -> str | None:
+    """Why ``value``, a state entry read back from a checkpoint, is not an array of the
+    dtype kind ``kind`` (``"f"`` floating, ``"i"`` signed integer), in words that follow its
+    name (``"is a list, not an array"``, ``"has dtype int32, not a floating dtype"``); None
+    if it is one. An integer array is no embedding: a cast would hide the mistake."""
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        return f"is a {type(value).__name__}, not an array"
+    if host_dtype(value.dtype).kind != kind:
+        return f"has dtype {host_dtype(value.dtype).name}, not a {_KIND_NAMES[kind]} dtype"
+    return None
+
+
+def finite_copy(value: Any, xp: Any, dtype: Any, what: str) -> Any:
+    """``value`` (any backend's floating array) cast to ``dtype`` on ``xp``, as a copy that
+    shares no memory with it, or :class:`CheckpointError` naming ``what`` when it holds NaN
+    or infinity once cast (a float64 too large for float32 becomes inf). One read-back
+    from the device: for loading state, not for a hot path."""
+    with np.errstate(over="ignore"):  # the overflow is refused below, by name
+        copy = xp.astype(asarray(value, xp), dtype)
+    if not bool(xp.all(xp.isfinite(copy))):
+        raise CheckpointError(f"{what} holds NaN or infinity (or values too large for {host_dtype(dtype).name})")
+    return copy
 
 
 def check_compatible(arrays: Mapping[str, Any], expected_shapes: Mapping[str, Any]) -> None:

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from swav_ref.backend import Random, array_namespace, asarray, host_dtype, logsumexp, python_float, to_numpy
-from swav_ref.checkpoint import CheckpointError
+from swav_ref.backend import Random, array_namespace, host_dtype, logsumexp, python_float, to_numpy
+from swav_ref.checkpoint import CheckpointError, entry_problem, finite_copy
 from swav_ref.nn.functional import l2_normalize_forward
 
 #: Target value of images that have no entry in the memory bank (dropped last batch).
@@ -226,12 +226,10 @@ class MemoryBank:
             raise CheckpointError(f"memory bank state lacks {missing}")
         emb, index = state["embeddings"], state["index"]
         # (the index is signed: -1 marks a row not written)
-        for name, value, kind, what in (("embeddings", emb, "f", "floating"), ("index", index, "i", "signed integer")):
-            if not (hasattr(value, "shape") and hasattr(value, "dtype")):
-                raise CheckpointError(f"memory bank state '{name}' is a {type(value).__name__}, not an array")
-            if host_dtype(value.dtype).kind != kind:
-                raise CheckpointError(f"memory bank state '{name}' has dtype {host_dtype(value.dtype).name}, "
-                                      f"not a {what} dtype")
+        for name, value, kind in (("embeddings", emb, "f"), ("index", index, "i")):
+            problem = entry_problem(value, kind)
+            if problem:
+                raise CheckpointError(f"memory bank state '{name}' {problem}")
         if tuple(emb.shape) != tuple(self.embeddings.shape):
             raise CheckpointError(
                 f"memory bank shape {tuple(emb.shape)} does not match "
@@ -242,13 +240,9 @@ class MemoryBank:
             raise CheckpointError(f"memory bank state 'index' must hold {self.index.shape[0]} dataset indices "
                                   f"(or -1, not written), got shape {index.shape}, smallest "
                                   f"{index.min() if index.size else None}")
-        xp = array_namespace(self.embeddings)
-        with np.errstate(over="ignore"):  # a float64 too large for float32 becomes inf: refused below
-            emb = xp.astype(asarray(emb, xp), self.embeddings.dtype)  # a copy, never aliased
-        if not bool(xp.all(xp.isfinite(emb))):
-            raise CheckpointError("memory bank state 'embeddings' holds NaN or infinity (or values too large "
-                                  f"for {host_dtype(self.embeddings.dtype).name})")
-        self.embeddings, self.index = emb, index.astype(np.int64)  # (astype copies)
+        self.embeddings = finite_copy(emb, array_namespace(self.embeddings), self.embeddings.dtype,
+                                      "memory bank state 'embeddings'")
+        self.index = index.astype(np.int64)  # (astype copies)
 
 
 def cluster_memory(bank: MemoryBank, n_prototypes: Sequence[int], n_iters: int, rng: Random,

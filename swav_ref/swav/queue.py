@@ -26,8 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from swav_ref.backend import asarray, host_dtype
-from swav_ref.checkpoint import CheckpointError
+from swav_ref.checkpoint import CheckpointError, entry_problem, finite_copy
 
 __all__ = ["Queue", "queue_length_per_worker"]
 
@@ -167,11 +166,9 @@ class Queue:
         if missing:
             raise CheckpointError(f"queue state lacks {sorted(missing)}")
         emb, filled = state["embeddings"], state["filled"]
-        if not (hasattr(emb, "shape") and hasattr(emb, "dtype")):
-            raise CheckpointError(f"queue state 'embeddings' is a {type(emb).__name__}, not an array")
-        if host_dtype(emb.dtype).kind != "f":
-            raise CheckpointError(f"queue state 'embeddings' has dtype {host_dtype(emb.dtype).name}, "
-                                  "not a floating dtype")
+        problem = entry_problem(emb, "f")
+        if problem:
+            raise CheckpointError(f"queue state 'embeddings' {problem}")
         want = (self.n_crops, self.length, self.dim)
         if tuple(emb.shape) != want:
             raise CheckpointError(f"queue state has embeddings of shape {tuple(emb.shape)}, this queue is {want}")
@@ -184,12 +181,8 @@ class Queue:
         if not 0 <= filled <= self.length or filled % self.batch_size:
             raise CheckpointError(f"queue state has filled={filled}, not a multiple of batch_size "
                                   f"{self.batch_size} in [0, {self.length}]")
-        with np.errstate(over="ignore"):  # a float64 too large for float32 becomes inf: refused below
-            emb = self.xp.astype(asarray(emb, self.xp), self.dtype)  # a copy, never aliased
-        if not bool(self.xp.all(self.xp.isfinite(emb))):
-            raise CheckpointError("queue state 'embeddings' holds NaN or infinity (or values too large "
-                                  f"for {host_dtype(self.dtype).name})")
-        self.embeddings, self.filled = emb, filled
+        self.embeddings = finite_copy(emb, self.xp, self.dtype, "queue state 'embeddings'")
+        self.filled = filled
 
     def _stack(self, embeddings_per_crop) -> Any:
         xp, want = self.xp, (self.batch_size, self.dim)
