@@ -960,13 +960,14 @@ class Trainer:
         if self.comm.size > 1:  # the mean over workers, as the step records
             epoch_loss = self.comm.allreduce_mean(epoch_loss)
         total = float(epoch_loss)
-        # Resumed in the middle of the epoch: its earlier steps' losses are in the log the
-        # checkpoint carried (when it holds all of them), so the epoch's mean is the whole epoch's.
-        start = epoch * self.steps_per_epoch
-        earlier = [r["loss"] for r in self.log.records
-                   if r.get("kind") == "step" and start <= r["step"] < start + first]
-        if first and len(earlier) == first:
-            total, n_steps = total + math.fsum(earlier), n_steps + first
+        if first:  # resumed in the middle of the epoch (not a scan of the whole log every epoch)
+            # Its earlier steps' losses are in the log the checkpoint carried (when it holds
+            # all of them), so the epoch's mean is the whole epoch's.
+            start = epoch * self.steps_per_epoch
+            earlier = [r["loss"] for r in self.log.records
+                       if r.get("kind") == "step" and start <= r["step"] < start + first]
+            if len(earlier) == first:
+                total, n_steps = total + math.fsum(earlier), n_steps + first
         self._end_epoch(epoch, total / max(n_steps, 1), time.perf_counter() - t0)
 
     def _flush_log(self, epoch: int, bar: Any) -> None:
