@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 
+from small_runs import write_digit_folder
 from swav_ref.checkpoint import load_checkpoint, save_checkpoint
 from swav_ref.cli import main
 from swav_ref.train import TrainConfig, scheduled_rate
@@ -157,20 +158,10 @@ def test_warnings_from_elsewhere_keep_pythons_format():
 
 
 # -- a flat image folder ---------------------------------------------------------------------
-def _write_flat_folder(folder, n):
-    from PIL import Image
-
-    from swav_ref.data.datasets import load_digits_dataset
-
-    folder.mkdir(parents=True)
-    for i, image in enumerate(load_digits_dataset().images[:n, 0]):
-        Image.fromarray(image).save(folder / f"{i}.png")
-
-
 def test_a_flat_folder_trains_on_every_image_and_says_why_nothing_is_evaluated(tmp_path, capsys):
     """It used to hold out 20 % of the images, which nothing used, and to skip the
     evaluation without a word."""
-    _write_flat_folder(tmp_path / "flat", 40)
+    write_digit_folder(tmp_path / "flat", 40, labelled=False)
     argv = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "flat"), *SMALL[:-5], "--batch-size", "40",
             "--epochs", "1", "--crop-sizes", "8", "6", "--out-dir", str(tmp_path / "run")]
     assert main(argv) == 0
@@ -181,19 +172,6 @@ def test_a_flat_folder_trains_on_every_image_and_says_why_nothing_is_evaluated(t
 
 
 # -- eval ------------------------------------------------------------------------------------
-def _write_labelled_folder(folder, n, channels=1):
-    from PIL import Image
-
-    from swav_ref.data.datasets import load_digits_dataset
-
-    digits = load_digits_dataset()
-    for i in range(n):
-        where = folder / str(digits.labels[i])
-        where.mkdir(parents=True, exist_ok=True)
-        image = digits.images[i, 0]
-        Image.fromarray(np.stack([image] * 3, axis=-1) if channels == 3 else image).save(where / f"{i}.png")
-
-
 @pytest.mark.slow
 def test_eval_scores_a_checkpoint_on_other_data_without_training_checks(small_digits, tmp_path, capsys):
     """eval built a whole trainer: a labelled folder smaller than the run's batch was refused
@@ -201,18 +179,18 @@ def test_eval_scores_a_checkpoint_on_other_data_without_training_checks(small_di
     an internal shape message; a moved data folder gave no hint; --image-size was missing."""
     run = tmp_path / "run"
     folder = tmp_path / "images"
-    _write_labelled_folder(folder, 100)
+    write_digit_folder(folder, 100, labelled=True)
     assert main(["train", "--dataset", "folder", "--data-dir", str(folder), *SMALL, "--batch-size", "64",
                  "--crop-sizes", "8", "6", "--epochs", "1", "--out-dir", str(run)]) == 0
     checkpoint = str(run / "checkpoint.npz")
     few = tmp_path / "few"
-    _write_labelled_folder(few, 60)  # 48 training images: fewer than the batch of 64
+    write_digit_folder(few, 60, labelled=True)  # 48 training images: fewer than the batch of 64
     capsys.readouterr()
     assert main(["eval", checkpoint, "--data-dir", str(few), "--out", str(tmp_path / "few.json")]) == 0
     rows = json.loads((tmp_path / "few.json").read_text())["results"]
     assert [r["method"] for r in rows] == ["raw pixels", "SwAV (step 1)"]
     colour = tmp_path / "colour"
-    _write_labelled_folder(colour, 60, channels=3)
+    write_digit_folder(colour, 60, labelled=True, channels=3)
     assert main(["eval", checkpoint, "--data-dir", str(colour)]) == 2
     assert "takes images of 1 channel(s), but colour/train has 3" in capsys.readouterr().err
     assert main(["eval", checkpoint, "--image-size", "0"]) == 2
@@ -231,7 +209,7 @@ def test_a_resume_checks_the_given_options_against_the_checkpoint_and_keeps_its_
     was refused as "the digits are embedded" for a folder run whose data had moved), and
     an explicit --freeze-prototypes-niters fell back to the recipe's."""
     folder = tmp_path / "images"
-    _write_labelled_folder(folder, 100)
+    write_digit_folder(folder, 100, labelled=True)
     run = tmp_path / "run"
     assert main(["train", "--dataset", "folder", "--data-dir", str(folder), *SMALL, "--crop-sizes", "8", "6",
                  "--freeze-prototypes-niters", "7", "--epochs", "2", "--stop-after", "1", "--out-dir", str(run)]) == 0
@@ -251,7 +229,7 @@ def test_a_flat_folder_checkpoint_of_the_80_percent_split_says_how_to_resume_it(
     from swav_ref.data.datasets import load_image_folder, split_dataset
     from swav_ref.train import Trainer
 
-    _write_flat_folder(tmp_path / "flat", 50)
+    write_digit_folder(tmp_path / "flat", 50, labelled=False)
     config = TrainConfig(dataset="folder", data_dir=str(tmp_path / "flat"), batch_size=20, n_crops=(2, 2),
                          crop_sizes=(8, 6), hidden_dim=16, feat_dim=8, n_prototypes=(10,), epochs=2, stop_after=1,
                          progress=False, out_dir=str(tmp_path / "run"))

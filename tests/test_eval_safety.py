@@ -8,6 +8,7 @@ import tempfile
 
 import pytest
 
+from small_runs import write_digit_folder
 from swav_ref.checkpoint import load_checkpoint
 from swav_ref.cli import main
 from swav_ref.evaluate import KNNResult, format_results, results_table
@@ -34,20 +35,6 @@ def scratch_tmp(tmp_path, monkeypatch):
     folder.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
     return folder
-
-
-def write_digit_folder(root, n: int, labelled: bool):
-    """``n`` digits as PNGs: one sub-folder per class, or all in ``root`` (unlabelled)."""
-    from PIL import Image
-
-    from swav_ref.data.datasets import load_digits_dataset
-
-    digits = load_digits_dataset()
-    for i in range(n):
-        folder = root / str(digits.labels[i]) if labelled else root
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(digits.images[i, 0]).save(folder / f"{i}.png")
-    return root
 
 
 def save_untrained_checkpoint(out, **config) -> tuple[str, Trainer]:
