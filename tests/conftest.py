@@ -112,3 +112,13 @@ def tiny():
 
     full = load_digits_dataset()
     return split_dataset(full.subset(np.arange(200)), test_fraction=0.2, seed=0)
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    """One process whatever runs the tests (mpiexec, a Slurm job): the launchers'
+    variables are removed, so the command line's user errors print one line instead of
+    going to the MPI abort hook."""
+    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK",
+                 "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)

@@ -14,6 +14,10 @@ import pytest
 from swav_ref.cli import OPTION_HELP, build_parser, main
 from swav_ref.train import TrainConfig
 
+#: one process whatever runs the tests (conftest.single_process); the tests of launches set
+#: the launchers' variables themselves
+pytestmark = pytest.mark.usefixtures("single_process")
+
 
 def test_every_train_option_is_documented_with_its_default(capsys):
     with pytest.raises(SystemExit):
@@ -92,10 +96,7 @@ def test_train_then_eval_on_an_image_folder(tmp_path, capsys):
     (["train", "--queue-length", "100"], "--queue-length 100: queue_length=100 is not a multiple"),
     (["train", "--method", "deepcluster-v2", "--n-prototypes", "2000"], "the memory bank holds 1408"),
 ])
-def test_user_errors_are_one_line_not_a_traceback(argv, message, capsys, monkeypatch):
-    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK",
-                 "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "SLURM_NTASKS", "SLURM_PROCID"):
-        monkeypatch.delenv(name, raising=False)  # a single process, whatever runs the tests
+def test_user_errors_are_one_line_not_a_traceback(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("swav-ref: error: ") and message in err and "Traceback" not in err
@@ -309,8 +310,6 @@ def test_demo_and_eval_refuse_to_run_once_per_rank(command, monkeypatch, capsys)
 def test_eval_runs_in_a_slurm_batch_script(monkeypatch, capsys):
     """The batch script's shell sees the allocation (SLURM_PROCID 0 of SLURM_NTASKS 4)
     without being one of srun's tasks: eval runs (and here stops at the missing file)."""
-    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"):
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "4")
     assert main(["eval", "/nonexistent/checkpoint.npz"]) == 2

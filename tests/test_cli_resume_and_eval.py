@@ -19,16 +19,12 @@ from swav_ref.checkpoint import load_checkpoint, save_checkpoint
 from swav_ref.cli import main
 from swav_ref.train import TrainConfig, scheduled_rate
 
+#: one process whatever runs the tests (conftest.single_process)
+pytestmark = pytest.mark.usefixtures("single_process")
+
 #: 160 training digits at batch 32: 5 steps per epoch, a second an epoch.
 SMALL = ["--batch-size", "32", "--n-crops", "2", "2", "--hidden-dim", "16", "--feat-dim", "8", "--n-prototypes", "10",
          "--no-progress", "--no-evaluate", "--log-every", "1", "--checkpoint-every", "1"]
-
-
-@pytest.fixture(autouse=True)
-def one_process(monkeypatch):
-    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK",
-                 "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "SLURM_NTASKS", "SLURM_PROCID"):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture

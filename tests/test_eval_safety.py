@@ -14,18 +14,12 @@ from swav_ref.cli import main
 from swav_ref.evaluate import KNNResult, format_results, results_table
 from swav_ref.train import Trainer, TrainConfig
 
+#: one process whatever runs the tests (conftest.single_process)
+pytestmark = pytest.mark.usefixtures("single_process")
+
 #: A small network and batch, so a Trainer (and its checkpoint) costs well under a second.
 SMALL = dict(batch_size=32, n_crops=(2, 2), crop_sizes=(8, 6), min_scale=(0.5, 0.3), max_scale=(1.0, 0.6),
              hidden_dim=16, feat_dim=8, n_prototypes=(10,), epochs=1, warmup_epochs=0, progress=False)
-
-
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    """One process whatever runs the tests, so user errors print one line instead of going
-    to the MPI abort hook."""
-    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK",
-                 "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "SLURM_NTASKS", "SLURM_PROCID"):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
