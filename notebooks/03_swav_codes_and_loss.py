@@ -273,7 +273,7 @@ print("two crops: grad of crop 0 == (p_0 - q_1) / (2 B tau):",
 # $\frac{\partial L}{\partial s_v} = \frac{n_v\, p_v - T_v}{\tau\, |A|\, (V - 1)\, B}$,
 # with $p_v = \mathrm{softmax}(s_v / \tau)$ row by row. Hint: loop over the crops $v$; $T_v$
 # sums the codes of the assignment crops other than $v$, and $n_v$ counts them. The check
-# uses $V = 4$ crops, $A = \{0, 1\}$, and compares with `swapped_prediction_loss`.
+# uses $V = 7$ crops, $A = \{0, 1\}$, $B = 4$, and compares with `swapped_prediction_loss`.
 
 # %%
 def my_swapped_loss_grad(scores, codes, batch_size, crops_for_assign, temperature):

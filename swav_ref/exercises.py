@@ -15,9 +15,12 @@ An answer of ``None`` (or a stub that returns ``None``) gives "not attempted yet
 notebooks run to the end with the exercises unanswered. The distance is
 :func:`swav_ref.nn.gradcheck.rel_error`, :math:`\max|a - b| / \max(|a| + |b|)`; an answer
 passes below ``1e-8``, so it must be computed in float64 like the inputs (a float32 answer
-is told so); complex or non-numeric answers are refused. Where the answer is off, the message
-says how: a transposed or mis-shaped output, a flipped sign, a constant factor, or which rows
-differ, with a hint. The reference is computed before the answer runs, and the answer gets
+is told so, and so is a float64 answer that lost precision on the way: "nearly right"); complex
+or non-numeric answers are refused. Where the answer is off, the message says how: a transposed
+or mis-shaped output, outputs in another order, a flipped sign, a constant factor, a known slip
+(BatchNorm's unbiased variance, a flipped convolution kernel, ...), or which rows differ, with a
+hint. The test sizes differ from one another (V - 1, B, |A| ...), so a wrong count cannot pass
+for a right one. The reference is computed before the answer runs, and the answer gets
 copies of the inputs, so an answer that edits its inputs in place changes neither.
 
 The exercises, by notebook: 02 :func:`check_g_update`; 03 :func:`check_codes_as_transport`,
@@ -29,6 +32,7 @@ The exercises, by notebook: 02 :func:`check_g_update`; 03 :func:`check_codes_as_
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -56,6 +60,11 @@ __all__ = [
 
 #: An answer passes when its relative error to the reference is below this.
 TOLERANCE = 1e-8
+
+#: A float64 answer closer than this (but not within ``TOLERANCE``) has the right formula and
+#: lost precision somewhere (a float32 step, a loose solver tolerance): told so, not given a
+#: formula hint.
+NEAR_MISS = 1e-4
 
 Answer = Optional[Callable[..., Any]]
 
@@ -119,17 +128,38 @@ def _real_array(name: str, got: Any) -> tuple[np.ndarray | None, str | None]:
 
     Only integer and floating dtypes are accepted: converting a complex answer to float64 would
     silently drop its imaginary part, and strings of digits would convert without complaint.
+    A few near misses get their own hint: a solver's result instead of its ``.plan``, a
+    ``(loss, gradient)`` pair, a torch tensor that still requires grad (or lives on a GPU).
     """
+    kind = type(got).__name__
+    if not isinstance(got, np.ndarray) and hasattr(got, "plan"):  # a TransportResult
+        return None, f"{name} is a {kind}, not an array: return the array in its .plan"
     try:
         array = np.asarray(got)
     except Exception:  # ragged lists, objects whose __array__ raises, ...
-        return None, f"{name} is not an array of numbers (got {type(got).__name__})"
+        return None, f"{name} is not an array of numbers (got {kind}){_conversion_hint(got)}"
     if array.dtype == object:  # a dict, a ragged list, ...
-        return None, f"{name} is not an array of numbers (got {type(got).__name__}, dtype object)"
+        return None, f"{name} is not an array of numbers (got {kind}, dtype object){_conversion_hint(got)}"
     if array.dtype.kind not in "iuf":  # complex, bool, strings, dates
         return None, (f"{name} has dtype {array.dtype}: return an array of real numbers "
                       f"(float64, like the inputs)")
     return array, None
+
+
+def _conversion_hint(got: Any) -> str:
+    """Why ``got`` did not convert to an array, when it is a common slip ("" otherwise)."""
+    if getattr(got, "requires_grad", False):  # a torch tensor in an autograd graph
+        return ": it is a tensor that requires grad, call .detach() on it first (e.g. grad.detach().numpy())"
+    if getattr(got, "is_cuda", False):
+        return ": it is a tensor on the GPU, call .cpu() on it first (e.g. grad.cpu().numpy())"
+    if isinstance(got, (tuple, list)) and len(got) == 2:
+        try:
+            ndims = sorted(np.ndim(item) for item in got)
+        except Exception:
+            return ""
+        if ndims[0] == 0 and ndims[1] > 0:
+            return ": it looks like a (loss, gradient) pair, return only the gradient"
+    return ""
 
 
 def _tolerance(dtype: np.dtype) -> float:
@@ -158,14 +188,19 @@ def _difference(name: str, got: Any, want: Any, hint: str) -> tuple[float, str |
     if error < TOLERANCE:
         return error, None
     if error < tolerance:  # right, but float32 (or float16) cannot get closer
-        return error, (f"{name} is {dtype}, which agrees with the reference only to {dtype}'s precision "
-                       f"({error:.0e}) while the check needs {TOLERANCE:.0e}: compute in float64 "
-                       f"(the inputs are float64)")
+        return error, (f"{name} is {dtype}, which agrees with the reference only to {dtype}'s precision: "
+                       f"its error {error:.2g} is above the {TOLERANCE:.0e} the check needs; compute in "
+                       f"float64 (the inputs are float64)")
     if rel_error(-got, want) < tolerance:
         return error, f"{name} is -1 times the reference: check the sign; {hint}"
     scale = float(np.sum(got * want) / np.sum(want * want)) if np.any(want) else 0.0
-    if scale != 0.0 and rel_error(got, scale * want) < tolerance:
+    # a scale within 1e-3 of 1 is no factor a formula forgets: it is a near miss (below)
+    if scale != 0.0 and abs(scale - 1.0) >= 1e-3 and rel_error(got, scale * want) < tolerance:
         return error, f"{name} is {scale:.4g} times the reference: a missing or extra factor; {hint}"
+    if error < NEAR_MISS:
+        return error, (f"{name} is nearly right ({error:.2g}): the formula looks right but precision is "
+                       f"lost somewhere: a float32 step (np.float32, torch's default dtype) or a loose "
+                       f"solver tolerance")
     return error, f"{name} differs from the reference by {error:.2g} (max rel. error); {hint}"
 
 
@@ -174,13 +209,20 @@ def _matches(got: Any, want: Any) -> bool:
     return _difference("", got, want, "")[1] is None
 
 
-def _verdict(comparisons: list[tuple[str, Any, Any, str]]) -> CheckResult:
-    """Compare each ``(name, got, want, hint)``; the first mismatch is the verdict."""
+def _verdict(comparisons: list[tuple[str, Any, Any, str]],
+             diagnose: Callable[[str, Any], str | None] | None = None) -> CheckResult:
+    """Compare each ``(name, got, want, hint)``; the first mismatch is the verdict.
+
+    ``diagnose(name, got)``, when given, may name a known mistake behind that first mismatch
+    (by matching ``got`` against the reference computed the mistaken way); its message then
+    replaces the generic one.
+    """
     worst = 0.0
     for name, got, want, hint in comparisons:
         error, problem = _difference(name, got, want, hint)
         if problem is not None:
-            return _not_yet(error, problem)
+            known = diagnose(name, got) if diagnose is not None else None
+            return _not_yet(error, problem if known is None else known)
         worst = max(worst, error)
     return CheckResult(True, worst, f"correct: max rel. error {worst:.0e}")
 
@@ -192,6 +234,38 @@ def _outputs(result: Any, count: int, names: str) -> tuple[Any, CheckResult | No
     if any(r is None for r in result):
         return None, _not_attempted(f"part of ({names}) is still None")
     return result, None
+
+
+def _order(result: Any, references: tuple[Any, ...], names: tuple[str, ...]) -> CheckResult | None:
+    """The verdict when the outputs came back in another order, else None.
+
+    Some other order fits: each moved array equals the reference it stands in for (so outputs
+    of the same shape, dgamma and dbeta, are told apart by their values), or, where the
+    outputs in the order given do not even have the right shapes, every shape fits.
+    """
+    def shape(item: Any) -> tuple[int, ...] | None:
+        try:
+            return np.shape(item)
+        except Exception:  # ragged
+            return None
+
+    def fits(order: tuple[int, ...]) -> bool:  # order[i]: the answer's array standing for references[i]
+        return all(shape(result[order[i]]) == np.shape(references[i]) for i in range(len(names)))
+
+    identity = tuple(range(len(names)))
+    orders = [order for order in itertools.permutations(identity) if order != identity and fits(order)]
+    wanted = f"return ({', '.join(names)}) in that order"
+    for order in orders:
+        moved = [i for i in identity if order[i] != i]
+        if all(_matches(result[order[i]], references[i]) for i in moved):
+            if len(moved) == 2:
+                return _not_yet(math.nan, f"your {names[moved[0]]} and {names[moved[1]]} look swapped: {wanted}")
+            yours = [names[order.index(j)] for j in identity]
+            return _not_yet(math.nan, f"you returned ({', '.join(yours)}): {wanted}")
+    if orders and not fits(identity):
+        yours = [names[orders[0].index(j)] for j in identity]
+        return _not_yet(math.nan, f"{wanted}: your arrays have the shapes of ({', '.join(yours)})")
+    return None
 
 
 # -- notebook 02: log-domain Sinkhorn ---------------------------------------------------
@@ -279,13 +353,15 @@ def check_swapped_loss_grad(my_swapped_loss_grad: Answer) -> CheckResult:
               \qquad p_v = \operatorname{softmax}(s_v / \tau), \\
               T_v &= \sum_{a \in A,\, a \ne v} q_a, \qquad n_v = \#\{a \in A : a \ne v\}.
 
-    Checked with V = 4 crops, A = {0, 1}, B = 3, K = 5, tau = 0.1. Reference:
+    Checked with V = 7 crops, A = {0, 1}, B = 4, K = 9, tau = 0.1: the counts
+    :math:`V - 1 = 6`, :math:`B`, :math:`|A| = 2`, :math:`V - |A| = 5` and :math:`V // 2 = 3` all
+    differ, so none passes for another. Reference:
     :func:`swav_ref.swav.swapped_prediction_loss <swav_ref.swav.loss.swapped_prediction_loss>`.
     """
     if my_swapped_loss_grad is None:
         return _not_attempted("define my_swapped_loss_grad(scores, codes, batch_size, crops_for_assign, temperature)")
     rng = np.random.default_rng(4)
-    n_crops, batch, n_prototypes, assign, temperature = 4, 3, 5, (0, 1), 0.1
+    n_crops, batch, n_prototypes, assign, temperature = 7, 4, 9, (0, 1), 0.1  # V - 1, B, |A| all differ
     scores = rng.uniform(-1, 1, size=(n_crops * batch, n_prototypes))
     codes = [rng.dirichlet(np.ones(n_prototypes), size=batch) for _ in assign]
     _, reference = swapped_prediction_loss(scores, codes, batch, crops_for_assign=assign, temperature=temperature)
@@ -350,7 +426,9 @@ def check_prototypes_backward(my_prototypes_backward: Answer) -> CheckResult:
         return _not_attempted("define my_prototypes_backward(dscores, z, C)")
     rng = np.random.default_rng(5)
     z = rng.normal(size=(6, 3)) * rng.uniform(0.5, 2.0, size=(6, 1))  # rows of different lengths
-    weight, _ = F.l2_normalize_forward(rng.normal(size=(4, 3)))
+    # prototypes of other lengths than 1 too: the layer uses C as given, and an answer that
+    # normalises C would pass unit-length prototypes
+    weight = rng.normal(size=(4, 3)) * rng.uniform(0.5, 2.0, size=(4, 1))
     dscores = rng.normal(size=(6, 4))
     _, cache = prototypes_forward(z, weight)
     dz, dweight = prototypes_backward(dscores, cache)
@@ -360,12 +438,21 @@ def check_prototypes_backward(my_prototypes_backward: Answer) -> CheckResult:
     result, failed = _outputs(result, 2, "dz, dC")
     if failed:
         return failed
-    if np.shape(result[0]) == dweight.shape and np.shape(result[1]) == dz.shape:
-        return _not_yet(math.nan, "return (dz, dC) in that order: your first array has dC's shape (K, d)")
+    order = _order(result, (dz, dweight), ("dz", "dC"))
+    if order is not None:
+        return order
+
+    def diagnose(name: str, got: Any) -> str | None:
+        unit = weight / np.linalg.norm(weight, axis=1, keepdims=True)
+        if name == "dz" and _matches(got, prototypes_backward(dscores, prototypes_forward(z, unit)[1])[0]):
+            return ("dz is what unit-length prototypes give, but C is used as given: S = E C^T normalises "
+                    "z only (SwAV renormalises C after each optimiser step, outside this layer), so g_i = (G C)_i")
+        return None
+
     return _verdict([
         ("dC", result[1], dweight, "dC = G^T E uses the normalised embeddings e_i, and is K x d like C"),
         ("dz", result[0], dz, "g_i = (G C)_i, remove its component along e_i, then divide by |z_i|"),
-    ])
+    ], diagnose)
 
 
 # -- notebook 04: BatchNorm and convolution backward ------------------------------------
@@ -400,16 +487,64 @@ def check_batchnorm_backward(my_batchnorm_backward: Answer) -> CheckResult:
     result, failed = _outputs(result, 3, "dx, dgamma, dbeta")
     if failed:
         return failed
-    # dgamma and dbeta have the same shape (C,), so a swap would read as two wrong formulas
-    if _matches(result[1], dbeta) and _matches(result[2], dgamma):
-        return _not_yet(rel_error(np.asarray(result[2], dtype=np.float64), dbeta),
-                        "your dgamma and dbeta look swapped: return (dx, dgamma, dbeta) in that order")
+    # dgamma and dbeta have the same shape (C,): a swap is told by the values
+    order = _order(result, (dx, dgamma, dbeta), ("dx", "dgamma", "dbeta"))
+    if order is not None:
+        return order
+
+    def diagnose(name: str, got: Any) -> str | None:
+        index = ("dx", "dgamma", "dbeta").index(name)
+        for mistake, fix in _BATCHNORM_MISTAKES:
+            if _matches(got, _batchnorm_variant(dout, x, gamma, eps, **mistake)[index]):
+                return f"{name} is what {fix}"
+        return None
+
     return _verdict([
         ("dbeta", result[2], dbeta, "sum g over the batch and the pixels (axes 0, 2, 3)"),
         ("dgamma", result[1], dgamma, "sum g * x_hat over axes 0, 2, 3"),
         ("dx", result[0], dx, "the mean and the sigma depend on every x of the channel: subtract "
          "mean(g) and x_hat * mean(g x_hat), then scale by gamma / sqrt(var + eps)"),
-    ])
+    ], diagnose)
+
+
+_PER_CHANNEL = "the mean and the variance are per channel, over axes (0, 2, 3) (the batch and the pixels)"
+
+#: BatchNorm slips, as keyword arguments of :func:`_batchnorm_variant`, and what fixes each
+#: (completing "dx is what ..."); the first whose output matches the answer's is named.
+_BATCHNORM_MISTAKES: list[tuple[dict[str, Any], str]] = [
+    ({"ddof": 1}, "the unbiased variance (ddof=1) gives: x_hat uses the biased variance, 1/m with m = N H W "
+                  "(np.var's default ddof=0; torch.var is unbiased by default)"),
+    ({"eps_outside": True}, "sqrt(var) + eps gives: eps goes inside the sqrt, sqrt(var + eps)"),
+    ({"no_eps": True}, "leaving eps out gives: eps goes inside the sqrt, sqrt(var + eps)"),
+    *(({"stat_axes": axes}, f"statistics over axes {axes} give: {_PER_CHANNEL}")
+      for axes in ((1, 2, 3), (0,), (2, 3), (0, 1, 2, 3))),
+    ({"mean_term": False}, "dropping the mean(g) term gives: mu depends on every x of the channel, "
+                           "so subtract mean(g) (per channel)"),
+    ({"xhat_term": False}, "dropping the x_hat * mean(g x_hat) term gives: sigma depends on every x of "
+                           "the channel, so subtract x_hat * mean(g x_hat) (per channel)"),
+    ({"gamma_in": False}, "leaving gamma out gives: y = gamma x_hat + beta, so dx is scaled by "
+                          "gamma / sqrt(var + eps)"),
+]
+
+
+def _batchnorm_variant(dout: np.ndarray, x: np.ndarray, gamma: np.ndarray, eps: float, *, ddof: int = 0,
+                       eps_outside: bool = False, no_eps: bool = False, stat_axes: tuple[int, ...] = (0, 2, 3),
+                       mean_term: bool = True, xhat_term: bool = True,
+                       gamma_in: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BatchNorm's backward with one of the slips of :data:`_BATCHNORM_MISTAKES` (not a
+    reference: the reference is the library's); with the defaults, the right formulas."""
+    eps = 0.0 if no_eps else eps
+    mean = x.mean(axis=stat_axes, keepdims=True)
+    var = x.var(axis=stat_axes, keepdims=True, ddof=ddof)
+    std = np.sqrt(var) + eps if eps_outside else np.sqrt(var + eps)
+    xhat = (x - mean) / std
+    dxhat = dout.copy()
+    if mean_term:
+        dxhat -= dout.mean(axis=stat_axes, keepdims=True)
+    if xhat_term:
+        dxhat -= xhat * (dout * xhat).mean(axis=stat_axes, keepdims=True)
+    scale = gamma[None, :, None, None] / std if gamma_in else 1.0 / std
+    return scale * dxhat, (dout * xhat).sum(axis=(0, 2, 3)), dout.sum(axis=(0, 2, 3))
 
 
 def check_conv2d_backward(my_conv2d_backward: Answer) -> CheckResult:
@@ -423,14 +558,18 @@ def check_conv2d_backward(my_conv2d_backward: Answer) -> CheckResult:
               \frac{\partial L}{\partial b_o} &= \sum_{n,u,v} g[n,o,u,v],
 
     and every input pixel collects :math:`W[o,c,i,j]\, g[n,o,u,v]` from each window it
-    appears in (cut the padding off at the end). Loops are fine. Checked with stride 2 and
-    padding 1. Reference: :func:`swav_ref.nn.functional.conv2d_backward`.
+    appears in (cut the padding off at the end). Loops are fine. Checked with stride 2,
+    padding 1, ``x`` (2, 6, 9, 8) and a non-square ``weight`` (7, 6, 3, 4): every size differs,
+    so a shape unpacked in the wrong order or a flipped kernel fails. Reference:
+    :func:`swav_ref.nn.functional.conv2d_backward`.
     """
     if my_conv2d_backward is None:
         return _not_attempted("define my_conv2d_backward(dout, x, weight, stride, padding)")
     rng = np.random.default_rng(7)
-    x = rng.normal(size=(2, 3, 5, 4))
-    weight, bias = rng.normal(size=(2, 3, 3, 3)), rng.normal(size=2)
+    # every size different (N, C, O, kh, kw, H, W; H_out = 5, W_out = 4), so that a shape unpacked
+    # in the wrong order fails, and a non-square kernel, so that a flipped one fails
+    x = rng.normal(size=(2, 6, 9, 8))
+    weight, bias = rng.normal(size=(7, 6, 3, 4)), rng.normal(size=7)
     stride, padding = 2, 1
     out, cache = F.conv2d_forward(x, weight, bias, stride=stride, padding=padding)
     dout = rng.normal(size=out.shape)
@@ -445,25 +584,48 @@ def check_conv2d_backward(my_conv2d_backward: Answer) -> CheckResult:
     if np.shape(result[0]) == padded:
         return _not_yet(math.nan, f"dx has the padded shape {padded}: cut the padding off at the end, "
                         f"dx_pad[:, :, p:-p, p:-p], to get x's shape {x.shape}")
+    order = _order(result, (dx, dweight, dbias), ("dx", "dweight", "dbias"))
+    if order is not None:
+        return order
+
+    def diagnose(name: str, got: Any) -> str | None:
+        flipped = weight[:, :, ::-1, ::-1]
+        if name == "dx":
+            _, flipped_cache = F.conv2d_forward(x, flipped, bias, stride=stride, padding=padding)
+            flip = _matches(got, F.conv2d_backward(dout, flipped_cache)[0])
+        else:
+            flip = name == "dweight" and _matches(got, dweight[:, :, ::-1, ::-1])
+        if flip:
+            return (f"{name} is what a flipped kernel gives: this layer is a cross-correlation (as in "
+                    f"PyTorch), window pixel (i, j) meets W[o, c, i, j], no flip")
+        return None
+
     return _verdict([
         ("dbias", result[2], dbias, "sum dout over n, u and v"),
         ("dweight", result[1], dweight, "each weight sees the input value under it in every window "
          "(mind the stride and the padding)"),
-        ("dx", result[0], dx, "a pixel belongs to several windows: add (+=) every contribution, "
-         "then cut off the padding"),
-    ])
+        ("dx", result[0], dx, "a pixel belongs to several windows, stride s apart: add (+=) every "
+         "contribution into the padded dx, window (u, v) starting at (s u, s v), then cut off the padding"),
+    ], diagnose)
 
 
 # -- notebook 05: collapse, and DeepCluster-v2's gradient -------------------------------------
+
+
+#: How many logged losses in a row (at least) must sit at ln K for the collapse exercise to
+#: pass: a shorter stretch does not tell collapse from the loss crossing ln K on its way down.
+COLLAPSE_STEPS = 20
 
 
 def check_collapse(trainer: Any) -> CheckResult:
     r"""Did the run collapse, and did the monitor see it? ``trainer``: a fitted Trainer.
 
     Collapse is the loss sitting at :math:`\ln K` (every prediction uniform). Passes when the
-    trainer's :class:`~swav_ref.swav.diagnostics.CollapseMonitor` fired: its last ``window`` logged
-    losses were all within ``tolerance`` of :math:`\ln K`. ``error`` is the largest distance
-    :math:`|L - \ln K|` over those steps.
+    trainer's :class:`~swav_ref.swav.diagnostics.CollapseMonitor` fired and the last
+    ``max(window, COLLAPSE_STEPS)`` (at least 20) logged losses are all within the monitor's
+    ``tolerance`` of :math:`\ln K`: a monitor with a window of a few steps fires when the loss
+    merely crosses :math:`\ln K` on its way down (at temperature 0.2 it does, early on), which
+    is no collapse. ``error`` is the largest distance :math:`|L - \ln K|` over those steps.
     """
     if trainer is None:
         return _not_attempted("set REPRODUCE_COLLAPSE = True, choose the temperature and the window, "
@@ -475,19 +637,45 @@ def check_collapse(trainer: Any) -> CheckResult:
     if not losses:
         return _not_yet(math.nan, "the trainer has no logged steps: call trainer.fit() first")
     monitor = trainer.monitor
-    recent = losses[-monitor.window:]
-    distance = max(abs(loss - monitor.log_k) for loss in recent)
-    if monitor.fired:
-        return CheckResult(True, distance, f"correct: the last {len(recent)} losses sit within {distance:.0e} "
-                           f"of ln K = {monitor.log_k:.4f} and the CollapseWarning fired")
-    if len(losses) < monitor.window:
-        return _not_yet(distance, f"the monitor's window ({monitor.window} steps) is longer than the run "
-                        f"({len(losses)} logged steps), so it cannot fire: give CollapseMonitor a shorter window")
+    log_k, tolerance, window = monitor.log_k, monitor.tolerance, monitor.window
+    needed = max(window, COLLAPSE_STEPS)
+    recent = losses[-needed:]
+    distance = max(abs(loss - log_k) for loss in recent)
+    settled = next((k for k, loss in enumerate(reversed(losses)) if abs(loss - log_k) > tolerance), len(losses))
     temperature = trainer.config.temperature
+    at = f"ln K = {log_k:.4f}"
+    if monitor.fired and len(losses) >= needed and distance <= tolerance:
+        return CheckResult(True, distance, f"correct: the last {needed} losses sit within {distance:.0e} "
+                           f"of {at} and the CollapseWarning fired")
+    if len(losses) < window:
+        return _not_yet(distance, f"the monitor's window ({window} steps) is longer than the run "
+                        f"({len(losses)} logged steps), so it cannot fire: give CollapseMonitor a shorter window")
+    if len(losses) < needed:
+        return _not_yet(distance, f"the run logged {len(losses)} steps, but collapse means the loss sitting at "
+                        f"ln K for at least {COLLAPSE_STEPS} logged steps: train longer")
+    official = " and the official temperature 0.1" if temperature > 0.1 else ""
+    if monitor.fired and window < COLLAPSE_STEPS:
+        steps = f"{window} logged step{'s' * (window != 1)}"
+        return _not_yet(distance, f"the CollapseWarning fired, but a window of {steps} cannot tell collapse from "
+                        f"the loss crossing {at} on its way down, which is when it fired: the last "
+                        f"{needed} losses are up to {distance:.2g} away from ln K (collapse means all within "
+                        f"{tolerance}). Use a window of about {COLLAPSE_STEPS}{official}, as the exercise asks")
+    if monitor.fired:
+        return _not_yet(distance, f"the CollapseWarning fired, but the loss has left {at} since: the last "
+                        f"{needed} losses are up to {distance:.2g} away (collapse means all within {tolerance}), "
+                        f"the last one {losses[-1]:.4f}")
+    if settled >= COLLAPSE_STEPS:  # at ln K for long enough, but the window reaches back further
+        return _not_yet(distance, f"the loss has sat at {at} (within {tolerance}) for the last {settled} logged "
+                        f"steps, but your window of {window} also covers earlier steps, when it was still on its "
+                        f"way: use a window <= {settled} (about {COLLAPSE_STEPS} works) or train longer")
     advice = (f"at temperature {temperature:g} the digits recipe learns; try the official 0.1" if temperature > 0.1
-              else f"train longer, or loosen the monitor's tolerance ({monitor.tolerance})")
-    return _not_yet(distance, f"the loss did not settle at ln K = {monitor.log_k:.4f} (last value "
-                    f"{losses[-1]:.4f}, up to {distance:.2g} away over the window): {advice}")
+              else f"train longer, or loosen the monitor's tolerance ({tolerance})")
+    if settled > 0:
+        return _not_yet(distance, f"the loss has sat at {at} (within {tolerance}) only for the last {settled} "
+                        f"logged steps, fewer than the {COLLAPSE_STEPS} that tell collapse from a passing "
+                        f"crossing of ln K: {advice}")
+    return _not_yet(distance, f"the loss did not settle at {at} (last value "
+                    f"{losses[-1]:.4f}, up to {distance:.2g} away over the last {len(recent)} logged steps): {advice}")
 
 
 def check_deepcluster_grad(my_deepcluster_grad: Answer) -> CheckResult:
@@ -503,22 +691,24 @@ def check_deepcluster_grad(my_deepcluster_grad: Answer) -> CheckResult:
               \quad \text{for } r \in R, \\
               \frac{\partial \mathcal L}{\partial s_r} &= 0 \quad \text{for the rows without a target},
 
-    :math:`R` the (image, crop) rows that have a target. Checked with H = 2 sets and one
-    ignored image. Reference: :func:`swav_ref.deepcluster.deepcluster_loss`.
+    :math:`R` the (image, crop) rows that have a target. Checked with H = 3 sets, V = 5 crops,
+    B = 7 images (one ignored, so :math:`|R| = 30`) and K = 8 (H differs from V - 1, and B - 1
+    from V).
+    Reference: :func:`swav_ref.deepcluster.deepcluster_loss`.
     """
     if my_deepcluster_grad is None:
         return _not_attempted("define my_deepcluster_grad(scores, targets, n_crops, temperature, n_sets)")
     rng = np.random.default_rng(8)
-    n_crops, batch, n_prototypes, temperature = 3, 4, 5, 0.1
-    scores = [rng.uniform(-1, 1, size=(n_crops * batch, n_prototypes)) for _ in range(2)]
-    targets = [rng.integers(0, n_prototypes, size=batch) for _ in range(2)]
+    n_crops, batch, n_prototypes, n_sets, temperature = 5, 7, 8, 3, 0.1  # H, V - 1, B - 1, V all differ
+    scores = [rng.uniform(-1, 1, size=(n_crops * batch, n_prototypes)) for _ in range(n_sets)]
+    targets = [rng.integers(0, n_prototypes, size=batch) for _ in range(n_sets)]
     for t in targets:
         t[1] = IGNORE_INDEX
     _, reference = deepcluster_loss(scores, targets, n_crops, temperature)
     comparisons = []
-    for h in range(2):
+    for h in range(n_sets):
         ignored = np.tile(targets[h] == IGNORE_INDEX, n_crops)  # crop v of image n is row v B + n
-        grad, failed = _run(my_deepcluster_grad, scores[h], targets[h], n_crops, temperature, 2)
+        grad, failed = _run(my_deepcluster_grad, scores[h], targets[h], n_crops, temperature, n_sets)
         if failed:
             return failed
         name = f"the gradient of set {h}"

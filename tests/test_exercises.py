@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import itertools
 import math
 import warnings
 from types import SimpleNamespace
@@ -262,7 +263,7 @@ def test_conv2d_backward_wrong_answers():
 
     assert "dx is 0.5 times the reference" in verdict(ex.check_conv2d_backward(no_accumulation))
     message = verdict(ex.check_conv2d_backward(swapped_axes))
-    assert "dweight has shape (3, 2, 3, 3), the reference (2, 3, 3, 3)" in message
+    assert "dweight has shape (6, 7, 3, 4), the reference (7, 6, 3, 4)" in message
 
     def padding_kept(dout, x, weight, stride, padding):
         dx, dweight, dbias = library_conv2d_backward(dout, x, weight, stride, padding)
@@ -275,7 +276,7 @@ def test_deepcluster_grad_wrong_answers():
     message = verdict(ex.check_deepcluster_grad(lambda *a: explicit_deepcluster_grad(*a, count_ignored=True)))
     assert "IGNORE_INDEX" in message and "zero gradient" in message
     message = verdict(ex.check_deepcluster_grad(lambda s, y, v, t, h: explicit_deepcluster_grad(s, y, v, t, 1)))
-    assert "2 times the reference" in message  # forgot H
+    assert "3 times the reference" in message  # forgot H (H = 3)
     message = verdict(ex.check_deepcluster_grad(lambda *a: -library_deepcluster_grad(*a)))
     assert "-1 times the reference" in message
 
@@ -447,3 +448,242 @@ def test_batchnorm_swapped_dgamma_dbeta():
     message = verdict(ex.check_batchnorm_backward(swapped))
     assert "dgamma and dbeta look swapped" in message
     assert "sum" not in message and "x_hat" not in message  # no formula given away
+
+
+# -- the collapse exercise cannot be passed by a loss that only crosses ln K ----------------
+
+
+def crossing_losses(ln_k, steps=66):
+    """A healthy run at temperature 0.2, like the notebook's: the loss starts 0.07 above ln K,
+    passes through it on its way down (within 0.01 of it at steps 11 to 14), and ends 0.3 below."""
+    return [ln_k + 0.07 - 0.0057 * s for s in range(steps)]
+
+
+@pytest.mark.parametrize("window", [1, 2, 4])
+def test_collapse_check_fails_a_short_window_that_fired_on_the_crossing(window):
+    ln_k = math.log(100)
+    trainer = fake_trainer(crossing_losses(ln_k), window=window, temperature=0.2)
+    assert trainer.monitor.fired  # the monitor fired, on the crossing: no collapse
+    message = verdict(ex.check_collapse(trainer))
+    assert "crossing ln K" in message and "window of about 20" in message and "temperature 0.1" in message
+    assert "correct" not in message and "sit within" not in message
+
+
+def test_collapse_check_passes_a_real_collapse_watched_with_a_short_window():
+    ln_k = math.log(100)
+    collapsed = [ln_k + 0.3 * math.exp(-s / 8) for s in range(66)]  # at ln K from step 28 on
+    result = ex.check_collapse(fake_trainer(collapsed, window=5))
+    assert result.passed and "the last 20 losses sit within" in str(result), str(result)
+
+
+def test_collapse_check_says_how_long_the_loss_has_sat_at_ln_k():
+    ln_k = math.log(100)
+    collapsed = [ln_k + 0.3 * math.exp(-s / 8) for s in range(66)]
+    settled = sum(1 for _ in itertools.takewhile(lambda loss: abs(loss - ln_k) <= 0.01, reversed(collapsed)))
+    assert 20 <= settled < 60
+    for window in (60, 66):
+        message = verdict(ex.check_collapse(fake_trainer(collapsed, window=window)))
+        assert f"for the last {settled} logged steps" in message and f"use a window <= {settled}" in message
+        assert "did not settle" not in message
+
+
+# -- sizes that coincide would let a wrong count pass ---------------------------------------
+
+
+def test_a_wrong_count_does_not_pass_for_a_right_one():
+    def rescaled(wrong_divisor):  # the right gradient, divided by another count instead of |A| (V - 1) B
+        def answer(scores, codes, batch_size, crops_for_assign, temperature):
+            n_crops = len(scores) // batch_size
+            right = len(crops_for_assign) * (n_crops - 1) * batch_size
+            return library_swapped_grad(scores, codes, batch_size, crops_for_assign, temperature) * right / \
+                wrong_divisor(n_crops, len(crops_for_assign), batch_size)
+        return answer
+
+    for wrong in (lambda v, a, b: (v // 2) * (v - 1) * b,   # |A| written as V // 2
+                  lambda v, a, b: (v - a) * (v - 1) * b,    # |A| confused with the small crops' count
+                  lambda v, a, b: a * (v - 1) * (v - 1)):   # V - 1 where B belongs
+        verdict(ex.check_swapped_loss_grad(rescaled(wrong)))
+    message = verdict(ex.check_deepcluster_grad(lambda s, y, v, t, h: explicit_deepcluster_grad(s, y, v, t, v - 1)))
+    assert "times the reference" in message  # SwAV's V - 1 where H belongs
+
+    def conv_loops(dout, x, weight, stride, padding, sizes):  # the loops, over the ranges in ``sizes``
+        n_images, n_out, n_in, kh, kw = sizes
+        p = padding
+        xpad = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+        dxpad, dweight = np.zeros_like(xpad), np.zeros_like(weight)
+        for n, o, u, v, c, i, j in itertools.product(range(n_images), range(n_out), range(dout.shape[2]),
+                                                     range(dout.shape[3]), range(n_in), range(kh), range(kw)):
+            dweight[o, c, i, j] += dout[n, o, u, v] * xpad[n, c, stride * u + i, stride * v + j]
+            dxpad[n, c, stride * u + i, stride * v + j] += dout[n, o, u, v] * weight[o, c, i, j]
+        return dxpad[:, :, p:p + x.shape[2], p:p + x.shape[3]], dweight, dout.sum(axis=(0, 2, 3))
+
+    def unpacked_wrong(dout, x, weight, stride, padding):  # O, kh, kw, C = weight.shape
+        o, kh, kw, c = weight.shape
+        return conv_loops(dout, x, weight, stride, padding, (x.shape[0], o, c, kh, kw))
+
+    def n_and_o_swapped(dout, x, weight, stride, padding):  # O, N = dout.shape[:2]
+        o, n = dout.shape[:2]
+        return conv_loops(dout, x, weight, stride, padding, (n, o, *weight.shape[1:]))
+
+    def right_ranges(dout, x, weight, stride, padding):
+        return conv_loops(dout, x, weight, stride, padding, (x.shape[0], *weight.shape[:2], *weight.shape[2:]))
+
+    assert ex.check_conv2d_backward(right_ranges).passed
+    verdict(ex.check_conv2d_backward(unpacked_wrong))
+    verdict(ex.check_conv2d_backward(n_and_o_swapped))
+
+
+# -- near misses, float32 inside an answer -------------------------------------------------
+
+
+def computed_in_float32(answer):
+    """``answer`` run on float32 copies of its float inputs, its outputs cast back to float64."""
+    def down(value):
+        if isinstance(value, np.ndarray) and value.dtype == np.float64:
+            return value.astype(np.float32)
+        return [down(v) for v in value] if isinstance(value, list) else value
+
+    def answer32(*args):
+        result = answer(*(down(a) for a in args))
+        if isinstance(result, tuple):
+            return tuple(np.asarray(r, dtype=np.float64) for r in result)
+        return np.asarray(result, dtype=np.float64)
+    answer32.__name__ = answer.__name__
+    return answer32
+
+
+@pytest.mark.parametrize("check, answer", [
+    (ex.check_g_update, lse_g_update),
+    (ex.check_swapped_loss_grad, explicit_swapped_grad),
+    (ex.check_batchnorm_backward, naive_batchnorm_backward),
+    (ex.check_deepcluster_grad, explicit_deepcluster_grad),
+], ids=lambda x: x.__name__)
+def test_a_float64_answer_computed_in_float32_is_nearly_right(check, answer):
+    message = verdict(check(computed_in_float32(answer)))
+    assert "nearly right" in message and "float32" in message, message
+    for misleading in ("times the reference", "differs", "rows", "Crop", "stacking"):
+        assert misleading not in message, message
+
+
+def test_a_loose_solver_tolerance_is_nearly_right():
+    def loose_codes(scores, epsilon):
+        batch, k = scores.shape
+        return batch * sinkhorn_knopp(-scores, np.full(batch, 1.0 / batch), np.full(k, 1.0 / k), 1.0 / epsilon,
+                                      tol=1e-8).plan
+
+    message = verdict(ex.check_codes_as_transport(loose_codes))
+    assert "nearly right" in message and "solver tolerance" in message and "differs" not in message, message
+
+
+def test_a_float32_answer_prints_its_error():
+    result = ex.check_codes_as_transport(as_float32(library_codes))
+    message = verdict(result)
+    assert f"its error {result.error:.2g} is above the 1e-08 the check needs" in message, message
+
+
+# -- BatchNorm, convolution and prototype slips are named ------------------------------------
+
+
+def batchnorm_with(*, ddof=0, eps_outside=False, no_eps=False, axes=(0, 2, 3), mean_term=True, xhat_term=True,
+                   gamma_in=True):
+    def answer(dout, x, gamma, eps):
+        eps = 0.0 if no_eps else eps
+        mu = x.mean(axis=axes, keepdims=True)
+        var = x.var(axis=axes, keepdims=True, ddof=ddof)
+        std = np.sqrt(var) + eps if eps_outside else np.sqrt(var + eps)
+        xhat = (x - mu) / std
+        dxhat = dout - (dout.mean(axis=axes, keepdims=True) if mean_term else 0) \
+            - (xhat * (dout * xhat).mean(axis=axes, keepdims=True) if xhat_term else 0)
+        scale = gamma[None, :, None, None] if gamma_in else 1.0
+        return scale * dxhat / std, (dout * xhat).sum(axis=(0, 2, 3)), dout.sum(axis=(0, 2, 3))
+    return answer
+
+
+@pytest.mark.parametrize("mistake, diagnosis", [
+    ({"ddof": 1}, "x_hat uses the biased variance, 1/m with m = N H W"),
+    ({"eps_outside": True}, "eps goes inside the sqrt, sqrt(var + eps)"),
+    ({"no_eps": True}, "eps goes inside the sqrt, sqrt(var + eps)"),
+    ({"axes": (1, 2, 3)}, "per channel, over axes (0, 2, 3)"),
+    ({"axes": (0,)}, "per channel, over axes (0, 2, 3)"),
+    ({"mean_term": False}, "dropping the mean(g) term"),
+    ({"xhat_term": False}, "dropping the x_hat * mean(g x_hat) term"),
+    ({"gamma_in": False}, "leaving gamma out"),
+], ids=lambda x: str(x))
+def test_batchnorm_slips_are_named(mistake, diagnosis):
+    assert ex.check_batchnorm_backward(batchnorm_with()).passed  # without a slip, the helper is right
+    message = verdict(ex.check_batchnorm_backward(batchnorm_with(**mistake)))
+    assert diagnosis in message and "times the reference" not in message, message
+
+
+def test_conv_a_flipped_kernel_is_named():
+    def flipped_dx(dout, x, weight, stride, padding):  # a true convolution in dx
+        dx = loop_conv2d_backward(dout, x, weight[:, :, ::-1, ::-1], stride, padding)[0]
+        return (dx, *loop_conv2d_backward(dout, x, weight, stride, padding)[1:])
+
+    def flipped_both(dout, x, weight, stride, padding):
+        dx, dweight, dbias = flipped_dx(dout, x, weight, stride, padding)
+        return dx, dweight[:, :, ::-1, ::-1], dbias
+
+    for answer, name in ((flipped_dx, "dx"), (flipped_both, "dweight")):
+        message = verdict(ex.check_conv2d_backward(answer))
+        assert message.startswith(f"not yet: {name} is what a flipped kernel gives") and "no flip" in message
+        assert "+=" not in message and "mind the stride" not in message, message
+
+    def stride_ignored_in_dx(dout, x, weight, stride, padding):
+        dx = loop_conv2d_backward(dout, x, weight, 1, padding)[0]  # windows 1 apart instead of s
+        return (dx, *loop_conv2d_backward(dout, x, weight, stride, padding)[1:])
+
+    assert "stride" in verdict(ex.check_conv2d_backward(stride_ignored_in_dx))
+
+
+def test_prototypes_an_answer_that_normalises_c_fails():
+    def normalises_c(dscores, z, weight):
+        return library_prototypes_backward(dscores, z, weight / np.linalg.norm(weight, axis=1, keepdims=True))
+
+    message = verdict(ex.check_prototypes_backward(normalises_c))
+    assert "C is used as given" in message, message
+
+
+# -- outputs in another order, and answers of the wrong kind --------------------------------
+
+
+def test_outputs_in_any_other_order_are_told_so():
+    def rotated_conv(*args):
+        dx, dweight, dbias = loop_conv2d_backward(*args)
+        return dweight, dbias, dx
+
+    def rotated_batchnorm(*args):
+        dx, dgamma, dbeta = naive_batchnorm_backward(*args)
+        return dgamma, dbeta, dx
+
+    def rotated_wrong_conv(*args):  # another order, and dx wrong as well: told by the shapes
+        dx, dweight, dbias = loop_conv2d_backward(*args)
+        return dbias, 2 * dx, dweight
+
+    message = verdict(ex.check_conv2d_backward(rotated_conv))
+    assert "you returned (dweight, dbias, dx): return (dx, dweight, dbias) in that order" in message, message
+    message = verdict(ex.check_batchnorm_backward(rotated_batchnorm))
+    assert "you returned (dgamma, dbeta, dx): return (dx, dgamma, dbeta) in that order" in message, message
+    message = verdict(ex.check_conv2d_backward(rotated_wrong_conv))
+    assert "in that order: your arrays have the shapes of (dbias, dx, dweight)" in message, message
+
+
+class Tensor:
+    """Stands in for a torch tensor that requires grad (NumPy cannot convert it)."""
+    requires_grad = True
+
+    def __array__(self, *args, **kwargs):
+        raise RuntimeError("Can't call numpy() on Tensor that requires grad. Use tensor.detach().numpy() instead.")
+
+
+def test_answers_of_the_wrong_kind_get_a_specific_hint():
+    def transport_result(scores, epsilon):
+        batch, k = scores.shape
+        return sinkhorn_knopp(-scores, np.full(batch, 1.0 / batch), np.full(k, 1.0 / k), 1.0 / epsilon, tol=1e-12)
+
+    assert ".plan" in verdict(ex.check_codes_as_transport(transport_result))
+    for answer in (lambda *a: swapped_prediction_loss(a[0], a[1], a[2], crops_for_assign=a[3], temperature=a[4]),
+                   lambda *a: list(swapped_prediction_loss(a[0], a[1], a[2], crops_for_assign=a[3],
+                                                           temperature=a[4]))[::-1]):
+        assert "return only the gradient" in verdict(ex.check_swapped_loss_grad(answer))
+    assert ".detach()" in verdict(ex.check_swapped_loss_grad(lambda *a: Tensor()))
