@@ -17,8 +17,8 @@ Three namespaces are known:
     used only by the tests: a namespace with nothing but the standard in it, which proves
     that no NumPy-only call hides in code that must also run on CuPy.
 
-The standard lacks a few things we need; they live here: :func:`logsumexp`, :func:`pad2d`,
-:func:`to_numpy` (for plots and logs), and :class:`Random`, a seeded generator that draws
+The standard lacks a few things we need; they live here: :func:`logsumexp`,
+:func:`to_numpy` (to the host, at the boundaries), and :class:`Random`, a seeded generator that draws
 on the host with NumPy's PCG64 and moves the draws to the backend, so the same seed gives
 the same numbers on every backend (this is what makes NumPy-versus-CuPy runs comparable).
 """
@@ -47,7 +47,6 @@ __all__ = [
     "is_cupy",
     "is_numpy",
     "logsumexp",
-    "pad2d",
     "python_float",
     "python_int",
     "set_tf32",
@@ -172,15 +171,19 @@ def backend_name(xp: types.ModuleType) -> str:
 
 
 def is_numpy(xp: types.ModuleType) -> bool:
+    """Whether the namespace ``xp`` is NumPy itself."""
     return xp is np
 
 
 def is_cupy(xp: types.ModuleType) -> bool:
+    """Whether the namespace ``xp`` is CuPy (the GPU backend)."""
     return backend_name(xp) == "cupy"
 
 
 def to_numpy(x: Any) -> np.ndarray:
-    """A host NumPy copy (or view) of any backend's array, for plotting and logging only."""
+    """A host NumPy copy (or view) of any backend's array. For the host boundaries only
+    (logs, plots, input checks, the solvers that run on the host, saving): on a GPU every
+    call waits for the device and copies, so numerical code never calls it inside a loop."""
     if isinstance(x, np.ndarray):
         return x
     if isinstance(x, (np.generic, bool, int, float)):
@@ -271,20 +274,6 @@ def logsumexp(x: Any, axis: int | tuple[int, ...] | None = None, keepdims: bool 
     return out
 
 
-def pad2d(x: Any, pad: int) -> Any:
-    """Zero-pad the last two axes of ``x`` (N, C, H, W) by ``pad`` on every side.
-
-    The Array API has no ``pad``; a zero array and one slice assignment do the same.
-    """
-    if pad == 0:
-        return x
-    xp = array_namespace(x)
-    n, c, h, w = x.shape
-    out = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=x.dtype)
-    out[:, :, pad : pad + h, pad : pad + w] = x
-    return out
-
-
 def synchronize(xp: types.ModuleType) -> None:
     """Wait for the device to finish queued work (a no-op off the GPU); for timing only."""
     if is_cupy(xp):
@@ -303,7 +292,9 @@ def use_device_for_local_rank(xp: types.ModuleType, local_rank: int, local_size:
     stays on the GPU its user chose. Where the launcher already gives each rank one GPU
     (``CUDA_VISIBLE_DEVICES`` per rank, as Slurm's ``--gpus-per-task=1`` does), each
     process sees a single device and this picks it. More ranks than the GPUs they see
-    still works, several ranks to a GPU, with a warning (from the first local rank).
+    still works, several ranks to a GPU: with two or more GPUs visible, with a warning
+    (from the first local rank); with one, silently, since that is how a launcher that
+    pins one GPU per rank looks.
     """
     if not is_cupy(xp):
         return None

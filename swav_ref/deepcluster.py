@@ -46,6 +46,19 @@ def kmeans_plus_plus(x: Any, n_clusters: int, rng: Random) -> Any:
     Random rows (the official DeepCluster-v2 init) often put two centroids in one cluster,
     and Lloyd's iterations rarely move them apart. The draws need the distances on the host
     (K small transfers once per epoch, outside the training step).
+
+    Parameters
+    ----------
+    x : (N, d) unit-norm embeddings, all finite.
+        (:func:`~swav_ref.deepcluster.spherical_kmeans` checks that; this one does not.)
+    n_clusters : K, at most N.
+    rng : its host generator (``rng.host()``) draws the first row and every later one.
+
+    Returns
+    -------
+    centroids : (K, d)
+        copies of K rows of ``x`` (so unit norm), in the order they were drawn, on the
+        backend of ``x``.
     """
     xp = array_namespace(x)
     n = x.shape[0]
@@ -183,6 +196,9 @@ class MemoryBank:
     n_banks : number of assignment crops (2 with the default ``crops_for_assign``).
     size : number of rows, the images seen per epoch (``steps_per_epoch * batch_size``).
     dim : embedding dimension d.
+    xp : array namespace the bank lives on, the model's.
+        So writing a batch's embeddings copies nothing between host and device.
+    dtype : floating dtype of the stored embeddings, the model's (e.g. ``xp.float32``).
 
     Attributes
     ----------
@@ -201,14 +217,15 @@ class MemoryBank:
         return n_banks * size * dim * host_dtype(self.embeddings.dtype).itemsize
 
     def write(self, start: int, dataset_index: np.ndarray, embeddings: Sequence[Any]) -> None:
-        """Store a batch's embeddings (one (B, d) array per bank) at rows start..start+B."""
+        """Store a batch's embeddings (one (B, d) array per bank) at rows start..start+B,
+        and ``dataset_index`` (B,), the dataset index of each of the batch's images."""
         stop = start + len(dataset_index)
         self.index[start:stop] = dataset_index
         for bank, emb in enumerate(embeddings):
             self.embeddings[bank, start:stop, :] = emb
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"embeddings": (n_crops, size, dim), "index": (size,)}``, the arrays themselves."""
+        """``{"embeddings": (n_banks, size, d), "index": (size,)}``, the arrays themselves."""
         return {"embeddings": self.embeddings, "index": self.index}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -249,8 +266,26 @@ def cluster_memory(bank: MemoryBank, n_prototypes: Sequence[int], n_iters: int, 
                    dataset_size: int, allreduce: Allreduce | None = None,
                    init: str = "k-means++", n_restarts: int = 1,
                    broadcast: Broadcast | None = None) -> tuple[list, list]:
-    """Cluster the bank once per prototype set, cycling through the crops' banks
-    (``allreduce`` and ``broadcast`` as in :func:`spherical_kmeans`, for several workers).
+    """Cluster the bank once per prototype set, cycling through the crops' banks.
+
+    One :func:`~swav_ref.deepcluster.spherical_kmeans` run per set, to which ``n_iters``,
+    ``rng``, ``allreduce``, ``init``, ``n_restarts`` and ``broadcast`` are passed unchanged
+    (``allreduce`` and ``broadcast`` for several workers).
+
+    Parameters
+    ----------
+    bank : the :class:`~swav_ref.deepcluster.MemoryBank` written during the last epoch.
+        Only its written rows (``index >= 0``) are clustered.
+    n_prototypes : K_h for each of the H prototype sets.
+        Set h clusters bank ``h % n_banks``.
+    n_iters : Lloyd iterations per set.
+    rng : draws the initial centroids of every set, in turn.
+    dataset_size : N_data, the number of images in the dataset (not the bank's rows).
+        The length of each ``targets`` array, which is indexed by dataset index.
+    allreduce : sums an array over workers; None = one process.
+    init : ``"k-means++"`` (default) or ``"random"``.
+    n_restarts : k-means runs per set, the best one kept.
+    broadcast : sends rank 0's array to every worker; needed with ``allreduce``.
 
     Returns
     -------
@@ -290,6 +325,7 @@ def deepcluster_loss(scores: Sequence[Any], targets: Sequence[Any], n_crops: int
     targets : one (B,) int64 array per set (the batch images' clusters; IGNORE_INDEX rows
         do not count).
     n_crops : V, the number of crops per image.
+    temperature : :math:`\tau > 0` (default 0.1, as SwAV's); ``ValueError`` otherwise.
 
     Returns
     -------

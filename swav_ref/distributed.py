@@ -1,14 +1,18 @@
 """The communicator: data-parallel training over MPI processes, or a no-op for one process.
 
-SwAV needs only a handful of collective operations across workers: the sum of gradients
-(an all-reduce), the two sums inside Sinkhorn (the total mass and the prototype marginals),
-a broadcast of the initial weights, and a way to stop every process when one fails. This
-module gives them one small interface with two implementations::
+SwAV needs only a handful of collective operations across workers: the mean of the
+gradients (one all-reduce of all of them flattened into one vector); inside Sinkhorn, the
+global batch size, the total mass and the prototype marginals (sums) and each prototype's
+largest score (a maximum, for the shift that keeps ``exp`` finite); the batch statistics
+of synchronised BatchNorm and the k-means sums of DeepCluster-v2 (sums); a broadcast of the
+initial weights and of k-means' seeds; a barrier around checkpoints; and a way to stop
+every process when one fails. This module gives them one small interface with two
+implementations::
 
     comm = get_communicator()          # MPI under mpiexec/srun, else a single process
     print(comm.describe())
     install_abort_on_exception(comm)   # one rank crashing ends the job instead of hanging
-    grads = comm.allreduce_mean(grads)
+    flat_grads = comm.allreduce_mean(flat_grads)   # one array in, the same array type out
 
 :class:`SingleProcessCommunicator`
     rank 0 of 1; every collective returns its input unchanged (no copies).
@@ -46,7 +50,10 @@ _MPI_EXTRA_HINT = 'install the mpi extra: pip install "swav_ref[mpi]" (mpi4py an
 
 #: Environment variables that MPI launchers set in every process they start, as
 #: (rank variable, size variable). MPICH/Hydra and Intel MPI set PMI_*, Open MPI sets
-#: OMPI_COMM_WORLD_*, PMIx-based launchers set PMIX_RANK, Slurm's srun sets SLURM_*.
+#: OMPI_COMM_WORLD_*, PMIx-based launchers set PMIX_RANK (and no size); Intel MPI's
+#: MPI_LOCALRANKID / MPI_LOCALNRANKS are the rank within a node, used only where none of the
+#: others says more (enough to tell that a launcher started the process). Slurm's srun
+#: (SLURM_PROCID, SLURM_NTASKS) is read separately, see :func:`detect_mpi_launch`.
 _LAUNCHER_VARIABLES = (
     ("PMI_RANK", "PMI_SIZE"),
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),

@@ -70,7 +70,8 @@ def image_grid(images: np.ndarray, nrows: int, ncols: int, titles: Sequence[str]
         img = images[i]
         img = img.astype(float) / 255.0 if images.dtype == np.uint8 else np.clip(img, 0.0, 1.0)
         if img.shape[0] == 1:
-            ax.imshow(img[0], cmap="gray_r" if images.dtype == np.uint8 else "gray", vmin=0, vmax=1)
+            # as stored, 0 black: the same digit looks the same here and in the crops' figure
+            ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
         else:
             ax.imshow(np.transpose(img, (1, 2, 0)))
         if titles is not None:

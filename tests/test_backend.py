@@ -51,13 +51,6 @@ def test_logsumexp_matches_scipy(backend):
     assert np.all(B.to_numpy(B.logsumexp(neg_inf, axis=1)) == -np.inf)
 
 
-def test_pad2d(backend):
-    x = B.asarray(np.ones((1, 2, 3, 4)), backend)
-    y = B.to_numpy(B.pad2d(x, 1))
-    assert y.shape == (1, 2, 5, 6)
-    assert y.sum() == 24 and y[0, 0, 0].sum() == 0
-
-
 def test_random_same_numbers_on_every_backend(backend):
     a = B.to_numpy(B.Random(7, backend).normal((3, 4)))
     b = B.to_numpy(B.Random(7, np).normal((3, 4)))

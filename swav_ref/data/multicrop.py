@@ -26,8 +26,9 @@ resizing it to s x s with a separable filter is
 
 where row :math:`o` of :math:`A_y` holds the interpolation weights of output row
 :math:`o` over the input rows (zero outside the box). Mirroring reverses the rows of
-:math:`A_x`. A batch is one ``xp.matmul`` over ``(N, 1, s, H) @ (N, C, H, W)``; the
-Gaussian blur is two more products with ``(s, s)`` matrices. This costs ``O(s H W)`` per
+:math:`A_x`. A batch is two batched ``xp.matmul`` calls,
+``(N, 1, s, H) @ (N, C, H, W) @ (N, 1, W, s)``; the Gaussian blur is two more products with
+``(s, s)`` matrices. This costs ``O(s H W)`` per
 channel instead of ``O(s^2)`` for a gather, which is nothing at CIFAR sizes and keeps
 the code free of fancy indexing (which the Array API lacks).
 

@@ -60,7 +60,6 @@ __all__ = [
     "launcher_registered",
     "register_launcher",
     "relu_backward",
-    "set_enabled",
     "sgd_update",
     "shifted_exp",
     "sum_of_squares",
@@ -89,11 +88,6 @@ def enabled() -> bool:
     """Whether fused kernels are used where they apply (default True; ``SWAV_REF_FUSED=0``
     in the environment turns them off)."""
     return _state["enabled"]
-
-
-def set_enabled(flag: bool) -> None:
-    """Turn the fused kernels on or off for this process."""
-    _state["enabled"] = bool(flag)
 
 
 @contextlib.contextmanager

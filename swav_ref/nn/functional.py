@@ -46,6 +46,17 @@ from swav_ref.backend import array_namespace, is_cupy, is_numpy, logsumexp, pyth
 def l2_normalize_forward(x: Any, eps: float = 1e-12) -> tuple[Any, tuple]:
     r"""Scale each row of ``x`` (N, D) to unit length.
 
+    Parameters
+    ----------
+    x : array (N, D)
+    eps : float
+        the smallest norm a row is divided by (see the Notes).
+
+    Returns
+    -------
+    y : array (N, D), rows of unit length (but for rows shorter than ``eps``)
+    cache : for :func:`~swav_ref.nn.functional.l2_normalize_backward`
+
     Notes
     -----
     .. math:: y_i = \frac{x_i}{\max(\lVert x_i \rVert, \epsilon)}
@@ -63,6 +74,16 @@ def l2_normalize_forward(x: Any, eps: float = 1e-12) -> tuple[Any, tuple]:
 
 def l2_normalize_backward(dy: Any, cache: tuple) -> Any:
     r"""Gradient of :func:`l2_normalize_forward`.
+
+    Parameters
+    ----------
+    dy : array (N, D)
+        :math:`g = \partial L / \partial y`.
+    cache : from :func:`~swav_ref.nn.functional.l2_normalize_forward`
+
+    Returns
+    -------
+    dx : array (N, D)
 
     Notes
     -----
@@ -101,7 +122,9 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0) 
 
     .. math:: H_\text{out} = \left\lfloor \frac{H + 2p - k}{s} \right\rfloor + 1
 
-    Raises ``ValueError`` when the (padded) input is smaller than the kernel.
+    with ``size`` :math:`H` (or :math:`W`), ``kernel`` :math:`k`, ``stride`` :math:`s` and
+    ``padding`` :math:`p` (on each side). Raises ``ValueError`` when the (padded) input is
+    smaller than the kernel.
     """
     out = (size + 2 * padding - kernel) // stride + 1
     if out < 1:
@@ -190,7 +213,8 @@ class ScratchPool:
         return (xp.__name__, dtype, tuple(shape))  # an array's dtype: hashable on every backend
 
     def take(self, xp: Any, shape: tuple[int, ...], dtype: Any) -> Any:
-        """An array of this shape and dtype with arbitrary contents (overwrite all of it)."""
+        """An array of namespace ``xp``, this shape and dtype, with arbitrary contents
+        (overwrite all of it)."""
         free = self._free.get(self._key(xp, shape, dtype))
         return free.pop() if free else xp.empty(shape, dtype=dtype)
 
@@ -237,6 +261,7 @@ def im2col(
     x : array (N, C, H, W)
     kernel_size : (kh, kw)
     stride, padding : int
+        the same along both axes; ``padding`` zeros on each side.
     out : array (C * kh * kw, H_out * W_out * N), optional
         Where to write the columns (a reused buffer); a new array when None. Not used for
         a 1x1 kernel with stride 1 and no padding, whose columns are a view of ``x``.
@@ -291,7 +316,12 @@ def col2im(
     Parameters
     ----------
     dcols : array (C * kh * kw, H_out * W_out * N)
+        laid out as :func:`~swav_ref.nn.functional.im2col` returns its columns.
     x_shape : (N, C, H, W) of the original input
+    kernel_size : (kh, kw)
+    stride, padding : int
+        the geometry the columns were unfolded with (as given to
+        :func:`~swav_ref.nn.functional.im2col`).
 
     Returns
     -------
@@ -524,6 +554,7 @@ def batchnorm_forward(
     training : bool
         True: normalise with the batch's statistics. False: with the running ones.
     eps : float
+        added to the variance before the square root (PyTorch's default 1e-5).
     allreduce : callable or None
         Sync-BN: a function that sums an array over all workers. The batch statistics are
         then those of the union of every worker's batch. ``None``: this batch only.
@@ -603,6 +634,12 @@ def batchnorm_forward(
 def batchnorm_backward(dout: Any, cache: BatchNormCache) -> tuple[Any, Any, Any]:
     r"""Gradients of :func:`batchnorm_forward`.
 
+    Parameters
+    ----------
+    dout : array, the shape of ``x``: (N, C) or (N, C, H, W)
+    cache : :class:`~swav_ref.nn.functional.BatchNormCache` from
+        :func:`~swav_ref.nn.functional.batchnorm_forward`
+
     Returns
     -------
     dx : array, the shape of ``x``
@@ -661,6 +698,19 @@ def batchnorm_update_running(
 ) -> tuple[Any, Any]:
     r"""PyTorch's running-statistics rule, as new arrays (the inputs are not modified).
 
+    Parameters
+    ----------
+    running_mean, running_var : arrays (C,)
+    cache : :class:`~swav_ref.nn.functional.BatchNormCache`
+        from a training-mode :func:`~swav_ref.nn.functional.batchnorm_forward` (its batch
+        mean, biased variance and count); ``ValueError`` for an eval-mode one.
+    momentum : float
+        :math:`\rho` below (PyTorch's default 0.1).
+
+    Returns
+    -------
+    new_mean, new_var : arrays (C,)
+
     Notes
     -----
     .. math:: \hat\mu \leftarrow (1 - \rho)\,\hat\mu + \rho\,\mu, \qquad
@@ -687,15 +737,18 @@ def batchnorm_update_running(
 
 
 def relu_forward(x: Any) -> tuple[Any, Any]:
-    r"""``max(x, 0)``; the cache is the output (its sign is the mask)."""
+    r"""``max(x, 0)`` for ``x`` of any shape ((N, C, H, W) in a ResNet); the output has
+    that shape, and the cache is the output itself (its sign is the mask)."""
     xp = array_namespace(x)
     out = _keeping_layout(lambda t: xp.maximum(t, 0.0), x)
     return out, out
 
 
 def relu_backward(dout: Any, cache: Any) -> Any:
-    r"""Notes: :math:`\partial L/\partial x = g \cdot [x > 0]` (0 at the kink, as PyTorch).
+    r"""Gradient of :func:`relu_forward`: ``dout`` and the returned ``dx`` have the shape
+    of ``x``, and ``cache`` is the forward's output.
 
+    Notes: :math:`\partial L/\partial x = g \cdot [x > 0]` (0 at the kink, as PyTorch).
     Written as a product with the 0/1 mask: NumPy's ``where`` with a scalar branch was
     10 times slower than the multiplication on (N, C, H, W) float32 arrays.
     """
@@ -716,6 +769,11 @@ def linear_forward(x: Any, weight: Any, bias: Any = None) -> tuple[Any, tuple]:
     weight : array (D_out, D_in)
     bias : array (D_out,) or None
 
+    Returns
+    -------
+    out : array (N, D_out)
+    cache : for :func:`~swav_ref.nn.functional.linear_backward`
+
     Notes
     -----
     .. math:: y = x W^\top + b
@@ -733,6 +791,17 @@ def linear_forward(x: Any, weight: Any, bias: Any = None) -> tuple[Any, tuple]:
 
 def linear_backward(dout: Any, cache: tuple) -> tuple[Any, Any, Any]:
     r"""Gradients of :func:`linear_forward`: ``(dx, dweight, dbias or None)``.
+
+    Parameters
+    ----------
+    dout : array (N, D_out)
+    cache : from :func:`~swav_ref.nn.functional.linear_forward`
+
+    Returns
+    -------
+    dx : array (N, D_in)
+    dweight : array (D_out, D_in)
+    dbias : array (D_out,), or None when the forward had no bias
 
     Notes
     -----
@@ -762,7 +831,8 @@ def global_avg_pool_forward(x: Any) -> tuple[Any, tuple]:
 
 
 def global_avg_pool_backward(dout: Any, cache: tuple) -> Any:
-    r"""Spread each gradient evenly over its :math:`H W` pixels (stored as (C, H, W, N))."""
+    r"""Gradient of :func:`global_avg_pool_forward`: ``dout`` (N, C) -> ``dx`` (N, C, H, W),
+    each gradient spread evenly over its :math:`H W` pixels (stored as (C, H, W, N))."""
     xp = array_namespace(dout)
     n, c, h, w = cache
     if dout.shape != (n, c):
@@ -782,6 +852,11 @@ def maxpool2d_forward(
     kernel_size : int
     stride : int, default ``kernel_size``
     padding : int, at most ``kernel_size // 2``; padded cells hold :math:`-\infty`
+
+    Returns
+    -------
+    out : array (N, C, H_out, W_out)
+    cache : for :func:`~swav_ref.nn.functional.maxpool2d_backward`
 
     Notes
     -----
@@ -821,7 +896,8 @@ def maxpool2d_forward(
 
 
 def maxpool2d_backward(dout: Any, cache: tuple) -> Any:
-    r"""Gradient of :func:`maxpool2d_forward`: each output's gradient goes to its winner."""
+    r"""Gradient of :func:`maxpool2d_forward`: ``dout`` (N, C, H_out, W_out) -> ``dx``
+    (N, C, H, W), each output's gradient added to its winning input pixel."""
     xp = array_namespace(dout)
     winner, (n, c, h, w), kernel_size, stride, padding = cache
     if dout.shape != winner.shape:
@@ -887,7 +963,17 @@ def softmax_cross_entropy_forward(logits: Any, labels: Any) -> tuple[Any, tuple]
 
 
 def softmax_cross_entropy_backward(dloss: Any, cache: tuple) -> Any:
-    r"""Gradient with respect to the logits.
+    r"""Gradient of :func:`softmax_cross_entropy_forward` with respect to the logits.
+
+    Parameters
+    ----------
+    dloss : float or 0-d array
+        the upstream gradient of the loss.
+    cache : from :func:`~swav_ref.nn.functional.softmax_cross_entropy_forward`
+
+    Returns
+    -------
+    dlogits : array (N, K)
 
     Notes
     -----

@@ -28,7 +28,8 @@ from swav_ref.backend import array_namespace, to_numpy
 def rel_error(a: Any, b: Any) -> float:
     """``max |a - b| / max(|a| + |b|)``, a scale-free distance between two arrays.
 
-    Zero when both are zero. Host floats in, a host float out (a logging boundary).
+    Zero when both are zero. Arrays of any backend in (copied to the host as float64), a
+    host float out: a check's boundary, not a step of numerical code.
     """
     a = np.asarray(to_numpy(a), dtype=np.float64)
     b = np.asarray(to_numpy(b), dtype=np.float64)

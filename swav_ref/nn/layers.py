@@ -105,6 +105,10 @@ class Module:
     containers override :meth:`forward` and :meth:`backward` and delegate to children.
     Assigning a Module to an attribute registers it as a child under that name, as in
     PyTorch, which gives the dotted names of :meth:`state_dict`.
+
+    ``xp`` is the array namespace the arrays live on (or a backend name such as ``"cupy"``,
+    see :func:`~swav_ref.backend.get_backend`), ``dtype`` their real floating dtype
+    (float16, float32 or float64; ``ValueError`` otherwise).
     """
 
     def __init__(self, xp: types.ModuleType | str = np, dtype: Any = "float32"):
@@ -129,6 +133,7 @@ class Module:
         return f"{type(self).__name__}({self.extra_repr()}{inner}{chr(10) if inner else ''})"
 
     def extra_repr(self) -> str:
+        """The settings shown inside this module's ``repr`` (empty here), as in PyTorch."""
         return ""
 
     # -- forward / backward --------------------------------------------------------------
@@ -195,10 +200,8 @@ class Module:
             )
 
     # -- tree walking --------------------------------------------------------------------
-    def named_children(self) -> Iterator[tuple[str, Module]]:
-        yield from self._children.items()
-
     def children(self) -> Iterator[Module]:
+        """The direct children, in the order they were registered (not their children)."""
         yield from self._children.values()
 
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
@@ -208,13 +211,27 @@ class Module:
             yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
 
     def named_parameters(self) -> Iterator[tuple[str, Module, str]]:
-        """``(dotted name, owning module, key)`` for every parameter, e.g.
-        ``("layer1.0.conv1.weight", conv, "weight")``; update ``module.params[key]`` in place."""
+        """Every parameter in the tree as a triple ``(dotted name, owning module, key)``,
+        e.g. ``("layer1.0.conv1.weight", conv, "weight")``: the array is
+        ``conv.params["weight"]`` and its gradient ``conv.grads["weight"]``.
+
+        This is not what PyTorch's method of the same name yields: there, pairs
+        ``(name, tensor)``, each tensor carrying its own gradient (``tensor.grad``). Our
+        arrays are plain NumPy or CuPy arrays with no room for a gradient, which lives in
+        the owner's ``grads`` dict instead: ``None`` until a backward writes it, and
+        replaced, not modified, by :meth:`~swav_ref.nn.layers.Module.zero_grad`, by
+        freezing (``grads[key] = None``) and by the data-parallel average (a new array).
+        So a caller needs the owner and the key to write a gradient or a parameter back
+        in place, as the optimisers do (``module.params[key] -= ...``). In particular
+        ``dict(model.named_parameters())`` is not a dict of arrays as in PyTorch; this is:
+        ``{name: m.params[k] for name, m, k in model.named_parameters()}``.
+        """
         for prefix, module in self.named_modules():
             for key in module.params:
                 yield (f"{prefix}.{key}" if prefix else key), module, key
 
     def num_parameters(self) -> int:
+        """Number of parameter entries in the tree (the sizes of all parameters, summed)."""
         return sum(int(math.prod(m.params[k].shape)) for _, m, k in self.named_parameters())
 
     # -- modes and bookkeeping -----------------------------------------------------------
@@ -226,6 +243,8 @@ class Module:
         return self
 
     def eval(self) -> Module:
+        """Evaluation mode for the whole tree, ``self.train(False)``: BatchNorm uses its
+        running statistics and forwards keep no caches. Returns self."""
         return self.train(False)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -526,6 +545,14 @@ class BatchNorm1d(_BatchNorm):
 
 
 class ReLU(Module):
+    """Element-wise ``max(x, 0)``, any shape ((N, C, H, W) in a ResNet) -> the same shape.
+
+    Wraps :func:`~swav_ref.nn.functional.relu_forward` and
+    :func:`~swav_ref.nn.functional.relu_backward`. No parameters, so it accepts input of
+    any floating dtype; ``xp`` and ``dtype`` are those of
+    :class:`~swav_ref.nn.layers.Module`.
+    """
+
     def _forward(self, x):
         return F.relu_forward(x)
 
@@ -544,6 +571,16 @@ class GlobalAvgPool(Module):
 
 
 class MaxPool2d(Module):
+    """Max pooling over ``kernel_size`` x ``kernel_size`` windows, as PyTorch's
+    ``MaxPool2d``: (N, C, H, W) -> (N, C, H_out, W_out).
+
+    Wraps :func:`~swav_ref.nn.functional.maxpool2d_forward` (the equation, the padding
+    rule and the tie rule are there) and :func:`~swav_ref.nn.functional.maxpool2d_backward`.
+    ``stride`` defaults to ``kernel_size``; ``padding`` is at most ``kernel_size // 2``.
+    No parameters; other keywords (``xp``, ``dtype``) go to
+    :class:`~swav_ref.nn.layers.Module`.
+    """
+
     def __init__(self, kernel_size: int, stride: int | None = None, padding: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
@@ -575,11 +612,14 @@ class Sequential(Module):
         return len(self._children)
 
     def forward(self, x):
+        """The children's forwards in order, each on the output of the one before."""
         for module in self._children.values():
             x = module.forward(x)
         return x
 
     def backward(self, dout):
+        """The children's backwards in reverse order, each given the gradient that the child
+        after it returned; returns the gradient of the first child's input."""
         for module in reversed(list(self._children.values())):
             dout = module.backward(dout)
         return dout

@@ -1,10 +1,13 @@
 """Residual networks for small images, built from :mod:`swav_ref.nn.layers`.
 
 The backbone knows nothing of SwAV: images (N, C, H, W) in, features (N, D) out, with
-``D = out_dim`` the last stage's width. The layout is the CIFAR one (He et al. 2016,
-section 4.2; the usual CIFAR ResNet-18): a 3x3 stride-1 stem convolution with BatchNorm
-and ReLU, no max-pool, stages of :class:`BasicBlock` whose first block halves the
-resolution (from the second stage on), then global average pooling. Parameter names
+``D = out_dim`` the last stage's width. The layout is the usual CIFAR ResNet-18 of
+self-supervised papers: the ImageNet network's stages of :class:`BasicBlock` (widths
+doubling, the first block of each stage from the second on halving the resolution, with a
+1x1-convolution shortcut where the shape changes), but a small-image stem as He et al.
+(2016, section 4.2) use for 32x32 images: one 3x3 stride-1 convolution with BatchNorm and
+ReLU, no max-pool; then global average pooling. (He et al.'s own CIFAR networks are
+narrower, three stages of 16, 32 and 64 channels.) Parameter names
 follow torchvision (``conv1``, ``bn1``, ``layer1.0.conv1.weight``,
 ``layer2.0.downsample.0.weight``), so a state dict can be held against a PyTorch model.
 

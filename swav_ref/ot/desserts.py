@@ -74,12 +74,13 @@ PUBLISHED_COSTS = {1.0: -29.626510743466827, 10.0: -35.99503084811552}
 
 
 def cost_matrix(xp: Any = np, dtype: str = "float64") -> Any:
-    """``M = -preferences``, shape (8, 5), on the backend ``xp``."""
+    """``M = -preferences``, shape (8, 5), on the backend ``xp``, of dtype ``dtype``."""
     return asarray(0.0 - np.array(PREFERENCES), xp, dtype=dtype)  # 0.0 - x: no "-0.0" entries
 
 
 def dessert_problem(xp: Any = np, dtype: str = "float64") -> tuple[Any, Any, Any]:
-    """``(M, r, c)`` on the backend ``xp``: costs (8, 5), portions (8,), quantities (5,)."""
+    """``(M, r, c)`` on the backend ``xp``, of dtype ``dtype``: costs (8, 5), portions (8,),
+    quantities (5,)."""
     # copies, so that a caller may modify them without touching the read-only module data
     r_copy, c_copy = np.array(r), np.array(c)
     return cost_matrix(xp, dtype), asarray(r_copy, xp, dtype=dtype), asarray(c_copy, xp, dtype=dtype)
@@ -163,7 +164,21 @@ def original_sinkhorn(
 
 
 def plan_table(plan: Any, decimals: int = 2):
-    """The plan as a pandas DataFrame, people x desserts, rounded for printing."""
+    """The plan as a pandas DataFrame, people x desserts, rounded for printing.
+
+    Parameters
+    ----------
+    plan : array (8, 5)
+        a transport plan of the dessert problem, rows = people (``PEOPLE``), columns =
+        desserts (``DESSERTS``), on any backend.
+    decimals : int
+        decimal places kept.
+
+    Returns
+    -------
+    pandas.DataFrame
+        (8, 5), indexed by the people's names, with the desserts as columns.
+    """
     import pandas as pd
 
     return pd.DataFrame(to_numpy(plan), index=list(PEOPLE), columns=list(DESSERTS)).round(decimals)
@@ -184,8 +199,12 @@ def plot_plan(plan: Any, ax: Any = None, title: str | None = None, legend: bool 
     Parameters
     ----------
     plan : array (8, 5)
+        portions, rows = people, columns = desserts (as
+        :func:`~swav_ref.ot.desserts.plan_table`), on any backend.
     ax : matplotlib.axes.Axes, optional
         draw into it (notebooks); otherwise a new :class:`~matplotlib.figure.Figure` is made.
+    title : str, optional
+        the axes' title; ``"dessert allocation"`` when None.
     legend : bool
         add the dessert legend (outside the axes, on the right).
 
@@ -211,11 +230,29 @@ def plot_plan(plan: Any, ax: Any = None, title: str | None = None, legend: bool 
 
 
 def cost_against_lam(lams: Any, xp: Any = np, dtype: str = "float64", max_iter: int = 100_000) -> np.ndarray:
-    """Sinkhorn cost of the dessert problem for each ``lam`` (host array of floats).
+    r"""Sinkhorn cost of the dessert problem for each ``lam`` (host array of floats).
 
     The kernel domain (:func:`~swav_ref.ot.sinkhorn.sinkhorn_knopp`) for ``lam <= 100``, where its kernel is safe in
     float64; the log domain (:func:`~swav_ref.ot.sinkhorn.sinkhorn_log`) above, and also below wherever the kernel
     domain refuses (its ``ValueError``; in float32, on this problem, from ``lam`` about 49).
+
+    Parameters
+    ----------
+    lams : array-like (L,)
+        regularisation strengths :math:`\lambda > 0`, any order (a host sequence or array).
+    xp : array namespace
+        the backend the problem is solved on, as in
+        :func:`~swav_ref.ot.desserts.dessert_problem`.
+    dtype : str
+        the floating dtype it is solved in.
+    max_iter : int
+        iteration limit of each Sinkhorn run.
+
+    Returns
+    -------
+    numpy.ndarray
+        (L,) float64, the cost :math:`\langle P_\lambda, M \rangle` of each plan, in the
+        order of ``lams``.
     """
     M, r_, c_ = dessert_problem(xp, dtype)
     costs = []
@@ -239,9 +276,23 @@ def plot_cost_against_lam(
     ax: Any = None,
     original_costs: Any = None,
 ):
-    """Sinkhorn cost against ``lam`` (log axis), approaching the exact optimum.
+    r"""Sinkhorn cost against ``lam`` (log axis), approaching the exact optimum.
 
-    ``original_costs``, if given, adds the original stopping rule's costs for comparison.
+    Parameters
+    ----------
+    lams : array-like (L,)
+        regularisation strengths :math:`\lambda > 0` (the x axis).
+    costs : array-like (L,)
+        the cost at each ``lam``, as :func:`~swav_ref.ot.desserts.cost_against_lam`
+        returns them.
+    exact_cost : float
+        the unregularised optimum, drawn as a horizontal line (default
+        :data:`~swav_ref.ot.desserts.EXACT_COST`).
+    ax : matplotlib.axes.Axes, optional
+        draw into it (notebooks); otherwise a new :class:`~matplotlib.figure.Figure` is made.
+    original_costs : array-like (L,), optional
+        the original stopping rule's costs at the same ``lams``
+        (:func:`~swav_ref.ot.desserts.original_sinkhorn`), added for comparison.
 
     Returns
     -------

@@ -117,6 +117,6 @@ def _solve_lp(M: np.ndarray, r: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, 
     )
     if res.status != 0:
         raise RuntimeError(f"exact_transport: HiGHS failed (status {res.status}): {res.message}")
+    duals = res.eqlin.marginals  # one per equality: the n row sums, then the m column sums
     # HiGHS meets the bounds to its tolerance; clip its -1e-17s so the plan is a valid one
-    duals = res.eqlin.marginals
     return np.maximum(res.x, 0.0), int(res.nit), (duals[:n], duals[n:])

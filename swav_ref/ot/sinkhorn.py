@@ -95,7 +95,10 @@ class TransportResult:
         dual potentials, :math:`P_{ij} = e^{\\lambda (f_i + g_j - M_{ij})}` for
         :func:`sinkhorn_log`; the linear program's duals for exact transport.
     details : dict
-        solver-specific counters (e.g. how often the log-domain solver rebuilt its kernel).
+        solver-specific counters. :func:`sinkhorn_log`: ``kernel_rebuilds``, how often the
+        scalings grew large and were absorbed into the potentials, the kernel rebuilt (0: the
+        first kernel served throughout), and ``exact_blocks``, the blocks that over- or
+        underflowed and were redone with exact log-sum-exp updates.
     """
 
     plan: Any
@@ -113,7 +116,24 @@ class TransportResult:
 
 @dataclass(frozen=True, eq=False)
 class TransportProblem:
-    """Validated inputs: one float dtype, ``c`` rescaled to the mass of ``r``."""
+    """Validated inputs (:func:`check_problem`): one float dtype, ``c`` rescaled to the mass
+    of ``r``.
+
+    Attributes
+    ----------
+    xp : module
+        the inputs' array namespace.
+    M : array (n, m)
+        the cost matrix.
+    r, c : arrays (n,), (m,)
+        the marginals, ``c`` scaled to the mass of ``r``.
+    mass : float
+        the total mass, ``sum(r)`` (the solvers' stopping rule is relative to it).
+    min_cost, max_cost : float
+        the smallest and the largest entry of ``M`` (whether ``lam * M`` fits the dtype).
+    has_zero_mass : bool
+        whether some row or column carries no mass (those are kept out of the scalings).
+    """
 
     xp: Any
     M: Any
@@ -122,7 +142,7 @@ class TransportProblem:
     mass: float
     min_cost: float
     has_zero_mass: bool
-    max_cost: float = 0.0
+    max_cost: float
 
 
 def _check_array(name: str, x: Any) -> None:
@@ -232,6 +252,9 @@ def _check_lam(lam: Any, prob: TransportProblem) -> float:
     if not math.isfinite(lam) or lam <= 0:
         raise ValueError(f"lam must be positive and finite, got {lam}")
     largest = max(abs(prob.min_cost), abs(prob.max_cost))
+    # Headroom: the log domain adds lam * M to potentials of about the same size (f_i + g_j
+    # - lam M_ij), and the c-transform subtracts such terms, so lam * |M| must stay a few
+    # times below the largest float, not merely below it.
     if lam * largest > float(prob.xp.finfo(prob.M.dtype).max) / 4:
         raise ValueError(f"lam * M overflows {prob.M.dtype}: lam={lam:g} times the largest |cost| "
                          f"{largest:g}; rescale M (e.g. divide by its largest entry) or lower lam")
@@ -610,7 +633,7 @@ def sinkhorn_log(
         a, b = ones_n, ones_m
         Kb, Kta = K @ ones_m, K.T @ ones_n
         history, checked_at, it, err = [], [], 0, math.inf
-        n_rebuilds, n_exact_blocks = 1, 0
+        n_rebuilds, n_exact_blocks = 0, 0  # rebuilds after the first kernel
         while it < max_iter:
             steps = min(check_every, max_iter - it)
             block_start = (a, b)

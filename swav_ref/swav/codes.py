@@ -133,7 +133,7 @@ def sinkhorn_codes(
     else:
         q = s - per_prototype_max
         q *= 1.0 / epsilon
-        q = xp.exp(q)  # every entry in (0, 1]; each prototype has an entry equal to 1
+        q = xp.exp(q)  # entries in [0, 1] (0 only where exp underflows, see Notes); each prototype has a 1
 
         q /= reduce_sum(xp.sum(q))  # official: Q /= sum(Q), an all-reduce
         batch_total = reduce_sum(xp.asarray(s.shape[0], dtype=dtype))  # global B

@@ -152,6 +152,8 @@ class CollapseMonitor:
         )
 
     def message(self) -> str:
+        """The text of the :class:`~swav_ref.swav.diagnostics.CollapseWarning`: the level
+        the loss sat at, what collapse means, and the settings to try against it."""
         return (
             f"SwAV loss has stayed within {self.tolerance} of ln K = ln {self.n_prototypes} = "
             f"{self.log_k:.4f} for {self.window} logged steps. This is collapse: the predictions "

@@ -13,6 +13,11 @@ Functional pairs (CS231n style)::
 plus the two things the training loop does to the prototypes outside back-propagation:
 :func:`normalize_prototypes` (every step, before the forward pass) and
 :func:`prototypes_frozen` (no update at all during the first iterations).
+
+The modules built on them: :class:`SwAVHead`, the whole head after the backbone (projection
+MLP, L2 normalisation, one set of prototypes, or several for DeepCluster-v2), and
+:class:`ClassifierHead`, a linear layer over the backbone's features that the trainer uses
+for the supervised baseline in the same training loop (no prototypes, no normalisation).
 """
 
 from __future__ import annotations
@@ -208,6 +213,7 @@ class SwAVHead(Module):
             setattr(self, f"prototypes{h}", Linear(out_dim, k, bias=False, **kw))
 
     def prototype_layer(self, h: int = 0) -> Module:
+        """The bias-free :class:`~swav_ref.nn.layers.Linear` layer holding prototype set ``h``."""
         return getattr(self, f"prototypes{h}")
 
     def prototype_weight(self, h: int = 0) -> Any:

@@ -217,8 +217,10 @@ def _loss_and_gradient(scores, codes, n_crops: int, batch_size: int, crops_for_a
     scores3 = xp.reshape(scores, (n_crops, batch_size, n_prototypes))
     logits = scores3 - xp.max(scores3, axis=2, keepdims=True)
     logits *= 1.0 / temperature
-    probs = xp.exp(logits)  # unnormalised here; becomes the gradient, in place, below
-    sum_exp = xp.sum(probs, axis=2, keepdims=True)  # (V, B, 1)
+    # exp(z - max z): the softmax's numerators, not yet divided by their row sum. The
+    # buffer is turned into the gradient in place below (one (V, B, K) array, not three).
+    grad = xp.exp(logits)
+    sum_exp = xp.sum(grad, axis=2, keepdims=True)  # (V, B, 1)
 
     # n_v: how many codes crop v predicts (assignment crops do not predict themselves)
     counts = [n_assign - 1 if v in crops_for_assign else n_assign for v in range(n_crops)]
@@ -232,11 +234,11 @@ def _loss_and_gradient(scores, codes, n_crops: int, batch_size: int, crops_for_a
     loss = weight * (xp.sum(count * xp.log(sum_exp)) - cross)
 
     # grad = (n_v p_v - T_v) * grad_weight = n_v p_v gw - Q gw (+ q_a gw on crop a)
-    probs *= (count * grad_weight) / sum_exp
-    probs -= code_total * grad_weight
+    grad *= (count * grad_weight) / sum_exp  # now n_v p_v gw, p_v = softmax(z_v)
+    grad -= code_total * grad_weight
     for a, q in zip(crops_for_assign, codes):
-        probs[a, ...] += q * grad_weight
-    return loss, xp.reshape(probs, (n_rows, n_prototypes))
+        grad[a, ...] += q * grad_weight
+    return loss, xp.reshape(grad, (n_rows, n_prototypes))
 
 
 def _sum(arrays):

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from swav_ref.backend import python_int
 from swav_ref.checkpoint import CheckpointError, entry_problem, finite_copy
 
 __all__ = ["Queue", "queue_length_per_worker"]
@@ -46,9 +47,9 @@ def queue_length_per_worker(queue_length: int, batch_size: int, world_size: int 
         message gives the nearest valid lengths.
     """
     queue_length, batch_size, world_size = (
-        _positive_int(queue_length, "queue_length"),
-        _positive_int(batch_size, "batch_size"),
-        _positive_int(world_size, "world_size"),
+        python_int(queue_length, "queue_length"),
+        python_int(batch_size, "batch_size"),
+        python_int(world_size, "world_size"),
     )
     step = batch_size * world_size
     if queue_length % step != 0:
@@ -66,7 +67,7 @@ class Queue:
 
     Parameters
     ----------
-    n_crops : int
+    n_assign_crops : int
         Number of assignment crops (``len(crops_for_assign)``).
     length : int
         L, embeddings kept per crop on this worker; a multiple of ``batch_size``
@@ -82,19 +83,19 @@ class Queue:
 
     Attributes
     ----------
-    embeddings : array (n_crops, L, d)
+    embeddings : array (n_assign_crops, L, d)
         Newest first; rows past ``filled`` are zeros.
     filled : int
         How many rows per crop hold real embeddings. A host-side counter: asking
         ``is_full`` never reads the device.
     """
 
-    def __init__(self, n_crops: int, length: int, dim: int, batch_size: int, *, xp: types.ModuleType = np,
+    def __init__(self, n_assign_crops: int, length: int, dim: int, batch_size: int, *, xp: types.ModuleType = np,
                  dtype: Any = "float32"):
-        self.n_crops = _positive_int(n_crops, "n_crops")
-        self.length = _positive_int(length, "length")
-        self.dim = _positive_int(dim, "dim")
-        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.n_assign_crops = python_int(n_assign_crops, "n_assign_crops")
+        self.length = python_int(length, "length")
+        self.dim = python_int(dim, "dim")
+        self.batch_size = python_int(batch_size, "batch_size")
         if self.length % self.batch_size != 0:
             raise ValueError(
                 f"queue length {self.length} is not a multiple of batch_size {self.batch_size}; "
@@ -102,7 +103,7 @@ class Queue:
             )
         self.xp = xp
         self.dtype = getattr(xp, dtype) if isinstance(dtype, str) else dtype
-        self.embeddings = xp.zeros((self.n_crops, self.length, self.dim), dtype=self.dtype)
+        self.embeddings = xp.zeros((self.n_assign_crops, self.length, self.dim), dtype=self.dtype)
         self.filled = 0
 
     @property
@@ -115,8 +116,8 @@ class Queue:
 
         Parameters
         ----------
-        embeddings_per_crop : sequence of n_crops arrays (batch_size, d), or an array
-            (n_crops, batch_size, d). L2-normalised embeddings of the assignment crops.
+        embeddings_per_crop : sequence of n_assign_crops arrays (batch_size, d), or an array
+            (n_assign_crops, batch_size, d). L2-normalised embeddings of the assignment crops.
         """
         xp, bs = self.xp, self.batch_size
         new = self._stack(embeddings_per_crop)
@@ -135,8 +136,8 @@ class Queue:
         """
         if isinstance(crop, bool) or not isinstance(crop, numbers.Integral):  # 1.5 would be an IndexError
             raise ValueError(f"crop index must be an integer, got {crop!r}")
-        if not 0 <= crop < self.n_crops:
-            raise ValueError(f"crop index {crop} out of range for a queue of {self.n_crops} crops")
+        if not 0 <= crop < self.n_assign_crops:
+            raise ValueError(f"crop index {crop} out of range for a queue of {self.n_assign_crops} crops")
         if prototype_weight.ndim != 2 or prototype_weight.shape[1] != self.dim:
             raise ValueError(
                 f"prototype weight must be (K, {self.dim}), got shape {tuple(prototype_weight.shape)}"
@@ -145,11 +146,11 @@ class Queue:
 
     def all_scores(self, prototype_weight: Any) -> list:
         """``[scores(i, weight) for each crop]``, the ``queue_scores`` of :func:`~swav_ref.swav.loss.swav_loss`."""
-        return [self.scores(i, prototype_weight) for i in range(self.n_crops)]
+        return [self.scores(i, prototype_weight) for i in range(self.n_assign_crops)]
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """``{"embeddings": array (n_crops, L, d), "filled": int}`` for a checkpoint."""
+        """``{"embeddings": array (n_assign_crops, L, d), "filled": int}`` for a checkpoint."""
         return {"embeddings": self.embeddings, "filled": self.filled}
 
     def load_state_dict(self, state: dict) -> None:
@@ -169,7 +170,7 @@ class Queue:
         problem = entry_problem(emb, "f")
         if problem:
             raise CheckpointError(f"queue state 'embeddings' {problem}")
-        want = (self.n_crops, self.length, self.dim)
+        want = (self.n_assign_crops, self.length, self.dim)
         if tuple(emb.shape) != want:
             raise CheckpointError(f"queue state has embeddings of shape {tuple(emb.shape)}, this queue is {want}")
         try:
@@ -187,16 +188,16 @@ class Queue:
     def _stack(self, embeddings_per_crop) -> Any:
         xp, want = self.xp, (self.batch_size, self.dim)
         if hasattr(embeddings_per_crop, "ndim"):
-            if tuple(embeddings_per_crop.shape) != (self.n_crops, *want):
+            if tuple(embeddings_per_crop.shape) != (self.n_assign_crops, *want):
                 raise ValueError(
-                    f"push: expected an array of shape {(self.n_crops, *want)}, got "
+                    f"push: expected an array of shape {(self.n_assign_crops, *want)}, got "
                     f"{tuple(embeddings_per_crop.shape)}"
                 )
             stacked = embeddings_per_crop
         else:
             arrays = list(embeddings_per_crop)
-            if len(arrays) != self.n_crops:
-                raise ValueError(f"push: expected {self.n_crops} arrays (one per crop), got {len(arrays)}")
+            if len(arrays) != self.n_assign_crops:
+                raise ValueError(f"push: expected {self.n_assign_crops} arrays (one per crop), got {len(arrays)}")
             for i, a in enumerate(arrays):
                 if tuple(a.shape) != want:
                     raise ValueError(f"push: crop {i} has shape {tuple(a.shape)}, expected {want}")
@@ -205,16 +206,7 @@ class Queue:
 
     def __repr__(self) -> str:
         return (
-            f"Queue(n_crops={self.n_crops}, length={self.length}, dim={self.dim}, "
+            f"Queue(n_assign_crops={self.n_assign_crops}, length={self.length}, dim={self.dim}, "
             f"batch_size={self.batch_size}, filled={self.filled})"
         )
 
-
-def _positive_int(value: Any, name: str) -> int:
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
-    return value
