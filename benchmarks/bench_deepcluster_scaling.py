@@ -8,7 +8,7 @@ prototype set, and clusters the whole bank at the start of every epoch.
 The training set is scikit-learn's digits (1438 training images) repeated 1x, 4x and 16x
 with ``np.tile``: the repeats are the same images, the augmentation makes every pass
 different, and only N matters here. Both methods use the same small configuration
-(``resnet_tiny``, batch 128, and otherwise :class:`~swav_ref.train.TrainConfig`'s digits
+(``resnet_tiny``, batch 128, and otherwise :class:`~swav_ref.config.TrainConfig`'s digits
 recipe: its crops, 100 prototypes, a 128-d embedding; numpy, float32).
 
 What is measured, per size and method:

@@ -435,7 +435,7 @@ def swav_step(backend: str, batch: int, prototypes: int, hidden: int, feat_dim: 
     2x32 + 6x16 crops, flips, colour jitter, greyscale, no blur, CIFAR-10's mean and std; the
     augmentation made on the backend; resnet18, projection head, prototypes, Sinkhorn, LARS)
     as a function of no arguments (its ``trainer`` attribute holds the trainer), on the same
-    ``batch`` of images each time. ``overrides``: more :class:`~swav_ref.train.TrainConfig`
+    ``batch`` of images each time. ``overrides``: more :class:`~swav_ref.config.TrainConfig`
     fields (e.g. a queue, which the first epoch's start then creates)."""
     import tempfile
 

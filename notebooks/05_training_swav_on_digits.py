@@ -53,7 +53,7 @@ import swav_ref.backend
 from swav_ref import exercises, plots
 from swav_ref.data.datasets import load_dataset
 from swav_ref.data.multicrop import show_crops
-from swav_ref.evaluate import results_table
+from swav_ref.results import results_table
 from swav_ref.encoder import load_encoder
 from swav_ref.experiment import evaluate_raw_pixels, evaluate_trainer, prototype_assignments, supervised_config
 from swav_ref.swav import CollapseMonitor
@@ -306,7 +306,7 @@ Code(inspect.getsource(Trainer._start_epoch), language="python")
 # $\frac{\mathrm{softmax}(s_r/\tau) - \mathrm{onehot}(y_r)}{\tau\, H\, |R|}$ on the rows
 # with a target and 0 on the others. Hint: crop $v$ of image $n$ is row $vB + n$, so the row
 # targets are `np.tile(targets, n_crops)`. The check compares with
-# `swav_ref.deepcluster.deepcluster_loss` (H = 2 sets, one image without a target).
+# `swav_ref.deepcluster.deepcluster_loss` (H = 3 sets, one image without a target).
 
 # %%
 def my_deepcluster_grad(scores, targets, n_crops, temperature, n_sets):

@@ -37,7 +37,8 @@ Atomic writes
     that name, and only files last written before that save began: a concurrent save to the
     same name, which is a race anyway, is not disturbed while it writes). The file gets the
     permissions ``open(path, "w")`` would give it (``0o666`` less the umask), not
-    ``tempfile.mkstemp``'s owner-only ``0o600``.
+    ``tempfile.mkstemp``'s owner-only ``0o600``. :func:`write_atomically` does this for any
+    file (the results JSON and a run's ``config.json`` use it too).
 
 Loading never unpickles: ``np.load(..., allow_pickle=False)``. Every way a file can be
 wrong raises :class:`CheckpointError` (a ``ValueError``) naming the file and the problem.
@@ -52,7 +53,7 @@ import re
 import secrets
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Callable, Mapping
 
 import numpy as np
 
@@ -68,6 +69,7 @@ __all__ = [
     "finite_copy",
     "load_checkpoint",
     "save_checkpoint",
+    "write_atomically",
 ]
 
 #: The version this module writes and the only one it reads.
@@ -314,13 +316,23 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata
     members[_METADATA_KEY] = np.frombuffer(metadata_bytes, dtype=np.uint8)
     members[_CHECKSUM_KEY] = np.frombuffer(_digest(host, metadata_bytes), dtype=np.uint8)
 
+    return write_atomically(path, lambda f: _write_npz(f, members))
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[IO], Any], mode: str = "wb") -> Path:
+    """Write ``path`` so that a crash at any moment leaves either the old file or the new one
+    whole, never a part: ``write(f)`` fills a temporary file beside it (opened with
+    ``mode``, ``"wb"`` or ``"w"``), which is flushed, ``fsync``-ed and renamed over ``path``;
+    the folder is ``fsync``-ed so the rename survives a power cut. Temporary files left by
+    earlier writes of ``path`` that were killed midway are removed. Returns ``path``."""
+    path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = create_temp_beside(path)
-    started_ns = os.fstat(fd).st_mtime_ns  # this save's start on the file system's clock
+    started_ns = os.fstat(fd).st_mtime_ns  # this write's start on the file system's clock
     try:
-        with os.fdopen(fd, "wb") as f:
-            _write_npz(f, members)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)

@@ -25,7 +25,7 @@ from pathlib import Path
 from swav_ref.backend import BACKENDS
 from swav_ref.data.datasets import ARRAYS, DATASETS
 from swav_ref.data.multicrop import default_config
-from swav_ref.train import CHOICES, METHODS, TrainConfig
+from swav_ref.config import CHOICES, METHODS, TrainConfig
 
 #: Help for each TrainConfig field, shown by ``swav-ref train --help``.
 OPTION_HELP = {
@@ -267,7 +267,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from swav_ref import plots
     from swav_ref.distributed import get_communicator, install_abort_on_exception
     from swav_ref.experiment import METHOD_NAMES, check_evaluable, evaluate_trainer
-    from swav_ref.evaluate import format_results, results_table
+    from swav_ref.results import format_results, results_table
     from swav_ref.train import Trainer
 
     _limit_threads(args.threads)
@@ -383,9 +383,10 @@ def _eval_data(args: argparse.Namespace, config: TrainConfig):
 def _run_eval(args: argparse.Namespace) -> int:
     from swav_ref.backend import BackendUnavailableError, get_backend, set_tf32
     from swav_ref.encoder import load_encoder
-    from swav_ref.evaluate import evaluate_features, format_results, raw_pixel_features, results_table, save_results_json
+    from swav_ref.evaluate import evaluate_features, raw_pixel_features
+    from swav_ref.results import format_results, results_table, save_results_json
     from swav_ref.experiment import METHOD_NAMES
-    from swav_ref.train import load_trainer_checkpoint
+    from swav_ref.resume import load_trainer_checkpoint
 
     _one_process_only("eval")
     _limit_threads(args.threads)
@@ -430,7 +431,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 #: The settings a resume leaves to this command line even when it does not give them: how
 #: long this job runs and whether it shows a bar. (Of the others, those a resume may change
-#: without a word are :data:`swav_ref.train.RESUME_MAY_CHANGE`; the trainer warns of the rest.)
+#: without a word are :data:`swav_ref.resume.RESUME_MAY_CHANGE`; the trainer warns of the rest.)
 RESUME_KEEPS_THIS_RUNS = ("stop_after", "progress")
 
 
@@ -444,7 +445,8 @@ def _resumed_config(args: argparse.Namespace, checkpoint: str, given: set[str]) 
     :meth:`~swav_ref.train.Trainer.load` refuses those that do not fit the checkpoint's state
     and warns of the others. Returns the configuration and, as options, the given settings
     that differ from the checkpoint's."""
-    from swav_ref.train import as_options, load_trainer_checkpoint
+    from swav_ref.config import as_options
+    from swav_ref.resume import load_trainer_checkpoint
 
     saved = load_trainer_checkpoint(checkpoint)[2]
     here = {name: getattr(args, name) for name in args._config_fields
@@ -477,7 +479,7 @@ def _warn_if_other_data(checkpoint: str, trained_on: dict | None, data) -> None:
     handed to ``Trainer(train_set=...)``, whose checkpoint names the digits by default."""
     if not trained_on:  # written before the data were recorded
         return
-    from swav_ref.train import data_record, trained_on_same
+    from swav_ref.resume import data_record, trained_on_same
 
     now = data_record(data)
     if not trained_on_same(trained_on, data):
@@ -509,7 +511,7 @@ def _add_demo(sub) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     import time
 
-    from swav_ref.evaluate import format_results
+    from swav_ref.results import format_results
     from swav_ref.experiment import check_comparison, run_comparison
 
     _one_process_only("demo")
@@ -580,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     from swav_ref.checkpoint import CheckpointError
     from swav_ref.data.datasets import DatasetError
     from swav_ref.distributed import MPIUnavailableError, detect_mpi_launch
-    from swav_ref.train import ConfigError, TrainingDivergedError
+    from swav_ref.config import ConfigError
+    from swav_ref.resume import TrainingDivergedError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = build_parser().parse_known_args(argv)

@@ -25,7 +25,9 @@ import numpy as np
 from swav_ref import checkpoint as ckpt
 from swav_ref.backend import Random, get_backend
 from swav_ref.evaluate import extract_features
-from swav_ref.train import TrainConfig, build_backbone, input_normalisation, load_trainer_checkpoint
+from swav_ref.config import TrainConfig
+from swav_ref.resume import load_trainer_checkpoint
+from swav_ref.train import build_backbone, input_normalisation
 
 __all__ = ["Encoder", "load_encoder"]
 
@@ -41,7 +43,7 @@ class Encoder:
     backbone : the ResNet (:mod:`swav_ref.nn.resnet`), in eval mode.
     mean, std : per-channel normalisation of the [0, 1] pixels, ``(x - mean) / std``.
     xp, dtype : the backend and floating type the backbone runs in.
-    config : the training run's :class:`~swav_ref.train.TrainConfig`.
+    config : the training run's :class:`~swav_ref.config.TrainConfig`.
     image_shape : ``(H, W)`` of the training images, or None (not recorded: checkpoints
         written before the data were, or an Encoder built by hand).
     """

@@ -38,14 +38,8 @@ import numpy as np
 from swav_ref import plots
 from swav_ref.backend import to_numpy
 from swav_ref.data.datasets import load_dataset
-from swav_ref.evaluate import (
-    KNNResult,
-    LinearProbeResult,
-    evaluate_features,
-    raw_pixel_features,
-    results_table,
-    save_results_json,
-)
+from swav_ref.evaluate import KNNResult, LinearProbeResult, evaluate_features, raw_pixel_features
+from swav_ref.results import results_table, save_results_json
 from swav_ref.swav.head import normalize_prototypes
 from swav_ref.train import ReusedOutDirWarning, TrainConfig, Trainer
 
@@ -90,7 +84,7 @@ def evaluate_trainer(trainer: Trainer, seed: int = 0) -> Results:
     """Linear probe and kNN of the trainer's backbone (frozen, eval mode).
 
     Returns ``{metric: result}``: ``float(result)`` is the accuracy, and a :class:`~swav_ref.evaluate.KNNResult`
-    also holds the k actually used, which :func:`~swav_ref.evaluate.results_table` reports when it was clipped.
+    also holds the k actually used, which :func:`~swav_ref.results.results_table` reports when it was clipped.
     """
     train, test = _labelled_splits(trainer)
     return evaluate_features(trainer.features(train.images), train.labels,
@@ -214,7 +208,7 @@ def supervised_config(config: TrainConfig, image_side: int | None = None) -> Tra
     """The supervised baseline's recipe: the same network, optimiser, schedule and large
     crops, without the small crops (label prediction needs no multi-crop, and it halves
     the baseline's cost). Crops left to the data set's recipe are filled in first
-    (:meth:`~swav_ref.train.TrainConfig.with_crop_recipe`; a folder without ``image_size``, or arrays, need
+    (:meth:`~swav_ref.config.TrainConfig.with_crop_recipe`; a folder without ``image_size``, or arrays, need
     ``image_side``, the images' shorter side)."""
     config = config.with_crop_recipe(image_side)
     return dataclasses.replace(
@@ -225,11 +219,9 @@ def supervised_config(config: TrainConfig, image_side: int | None = None) -> Tra
 
 def write_figures(trainers: dict[str, Trainer], out: Path) -> list[Path]:
     """Training curves of each trained method, the crops, and images grouped by prototype."""
-    import numpy as np
-
     written = []
     for method, trainer in trainers.items():
-        if method in ("random init",):
+        if method == "random init":  # never trained: no curves
             continue
         steps = trainer.log.steps()
         if steps:

@@ -19,49 +19,63 @@ schedule, the checkpoints and the logs; only the targets differ:
 Nothing leaves the device inside a step: the loss stays a 0-d array, and every
 ``log_every`` steps the metrics are brought to the host, logged (JSON lines), shown on the
 progress bar and checked for NaN and collapse.
+
+A run's settings are :class:`~swav_ref.config.TrainConfig`; saving and resuming the
+trainer are :mod:`swav_ref.resume`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import hashlib
 import json
 import math
-import numbers
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from swav_ref import checkpoint as ckpt
 from swav_ref.backend import Random, get_backend, set_tf32, to_numpy, use_device_for_local_rank
-from swav_ref.data.datasets import ARRAYS, DATASETS, ImageDataset, channel_stats, load_dataset
+from swav_ref.checkpoint import write_atomically
+from swav_ref.config import CHOICES, METHODS, ConfigError, TrainConfig, recipe_name, scheduled_rate
+from swav_ref.data.datasets import ARRAYS, ImageDataset, channel_stats, load_dataset
 from swav_ref.data.multicrop import MultiCrop, MultiCropConfig, default_config
-from swav_ref.deepcluster import IGNORE_INDEX, MemoryBank, cluster_memory, deepcluster_loss
+from swav_ref.deepcluster import MemoryBank, cluster_memory, deepcluster_loss
 from swav_ref.distributed import get_communicator, install_abort_on_exception
 from swav_ref.nn import functional as F
-from swav_ref.nn.optim import LARS, SGD, warmup_cosine_schedule
+from swav_ref.nn.optim import LARS, SGD
 from swav_ref.nn.resnet import resnet18, resnet_tiny
+from swav_ref.resume import DIVERGENCE_ADVICE, Resumable, TrainingDivergedError, load_trainer_checkpoint
 from swav_ref.swav.diagnostics import CollapseMonitor, code_usage
 from swav_ref.swav.head import ClassifierHead, SwAVHead, prototypes_frozen
 from swav_ref.swav.loss import swav_loss
 from swav_ref.swav.queue import Queue, queue_length_per_worker
 
-METHODS = ("swav", "deepcluster-v2", "supervised")
-#: The allowed values of TrainConfig's text fields (the command line offers the user-facing
-#: ones: no "arrays", which only Python can hand over, and no test backend).
-CHOICES = {"method": METHODS, "dataset": (*DATASETS, ARRAYS), "backend": ("numpy", "cupy", "array_api_strict"),
-           "dtype": ("float32", "float64"), "arch": ("resnet_tiny", "resnet18"), "optimizer": ("lars", "sgd"),
-           "kmeans_init": ("k-means++", "random")}
-#: The multi-crop fields of TrainConfig whose default (None) is the data set's recipe.
-CROP_FIELDS = ("n_crops", "crop_sizes", "min_scale", "max_scale")
-CHECKPOINT_FORMAT = "swav_ref.trainer/1"
+# The names a user of the trainer needs, importable from here: the configuration and its
+# errors are defined in swav_ref.config, the checkpoints' side in swav_ref.resume.
+__all__ = ["ARCHITECTURES", "CHOICES", "METHODS", "ConfigError", "MetricsLog", "ReusedOutDirWarning", "SwAVModel",
+           "TrainConfig", "Trainer", "TrainingDivergedError", "build_backbone", "crop_groups", "input_normalisation",
+           "load_trainer_checkpoint", "scheduled_rate", "set_batchnorm_allreduce"]
+
+
+#: Names that were defined here before this module was split, and where they are now.
+_MOVED = {**dict.fromkeys(("CROP_FIELDS", "as_options", "option_text"), "swav_ref.config"),
+          **dict.fromkeys(("CHECKPOINT_FORMAT", "RESUME_MAY_CHANGE", "data_record", "trained_on_same"),
+                          "swav_ref.resume")}
+
+
+def __getattr__(name: str) -> Any:
+    """The names of ``_MOVED`` still import from here, with a DeprecationWarning that says
+    where they are now, so that code written for earlier versions keeps running."""
+    if name in _MOVED:
+        import importlib
+
+        warnings.warn(f"swav_ref.train.{name} is now {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 #: Backbones by name (``--arch``).
@@ -82,60 +96,11 @@ def set_batchnorm_allreduce(module: Any, allreduce: Any) -> None:
             m.allreduce = allreduce
 
 
-class ConfigError(ValueError):
-    """A setting, or a combination of settings, that cannot train; the message names the
-    option as the command line spells it and the rule it breaks."""
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss or the parameters became NaN or infinite; a good checkpoint is never
-    overwritten by a bad one."""
-
-
 class ReusedOutDirWarning(UserWarning):
     """A fresh run writes into an ``out_dir`` that holds the checkpoint of an earlier run,
     which it replaces (:meth:`Trainer.fit`). A category of its own, so that a caller that
     replaces runs on purpose (:func:`swav_ref.experiment.run_comparison`, which warns once
     for the whole comparison) can silence it alone."""
-
-
-#: The TrainConfig fields that a resume may change without a word: how much longer the run
-#: goes on (``epochs``, ``stop_after``), where and how often it writes and reports
-#: (``out_dir``, ``progress``, ``log_every``, ``checkpoint_every``), the machine it runs on
-#: (``backend``, ``tf32``: the same computation, to rounding), and where the data lie
-#: (``data_dir``, ``image_size``: the data themselves are compared instead, see
-#: :meth:`Trainer.load`). Every other field is the recipe: a resume that changes one
-#: continues the checkpoint's run under another recipe, which is warned about (the model's
-#: shape, the method, the batch, the queue and the crops are refused outright).
-RESUME_MAY_CHANGE = ("epochs", "stop_after", "out_dir", "progress", "log_every", "checkpoint_every",
-                     "backend", "tf32", "data_dir", "image_size")
-
-
-DIVERGENCE_ADVICE = ("Try a lower --base-lr or a longer warm-up (--warmup-epochs); with your own model, check "
-                     "that features and prototypes are L2-normalised.")
-
-
-def load_trainer_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict, TrainConfig]:
-    """A checkpoint written by :meth:`Trainer.save`: its arrays, metadata and configuration
-    (:class:`~swav_ref.checkpoint.CheckpointError` for any other file)."""
-    arrays, meta = ckpt.load_checkpoint(path)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ckpt.CheckpointError(f"{path}: not a swav_ref trainer checkpoint (format {meta.get('format')!r})")
-    if "config" not in meta:  # a worker's own state file (queue, memory bank) has the format but no model
-        raise ckpt.CheckpointError(f"{path}: a worker's local state file (its queue or memory bank), not a "
-                                   "checkpoint; load the checkpoint.npz beside it, which names it")
-    return arrays, meta, TrainConfig.from_dict(meta["config"])
-
-
-def scheduled_rate(cfg: "TrainConfig", steps_per_epoch: int, step: int) -> float:
-    """The learning rate of the run ``cfg`` at a global step: linear warm-up from
-    ``start_warmup``, then cosine from ``base_lr`` to ``final_lr`` at ``epochs * steps_per_epoch``."""
-    return warmup_cosine_schedule(
-        step, cfg.epochs * steps_per_epoch, cfg.base_lr, cfg.final_lr,
-        # a short run warms up for half of it at most, so that its rate decays too (with
-        # --epochs <= --warmup-epochs it would end at the peak rate)
-        min(cfg.warmup_epochs, cfg.epochs // 2) * steps_per_epoch, cfg.start_warmup,
-    )
 
 
 def input_normalisation(train_set: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -148,282 +113,6 @@ def input_normalisation(train_set: ImageDataset) -> tuple[tuple[float, ...], tup
         warnings.warn(f"{train_set.name}: channel {', '.join(map(str, constant))} is the same in every training "
                       "image (standard deviation 0); it is centred but not scaled", stacklevel=3)
     return mean, tuple(s if s > 0.0 else 1.0 for s in std)
-
-
-def data_record(data: ImageDataset) -> dict:
-    """What a checkpoint records of its training data, to tell other data later: the number
-    of images and their shape (C, H, W)."""
-    return {"n_images": len(data), "image_shape": list(data.images.shape[1:])}
-
-
-def trained_on_same(trained_on: dict, data: ImageDataset) -> bool:
-    """Whether ``data`` has the number of images and the image shape of a checkpoint's
-    ``meta["data"]``."""
-    now = data_record(data)
-    return {k: trained_on.get(k) for k in now} == now
-
-
-def recipe_name(dataset: str) -> str:
-    """The :func:`~swav_ref.data.multicrop.default_config` recipe of a data set: its own for
-    digits and CIFAR-10, the general one (sized to the images) for a folder or arrays."""
-    return dataset if dataset in ("digits", "cifar10") else "folder"
-
-
-def option_text(name: str, value: Any) -> str:
-    """A setting as the command line spells it: ``--n-crops 2 6``, ``--seed 3``,
-    ``--no-sync-bn``."""
-    flag = "--" + name.replace("_", "-")
-    if isinstance(value, bool):
-        return flag if value else "--no-" + flag[2:]
-    if isinstance(value, (tuple, list)):
-        return f"{flag} {' '.join(map(str, value))}"
-    return f"{flag} {value}"
-
-
-def as_options(values: dict[str, Any]) -> str:
-    """``{"n_crops": (2, 6), "seed": 3}`` as the command line spells it: ``--n-crops 2 6, --seed 3``."""
-    return ", ".join(option_text(name, v) for name, v in values.items())
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run (the command line maps onto these one to one).
-
-    Defaults are the digits recipe used by ``swav-ref demo`` (which trains 20 epochs, not
-    the default 100): a tiny ResNet on 8x8 images, 2 crops of 8x8 and 4 of 6x6, 100
-    prototypes, no queue (the batch of 128 is larger than K). They were chosen on the
-    training split only, and they depart from the official ImageNet values (given in the
-    comments) where 1438 images of 8x8 pixels need it. Two of the departures are more than
-    a matter of scale: temperature 0.2 (at 0.1 the first steps, whose predictions are
-    confidently wrong, flatten every prediction and the codes collapse to uniform, loss
-    ln K) and K = 100 prototypes (official 3000, for 1.28 million images) of the official
-    128-d embedding.
-
-    The fields that only make sense for one kind of image default to ``None``, "the data
-    set's recipe", and a :class:`Trainer` fills them in once it knows the images (the crops
-    by :meth:`with_crop_recipe`, the freeze from its steps per epoch), so that
-    ``--dataset cifar10`` never trains with the crops of 8x8 digits:
-
-    - ``n_crops``, ``crop_sizes``, ``min_scale``, ``max_scale``: from
-      :func:`swav_ref.data.multicrop.default_config`. Digits: 2 crops of 8 at area scale
-      (0.5, 1) and 4 of 6 at (0.3, 0.6); cifar10: 2 of 32 and 6 of 16 at the official
-      scales (0.14, 1) and (0.05, 0.14); folder: 2 of S and 6 of round(S 96 / 224), S the
-      shorter image side (``--image-size`` when given), at the official scales.
-    - ``freeze_prototypes_niters``: the steps of the first epoch, as the official 313 at
-      batch 4096 (5005 at batch 256) are one epoch of ImageNet; two epochs on digits, whose
-      epoch is only 11 steps.
-
-    A field set explicitly is kept, so a run can change one crop setting and keep the rest
-    of the recipe; the checkpoint stores the filled-in values.
-    """
-
-    method: str = "swav"
-    dataset: str = "digits"  # or cifar10, folder; "arrays": images handed to Trainer(train_set=...)
-    data_dir: str | None = None
-    backend: str = "numpy"
-    dtype: str = "float32"
-    tf32: bool = False  # CuPy only: float32 GEMMs on TF32 tensor cores (PyTorch's conv default)
-    arch: str = "resnet_tiny"  # or resnet18 (CIFAR layout)
-    epochs: int = 100
-    batch_size: int = 128  # per worker (official: 64 per GPU)
-    # None: the data set's recipe (see above); digits (2, 4), (8, 6), (0.5, 0.3), (1.0, 0.6)
-    n_crops: tuple[int, ...] | None = None  # official (2, 6)
-    crop_sizes: tuple[int, ...] | None = None  # official (224, 96)
-    min_scale: tuple[float, ...] | None = None  # official (0.14, 0.05)
-    max_scale: tuple[float, ...] | None = None  # official (1.0, 0.14)
-    crops_for_assign: tuple[int, ...] = (0, 1)
-    hidden_dim: int = 256  # official 2048
-    feat_dim: int = 128  # official 128
-    n_prototypes: tuple[int, ...] = (100,)  # official 3000; DeepCluster-v2: several sets
-    epsilon: float = 0.05
-    temperature: float = 0.2  # official 0.1
-    sinkhorn_iterations: int = 3
-    queue_length: int = 0  # official 3840 with batch 256 (0 = no queue)
-    epoch_queue_starts: int = 15
-    freeze_prototypes_niters: int | None = None  # None: one epoch (digits: two); official 313 at batch 4096
-    optimizer: str = "lars"  # or "sgd"
-    base_lr: float = 2.0  # official 4.8 at batch 4096 (LARS)
-    final_lr: float = 0.001  # official 0 (its scripts: base_lr / 1000)
-    warmup_epochs: int = 2  # official 10; capped at half the run (epochs // 2)
-    start_warmup: float = 0.0
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
-    kmeans_iters: int = 10  # DeepCluster-v2
-    kmeans_restarts: int = 1
-    kmeans_init: str = "k-means++"  # or "random" (the official: random rows of rank 0's bank)
-    sync_bn: bool = False
-    seed: int = 0
-    out_dir: str = "runs/swav"
-    log_every: int = 10
-    checkpoint_every: int = 1  # epochs
-    stop_after: int = 0  # epochs in this run (0 = to the end); the schedule still spans `epochs`
-    progress: bool = True
-    image_size: int = 0  # folder data: resize every image to this square size (0 = keep; all must agree)
-
-    def __post_init__(self):
-        self._check_types()
-        self._check_choices()
-        self._check_ranges()
-        self._check_crops()
-
-    def _check_types(self) -> None:
-        """Each field as its annotation says: whole numbers for ``int`` (NumPy's too, so a
-        sweep over ``np.arange`` works; 2.5 epochs is refused, not a crash at the first
-        step), numbers for ``float``, a tuple for a sequence field (one number becomes a
-        1-tuple), text for ``str`` (a path too), True/False for ``bool``."""
-        for field in dataclasses.fields(self):
-            value, kind = getattr(self, field.name), str(field.type)
-            if isinstance(value, np.ndarray) and value.ndim == 0:  # np.array(5): one number, as np.int64(5)
-                value = value[()]
-            if value is None and "None" in kind:
-                continue
-            if kind.startswith("tuple"):
-                element = kind[len("tuple["):].split(",")[0]
-                values = value if isinstance(value, (list, tuple, np.ndarray)) else (value,)
-                if len(values) == 0:  # () would fail later in min(), or train with no crops
-                    raise ConfigError(f"--{field.name.replace('_', '-')}: needs at least one value, got none")
-                setattr(self, field.name, tuple(self._as_kind(field.name, v, element) for v in values))
-            else:
-                setattr(self, field.name, self._as_kind(field.name, value, kind.split("|")[0].strip()))
-
-    def _as_kind(self, name: str, value: Any, kind: str) -> Any:
-        option = f"--{name.replace('_', '-')} {value!r}"
-        if kind == "bool":  # 0 and 1 too: configurations saved before the kinds were checked hold them
-            if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))):
-                raise ConfigError(f"{option}: must be True or False")
-            return bool(value)
-        if kind == "str":
-            if isinstance(value, os.PathLike):  # out_dir, data_dir
-                return os.fspath(value)
-            if not isinstance(value, str):
-                raise ConfigError(f"{option}: must be text")
-            return value
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-            raise ConfigError(f"{option}: must be a number")
-        if kind == "int":
-            if not isinstance(value, numbers.Integral):
-                raise ConfigError(f"{option}: must be a whole number")
-            return int(value)
-        return float(value)
-
-    def _refuse(self, name: str, rule: str) -> None:
-        value = getattr(self, name)
-        shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
-        raise ConfigError(f"--{name.replace('_', '-')} {shown}: {rule}")
-
-    def _check_choices(self) -> None:
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                self._refuse(name, f"choose one of {', '.join(allowed)}")
-        if self.dataset in ("cifar10", "folder") and self.data_dir is None:
-            self._refuse("dataset", "needs --data-dir, the folder holding the data")
-        if self.dataset in ("digits", ARRAYS) and self.data_dir is not None:
-            where = "the digits are embedded (scikit-learn)" if self.dataset == "digits" else \
-                "arrays are handed to the Trainer"
-            self._refuse("data_dir", f"{where}; --data-dir applies to cifar10 and folder")
-        if self.image_size and self.dataset != "folder":
-            self._refuse("image_size", "applies to --dataset folder only (digits are 8x8, CIFAR-10 32x32)")
-        if self.tf32 and self.backend != "cupy":
-            self._refuse("backend", "--tf32 applies to the cupy backend only (CPUs have no TF32 arithmetic)")
-
-    def _check_ranges(self) -> None:
-        """Every number in its range, before anything is built or written: a zero or negative
-        size, rate or interval would otherwise fail deep inside the first step (or, for the
-        checkpoint interval, after a whole epoch of work)."""
-        at_least = {"epochs": 1, "batch_size": 1, "feat_dim": 1, "hidden_dim": 0, "sinkhorn_iterations": 1,
-                    "queue_length": 0, "epoch_queue_starts": 0, "freeze_prototypes_niters": 0, "warmup_epochs": 0,
-                    "kmeans_iters": 1, "kmeans_restarts": 1, "seed": 0, "log_every": 1, "checkpoint_every": 1,
-                    "stop_after": 0, "image_size": 0}
-        for name, low in at_least.items():
-            if getattr(self, name) is not None and getattr(self, name) < low:
-                self._refuse(name, f"must be at least {low}")
-        for name in ("n_crops", "crop_sizes"):
-            if getattr(self, name) is not None and min(getattr(self, name)) < 1:
-                self._refuse(name, "every entry must be at least 1")
-        if min(self.n_prototypes) < 2:  # K = 1: every sample in one cluster, a constant loss ln 1 = 0
-            self._refuse("n_prototypes", "every entry must be at least 2 (a single prototype takes every "
-                                         "sample: its codes, and so the loss, carry nothing to learn)")
-        if self.method == "swav" and len(self.n_prototypes) != 1:
-            self._refuse("n_prototypes", "SwAV has one set of prototypes (give one number); several sets are "
-                                         "for --method deepcluster-v2")
-        for name in ("epsilon", "temperature"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                self._refuse(name, "must be a positive number")
-        for name in ("base_lr", "final_lr", "start_warmup", "weight_decay", "momentum"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                self._refuse(name, "must be a number >= 0")
-
-    def _crops_given(self) -> dict[str, tuple]:
-        """The crop settings set explicitly (the others are None: the data set's recipe)."""
-        return {name: getattr(self, name) for name in CROP_FIELDS if getattr(self, name) is not None}
-
-    def _check_crops(self) -> None:
-        """The crop settings that are given (the others come from the data set's recipe)."""
-        given = self._crops_given()
-        if len({len(v) for v in given.values()}) > 1:
-            raise ConfigError("--n-crops, --crop-sizes, --min-scale and --max-scale need one entry per crop size, "
-                              f"got {as_options(given)}")
-        # (low, high) pairs; with only one of the two given, each value is checked against itself
-        for low, high in zip(self.min_scale or self.max_scale or (), self.max_scale or self.min_scale or ()):
-            if not 0 < low <= high <= 1:
-                raise ConfigError(f"{as_options({k: given[k] for k in ('min_scale', 'max_scale') if k in given})}: "
-                                  "a crop's area fraction needs 0 < min-scale <= max-scale <= 1")
-        assign = self.crops_for_assign
-        n_total = sum(self.n_crops) if self.n_crops is not None else None
-        if not assign or min(assign) < 0 or len(set(assign)) != len(assign) or (n_total and max(assign) >= n_total):
-            within = f" in 0..{n_total - 1}" if n_total else ""
-            self._refuse("crops_for_assign", f"needs distinct crop indices{within}")
-
-    def with_crop_recipe(self, image_side: int | None = None, data_name: str | None = None) -> TrainConfig:
-        """This configuration with the crop fields left as ``None`` filled in from the data
-        set's recipe (see the class notes). ``image_side``, the images' shorter side, sets
-        the crops of a folder (default ``image_size``; digits and cifar10 need none);
-        ``data_name`` names the data in an error."""
-        given = self._crops_given()
-        if len(given) == len(CROP_FIELDS):
-            return self
-        recipe = recipe_name(self.dataset)
-        side = image_side or self.image_size or None
-        if recipe == "folder" and side is None:
-            how = "--image-size" if self.dataset == "folder" else "image_side (the arrays' shorter side)"
-            raise ConfigError(f"--dataset {self.dataset}: the crop sizes follow the images' size; give {how}, or "
-                              "all of --n-crops, --crop-sizes, --min-scale and --max-scale")
-        if recipe == "folder" and side < 2:
-            scale_up = ("scale them up with --image-size N (N >= 2)" if self.dataset == "folder"
-                        else "scale them up before handing them over")
-            raise ConfigError(f"{data_name or self.dataset}: the images are {side} pixel(s) on their shorter side, too "
-                              f"small for two crop sizes; {scale_up}, or give all of --n-crops, --crop-sizes, "
-                              "--min-scale and --max-scale")
-        crops = default_config(recipe, image_size=side)
-        filled = {"n_crops": crops.n_crops, "crop_sizes": crops.sizes,
-                  "min_scale": crops.min_scale, "max_scale": crops.max_scale}
-        groups = {len(value) for value in given.values()}
-        if groups and groups != {len(crops.n_crops)}:
-            missing = {name: value for name, value in filled.items() if name not in given}
-            raise ConfigError(
-                f"{as_options(given)} gives {groups.pop()} crop size(s), but the {recipe} recipe for "
-                f"{data_name or self.dataset} has {len(crops.n_crops)} ({as_options(missing)}); for another "
-                "number of crop sizes give all four of --n-crops, --crop-sizes, --min-scale and --max-scale")
-        return dataclasses.replace(self, **{name: value for name, value in filled.items() if name not in given})
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> TrainConfig:
-        """The configuration of a dict (``to_dict``'s, a checkpoint's, a JSON file's). A key
-        that is no field is ignored with a warning that names it (a typo such as ``epoch``
-        would otherwise quietly leave the default); anything but a mapping (``None`` read
-        from an empty JSON file, a list) is a TypeError that says what it got."""
-        if not isinstance(d, Mapping):
-            raise TypeError(f"TrainConfig.from_dict takes a dict of settings (as to_dict() or a checkpoint's "
-                            f"'config' holds them), got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            warnings.warn(f"TrainConfig.from_dict ignores {', '.join(map(repr, unknown))}: no such setting "
-                          f"(they are {', '.join(sorted(known))})", stacklevel=2)
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class SwAVModel:
@@ -511,8 +200,9 @@ class MetricsLog:
         return [r for r in self.records if r["kind"] == "epoch"]
 
 
-class Trainer:
-    """Trains one model with one method; see the module docstring.
+class Trainer(Resumable):
+    """Trains one model with one method; see the module docstring. Its checkpoints
+    (:meth:`save`, :meth:`load`) are the :class:`~swav_ref.resume.Resumable` half.
 
     Parameters
     ----------
@@ -617,7 +307,7 @@ class Trainer:
 
     def _with_recipe(self, config: TrainConfig) -> TrainConfig:
         """``config`` with the data set's recipe filled in where it says ``None``: the crops
-        (:meth:`TrainConfig.with_crop_recipe`) and the prototype freeze, the steps of the
+        (:meth:`~swav_ref.config.TrainConfig.with_crop_recipe`) and the prototype freeze, the steps of the
         first epoch (two on digits, whose epoch is 11 steps)."""
         config = config.with_crop_recipe(min(self.train_set.images.shape[-2:]), self.train_set.name)
         if config.freeze_prototypes_niters is None:
@@ -875,7 +565,8 @@ class Trainer:
             self.load(resume)
         if self.comm.is_root:
             self._warn_if_out_dir_holds_another_run(resume)
-            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            config_text = json.dumps(cfg.to_dict(), indent=2)
+            write_atomically(self.out_dir / "config.json", lambda f: f.write(config_text), mode="w")
             self.log.restart()
         self.model.train()
         start_epoch = self.step // self.steps_per_epoch
@@ -910,34 +601,6 @@ class Trainer:
             f"{self.out_dir} holds a checkpoint of an earlier run ({checkpoint.name}); {how} at its first save, and "
             "starts metrics.jsonl and config.json over now; to continue that run use --resume "
             f"{checkpoint} (fit(resume=...)), or choose another --out-dir to keep it"), stacklevel=3)
-
-    def _holds_this_run(self, path: Path) -> bool:
-        """Whether ``path`` is the checkpoint of this run's last good state."""
-        if self._checkpoint is None:
-            return False
-        try:
-            return os.path.samefile(self._checkpoint, path)
-        except OSError:  # either one is gone
-            return False
-
-    @property
-    def last_checkpoint(self) -> Path | None:
-        """The checkpoint holding this run's last good state: the one it wrote last, or the
-        one it resumed from; None if there is none (yet, or any more)."""
-        if self._checkpoint is not None and self._checkpoint.exists():
-            return self._checkpoint
-        return None
-
-    def what_is_kept(self) -> str:
-        """For a divergence or an interruption: which checkpoint holds this run's last good
-        state, if any, in words."""
-        checkpoint = self.out_dir / "checkpoint.npz"
-        if self.last_checkpoint is not None:
-            return f"the last good checkpoint, {self.last_checkpoint}, is kept"
-        if checkpoint.exists():
-            return (f"this run wrote no checkpoint; the {checkpoint} there belongs to an earlier run (resuming from it "
-                    "continues that run, not this one)")
-        return "no checkpoint had been written yet"
 
     def _train_epoch(self, epoch: int) -> None:
         """The steps of ``epoch`` not yet taken (all of them, except after a resume)."""
@@ -1012,321 +675,6 @@ class Trainer:
             self.log.write(record)
         if (epoch + 1) % self.config.checkpoint_every == 0 or epoch == self._last_epoch:
             self.save(self.out_dir / "checkpoint.npz")
-
-    # -- checkpoints -----------------------------------------------------------------
-    def state(self) -> tuple[dict[str, Any], dict]:
-        """The shared state (identical on every worker): model, optimiser, targets, step.
-
-        Random streams need no saving: they are functions of (seed, rank, step)
-        (:meth:`random`). Each worker's own state (queue, memory bank) is
-        :meth:`local_state`; ``meta["local_ranks"]`` lists the ranks that have one, so that
-        :meth:`load` can insist on their files.
-        """
-        arrays = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        arrays.update({f"optim.{k}": v for k, v in self.optimizer.state_dict().items()})
-        for h, t in enumerate(self.targets or []):
-            arrays[f"targets.{h}"] = t
-        has_local = self.queue is not None or self.bank is not None  # on every worker or on none
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "config": self.config.to_dict(),
-            "step": self.step,
-            "steps_per_epoch": self.steps_per_epoch,
-            "world_size": self.comm.size,
-            # the input normalisation and the data it came from: features need no data set
-            "normalisation": {"mean": list(self.mean), "std": list(self.std)},
-            "data": {"name": self.train_set.name, **data_record(self.train_set),
-                     "fingerprint": self.data_fingerprint()},
-            "local_ranks": list(range(self.comm.size)) if has_local else [],
-            "monitor_fired": self.monitor.fired,
-            "log": self.log.records,
-        }
-        return arrays, meta
-
-    def data_fingerprint(self) -> str:
-        """A digest of the training images, in order, and their labels (computed once): a
-        resume compares it with the checkpoint's, so other images of the same count and
-        shape are noticed (:meth:`load`)."""
-        if self._fingerprint is None:
-            digest = hashlib.blake2b(digest_size=16)
-            digest.update(np.ascontiguousarray(self.train_set.images).data)
-            if self.train_set.labels is not None:
-                digest.update(np.ascontiguousarray(self.train_set.labels, dtype=np.int64).data)
-            self._fingerprint = digest.hexdigest()
-        return self._fingerprint
-
-    def local_state(self) -> tuple[dict[str, Any], dict]:
-        """This worker's queue and memory bank (each rank keeps its own, as officially)."""
-        arrays, meta = {}, {"format": CHECKPOINT_FORMAT, "rank": self.comm.rank, "step": self.step}
-        if self.queue is not None:
-            arrays["queue.embeddings"] = self.queue.embeddings
-            meta["queue_filled"] = self.queue.filled
-        if self.bank is not None:
-            arrays.update({f"bank.{k}": v for k, v in self.bank.state_dict().items()})
-        return arrays, meta
-
-    @staticmethod
-    def local_path(path: str | os.PathLike, rank: int, step: int | None = None) -> Path:
-        """``run/checkpoint.npz`` -> ``run/checkpoint.rank0.step110.local.npz`` (without
-        ``step``: ``run/checkpoint.rank0.local.npz``, the name before the step was in it)."""
-        path = Path(path)
-        at = "" if step is None else f".step{step}"
-        return path.with_name(f"{path.stem}.rank{rank}{at}.local{path.suffix}")
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Atomically write a checkpoint, never over a good one with NaNs.
-
-        Every worker with a queue or a memory bank first writes its own file next to
-        ``path``, named by rank and step (:meth:`local_path`); once all are written, rank 0
-        replaces ``path``, whose metadata names them; once that is done, each worker removes
-        its files of earlier steps. A job killed at any point leaves a ``path`` whose
-        files are all there: the previous one (and its files) or the new one.
-        """
-        arrays, meta = self.state()
-        finite = all(bool(self.xp.all(self.xp.isfinite(v))) for k, v in arrays.items() if k.startswith("model."))
-        if not finite:
-            raise TrainingDivergedError(f"the parameters are not finite at step {self.step} (training diverged); "
-                                        f"{path} was not written. {DIVERGENCE_ADVICE}")
-        local_arrays, local_meta = self.local_state()
-        mine = self.local_path(path, self.comm.rank, self.step)
-        meta["local_files"] = [self.local_path(path, r, self.step).name for r in meta["local_ranks"]]
-        if local_arrays:
-            ckpt.save_checkpoint(mine, local_arrays, local_meta)
-        self.comm.barrier()  # every worker's file is on disk before the checkpoint names it
-        if self.comm.is_root:
-            ckpt.save_checkpoint(path, arrays, meta)
-        self.comm.barrier()
-        if local_arrays:  # the checkpoint now names this step's files: earlier ones are not needed
-            pattern = f"{glob.escape(Path(path).stem)}.rank{self.comm.rank}.*local{glob.escape(Path(path).suffix)}"
-            for old in Path(path).parent.glob(pattern):
-                if old != mine:
-                    old.unlink(missing_ok=True)
-        self._checkpoint = Path(path)
-
-    def load(self, path: str | os.PathLike, weights_only: bool = False) -> None:
-        """Restore a checkpoint written by :meth:`save`, to resume training (raises
-        CheckpointError if unusable, or if this worker's queue / memory bank file,
-        :meth:`local_path`, is missing). ``weights_only``: the model and its input
-        normalisation only, for evaluation; any number of workers may have written it.
-
-        A run without per-worker state may resume on another number of workers: it then
-        continues at the next epoch boundary, with this run's steps per epoch (not bit for
-        bit: the batches are cut differently).
-
-        A resume continues the checkpoint's run, so it must be that run's data and recipe:
-        training data of another number of images or image shape are refused (ConfigError;
-        other images of the same count and shape are warned about), and every other
-        setting that differs from the checkpoint's (seed, learning rates, temperature,
-        optimiser, dtype...; all but :data:`RESUME_MAY_CHANGE`) is listed in one warning,
-        so that nobody continues a run under another recipe by accident.
-        """
-        arrays, meta, saved = load_trainer_checkpoint(path)
-        compared = ("method", "arch", "n_prototypes", "feat_dim", "hidden_dim")
-        if not weights_only:  # these shape the optimiser's and the workers' state too
-            compared += ("batch_size", "dataset", "queue_length", *CROP_FIELDS)
-        differ = [name for name in compared if getattr(saved, name) != getattr(self.config, name)]
-        if differ:  # all of them in one message, not one per attempt
-            raise ckpt.CheckpointError(
-                f"{path}: the checkpoint was trained with {as_options({n: getattr(saved, n) for n in differ})}; "
-                f"this run has {as_options({n: getattr(self.config, n) for n in differ})}. These settings shape "
-                f"the model and its state, so {'evaluating' if weights_only else 'resuming'} it needs the "
-                "checkpoint's (swav-ref train --resume takes every setting not given on its command line from "
-                "the checkpoint)"
-            )
-        if not weights_only:
-            self._check_resumed_data(path, meta.get("data"))
-            if self.comm.is_root:
-                self._warn_of_other_settings(path, saved, meta)
-        local = None if weights_only else self._local_file(path, meta)
-        ckpt.check_compatible(
-            {k[6:]: v for k, v in arrays.items() if k.startswith("model.")},
-            {k: tuple(v.shape) for k, v in self.model.state_dict().items()},
-        )
-        xp = self.xp
-        try:  # bad values (NaN weights, a None) are the file's fault: a CheckpointError naming it
-            self.model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
-        except ValueError as exc:
-            raise ckpt.CheckpointError(f"{path}: its model.* entries: {exc}") from exc
-        if "normalisation" in meta:  # checkpoints written before it was saved: this data's own
-            self.mean = tuple(meta["normalisation"]["mean"])
-            self.std = tuple(meta["normalisation"]["std"])
-            self.multicrop = MultiCrop(self._multicrop_config(), self.xp, self.dtype)
-        if weights_only:
-            if self.comm.size > 1:
-                self._broadcast_parameters()
-            return
-        try:
-            self.optimizer.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("optim.")})
-        except ckpt.CheckpointError as exc:
-            raise ckpt.CheckpointError(f"{path}: its optim.* entries: {exc}") from exc
-        self.step = self._resumed_step(path, meta)
-        if self.comm.is_root:
-            self._warn_of_another_schedule(path, saved)
-        if any(k.startswith("targets.") for k in arrays):
-            self.targets = [xp.asarray(t) for t in self._checked_targets(path, arrays)]
-        self.log.records = list(meta.get("log", []))  # up to this checkpoint's step (fit rewrites the file)
-        self.monitor.fired = bool(meta.get("monitor_fired", False))
-        # the collapse window spans the resume: a run of short jobs is watched as one run
-        self.monitor.remember(r["loss"] for r in self.log.records if r.get("kind") == "step")
-        if local is not None:
-            self._load_local(local)
-        if self.comm.size > 1:
-            self._broadcast_parameters()
-        self._checkpoint = Path(path)  # this run's last good state, until its first save
-
-    def _check_resumed_data(self, path: str | os.PathLike, trained_on: dict | None) -> None:
-        """Resuming on other data is a new experiment, not a continuation: another number
-        of images or image shape is refused (it would also change the steps per epoch, which
-        the resume would blame on the workers); other images of the same count and shape
-        (another digest, :meth:`data_fingerprint`) are warned about, since the same files
-        decoded by another version of an image library may differ by a few pixels.
-        Checkpoints written before the data were recorded are not checked."""
-        if not trained_on:
-            return
-        data = self.train_set
-        now = data_record(data)
-        if not trained_on_same(trained_on, data):
-            old_split = trained_on.get("name") == f"{data.name}/train" and not data.has_labels
-            raise ConfigError(
-                f"--resume {path}: the checkpoint was trained on {trained_on['n_images']} images of shape "
-                f"{tuple(trained_on['image_shape'])} ({trained_on.get('name')}), but this run's training set "
-                f"({data.name}) has {now['n_images']} of shape {tuple(now['image_shape'])}; "
-                + ("it was written before a flat image folder trained on every image, on the 80 % split that "
-                   "versions before then held out; to resume it exactly, hand the trainer that split from Python: "
-                   "train, _ = split_dataset(load_image_folder(DATA_DIR), seed=0), then "
-                   "Trainer(config, train_set=train).fit(resume=PATH)" if old_split else
-                   "resume on the data it was trained on, or start a fresh run (its weights alone: load_encoder, "
-                   "or Trainer.load(path, weights_only=True))"))
-        if self.comm.is_root and "fingerprint" in trained_on and trained_on["fingerprint"] != self.data_fingerprint():
-            warnings.warn(f"--resume {path}: the training images (or their order or labels) differ from those the "
-                          f"checkpoint was trained on ({trained_on.get('name')}), though their number and shape "
-                          f"agree; this run continues it on other data ({data.name})", stacklevel=4)
-
-    def _warn_of_other_settings(self, path: str | os.PathLike, saved: TrainConfig, meta: dict) -> None:
-        """One warning listing every recipe setting of this run that differs from the
-        checkpoint's (all fields but :data:`RESUME_MAY_CHANGE`; those that shape the state,
-        such as the method and the batch size, were refused before). The prototype freeze
-        counts steps, so it is compared only at the same steps per epoch (another number of
-        workers rescales it)."""
-        skip = set(RESUME_MAY_CHANGE)
-        if meta.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
-            skip.add("freeze_prototypes_niters")
-
-        def shown(value: Any) -> str:
-            return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-        changed = [f"--{f.name.replace('_', '-')} {shown(getattr(saved, f.name))} -> "
-                   f"{shown(getattr(self.config, f.name))}"
-                   for f in dataclasses.fields(TrainConfig)
-                   if f.name not in skip and getattr(saved, f.name) != getattr(self.config, f.name)]
-        if changed:
-            warnings.warn(f"--resume {path}: this run's settings differ from the checkpoint's ({', '.join(changed)}; "
-                          "the checkpoint's first); the resumed run continues under this run's settings, another "
-                          "recipe than the one the checkpoint was trained with; to continue that run as it was, give "
-                          "the checkpoint's values", stacklevel=4)
-
-    def _checked_targets(self, path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """DeepCluster-v2's targets as the checkpoint holds them (host arrays), refused
-        unless each is one whole-number cluster per training image, in ``0..K-1`` or
-        :data:`~swav_ref.deepcluster.IGNORE_INDEX`: a bad value would index past the scores."""
-        targets = []
-        for h, k in enumerate(self.config.n_prototypes):
-            name = f"targets.{h}"
-            t = arrays.get(name)
-            problem = None
-            if t is None:
-                problem = "is missing"
-            elif t.shape != (len(self.train_set),) or not np.issubdtype(t.dtype, np.integer):
-                problem = f"is {t.dtype} of shape {t.shape}, not one integer per training image ({len(self.train_set)})"
-            elif not np.all((t == IGNORE_INDEX) | ((t >= 0) & (t < k))):
-                problem = f"holds values outside 0..{k - 1} (and {IGNORE_INDEX}, no target)"
-            if problem:
-                raise ckpt.CheckpointError(f"{path}: {name} {problem}")
-            targets.append(t)
-        return targets
-
-    def _warn_of_another_schedule(self, path: str | os.PathLike, saved: TrainConfig) -> None:
-        """``--epochs`` may change on resume (to train a finished run further), but the
-        learning-rate schedule spans ``--epochs``: the resumed run follows a new warm-up and
-        cosine, and its rate jumps at once. Said with the numbers, since nothing else shows it."""
-        cfg = self.config
-        if saved.epochs == cfg.epochs or self.step >= self.total_steps:
-            return  # the same schedule, or nothing left to train (fit says so)
-        # Both schedules over the steps left (the checkpoint's at its last step past its end),
-        # at five points: a constant rate, say, is the same schedule whatever --epochs says.
-        saved_last, left = saved.epochs * self.steps_per_epoch - 1, self.total_steps - 1 - self.step
-        rates = [(scheduled_rate(saved, self.steps_per_epoch, min(step, saved_last)), self.learning_rate(step))
-                 for step in (self.step + left * i // 4 for i in range(5))]
-        if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in rates):
-            return
-        was, now = rates[0]
-        warnings.warn(
-            f"--resume {path}: --epochs {saved.epochs} -> {cfg.epochs} changes the learning-rate schedule, which "
-            f"spans --epochs (warm-up, then cosine to --final-lr): at step {self.step} the rate is {now:.4g}, where "
-            f"the checkpoint's run was at {was:.4g}. To split one run into several jobs without this, give every job "
-            "the run's final --epochs and end each one early with --stop-after", stacklevel=4)
-
-    def _local_file(self, path: str | os.PathLike, meta: dict) -> Path | None:
-        """This worker's queue / memory bank file named by the checkpoint (None if it has none)."""
-        ranks = meta.get("local_ranks")  # None in checkpoints written before it existed
-        files = meta.get("local_files")  # None before the step was in the names
-        old_name = self.local_path(path, self.comm.rank)
-        if ranks is None:
-            return old_name if old_name.exists() else None
-        if not ranks:
-            return None
-        if meta["world_size"] != self.comm.size:
-            raise ckpt.CheckpointError(
-                f"{path}: written by {meta['world_size']} workers, resumed by {self.comm.size}; the per-worker "
-                "queues or memory banks cannot be redistributed (resume on as many workers, or evaluate it)"
-            )
-        local = Path(path).with_name(files[self.comm.rank]) if files else old_name
-        if not local.is_file():
-            names = ", ".join(files) if files else ", ".join(self.local_path(path, r).name for r in ranks)
-            raise ckpt.CheckpointError(
-                f"{local} is missing: {path} keeps each worker's queue or memory bank in its own file ({names}), "
-                f"written next to it; copy those files from the run's folder into {local.parent}, or the resumed "
-                "run would silently start from a fresh queue / memory bank"
-            )
-        return local
-
-    def _resumed_step(self, path: str | os.PathLike, meta: dict) -> int:
-        """The step to continue from: the checkpoint's, or on another number of steps per
-        epoch (other workers) the start of the epoch after the last one it completed."""
-        step, saved_per_epoch = meta["step"], meta.get("steps_per_epoch", self.steps_per_epoch)
-        for name, value, least in (("step", step, 0), ("steps_per_epoch", saved_per_epoch, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ckpt.CheckpointError(f"{path}: its {name} is {value!r}, not a whole number of steps "
-                                           f"(at least {least})")
-        if saved_per_epoch == self.steps_per_epoch:
-            return step
-        if step % saved_per_epoch:
-            raise ckpt.CheckpointError(f"{path}: written in the middle of an epoch (step {step} of "
-                                       f"{saved_per_epoch} per epoch) with other steps per epoch than this run's "
-                                       f"{self.steps_per_epoch}; resume it on {meta['world_size']} workers")
-        epochs = step // saved_per_epoch
-        if self.comm.is_root:
-            warnings.warn(f"{path}: {epochs} epochs of {saved_per_epoch} steps ({meta['world_size']} workers) "
-                          f"continue with {self.steps_per_epoch} steps per epoch ({self.comm.size} workers) from "
-                          f"epoch {epochs + 1}: the schedule carries on, but not bit for bit", stacklevel=3)
-        return epochs * self.steps_per_epoch
-
-    def _load_local(self, path: Path) -> None:
-        arrays, meta = ckpt.load_checkpoint(path)
-        if meta.get("step") != self.step:
-            raise ckpt.CheckpointError(f"{path}: local state of step {meta.get('step')} does not match step {self.step}")
-        try:
-            if "queue.embeddings" in arrays:
-                self.queue = self._new_queue()
-                self.queue.load_state_dict({"embeddings": arrays["queue.embeddings"], "filled": meta.get("queue_filled")})
-            if "bank.embeddings" in arrays:
-                cfg = self.config
-                self.bank = MemoryBank(len(cfg.crops_for_assign), self.steps_per_epoch * cfg.batch_size, cfg.feat_dim,
-                                       self.xp, self.dtype)
-                self.bank.load_state_dict({"embeddings": self.xp.asarray(arrays["bank.embeddings"]),
-                                           "index": arrays.get("bank.index")})
-        except ckpt.CheckpointError as exc:
-            raise ckpt.CheckpointError(f"{path}: {exc}") from exc
 
     # -- features for evaluation ----------------------------------------------------------
     def features(self, images: np.ndarray, batch_size: int = 512) -> Any:

@@ -244,6 +244,23 @@ def test_failed_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert temp_files(tmp_path) == []  # the half-done temporary file was removed
 
 
+def test_write_atomically_keeps_the_old_text_file_when_writing_fails(tmp_path):
+    """The results JSON and a run's config.json go through write_atomically too: a failure
+    halfway through the text leaves the previous file whole, and no temporary file."""
+    path = tmp_path / "sub" / "results.json"
+    assert checkpoint.write_atomically(path, lambda f: f.write('{"a": 1}\n'), mode="w") == path
+    assert path.read_text() == '{"a": 1}\n'
+
+    def half_then_fail(f):
+        f.write('{"a": ')
+        raise ValueError("not JSON")
+
+    with pytest.raises(ValueError, match="not JSON"):
+        checkpoint.write_atomically(path, half_then_fail, mode="w")
+    assert path.read_text() == '{"a": 1}\n'
+    assert temp_files(path.parent) == []
+
+
 def test_crash_midway_through_the_data_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.npz"
     save_checkpoint(path, {"w": np.zeros(4)}, {"epoch": 1})

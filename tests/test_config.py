@@ -75,3 +75,21 @@ def test_what_is_not_a_configuration_is_refused_with_what_it_got():
         TrainConfig.from_dict(None)
     with pytest.raises(TypeError, match=r"Trainer\(config\): config must be a TrainConfig, got dict.*from_dict"):
         Trainer({"epochs": 1})
+
+
+def test_names_that_moved_out_of_train_still_import_with_a_warning():
+    """train.py was split into config.py, train.py and resume.py; the names users may have
+    imported from swav_ref.train keep working, told where they are now."""
+    import swav_ref.config
+    import swav_ref.resume
+
+    with pytest.warns(DeprecationWarning, match="swav_ref.resume.RESUME_MAY_CHANGE"):
+        from swav_ref.train import RESUME_MAY_CHANGE
+    assert RESUME_MAY_CHANGE is swav_ref.resume.RESUME_MAY_CHANGE
+    with pytest.warns(DeprecationWarning, match="swav_ref.config.as_options"):
+        from swav_ref.train import as_options
+    assert as_options is swav_ref.config.as_options
+    import swav_ref.train
+
+    with pytest.raises(AttributeError, match="no attribute 'numbers'"):
+        swav_ref.train.numbers  # a module config.py happens to import is no name of train's

@@ -179,7 +179,7 @@ def test_load_trainer_checkpoint_refuses_a_checkpoint_of_another_format(tmp_path
 def test_load_trainer_checkpoint_refuses_a_workers_local_file(tmp_path):
     """checkpoint.rank0.step10.local.npz has the trainer's format but only a worker's queue
     or memory bank: a bare KeyError 'config' before."""
-    from swav_ref.train import CHECKPOINT_FORMAT
+    from swav_ref.resume import CHECKPOINT_FORMAT
 
     path = save_checkpoint(tmp_path / "checkpoint.rank0.step10.local.npz", {"queue.embeddings": np.zeros(3)},
                            {"format": CHECKPOINT_FORMAT, "step": 10})

@@ -11,7 +11,8 @@ import pytest
 from small_runs import write_digit_folder
 from swav_ref.checkpoint import load_checkpoint
 from swav_ref.cli import main
-from swav_ref.evaluate import KNNResult, format_results, results_table
+from swav_ref.evaluate import KNNResult
+from swav_ref.results import format_results, results_table
 from swav_ref.train import Trainer, TrainConfig
 
 #: one process whatever runs the tests (conftest.single_process)

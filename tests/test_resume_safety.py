@@ -14,7 +14,7 @@ import pytest
 
 from small_runs import small_config
 from swav_ref import checkpoint as ckpt
-from swav_ref.evaluate import save_results_json
+from swav_ref.results import save_results_json
 from swav_ref.train import Trainer, scheduled_rate
 
 #: Most tests here resume a short run for more epochs, which warns of the new learning-rate
