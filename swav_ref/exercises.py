@@ -15,13 +15,14 @@ An answer of ``None`` (or a stub that returns ``None``) gives "not attempted yet
 notebooks run to the end with the exercises unanswered. The distance is
 :func:`swav_ref.nn.gradcheck.rel_error`, :math:`\max|a - b| / \max(|a| + |b|)`; an answer
 passes below ``1e-8``, so it must be computed in float64 like the inputs (a float32 answer
-is told so, and so is a float64 answer that lost precision on the way: "nearly right"); complex
-or non-numeric answers are refused. Where the answer is off, the message says how: a transposed
-or mis-shaped output, outputs in another order, a flipped sign, a constant factor, a known slip
-(BatchNorm's unbiased variance, a flipped convolution kernel, ...), or which rows differ, with a
-hint. The test sizes differ from one another (V - 1, B, |A| ...), so a wrong count cannot pass
-for a right one. The reference is computed before the answer runs, and the answer gets
-copies of the inputs, so an answer that edits its inputs in place changes neither.
+is told so, and so is a float64 answer that lost precision on the way: "nearly right");
+complex or non-numeric answers are refused. Where the answer is off, the message says how:
+a transposed or mis-shaped output, outputs in another order, a flipped sign, a constant
+factor, a known slip (BatchNorm's unbiased variance, a flipped convolution kernel, ...), or
+which rows differ, with a hint. The test sizes differ from one another (:math:`V - 1`,
+:math:`B`, :math:`|A|`, ...), so a wrong count cannot pass for a right one. The reference
+is computed before the answer runs, and the answer gets copies of the inputs, so an answer
+that edits its inputs in place changes neither.
 
 The exercises, by notebook: 02 :func:`check_g_update`; 03 :func:`check_codes_as_transport`,
 :func:`check_swapped_loss_grad`, :func:`check_prototypes_backward`; 04
@@ -518,6 +519,10 @@ _BATCHNORM_MISTAKES: list[tuple[dict[str, Any], str]] = [
     ({"no_eps": True}, "leaving eps out gives: eps goes inside the sqrt, sqrt(var + eps)"),
     *(({"stat_axes": axes}, f"statistics over axes {axes} give: {_PER_CHANNEL}")
       for axes in ((1, 2, 3), (0,), (2, 3), (0, 1, 2, 3))),
+    ({"mean_term": False, "xhat_term": False},
+     "the eval-mode formula, gamma g / sqrt(var + eps), gives: it treats the mean and the variance as "
+     "constants, but in training they depend on every x of the channel, so subtract mean(g) and "
+     "x_hat * mean(g x_hat) (per channel) before scaling"),
     ({"mean_term": False}, "dropping the mean(g) term gives: mu depends on every x of the channel, "
                            "so subtract mean(g) (per channel)"),
     ({"xhat_term": False}, "dropping the x_hat * mean(g x_hat) term gives: sigma depends on every x of "

@@ -54,21 +54,24 @@ def training_curves(steps: Sequence[dict], n_prototypes: int | None = None) -> F
 
 def image_grid(images: np.ndarray, nrows: int, ncols: int, titles: Sequence[str] | None = None,
                figsize: tuple[float, float] | None = None) -> Figure:
-    """A grid of images (N, C, H, W), uint8 or float in [0, 1], greyscale or RGB; one
-    title per shown image when ``titles`` is given."""
-    images = np.asarray(images)
-    _check_images(images)
-    shown = min(len(images), nrows * ncols)
+    """A grid of images (N, C, H, W), uint8 or float in [0, 1], greyscale or RGB, filled row
+    by row; one title per shown image when ``titles`` is given. ``images`` may also be a list
+    of (C, H, W) images in which ``None`` leaves its cell empty (a short row)."""
+    cells = list(images)
+    present = [image for image in cells if image is not None]
+    stacked = np.stack([np.asarray(image) for image in present]) if present else np.asarray(images)
+    _check_images(stacked)
+    shown = min(len(cells), nrows * ncols)
     if titles is not None and len(titles) < shown:
         raise ValueError(f"image_grid: {len(titles)} titles for {shown} images")
     fig = Figure(figsize=figsize or (1.2 * ncols, 1.2 * nrows), layout="constrained")
     axes = np.atleast_2d(fig.subplots(nrows, ncols, squeeze=False))
     for i, ax in enumerate(axes.ravel()):
         ax.set_axis_off()
-        if i >= len(images):
+        if i >= len(cells) or cells[i] is None:
             continue
-        img = images[i]
-        img = img.astype(float) / 255.0 if images.dtype == np.uint8 else np.clip(img, 0.0, 1.0)
+        img = np.asarray(cells[i])
+        img = img.astype(float) / 255.0 if stacked.dtype == np.uint8 else np.clip(img, 0.0, 1.0)
         if img.shape[0] == 1:
             # as stored, 0 black: the same digit looks the same here and in the crops' figure
             ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
@@ -93,14 +96,13 @@ def prototype_gallery(images: np.ndarray, assignments: np.ndarray, n_prototypes:
                          f"{len(images)} images and assignments of shape {assignments.shape}")
     counts = np.bincount(assignments)
     top = np.argsort(counts)[::-1][:n_prototypes]
-    rows, titles = [], []
-    blank = np.zeros_like(images[0])
+    cells, titles = [], []
     for k in top:
         members = np.flatnonzero(assignments == k)[:per_prototype]
         for j in range(per_prototype):
-            rows.append(images[members[j]] if j < len(members) else blank)
+            cells.append(images[members[j]] if j < len(members) else None)  # None: an empty cell
             titles.append(f"proto {k} (n={counts[k]})" if j == 0 else "")
-    return image_grid(np.stack(rows), len(top), per_prototype, titles=titles)
+    return image_grid(cells, len(top), per_prototype, titles=titles)
 
 
 def _check_images(images: np.ndarray) -> None:

@@ -44,3 +44,15 @@ def test_grid_titles_and_gallery_assignments_must_cover_the_images():
         plots.prototype_gallery(images[:0], np.array([], dtype=np.int64))
     fig = plots.prototype_gallery(images, np.array([0, 0, 1, 1]), n_prototypes=2, per_prototype=2)
     assert len(fig.axes) == 4
+
+
+def test_gallery_leaves_the_rest_of_a_short_row_empty_and_draws_grey_as_stored():
+    """A prototype with fewer images than the row leaves its cells empty (they were drawn as
+    black squares once greyscale was shown as stored), and 0 is black, as in the crops."""
+    images = np.full((4, 1, 8, 8), 200, dtype=np.uint8)
+    fig = plots.prototype_gallery(images, np.array([0, 0, 0, 1]), n_prototypes=2, per_prototype=3)
+    drawn = [len(ax.images) for ax in fig.axes]
+    assert drawn == [1, 1, 1, 1, 0, 0]
+    assert fig.axes[0].images[0].get_cmap().name == "gray"
+    with pytest.raises(ValueError, match="uint8"):
+        plots.image_grid([np.zeros((1, 8, 8), dtype=np.int16), None], 1, 2)

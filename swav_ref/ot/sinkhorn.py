@@ -96,9 +96,9 @@ class TransportResult:
         :func:`sinkhorn_log`; the linear program's duals for exact transport.
     details : dict
         solver-specific counters. :func:`sinkhorn_log`: ``kernel_rebuilds``, how often the
-        scalings grew large and were absorbed into the potentials, the kernel rebuilt (0: the
-        first kernel served throughout), and ``exact_blocks``, the blocks that over- or
-        underflowed and were redone with exact log-sum-exp updates.
+        kernel was rebuilt from new potentials, after the scalings grew large or after an
+        exact block (0: the first kernel served throughout), and ``exact_blocks``, the blocks
+        that over- or underflowed and were redone with exact log-sum-exp updates.
     """
 
     plan: Any
