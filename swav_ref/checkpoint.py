@@ -40,17 +40,43 @@ Atomic writes
     ``tempfile.mkstemp``'s owner-only ``0o600``. :func:`write_atomically` does this for any
     file (the results JSON and a run's ``config.json`` use it too).
 
-Loading never unpickles: ``np.load(..., allow_pickle=False)``. Every way a file can be
-wrong raises :class:`CheckpointError` (a ``ValueError``) naming the file and the problem.
+What a loader refuses, and why
+    A checkpoint may come from someone else, and the SHA-256 is no defence (anyone can
+    compute it), so before reading any member's data the loader checks the zip's directory
+    and refuses (:class:`CheckpointError` naming the file and the member) anything
+    :func:`save_checkpoint` never writes that could make reading cost more than the file:
+
+    - a member that is compressed (a deflated member of zeros expands a thousandfold: a
+      3.7 MiB file read as 2.6 GB) or encrypted: members are stored;
+    - members whose declared sizes add up to more than the file, or whose bytes overlap
+      (member a's data holding member b: nested n deep, a file is read n times over;
+      Python's zipfile checks this only from 3.11.8/3.12.2);
+    - a ``.npy`` member whose header's shape and dtype do not account for exactly its bytes
+      (a header declaring a terabyte over a few bytes is refused before anything is
+      allocated; data after the array is refused too), and object arrays (never unpickled);
+    - metadata over :data:`MAX_METADATA_BYTES`, or metadata :func:`save_checkpoint` would
+      refuse (not a dict, nested deeper than :data:`MAX_METADATA_DEPTH`, or JSON Python
+      cannot read, such as an integer of more than 4300 digits), so that what loads saves.
+
+    So the arrays and bytes a file makes the loader hold are at most about the file's own
+    size; parsing the JSON metadata costs a bounded multiple of its size (Python objects
+    are larger than their text), which the cap bounds. The reserved members are read first:
+    a file of another format or version is refused before its arrays are read.
+
+Loading never unpickles (``allow_pickle=False``). Every way a file can be wrong raises
+:class:`CheckpointError` (a ``ValueError``) naming the file and the problem.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
+import struct
 import zipfile
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping
@@ -61,6 +87,7 @@ from swav_ref.backend import asarray, host_dtype, to_numpy
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_METADATA_BYTES",
     "MAX_METADATA_DEPTH",
     "MAX_NAME_BYTES",
     "CheckpointError",
@@ -104,6 +131,15 @@ MAX_NAME_BYTES = 0xFFFF - len(".npy")
 #: stack), so a file that saves also loads.
 MAX_METADATA_DEPTH = 100
 
+#: Largest metadata, in bytes of UTF-8 JSON (64 MiB): far beyond a real run's config, RNG
+#: states and training log, and refused on save as on load. It bounds what parsing the
+#: JSON of a file from someone else can cost: Python objects take more memory than their
+#: text (up to some 20 times, for a text of nothing but ``[],``).
+MAX_METADATA_BYTES = 64 * 2**20
+
+#: Longest ``.npy`` header read (NumPy's own ``max_header_size`` default).
+_MAX_NPY_HEADER = 10_000
+
 
 def _check_names(names: list[Any]) -> None:
     """Refuse, before anything is written, array names that would not come back as given.
@@ -143,10 +179,13 @@ def _check_names(names: list[Any]) -> None:
         )
 
 
-def _check_metadata(metadata: Any) -> dict:
+def _check_metadata(metadata: Any, shared: bool = True) -> dict:
     """Refuse metadata that would not come back as given: not a dict, a key that is not a
     string (JSON would turn ``1`` into ``'1'``), or nesting deeper than MAX_METADATA_DEPTH.
-    Walks iteratively (no recursion); values are left for ``json.dumps`` to judge."""
+    Walks depth first without recursion, holding one iterator per level (memory grows with
+    the depth, not the size); values are left for ``json.dumps`` to judge. ``shared``:
+    containers may appear more than once (given by a caller, perhaps circular), so each is
+    remembered with the deepest level it was checked at; JSON just parsed shares nothing."""
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
@@ -155,29 +194,40 @@ def _check_metadata(metadata: Any) -> dict:
         )
     metadata = dict(metadata)
     deepest: dict[int, int] = {}  # id -> deepest level it was checked at (shared lists, cycles)
-    stack: list[tuple[Any, str, int]] = [(metadata, "metadata", 1)]
+    keys: list[Any] = []  # the key or index of each open container below the metadata dict
+    stack: list[tuple[Any, bool]] = [(iter(metadata.items()), True)]  # (iterator of (key, item), is a dict)
+
+    def where(extra: list[Any]) -> str:
+        return ("metadata" + "".join(f"[{key!r}]" for key in keys + extra))[:200]
+
     while stack:
-        value, where, depth = stack.pop()
-        if deepest.get(id(value), 0) >= depth:
-            continue  # already checked here or deeper: the same keys, no deeper nesting
-        deepest[id(value)] = depth
-        if depth > MAX_METADATA_DEPTH:  # (a cycle ends here too)
-            raise ValueError(
-                f"checkpoint metadata is nested more than {MAX_METADATA_DEPTH} levels deep, or is circular "
-                f"(at {where[:200]}...)"
-            )
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if not isinstance(key, str):
+        items, in_dict = stack[-1]
+        for key, item in items:
+            if in_dict and not isinstance(key, str):
+                raise ValueError(
+                    f"checkpoint metadata key {key!r} ({type(key).__name__}) in {where([])} is not a "
+                    f"string; JSON object keys are strings, so it would not come back as {key!r}"
+                )
+            if isinstance(item, (dict, list, tuple)):
+                depth = len(stack) + 1
+                if depth > MAX_METADATA_DEPTH:  # (a cycle ends here too)
                     raise ValueError(
-                        f"checkpoint metadata key {key!r} ({type(key).__name__}) in {where[:200]} is not a "
-                        f"string; JSON object keys are strings, so it would not come back as {key!r}"
+                        f"checkpoint metadata is nested more than {MAX_METADATA_DEPTH} levels deep, or is "
+                        f"circular (at {where([key])}...)"
                     )
-                if isinstance(item, (dict, list, tuple)):
-                    stack.append((item, f"{where}[{key!r}]", depth + 1))
-        else:
-            containers = (i for i, item in enumerate(value) if isinstance(item, (dict, list, tuple)))
-            stack.extend((value[i], f"{where}[{i}]", depth + 1) for i in containers)
+                if not item:
+                    continue  # nothing inside
+                if shared:
+                    if deepest.get(id(item), 0) >= depth:
+                        continue  # already checked here or deeper: the same keys, no deeper nesting
+                    deepest[id(item)] = depth
+                keys.append(key)
+                stack.append((iter(item.items()), True) if isinstance(item, dict) else (enumerate(item), False))
+                break
+        else:  # this container is done
+            stack.pop()
+            if keys:
+                keys.pop()
     return metadata
 
 
@@ -276,7 +326,8 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata
         zip member of ``x``); object arrays are refused.
     metadata : dict
         JSON-serialisable (nested dicts with string keys, lists, str, bool, None, floats and
-        ints of any size; at most :data:`MAX_METADATA_DEPTH` levels). Tuples come back as lists.
+        ints of up to 4300 digits; at most :data:`MAX_METADATA_DEPTH` levels and
+        :data:`MAX_METADATA_BYTES` bytes of JSON). Tuples come back as lists.
 
     Once the file is in place, the temporary files of earlier saves to ``path`` that were
     killed midway are removed (see "Atomic writes" in the module's notes).
@@ -285,7 +336,8 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata
     ------
     ValueError
         an empty path or a folder; a reserved, empty, over-long or colliding name; an
-        object array; or metadata that JSON cannot hold exactly. Nothing is written.
+        object array; or metadata that JSON cannot hold exactly, or over
+        MAX_METADATA_BYTES. Nothing is written.
     TypeError
         ``arrays`` or ``metadata`` is not a dict. Nothing is written.
     """
@@ -310,6 +362,11 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata
         raise ValueError(f"checkpoint metadata is nested too deeply for JSON: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ValueError(f"checkpoint metadata cannot be stored as JSON: {exc}") from exc
+    if len(metadata_bytes) > MAX_METADATA_BYTES:
+        raise ValueError(
+            f"checkpoint metadata is {len(metadata_bytes)} bytes as JSON, more than MAX_METADATA_BYTES "
+            f"({MAX_METADATA_BYTES}); keep large data in arrays"
+        )
 
     members = dict(host)
     members[_FORMAT_KEY] = np.asarray(FORMAT_VERSION, dtype=np.int64)
@@ -361,7 +418,11 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     CheckpointError
         the file is missing; is not a zip/npz; is truncated or damaged (bad zip structure or
         CRC); lacks the reserved entries (not a swav_ref checkpoint); has an unknown format
-        version; or fails its SHA-256. The message names the file and which of these it is.
+        version; fails its SHA-256; holds what save_checkpoint never writes (compressed,
+        encrypted or overlapping members, a .npy header that does not match its member's
+        size, an object array, metadata over MAX_METADATA_BYTES or metadata save_checkpoint
+        would refuse: see "What a loader refuses" in the module's notes). The message names
+        the file and which of these it is.
     """
     if not os.fspath(path):
         raise CheckpointError("checkpoint path is empty")
@@ -375,44 +436,141 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
         if head != _ZIP_MAGIC:
             raise CheckpointError(f"{path} is not a checkpoint: not a zip/npz file (starts with {head!r}, {size} bytes)")
         f.seek(0)
+        member = None  # the member being read, for the message
         try:
-            with np.load(f, allow_pickle=False) as npz:
-                # Read by member name (``x.npy``), never by the short name: npz["x.npy"] is the
-                # member of ``x`` when both ``x`` and ``x.npy`` are stored (files written before
-                # save_checkpoint refused such pairs).
-                contents = {m.removesuffix(".npy"): np.asarray(npz[m]) for m in npz.zip.namelist()}
+            with zipfile.ZipFile(f) as zf:
+                # Read by member name (``x.npy``), never by the short name: ``x.npy`` is the member
+                # of ``x`` when both ``x`` and ``x.npy`` are stored (files written before
+                # save_checkpoint refused such pairs). A name stored twice: the last one, as zipfile.
+                infos = {info.filename: info for info in _checked_members(path, f, zf, size)}
+                missing = [k for k in (_FORMAT_KEY, _METADATA_KEY, _CHECKSUM_KEY) if k + ".npy" not in infos]
+                if _FORMAT_KEY in missing:
+                    raise CheckpointError(
+                        f"{path} is not a swav_ref checkpoint: missing keys {missing} (an .npz saved some other way?)"
+                    )
+                member = _FORMAT_KEY + ".npy"
+                version = _read_member(zf, infos[member], size)
+                if version.shape != () or version.dtype.kind not in "iu" or int(version) != FORMAT_VERSION:
+                    raise CheckpointError(
+                        f"{path} has unknown format version {version.tolist()!r}; this swav_ref reads version "
+                        f"{FORMAT_VERSION}"
+                    )
+                if missing:
+                    raise CheckpointError(f"{path} is damaged: missing keys {missing}")
+                member = _METADATA_KEY + ".npy"
+                metadata_bytes = _read_member(zf, infos[member], size, max_bytes=MAX_METADATA_BYTES).tobytes()
+                member = _CHECKSUM_KEY + ".npy"
+                stored_digest = _read_member(zf, infos[member], size).tobytes()
+                contents = {}
+                for member, info in infos.items():
+                    if member not in (_FORMAT_KEY + ".npy", _METADATA_KEY + ".npy", _CHECKSUM_KEY + ".npy"):
+                        contents[member.removesuffix(".npy")] = _read_member(zf, info, size)
+        except CheckpointError:
+            raise
         except Exception as exc:  # noqa: BLE001
             # A flipped or missing byte can surface from zipfile, zlib or NumPy's .npy reader as
-            # almost any exception (BadZipFile, a CRC error, NotImplementedError for a "new"
-            # compression method, RuntimeError for an "encrypted" member, ValueError for a bad
-            # header, EOFError, MemoryError for an absurd shape, ...). All mean the same here.
+            # almost any exception (BadZipFile, a CRC error, ValueError for a bad header,
+            # EOFError, ...). All mean the same here.
+            where = f"member {member!r}: " if member is not None else ""
             raise CheckpointError(
-                f"{path} is truncated or corrupt ({size} bytes): {type(exc).__name__}: {exc}"
+                f"{path} is truncated or corrupt ({size} bytes): {where}{type(exc).__name__}: {exc}"
             ) from exc
 
-    missing = [k for k in (_FORMAT_KEY, _METADATA_KEY, _CHECKSUM_KEY) if k not in contents]
-    if _FORMAT_KEY in missing:
-        raise CheckpointError(
-            f"{path} is not a swav_ref checkpoint: missing keys {missing} (an .npz saved some other way?)"
-        )
-    version = contents[_FORMAT_KEY]
-    if version.shape != () or version.dtype.kind not in "iu" or int(version) != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has unknown format version {version.tolist()!r}; this swav_ref reads version {FORMAT_VERSION}"
-        )
-    if missing:
-        raise CheckpointError(f"{path} is damaged: missing keys {missing}")
-
-    metadata_bytes = contents.pop(_METADATA_KEY).tobytes()
-    stored_digest = contents.pop(_CHECKSUM_KEY).tobytes()
-    del contents[_FORMAT_KEY]
     if _digest(contents, metadata_bytes) != stored_digest:
         raise CheckpointError(f"{path} is corrupt: checksum mismatch (SHA-256 of arrays and metadata)")
     try:
         metadata = json.loads(metadata_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # only if written corrupt
+    except (ValueError, RecursionError) as exc:  # (ValueError: also an int past Python's digit limit)
         raise CheckpointError(f"{path} is corrupt: metadata is not valid JSON ({exc})") from exc
+    try:
+        metadata = _check_metadata(metadata, shared=False)  # what save refuses: so that it saves again
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} holds metadata that save_checkpoint would refuse: {exc}") from None
     return contents, metadata
+
+
+def _checked_members(path: Path, f: IO[bytes], zf: zipfile.ZipFile, size: int) -> list[zipfile.ZipInfo]:
+    """``zf``'s members, or :class:`CheckpointError` naming the first that could make reading
+    it cost more than the file's own ``size`` (see "What a loader refuses" in the module's
+    notes). Reads only the zip's directory and the members' 30-byte local headers."""
+
+    def refuse(info: zipfile.ZipInfo, why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path} is refused ({size} bytes): member {info.filename!r} {why}; save_checkpoint writes "
+            "each member once, stored (not compressed, not encrypted), one after another"
+        )
+
+    infos = zf.infolist()
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise refuse(info, f"is compressed (zip method {info.compress_type})")
+        if info.flag_bits & 0x1:
+            raise refuse(info, "is encrypted")
+        if info.compress_size != info.file_size:
+            raise refuse(info, f"declares {info.file_size} bytes but {info.compress_size} stored")
+    total = sum(info.file_size for info in infos)
+    if total > size:
+        raise refuse(max(infos, key=lambda i: i.file_size), f"is the largest of members declaring {total} bytes in all")
+    end, previous = 0, None
+    for info in sorted(infos, key=lambda i: i.header_offset):
+        if info.header_offset < end:
+            where = f"overlaps member {previous.filename!r}" if previous else "starts before the file"
+            raise refuse(info, f"{where} (its bytes are another member's too)")
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if len(local) != 30 or local[:4] != _ZIP_MAGIC:
+            raise refuse(info, f"has no local header at offset {info.header_offset}")
+        name_length, extra_length = struct.unpack("<2H", local[26:30])
+        end = info.header_offset + 30 + name_length + extra_length + info.compress_size
+        if end > size:
+            raise refuse(info, f"ends at byte {end}, past the end of the file")
+        previous = info
+    return infos
+
+
+def _npy_header(fp: IO[bytes]) -> tuple[tuple, np.dtype]:
+    """The shape and dtype a ``.npy`` stream's header declares (the stream left after it)."""
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    elif version == (3, 0):  # as 2.0 but UTF-8 (structured field names beyond Latin-1): no public reader
+        (length,) = struct.unpack("<I", fp.read(4))
+        if length > _MAX_NPY_HEADER:
+            raise ValueError(f".npy header of {length} bytes is too long")
+        header = ast.literal_eval(fp.read(length).decode("utf-8"))
+        if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+            raise ValueError(f".npy header is not a dict of descr, fortran_order and shape: {header!r:.200}")
+        shape, dtype = header["shape"], np.lib.format.descr_to_dtype(header["descr"])
+        if not isinstance(shape, tuple) or not all(isinstance(n, int) for n in shape):
+            raise ValueError(f".npy header shape is not a tuple of ints: {shape!r:.200}")
+    else:
+        raise ValueError(f"unknown .npy format version {version}")
+    return shape, dtype
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, size: int, max_bytes: int | None = None) -> np.ndarray:
+    """Read one ``.npy`` member as NumPy's npz reader does, once its header is shown to
+    declare exactly the member's bytes: its shape times its itemsize plus the header's length
+    is the member's size (so the array costs no more than the member, and is read to its end,
+    where zipfile checks the CRC-32). Object arrays are refused (never unpickled);
+    ``max_bytes`` caps the data's size (the metadata's)."""
+    with zf.open(info) as fp:
+        shape, dtype = _npy_header(fp)
+        if dtype.hasobject:
+            raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+        count = math.prod(shape)  # exact, as Python ints (NumPy's int64 product can wrap)
+        data_bytes = count * dtype.itemsize
+        if min(shape, default=0) < 0 or count > size or fp.tell() + data_bytes != info.file_size:
+            raise ValueError(
+                f"its .npy header declares shape {shape} of {dtype} ({data_bytes} bytes after a "
+                f"{fp.tell()}-byte header), but the member holds {info.file_size} bytes"
+            )
+        if max_bytes is not None and data_bytes > max_bytes:
+            raise ValueError(f"it holds {data_bytes} bytes, more than the {max_bytes} allowed")
+        fp.seek(0)
+        return np.asarray(np.lib.format.read_array(fp, allow_pickle=False))
 
 
 #: The dtype kinds a loaded state's entry may be asked to have, as the messages name them.

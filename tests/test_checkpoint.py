@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
+import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -478,3 +482,163 @@ def test_check_compatible_names_every_difference():
     assert "unexpected keys ['extra']" in message
     assert "a: checkpoint (3, 4) vs expected (4, 3)" in message
     assert "b:" not in message
+
+
+# -- files from someone else: bounded work before anything is trusted ---------------------
+def npy_bytes(array):
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def crafted_members(arrays, metadata_bytes=b"{}"):
+    """The .npy members of a checkpoint of ``arrays``, with a valid SHA-256 (it is unkeyed)."""
+    members = {**arrays, **reserved(metadata=metadata_bytes, digest=checkpoint._digest(arrays, metadata_bytes))}
+    return {name + ".npy": npy_bytes(array) for name, array in members.items()}
+
+
+def write_members(path, members, mode="w"):
+    with zipfile.ZipFile(path, mode) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def local_header(name, data):
+    return struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data),
+                       len(name), 0) + name
+
+
+def raw_zip(path, blob, entries):
+    """``blob`` (local headers and data, laid out by the caller) and a central directory of
+    ``entries`` (name, data, offset of its local header in blob): zip members may overlap."""
+    directory = b"".join(
+        struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data),
+                    len(name), 0, 0, 0, 0, 0, offset) + name
+        for name, data, offset in entries
+    )
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(entries), len(entries), len(directory), len(blob), 0)
+    path.write_bytes(blob + directory + end)
+
+
+@pytest.fixture
+def member_bytes_read(monkeypatch):
+    """How many bytes of member data the loader read (a refusal should read none)."""
+    count = [0]
+    real_read = zipfile.ZipExtFile.read
+
+    def counting_read(self, n=-1):
+        data = real_read(self, n)
+        count[0] += len(data)
+        return data
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", counting_read)
+    return count
+
+
+def test_compressed_or_encrypted_members_are_refused_unread(tmp_path, member_bytes_read):
+    """A deflated member can expand a thousandfold (a 3.7 MiB file loaded as 2.6 GB, and
+    1 MiB of compressed JSON as 1.6 GB); save_checkpoint stores members, so any other method
+    is refused before a byte of data is read."""
+    path = tmp_path / "bomb.npz"
+    members = crafted_members({"bomb": np.zeros(2**20, np.uint8)})  # 1 MiB of zeros: ~1 KiB deflated
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED if name == "bomb.npy" else zipfile.ZIP_STORED)
+    assert path.stat().st_size < 2**15
+    with pytest.raises(CheckpointError, match=r"bomb.npz is refused .*member 'bomb.npy' is compressed \(zip method 8\)"):
+        load_checkpoint(path)
+    assert member_bytes_read[0] == 0
+
+    save_checkpoint(path, {"w": np.zeros(3)}, {})
+    data = bytearray(path.read_bytes())
+    flags = data.find(b"PK\x01\x02") + 8  # the first member's flag bits, in the central directory
+    data[flags] |= 0x01
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"member '.*\.npy' is encrypted"):
+        load_checkpoint(path)
+    assert member_bytes_read[0] == 0
+
+
+@pytest.mark.parametrize("gap", [True, False])
+def test_overlapping_members_are_refused_unread(tmp_path, member_bytes_read, gap):
+    """Stored members whose data regions overlap (member a's data holds member b whole) make
+    the loader read the same bytes twice; nested n deep, an 8 MiB file read as 2.4 GB. With a
+    gap of unused bytes the declared sizes fit in the file and only the overlap shows."""
+    b_data = npy_bytes(np.zeros(4096, np.uint8))
+    b_local = local_header(b"b.npy", b_data) + b_data
+    a_data = npy_bytes(np.frombuffer(b_local, np.uint8))  # its .npy header, then b's local header and data
+    a_local = local_header(b"a.npy", a_data) + a_data
+    entries = [(b"a.npy", a_data, 0), (b"b.npy", b_data, len(a_local) - len(b_local))]
+    blob = a_local + (bytes(len(b_local) + 1024) if gap else b"")
+    arrays = {"a": np.frombuffer(b_local, np.uint8), "b": np.zeros(4096, np.uint8)}
+    for name, data in crafted_members(arrays).items():
+        if name not in ("a.npy", "b.npy"):
+            entries.append((name.encode(), data, len(blob)))
+            blob += local_header(name.encode(), data) + data
+    path = tmp_path / "overlap.npz"
+    raw_zip(path, blob, entries)
+    declared = sum(len(data) for _, data, _ in entries)
+    assert (declared <= path.stat().st_size) == gap
+    match = r"member 'b.npy' overlaps member 'a.npy'" if gap else r"member 'a.npy' is the largest of members declaring"
+    with pytest.raises(CheckpointError, match=r"overlap.npz is refused .*" + match):
+        load_checkpoint(path)
+    assert member_bytes_read[0] == 0
+
+
+def test_npy_header_must_declare_exactly_the_members_bytes(tmp_path):
+    """An array costs no more memory than its member holds: a header declaring 2**40 bytes
+    over a few is refused before anything is allocated, and so is data after the array
+    (which a reader stopping early would also skip the member's CRC-32 for)."""
+    path = tmp_path / "h.npz"
+    members = crafted_members({"w": np.arange(4.0)})
+    write_members(path, {**members, "w.npy": members["w.npy"] + b"trailing"})
+    with pytest.raises(CheckpointError, match=r"member 'w.npy'.*declares shape \(4,\) of float64 \(32 bytes after a "
+                                              r"128-byte header\), but the member holds 168 bytes"):
+        load_checkpoint(path)
+
+    header = io.BytesIO()  # the header alone: 1 TiB declared
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (2**20, 2**20)})
+    write_members(path, {**members, "w.npy": header.getvalue() + bytes(32)})
+    with pytest.raises(CheckpointError, match=r"member 'w.npy'.*declares shape \(1048576, 1048576\) of uint8"):
+        load_checkpoint(path)
+
+
+def test_metadata_size_is_capped_on_save_and_load(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "MAX_METADATA_BYTES", 100)
+    path = tmp_path / "m.npz"
+    save_checkpoint(path, {}, {"text": "x" * 80})  # 92 bytes of JSON
+    assert load_checkpoint(path)[1] == {"text": "x" * 80}
+    with pytest.raises(ValueError, match=r"metadata is 112 bytes as JSON, more than MAX_METADATA_BYTES \(100\)"):
+        save_checkpoint(path, {}, {"text": "x" * 100})
+    write_members(path, crafted_members({}, b'{"text": "' + b"x" * 100 + b'"}'))
+    with pytest.raises(CheckpointError, match=r"member '__swav_ref_metadata__.npy'.*112 bytes, more than the 100"):
+        load_checkpoint(path)
+
+
+def test_structured_array_with_a_utf8_field_name_round_trips(tmp_path):
+    """NumPy stores it as .npy version 3.0 (a UTF-8 header), which the header check reads too."""
+    arrays = {"s": np.array([(1.5, 2)], dtype=[("σ", "f4"), ("n", "i8")])}
+    with pytest.warns(UserWarning, match="format 3.0"):
+        save_checkpoint(tmp_path / "s.npz", arrays, {})
+    assert_same_arrays(load_checkpoint(tmp_path / "s.npz")[0], arrays)
+
+
+@pytest.mark.parametrize(
+    "metadata_bytes, match",
+    [
+        (b'{"step": ' + b"9" * 5000 + b"}", r"metadata is not valid JSON \(Exceeds the limit"),  # was a bare ValueError
+        (b'{"log": ' + b"[" * 100 + b"]" * 100 + b"}", r"nested more than 100 levels deep.*\['log'\]\[0\]\[0\]"),
+        (b"[1, 2]", r"metadata must be a dict \(or None\), got list"),
+    ],
+    ids=["5000-digit int", "101 deep", "a list"],
+)
+def test_loaded_metadata_is_checked_as_on_save(tmp_path, metadata_bytes, match):
+    """What save_checkpoint refuses is refused on load too, as a CheckpointError naming the
+    file: a training log nested 101 deep used to load, resume, and fail at the next save."""
+    path = tmp_path / "meta.npz"
+    write_members(path, crafted_members({"w": np.zeros(2)}, metadata_bytes))
+    with pytest.raises(CheckpointError, match=r"meta.npz .*" + match):
+        load_checkpoint(path)
+    nested = b'{"log": ' + b"[" * 99 + b"]" * 99 + b"}"  # the deepest a save accepts
+    write_members(path, crafted_members({"w": np.zeros(2)}, nested))
+    assert load_checkpoint(path)[1] == json.loads(nested)
