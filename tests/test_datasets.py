@@ -522,3 +522,196 @@ def test_load_dataset_dispatch(tmp_path):
     save_png(tmp_path / "single" / "cat" / "only.png", np.zeros((3, 3), dtype=np.uint8))
     with pytest.raises(DatasetError, match="single: cannot split 1 image"):
         D.load_dataset("folder", tmp_path / "single")
+
+
+# -- robustness: memory, link fan-out, sizes, odd entries ---------------------------------
+from swav_ref.data import image_files as F  # noqa: E402
+
+
+def test_mixed_grey_and_colour_resized_match_converting_each_to_rgb(tmp_path):
+    # Greyscale images are resized as one channel and widened at the end: the same pixels
+    # as converting every image to RGB before the (bilinear, antialiased) resize.
+    rng = np.random.default_rng(3)
+    save_png(tmp_path / "a.png", rng.integers(0, 256, (37, 23), dtype=np.uint8))
+    save_png(tmp_path / "b.png", rng.integers(0, 256, (19, 41, 3), dtype=np.uint8))
+    save_png(tmp_path / "c.png", rng.integers(0, 256, (30, 30), dtype=np.uint8) > 100)  # mode "1"
+    for size in (8, (13, 50)):
+        ds = D.load_image_folder(tmp_path, image_size=size)
+        height, width = (size, size) if isinstance(size, int) else size
+        for i, name in enumerate(("a.png", "b.png", "c.png")):
+            with Image.open(tmp_path / name) as img:
+                expected = img.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+            np.testing.assert_array_equal(ds.images[i], np.transpose(np.asarray(expected), (2, 0, 1)))
+
+
+def test_folder_holds_one_full_size_image_at_a_time(tmp_path, monkeypatch):
+    import weakref
+
+    for i in range(4):
+        save_png(tmp_path / f"{i}.png", np.full((64, 48), 10 * i, dtype=np.uint8))
+    save_png(tmp_path / "4.png", np.zeros((64, 48, 3), dtype=np.uint8))
+    alive, most = [0], [0]
+
+    def counted_read_image(path):
+        picture = F.read_image(path)
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(picture, lambda: alive.__setitem__(0, alive[0] - 1))
+        return picture
+
+    monkeypatch.setattr(D, "read_image", counted_read_image)
+    ds = D.load_image_folder(tmp_path, image_size=8)
+    assert ds.images.shape == (5, 3, 8, 8)
+    assert most[0] == 1  # each decoded image is gone before the next is read
+
+
+def test_flattening_alpha_does_not_widen_to_16_bytes_a_pixel():
+    import tracemalloc
+
+    pixels = np.random.default_rng(0).integers(0, 256, (1000, 1000, 4), dtype=np.uint8)
+    picture = Image.fromarray(pixels)
+    tracemalloc.start()
+    try:
+        flat = F.flatten_alpha(picture)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * pixels.nbytes  # the uint32 blend alone took 4x, its temporaries 11x in all
+    colour, alpha = pixels[..., :3].astype(np.int64), pixels[..., 3:].astype(np.int64)
+    np.testing.assert_array_equal(np.asarray(flat), (colour * alpha + 255 * (255 - alpha) + 127) // 255)
+
+
+def test_image_too_large_for_memory_names_file_and_size(tmp_path, monkeypatch):
+    save_image(tmp_path / "big.png", Image.new("RGBA", (30, 20)))
+
+    def no_memory(picture):
+        raise MemoryError
+
+    monkeypatch.setattr(F, "flatten_alpha", no_memory)
+    with pytest.raises(DatasetError, match=r"big\.png \(30x20 pixels\) is too large"):
+        D.load_image_folder(tmp_path)
+
+
+def test_folder_links_that_fan_out_are_an_error(tmp_path):
+    # L0 holds 3 links to L1, L1 holds 3 links to L2, which holds one image: no loop, but 9
+    # ways to one image (6 levels of 6 made one image 46656, and the walk exponential)
+    for k in range(3):
+        (tmp_path / f"L{k}").mkdir()
+    save_png(tmp_path / "L2" / "a.png", np.zeros((2, 2), dtype=np.uint8))
+    for k in range(2):
+        for j in range(3):
+            make_link(tmp_path / f"L{k}" / f"l{j}", tmp_path / f"L{k + 1}", target_is_directory=True)
+    (tmp_path / "data").mkdir()
+    make_link(tmp_path / "data" / "cls", tmp_path / "L0", target_is_directory=True)
+    with pytest.raises(DatasetError, match=r"folder .*cls.l0.l1 is the folder .*cls.l0.l0 again \(both lead to .*L2,"):
+        D.load_image_folder(tmp_path / "data")
+
+
+def test_two_classes_linking_to_one_folder_is_an_error(tmp_path):
+    save_png(tmp_path / "shared" / "a.png", np.zeros((2, 2), dtype=np.uint8))
+    (tmp_path / "data").mkdir()
+    make_link(tmp_path / "data" / "cat", tmp_path / "shared", target_is_directory=True)
+    make_link(tmp_path / "data" / "dog", tmp_path / "shared", target_is_directory=True)
+    with pytest.raises(DatasetError, match=r"data.dog is the folder .*data.cat again"):
+        D.load_image_folder(tmp_path / "data")
+
+
+def test_unreadable_sub_folder_is_a_dataset_error(tmp_path, monkeypatch):
+    import pathlib
+
+    save_png(tmp_path / "cat" / "a.png", np.zeros((2, 2), dtype=np.uint8))
+    save_png(tmp_path / "cat" / "locked" / "b.png", np.zeros((2, 2), dtype=np.uint8))
+    iterdir = pathlib.Path.iterdir
+
+    def refuse_locked(self):  # chmod 000 does not stop root, so refuse the listing here
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", refuse_locked)
+    with pytest.raises(DatasetError, match=r"cannot list folder .*cat.locked: Permission denied"):
+        D.load_image_folder(tmp_path)
+
+
+def test_entry_that_cannot_be_inspected_is_a_dataset_error(tmp_path, monkeypatch):
+    save_png(tmp_path / "cat" / "a.png", np.zeros((2, 2), dtype=np.uint8))
+    save_png(tmp_path / "cat" / "b.png", np.zeros((2, 2), dtype=np.uint8))
+    stat = os.stat
+
+    def refuse_b(path, *args, **kwargs):
+        if os.fspath(path).endswith("b.png"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", refuse_b)
+    with pytest.raises(DatasetError, match=r"cannot inspect .*cat.b\.png: Permission denied"):
+        D.load_image_folder(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_named_pipe_with_an_image_name_is_skipped_and_called_what_it_is(tmp_path):
+    save_png(tmp_path / "a.png", np.zeros((2, 2), dtype=np.uint8))
+    os.mkfifo(tmp_path / "b.png")  # opening it would block until something writes
+    with pytest.warns(UserWarning) as record:
+        ds = D.load_image_folder(tmp_path)
+    assert len(ds) == 1
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and "named pipe" in messages[0] and "b.png" in messages[0], messages
+    assert "of a known type" not in messages[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_read_image_refuses_a_named_pipe_without_opening_it(tmp_path, monkeypatch):
+    os.mkfifo(tmp_path / "b.png")
+
+    def no_open(*args, **kwargs):  # opening the pipe would hang the test
+        raise AssertionError("opened a named pipe")
+
+    monkeypatch.setattr(Image, "open", no_open)
+    monkeypatch.setattr(os, "open", no_open)
+    with pytest.raises(DatasetError, match=r"b\.png is a named pipe \(FIFO\), not a regular file"):
+        F.read_image(tmp_path / "b.png")
+
+
+def test_file_link_that_loops_is_not_called_broken(tmp_path):
+    save_png(tmp_path / "a.png", np.zeros((2, 2), dtype=np.uint8))
+    make_link(tmp_path / "b.png", "b.png")
+    with pytest.raises(DatasetError, match=r"link .*b\.png -> b\.png loops"):
+        D.load_image_folder(tmp_path)
+
+
+@small_cifar
+def test_cifar10_batch_file_larger_than_a_real_one_names_its_size(tmp_path):
+    folder, _ = make_cifar(tmp_path)
+    size = (D._CIFAR_RECORDS_PER_FILE + 1) * D._CIFAR_RECORD
+    with open(folder / "data_batch_2.bin", "r+b") as f:
+        f.truncate(size)
+    with pytest.raises(DatasetError, match=rf"data_batch_2\.bin is {size} bytes, more than the 30730000"):
+        D.load_cifar10(tmp_path)
+
+
+@small_cifar
+def test_cifar10_huge_meta_file_is_refused_before_reading(tmp_path):
+    folder, _ = make_cifar(tmp_path)
+    with open(folder / "batches.meta.txt", "r+b") as f:
+        f.truncate(2**20)
+    with pytest.raises(DatasetError, match=r"batches\.meta\.txt is 1048576 bytes, more than the 65536"):
+        D.load_cifar10(tmp_path)
+
+
+@small_cifar
+def test_cifar10_batch_that_is_not_a_regular_file_says_what_it_is(tmp_path):
+    folder, _ = make_cifar(tmp_path)
+    (folder / "data_batch_1.bin").unlink()
+    (folder / "data_batch_1.bin").mkdir()
+    with pytest.raises(DatasetError, match=r"data_batch_1\.bin is a folder, not a regular file"):
+        D.load_cifar10(tmp_path)
+    (folder / "data_batch_1.bin").rmdir()
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(folder / "data_batch_1.bin")
+        with pytest.raises(DatasetError, match=r"data_batch_1\.bin is a named pipe \(FIFO\), not a regular file"):
+            D.load_cifar10(tmp_path)
+        (folder / "data_batch_1.bin").unlink()
+    make_link(folder / "data_batch_1.bin", "data_batch_1.bin")
+    with pytest.raises(DatasetError, match=r"data_batch_1\.bin is a link that loops, not a regular file"):
+        D.load_cifar10(tmp_path)

@@ -32,9 +32,14 @@ import numpy as np
 
 from swav_ref.data.errors import DatasetError, is_integer
 from swav_ref.data.image_files import (
+    FILE,
     GREY_MODES,
     IMAGE_EXTENSIONS,
     find_images,
+    folder_id,
+    is_folder,
+    open_regular_file,
+    path_kind,
     pick_images,
     read_image,
     visible_entries,
@@ -70,6 +75,11 @@ _CIFAR_FOLDER = "cifar-10-batches-bin"
 _CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 _CIFAR_TEST_FILE = "test_batch.bin"
 _CIFAR_META_FILE = "batches.meta.txt"
+#: The largest batch file read: every real one is exactly 10000 records; a larger one is not
+#: CIFAR-10 (and a sparse 10 GB file would otherwise be read into memory whole).
+_CIFAR_MAX_FILE_BYTES = 10000 * _CIFAR_RECORD
+#: The largest ``batches.meta.txt`` read; the real one is 61 bytes (ten names).
+_CIFAR_MAX_META_BYTES = 64 * 1024
 
 
 @dataclass
@@ -314,15 +324,23 @@ def _read_cifar_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     Each record is one label byte followed by the 1024 red, 1024 green and 1024 blue
     values of a 32x32 image, rows first: exactly our ``(C, H, W)`` layout.
     """
-    if not path.is_file():
-        raise DatasetError(f"CIFAR-10 file missing: {path}")
-    size = path.stat().st_size
-    if size == 0 or size % _CIFAR_RECORD:
-        raise DatasetError(
-            f"CIFAR-10 file {path} is truncated or not a CIFAR-10 binary batch: its size "
-            f"{size} bytes is not a positive multiple of the {_CIFAR_RECORD}-byte record"
-        )
-    records = np.fromfile(path, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
+    with open_regular_file(path, "CIFAR-10 file") as file:  # not a folder, a named pipe, a device
+        size = os.fstat(file.fileno()).st_size
+        if size > _CIFAR_MAX_FILE_BYTES:
+            raise DatasetError(
+                f"CIFAR-10 file {path} is {size} bytes, more than the {_CIFAR_MAX_FILE_BYTES} bytes "
+                f"({_CIFAR_RECORDS_PER_FILE} records of {_CIFAR_RECORD}) of every real batch file: "
+                "it is not a CIFAR-10 binary batch"
+            )
+        if size == 0 or size % _CIFAR_RECORD:
+            raise DatasetError(
+                f"CIFAR-10 file {path} is truncated or not a CIFAR-10 binary batch: its size "
+                f"{size} bytes is not a positive multiple of the {_CIFAR_RECORD}-byte record"
+            )
+        records = np.fromfile(file, dtype=np.uint8, count=size)  # no more than was checked
+    if records.size != size:
+        raise DatasetError(f"CIFAR-10 file {path} changed while it was read ({records.size} of {size} bytes)")
+    records = records.reshape(-1, _CIFAR_RECORD)
     labels = records[:, 0].astype(np.int64)
     bad = np.flatnonzero(labels > 9)
     if bad.size:
@@ -347,10 +365,20 @@ def _warn_if_not_full(path: Path, n_records: int) -> None:
 
 def _read_cifar_classes(folder: Path) -> tuple[str, ...]:
     meta = folder / _CIFAR_META_FILE
-    if not meta.is_file():
+    if path_kind(meta) != FILE:  # absent, or a folder, named pipe, ...: never opened
         return CIFAR10_CLASSES  # the names are fixed; the file only restates them
+    with open_regular_file(meta, "CIFAR-10 class-name file") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > _CIFAR_MAX_META_BYTES:
+            raise DatasetError(
+                f"CIFAR-10 class-name file {meta} is {size} bytes, more than the {_CIFAR_MAX_META_BYTES} "
+                "read: it cannot be a list of ten names; restore it or delete it (the names are built in)"
+            )
+        data = file.read(_CIFAR_MAX_META_BYTES + 1)
+    if len(data) > _CIFAR_MAX_META_BYTES:
+        raise DatasetError(f"CIFAR-10 class-name file {meta} grew past {_CIFAR_MAX_META_BYTES} bytes while read")
     try:
-        text = meta.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DatasetError(
             f"CIFAR-10 class-name file {meta} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
@@ -377,8 +405,10 @@ def load_cifar10(data_dir: str | os.PathLike) -> tuple[ImageDataset, ImageDatase
     Raises
     ------
     DatasetError
-        missing folder or file, a file whose size is not a multiple of 3073 bytes, a label
-        outside 0..9; the message names the file.
+        missing folder or file, a path that is not a regular file (a folder, a named pipe,
+        a device), a file whose size is not a multiple of 3073 bytes or is over 10000
+        records, a ``batches.meta.txt`` over 64 KiB, a label outside 0..9; the message names
+        the file.
 
     Warns
     -----
@@ -458,14 +488,18 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
         is read).
     DatasetError
         missing or empty folder, a class folder without images, image files beside class
-        folders, a broken link with an image name, a folder link that loops, a corrupt or
-        truncated file, a 32-bit integer or floating-point image (modes ``I``, ``F``), or
-        (``image_size=None``) an image of another size; the message names the file.
+        folders, a broken link or a link that loops with an image name, a folder link that
+        loops, a folder reached a second time through a link (its images would be read
+        twice), a folder that cannot be listed, a corrupt or truncated file, an image too
+        large to decode in the memory available, a 32-bit integer or floating-point image
+        (modes ``I``, ``F``), or (``image_size=None``) an image of another size; the message
+        names the file.
 
     Warns
     -----
     UserWarning
-        when files were skipped for their extension (``.heic``, ``.txt``, ...).
+        when files were skipped for their extension (``.heic``, ``.txt``, ...), and when
+        entries that are not regular files (a named pipe, a device) were skipped unopened.
     """
     from PIL import Image
 
@@ -474,16 +508,19 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
     if not root.is_dir():
         raise DatasetError(f"image folder not found: {root} does not exist or is not a folder")
     entries = visible_entries(root)
-    class_dirs = [p for p in entries if p.is_dir()]
+    is_class = [is_folder(p) for p in entries]
+    class_dirs = [p for p, sub in zip(entries, is_class) if sub]
     skipped: list[Path] = []
-    loose = pick_images([p for p in entries if not p.is_dir()], skipped)
+    loose = pick_images([p for p, sub in zip(entries, is_class) if not sub], skipped)
     if class_dirs:
         if loose:
             raise DatasetError(
                 f"{root} mixes class sub-folders with loose images (e.g. {loose[0]}); put every "
                 "image in a class folder, or use a flat folder without sub-folders"
             )
-        members = [find_images(class_dir, skipped) for class_dir in class_dirs]
+        root_id = folder_id(root)
+        seen = {root_id: root}  # over all classes: a folder reached twice is an error, also across classes
+        members = [find_images(class_dir, skipped, frozenset({root_id}), seen) for class_dir in class_dirs]
         warn_skipped(skipped, root)  # first: it may explain an empty class folder
         for class_dir, found in zip(class_dirs, members):
             if not found:
@@ -498,12 +535,18 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
             raise DatasetError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         class_names, label_array = (), None
 
-    pictures = [read_image(f) for f in files]
-    mode = "L" if all(p.mode in GREY_MODES for p in pictures) else "RGB"
+    # One image at a time: read, convert, resize, keep only the small result, so the peak is
+    # about one full-size image (a folder of phone photos would not fit in memory decoded).
+    # Greyscale images are kept as 1 channel and widened to RGB at the end if any image is in
+    # colour: the same pixels as converting each to RGB first (Pillow's bilinear resize treats
+    # each channel alike), without a first pass that decodes every image.
     expected = None if image_size is None else (image_size[1], image_size[0])  # Pillow: (w, h)
     arrays = []
-    for path, picture in zip(files, pictures):
-        picture = picture.convert(mode)
+    for path in files:
+        picture = read_image(path)
+        mode = "L" if picture.mode in GREY_MODES else "RGB"
+        if picture.mode != mode:  # (converting to its own mode would only copy it)
+            picture = picture.convert(mode)
         if image_size is not None:
             picture = picture.resize(expected, Image.Resampling.BILINEAR)
         elif expected is None:
@@ -515,7 +558,10 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
                 "to resize them all"
             )
         pixels = np.asarray(picture, dtype=np.uint8)
+        del picture
         arrays.append(pixels[None] if pixels.ndim == 2 else np.transpose(pixels, (2, 0, 1)))
+    if any(a.shape[0] == 3 for a in arrays):  # some colour: every image RGB (grey: R = G = B)
+        arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
     return ImageDataset(
         images=np.ascontiguousarray(np.stack(arrays)),
         labels=label_array,

@@ -8,7 +8,9 @@ are here, one function per rule, each saying what it does and why.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -17,8 +19,8 @@ import numpy as np
 
 from swav_ref.data.errors import DatasetError
 
-__all__ = ["GREY_MODES", "IMAGE_EXTENSIONS", "find_images", "pick_images", "read_image", "visible_entries",
-           "warn_skipped"]
+__all__ = ["GREY_MODES", "IMAGE_EXTENSIONS", "find_images", "folder_id", "is_folder", "open_regular_file", "path_kind",
+           "pick_images", "read_image", "visible_entries", "warn_skipped"]
 
 #: File name endings read as images by :func:`~swav_ref.data.datasets.load_image_folder` (case-insensitive).
 IMAGE_EXTENSIONS = (
@@ -36,67 +38,195 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 #: of only these loads as 1-channel images.
 GREY_MODES = frozenset({"1", "L"})
 
+#: Pixels per block in :func:`flatten_alpha`.
+_BLEND_BLOCK_PIXELS = 1 << 18
+
 
 def is_ignored(path: Path) -> bool:
     """Hidden names and OS metadata: left out without a word."""
     return path.name.startswith(".") or path.name in _OS_METADATA
 
 
+#: What :func:`path_kind` calls a regular file and a folder; anything else gets a phrase
+#: such as ``"named pipe (FIFO)"`` or ``"broken link"``, made to follow "is a".
+FILE, FOLDER = "regular file", "folder"
+BROKEN_LINK, LINK_LOOP, MISSING = "broken link", "link that loops", "missing"
+
+
+def path_kind(path: Path) -> str:
+    """What ``path`` is, links followed, found with one ``stat`` and without opening it.
+
+    ``FILE``, ``FOLDER``, ``MISSING``, ``BROKEN_LINK`` (a link whose target is gone),
+    ``LINK_LOOP`` (a chain of links that comes back to itself), the module's constants, or a phrase for
+    a special file: ``"named pipe (FIFO)"``, ``"socket"``, ``"character device"``, ``"block
+    device"``. Opening a named pipe blocks until something writes to it and a device reads
+    forever, so the loaders look before they open. A path that cannot be inspected (no
+    permission on its folder) raises :class:`~swav_ref.data.errors.DatasetError` naming it.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return LINK_LOOP
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return BROKEN_LINK if os.path.islink(path) else MISSING
+        raise DatasetError(f"cannot inspect {path}: {exc.strerror or exc}") from exc
+    if stat.S_ISREG(mode):
+        return FILE
+    if stat.S_ISDIR(mode):
+        return FOLDER
+    for test, name in ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):  # fmt: skip
+        if test(mode):
+            return name
+    return "special file"
+
+
+def is_folder(path: Path) -> bool:
+    """``path`` is a folder or a link to one (:func:`path_kind`; unlike ``Path.is_dir``, a
+    permission error is a :class:`~swav_ref.data.errors.DatasetError` naming the path, not
+    a raw ``PermissionError``)."""
+    return path_kind(path) == FOLDER
+
+
+def open_regular_file(path: Path, what: str = "file"):
+    """``path`` opened for binary reading, after making sure it is a regular file.
+
+    Anything else raises :class:`~swav_ref.data.errors.DatasetError` saying what the path
+    really is (``"{what} {path} is a named pipe (FIFO), not a regular file"``, ``"{what}
+    missing: {path}"``, ...), without opening it: opening a named pipe would block. The file
+    is opened non-blocking and checked again with ``fstat``, in case it was swapped between
+    the look and the open.
+    """
+    kind = path_kind(path)
+    if kind == MISSING:
+        raise DatasetError(f"{what} missing: {path}")
+    if kind != FILE:
+        raise DatasetError(f"{what} {path} is a {kind}, not a regular file")
+    nonblocking = getattr(os, "O_NONBLOCK", 0)
+    try:
+        file = open(path, "rb", opener=lambda name, flags: os.open(name, flags | nonblocking))  # noqa: SIM115
+    except OSError as exc:
+        raise DatasetError(f"cannot open {what} {path}: {exc.strerror or exc}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise DatasetError(f"{what} {path} is not a regular file")
+        if nonblocking:
+            os.set_blocking(file.fileno(), True)
+        return file
+    except BaseException:
+        file.close()
+        raise
+
+
+def folder_id(folder: Path) -> tuple[int, int]:
+    """``(st_dev, st_ino)`` of ``folder``, links followed: the same for every path (link,
+    ``..``, bind mount) that leads to one folder on disk."""
+    try:
+        st = os.stat(folder)
+    except OSError as exc:
+        raise DatasetError(f"cannot read folder {folder}: {exc.strerror or exc}") from exc
+    return st.st_dev, st.st_ino
+
+
 def visible_entries(folder: Path) -> list[Path]:
-    """The entries of ``folder`` in sorted name order, less hidden ones and OS metadata."""
-    return sorted(p for p in folder.iterdir() if not is_ignored(p))
+    """The entries of ``folder`` in sorted name order, less hidden ones and OS metadata.
+
+    A folder that cannot be listed (no permission) raises :class:`~swav_ref.data.errors.DatasetError` naming it."""
+    try:
+        return sorted(p for p in folder.iterdir() if not is_ignored(p))
+    except OSError as exc:
+        raise DatasetError(f"cannot list folder {folder}: {exc.strerror or exc}") from exc
 
 
 def pick_images(paths: list[Path], skipped: list[Path]) -> list[Path]:
     """The image files among ``paths`` (no folders), in the given order.
 
-    A path is an image when it names an existing file with an extension in
-    :data:`IMAGE_EXTENSIONS`; the others are appended to ``skipped``. A link with an image
-    name whose target is gone raises :class:`~swav_ref.data.errors.DatasetError`: it was meant to be an image.
+    A path is an image when it names a regular file (a link to one included) with an
+    extension in :data:`IMAGE_EXTENSIONS`; the others are appended to ``skipped``, special
+    files (a named pipe, a device) too: they are never opened. A link with an image name
+    whose target is gone, or that loops back to itself, raises
+    :class:`~swav_ref.data.errors.DatasetError`: it was meant to be an image.
     """
     images = []
     for path in paths:
         is_image_name = path.suffix.lower() in IMAGE_EXTENSIONS
-        if is_image_name and path.is_symlink() and not path.exists():
+        kind = path_kind(path)
+        if is_image_name and kind == BROKEN_LINK:
             raise DatasetError(f"broken link {path} -> {os.readlink(path)}: its target does not exist")
-        if is_image_name and path.is_file():
+        if is_image_name and kind == LINK_LOOP:
+            raise DatasetError(
+                f"link {path} -> {os.readlink(path)} loops: following it leads back to a link already "
+                "followed, never to a file"
+            )
+        if is_image_name and kind == FILE:
             images.append(path)
         else:
             skipped.append(path)
     return images
 
 
-def find_images(folder: Path, skipped: list[Path], _outer: frozenset = frozenset()) -> list[Path]:
+def find_images(
+    folder: Path,
+    skipped: list[Path],
+    _outer: frozenset = frozenset(),
+    seen: dict[tuple[int, int], Path] | None = None,
+) -> list[Path]:
     """Every image under ``folder``, sub-folders included, in a fixed order.
 
     A folder's own images come first (sorted by name), then those of each sub-folder in
-    name order, recursively. Links to folders are followed (as torchvision does); one that
-    leads back into a folder being read raises :class:`~swav_ref.data.errors.DatasetError` instead of looping.
+    name order, recursively. Links to folders are followed (as torchvision does), but each
+    folder on disk is read once: one that leads back into a folder being read raises
+    :class:`~swav_ref.data.errors.DatasetError` (a loop), and so does one reached a second
+    time by another way (``seen`` maps the :func:`folder_id` of each folder read so far, over
+    the whole walk, to the path it was first reached by; pass the same dict for the class
+    folders of one data set). A second way in is an error, not a skip: it would put the same
+    images in the data set twice (or in two classes), and links that fan out (a folder with
+    six links to the next, six levels deep) would otherwise make one image thousands and take
+    exponential time to walk.
     """
-    real = folder.resolve()
-    if real in _outer:
-        raise DatasetError(f"folder link {folder} leads back to {real}, which contains it: a loop")
+    seen = {} if seen is None else seen
+    key = folder_id(folder)
+    if key in _outer:
+        raise DatasetError(f"folder link {folder} leads back to {folder.resolve()}, which contains it: a loop")
+    if key in seen:
+        raise DatasetError(
+            f"folder {folder} is the folder {seen[key]} again (both lead to {folder.resolve()}, reached a "
+            "second time through a link); its images would be read twice: remove one of the links"
+        )
+    seen[key] = folder
     entries = visible_entries(folder)
-    images = pick_images([p for p in entries if not p.is_dir()], skipped)
-    for sub_folder in (p for p in entries if p.is_dir()):
-        images += find_images(sub_folder, skipped, _outer | {real})
+    is_sub_folder = [is_folder(p) for p in entries]
+    folders = [p for p, sub in zip(entries, is_sub_folder) if sub]
+    images = pick_images([p for p, sub in zip(entries, is_sub_folder) if not sub], skipped)
+    for sub_folder in folders:
+        images += find_images(sub_folder, skipped, _outer | {key}, seen)
     return images
 
 
 def warn_skipped(skipped: list[Path], root: Path) -> None:
     """One warning (pointing at the caller of :func:`~swav_ref.data.datasets.load_image_folder`) that lists the
     files left out by extension, e.g. ``.heic x2, .txt x1``, so a folder of unsupported
-    photos does not shrink without a word."""
+    photos does not shrink without a word; a second one lists what is not a regular file
+    (a named pipe, a device, a broken link) by name and kind."""
     if not skipped:
         return
-    counts = Counter(p.suffix.lower() or "(no extension)" for p in skipped)
-    summary = ", ".join(f"{ext} x{n}" for ext, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-    what = "file that is not an image" if len(skipped) == 1 else "files that are not images"
-    warnings.warn(
-        f"skipped {len(skipped)} {what} of a known type: {summary} (in {root})",
-        UserWarning,
-        stacklevel=3,
-    )
+    kinds = {p: path_kind(p) for p in skipped}
+    files = [p for p in skipped if kinds[p] == FILE]
+    others = [p for p in skipped if kinds[p] != FILE]
+    if files:
+        counts = Counter(p.suffix.lower() or "(no extension)" for p in files)
+        summary = ", ".join(f"{ext} x{n}" for ext, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        what = "file that is not an image" if len(files) == 1 else "files that are not images"
+        warnings.warn(
+            f"skipped {len(files)} {what} of a known type: {summary} (in {root})",
+            UserWarning,
+            stacklevel=3,
+        )
+    if others:  # a named pipe called x.png is not "an image of an unknown type": say what it is
+        listed = "; ".join(f"{p} is a {kinds[p]}" for p in others[:5]) + ("; ..." if len(others) > 5 else "")
+        what = "entry that is not a regular file" if len(others) == 1 else "entries that are not regular files"
+        warnings.warn(f"skipped {len(others)} {what} in {root}, without opening: {listed}", UserWarning, stacklevel=3)
 
 
 def to_8_bit(picture, path: Path, file_format: str | None):
@@ -127,18 +257,27 @@ def flatten_alpha(picture):
 
     Transparent pixels become white, as most viewers show them: dropping the alpha channel
     would instead show whatever colour happens to be stored under a transparent pixel.
-    Greyscale stays greyscale (``LA`` -> ``L``), colour becomes ``RGB``.
+    Greyscale stays greyscale (``LA`` -> ``L``), colour becomes ``RGB``. The blend is exact
+    integer arithmetic in ``uint16``, a block of rows at a time written into the result: a
+    large image costs about its own size again, not 16 bytes a pixel.
     """
     from PIL import Image
 
     if picture.mode not in ("RGBA", "RGBa", "LA", "La", "PA") and "transparency" not in picture.info:
         return picture
     grey = picture.mode in ("L", "LA", "La")
-    pixels = np.asarray(picture.convert("LA" if grey else "RGBA"), dtype=np.uint32)
-    colour, alpha = pixels[..., :-1], pixels[..., -1:]
-    flat = (colour * alpha + 255 * (255 - alpha) + 127) // 255  # rounded alpha blend
-    flat = flat.astype(np.uint8)
-    return Image.fromarray(flat[..., 0] if grey else flat)
+    with_alpha = "LA" if grey else "RGBA"
+    source = picture if picture.mode == with_alpha else picture.convert(with_alpha)
+    width, height = source.size
+    flat = Image.new("L" if grey else "RGB", source.size)
+    rows = max(1, _BLEND_BLOCK_PIXELS // max(width, 1))
+    for top in range(0, height, rows):  # a block of rows at a time: no full-size array beside the image
+        box = (0, top, width, min(top + rows, height))
+        block = np.asarray(source.crop(box)).astype(np.uint16)  # 255 * 255 + 127 = 65152 fits
+        colour, alpha = block[..., :-1], block[..., -1:]
+        blended = ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)  # rounded alpha blend
+        flat.paste(Image.fromarray(blended[..., 0] if grey else blended), box)
+    return flat
 
 
 def read_image(path: Path):
@@ -146,16 +285,30 @@ def read_image(path: Path):
 
     The EXIF orientation tag is applied (phone photos are often stored sideways with a tag
     that says so), 16-bit greyscale is scaled to 8 bits and transparency is flattened onto
-    white (the module's helpers ``to_8_bit`` and ``flatten_alpha``). Anything unreadable
-    raises :class:`~swav_ref.data.errors.DatasetError` naming the file.
+    white (the module's helpers ``to_8_bit`` and ``flatten_alpha``). Anything unreadable, not
+    a regular file (checked before opening), or too large for the memory available raises
+    :class:`~swav_ref.data.errors.DatasetError` naming the file (and its size in pixels).
     """
     from PIL import Image, ImageOps
 
+    size = None
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now: a truncated file fails here, not later
-            file_format = img.format
-            picture = ImageOps.exif_transpose(img)  # a new image, also when nothing turns
+        with open_regular_file(path, "image") as file:  # a named pipe would block Image.open
+            picture = Image.open(file)
+            size = picture.size  # from the header, before decoding
+            picture.load()  # decode now: a truncated file fails here, not later
+            file_format = picture.format
+            ImageOps.exif_transpose(picture, in_place=True)  # in place: no second full-size copy
+        picture = to_8_bit(picture, path, file_format)
+        return flatten_alpha(picture)
+    except DatasetError:
+        raise
+    except MemoryError as exc:
+        shown = "" if size is None else f" ({size[0]}x{size[1]} pixels)"
+        raise DatasetError(
+            f"image {path}{shown} is too large to decode in the memory available; shrink it or leave it out"
+        ) from exc
+    except Image.UnidentifiedImageError as exc:  # its own text names the file object, not the path
+        raise DatasetError(f"cannot read image {path}: {type(exc).__name__}: not a format Pillow knows") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
-    return flatten_alpha(to_8_bit(picture, path, file_format))
