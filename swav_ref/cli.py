@@ -153,6 +153,16 @@ def _output_folder(path: str, option: str) -> Path:
     return folder
 
 
+def _output_files(folder: Path, names: tuple[str, ...], option: str) -> None:
+    """The files a command will write into ``folder``, checked before any work is done:
+    a folder in the place of one (``checkpoint.npz/``) would fail only when it is written,
+    after the training or the evaluation."""
+    for name in names:
+        if (folder / name).is_dir():
+            raise UserError(f"{option}: {folder / name} is a folder, where this command writes its {name} file; "
+                            "move it away or choose another folder")
+
+
 def _add_threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=0, metavar="N",
@@ -285,6 +295,8 @@ def _run_train(args: argparse.Namespace) -> int:
             print(f"resuming {args.resume} with its settings" + (f", except {changed} (given here)" if changed else "")
                   + f"; writing to {config.out_dir}")
     _output_folder(config.out_dir, "--out-dir")
+    _output_files(Path(config.out_dir), ("checkpoint.npz", "metrics.jsonl", "config.json", "training_curves.png"),
+                  f"--out-dir {config.out_dir}")
     if "warmup_epochs" in given and config.warmup_epochs > config.epochs // 2:
         warnings.warn(f"--warmup-epochs {config.warmup_epochs} is more than half of --epochs {config.epochs}: the "
                       f"warm-up is capped at {config.epochs // 2} epoch(s), so that the rate also decays", stacklevel=2)
@@ -398,6 +410,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name("eval.json")
     # before the evaluation, not after it
     _output_folder(str(out.parent), "--out" if args.out else "eval.json goes next to the checkpoint (give --out): its folder")
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give the results' file name (e.g. {out / 'eval.json'})" if args.out
+                        else f"{out} is a folder, where the results go by default; move it away or give --out FILE")
     backend = args.backend or config.backend
     try:
         xp = get_backend(backend)
@@ -484,7 +499,7 @@ def _warn_if_other_data(checkpoint: str, trained_on: dict | None, data) -> None:
     now = data_record(data)
     if not trained_on_same(trained_on, data):
         warnings.warn(f"{checkpoint} was trained on {trained_on['n_images']} images of shape "
-                      f"{tuple(trained_on['image_shape'])} ({trained_on['name']}), but the data loaded now "
+                      f"{tuple(trained_on['image_shape'])} ({trained_on.get('name')}), but the data loaded now "
                       f"({data.name}) has {now['n_images']} of shape {tuple(now['image_shape'])}: the scores below "
                       "are on other data than the model was trained on", stacklevel=2)
 

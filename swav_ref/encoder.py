@@ -111,8 +111,14 @@ def load_encoder(path: Any, backend: str | None = None, train_set: Any = None) -
         raise ckpt.CheckpointError(f"{path}: holds no backbone weights (model.backbone.conv1.weight is missing)")
     in_channels = weights["conv1.weight"].shape[1]
     backbone = build_backbone(config.arch, in_channels, xp, dtype, Random(np.random.SeedSequence(0), xp))
-    ckpt.check_compatible(weights, {k: tuple(v.shape) for k, v in backbone.state_dict().items()})
-    backbone.load_state_dict(weights)
+    try:
+        ckpt.check_compatible(weights, {k: tuple(v.shape) for k, v in backbone.state_dict().items()})
+    except ckpt.CheckpointError as exc:  # which file, and that these are the backbone's weights
+        raise ckpt.CheckpointError(f"{path}: its {_BACKBONE}* entries: {exc}") from exc
+    try:  # bad values (NaN, complex or text weights) are the file's fault: a CheckpointError naming it
+        backbone.load_state_dict(weights)
+    except ValueError as exc:
+        raise ckpt.CheckpointError(f"{path}: its {_BACKBONE}* entries: {exc}") from exc
     backbone.eval()
     trained_on = (meta.get("data") or {}).get("image_shape")  # (C, H, W); absent in early checkpoints
     image_shape = None if not trained_on else (int(trained_on[-2]), int(trained_on[-1]))

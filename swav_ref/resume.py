@@ -27,6 +27,7 @@ from swav_ref.config import CROP_FIELDS, ConfigError, TrainConfig, as_options, s
 from swav_ref.data.datasets import ImageDataset
 from swav_ref.data.multicrop import MultiCrop
 from swav_ref.deepcluster import IGNORE_INDEX, MemoryBank
+from swav_ref.swav.queue import queue_length_per_worker
 
 CHECKPOINT_FORMAT = "swav_ref.trainer/1"
 
@@ -58,12 +59,160 @@ def load_trainer_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarr
     arrays, metadata and configuration (:class:`~swav_ref.checkpoint.CheckpointError` for
     any other file)."""
     arrays, meta = ckpt.load_checkpoint(path)
+    if not isinstance(meta, dict):
+        raise ckpt.CheckpointError(f"{path}: its metadata is a {type(meta).__name__}, not a dict of entries; not a "
+                                   "swav_ref trainer checkpoint")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ckpt.CheckpointError(f"{path}: not a swav_ref trainer checkpoint (format {meta.get('format')!r})")
     if "config" not in meta:  # a worker's own state file (queue, memory bank) has the format but no model
         raise ckpt.CheckpointError(f"{path}: a worker's local state file (its queue or memory bank), not a "
                                    "checkpoint; load the checkpoint.npz beside it, which names it")
-    return arrays, meta, TrainConfig.from_dict(meta["config"])
+    return arrays, meta, checked_metadata(path, arrays, meta)
+
+
+def _whole(value: Any, least: int = 0) -> bool:
+    """An int (not a bool, not 4.5) of at least ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _finite(value: Any) -> bool:
+    """A finite int or float (not a bool, not text)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def checked_metadata(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> TrainConfig:
+    """The configuration of a trainer checkpoint's metadata, once every entry the code reads
+    is of the shape :meth:`Trainer.state <swav_ref.train.Trainer.state>` writes; else a
+    CheckpointError naming the file and the entry (its checksum has no key, so anyone can
+    write any metadata).
+
+    ``step`` and ``config`` are required; the rest may be missing, as in checkpoints written
+    before they were saved, but each entry present must be what
+    :meth:`Trainer.save <swav_ref.train.Trainer.save>` writes: ``steps_per_epoch``,
+    ``world_size`` whole numbers (``world_size`` required with per-worker files);
+    ``local_ranks`` distinct ranks below ``world_size`` (all of them, or none, as written),
+    with one ``local_files`` base name each (no folder: they lie beside the checkpoint);
+    ``log`` a list of records; ``normalisation`` a mean in [0, 1] and a std in (0, 1] per input
+    channel of the stored first convolution (statistics of [0, 1] pixels; 1 for a constant
+    channel, :func:`~swav_ref.train.input_normalisation`); ``data`` a count of images and
+    their (C, H, W). The configuration must also describe the file's own weights (head
+    widths, prototype sets) and its per-worker state, so that nothing is built from
+    settings the file contradicts (a prototype set of 10**9 rows, say) before the
+    weights' shapes are compared.
+    """
+    def refuse(entry: str, problem: str) -> ckpt.CheckpointError:
+        return ckpt.CheckpointError(f"{path}: its {entry} {problem}")
+
+    if not isinstance(meta["config"], dict):
+        raise refuse("config", f"is a {type(meta['config']).__name__}, not a dict of settings")
+    try:
+        config = TrainConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:  # ConfigError is a ValueError
+        raise refuse("config", f"is not a valid configuration: {exc}") from exc
+    if "step" not in meta:
+        raise refuse("step", "is missing: the step the checkpoint was written at")
+    for name, least in (("step", 0), ("steps_per_epoch", 1), ("world_size", 1)):
+        if name in meta and not _whole(meta[name], least):
+            unit = "workers" if name == "world_size" else "steps"
+            raise refuse(name, f"is {meta[name]!r}, not a whole number of {unit} (at least {least})")
+    ranks, files, world = meta.get("local_ranks"), meta.get("local_files"), meta.get("world_size")
+    if ranks is not None:
+        if not isinstance(ranks, list) or not all(_whole(r) for r in ranks):
+            raise refuse("local_ranks", f"is {ranks!r}, not a list of worker ranks")
+        if ranks and world is None:
+            raise refuse("world_size", "is missing, yet local_ranks names per-worker files")
+        if len(set(ranks)) != len(ranks) or any(r >= world for r in ranks):
+            raise refuse("local_ranks", f"is {ranks!r}, not distinct ranks of its {world} worker(s)")
+    if files is not None:
+        if not isinstance(files, list) or not all(
+                isinstance(f, str) and f not in ("", ".", "..") and not any(c in f for c in "/\\\0") for f in files):
+            raise refuse("local_files", f"is {files!r}, not a list of file names (without a folder: the workers' "
+                                        "files lie beside the checkpoint)")
+        if files and len(files) != len(ranks or []):
+            raise refuse("local_files", f"names {len(files)} files for the ranks {ranks!r}")
+    log = meta.get("log", [])
+    if not isinstance(log, list) or not all(isinstance(r, dict) for r in log):
+        raise refuse("log", f"is a {type(log).__name__}, not a list of records (dicts)" if not isinstance(log, list)
+                     else "holds a record that is not a dict")
+    for r in log:
+        loss = r.get("loss")
+        if r.get("kind") == "step" and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+            raise refuse("log", f"holds a step record whose loss is {loss!r}, not a number")
+    if "monitor_fired" in meta and not isinstance(meta["monitor_fired"], bool):
+        raise refuse("monitor_fired", f"is {meta['monitor_fired']!r}, not true or false")
+    conv1 = arrays.get("model.backbone.conv1.weight")
+    channels = conv1.shape[1] if getattr(conv1, "ndim", 0) == 4 else None  # a missing one is reported later
+    if "normalisation" in meta:
+        norm = meta["normalisation"]
+        if not isinstance(norm, dict) or not all(isinstance(norm.get(k), list) for k in ("mean", "std")):
+            raise refuse("normalisation", f"is {norm!r}, not {{'mean': [...], 'std': [...]}} (one number per "
+                                          "input channel)")
+        for key, ok, bound in (("mean", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+                               ("std", lambda v: 0.0 < v <= 1.0, "in (0, 1]")):
+            values = norm[key]
+            if not all(_finite(v) and ok(v) for v in values):
+                raise refuse(f"normalisation {key}", f"is {values!r}: each must be a number {bound} (the "
+                                                     "statistics of [0, 1] pixels)")
+            if channels is not None and len(values) != channels:
+                raise refuse(f"normalisation {key}", f"has {len(values)} value(s), but the model's first "
+                                                     f"convolution (model.backbone.conv1.weight) takes {channels} "
+                                                     "channel(s)")
+    if meta.get("data") is not None:
+        data = meta["data"]
+        if not isinstance(data, dict):
+            raise refuse("data", f"is {data!r}, not a dict (n_images, image_shape)")
+        shape = data.get("image_shape")
+        if not _whole(data.get("n_images")):
+            raise refuse("data n_images", f"is {data.get('n_images')!r}, not a whole number of images")
+        if not (isinstance(shape, list) and len(shape) == 3 and all(_whole(n, 1) for n in shape)):
+            raise refuse("data image_shape", f"is {shape!r}, not three positive whole numbers (C, H, W)")
+        if channels is not None and shape[0] != channels:
+            raise refuse("data image_shape", f"is {shape!r}: {shape[0]} channel(s), but the model's first "
+                                             f"convolution (model.backbone.conv1.weight) takes {channels}")
+        for key in ("name", "fingerprint"):
+            if key in data and not isinstance(data[key], str):
+                raise refuse(f"data {key}", f"is {data[key]!r}, not text")
+    _check_config_fits_state(path, arrays, meta, config)
+    return config
+
+
+def _check_config_fits_state(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict,
+                             config: TrainConfig) -> None:
+    """The head's widths and prototype sets of ``config`` against the file's own weights
+    (:class:`~swav_ref.swav.head.SwAVHead`: ``projection.0`` (hidden, in) and
+    ``projection.3`` (feat, hidden), or one ``projection`` (feat, in) without a hidden
+    layer; ``prototypes{h}`` (K_h, feat)), and a SwAV queue against the per-worker state: a
+    checkpoint written after the queue's epoch began holds the queue in its workers' files.
+    CheckpointError before a model or a queue of the configuration's sizes is built."""
+    if config.method == "supervised":  # a ClassifierHead, sized by the data's classes
+        return
+    feat, hidden = config.feat_dim, config.hidden_dim
+    expected = ({"model.head.projection.0.weight": (hidden, None), "model.head.projection.3.weight": (feat, hidden)}
+                if hidden else {"model.head.projection.weight": (feat, None)})
+    expected.update({f"model.head.prototypes{h}.weight": (k, feat) for h, k in enumerate(config.n_prototypes)})
+    differ = []
+    for name, want in expected.items():
+        got = arrays.get(name)
+        got_shape = tuple(getattr(got, "shape", ()))
+        if got is None:
+            differ.append(f"{name} is missing")
+        elif len(got_shape) != len(want) or any(w is not None and w != g for w, g in zip(want, got_shape)):
+            shown = ", ".join("*" if w is None else str(w) for w in want)
+            differ.append(f"{name} is {got_shape}, the configuration makes it ({shown})")
+    extra = f"model.head.prototypes{len(config.n_prototypes)}.weight"
+    if extra in arrays:
+        differ.append(f"{extra} is there, the configuration has {len(config.n_prototypes)} prototype set(s)")
+    if differ:
+        raise ckpt.CheckpointError(
+            f"{path}: the configuration disagrees with the checkpoint's own weights ({'; '.join(differ)}; "
+            f"--hidden-dim {hidden} --feat-dim {feat} --n-prototypes {' '.join(map(str, config.n_prototypes))})")
+    per_epoch = meta.get("steps_per_epoch")
+    if (config.method == "swav" and config.queue_length > 0 and per_epoch is not None
+            and meta.get("local_ranks") == [] and meta["step"] > config.epoch_queue_starts * per_epoch):
+        raise ckpt.CheckpointError(
+            f"{path}: the configuration disagrees with the checkpoint's own state (--queue-length "
+            f"{config.queue_length} from epoch {config.epoch_queue_starts}, but at step {meta['step']}, in epoch "
+            f"{(meta['step'] - 1) // per_epoch}, it holds no queue: local_ranks is empty)")
 
 
 def data_record(data: ImageDataset) -> dict:
@@ -390,7 +539,10 @@ class Resumable:
                 f"{path}: written by {meta['world_size']} workers, resumed by {self.comm.size}; the per-worker "
                 "queues or memory banks cannot be redistributed (resume on as many workers, or evaluate it)"
             )
-        local = Path(path).with_name(files[self.comm.rank]) if files else old_name
+        if self.comm.rank not in ranks:
+            raise ckpt.CheckpointError(f"{path}: its local_ranks {ranks} name no queue or memory bank file for "
+                                       f"rank {self.comm.rank}")
+        local = Path(path).with_name(files[ranks.index(self.comm.rank)]) if files else old_name
         if not local.is_file():
             names = ", ".join(files) if files else ", ".join(self.local_path(path, r).name for r in ranks)
             raise ckpt.CheckpointError(
@@ -413,10 +565,12 @@ class Resumable:
         if step % saved_per_epoch:
             raise ckpt.CheckpointError(f"{path}: written in the middle of an epoch (step {step} of "
                                        f"{saved_per_epoch} per epoch) with other steps per epoch than this run's "
-                                       f"{self.steps_per_epoch}; resume it on {meta['world_size']} workers")
+                                       f"{self.steps_per_epoch}; resume it on "
+                                       f"{meta.get('world_size', 'as many')} workers")
         epochs = step // saved_per_epoch
         if self.comm.is_root:
-            warnings.warn(f"{path}: {epochs} epochs of {saved_per_epoch} steps ({meta['world_size']} workers) "
+            warnings.warn(f"{path}: {epochs} epochs of {saved_per_epoch} steps "
+                          f"({meta.get('world_size', 'other')} workers) "
                           f"continue with {self.steps_per_epoch} steps per epoch ({self.comm.size} workers) from "
                           f"epoch {epochs + 1}: the schedule carries on, but not bit for bit", stacklevel=4)
         return epochs * self.steps_per_epoch
@@ -425,6 +579,19 @@ class Resumable:
         arrays, meta = ckpt.load_checkpoint(path)
         if meta.get("step") != self.step:
             raise ckpt.CheckpointError(f"{path}: local state of step {meta.get('step')} does not match step {self.step}")
+        if "queue.embeddings" in arrays:  # its shape, before a queue of the configuration's length is made
+            cfg = self.config
+            try:
+                length = queue_length_per_worker(cfg.queue_length, cfg.batch_size, self.comm.size)
+            except ValueError:
+                length = None
+            want, got = (len(cfg.crops_for_assign), length, cfg.feat_dim), tuple(getattr(arrays["queue.embeddings"],
+                                                                                         "shape", ()))
+            if got != want:
+                raise ckpt.CheckpointError(
+                    f"{path}: the configuration disagrees with the checkpoint's own state (queue.embeddings is {got}; "
+                    f"--queue-length {cfg.queue_length} on {self.comm.size} worker(s), --crops-for-assign "
+                    f"{' '.join(map(str, cfg.crops_for_assign))} and --feat-dim {cfg.feat_dim} make it {want})")
         try:
             if "queue.embeddings" in arrays:
                 self.queue = self._new_queue()

@@ -238,3 +238,52 @@ def test_a_flat_folder_checkpoint_of_the_80_percent_split_says_how_to_resume_it(
     resumed = Trainer(dataclasses.replace(config, stop_after=0), train_set=old_split)  # what the message says
     resumed.fit(resume=path)
     assert resumed.step == 4
+
+
+# -- forged checkpoints and output files that are folders ---------------------------------------
+def _untrained_checkpoint(folder) -> str:
+    """A checkpoint at step 0 of a small run on the digits, without training."""
+    from swav_ref.train import Trainer
+
+    config = TrainConfig(batch_size=32, n_crops=(2, 2), hidden_dim=16, feat_dim=8, n_prototypes=(10,),
+                         progress=False, out_dir=str(folder))
+    Trainer(config).save(folder / "checkpoint.npz")
+    return str(folder / "checkpoint.npz")
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (dict(hidden_dim=10**9), "the configuration disagrees with the checkpoint's own weights (model.head.projection.0"),
+    (dict(n_prototypes=[10**9]), "the configuration disagrees with the checkpoint's own weights (model.head.prototypes0"),
+])
+def test_a_resume_refuses_a_configuration_its_weights_contradict_before_building(tmp_path, capsys, change, match):
+    """The model was built from the checkpoint's configuration before its shapes were
+    compared: hidden_dim 10**9 was a MemoryError traceback."""
+    checkpoint = _untrained_checkpoint(tmp_path / "run")
+    arrays, meta = load_checkpoint(checkpoint)
+    save_checkpoint(checkpoint, arrays, {**meta, "config": {**meta["config"], **change}})
+    assert main(["train", "--resume", checkpoint, "--out-dir", str(tmp_path / "more"), "--no-evaluate"]) == 2
+    err = capsys.readouterr().err
+    assert f"swav-ref: error: {checkpoint}: {match}" in err and "Traceback" not in err, err
+
+
+def test_a_resume_refuses_per_worker_files_outside_the_checkpoints_folder(tmp_path, capsys):
+    """local_files ['../../etc/passwd'] was a raw ValueError from pathlib; ['/etc/passwd'] too."""
+    checkpoint = _untrained_checkpoint(tmp_path / "run")
+    arrays, meta = load_checkpoint(checkpoint)
+    for files in (["../../etc/passwd"], ["/etc/passwd"]):
+        save_checkpoint(checkpoint, arrays, {**meta, "local_ranks": [0], "local_files": files})
+        assert main(["train", "--resume", checkpoint, "--out-dir", str(tmp_path / "more"), "--no-evaluate"]) == 2
+        assert f"{checkpoint}: its local_files is {files!r}, not a list of file names" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["checkpoint.npz", "metrics.jsonl", "config.json"])
+def test_train_refuses_an_out_dir_whose_output_file_is_a_folder_before_training(tmp_path, capsys, monkeypatch, name):
+    """A checkpoint.npz/ (or metrics.jsonl/, config.json/) folder in --out-dir failed only
+    after the first epoch, with a traceback."""
+    from swav_ref.train import Trainer
+
+    monkeypatch.setattr(Trainer, "__init__", lambda *a, **k: pytest.fail("a trainer was built"))
+    (tmp_path / "run" / name).mkdir(parents=True)
+    assert main(["train", *SMALL, "--epochs", "1", "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run' / name} is a folder, where this command writes its {name} file" in err, err

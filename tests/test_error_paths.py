@@ -194,3 +194,105 @@ def test_load_trainer_checkpoint_refuses_a_plain_npz(tmp_path):
     np.savez(path, w=np.zeros(3))
     with pytest.raises(CheckpointError, match="not a swav_ref checkpoint: missing keys"):
         load_trainer_checkpoint(path)
+
+
+# -- the metadata of a trainer checkpoint (its checksum has no key: anyone can forge one) ---
+def _trainer_file(tmp_path, drop=(), **changes):
+    """A tiny checkpoint in the trainer's format, without training: the head's weights of
+    a config with hidden_dim 16, feat_dim 8 and 10 prototypes (only their shapes are read)."""
+    from swav_ref.resume import CHECKPOINT_FORMAT
+    from swav_ref.train import TrainConfig
+
+    config = TrainConfig(hidden_dim=16, feat_dim=8, n_prototypes=(10,)).to_dict()
+    arrays = {"model.backbone.conv1.weight": np.zeros((4, 1, 3, 3), np.float32),
+              "model.head.projection.0.weight": np.zeros((16, 64), np.float32),
+              "model.head.projection.3.weight": np.zeros((8, 16), np.float32),
+              "model.head.prototypes0.weight": np.zeros((10, 8), np.float32)}
+    meta = {"format": CHECKPOINT_FORMAT, "config": config, "step": 5, "steps_per_epoch": 5, "world_size": 1,
+            "normalisation": {"mean": [0.3], "std": [0.37]},
+            "data": {"name": "digits/train", "n_images": 160, "image_shape": [1, 8, 8]},
+            "local_ranks": [], "local_files": [], "monitor_fired": False,
+            "log": [{"kind": "step", "step": 0, "loss": 2.3}]}
+    for key in drop:
+        meta.pop(key)
+    for key, value in changes.items():
+        if key.startswith("config_"):
+            meta["config"] = {**meta["config"], key[len("config_"):]: value}
+        else:
+            meta[key] = value
+    return save_checkpoint(tmp_path / "crafted.npz", arrays, meta)
+
+
+def test_load_trainer_checkpoint_reads_old_checkpoints_without_the_later_entries(tmp_path):
+    """Only step and config are required: the entries added later (normalisation, data,
+    per-worker files, the log...) may be missing, as in checkpoints of older versions."""
+    load_trainer_checkpoint(_trainer_file(tmp_path))
+    old = _trainer_file(tmp_path, drop=("steps_per_epoch", "world_size", "normalisation", "data", "local_ranks",
+                                        "local_files", "monitor_fired", "log"))
+    assert load_trainer_checkpoint(old)[2].feat_dim == 8
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    (dict(config=[1]), "its config is a list, not a dict"),
+    (dict(config_epochs="x"), "its config is not a valid configuration: --epochs 'x'"),
+    (dict(step="abc"), "its step is 'abc', not a whole number"),
+    (dict(step=True), "its step is True, not a whole number"),
+    (dict(steps_per_epoch=0), "its steps_per_epoch is 0, not a whole number"),
+    (dict(world_size=None, local_ranks=[0], local_files=["x.npz"]), "its world_size is missing, yet local_ranks"),
+    (dict(local_ranks="abc"), "its local_ranks is 'abc', not a list of worker ranks"),
+    (dict(local_ranks=[0], local_files=["../../etc/passwd"]), r"its local_files is \['../../etc/passwd'\], not a list"),
+    (dict(local_ranks=[0], local_files=["/etc/passwd"]), "its local_files is"),
+    (dict(local_ranks=[0], local_files=[".."]), "its local_files is"),
+    (dict(local_ranks=[0], local_files=[7]), "its local_files is"),
+    (dict(log={"a": 1}), "its log is a dict, not a list of records"),
+    (dict(log=5), "its log is a int, not a list of records"),
+    (dict(log=[{"kind": "step", "loss": "abc"}]), "its log holds a step record whose loss is 'abc'"),
+    (dict(normalisation=[1]), "its normalisation is \\[1\\], not"),
+    (dict(normalisation={"mean": "abc", "std": "xyz"}), "its normalisation is"),
+    (dict(normalisation={"mean": [0.3], "std": [0.0]}), r"its normalisation std is \[0.0\]: each must be a number in \(0, 1\]"),
+    (dict(normalisation={"mean": [float("nan")], "std": [0.37]}), r"its normalisation mean is \[nan\]"),
+    (dict(normalisation={"mean": [1e308], "std": [0.37]}), r"its normalisation mean is \[1e\+308\]"),
+    (dict(normalisation={"mean": [0.3] * 3, "std": [0.37] * 3}), "its normalisation mean has 3 value.*takes 1 channel"),
+    (dict(data="digits"), "its data is 'digits', not a dict"),
+    (dict(data={"n_images": 5}), "its data image_shape is None, not three positive whole numbers"),
+    (dict(data={"n_images": 5, "image_shape": 5}), "its data image_shape is 5"),
+    (dict(data={"n_images": -1, "image_shape": [1, 8, 8]}), "its data n_images is -1"),
+])
+def test_load_trainer_checkpoint_names_the_entry_of_bad_metadata(tmp_path, changes, match):
+    """Each of these ended in a bare AttributeError, TypeError, KeyError or ValueError, in
+    eval after its raw-pixel evaluation, or in a resume after the model was built."""
+    path = _trainer_file(tmp_path, **{k: v for k, v in changes.items() if v is not None},
+                         drop=[k for k, v in changes.items() if v is None])
+    with pytest.raises(CheckpointError, match=rf"crafted\.npz: {match}"):
+        load_trainer_checkpoint(path)
+
+
+def test_load_trainer_checkpoint_requires_the_step(tmp_path):
+    with pytest.raises(CheckpointError, match=r"crafted\.npz: its step is missing"):
+        load_trainer_checkpoint(_trainer_file(tmp_path, drop=("step",)))
+
+
+@pytest.mark.parametrize(("setting", "shown"), [
+    (dict(hidden_dim=10**9), r"model\.head\.projection\.0\.weight is \(16, 64\), the configuration makes it \(1000000000, \*\)"),
+    (dict(hidden_dim=0), r"model\.head\.projection\.weight is missing"),
+    (dict(feat_dim=10**8), r"model\.head\.prototypes0\.weight is \(10, 8\), the configuration makes it \(10, 100000000\)"),
+    (dict(n_prototypes=[10**9]), r"prototypes0\.weight is \(10, 8\), the configuration makes it \(1000000000, 8\)"),
+    (dict(method="deepcluster-v2", n_prototypes=[10, 10**9]), r"prototypes1\.weight is missing"),
+])
+def test_load_trainer_checkpoint_refuses_a_configuration_its_weights_contradict(tmp_path, setting, shown):
+    """A resume built the model of the checkpoint's configuration before comparing shapes:
+    hidden_dim 10**9 was a MemoryError, not an error about the file."""
+    path = _trainer_file(tmp_path, **{f"config_{k}": v for k, v in setting.items()})
+    with pytest.raises(CheckpointError, match=r"crafted\.npz: the configuration disagrees with the checkpoint's own "
+                                              rf"weights \(.*{shown}"):
+        load_trainer_checkpoint(path)
+
+
+def test_load_trainer_checkpoint_refuses_a_queue_its_state_does_not_hold(tmp_path):
+    """A SwAV run past its queue's first epoch keeps the queue in its workers' files: a
+    configuration with a queue (of 10**12 rows, say) and no such file is not this run's."""
+    path = _trainer_file(tmp_path, step=12, config_queue_length=10**12, config_epoch_queue_starts=2)
+    with pytest.raises(CheckpointError, match=r"crafted\.npz: the configuration disagrees with the checkpoint's own "
+                                              r"state \(--queue-length 1000000000000 from epoch 2, but at step 12"):
+        load_trainer_checkpoint(path)
+    load_trainer_checkpoint(_trainer_file(tmp_path, step=10, config_queue_length=10**12, config_epoch_queue_starts=2))

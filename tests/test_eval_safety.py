@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import tempfile
 
+import numpy as np
 import pytest
 
 from small_runs import write_digit_folder
@@ -221,3 +222,51 @@ def test_eval_shuffles_the_probes_folds_with_the_runs_seed(tmp_path, capsys, mon
     assert seeds == [3, 3]  # raw pixels and the network
     probes = [r["linear probe"]["probe"][0] for r in json.loads((tmp_path / "eval.json").read_text())["results"]]
     assert [p["cv_folds"] for p in probes] == [5, 5]  # the probe's choices are in the file
+
+
+# -- 5. forged metadata and weights, output paths that are folders --------------------------
+def test_eval_of_forged_metadata_is_one_line_before_any_evaluation(tmp_path, capsys, monkeypatch):
+    """A normalisation of std 0 ended in a ValueError deep in the evaluation; a missing step
+    in a KeyError after the raw-pixel baseline had run. Refused now as the file's fault,
+    before anything is evaluated."""
+    from swav_ref import evaluate
+    from swav_ref.checkpoint import save_checkpoint
+
+    checkpoint, _ = save_untrained_checkpoint(tmp_path / "run")
+    arrays, meta = load_checkpoint(checkpoint)
+    monkeypatch.setattr(evaluate, "evaluate_features", lambda *a, **k: pytest.fail("evaluated"))
+    for change, match in ((dict(normalisation={"mean": [0.3], "std": [0.0]}), "its normalisation std is [0.0]"),
+                          (dict(step=None), "its step is missing")):
+        save_checkpoint(checkpoint, arrays, {k: v for k, v in {**meta, **change}.items() if v is not None})
+        assert main(["eval", checkpoint, "--out", str(tmp_path / "e.json")]) == 2
+        assert f"{checkpoint}: {match}" in one_line_error(capsys)
+
+
+def test_eval_of_nan_weights_is_a_checkpoint_error(tmp_path, capsys):
+    """load_encoder promised a CheckpointError for unusable weights, but NaN ones were a
+    plain ValueError from load_state_dict, and eval printed a traceback."""
+    from swav_ref.checkpoint import CheckpointError, save_checkpoint
+    from swav_ref.encoder import load_encoder
+
+    checkpoint, _ = save_untrained_checkpoint(tmp_path / "run")
+    arrays, meta = load_checkpoint(checkpoint)
+    arrays["model.backbone.conv1.weight"] = np.full_like(arrays["model.backbone.conv1.weight"], np.nan)
+    save_checkpoint(checkpoint, arrays, meta)
+    with pytest.raises(CheckpointError, match=r"checkpoint\.npz: its model\.backbone\.\* entries: "):
+        load_encoder(checkpoint)
+    assert main(["eval", checkpoint, "--out", str(tmp_path / "e.json")]) == 2
+    assert "its model.backbone.* entries" in one_line_error(capsys)
+
+
+def test_eval_refuses_an_output_file_that_is_a_folder_before_evaluating(tmp_path, capsys, monkeypatch):
+    """--out naming a folder, or an eval.json/ folder beside the checkpoint: an
+    IsADirectoryError once the whole evaluation was done."""
+    from swav_ref import evaluate
+
+    checkpoint, _ = save_untrained_checkpoint(tmp_path / "run")
+    monkeypatch.setattr(evaluate, "evaluate_features", lambda *a, **k: pytest.fail("evaluated"))
+    assert main(["eval", checkpoint, "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path}: is a folder" in one_line_error(capsys)
+    (tmp_path / "run" / "eval.json").mkdir()
+    assert main(["eval", checkpoint]) == 2
+    assert f"{tmp_path / 'run' / 'eval.json'} is a folder" in one_line_error(capsys)
