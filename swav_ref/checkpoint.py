@@ -501,6 +501,9 @@ def _checked_members(path: Path, f: IO[bytes], zf: zipfile.ZipFile, size: int) -
         )
 
     infos = zf.infolist()
+    if _FORMAT_KEY + ".npy" not in {info.filename for info in infos}:  # another program's .npz, say
+        raise CheckpointError(f"{path} is not a swav_ref checkpoint: missing keys [{_FORMAT_KEY!r}] (an .npz "
+                              "saved some other way?)")
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED:
             raise refuse(info, f"is compressed (zip method {info.compress_type})")

@@ -125,7 +125,7 @@ def checked_metadata(path: str | os.PathLike, arrays: dict[str, np.ndarray], met
             raise refuse("local_ranks", f"is {ranks!r}, not distinct ranks of its {world} worker(s)")
     if files is not None:
         if not isinstance(files, list) or not all(
-                isinstance(f, str) and f not in ("", ".", "..") and not any(c in f for c in "/\\\0") for f in files):
+                isinstance(f, str) and "\0" not in f and f not in ("", ".", "..") and Path(f).name == f for f in files):
             raise refuse("local_files", f"is {files!r}, not a list of file names (without a folder: the workers' "
                                         "files lie beside the checkpoint)")
         if files and len(files) != len(ranks or []):
@@ -169,8 +169,8 @@ def checked_metadata(path: str | os.PathLike, arrays: dict[str, np.ndarray], met
         if channels is not None and shape[0] != channels:
             raise refuse("data image_shape", f"is {shape!r}: {shape[0]} channel(s), but the model's first "
                                              f"convolution (model.backbone.conv1.weight) takes {channels}")
-        for key in ("name", "fingerprint"):
-            if key in data and not isinstance(data[key], str):
+        for key in ("name", "fingerprint"):  # (a data set handed over from Python may have no name)
+            if data.get(key) is not None and not isinstance(data[key], str):
                 raise refuse(f"data {key}", f"is {data[key]!r}, not text")
     _check_config_fits_state(path, arrays, meta, config)
     return config

@@ -715,3 +715,23 @@ def test_cifar10_batch_that_is_not_a_regular_file_says_what_it_is(tmp_path):
     make_link(folder / "data_batch_1.bin", "data_batch_1.bin")
     with pytest.raises(DatasetError, match=r"data_batch_1\.bin is a link that loops, not a regular file"):
         D.load_cifar10(tmp_path)
+
+
+def test_folders_on_a_file_system_without_inode_numbers_are_told_apart(tmp_path, monkeypatch):
+    """Some network and FUSE file systems report inode 0 for every folder: the second class
+    folder was then 'the same folder again' and the load refused (review of the walk)."""
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        save_png(tmp_path / name / "a.png", np.full((8, 8), 100, dtype=np.uint8))
+    real_stat = os.stat
+
+    class NoInode:
+        def __init__(self, result):
+            self._result = result
+
+        def __getattr__(self, name):
+            return 0 if name == "st_ino" else getattr(self._result, name)
+
+    monkeypatch.setattr(F.os, "stat", lambda path, *args, **kwargs: NoInode(real_stat(path, *args, **kwargs)))
+    assert F.folder_id(tmp_path / "cat") != F.folder_id(tmp_path / "dog")
+    assert D.load_image_folder(tmp_path).class_names == ("cat", "dog")

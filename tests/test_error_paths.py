@@ -9,6 +9,8 @@ guard's own words keeps a later, unrelated exception from passing for it.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -230,6 +232,24 @@ def test_load_trainer_checkpoint_reads_old_checkpoints_without_the_later_entries
     old = _trainer_file(tmp_path, drop=("steps_per_epoch", "world_size", "normalisation", "data", "local_ranks",
                                         "local_files", "monitor_fired", "log"))
     assert load_trainer_checkpoint(old)[2].feat_dim == 8
+
+
+def test_what_a_trainer_saves_loads_even_where_the_checks_could_be_stricter(tmp_path):
+    """A data set handed over from Python may have no name, and a backslash is part of a
+    file name on POSIX: checkpoints that save like this must load (review of the checks)."""
+    load_trainer_checkpoint(_trainer_file(tmp_path, data={"name": None, "n_images": 160, "image_shape": [1, 8, 8]}))
+    if os.sep == "/":
+        load_trainer_checkpoint(_trainer_file(tmp_path, world_size=1, local_ranks=[0],
+                                              local_files=["a\\b.rank0.step5.local.npz"]))
+
+
+def test_an_npz_of_another_program_is_not_a_checkpoint_whatever_its_members(tmp_path):
+    """np.savez_compressed's file was refused for its compressed member, which reads as a
+    damaged checkpoint; it is no checkpoint at all."""
+    path = tmp_path / "other.npz"
+    np.savez_compressed(path, a=np.zeros(3))
+    with pytest.raises(CheckpointError, match="not a swav_ref checkpoint: missing keys"):
+        load_trainer_checkpoint(path)
 
 
 @pytest.mark.parametrize(("changes", "match"), [

@@ -14,6 +14,7 @@ import stat
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,8 +58,8 @@ def path_kind(path: Path) -> str:
     """What ``path`` is, links followed, found with one ``stat`` and without opening it.
 
     ``FILE``, ``FOLDER``, ``MISSING``, ``BROKEN_LINK`` (a link whose target is gone),
-    ``LINK_LOOP`` (a chain of links that comes back to itself), the module's constants, or a phrase for
-    a special file: ``"named pipe (FIFO)"``, ``"socket"``, ``"character device"``, ``"block
+    ``LINK_LOOP`` (a chain of links that comes back to itself), the module's constants, or a
+    phrase for a special file: ``"named pipe (FIFO)"``, ``"socket"``, ``"character device"``, ``"block
     device"``. Opening a named pipe blocks until something writes to it and a device reads
     forever, so the loaders look before they open. A path that cannot be inspected (no
     permission on its folder) raises :class:`~swav_ref.data.errors.DatasetError` naming it.
@@ -66,7 +67,7 @@ def path_kind(path: Path) -> str:
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        if exc.errno == errno.ELOOP or getattr(exc, "winerror", None) == 1921:  # (Windows: "cannot be resolved")
             return LINK_LOOP
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return BROKEN_LINK if os.path.islink(path) else MISSING
@@ -119,14 +120,15 @@ def open_regular_file(path: Path, what: str = "file"):
         raise
 
 
-def folder_id(folder: Path) -> tuple[int, int]:
+def folder_id(folder: Path) -> tuple[int, Any]:
     """``(st_dev, st_ino)`` of ``folder``, links followed: the same for every path (link,
-    ``..``, bind mount) that leads to one folder on disk."""
+    ``..``, bind mount) that leads to one folder on disk. Some network and FUSE file systems
+    report inode 0 for every folder; there the resolved path stands in for the inode."""
     try:
         st = os.stat(folder)
     except OSError as exc:
         raise DatasetError(f"cannot read folder {folder}: {exc.strerror or exc}") from exc
-    return st.st_dev, st.st_ino
+    return st.st_dev, (st.st_ino or os.path.realpath(folder))
 
 
 def visible_entries(folder: Path) -> list[Path]:
