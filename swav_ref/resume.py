@@ -554,12 +554,9 @@ class Resumable:
 
     def _resumed_step(self, path: str | os.PathLike, meta: dict) -> int:
         """The step to continue from: the checkpoint's, or on another number of steps per
-        epoch (other workers) the start of the epoch after the last one it completed."""
+        epoch (other workers) the start of the epoch after the last one it completed. Both
+        numbers were checked to be whole (:func:`checked_metadata`)."""
         step, saved_per_epoch = meta["step"], meta.get("steps_per_epoch", self.steps_per_epoch)
-        for name, value, least in (("step", step, 0), ("steps_per_epoch", saved_per_epoch, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ckpt.CheckpointError(f"{path}: its {name} is {value!r}, not a whole number of steps "
-                                           f"(at least {least})")
         if saved_per_epoch == self.steps_per_epoch:
             return step
         if step % saved_per_epoch:
