@@ -44,34 +44,55 @@ def kmeans_plus_plus(x: Any, n_clusters: int, rng: Random) -> Any:
     to the nearest centroid chosen so far.
 
     Random rows (the official DeepCluster-v2 init) often put two centroids in one cluster,
-    and Lloyd's iterations rarely move them apart. The draws need the distances on the host
-    (K small transfers once per epoch, outside the training step).
+    and Lloyd's iterations rarely move them apart.
 
     Parameters
     ----------
     x : (N, d) unit-norm embeddings, all finite.
         (:func:`~swav_ref.deepcluster.spherical_kmeans` checks that; this one does not.)
     n_clusters : K, at most N.
-    rng : its host generator (``rng.host()``) draws the first row and every later one.
+    rng : its host generator (``rng.host()``) draws the first row and the K - 1 uniforms
+        that pick every later one.
 
     Returns
     -------
     centroids : (K, d)
         copies of K rows of ``x`` (so unit norm), in the order they were drawn, on the
         backend of ``x``.
+
+    Notes
+    -----
+    Each draw inverts the distances' cumulative distribution: with
+    :math:`F_i = \sum_{n \le i} D_n / \sum_n D_n` and a uniform :math:`u \in [0, 1)`, the
+    row is the number of :math:`F_i \le u`. A chosen row has :math:`D_n = 0`, so it can
+    never be drawn again. This is the computation ``numpy.random.Generator.choice(N, p=D /
+    sum D)`` makes, here on the device: the draws need no distance on the host (on a GPU,
+    K waits for the device and K copies of N floats), and on NumPy they are the rows
+    ``choice`` would draw.
     """
     xp = array_namespace(x)
     n = x.shape[0]
     gen = rng.host()
-    chosen = [int(gen.integers(n))]
-    nearest = 2.0 - 2.0 * (x @ x[chosen[0], :])
-    for _ in range(1, n_clusters):
-        d2 = np.clip(to_numpy(nearest).astype(np.float64), 0.0, None)
-        total = d2.sum()
-        nxt = int(gen.choice(n, p=d2 / total)) if total > 0 else int(gen.integers(n))
-        chosen.append(nxt)
-        nearest = xp.minimum(nearest, 2.0 - 2.0 * (x @ x[nxt, :]))
-    return xp.take(x, xp.asarray(np.asarray(chosen)), axis=0)
+    # The first row, then all K - 1 uniforms in one transfer (the same stream as K - 1
+    # calls of gen.random()); both are host arrays, never read back.
+    first = xp.asarray(gen.integers(n, size=1))
+    uniforms = xp.asarray(gen.random(n_clusters - 1), dtype=xp.float64)
+    chosen = [first]
+    nearest = 2.0 - 2.0 * (x @ xp.take(x, first, axis=0)[0, :])
+    for k in range(n_clusters - 1):
+        # float64, so that on NumPy the draws are choice's; rounding can make a distance
+        # slightly negative, which would be a negative probability.
+        distance = xp.astype(nearest, xp.float64)
+        distance = xp.maximum(distance, xp.zeros_like(distance))
+        total = xp.sum(distance)
+        # Every row already a centroid (all distances 0): draw uniformly instead.
+        distance = xp.where(total > 0, distance, xp.ones_like(distance))
+        cdf = xp.cumulative_sum(distance / xp.sum(distance))
+        cdf = cdf / cdf[-1]
+        row = xp.searchsorted(cdf, uniforms[k:k + 1], side="right")
+        chosen.append(row)
+        nearest = xp.minimum(nearest, 2.0 - 2.0 * (x @ xp.take(x, row, axis=0)[0, :]))
+    return xp.take(x, xp.concat(chosen), axis=0)
 
 
 def spherical_kmeans(x: Any, n_clusters: int, n_iters: int, rng: Random,

@@ -5,7 +5,7 @@ import pytest
 
 import required
 
-from swav_ref.backend import Random, asarray, to_numpy
+from swav_ref.backend import Random, array_namespace, asarray, to_numpy
 from swav_ref.checkpoint import CheckpointError
 from swav_ref.deepcluster import (
     IGNORE_INDEX,
@@ -72,6 +72,37 @@ def test_kmeans_plus_plus_never_picks_a_chosen_row_twice():
     for seed in range(30):
         rows = np.asarray(kmeans_plus_plus(x, 3, Random(seed)))
         assert len({tuple(row) for row in rows}) == 3, seed
+
+
+def _choice_oracle(x, n_clusters, seed):
+    """k-means++ as NumPy's ``Generator.choice`` draws it, distances on the host."""
+    gen = Random(seed).host()
+    chosen = [int(gen.integers(len(x)))]
+    nearest = 2.0 - 2.0 * (x @ x[chosen[0]])
+    for _ in range(1, n_clusters):
+        weight = np.clip(nearest.astype(np.float64), 0.0, None)
+        chosen.append(int(gen.choice(len(x), p=weight / weight.sum())))
+        nearest = np.minimum(nearest, 2.0 - 2.0 * (x @ x[chosen[-1]]))
+    return x[chosen]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_kmeans_plus_plus_draws_the_rows_numpy_choice_draws(backend, dtype):
+    """The draws by inverse CDF on the device are ``choice``'s draws, row for row, and the
+    same on every backend."""
+    for seed in range(12):
+        x = np.random.default_rng(seed).normal(size=(60, 5)).astype(dtype)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        centroids = kmeans_plus_plus(asarray(x, backend), 9, Random(seed))
+        assert array_namespace(centroids) is backend and centroids.dtype == asarray(x, backend).dtype
+        assert np.array_equal(to_numpy(centroids), _choice_oracle(x, 9, seed)), seed
+
+
+def test_kmeans_plus_plus_draws_uniformly_when_every_row_is_a_centroid():
+    """Rows that all coincide are at distance 0 from the first centroid: no NaN, K rows."""
+    x = np.full((6, 4), 0.5)
+    centroids = kmeans_plus_plus(x, 3, Random(0))
+    assert centroids.shape == (3, 4) and np.array_equal(centroids, x[:3])
 
 
 @pytest.mark.parametrize("kwargs, message", [

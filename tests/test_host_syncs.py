@@ -98,3 +98,25 @@ def test_crop_decisions_are_host_arrays(gpu_or_numpy):
     params = sample_crop_params(Random(0, gpu_or_numpy), 6, 32, 32, 0, MultiCropConfig())
     for name in ("brightness", "contrast", "saturation", "hue", "grayscale", "blur", "sigma"):
         assert type(getattr(params, name)) is np.ndarray, name
+
+
+def test_kmeans_plus_plus_reads_nothing_from_the_device(launches):
+    """DeepCluster-v2's seeding draws its K rows on the device: on a GPU, a read per
+    centroid would be K waits and K copies of the N distances, every epoch. Only the
+    embeddings count here (NumPy's creators are left alone), so the host generator's own
+    reads of its host arrays are not mistaken for the device's."""
+    from swav_ref.deepcluster import kmeans_plus_plus
+
+    x = np.random.default_rng(0).normal(size=(50, 6))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    rng = Random(0)
+    launches.TALLY.by_site.clear()
+    launches.TALLY.on = True
+    try:
+        centroids = kmeans_plus_plus(launches._counting(x), 7, rng)
+    finally:
+        launches.TALLY.on = False
+    counted = {kind for (kind, _, _) in launches.TALLY.by_site}
+    reads = {(where, what): n for (kind, where, what), n in launches.TALLY.by_site.items() if kind == "host_syncs"}
+    assert reads == {}, reads
+    assert "kernels" in counted and centroids.shape == (7, 6)  # the draws did run on x
