@@ -394,7 +394,7 @@ def _eval_data(args: argparse.Namespace, config: TrainConfig):
 
 def _run_eval(args: argparse.Namespace) -> int:
     from swav_ref.backend import BackendUnavailableError, get_backend, set_tf32
-    from swav_ref.encoder import load_encoder
+    from swav_ref.encoder import encoder_from_loaded
     from swav_ref.evaluate import evaluate_features, raw_pixel_features
     from swav_ref.results import format_results, results_table, save_results_json
     from swav_ref.experiment import METHOD_NAMES
@@ -402,7 +402,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     _one_process_only("eval")
     _limit_threads(args.threads)
-    _, meta, config = load_trainer_checkpoint(args.checkpoint)
+    loaded = load_trainer_checkpoint(args.checkpoint)  # read once: the encoder is built from it below
+    _, meta, config = loaded
     if config.dataset == ARRAYS:
         raise UserError(f"{args.checkpoint} was trained on images handed to the Trainer from Python "
                         "(dataset 'arrays'), which the command line cannot load; evaluate it from Python: "
@@ -423,19 +424,23 @@ def _run_eval(args: argparse.Namespace) -> int:
                         f"({exc}); to evaluate it on the CPU, add --backend numpy") from exc
     set_tf32(xp, config.tf32 and backend == "cupy")  # as in training: a GPU setting, off on the CPU
     train, test = _eval_data(args, config)
-    encoder = load_encoder(args.checkpoint, backend=backend, train_set=train)
+    encoder = encoder_from_loaded(args.checkpoint, loaded, backend=backend, train_set=train)
     if train.images.shape[1] != encoder.backbone.in_channels:
         raise UserError(f"{args.checkpoint} takes images of {encoder.backbone.in_channels} channel(s), but "
                         f"{train.name} has {train.images.shape[1]}: evaluate it on data like those it was trained on")
     _warn_if_other_data(args.checkpoint, meta.get("data"), train)
+    with warnings.catch_warnings():
+        # Images of another size were just warned about, with the checkpoint's name; the
+        # encoder would say it again for the training and the test images.
+        warnings.filterwarnings("ignore", message="the encoder was trained on ")
+        train_features, test_features = encoder.features(train.images), encoder.features(test.images)
     # The probe's folds are shuffled by the run's seed, as in training's own evaluation,
     # so that eval reproduces the accuracy that training reported.
     rows = [{"method": "raw pixels", **evaluate_features(raw_pixel_features(train.images), train.labels,
                                                          raw_pixel_features(test.images), test.labels,
                                                          seed=config.seed)},
             {"method": f"{METHOD_NAMES[config.method]} (step {int(meta['step'])})",
-             **evaluate_features(encoder.features(train.images), train.labels, encoder.features(test.images),
-                                 test.labels, seed=config.seed)}]
+             **evaluate_features(train_features, train.labels, test_features, test.labels, seed=config.seed)}]
     table = results_table(rows)
     print(format_results(table))
     save_results_json(out, rows, metadata={"checkpoint": str(args.checkpoint), "config": config.to_dict(),

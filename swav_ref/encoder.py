@@ -29,7 +29,7 @@ from swav_ref.config import TrainConfig
 from swav_ref.resume import load_trainer_checkpoint
 from swav_ref.train import build_backbone, input_normalisation
 
-__all__ = ["Encoder", "load_encoder"]
+__all__ = ["Encoder", "encoder_from_loaded", "load_encoder"]
 
 _BACKBONE = "model.backbone."
 
@@ -95,7 +95,16 @@ def load_encoder(path: Any, backend: str | None = None, train_set: Any = None) -
         the architecture, or a checkpoint too old to hold its normalisation given without
         ``train_set``.
     """
-    arrays, meta, config = load_trainer_checkpoint(path)
+    return encoder_from_loaded(path, load_trainer_checkpoint(path), backend, train_set)
+
+
+def encoder_from_loaded(path: Any, loaded: tuple[dict, dict, TrainConfig], backend: str | None = None,
+                        train_set: Any = None) -> Encoder:
+    """:func:`load_encoder` of a checkpoint already read by
+    :func:`~swav_ref.resume.load_trainer_checkpoint` (its ``(arrays, metadata, config)``),
+    so that a caller who needs the metadata too reads the file once. ``path`` names the
+    file in errors."""
+    arrays, meta, config = loaded
     if "normalisation" in meta:
         mean, std = tuple(meta["normalisation"]["mean"]), tuple(meta["normalisation"]["std"])
     elif train_set is not None:

@@ -191,8 +191,11 @@ def test_eval_scores_a_checkpoint_on_other_data_without_training_checks(small_di
     assert "takes images of 1 channel(s), but colour/train has 3" in capsys.readouterr().err
     assert main(["eval", checkpoint, "--image-size", "0"]) == 2
     assert "--image-size 0: must be at least 1 pixel" in capsys.readouterr().err
-    assert main(["eval", checkpoint, "--data-dir", str(few), "--image-size", "16", "--out",
-                 str(tmp_path / "big.json")]) == 0  # accepted (and warned of: not the training size)
+    with pytest.warns(UserWarning) as warned:  # accepted, and warned of once: not the training size
+        assert main(["eval", checkpoint, "--data-dir", str(few), "--image-size", "16", "--out",
+                     str(tmp_path / "big.json")]) == 0
+    sizes = [str(w.message) for w in warned if "16, 16" in str(w.message) or "16x16" in str(w.message)]
+    assert len(sizes) == 1 and "checkpoint.npz was trained on" in sizes[0], [str(w.message) for w in warned]
     folder.rename(tmp_path / "moved")
     assert main(["eval", checkpoint]) == 2
     assert "is not there any more; if the data moved, give their folder with --data-dir" in capsys.readouterr().err

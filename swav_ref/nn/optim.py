@@ -38,8 +38,12 @@ class SGD:
     Parameters
     ----------
     model : Module
-    momentum : float
-    weight_decay : float
+        the parameters it updates (its ``named_parameters``) and their gradients.
+    momentum : float, default 0.9
+        SwAV's value. PyTorch's ``torch.optim.SGD`` defaults to 0; pass ``momentum=0.0``
+        for plain gradient descent.
+    weight_decay : float, default 0
+        the L2 penalty added to every gradient.
 
     Notes
     -----
