@@ -21,6 +21,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from swav_ref.backend import BACKENDS
 from swav_ref.data.datasets import ARRAYS, DATASETS
@@ -57,7 +58,7 @@ OPTION_HELP = {
     "optimizer": "lars (as SwAV) or sgd",
     "base_lr": "peak learning rate after warm-up",
     "final_lr": "learning rate at the end of the cosine schedule",
-    "warmup_epochs": "epochs of linear warm-up (at most half of --epochs)",
+    "warmup_epochs": "epochs of linear warm-up (capped at half of --epochs, so that the rate also decays)",
     "start_warmup": "learning rate at the start of the warm-up",
     "weight_decay": "weight decay",
     "momentum": "SGD momentum",
@@ -66,7 +67,8 @@ OPTION_HELP = {
     "kmeans_init": "DeepCluster-v2: initial centroids, k-means++ seeding or random rows (the official code's)",
     "sync_bn": "synchronise BatchNorm statistics across MPI workers",
     "seed": "random seed (data order, augmentation, initialisation)",
-    "out_dir": "output folder: metrics.jsonl, checkpoint.npz, figures",
+    "out_dir": "output folder: checkpoint.npz, metrics.jsonl, config.json, eval.json, figures "
+               "(runs/<method> for a --method other than swav)",
     "log_every": "log (and check for NaN and collapse) every N steps",
     "checkpoint_every": "write a checkpoint every N epochs",
     "stop_after": "stop after N epochs in this run (0 = train to the end); the learning-rate schedule still spans "
@@ -168,7 +170,9 @@ def _add_threads_option(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=0, metavar="N",
         help="threads for NumPy's matrix products (BLAS) on the CPU; 0 = the library's default, one per core. "
              "On a machine busy with other work, 1 can be several times faster: idle BLAS threads spin "
-             "and compete with the other programs for the cores")
+             "and compete with the other programs for the cores. (NumPy's macOS wheels use Apple's "
+             "Accelerate, which this cannot reach once started: set VECLIB_MAXIMUM_THREADS=N in the "
+             "environment instead)")
 
 
 def _limit_threads(n: int) -> None:
@@ -277,7 +281,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from swav_ref import plots
     from swav_ref.distributed import get_communicator, install_abort_on_exception
     from swav_ref.experiment import METHOD_NAMES, check_evaluable, evaluate_trainer
-    from swav_ref.results import format_results, results_table
+    from swav_ref.results import format_results, results_table, save_results_json
     from swav_ref.train import Trainer
 
     _limit_threads(args.threads)
@@ -286,6 +290,10 @@ def _run_train(args: argparse.Namespace) -> int:
     given = _options_given(args.command_args)
     if args.resume is None:
         config = _config_from_args(args, TrainConfig())
+        if "out_dir" not in given and config.method != "swav":
+            # Each method its own default folder: a DeepCluster-v2 or supervised run would
+            # otherwise replace the SwAV run in runs/swav (it would warn first, but why risk it).
+            config = dataclasses.replace(config, out_dir=f"runs/{config.method}")
     else:
         if not Path(args.resume).is_file():
             raise UserError(f"--resume {args.resume}: no such checkpoint file")
@@ -295,7 +303,8 @@ def _run_train(args: argparse.Namespace) -> int:
             print(f"resuming {args.resume} with its settings" + (f", except {changed} (given here)" if changed else "")
                   + f"; writing to {config.out_dir}")
     _output_folder(config.out_dir, "--out-dir")
-    _output_files(Path(config.out_dir), ("checkpoint.npz", "metrics.jsonl", "config.json", "training_curves.png"),
+    _output_files(Path(config.out_dir), ("checkpoint.npz", "metrics.jsonl", "config.json", "training_curves.png",
+                                         "eval.json"),
                   f"--out-dir {config.out_dir}")
     if "warmup_epochs" in given and config.warmup_epochs > config.epochs // 2:
         warnings.warn(f"--warmup-epochs {config.warmup_epochs} is more than half of --epochs {config.epochs}: the "
@@ -330,7 +339,14 @@ def _run_train(args: argparse.Namespace) -> int:
     print(f"checkpoint: {out / 'checkpoint.npz'}\nmetrics:    {out / 'metrics.jsonl'}")
     if evaluate:
         row = {"method": METHOD_NAMES[config.method], **evaluate_trainer(trainer, config.seed)}
-        print(format_results(results_table([row])))
+        table = results_table([row])
+        print(format_results(table))
+        # kept, not only printed: a batch job's log may be lost (swav-ref eval writes the same
+        # file, with the raw-pixel baseline beside it)
+        save_results_json(out / "eval.json", [row], metadata={"checkpoint": str(out / "checkpoint.npz"),
+                                                               "config": config.to_dict(),
+                                                               "k_used": table.attrs["k_used"]})
+        print(f"results:    {out / 'eval.json'}")
     return 0
 
 
@@ -407,7 +423,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     if config.dataset == ARRAYS:
         raise UserError(f"{args.checkpoint} was trained on images handed to the Trainer from Python "
                         "(dataset 'arrays'), which the command line cannot load; evaluate it from Python: "
-                        "swav_ref.encoder.load_encoder(path).features(images), then a classifier of your choice")
+                        "swav_ref.encoder.load_encoder(path).features(images), then swav_ref.evaluate.evaluate_features "
+                        "(linear probe and kNN) or a classifier of your choice")
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name("eval.json")
     # before the evaluation, not after it
     _output_folder(str(out.parent), "--out" if args.out else "eval.json goes next to the checkpoint (give --out): its folder")
@@ -554,8 +571,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake in the options is one line, ``swav-ref: error: ...``, like
+    every other error of the command line, and points to ``--help``: argparse's own
+    prints the whole usage first (32 lines for ``train``), which buries the error."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("swav-ref").strip()  # "train", or "" at the top level
+        self.exit(2, f"swav-ref: error: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="swav-ref",
         description="SwAV from first principles: optimal transport, training and evaluation.",
         allow_abbrev=False,
@@ -563,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     # No abbreviations (--epoch for --epochs): a shortened option that works today breaks
     # when a new option shares its prefix; a typo gets a suggestion instead (main).
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=lambda **kwargs: argparse.ArgumentParser(allow_abbrev=False, **kwargs))
+                                parser_class=lambda **kwargs: _Parser(allow_abbrev=False, **kwargs))
     for add in (_add_demo, _add_train, _add_eval, _add_dessert):
         add(sub)
     for command_parser in sub.choices.values():
@@ -571,15 +598,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options other tools spell differently, and what this one calls them.
+OTHER_TOOLS_OPTIONS = {"--gpu": "--backend cupy", "--cuda": "--backend cupy", "--device": "--backend",
+                       "--lr": "--base-lr", "--learning-rate": "--base-lr", "--output": "--out-dir",
+                       "--output-dir": "--out-dir", "--workers": "mpiexec -n N swav-ref ...",
+                       "--world-size": "mpiexec -n N swav-ref ..."}
+
+
+def _nearest_options(flag: str, options: list[str]) -> list[str]:
+    """The options a mistyped ``flag`` most likely meant: another tool's name for one
+    (``--gpu``), else those it is the beginning of (``--batch``: ``--batch-size``), else
+    those that begin it (``--out-dir``: ``--out``), else those with all its words
+    (``--size``: every ``--*-size``), else the closest spelling (``--epoch``: ``--epochs``)."""
+    wanted = OTHER_TOOLS_OPTIONS.get(flag)
+    if wanted and (not wanted.startswith("--") or wanted.split()[0] in options):
+        return [wanted]
+    words = set(flag.removeprefix("--").split("-"))
+    for found in ([o for o in options if o.startswith(flag + "-")],
+                  [o for o in options if flag.startswith(o + "-")],
+                  [o for o in options if words <= set(o.removeprefix("--").split("-"))]):
+        if found:
+            return sorted(found, key=len)[:3]
+    return difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
+
+
 def _unrecognised(extra: list[str], parser: argparse.ArgumentParser) -> str:
-    """The error for arguments no option takes, with the nearest option to each unknown one."""
+    """The error for arguments no option takes, with the nearest options to each unknown one."""
     options = [s for action in parser._actions for s in action.option_strings]  # argparse lists them nowhere public
     hints = []
     for word in extra:
         flag = word.split("=", 1)[0]
         if flag.startswith("--"):
-            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
-            hints.append(f"{flag}: did you mean {close[0]}?" if close else f"{flag}: no such option")
+            near = _nearest_options(flag, options)
+            hints.append(f"{flag}: did you mean {' or '.join(near)}?" if near else f"{flag}: no such option")
     return f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else "")
 
 
@@ -597,6 +648,16 @@ def _one_line_warnings(original):
     return format_warning
 
 
+def _never_fail_to_print() -> None:
+    """Print what the terminal cannot show as escapes (``\\xb1`` for ±) rather than fail:
+    on Windows, output sent to a file or a pipe is encoded in the ANSI code page, which
+    lacks some of the table's characters (cp874 has no ±), and a ``UnicodeEncodeError``
+    after a whole training run would lose its results table."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", "strict") == "strict":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     from swav_ref.backend import BackendUnavailableError
     from swav_ref.checkpoint import CheckpointError
@@ -606,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     from swav_ref.resume import TrainingDivergedError
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    _never_fail_to_print()
     args, extra = build_parser().parse_known_args(argv)
     if extra:  # the command's own usage and a suggestion, not the top level's bare error
         args.command_parser.error(_unrecognised(extra, args.command_parser))

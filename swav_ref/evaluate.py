@@ -502,8 +502,8 @@ def extract_features(
     *,
     xp: Any,
     dtype: Any = "float32",
+    normalize: tuple[Sequence[float], Sequence[float]] | None,
     batch_size: int = 512,
-    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> Any:
     r"""Run a frozen ``model`` over uint8 images, batch by batch, on the backend ``xp``.
 
@@ -515,9 +515,13 @@ def extract_features(
     images_uint8 : (N, C, H, W) uint8 array, on the host or on the backend.
     xp : the backend namespace the model runs on.
     dtype : floating dtype of the network input (name or dtype of ``xp``).
-    batch_size : images per forward pass (bounds device memory).
     normalize : ``(mean, std)``, per-channel sequences of length C applied to the [0, 1]
-        pixels, or ``None`` for no normalisation.
+        pixels: those the model was trained with, or its features are not those it learned
+        to give. Required, so that it is never left out by accident; ``None`` gives the
+        [0, 1] pixels themselves. :meth:`Encoder.features
+        <swav_ref.encoder.Encoder.features>` and :meth:`Trainer.features
+        <swav_ref.train.Trainer.features>` pass their own.
+    batch_size : images per forward pass (bounds device memory).
 
     Returns
     -------
@@ -525,8 +529,8 @@ def extract_features(
 
     Notes
     -----
-    Pixels are mapped as :math:`x = (u / 255 - \mu_c) / \sigma_c`, the same input transform as
-    in training. Only one batch at a time is moved to the device, and the convolutions'
+    Pixels are mapped as :math:`x = (u / 255 - \mu_c) / \sigma_c` with ``normalize =
+    (mu, sigma)``, the training's input transform. Only one batch at a time is moved to the device, and the convolutions'
     column buffers of this batch size are let go at the end (``nn.functional.SCRATCH``).
     """
     if len(images_uint8.shape) != 4:

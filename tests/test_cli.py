@@ -56,6 +56,10 @@ def test_train_then_eval_on_an_image_folder(tmp_path, capsys):
     assert (out / "training_curves.png").stat().st_size > 1000
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in records} == {"step", "epoch"}
+    # the printed table is kept too (a batch job's log may be lost): the same numbers
+    kept = json.loads((out / "eval.json").read_text())
+    assert [r["method"] for r in kept["results"]] == ["SwAV"] and kept["metadata"]["config"]["epochs"] == 2
+    assert f"{100 * kept['results'][0]['linear probe']['mean']:.1f}" in printed
     assert main(["eval", str(out / "checkpoint.npz"), "--out", str(tmp_path / "eval.json")]) == 0
     rows = json.loads((tmp_path / "eval.json").read_text())["results"]
     methods = [r["method"] for r in rows]
@@ -361,3 +365,16 @@ def test_a_comparison_rerun_into_its_folder_says_once_that_it_replaces_the_earli
     earlier = [str(w.message) for w in record if "earlier" in str(w.message)]
     assert len(earlier) == 1 and "holds the runs of an earlier comparison (seed0/swav, seed0/supervised)" in earlier[0]
     assert set(table.index) >= {"SwAV", "supervised"} and (out / "results.json").exists()
+
+
+def test_each_method_trains_into_its_own_default_folder(tmp_path, monkeypatch):
+    """Every method's default was runs/swav: a DeepCluster-v2 or supervised run replaced the
+    SwAV run there (with a warning, once it had started)."""
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--epochs", "1", "--batch-size", "32", "--n-crops", "2", "2", "--hidden-dim", "8", "--feat-dim", "8",
+            "--n-prototypes", "12", "--no-progress", "--no-evaluate"]
+    for method in ("supervised", "swav"):
+        assert main(["train", "--method", method, *tiny]) == 0
+    assert (tmp_path / "runs" / "supervised" / "checkpoint.npz").is_file()
+    assert (tmp_path / "runs" / "swav" / "checkpoint.npz").is_file()
+    assert json.loads((tmp_path / "runs" / "supervised" / "config.json").read_text())["method"] == "supervised"

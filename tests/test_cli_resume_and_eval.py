@@ -116,17 +116,50 @@ def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_go_on(small_digits, tmp
 
 
 # -- typos -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("argv, usage, hint", [
-    (["train", "--batchsize", "16"], "swav-ref train", "--batchsize: did you mean --batch-size?"),
-    (["demo", "--epoch", "1"], "swav-ref demo", "--epoch: did you mean --epochs?"),  # no abbreviations
-    (["eval", "x.npz", "--bakend", "numpy"], "swav-ref eval", "--bakend: did you mean --backend?"),
+@pytest.mark.parametrize("argv, command, hint", [
+    (["train", "--batchsize", "16"], "train", "--batchsize: did you mean --batch-size?"),
+    (["demo", "--epoch", "1"], "demo", "--epoch: did you mean --epochs?"),  # no abbreviations
+    (["eval", "x.npz", "--bakend", "numpy"], "eval", "--bakend: did you mean --backend?"),
+    # the beginning of an option: difflib alone named --arch, --resume and --resume
+    (["train", "--batch", "64"], "train", "--batch: did you mean --batch-size?"),
+    (["train", "--queue", "64"], "train", "--queue: did you mean --queue-length?"),
+    (["train", "--freeze", "3"], "train", "--freeze: did you mean --freeze-prototypes-niters?"),
+    (["eval", "x.npz", "--out-dir", "d"], "eval", "--out-dir: did you mean --out?"),
+    # a word of several options, and another tool's name for one
+    (["train", "--size", "8"], "train", "--size: did you mean --batch-size or --image-size?"),
+    (["train", "--gpu"], "train", "--gpu: did you mean --backend cupy?"),
+    (["train", "--lr", "0.1"], "train", "--lr: did you mean --base-lr?"),
 ])
-def test_an_unknown_option_gets_the_commands_usage_and_the_nearest_option(argv, usage, hint, capsys):
+def test_an_unknown_option_is_one_line_with_the_nearest_option(argv, command, hint, capsys):
+    """argparse printed the command's whole usage (32 lines for train) above the error."""
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2
-    assert err.startswith(f"usage: {usage}") and f"{usage}: error: unrecognized arguments" in err and hint in err, err
+    assert err.startswith(f"swav-ref: error: {command}: unrecognized arguments") and hint in err, err
+    assert err.endswith(f"(see swav-ref {command} --help)\n") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--epochs", "abc"], "swav-ref: error: train: argument --epochs: invalid int value: 'abc'"),
+    (["train", "--optimizer", "adam"], "swav-ref: error: train: argument --optimizer: invalid choice: 'adam'"),
+    ([], "swav-ref: error: the following arguments are required: COMMAND (see swav-ref --help)"),
+])
+def test_a_malformed_option_is_one_line_too(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_a_table_the_terminal_cannot_encode_is_printed_with_escapes(tmp_path):
+    """On Windows, output redirected to a file is encoded in the ANSI code page; one with
+    no ± (cp874) crashed the command after the whole run, its results table unprinted."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "PYTHONUTF8": "0"}
+    done = subprocess.run([sys.executable, "-m", "swav_ref", "demo", "--help"], capture_output=True, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"mean \\xb1 std" in done.stdout
 
 
 # -- warnings --------------------------------------------------------------------------------

@@ -345,12 +345,20 @@ def test_extract_features_restores_mode_on_error(rng):
     model = Broken(18, 4, np)
     images = rng.integers(0, 256, size=(2, 2, 3, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match=r"\(B, D\)"):
-        E.extract_features(model, images, xp=np)
+        E.extract_features(model, images, xp=np, normalize=None)
     assert model.training is True
     with pytest.raises(ValueError, match="2 per-channel"):
         E.extract_features(model, images, xp=np, normalize=((0.5,), (0.2,)))
     with pytest.raises(ValueError, match="uint8"):
-        E.extract_features(model, images.astype(np.float32), xp=np)
+        E.extract_features(model, images.astype(np.float32), xp=np, normalize=None)
+
+
+def test_extract_features_needs_its_normalisation_named(rng):
+    """Left out, features came from unnormalised pixels (4.4 away from the trained
+    transform's in a checkpoint's features) without a word; now it must be named."""
+    images = rng.integers(0, 256, size=(2, 2, 3, 3), dtype=np.uint8)
+    with pytest.raises(TypeError, match="normalize"):
+        E.extract_features(LinearModel(18, 4, np), images, xp=np)
 
 
 # ------------------------------------------------------------------------------------------

@@ -76,7 +76,8 @@ def test_training_and_evaluation_let_the_column_buffers_go_when_done(tiny, tmp_p
     assert F.SCRATCH.nbytes() > 0  # a step keeps them, for the next one
     trainer.fit()
     assert F.SCRATCH.nbytes() == 0
-    extract_features(trainer.model.backbone, test.images, xp=np, batch_size=16)  # its forwards use them too
+    extract_features(trainer.model.backbone, test.images, xp=np, batch_size=16,
+                     normalize=(trainer.mean, trainer.std))  # its forwards use them too
     assert F.SCRATCH.nbytes() == 0
 
 
