@@ -105,7 +105,7 @@ class TrainConfig:
     batch_size: int = 128  # per worker (official: 64 per GPU)
     # None: the data set's recipe (see above); digits (2, 4), (8, 6), (0.5, 0.3), (1.0, 0.6)
     n_crops: tuple[int, ...] | None = None  # official (2, 6)
-    crop_sizes: tuple[int, ...] | None = None  # official (224, 96)
+    crop_sizes: tuple[int, ...] | None = None  # official (224, 96); one per group: MultiCropConfig.sizes
     min_scale: tuple[float, ...] | None = None  # official (0.14, 0.05)
     max_scale: tuple[float, ...] | None = None  # official (1.0, 0.14)
     crops_for_assign: tuple[int, ...] = (0, 1)

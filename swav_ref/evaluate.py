@@ -111,6 +111,18 @@ def _labels_on(labels: Any, xp: Any) -> Any:
     return asarray(host.astype(np.int64, copy=False), xp)
 
 
+def _numbered_if_not_integers(train_labels: Any, test_labels: Any) -> tuple[Any, Any]:
+    """Host labels that are not integers (class names) as indices into their sorted joint
+    set; anything else as it is (integers, device arrays: :func:`_labels_on` checks them)."""
+    host = [np.asarray(y) if isinstance(y, (np.ndarray, list, tuple)) else None for y in (train_labels, test_labels)]
+    if any(y is None for y in host) or all(y.dtype.kind in "iu" for y in host):
+        return train_labels, test_labels
+    if any(y.dtype.kind in "fc" for y in host):  # 1.7 or NaN is no class; the integer check says so
+        return train_labels, test_labels
+    _, numbered = np.unique(np.concatenate([host[0].ravel(), host[1].ravel()]), return_inverse=True)
+    return numbered[:host[0].size].reshape(host[0].shape), numbered[host[0].size:].reshape(host[1].shape)
+
+
 # ------------------------------------------------------------------------------------------
 # linear probe
 # ------------------------------------------------------------------------------------------
@@ -175,9 +187,10 @@ def linear_probe(
     Parameters
     ----------
     train_features : (N_train, D) array of any backend (copied to the host).
-    train_labels : (N_train,) integer class labels.
+    train_labels : (N_train,) class labels: integers, or host values of another kind
+        (class names), as scikit-learn takes them.
     test_features : (N_test, D) array.
-    test_labels : (N_test,) integer class labels.
+    test_labels : (N_test,) class labels, of the kind of ``train_labels``.
     C : float, optional
         A fixed inverse regularisation strength. If ``None`` (default) it is chosen from
         ``C_grid`` by stratified ``cv_folds``-fold cross-validation on the train split,
@@ -420,11 +433,15 @@ def knn_classifier(
     k is clipped to its size and the result's ``note`` says so. Runs on the features'
     backend; only the final accuracy comes back to the host.
 
+    Labels are integers (on the host or the backend), or host values of another kind
+    (strings, say), which are numbered jointly first, as the linear probe takes them.
+
     Returns
     -------
     KNNResult
     """
     xp = array_namespace(train_features, test_features)
+    train_labels, test_labels = _numbered_if_not_integers(train_labels, test_labels)
     y_test = _labels_on(test_labels, xp)
     _check_features_and_labels(test_features, y_test, "test")
     predicted = knn_predict(

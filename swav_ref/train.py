@@ -217,6 +217,24 @@ class Trainer(Resumable):
         evaluation runs the trained network on them, and images of another size would
         score the model on what it never saw). A ``test_set`` given alone replaces the
         loaded data set's test split.
+
+    Attributes
+    ----------
+    config : the configuration, with the data set's recipe filled in (crops, freeze).
+    model : :class:`SwAVModel`, ``model.backbone`` (the ResNet, whose features are
+        evaluated) and ``model.head`` (projection and prototypes, or the classifier).
+    optimizer : :class:`~swav_ref.nn.optim.LARS` or :class:`~swav_ref.nn.optim.SGD`.
+    train_set, test_set : the :class:`~swav_ref.data.datasets.ImageDataset` s trained
+        and evaluated on (``test_set`` may be None).
+    mean, std : per-channel input normalisation, from the training images.
+    xp, dtype : the backend namespace and floating type.
+    step, total_steps, steps_per_epoch : steps done, steps of the whole run, per epoch.
+    log : :class:`MetricsLog`, the metrics written so far (``log.steps()``, ``log.epochs()``).
+    queue, bank : the SwAV queue and the DeepCluster-v2 memory bank, when in use.
+
+    :meth:`fit` trains; :meth:`features` gives the backbone's features of new images;
+    :func:`swav_ref.experiment.evaluate_trainer` scores them by linear probe and kNN
+    against the test split (what ``swav-ref train`` prints).
     """
 
     def __init__(self, config: TrainConfig, comm: Any = None, train_set: ImageDataset | None = None,
@@ -289,7 +307,7 @@ class Trainer(Resumable):
             def shape(d: ImageDataset) -> str:
                 return f"{d.n_channels} channel(s) of {d.image_shape[0]}x{d.image_shape[1]}"
 
-            raise ConfigError(f"test_set {test.name}: images of {shape(test)}, but the training set {train.name} "
+            raise ConfigError(f"test_set {test.name!r}: images of {shape(test)}, but the training set ({train.name!r}) "
                               f"has {shape(train)}; the evaluation runs the trained network on the test images, "
                               "which need the training images' channels and size")
 

@@ -316,3 +316,18 @@ def test_load_trainer_checkpoint_refuses_a_queue_its_state_does_not_hold(tmp_pat
                                               r"state \(--queue-length 1000000000000 from epoch 2, but at step 12"):
         load_trainer_checkpoint(path)
     load_trainer_checkpoint(_trainer_file(tmp_path, step=10, config_queue_length=10**12, config_epoch_queue_starts=2))
+
+
+def test_an_image_dataset_prints_as_a_summary_and_three_axes_get_a_hint():
+    """print(dataset) printed every pixel; (N, H, W) images were refused without a word
+    on the missing channel axis."""
+    import numpy as np
+
+    from swav_ref.data.datasets import ImageDataset
+
+    images = np.zeros((5, 8, 8), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"add its axis: images\[:, None\]"):
+        ImageDataset(images, name="mine")
+    labelled = ImageDataset(images[:, None], np.arange(5) % 2, name="mine")
+    assert repr(labelled) == "ImageDataset('mine': 5 images of 1x8x8 uint8, 2 classes)"
+    assert str(ImageDataset(images[:, None])) == "ImageDataset('images': 5 images of 1x8x8 uint8, unlabelled)"

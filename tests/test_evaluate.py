@@ -450,3 +450,15 @@ def test_the_results_tables_old_names_still_import_with_a_warning():
     assert results_table is R.results_table
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         E.no_such_name
+
+
+def test_knn_takes_class_names_as_the_linear_probe_does(rng):
+    """kNN refused string labels that the linear probe took ("labels must be integers")."""
+    names = np.array(["cat", "dog", "eel"])[np.arange(30) % 3]
+    features = np.eye(4)[np.arange(30) % 3] + 0.1 * rng.normal(size=(30, 4))  # a direction per class
+    by_name = E.knn_classifier(features[:20], names[:20], features[20:], list(names[20:]), k=3)
+    by_index = E.knn_classifier(features[:20], np.arange(20) % 3, features[20:], np.arange(20, 30) % 3, k=3)
+    assert by_name.accuracy == by_index.accuracy == 1.0
+    assert E.linear_probe(features[:20], names[:20], features[20:], names[20:], C=1.0).accuracy == 1.0
+    with pytest.raises(ValueError, match="integers"):  # a fractional label is no class
+        E.knn_classifier(features[:20], np.arange(20) * 0.5, features[20:], np.arange(10) * 0.5, k=3)

@@ -423,9 +423,9 @@ def test_a_resumed_run_names_the_checkpoint_it_resumed_from_as_kept(tiny, tmp_pa
 
 
 @pytest.mark.parametrize("shape, message", [
-    ((40, 1, 16, 16), r"test_set other: images of 1 channel\(s\) of 16x16, but the training set digits/train has "
-                      r"1 channel\(s\) of 8x8"),
-    ((40, 3, 8, 8), r"test_set other: images of 3 channel\(s\) of 8x8"),  # failed only at the evaluation
+    ((40, 1, 16, 16), r"test_set 'other': images of 1 channel\(s\) of 16x16, but the training set \('digits/train'\) "
+                      r"has 1 channel\(s\) of 8x8"),
+    ((40, 3, 8, 8), r"test_set 'other': images of 3 channel\(s\) of 8x8"),  # failed only at the evaluation
 ])
 def test_a_test_set_of_other_images_is_refused_at_construction(tiny, tmp_path, shape, message):
     from swav_ref.data.datasets import ImageDataset

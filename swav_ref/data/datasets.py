@@ -109,11 +109,12 @@ class ImageDataset:
     def __post_init__(self):
         if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8:
             raise ValueError(
-                f"{self.name}: images must be a uint8 NumPy array, got "
+                f"{self.name}: the images must be a uint8 NumPy array, got "
                 f"{type(self.images).__name__} of dtype {getattr(self.images, 'dtype', None)}"
             )
         if self.images.ndim != 4:
-            raise ValueError(f"{self.name}: images must be (N, C, H, W), got shape {self.images.shape}")
+            hint = "; for one channel, add its axis: images[:, None]" if self.images.ndim == 3 else ""
+            raise ValueError(f"{self.name}: the images must be (N, C, H, W), got shape {self.images.shape}{hint}")
         if self.images.shape[1] > 4 and self.images.shape[-1] in (1, 3, 4):
             raise ValueError(
                 f"{self.name}: images of shape {self.images.shape} look channels-last (N, H, W, C); "
@@ -139,6 +140,12 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def __repr__(self) -> str:
+        # The dataclass's own would print every pixel.
+        n, c, h, w = self.images.shape
+        labels = f"{len(self.class_names)} classes" if self.labels is not None else "unlabelled"
+        return f"ImageDataset({self.name!r}: {n} images of {c}x{h}x{w} uint8, {labels})"
 
     @property
     def n_channels(self) -> int:

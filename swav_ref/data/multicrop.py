@@ -197,7 +197,10 @@ class MultiCropConfig:
 
     @property
     def crop_sizes(self) -> tuple[int, ...]:
-        """The side of every crop, in output order (all large crops first)."""
+        """The side of every crop, in output order (all large crops first): one entry per
+        crop, ``(8, 8, 6, 6, 6, 6)``, where :class:`~swav_ref.config.TrainConfig`'s
+        ``crop_sizes`` (and ``--crop-sizes``) has one per size group, ``(8, 6)``, as
+        :attr:`sizes` here."""
         return tuple(s for n, s in zip(self.n_crops, self.sizes) for _ in range(n))
 
     def replace(self, **changes) -> MultiCropConfig:
