@@ -184,13 +184,14 @@ class MetricsLog:
         whatever was logged after that checkpoint, before an interruption, is dropped
         rather than logged twice)."""
         if self.path is not None:
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            # UTF-8 and "\n" on every OS: the same bytes from a run on Windows
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8", newline="\n")
 
     def write(self, record: dict) -> None:
         """Append ``record`` to :attr:`records` and, as one JSON line, to the file."""
         self.records.append(record)
         if self.path is not None:
-            with open(self.path, "a") as f:
+            with open(self.path, "a", encoding="utf-8", newline="\n") as f:
                 f.write(json.dumps(record) + "\n")
 
     def steps(self) -> list[dict]:
