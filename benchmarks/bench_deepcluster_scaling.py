@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.replot:
-        write_figure(json.loads(out.read_text()), out, args.docs)
+        write_figure(json.loads(out.read_text(encoding="utf-8")), out, args.docs)
         return 0
     repeats = (1, 4) if args.quick else (1, 4, 16)
     steps = args.steps or (2 if args.quick else 6)

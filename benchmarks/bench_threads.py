@@ -46,7 +46,7 @@ def training_seconds(threads: int) -> float:
         subprocess.run([sys.executable, "-m", "swav_ref", "train", "--epochs", str(EPOCHS), "--no-evaluate",
                         "--no-progress", "--threads", str(threads), "--out-dir", out],
                        check=True, capture_output=True, text=True, timeout=600)
-        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     return sum(r["seconds"] for r in records if r.get("kind") == "epoch")
 
 

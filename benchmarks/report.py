@@ -258,7 +258,7 @@ def _file_date(path: Path, mtime_ns: int) -> str:
 def _gpu_machine(results_dir: Path) -> str:
     info = results_dir / "gpu_machine.txt"
     if info.exists():
-        first = info.read_text().strip().splitlines()
+        first = info.read_text(encoding="utf-8").strip().splitlines()
         if first:
             return first[0].split(",")[0].strip()
     return "GPU"
@@ -520,7 +520,7 @@ def collect_rows(results_dir: Path = RESULTS, extra: Iterable[Path] = (), warn=N
 
 def _read(path: Path, reader: Reader, results_dir: Path, warn) -> list[Row]:
     try:
-        return reader(json.loads(path.read_text()), path, results_dir)
+        return reader(json.loads(path.read_text(encoding="utf-8")), path, results_dir)
     except (ValueError, KeyError, TypeError) as exc:  # a malformed file must not hide the others
         warn(f"report: could not read {path}: {type(exc).__name__}: {exc}; skipped")
         return []
@@ -528,19 +528,19 @@ def _read(path: Path, reader: Reader, results_dir: Path, warn) -> list[Row]:
 
 def digits_blocks(results_dir: Path = RESULTS) -> dict[str, str]:
     """``{file name: accuracy table}`` for each of :data:`DIGITS_TABLES` in ``results_dir``."""
-    return {name: accuracy_table(json.loads((results_dir / name).read_text()))
+    return {name: accuracy_table(json.loads((results_dir / name).read_text(encoding="utf-8")))
             for name in DIGITS_TABLES if (results_dir / name).exists()}
 
 
 def write_block(path: Path, block: str, markers: tuple[str, str] = (START, END)) -> bool:
     """Replace the marked block of ``path``; False (with a message) when it has no markers."""
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     try:
         new = replace_block(text, block, str(path), markers)
     except ValueError as exc:
         print(f"report: {exc}; not written", file=sys.stderr)
         return False
-    path.write_text(new)
+    path.write_text(new, encoding="utf-8", newline="\n")  # not the locale's code page or \r\n on Windows
     return True
 
 
@@ -586,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             if write_block(target, table):
                 print(f"report: wrote the tables into {target}", file=sys.stderr)
-            text = target.read_text()
+            text = target.read_text(encoding="utf-8")
             for name, block in digits.items():
                 markers = digits_markers(name)
                 if markers[0] in text and write_block(target, block, markers):

@@ -329,7 +329,7 @@ repo = Path(swav_ref.__file__).resolve().parents[1]
 saved = repo / "benchmarks" / "results" / "bench_deepcluster_scaling.json"
 scaling = None
 if saved.exists():
-    scaling = json.loads(saved.read_text())
+    scaling = json.loads(saved.read_text(encoding="utf-8"))
     print(f"measured on {scaling['date']} ({scaling['machine']}): {scaling['command']}")
 elif (repo / "benchmarks" / "bench_deepcluster_scaling.py").exists():
     sys.path.insert(0, str(repo / "benchmarks"))

@@ -165,7 +165,7 @@ plt.show()
 results = Path(swav_ref.__file__).resolve().parents[1] / "benchmarks" / "results"
 equivalence_file, gpu_file = results / "gpu_equivalence.json", results / "bench_gpu.json"
 if equivalence_file.exists():
-    equivalence = json.loads(equivalence_file.read_text())
+    equivalence = json.loads(equivalence_file.read_text(encoding="utf-8"))
     losses = pd.DataFrame({"numpy": equivalence["numpy"], "cupy": equivalence["cupy"],
                            "relative difference": equivalence["relative_difference"]})
     losses.index.name = "step"
@@ -208,7 +208,7 @@ else:
 
 # %%
 if gpu_file.exists():
-    gpu = json.loads(gpu_file.read_text())
+    gpu = json.loads(gpu_file.read_text(encoding="utf-8"))
     print(f"{gpu['machine']}, CuPy {gpu.get('cupy', '-')}, PyTorch {gpu['torch']}, {gpu['date']}: {gpu['command']}")
     cases, profiles = {}, {}
     for case, values in gpu["cases"].items():
@@ -257,7 +257,7 @@ else:
 # %%
 from swav_ref import fused  # noqa: E402
 
-source = fused.KERNEL_SOURCE.read_text()
+source = fused.KERNEL_SOURCE.read_text(encoding="utf-8")
 start = source.index("template <typename T, typename I>\n__device__ void relu_backward")
 display(Code(source[start : source.index("#define", start)], language="cuda"))  # noqa: F821
 print(f"fused kernels enabled: {fused.enabled()}; used on this backend: {fused.applies(xp, xp.float32)}")
@@ -274,7 +274,7 @@ print(f"fused kernels enabled: {fused.enabled()}; used on this backend: {fused.a
 # %%
 launches_file = results / "bench_launches.json"
 if launches_file.exists():
-    launches = json.loads(launches_file.read_text())["cases"]
+    launches = json.loads(launches_file.read_text(encoding="utf-8"))["cases"]
     counts = pd.DataFrame({name: {"plain code": c["plain"]["kernels"], "fused kernels": c["fused"]["kernels"]}
                            for name, c in launches.items()}).T
     display(counts.assign(**{"fused / plain": (counts["fused kernels"] / counts["plain code"]).round(2)}))  # noqa: F821

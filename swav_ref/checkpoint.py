@@ -38,7 +38,14 @@ Atomic writes
     same name, which is a race anyway, is not disturbed while it writes). The file gets the
     permissions ``open(path, "w")`` would give it (``0o666`` less the umask), not
     ``tempfile.mkstemp``'s owner-only ``0o600``. :func:`write_atomically` does this for any
-    file (the results JSON and a run's ``config.json`` use it too).
+    file (the results JSON and a run's ``config.json`` use it too), text as UTF-8 with
+    ``\\n`` line ends, so a file is the same bytes on every OS.
+
+    Two platforms need more. On macOS ``fsync`` leaves the data in the drive's cache, so the
+    file and the folder are flushed with ``F_FULLFSYNC``, which empties it. On Windows a file
+    another program holds open (a virus scanner or search indexer looking at the new
+    checkpoint, a notebook reading the old one) cannot be replaced for a moment: the rename
+    is tried again a few times, for under a second in all, before an error names the file.
 
 What a loader refuses, and why
     A checkpoint may come from someone else, and the SHA-256 is no defence (anyone can
@@ -77,6 +84,7 @@ import os
 import re
 import secrets
 import struct
+import time
 import zipfile
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping
@@ -84,6 +92,11 @@ from typing import IO, Any, Callable, Mapping
 import numpy as np
 
 from swav_ref.backend import asarray, host_dtype, to_numpy
+
+try:  # POSIX only; used for macOS's F_FULLFSYNC
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 __all__ = [
     "FORMAT_VERSION",
@@ -299,6 +312,22 @@ def _remove_stale_temps(folder: Path, name: str, started_ns: int) -> None:
             pass
 
 
+def _flush_to_disk(fd: int) -> None:
+    """``os.fsync``, except on macOS, where fsync hands the data to the drive, whose cache can
+    still lose it in a power cut: ``F_FULLFSYNC`` has the drive write its cache out too (as
+    SQLite does). Elsewhere (no such call: Linux, whose fsync flushes the drive's cache
+    itself, and Windows), or where the file system refuses it (some network and FAT
+    volumes), plain ``os.fsync``."""
+    full_fsync = getattr(fcntl, "F_FULLFSYNC", None)
+    if full_fsync is not None:
+        try:
+            fcntl.fcntl(fd, full_fsync)
+            return
+        except OSError:
+            pass  # not supported by this file system: fsync is the best there is
+    os.fsync(fd)
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable. Not possible on every platform (Windows)."""
     try:
@@ -306,11 +335,44 @@ def _fsync_dir(folder: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
+        _flush_to_disk(fd)
     except OSError:
         pass
     finally:
         os.close(fd)
+
+
+#: The waits, in seconds, between tries of the rename on Windows while another program holds
+#: the file (5 tries, 0.75 s of waiting in all): a scanner or indexer lets go within that.
+_REPLACE_WAITS = (0.05, 0.1, 0.2, 0.4)
+
+
+def _on_windows() -> bool:
+    """Whether a file held open by another program refuses to be replaced (a function, so
+    that a test elsewhere can take the Windows path)."""
+    return os.name == "nt"
+
+
+def _replace(source: str, path: Path) -> None:
+    """``os.replace(source, path)``, tried again on Windows while another program holds
+    ``path`` open (PermissionError there: Windows refuses to replace a file that a virus
+    scanner, search indexer or notebook has open, for as long as it has it). POSIX replaces
+    open files, so a PermissionError there is a real one, raised at once."""
+    for wait in (*_REPLACE_WAITS, None):
+        try:
+            os.replace(source, path)
+            return
+        except PermissionError as exc:
+            if not _on_windows():
+                raise
+            if wait is None:
+                raise PermissionError(
+                    f"cannot replace {path}: another program holds it open (a virus scanner, a search indexer, "
+                    f"or a notebook or viewer reading it), or it is read-only; tried {len(_REPLACE_WAITS) + 1} "
+                    f"times over {sum(_REPLACE_WAITS):.2f} s. Close that program (or write elsewhere) and try "
+                    f"again; {path} is unchanged"
+                ) from exc
+            time.sleep(wait)
 
 
 # -- save ---------------------------------------------------------------------------------
@@ -381,18 +443,24 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO], Any], mode: 
     whole, never a part: ``write(f)`` fills a temporary file beside it (opened with
     ``mode``, ``"wb"`` or ``"w"``), which is flushed, ``fsync``-ed and renamed over ``path``;
     the folder is ``fsync``-ed so the rename survives a power cut. Temporary files left by
-    earlier writes of ``path`` that were killed midway are removed. Returns ``path``."""
+    earlier writes of ``path`` that were killed midway are removed. Returns ``path``.
+
+    Text (``mode="w"``) is written as UTF-8 with ``\\n`` line ends whatever the OS (not the
+    locale's code page and ``\\r\\n`` on Windows), so a results file or ``config.json`` is
+    the same bytes everywhere and reads back anywhere. On Windows a ``path`` another program
+    holds open is waited for, briefly (see "Atomic writes" in the module's notes)."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
+    text = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
     fd, tmp_name = create_temp_beside(path)
     started_ns = os.fstat(fd).st_mtime_ns  # this write's start on the file system's clock
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, **text) as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
+            _flush_to_disk(f.fileno())
+        _replace(tmp_name, path)
     except BaseException:
         try:
             os.unlink(tmp_name)

@@ -299,6 +299,10 @@ def _run_train(args: argparse.Namespace) -> int:
             raise UserError(f"--resume {args.resume}: no such checkpoint file")
         # read before anything is written, so a corrupt file is refused first
         config, changed = _resumed_config(args, args.resume, given)
+        if "data_dir" not in given:  # the checkpoint's folder, perhaps another machine's (C:\... on Linux)
+            from swav_ref.resume import check_recorded_data_dir
+
+            check_recorded_data_dir(args.resume, config)
         if comm.is_root:
             print(f"resuming {args.resume} with its settings" + (f", except {changed} (given here)" if changed else "")
                   + f"; writing to {config.out_dir}")

@@ -46,7 +46,8 @@ __all__ = [
     "install_abort_on_exception",
 ]
 
-_MPI_EXTRA_HINT = 'install the mpi extra: pip install "swav_ref[mpi]" (mpi4py and mpich)'
+_MPI_EXTRA_HINT = ('install the mpi extra: pip install "swav_ref[mpi]" (mpi4py and mpich; on Windows mpi4py, '
+                   "with Microsoft's MS-MPI installed from Microsoft)")
 
 #: Environment variables that MPI launchers set in every process they start, as
 #: (rank variable, size variable). MPICH/Hydra and Intel MPI set PMI_*, Open MPI sets

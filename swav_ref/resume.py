@@ -17,14 +17,14 @@ import hashlib
 import math
 import os
 import warnings
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import numpy as np
 
 from swav_ref import checkpoint as ckpt
 from swav_ref.config import CROP_FIELDS, ConfigError, TrainConfig, as_options, scheduled_rate
-from swav_ref.data.datasets import ImageDataset
+from swav_ref.data.datasets import DatasetError, ImageDataset
 from swav_ref.data.multicrop import MultiCrop
 from swav_ref.deepcluster import IGNORE_INDEX, MemoryBank
 from swav_ref.swav.queue import queue_length_per_worker
@@ -63,7 +63,9 @@ def load_trainer_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarr
         raise ckpt.CheckpointError(f"{path}: its metadata is a {type(meta).__name__}, not a dict of entries; not a "
                                    "swav_ref trainer checkpoint")
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ckpt.CheckpointError(f"{path}: not a swav_ref trainer checkpoint (format {meta.get('format')!r})")
+        found = (f"format {meta['format']!r}" if "format" in meta
+                 else "it names no format: written by save_checkpoint itself, not by Trainer.save")
+        raise ckpt.CheckpointError(f"{path}: not a swav_ref trainer checkpoint ({found})")
     if "config" not in meta:  # a worker's own state file (queue, memory bank) has the format but no model
         raise ckpt.CheckpointError(f"{path}: a worker's local state file (its queue or memory bank), not a "
                                    "checkpoint; load the checkpoint.npz beside it, which names it")
@@ -215,6 +217,35 @@ def _check_config_fits_state(path: str | os.PathLike, arrays: dict[str, np.ndarr
             f"{(meta['step'] - 1) // per_epoch}, it holds no queue: local_ranks is empty)")
 
 
+#: What the data folder of each data set read from disk is called in messages.
+_DATA_FOLDERS = {"cifar10": "CIFAR-10 folder", "folder": "image folder"}
+
+
+def check_recorded_data_dir(checkpoint: str | os.PathLike, config: TrainConfig) -> None:
+    """Before a resume loads its data from the folder its checkpoint recorded
+    (``config.data_dir``, when the command line gives no ``--data-dir``): that folder must
+    be there, or :class:`~swav_ref.data.errors.DatasetError` says to give it with
+    ``--data-dir``, as ``swav-ref eval`` does.
+
+    A checkpoint copied from another machine names that machine's folder, perhaps in
+    another OS's form (``C:\\Users\\x\\data`` read on Linux): a bare "image folder not
+    found" would not say that the run can go on with the data's folder here.
+    """
+    data_dir = config.data_dir
+    if config.dataset not in _DATA_FOLDERS or data_dir is None or Path(data_dir).is_dir():
+        return
+    written_elsewhere = ""
+    if os.name != "nt" and PureWindowsPath(data_dir).drive:  # C:\..., or \\server\share\...
+        written_elsewhere = " (a Windows path: the checkpoint was written on Windows)"
+    elif os.name == "nt" and str(data_dir).startswith("/"):
+        written_elsewhere = " (a Linux or macOS path: the checkpoint was written there)"
+    raise DatasetError(
+        f"--resume {checkpoint}: {data_dir}, the {_DATA_FOLDERS[config.dataset]} the checkpoint was trained on, is not "
+        f"there{written_elsewhere}; if the data moved, or the checkpoint came from another machine, give their "
+        "folder with --data-dir"
+    )
+
+
 def data_record(data: ImageDataset) -> dict:
     """What a checkpoint records of its training data, to tell other data later: the number
     of images and their shape (C, H, W)."""
@@ -337,7 +368,8 @@ class Resumable:
         Every worker with a queue or a memory bank first writes its own file next to
         ``path``, named by rank and step (:meth:`local_path`); once all are written, rank 0
         replaces ``path``, whose metadata names them; once that is done, each worker removes
-        its files of earlier steps. A job killed at any point leaves a ``path`` whose
+        its files of earlier steps (one another program holds open, on Windows, is left for
+        the next save). A job killed at any point leaves a ``path`` whose
         files are all there: the previous one (and its files) or the new one.
         """
         arrays, meta = self.state()
@@ -358,7 +390,10 @@ class Resumable:
             pattern = f"{glob.escape(Path(path).stem)}.rank{self.comm.rank}.*local{glob.escape(Path(path).suffix)}"
             for old in Path(path).parent.glob(pattern):
                 if old != mine:
-                    old.unlink(missing_ok=True)
+                    try:
+                        old.unlink(missing_ok=True)
+                    except OSError:  # held open (Windows: a scanner, an indexer); the next save removes it
+                        pass
         self._checkpoint = Path(path)
 
     # -- resuming from one ------------------------------------------------------------------

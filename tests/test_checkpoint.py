@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -265,6 +266,132 @@ def test_write_atomically_keeps_the_old_text_file_when_writing_fails(tmp_path):
     assert temp_files(path.parent) == []
 
 
+
+# -- the same file on every OS -------------------------------------------------------------
+TEXT = "zéro → ∞\nligne 2 «ok»\n"
+
+WRITE_TEXT = textwrap.dedent(
+    f"""
+    import sys
+    from swav_ref import checkpoint
+
+    checkpoint.write_atomically(sys.argv[1], lambda f: f.write({ascii(TEXT)}), mode="w")
+    """
+)  # the text in ASCII escapes: a command line in a C locale cannot carry it
+
+
+def test_text_is_written_as_utf8_with_newlines_whatever_the_locale(tmp_path):
+    """Text went out in the locale's encoding and line ends: cp1252 and \\r\\n on Windows,
+    ASCII (an error for "é") in a C locale, so config.json and the results differed by OS."""
+    path = tmp_path / "results.json"
+    checkpoint.write_atomically(path, lambda f: f.write(TEXT), mode="w")
+    assert path.read_bytes() == TEXT.encode("utf-8")
+    # A process whose locale is not UTF-8 (the C locale, as Windows's code page would be):
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run([sys.executable, "-c", WRITE_TEXT, str(path)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert path.read_bytes() == TEXT.encode("utf-8")
+
+
+def test_rename_is_tried_again_while_another_program_holds_the_file(tmp_path, monkeypatch):
+    """On Windows os.replace fails with PermissionError while a scanner, an indexer or a
+    notebook has the file open: a few tries with a doubling wait ride that out."""
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, {"w": np.zeros(4)}, {"epoch": 1})
+    real_replace, calls, waits = os.replace, [], []
+
+    def held_twice(src, dst):
+        calls.append(dst)
+        if len(calls) <= 2:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another "
+                                      "process", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint, "_on_windows", lambda: True)
+    monkeypatch.setattr(os, "replace", held_twice)
+    monkeypatch.setattr(checkpoint.time, "sleep", waits.append)
+    save_checkpoint(path, {"w": np.ones(4)}, {"epoch": 2})
+    assert len(calls) == 3 and waits == [0.05, 0.1]
+    monkeypatch.undo()
+    assert load_checkpoint(path)[1] == {"epoch": 2}
+    assert temp_files(tmp_path) == []
+
+
+def test_a_file_held_for_good_is_named_and_left_unchanged(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, {"w": np.zeros(4)}, {"epoch": 1})
+    calls, waits = [], []
+
+    def held(src, dst):
+        calls.append(dst)
+        raise PermissionError(13, "Access is denied", str(dst))
+
+    monkeypatch.setattr(checkpoint, "_on_windows", lambda: True)
+    monkeypatch.setattr(os, "replace", held)
+    monkeypatch.setattr(checkpoint.time, "sleep", waits.append)
+    with pytest.raises(PermissionError, match=rf"cannot replace {re.escape(str(path))}: another program holds it"):
+        save_checkpoint(path, {"w": np.ones(4)}, {"epoch": 2})
+    assert len(calls) == 5 and waits == [0.05, 0.1, 0.2, 0.4]
+    monkeypatch.undo()
+    assert load_checkpoint(path)[1] == {"epoch": 1}
+    assert temp_files(tmp_path) == []
+
+
+def test_a_permission_error_off_windows_is_raised_at_once(tmp_path, monkeypatch):
+    """POSIX replaces open files: a PermissionError there is a real one, not worth waiting for."""
+    calls = []
+
+    def refused(src, dst):
+        calls.append(dst)
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(checkpoint, "_on_windows", lambda: False)
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        save_checkpoint(tmp_path / "ckpt.npz", {"w": np.ones(4)})
+    assert len(calls) == 1
+    assert temp_files(tmp_path) == []
+
+
+class FakeFcntl:
+    """fcntl with macOS's F_FULLFSYNC, recording what it is asked to flush."""
+
+    F_FULLFSYNC = 51
+
+    def __init__(self, fails=False):
+        self.flushed, self.fails = [], fails
+
+    def fcntl(self, fd, command):
+        assert command == self.F_FULLFSYNC
+        if self.fails:
+            raise OSError(45, "Operation not supported")
+        self.flushed.append(fd)
+        return 0
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["full_fsync", "not_supported"])
+def test_full_fsync_where_the_platform_has_it(tmp_path, monkeypatch, fails):
+    """macOS's fsync leaves the data in the drive's cache; F_FULLFSYNC flushes it (the file
+    and the folder); a file system that refuses it gets os.fsync."""
+    fake, fsynced = FakeFcntl(fails), []
+    real_fsync = os.fsync
+    monkeypatch.setattr(checkpoint, "fcntl", fake)
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsynced.append(fd), real_fsync(fd))[1])
+    save_checkpoint(tmp_path / "ckpt.npz", {"w": np.ones(4)})
+    assert (len(fake.flushed), len(fsynced)) == ((0, 2) if fails else (2, 0))  # the file, then its folder
+
+
+@pytest.mark.parametrize("fcntl_module", [None, object()], ids=["windows", "linux"])
+def test_plain_fsync_without_full_fsync(tmp_path, monkeypatch, fcntl_module):
+    fsynced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(checkpoint, "fcntl", fcntl_module)
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsynced.append(fd), real_fsync(fd))[1])
+    save_checkpoint(tmp_path / "ckpt.npz", {"w": np.ones(4)})
+    assert len(fsynced) == 2
+
+
 def test_crash_midway_through_the_data_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.npz"
     save_checkpoint(path, {"w": np.zeros(4)}, {"epoch": 1})
@@ -293,11 +420,11 @@ KILLER = textwrap.dedent(
 
     path, where = sys.argv[1], sys.argv[2]
     if where == "before_rename":       # all data written and fsync-ed, then the process dies
-        real_fsync = os.fsync
-        def fsync_then_die(fd):
-            real_fsync(fd)
+        real_flush = checkpoint._flush_to_disk  # (os.fsync, or F_FULLFSYNC on macOS)
+        def flush_then_die(fd):
+            real_flush(fd)
             os.kill(os.getpid(), signal.SIGKILL)
-        os.fsync = fsync_then_die
+        checkpoint._flush_to_disk = flush_then_die
     else:                              # dies half-way through writing an array
         real_write = np.lib.format.write_array
         def write_half_then_die(fp, array, **kwargs):

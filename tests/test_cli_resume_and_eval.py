@@ -323,3 +323,20 @@ def test_train_refuses_an_out_dir_whose_output_file_is_a_folder_before_training(
     assert main(["train", *SMALL, "--epochs", "1", "--out-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'run' / name} is a folder, where this command writes its {name} file" in err, err
+
+
+def test_a_resume_whose_recorded_data_folder_is_another_machines_says_to_give_it(tmp_path, capsys):
+    """A checkpoint from Windows names C:\\...; the resume said only "image folder not found"."""
+    folder = tmp_path / "images"
+    write_digit_folder(folder, 100, labelled=True)
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--data-dir", str(folder), *SMALL, "--crop-sizes", "8", "6",
+                 "--epochs", "2", "--stop-after", "1", "--no-evaluate", "--out-dir", str(run)]) == 0
+    arrays, meta = load_checkpoint(run / "checkpoint.npz")
+    meta["config"]["data_dir"] = "C:\\Users\\x\\data"
+    save_checkpoint(run / "checkpoint.npz", arrays, meta)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run / "checkpoint.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "C:\\Users\\x\\data" in err and "give their folder with --data-dir" in err, err
+    assert main(["train", "--resume", str(run / "checkpoint.npz"), "--data-dir", str(folder), "--no-evaluate"]) == 0

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import io
 import os
+import unicodedata
 import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from swav_ref.data import datasets as D
+from swav_ref.data import image_files as F
 from swav_ref.data.datasets import DatasetError, ImageDataset
 
 
@@ -433,6 +437,68 @@ def test_class_folders_are_read_recursively(tmp_path):
     np.testing.assert_array_equal(ds.labels, [0, 0, 0, 1])
 
 
+
+# -- the same order on every OS ------------------------------------------------------------
+#: Names whose case-insensitive order (Windows paths) differs from their code-point order.
+MIXED_CASE_NAMES = ("One", "Three", "deux", "zéro", "_x", "B", "a")
+CODE_POINT_ORDER = ["B", "One", "Three", "_x", "a", "deux", "zéro"]
+
+
+class ListedFolder:
+    """A folder whose listing is given, as paths of one OS's flavour: PureWindowsPath
+    objects compare case-insensitively, as Path does on Windows, so the order a Windows
+    machine would give can be checked on any machine."""
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+
+    def iterdir(self):
+        return iter(self.paths)
+
+
+@pytest.mark.parametrize("flavour", ["windows", "posix"])
+def test_folder_entries_are_in_code_point_order_on_every_os(flavour):
+    # Path order is case-insensitive on Windows: labels and the seeded split would differ
+    # between a model trained on Windows and evaluated on Linux.
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    parent = PureWindowsPath("C:/data") if flavour == "windows" else PurePosixPath("/data")
+    entries = F.visible_entries(ListedFolder(parent / name for name in reversed(MIXED_CASE_NAMES)))
+    assert [p.name for p in entries] == CODE_POINT_ORDER == sorted(MIXED_CASE_NAMES)
+
+
+def test_a_decomposed_name_sorts_as_its_composed_form():
+    # macOS may hand back names decomposed (NFD: "e" + U+0301); "zéro" composed sorts after
+    # "zf" (é is U+00E9), decomposed before it (e is U+0065) unless normalised.
+    from pathlib import PurePosixPath
+
+    decomposed = unicodedata.normalize("NFD", "zéro")
+    assert decomposed != "zéro"
+    entries = F.visible_entries(ListedFolder(PurePosixPath("/data") / n for n in (decomposed, "zf", "zeta")))
+    assert [p.name for p in entries] == ["zeta", "zf", decomposed]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(st.characters(exclude_characters="/\0", exclude_categories=("Cs",)), min_size=1,
+                        max_size=6).map(lambda n: unicodedata.normalize("NFC", n)).filter(lambda n: n[0] != "."),
+                unique=True, max_size=8))
+def test_composed_names_keep_the_order_linux_gave(names):
+    # The key changed, the order of NFC names (all Linux and Windows normally hold) did not:
+    # a folder read on Linux before the change gives the same labels and split after it.
+    from pathlib import PurePosixPath
+
+    paths = [PurePosixPath("/data/some folder") / name for name in names]
+    assert F.visible_entries(ListedFolder(paths)) == sorted(p for p in paths if not F.is_ignored(p))
+
+
+def test_class_labels_follow_code_point_order(tmp_path):
+    for value, name in enumerate(MIXED_CASE_NAMES):
+        save_png(tmp_path / name / "0.png", np.full((2, 2), value, dtype=np.uint8))
+    ds = D.load_image_folder(tmp_path)
+    assert ds.class_names == tuple(CODE_POINT_ORDER)
+    np.testing.assert_array_equal(ds.images[:, 0, 0, 0], [MIXED_CASE_NAMES.index(n) for n in CODE_POINT_ORDER])
+
+
 def make_link(link, target, target_is_directory=False):
     try:
         os.symlink(target, link, target_is_directory=target_is_directory)
@@ -525,9 +591,6 @@ def test_load_dataset_dispatch(tmp_path):
 
 
 # -- robustness: memory, link fan-out, sizes, odd entries ---------------------------------
-from swav_ref.data import image_files as F  # noqa: E402
-
-
 def test_mixed_grey_and_colour_resized_match_converting_each_to_rgb(tmp_path):
     # Greyscale images are resized as one channel and widened at the end: the same pixels
     # as converting every image to RGB before the (bilinear, antialiased) resize.

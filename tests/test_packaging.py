@@ -10,36 +10,56 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _split(requirement: str) -> tuple[str, str]:
-    m = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*)$", requirement)
+#: pyproject.toml names whose conda-forge package is called otherwise.
+CONDA_NAMES = {"cupy-cuda12x": "cupy"}  # conda-forge's cupy is the CUDA build
+
+
+def _split(requirement: str) -> tuple[str, str, str]:
+    """(name, version specifier, environment marker or ""), spaces removed."""
+    spec, _, marker = requirement.partition(";")
+    m = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*)$", spec)
     name = m.group(1).lower().replace("_", "-")
-    return name, m.group(2).replace(" ", "")
+    return CONDA_NAMES.get(name, name), m.group(2).replace(" ", ""), marker.replace(" ", "")
 
 
 def _pyproject() -> dict:
     """pyproject.toml's [project] table; the tests that read it skip on Python 3.10, which
     has no tomllib (the package itself, and the README's test below, run there)."""
     tomllib = pytest.importorskip("tomllib")
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 
 
-def _pyproject_requirements() -> dict[str, str]:
+def _pyproject_requirements() -> dict[str, tuple[str, str]]:
+    """name -> (specifier, marker) of the dependencies and the dev, mpi and gpu extras."""
     project = _pyproject()
     reqs = list(project["dependencies"])
-    for extra in ("dev", "mpi"):
+    for extra in ("dev", "mpi", "gpu"):
         reqs += project["optional-dependencies"][extra]
-    return dict(_split(r) for r in reqs)
+    return {name: (spec, marker) for name, spec, marker in map(_split, reqs)}
 
 
-def _environment_requirements() -> dict[str, str]:
+#: A requirement commented out in environment.yml: "  # - name>=1.0" (an optional block, such
+#: as the mpi and gpu extras, that does not install on every platform).
+_COMMENTED = re.compile(r"^\s*#\s*-\s+([A-Za-z0-9_.\-]+.*?)\s*$", re.M)
+
+
+def _environment_requirements() -> dict[str, tuple[str, str, str]]:
+    """name -> (specifier, marker, where) of environment.yml's packages; ``where`` is "conda"
+    (a conda package: conda applies no markers), "pip" (its pip: section) or "commented"
+    (an optional block, to uncomment where it installs)."""
     yaml = pytest.importorskip("yaml")
-    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    text = (ROOT / "environment.yml").read_text(encoding="utf-8")
     out = {}
-    for dep in env["dependencies"]:
+    for dep in yaml.safe_load(text)["dependencies"]:
         if isinstance(dep, dict):
-            out.update(_split(d) for d in dep["pip"] if not d.startswith("-e"))
+            out.update((name, (spec, marker, "pip")) for name, spec, marker in
+                       map(_split, (d for d in dep["pip"] if not d.startswith("-e"))))
         elif not dep.startswith(("python", "pip")):
-            out.update([_split(dep)])
+            name, spec, marker = _split(dep)
+            out[name] = (spec, marker, "conda")
+    for line in _COMMENTED.findall(text):
+        name, spec, marker = _split(line)
+        out[name] = (spec, marker, "commented")
     return out
 
 
@@ -47,8 +67,37 @@ def test_environment_yml_matches_pyproject():
     py = _pyproject_requirements()
     env = _environment_requirements()
     assert set(py) == set(env), f"only in pyproject: {set(py) - set(env)}; only in environment.yml: {set(env) - set(py)}"
-    for name in py:
-        assert py[name] == env[name], f"{name}: pyproject says {py[name]!r}, environment.yml says {env[name]!r}"
+    for name, (spec, marker) in py.items():
+        env_spec, env_marker, where = env[name]
+        assert spec == env_spec, f"{name}: pyproject says {spec!r}, environment.yml says {env_spec!r}"
+        if where == "pip":
+            assert marker == env_marker, f"{name}: pyproject's marker is {marker!r}, environment.yml's {env_marker!r}"
+        elif where == "conda":  # conda ignores pip's markers: a platform-limited package would break the others
+            assert not marker, (f"{name}: pyproject installs it only where {marker}, but environment.yml lists it "
+                                "for every platform; comment it out as an optional block, or move it to pip:")
+
+
+def test_mpi_extra_installs_on_windows_without_mpich():
+    # PyPI's mpich has no Windows build (only an empty 0.0.0 placeholder), so "pip install
+    # swav_ref[mpi]" failed there; Windows's MPI is MS-MPI, which mpi4py's wheel uses.
+    requirements = pytest.importorskip("packaging.requirements")
+    mpi = [requirements.Requirement(r) for r in _pyproject()["optional-dependencies"]["mpi"]]
+
+    def installed_on(platform: str) -> list[str]:
+        env = {"sys_platform": platform, "extra": "mpi"}
+        return sorted(r.name for r in mpi if r.marker is None or r.marker.evaluate(env))
+
+    assert installed_on("win32") == ["mpi4py"]
+    assert installed_on("linux") == installed_on("darwin") == ["mpi4py", "mpich"]
+    install = (ROOT / "docs" / "install.md").read_text(encoding="utf-8")
+    assert "MS-MPI" in install and "Windows" in install
+
+
+def test_environment_yml_base_installs_on_every_platform():
+    # conda-forge has no MPICH for Windows: environment.yml's own list must not hold it,
+    # only its commented-out mpi block (uncommented on Linux and macOS).
+    env = _environment_requirements()
+    assert env["mpich"][2] == "commented" and env["mpi4py"][2] == "commented"
 
 
 def test_console_script_and_module_entry():
@@ -58,8 +107,8 @@ def test_console_script_and_module_entry():
 
 
 def test_readme_test_command_is_what_ci_runs():
-    readme = (ROOT / "README.md").read_text()
-    ci = (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     block = re.search(r"## Quick start.*?```(?:bash|sh)?\n(.*?)```", readme, re.S).group(1)
     commands = [line.strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
     assert len(commands) == 2, f"the quick start must be exactly two commands, found {commands}"

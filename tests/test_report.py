@@ -27,7 +27,7 @@ def report():
 
 
 def write(path: Path, data: dict) -> Path:
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps(data), encoding="utf-8")
     return path
 
 
@@ -156,7 +156,7 @@ def test_missing_files_are_skipped(report, tmp_path):
 
 def test_unknown_and_malformed_files_are_skipped_with_a_message(report, results):
     write(results / "something_else.json", {"x": 1})
-    (results / "bench_loss.json").write_text("{not json")
+    (results / "bench_loss.json").write_text("{not json", encoding="utf-8")
     messages = []
     rows = report.collect_rows(results, warn=messages.append)
     assert len(rows) == 5
@@ -181,7 +181,7 @@ def test_date_is_the_commit_date_in_git_not_the_checkout_date(report, tmp_path):
         subprocess.run([*git, *args], check=True, env=env)
     assert report._date({}, path) == "2030-05-06"
     assert report._date({"metadata": {"date": "2031-01-01"}}, path) == "2031-01-01"  # a file's own date wins
-    path.write_text(json.dumps({"results": [1]}))  # re-measured, not yet committed: its own mtime
+    path.write_text(json.dumps({"results": [1]}), encoding="utf-8")  # re-measured, not yet committed: its own mtime
     stamp = __import__("datetime").datetime(2032, 7, 8, 12).timestamp()
     __import__("os").utime(path, (stamp, stamp))
     assert report._date({}, path) == "2032-07-08"
@@ -214,24 +214,24 @@ def test_write_replaces_each_digits_block_and_the_committed_tables_are_generated
     write(results / "digits_results.json", _demo_results([0.9, 0.92], [0.95, 0.96], [0.9, 0.9]))
     start, end = report.digits_markers("digits_results.json")
     page = tmp_path / "page.md"
-    page.write_text(f"intro\n{report.START}\n{report.END}\n{start}\nold numbers\n{end}\noutro\n")
+    page.write_text(f"intro\n{report.START}\n{report.END}\n{start}\nold numbers\n{end}\noutro\n", encoding="utf-8")
     assert report.main(["--results-dir", str(results), "--write", "--targets", str(page)]) == 0
-    text = page.read_text()
+    text = page.read_text(encoding="utf-8")
     assert "old numbers" not in text and "| SwAV (no labels) | 91.0 ± 1.4 |" in text and text.endswith("outro\n")
     # The README's and the course's tables are exactly what the committed results make.
     performance = report.markdown_report(report.collect_groups())
     for target in report.TARGETS:
-        shown = target.read_text().split(report.START)[1].split(report.END)[0].strip()
+        shown = target.read_text(encoding="utf-8").split(report.START)[1].split(report.END)[0].strip()
         assert shown == performance, f"{target.name}: run python benchmarks/report.py --write"
     blocks = report.digits_blocks()
     assert set(blocks) == set(report.DIGITS_TABLES)
     for target in report.TARGETS:
-        shown = target.read_text()
+        shown = target.read_text(encoding="utf-8")
         for name, block in blocks.items():
             start, end = report.digits_markers(name)
             if start in shown:
                 assert shown.split(start)[1].split(end)[0].strip() == block, (target.name, name)
-    assert all(report.digits_markers(name)[0] in report.TARGETS[1].read_text() for name in blocks)
+    assert all(report.digits_markers(name)[0] in report.TARGETS[1].read_text(encoding="utf-8") for name in blocks)
 
 
 def test_training_results_compare_with_supervised(report, results, tmp_path):
@@ -252,19 +252,48 @@ def test_training_results_compare_with_supervised(report, results, tmp_path):
 
 def test_marker_replacement_keeps_the_rest(report, tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("# Title\n\nbefore\n<!-- report:start -->\nold table\n<!-- report:end -->\nafter\n")
+    page.write_text("# Title\n\nbefore\n<!-- report:start -->\nold table\n<!-- report:end -->\nafter\n",
+                    encoding="utf-8")
     assert report.write_block(page, "| new | table |")
-    text = page.read_text()
+    text = page.read_text(encoding="utf-8")
     assert text == "# Title\n\nbefore\n<!-- report:start -->\n| new | table |\n<!-- report:end -->\nafter\n"
     assert report.write_block(page, "| newer |")  # idempotent markers: a second write works
-    assert "| new | table |" not in page.read_text() and "| newer |" in page.read_text()
+    assert "| new | table |" not in page.read_text(encoding="utf-8") and "| newer |" in page.read_text(encoding="utf-8")
+
+
+
+#: A page as the docs hold them: UTF-8 text beyond ASCII (±, −, é) and \n line ends.
+UTF8_PAGE = "# Résultats\n\n94.0 ± 4.0, −1.0\n<!-- report:start -->\nold\n<!-- report:end -->\nfin\n"
+
+WRITE_IN_ANOTHER_LOCALE = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("bench_report", sys.argv[1])
+report = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = report
+spec.loader.exec_module(report)
+from pathlib import Path
+assert report.write_block(Path(sys.argv[2]), "| new \\u00b1 table |")
+"""
+
+
+def test_pages_are_read_and_written_as_utf8_whatever_the_locale(tmp_path):
+    """The docs and the README are UTF-8 with \\n line ends; read and written in the locale's
+    encoding (cp1252 and \\r\\n on Windows, ASCII in a C locale) they failed to read or came
+    back rewritten."""
+    page = tmp_path / "page.md"
+    page.write_bytes(UTF8_PAGE.encode("utf-8"))
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    result = subprocess.run([sys.executable, "-c", WRITE_IN_ANOTHER_LOCALE, str(ROOT / "benchmarks" / "report.py"),
+                             str(page)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert page.read_bytes() == UTF8_PAGE.replace("old", "| new ± table |").encode("utf-8")
 
 
 def test_file_without_markers_is_left_alone(report, tmp_path, capsys):
     page = tmp_path / "README.md"
-    page.write_text("no markers here\n")
+    page.write_text("no markers here\n", encoding="utf-8")
     assert not report.write_block(page, "| x |")
-    assert page.read_text() == "no markers here\n"
+    assert page.read_text(encoding="utf-8") == "no markers here\n"
     assert "marker" in capsys.readouterr().err
     with pytest.raises(ValueError, match="report:start"):
         report.replace_block("<!-- report:end --> <!-- report:start -->", "x")
@@ -272,11 +301,11 @@ def test_file_without_markers_is_left_alone(report, tmp_path, capsys):
 
 def test_main_writes_every_target(report, results, tmp_path, capsys):
     page = tmp_path / "results.md"
-    page.write_text("intro\n<!-- report:start -->\n<!-- report:end -->\noutro\n")
+    page.write_text("intro\n<!-- report:start -->\n<!-- report:end -->\noutro\n", encoding="utf-8")
     assert report.main(["--results-dir", str(results), "--training", "--write", "--targets", str(page)]) == 0
     out = capsys.readouterr().out
     assert "Sinkhorn, kernel domain" in out
-    text = page.read_text()
+    text = page.read_text(encoding="utf-8")
     assert text.startswith("intro\n<!-- report:start -->\n**Sinkhorn, ours vs POT (CPU)**. Command: ")
     assert text.endswith("<!-- report:end -->\noutro\n")
     assert "sinkhorn_case" in text and text.count("| what | ours | peer | ours / peer |") == 3
@@ -285,7 +314,7 @@ def test_main_writes_every_target(report, results, tmp_path, capsys):
 def test_gpu_results_take_the_machine_from_gpu_machine_txt(report, tmp_path):
     d = tmp_path / "gpu"
     d.mkdir()
-    (d / "gpu_machine.txt").write_text("Fake H1, 1.0, 80 GiB\ncupy 0 torch 0\n")
+    (d / "gpu_machine.txt").write_text("Fake H1, 1.0, 80 GiB\ncupy 0 torch 0\n", encoding="utf-8")
     write(d / "bench_resnet_cupy.json", {"backend": "cupy", "machine": "x86_64",
                                          "cases": {"resnet18": {"batch": 8, "input": [3, 32, 32],
                                                                 "ours_step_s": 0.03, "torch_step_s": 0.01}}})
@@ -343,7 +372,8 @@ def test_bench_gpu_rehearsal_feeds_the_report(report, tmp_path):
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--backend", "numpy", "--small",
                         "--cases", group, "--repeats", "1", "--out", str(out / name)],
                        check=True, capture_output=True, text=True, cwd=ROOT)
-    data, probes = (json.loads((out / name).read_text()) for name in ("bench_gpu.json", "bench_gpu_probes.json"))
+    data, probes = (json.loads((out / name).read_text(encoding="utf-8"))
+                    for name in ("bench_gpu.json", "bench_gpu_probes.json"))
     for d in (data, probes):
         errors = {k: c["error"] for k, c in d["cases"].items() if "error" in c}
         assert not errors, errors
@@ -419,7 +449,7 @@ def test_gpu_equivalence_rehearses_on_numpy_and_records_its_command(report, tmp_
     env = {**os.environ, "SWAV_REF_FUSED": "0"}
     subprocess.run([sys.executable, str(script), "--backend", "numpy", "--steps", "2", "--out", str(out)],
                    check=True, capture_output=True, text=True, cwd=ROOT, env=env)
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text(encoding="utf-8"))
     assert data["passed"] and data["max_relative_difference"] == 0.0 and len(data["cupy"]) == 2
     assert data["command"] == "SWAV_REF_FUSED=0 python benchmarks/gpu_equivalence.py --backend numpy --steps 2"
     assert data["fused_kernels"] is False and data["versions"]["numpy"]
@@ -452,11 +482,11 @@ def test_equivalence_rows_name_the_command_that_made_them(report, tmp_path, caps
 def test_write_refuses_to_rebuild_the_committed_tables_from_another_folder(report, results, capsys):
     """`report.py --results-dir $OUT --write` would rebuild README.md's and docs/results.md's
     tables from a GPU run's files alone and drop every CPU row: refused, with what to do."""
-    before = [t.read_text() for t in report.TARGETS]
+    before = [t.read_text(encoding="utf-8") for t in report.TARGETS]
     assert report.main(["--results-dir", str(results), "--write"]) == 2
     err = capsys.readouterr().err
     assert "drop every row" in err and "Copy the new result files into" in err
-    assert [t.read_text() for t in report.TARGETS] == before
+    assert [t.read_text(encoding="utf-8") for t in report.TARGETS] == before
     assert report.refuse_partial_write(report.RESULTS, report.TARGETS) is None
     assert report.refuse_partial_write(results, [results / "page.md"]) is None  # a page of one's own: allowed
 
@@ -470,7 +500,7 @@ def test_launch_counts_show_the_fused_path_and_feed_the_report(report, tmp_path)
     out = tmp_path / "launches" / "bench_launches.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_launches.py"), "--cases", "resnet_tiny_step",
                     "--out", str(out)], check=True, capture_output=True, text=True, cwd=ROOT)
-    case = json.loads(out.read_text())["cases"]["resnet_tiny_step"]
+    case = json.loads(out.read_text(encoding="utf-8"))["cases"]["resnet_tiny_step"]
     plain, fused = case["plain"], case["fused"]
     assert plain["kernels"] > 500 and 0 < fused["kernels"] < plain["kernels"] / 3
     assert fused["views"] < plain["views"]
@@ -543,7 +573,7 @@ def test_gpu_check_script_calls_scripts_and_options_that_exist():
     script = ROOT / "benchmarks" / "gpu_check.sh"
     if shutil.which("bash"):
         subprocess.run(["bash", "-n", str(script)], check=True)
-    text = script.read_text()
+    text = script.read_text(encoding="utf-8")
     calls = re.findall(r"python3 (benchmarks/\w+\.py)((?:\\\n|[^\n])*)", text)  # with continued lines
     assert {c[0] for c in calls} >= {"benchmarks/bench_gpu.py", "benchmarks/gpu_equivalence.py",
                                      "benchmarks/bench_resnet.py", "benchmarks/bench_loss.py"}
@@ -563,7 +593,7 @@ def test_gpu_check_puts_what_the_issue_needs_first_within_its_budget():
     each runs to its cap."""
     import re
 
-    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text(encoding="utf-8")
     budget = int(re.search(r'TOTAL_SECONDS="\$\{TOTAL_SECONDS:-(\d+)\}"', text).group(1))
     found = re.findall(r"^\s*(?:if )?step (\w+) (\d+) ", text, re.M)
     steps = list({name: int(cap) for name, cap in found}.items())  # the machine step has a CPU variant
@@ -586,7 +616,7 @@ def test_gpu_check_records_its_steps_even_when_the_budget_is_spent(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
                           cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr
-    record = json.loads((out / "gpu_check.json").read_text())
+    record = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
     assert record["finished"] and record["backend"] == "numpy" and record["running"] is None
     steps = {s["name"]: s for s in record["steps"]}
     assert all(s["status"] == "skipped" and s["exit_code"] is None for s in steps.values())

@@ -6,8 +6,10 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,6 +119,46 @@ def test_saving_removes_only_this_checkpoints_earlier_files(tiny, tmp_path):
     assert decoy.exists() and (folder / "checkpoint.rank0.step10.local.npz").exists()
     assert sorted(f.name for f in folder.glob("ckpt?1?.*")) == ["ckpt[1].npz", "ckpt[1].rank0.step11.local.npz"]
 
+
+
+def test_an_earlier_file_held_open_does_not_fail_the_save(tiny, tmp_path, monkeypatch):
+    """On Windows a file another program holds (a scanner, an indexer) cannot be removed:
+    the new checkpoint is already in place, so the old file is left for the next save."""
+    real_unlink = Path.unlink
+
+    def held(self, missing_ok=False):
+        if self.name.endswith(".local.npz"):
+            raise PermissionError(13, "The process cannot access the file because it is being used by another "
+                                      "process", str(self))
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", held)
+    run = trainer(tiny, tmp_path / "run", **LOCAL_STATE["deepcluster"])
+    run.fit()  # the step-10 save could not remove step 5's file
+    folder = tmp_path / "run"
+    assert sorted(f.name for f in folder.glob("*.local.npz")) == ["checkpoint.rank0.step10.local.npz",
+                                                                  "checkpoint.rank0.step5.local.npz"]
+    monkeypatch.undo()
+    run.step += 1
+    run.save(folder / "checkpoint.npz")  # let go: the next save removes both earlier files
+    assert [f.name for f in folder.glob("*.local.npz")] == ["checkpoint.rank0.step11.local.npz"]
+
+
+@pytest.mark.parametrize("recorded", ["C:\\Users\\x\\data", "/home/x/gone"])
+def test_a_recorded_data_folder_that_is_not_there_says_to_give_it(tmp_path, recorded):
+    """A checkpoint from another machine (perhaps another OS) names a folder not here: the
+    resume says to give the data's folder with --data-dir, as eval does."""
+    from swav_ref.data.datasets import DatasetError
+    from swav_ref.resume import check_recorded_data_dir
+
+    config = small_config(tmp_path, dataset="folder", data_dir=recorded)
+    with pytest.raises(DatasetError, match=rf"{re.escape(recorded)}, the image folder the checkpoint was trained "
+                                           r"on, is not there.*give their folder with --data-dir") as error:
+        check_recorded_data_dir("run/checkpoint.npz", config)
+    if os.name != "nt":
+        assert ("(a Windows path: the checkpoint was written on Windows)" in str(error.value)) == (recorded[1] == ":")
+    check_recorded_data_dir("run/checkpoint.npz", small_config(tmp_path, dataset="folder", data_dir=str(tmp_path)))
+    check_recorded_data_dir("run/checkpoint.npz", small_config(tmp_path))  # digits: no folder
 
 def test_eval_loads_the_weights_without_the_workers_files(tiny, finished_runs, tmp_path):
     """The per-worker files matter to a resume only: evaluation of a queue or DeepCluster

@@ -464,9 +464,11 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
     Layouts
     -------
     ``data_dir/<class>/<image>``, ``data_dir/<class>/<any/sub/folders>/<image>``
-        labelled; classes are the sub-folder names in sorted order (label = position). A
-        class folder is read recursively, as torchvision's ``ImageFolder`` does: its own
-        images first (sorted by name), then each sub-folder's, in name order.
+        labelled; classes are the sub-folder names in order (label = position). A class
+        folder is read recursively, as torchvision's ``ImageFolder`` does: its own images
+        first, then each sub-folder's. Order is the code-point order of the names,
+        case-sensitive, the same on every OS
+        (:func:`~swav_ref.data.image_files.name_order`).
     ``data_dir/<image>``
         unlabelled (``labels`` is ``None``), when ``data_dir`` has no sub-folders.
 

@@ -4,6 +4,10 @@ Used by :func:`swav_ref.data.datasets.load_image_folder`. A folder a person brin
 more than images (``.DS_Store``, a README, phone photos in ``.heic``), and its images come
 in many forms (sideways with an EXIF tag, with transparency, 16-bit); the rules for each
 are here, one function per rule, each saying what it does and why.
+
+Order: class folders and files are taken in code-point order of their names, case-sensitive,
+the same on every OS (:func:`visible_entries`), so that labels, image order and a seeded
+train/test split do not depend on where the folder is read.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import unicodedata
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -20,8 +25,8 @@ import numpy as np
 
 from swav_ref.data.errors import DatasetError
 
-__all__ = ["GREY_MODES", "IMAGE_EXTENSIONS", "find_images", "folder_id", "is_folder", "open_regular_file", "path_kind",
-           "pick_images", "read_image", "visible_entries", "warn_skipped"]
+__all__ = ["GREY_MODES", "IMAGE_EXTENSIONS", "find_images", "folder_id", "is_folder", "name_order", "open_regular_file",
+           "path_kind", "pick_images", "read_image", "visible_entries", "warn_skipped"]
 
 #: File name endings read as images by :func:`~swav_ref.data.datasets.load_image_folder` (case-insensitive).
 IMAGE_EXTENSIONS = (
@@ -131,12 +136,28 @@ def folder_id(folder: Path) -> tuple[int, Any]:
     return st.st_dev, (st.st_ino or os.path.realpath(folder))
 
 
+def name_order(path: Path) -> tuple[str, str]:
+    """The sort key of a folder entry: its name in code-point order, case-sensitive, the same
+    on every OS.
+
+    Not ``Path`` order: Windows paths compare case-insensitively (``"a" < "B"``) and POSIX
+    ones by code point (``"B" < "a"``), so class labels, image order and the seeded
+    train/test split would differ between OSes (a model trained on Windows would find its
+    training images in the test split on Linux). The name is compared in NFC form first, so
+    that a name macOS hands back decomposed (NFD: ``e`` + combining accent) sorts as the
+    composed name does elsewhere; the raw name breaks ties. For NFC names (what Linux and
+    Windows almost always hold) this is the order ``sorted(paths)`` gives on Linux.
+    """
+    return unicodedata.normalize("NFC", path.name), path.name
+
+
 def visible_entries(folder: Path) -> list[Path]:
-    """The entries of ``folder`` in sorted name order, less hidden ones and OS metadata.
+    """The entries of ``folder``, less hidden ones and OS metadata, in code-point order of
+    their names, case-sensitive, the same on every OS (:func:`name_order`).
 
     A folder that cannot be listed (no permission) raises :class:`~swav_ref.data.errors.DatasetError` naming it."""
     try:
-        return sorted(p for p in folder.iterdir() if not is_ignored(p))
+        return sorted((p for p in folder.iterdir() if not is_ignored(p)), key=name_order)
     except OSError as exc:
         raise DatasetError(f"cannot list folder {folder}: {exc.strerror or exc}") from exc
 
@@ -176,9 +197,10 @@ def find_images(
 ) -> list[Path]:
     """Every image under ``folder``, sub-folders included, in a fixed order.
 
-    A folder's own images come first (sorted by name), then those of each sub-folder in
-    name order, recursively. Links to folders are followed (as torchvision does), but each
-    folder on disk is read once: one that leads back into a folder being read raises
+    A folder's own images come first, then those of each sub-folder, recursively, both in
+    code-point order of their names (:func:`visible_entries`: the same on every OS). Links
+    to folders are followed (as torchvision does), but each folder on disk is read once:
+    one that leads back into a folder being read raises
     :class:`~swav_ref.data.errors.DatasetError` (a loop), and so does one reached a second
     time by another way (``seen`` maps the :func:`folder_id` of each folder read so far, over
     the whole walk, to the path it was first reached by; pass the same dict for the class
