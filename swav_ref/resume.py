@@ -267,7 +267,7 @@ class Resumable:
     ``dtype``, ``train_set``, ``steps_per_epoch``, ``total_steps``, ``step``, ``model``,
     ``optimizer``, ``queue``, ``bank``, ``targets``, ``log``, ``monitor``, ``mean``, ``std``,
     ``multicrop``, ``out_dir``) and a few of its methods (``learning_rate``,
-    ``_multicrop_config``, ``_new_queue``, ``_broadcast_parameters``).
+    ``_multicrop_config``, ``_new_queue``, ``_broadcast_parameters``, ``_log_pending``).
     """
 
     _checkpoint: Path | None  # this run's last good checkpoint (set by save and load), see last_checkpoint
@@ -371,7 +371,12 @@ class Resumable:
         its files of earlier steps (one another program holds open, on Windows, is left for
         the next save). A job killed at any point leaves a ``path`` whose
         files are all there: the previous one (and its files) or the new one.
+
+        Steps taken since the last logging boundary are logged first, so that the
+        checkpoint's log holds every step (a save in the middle of an epoch, from Python,
+        would otherwise lose up to ``log_every - 1`` step records for good).
         """
+        self._log_pending()  # on every worker: under MPI the losses are all-reduced
         arrays, meta = self.state()
         finite = all(bool(self.xp.all(self.xp.isfinite(v))) for k, v in arrays.items() if k.startswith("model."))
         if not finite:

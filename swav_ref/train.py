@@ -630,27 +630,33 @@ class Trainer(Resumable):
         first = self.step - epoch * self.steps_per_epoch
         bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and self.comm.is_root), leave=False)
-        t0, epoch_loss = time.perf_counter(), self.xp.zeros((), dtype=self.dtype)
+        t0 = time.perf_counter()
         for s in bar:
             indices = self.batch_indices(epoch, s)
             loss, codes = self.train_step(self.make_crops(indices), indices)
-            epoch_loss = epoch_loss + loss
             self._pending.append((self.step - 1, loss, codes))
             if self.step % cfg.log_every == 0 or s == self.steps_per_epoch - 1:
                 self._flush_log(epoch, bar)
-        n_steps = self.steps_per_epoch - first
-        if self.comm.size > 1:  # the mean over workers, as the step records
-            epoch_loss = self.comm.allreduce_mean(epoch_loss)
-        total = float(epoch_loss)
-        if first:  # resumed in the middle of the epoch (not a scan of the whole log every epoch)
-            # Its earlier steps' losses are in the log the checkpoint carried (when it holds
-            # all of them), so the epoch's mean is the whole epoch's.
-            start = epoch * self.steps_per_epoch
-            earlier = [r["loss"] for r in self.log.records
-                       if r.get("kind") == "step" and start <= r["step"] < start + first]
-            if len(earlier) == first:
-                total, n_steps = total + math.fsum(earlier), n_steps + first
-        self._end_epoch(epoch, total / max(n_steps, 1), time.perf_counter() - t0)
+        self._end_epoch(epoch, self._epoch_mean_loss(epoch), time.perf_counter() - t0)
+
+    def _epoch_mean_loss(self, epoch: int) -> float:
+        """The mean of the epoch's step losses, from its step records (on rank 0, which
+        keeps the log). Summed exactly on the host (``math.fsum``), so that a run resumed
+        in the middle of the epoch, whose earlier steps' records came with its checkpoint,
+        gives the very number an uninterrupted run gives. The records are the last of the
+        log: it is read backwards to the epoch's first step, not whole every epoch."""
+        losses = []
+        for record in reversed(self.log.records):
+            if record["kind"] == "step" and record["epoch"] == epoch:
+                losses.append(record["loss"])
+            elif record["kind"] == "epoch" or record["epoch"] < epoch:
+                break
+        return math.fsum(losses) / len(losses) if losses else math.nan
+
+    def _log_pending(self) -> None:
+        """Log the steps taken since the last logging boundary (before a checkpoint)."""
+        if self._pending:
+            self._flush_log(self._pending[0][0] // self.steps_per_epoch, bar=None)
 
     def _flush_log(self, epoch: int, bar: Any) -> None:
         """The logging boundary: bring the pending metrics to the host, check them.
@@ -686,7 +692,9 @@ class Trainer(Resumable):
                 self.log.write(record)
                 self.monitor.update(value)
         self._pending.clear()
-        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}", used=record.get("prototypes_used", "-"))
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}",
+                            used=record.get("prototypes_used", "-"))
 
     def _end_epoch(self, epoch: int, mean_loss: float, seconds: float) -> None:
         record = {"kind": "epoch", "epoch": epoch, "step": self.step, "loss": mean_loss, "seconds": seconds}
