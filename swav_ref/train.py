@@ -222,7 +222,7 @@ class Trainer(Resumable):
     Attributes
     ----------
     config : the configuration, with the data set's recipe filled in (crops, freeze).
-    model : :class:`SwAVModel`, ``model.backbone`` (the ResNet, whose features are
+    model : :class:`~swav_ref.train.SwAVModel`, ``model.backbone`` (the ResNet, whose features are
         evaluated) and ``model.head`` (projection and prototypes, or the classifier).
     optimizer : :class:`~swav_ref.nn.optim.LARS` or :class:`~swav_ref.nn.optim.SGD`.
     train_set, test_set : the :class:`~swav_ref.data.datasets.ImageDataset` s trained
@@ -230,10 +230,10 @@ class Trainer(Resumable):
     mean, std : per-channel input normalisation, from the training images.
     xp, dtype : the backend namespace and floating type.
     step, total_steps, steps_per_epoch : steps done, steps of the whole run, per epoch.
-    log : :class:`MetricsLog`, the metrics written so far (``log.steps()``, ``log.epochs()``).
+    log : :class:`~swav_ref.train.MetricsLog`, the metrics written so far (``log.steps()``, ``log.epochs()``).
     queue, bank : the SwAV queue and the DeepCluster-v2 memory bank, when in use.
 
-    :meth:`fit` trains; :meth:`features` gives the backbone's features of new images;
+    :meth:`~swav_ref.train.Trainer.fit` trains; :meth:`~swav_ref.train.Trainer.features` gives the backbone's features of new images;
     :func:`swav_ref.experiment.evaluate_trainer` scores them by linear probe and kNN
     against the test split (what ``swav-ref train`` prints).
     """
