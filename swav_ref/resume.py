@@ -94,7 +94,8 @@ def checked_metadata(path: str | os.PathLike, arrays: dict[str, np.ndarray], met
     ``world_size`` whole numbers (``world_size`` required with per-worker files);
     ``local_ranks`` distinct ranks below ``world_size`` (all of them, or none, as written),
     with one ``local_files`` base name each (no folder: they lie beside the checkpoint);
-    ``log`` a list of records; ``normalisation`` a mean in [0, 1] and a std in (0, 1] per input
+    ``log`` a list of records (the epochs'; the steps' are the ``log.*`` arrays, see
+    :func:`checked_log`); ``normalisation`` a mean in [0, 1] and a std in (0, 1] per input
     channel of the stored first convolution (statistics of [0, 1] pixels; 1 for a constant
     channel, :func:`~swav_ref.train.input_normalisation`); ``data`` a count of images and
     their (C, H, W). The configuration must also describe the file's own weights (head
@@ -140,6 +141,7 @@ def checked_metadata(path: str | os.PathLike, arrays: dict[str, np.ndarray], met
         loss = r.get("loss")
         if r.get("kind") == "step" and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
             raise refuse("log", f"holds a step record whose loss is {loss!r}, not a number")
+    checked_log(path, arrays, meta)  # its log.* columns
     if "monitor_fired" in meta and not isinstance(meta["monitor_fired"], bool):
         raise refuse("monitor_fired", f"is {meta['monitor_fired']!r}, not true or false")
     conv1 = arrays.get("model.backbone.conv1.weight")
@@ -246,6 +248,75 @@ def check_recorded_data_dir(checkpoint: str | os.PathLike, config: TrainConfig) 
     )
 
 
+#: The columns of the step records in a checkpoint (``log.<name>`` arrays), their dtype
+#: and, for the code statistics a supervised step has not, the value that marks "absent".
+LOG_COLUMNS = {"step": (np.int64, None), "epoch": (np.int64, None), "loss": (np.float64, None),
+               "lr": (np.float64, None), "prototypes_used": (np.int64, -1),
+               "code_entropy": (np.float64, math.nan), "code_row_entropy": (np.float64, math.nan)}
+
+
+def log_as_arrays(records: list[dict]) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """The metrics log as a checkpoint keeps it: the step records as columns (``log.step``,
+    ``log.loss``...: 8 bytes a value), the epoch records as they are (for the metadata).
+
+    A record per step, as JSON in the metadata, is about 200 bytes: a long run (340,000
+    steps, say CIFAR-10 at batch 64 for 435 epochs) would pass
+    :data:`~swav_ref.checkpoint.MAX_METADATA_BYTES`, and every save would rewrite it all.
+    """
+    steps = [r for r in records if r["kind"] == "step"]
+    arrays = {f"log.{name}": np.asarray([r.get(name, absent) for r in steps], dtype=dtype)
+              for name, (dtype, absent) in LOG_COLUMNS.items()}
+    return arrays, [r for r in records if r["kind"] != "step"]
+
+
+def log_from_arrays(arrays: dict[str, np.ndarray], others: list[dict]) -> list[dict]:
+    """The records :func:`log_as_arrays` took apart, in their order: each epoch record
+    (written at the end of its epoch, ``step`` = the steps done) goes before the first
+    step record of a later step."""
+    n = len(arrays["log.step"])
+    columns = {name: arrays[f"log.{name}"].tolist() for name in LOG_COLUMNS}
+    steps = []
+    for i in range(n):
+        record = {"kind": "step", "step": columns["step"][i], "epoch": columns["epoch"][i],
+                  "loss": columns["loss"][i], "lr": columns["lr"][i]}
+        if columns["prototypes_used"][i] != -1:
+            record.update({name: columns[name][i] for name in ("prototypes_used", "code_entropy", "code_row_entropy")})
+        steps.append(record)
+    merged, i = [], 0
+    for other in others:
+        while i < n and steps[i]["step"] < other.get("step", 0):
+            merged.append(steps[i])
+            i += 1
+        merged.append(other)
+    return merged + steps[i:]
+
+
+def checked_log(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> list[dict]:
+    """The metrics log of a checkpoint (its ``log.*`` columns and the records of its
+    metadata; a checkpoint written before the columns keeps every record in the metadata),
+    once the columns are those :func:`log_as_arrays` writes: one 1-D array each, of one
+    length, of its dtype, finite losses. Else a CheckpointError naming the file."""
+    others = meta.get("log", [])
+    names = [f"log.{name}" for name in LOG_COLUMNS]
+    present = [name for name in names if name in arrays]
+    if not present:
+        return list(others)
+    if len(present) != len(names):
+        missing = sorted(set(names) - set(present))
+        raise ckpt.CheckpointError(f"{path}: its metrics log is incomplete ({', '.join(missing)} missing)")
+    n = len(arrays["log.step"]) if getattr(arrays["log.step"], "ndim", 0) == 1 else -1
+    for name, (dtype, _) in LOG_COLUMNS.items():
+        column = arrays[f"log.{name}"]
+        if column.ndim != 1 or column.shape[0] != n or column.dtype != dtype:
+            raise ckpt.CheckpointError(f"{path}: its log.{name} is {column.dtype} of shape {column.shape}, not "
+                                       f"{np.dtype(dtype)} of one value per logged step ({n})")
+    if not np.all(np.isfinite(arrays["log.loss"])):
+        raise ckpt.CheckpointError(f"{path}: its log.loss holds a loss that is not finite (a run stops at one)")
+    if any(r.get("kind") == "step" for r in others):
+        raise ckpt.CheckpointError(f"{path}: its metadata's log holds step records beside the log.* columns")
+    return log_from_arrays(arrays, others)
+
+
 def data_record(data: ImageDataset) -> dict:
     """What a checkpoint records of its training data, to tell other data later: the number
     of images and their shape (C, H, W)."""
@@ -313,6 +384,8 @@ class Resumable:
         """
         arrays = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         arrays.update({f"optim.{k}": v for k, v in self.optimizer.state_dict().items()})
+        log_columns, epoch_records = log_as_arrays(self.log.records)
+        arrays.update(log_columns)
         for h, t in enumerate(self.targets or []):
             arrays[f"targets.{h}"] = t
         has_local = self.queue is not None or self.bank is not None  # on every worker or on none
@@ -328,7 +401,7 @@ class Resumable:
                      "fingerprint": self.data_fingerprint()},
             "local_ranks": list(range(self.comm.size)) if has_local else [],
             "monitor_fired": self.monitor.fired,
-            "log": self.log.records,
+            "log": epoch_records,  # the step records are the log.* arrays
         }
         return arrays, meta
 
@@ -463,7 +536,7 @@ class Resumable:
             self._warn_of_another_schedule(path, saved)
         if any(k.startswith("targets.") for k in arrays):
             self.targets = [xp.asarray(t) for t in self._checked_targets(path, arrays)]
-        self.log.records = list(meta.get("log", []))  # up to this checkpoint's step (fit rewrites the file)
+        self.log.records = checked_log(path, arrays, meta)  # up to this checkpoint's step (fit rewrites the file)
         self.monitor.fired = bool(meta.get("monitor_fired", False))
         # the collapse window spans the resume: a run of short jobs is watched as one run
         self.monitor.remember(r["loss"] for r in self.log.records if r.get("kind") == "step")

@@ -439,3 +439,76 @@ def test_more_epochs_of_a_constant_rate_warn_of_nothing(tiny, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trainer(tiny, tmp_path / "more", epochs=2, **constant).load(tmp_path / "run" / "checkpoint.npz")
+
+
+# -- the metrics log a checkpoint carries ----------------------------------------------------
+def _records(n_steps: int, steps_per_epoch: int, codes: bool = True) -> list[dict]:
+    """A log as training writes it: a record per step, an epoch record after each epoch."""
+    rng = np.random.default_rng(0)
+    records = []
+    for step in range(n_steps):
+        epoch = step // steps_per_epoch
+        record = {"kind": "step", "step": step, "epoch": epoch, "loss": float(rng.random() * 5), "lr": 0.1 * step}
+        if codes:
+            record.update(prototypes_used=int(rng.integers(1, 10)), code_entropy=float(rng.random()),
+                          code_row_entropy=float(rng.random()))
+        records.append(record)
+        if (step + 1) % steps_per_epoch == 0:
+            records.append({"kind": "epoch", "epoch": epoch, "step": step + 1, "loss": 1.5, "seconds": 0.25})
+    return records
+
+
+@pytest.mark.parametrize("n_steps, codes", [(0, True), (7, True), (10, True), (13, False)])
+def test_the_log_as_columns_gives_back_the_same_records_in_their_order(n_steps, codes):
+    """Ends of epochs, the middle of one (no epoch record yet), supervised steps (no codes)."""
+    from swav_ref.resume import log_as_arrays, log_from_arrays
+
+    records = _records(n_steps, 5, codes)
+    arrays, others = log_as_arrays(records)
+    assert all(len(a) == n_steps for a in arrays.values()) and all(r["kind"] == "epoch" for r in others)
+    assert log_from_arrays(arrays, others) == records
+
+
+def test_a_long_runs_log_is_kept_without_filling_the_metadata(tiny, tmp_path):
+    """350,000 step records as JSON were 69 MB of metadata: past MAX_METADATA_BYTES, the save
+    at the end of the next epoch failed, and the run with it."""
+    run = trainer(tiny, tmp_path / "run", epochs=1)
+    run.log.records = _records(350_000, 781)  # CIFAR-10 at batch 64: 448 epochs
+    path = tmp_path / "run" / "checkpoint.npz"
+    run.save(path)
+    arrays, meta = ckpt.load_checkpoint(path)
+    assert len(json.dumps(meta)) < 1_000_000 and arrays["log.loss"].shape == (350_000,)
+    resumed = trainer(tiny, tmp_path / "run", epochs=1)
+    resumed.load(path)
+    assert resumed.log.records == run.log.records
+
+
+def test_a_checkpoint_with_its_log_in_the_metadata_still_resumes(tiny, tmp_path):
+    """Checkpoints written before the log's columns kept every record in the metadata."""
+    run = trainer(tiny, tmp_path / "run", epochs=1)
+    run.fit()
+    path = tmp_path / "run" / "checkpoint.npz"
+    arrays, meta = ckpt.load_checkpoint(path)
+    ckpt.save_checkpoint(path, {k: v for k, v in arrays.items() if not k.startswith("log.")},
+                         {**meta, "log": run.log.records})
+    resumed = trainer(tiny, tmp_path / "run", epochs=1)
+    resumed.load(path)
+    assert resumed.log.records == run.log.records and len(resumed.log.steps()) == 5
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda a: a.pop("log.lr"), r"its metrics log is incomplete \(log.lr missing\)"),
+    (lambda a: a.update({"log.loss": a["log.loss"][:-1]}), r"its log.loss is float64 of shape \(4,\), not float64 "
+                                                           r"of one value per logged step \(5\)"),
+    (lambda a: a.update({"log.step": a["log.step"].astype(np.float64)}), "its log.step is float64"),
+    (lambda a: a["log.loss"].__setitem__(2, np.nan), "its log.loss holds a loss that is not finite"),
+])
+def test_a_damaged_log_is_refused_with_its_column_named(tiny, tmp_path, damage, message):
+    run = trainer(tiny, tmp_path / "run", epochs=1)
+    run.fit()
+    path = tmp_path / "run" / "checkpoint.npz"
+    arrays, meta = ckpt.load_checkpoint(path)
+    damage(arrays)
+    ckpt.save_checkpoint(path, arrays, meta)
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        trainer(tiny, tmp_path / "run", epochs=1).load(path)
