@@ -218,6 +218,10 @@ def test_eval_scores_a_checkpoint_on_other_data_without_training_checks(small_di
     assert main(["eval", checkpoint, "--data-dir", str(few), "--out", str(tmp_path / "few.json")]) == 0
     rows = json.loads((tmp_path / "few.json").read_text())["results"]
     assert [r["method"] for r in rows] == ["raw pixels", "SwAV (step 1)"]
+    # the baseline (slow on large images) can be left out once it is known: the model's row is the same
+    assert main(["eval", checkpoint, "--data-dir", str(few), "--no-baseline", "--out", str(tmp_path / "nb.json")]) == 0
+    alone = json.loads((tmp_path / "nb.json").read_text())["results"]
+    assert [r["method"] for r in alone] == ["SwAV (step 1)"] and alone[0] == rows[1]
     colour = tmp_path / "colour"
     write_digit_folder(colour, 60, labelled=True, channels=3)
     assert main(["eval", checkpoint, "--data-dir", str(colour)]) == 2
