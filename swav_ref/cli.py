@@ -325,6 +325,9 @@ def _run_train(args: argparse.Namespace) -> int:
     elif args.evaluate and comm.is_root:
         print(f"no evaluation at the end: {trainer.train_set.name} has no labels (a flat image folder); the linear "
               "probe and kNN need one sub-folder per class")
+    stale = Path(config.out_dir) / "eval.json"
+    if comm.is_root and stale.is_file():  # the scores of the checkpoint this run replaces
+        stale.unlink()
     try:
         trainer.fit(resume=args.resume)
     except KeyboardInterrupt:
@@ -348,7 +351,7 @@ def _run_train(args: argparse.Namespace) -> int:
         # kept, not only printed: a batch job's log may be lost (swav-ref eval writes the same
         # file, with the raw-pixel baseline beside it)
         save_results_json(out / "eval.json", [row], metadata={"checkpoint": str(out / "checkpoint.npz"),
-                                                               "config": config.to_dict(),
+                                                               "step": trainer.step, "config": config.to_dict(),
                                                                "k_used": table.attrs["k_used"]})
         print(f"results:    {out / 'eval.json'}")
     return 0
@@ -615,12 +618,16 @@ OTHER_TOOLS_OPTIONS = {"--gpu": "--backend cupy", "--cuda": "--backend cupy", "-
 
 def _nearest_options(flag: str, options: list[str]) -> list[str]:
     """The options a mistyped ``flag`` most likely meant: another tool's name for one
-    (``--gpu``), else those it is the beginning of (``--batch``: ``--batch-size``), else
-    those that begin it (``--out-dir``: ``--out``), else those with all its words
-    (``--size``: every ``--*-size``), else the closest spelling (``--epoch``: ``--epochs``)."""
+    (``--gpu``), else a near-identical spelling (``--epoch``: ``--epochs``, not
+    ``--epoch-queue-starts``), else those it is the beginning of (``--batch``:
+    ``--batch-size``), else those that begin it (``--out-dir``: ``--out``), else those with
+    all its words (``--size``: every ``--*-size``), else the closest spelling."""
     wanted = OTHER_TOOLS_OPTIONS.get(flag)
     if wanted and (not wanted.startswith("--") or wanted.split()[0] in options):
         return [wanted]
+    near_identical = difflib.get_close_matches(flag, options, n=1, cutoff=0.85)
+    if near_identical:
+        return near_identical
     words = set(flag.removeprefix("--").split("-"))
     for found in ([o for o in options if o.startswith(flag + "-")],
                   [o for o in options if flag.startswith(o + "-")],

@@ -130,7 +130,7 @@ class TrainConfig:
     kmeans_init: str = "k-means++"  # or "random" (the official: random rows of rank 0's bank)
     sync_bn: bool = False
     seed: int = 0
-    out_dir: str = "runs/swav"
+    out_dir: str = "runs/swav"  # swav-ref train: runs/<method> unless --out-dir is given
     log_every: int = 10
     checkpoint_every: int = 1  # epochs
     stop_after: int = 0  # epochs in this run (0 = to the end); the schedule still spans `epochs`

@@ -64,8 +64,8 @@ def kmeans_plus_plus(x: Any, n_clusters: int, rng: Random) -> Any:
     -----
     Each draw inverts the distances' cumulative distribution: with
     :math:`F_i = \sum_{n \le i} D_n / \sum_n D_n` and a uniform :math:`u \in [0, 1)`, the
-    row is the number of :math:`F_i \le u`. A chosen row has :math:`D_n = 0`, so it can
-    never be drawn again. This is the computation ``numpy.random.Generator.choice(N, p=D /
+    row is the number of :math:`F_i \le u`. A chosen row's :math:`D_n` is set to 0 (not
+    left to rounding), so it can never be drawn again. This is the computation ``numpy.random.Generator.choice(N, p=D /
     sum D)`` makes, here on the device: the draws need no distance on the host (on a GPU,
     K waits for the device and K copies of N floats), and on NumPy they are the rows
     ``choice`` would draw.
@@ -78,7 +78,11 @@ def kmeans_plus_plus(x: Any, n_clusters: int, rng: Random) -> Any:
     first = xp.asarray(gen.integers(n, size=1))
     uniforms = xp.asarray(gen.random(n_clusters - 1), dtype=xp.float64)
     chosen = [first]
-    nearest = 2.0 - 2.0 * (x @ xp.take(x, first, axis=0)[0, :])
+    rows = xp.arange(n, dtype=first.dtype)
+    zero = xp.zeros((), dtype=x.dtype)
+    # A chosen row's distance is set to exactly 0: in float32, x_n . x_n rounds to
+    # 1 +- 6e-8, which left it a small chance of being drawn again.
+    nearest = xp.where(rows == first, zero, 2.0 - 2.0 * (x @ xp.take(x, first, axis=0)[0, :]))
     for k in range(n_clusters - 1):
         # float64, so that on NumPy the draws are choice's; rounding can make a distance
         # slightly negative, which would be a negative probability.
@@ -91,7 +95,7 @@ def kmeans_plus_plus(x: Any, n_clusters: int, rng: Random) -> Any:
         cdf = cdf / cdf[-1]
         row = xp.searchsorted(cdf, uniforms[k:k + 1], side="right")
         chosen.append(row)
-        nearest = xp.minimum(nearest, 2.0 - 2.0 * (x @ xp.take(x, row, axis=0)[0, :]))
+        nearest = xp.where(rows == row, zero, xp.minimum(nearest, 2.0 - 2.0 * (x @ xp.take(x, row, axis=0)[0, :])))
     return xp.take(x, xp.concat(chosen), axis=0)
 
 

@@ -115,11 +115,14 @@ def _numbered_if_not_integers(train_labels: Any, test_labels: Any) -> tuple[Any,
     """Host labels that are not integers (class names) as indices into their sorted joint
     set; anything else as it is (integers, device arrays: :func:`_labels_on` checks them)."""
     host = [np.asarray(y) if isinstance(y, (np.ndarray, list, tuple)) else None for y in (train_labels, test_labels)]
-    if any(y is None for y in host) or all(y.dtype.kind in "iu" for y in host):
+    # Integers, fractions (1.7 or NaN is no class) and a mix of integers and names (0 is
+    # not "0") are left to the integer check, which says what is wrong.
+    if any(y is None or y.dtype.kind in "iufc" for y in host):
         return train_labels, test_labels
-    if any(y.dtype.kind in "fc" for y in host):  # 1.7 or NaN is no class; the integer check says so
-        return train_labels, test_labels
-    _, numbered = np.unique(np.concatenate([host[0].ravel(), host[1].ravel()]), return_inverse=True)
+    try:
+        _, numbered = np.unique(np.concatenate([host[0].ravel(), host[1].ravel()]), return_inverse=True)
+    except TypeError as exc:  # None beside text, say
+        raise ValueError(f"labels must be integers or class names of one kind: {exc}") from exc
     return numbered[:host[0].size].reshape(host[0].shape), numbered[host[0].size:].reshape(host[1].shape)
 
 

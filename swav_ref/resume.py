@@ -271,8 +271,9 @@ def log_as_arrays(records: list[dict]) -> tuple[dict[str, np.ndarray], list[dict
 
 def log_from_arrays(arrays: dict[str, np.ndarray], others: list[dict]) -> list[dict]:
     """The records :func:`log_as_arrays` took apart, in their order: each epoch record
-    (written at the end of its epoch, ``step`` = the steps done) goes before the first
-    step record of a later step."""
+    (written at the end of its epoch) goes before the first step record of a later epoch.
+    (By epoch, not by step: a run resumed on another number of workers numbers its steps
+    anew, from the next epoch's first, which can be lower than those logged before.)"""
     n = len(arrays["log.step"])
     columns = {name: arrays[f"log.{name}"].tolist() for name in LOG_COLUMNS}
     steps = []
@@ -284,7 +285,7 @@ def log_from_arrays(arrays: dict[str, np.ndarray], others: list[dict]) -> list[d
         steps.append(record)
     merged, i = [], 0
     for other in others:
-        while i < n and steps[i]["step"] < other.get("step", 0):
+        while i < n and steps[i]["epoch"] <= other.get("epoch", -1):
             merged.append(steps[i])
             i += 1
         merged.append(other)
@@ -537,6 +538,7 @@ class Resumable:
         if any(k.startswith("targets.") for k in arrays):
             self.targets = [xp.asarray(t) for t in self._checked_targets(path, arrays)]
         self.log.records = checked_log(path, arrays, meta)  # up to this checkpoint's step (fit rewrites the file)
+        self._pending.clear()  # steps of an interrupted fit, past this checkpoint: not this run's any more
         self.monitor.fired = bool(meta.get("monitor_fired", False))
         # the collapse window spans the resume: a run of short jobs is watched as one run
         self.monitor.remember(r["loss"] for r in self.log.records if r.get("kind") == "step")

@@ -647,9 +647,9 @@ class Trainer(Resumable):
         log: it is read backwards to the epoch's first step, not whole every epoch."""
         losses = []
         for record in reversed(self.log.records):
-            if record["kind"] == "step" and record["epoch"] == epoch:
+            if record.get("kind") == "step" and record.get("epoch") == epoch:
                 losses.append(record["loss"])
-            elif record["kind"] == "epoch" or record["epoch"] < epoch:
+            elif record.get("kind") == "epoch" or record.get("epoch", epoch) < epoch:
                 break
         return math.fsum(losses) / len(losses) if losses else math.nan
 

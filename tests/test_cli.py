@@ -59,7 +59,18 @@ def test_train_then_eval_on_an_image_folder(tmp_path, capsys):
     # the printed table is kept too (a batch job's log may be lost): the same numbers
     kept = json.loads((out / "eval.json").read_text())
     assert [r["method"] for r in kept["results"]] == ["SwAV"] and kept["metadata"]["config"]["epochs"] == 2
-    assert f"{100 * kept['results'][0]['linear probe']['mean']:.1f}" in printed
+    assert f"{100 * kept['results'][0]['linear probe']['mean']:.1f}" in printed and kept["metadata"]["step"] > 0
+    # a run that replaces this one's checkpoint without evaluating takes its scores away too
+    assert main(["train", "--dataset", "folder", "--data-dir", str(tmp_path / "images"), "--epochs", "1",
+                 "--batch-size", "32", "--n-crops", "2", "2", "--hidden-dim", "16", "--feat-dim", "8",
+                 "--n-prototypes", "12", "--no-progress", "--no-evaluate", "--out-dir", str(tmp_path / "again")]) == 0
+    (tmp_path / "again" / "eval.json").write_text(json.dumps(kept))
+    with pytest.warns(UserWarning, match="earlier run"):
+        assert main(["train", "--dataset", "folder", "--data-dir", str(tmp_path / "images"), "--epochs", "1",
+                     "--batch-size", "32", "--n-crops", "2", "2", "--hidden-dim", "16", "--feat-dim", "8",
+                     "--n-prototypes", "12", "--no-progress", "--no-evaluate", "--out-dir", str(tmp_path / "again"),
+                     "--seed", "1"]) == 0
+    assert not (tmp_path / "again" / "eval.json").exists()
     assert main(["eval", str(out / "checkpoint.npz"), "--out", str(tmp_path / "eval.json")]) == 0
     rows = json.loads((tmp_path / "eval.json").read_text())["results"]
     methods = [r["method"] for r in rows]

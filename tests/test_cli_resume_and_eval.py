@@ -119,6 +119,7 @@ def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_go_on(small_digits, tmp
 @pytest.mark.parametrize("argv, command, hint", [
     (["train", "--batchsize", "16"], "train", "--batchsize: did you mean --batch-size?"),
     (["demo", "--epoch", "1"], "demo", "--epoch: did you mean --epochs?"),  # no abbreviations
+    (["train", "--epoch", "3"], "train", "--epoch: did you mean --epochs?"),  # not --epoch-queue-starts
     (["eval", "x.npz", "--bakend", "numpy"], "eval", "--bakend: did you mean --backend?"),
     # the beginning of an option: difflib alone named --arch, --resume and --resume
     (["train", "--batch", "64"], "train", "--batch: did you mean --batch-size?"),

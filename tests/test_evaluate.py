@@ -462,3 +462,7 @@ def test_knn_takes_class_names_as_the_linear_probe_does(rng):
     assert E.linear_probe(features[:20], names[:20], features[20:], names[20:], C=1.0).accuracy == 1.0
     with pytest.raises(ValueError, match="integers"):  # a fractional label is no class
         E.knn_classifier(features[:20], np.arange(20) * 0.5, features[20:], np.arange(10) * 0.5, k=3)
+    with pytest.raises(ValueError, match="integers"):  # nor is 0 the name "0"
+        E.knn_classifier(features[:20], np.arange(20) % 3, features[20:], (np.arange(10) % 3).astype(str), k=3)
+    with pytest.raises(ValueError, match="class names of one kind"):
+        E.knn_classifier(features[:20], np.array(["a", None] * 10, dtype=object), features[20:], names[20:], k=3)

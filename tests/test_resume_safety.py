@@ -469,6 +469,45 @@ def test_the_log_as_columns_gives_back_the_same_records_in_their_order(n_steps, 
     assert log_from_arrays(arrays, others) == records
 
 
+def test_the_log_keeps_its_order_when_a_resume_on_other_workers_numbers_steps_anew():
+    """Resumed on 2 workers after 2 epochs of 4 steps on 1, epoch 3 starts at step 4 (its
+    new steps per epoch, 2, times 2): ordered by step, the epoch records of epochs 1 and 2
+    went after the later epochs' steps."""
+    from swav_ref.resume import log_as_arrays, log_from_arrays
+
+    records = _records(8, 4)
+    for step in (4, 5):  # epoch 2 (the third), 2 steps per epoch
+        records.append({"kind": "step", "step": step, "epoch": 2, "loss": 1.0, "lr": 0.5})
+    records.append({"kind": "epoch", "epoch": 2, "step": 6, "loss": 1.0, "seconds": 0.25})
+    records.append({"kind": "step", "step": 6, "epoch": 3, "loss": 1.0, "lr": 0.5})  # mid-epoch
+    assert log_from_arrays(*log_as_arrays(records)) == records
+
+
+def test_a_fit_resumed_after_an_interruption_logs_each_step_once(tiny, tmp_path):
+    """The steps an interrupted fit had not yet logged stayed pending on the Trainer: fit
+    (resume=...) logged them beside the steps taken again, and the epoch's mean counted both."""
+    full = trainer(tiny, tmp_path / "full", epochs=1, log_every=4)
+    full.fit()
+    run = trainer(tiny, tmp_path / "run", epochs=1, log_every=4, checkpoint_every=1)
+    path = tmp_path / "run" / "checkpoint.npz"
+    run.save(path)  # step 0
+    real_step = run.train_step
+
+    def stop_at_step_3(crops, indices):
+        if run.step == 3:
+            raise KeyboardInterrupt
+        return real_step(crops, indices)
+
+    run.train_step = stop_at_step_3
+    with pytest.raises(KeyboardInterrupt):
+        run.fit(resume=path)
+    run.train_step = real_step
+    run.fit(resume=path)
+    steps = [r["step"] for r in run.log.steps()]
+    assert steps == [0, 1, 2, 3, 4]
+    assert [r["loss"] for r in run.log.epochs()] == [r["loss"] for r in full.log.epochs()]
+
+
 def test_a_long_runs_log_is_kept_without_filling_the_metadata(tiny, tmp_path):
     """350,000 step records as JSON were 69 MB of metadata: past MAX_METADATA_BYTES, the save
     at the end of the next epoch failed, and the run with it."""
