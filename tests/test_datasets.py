@@ -615,14 +615,16 @@ def test_folder_holds_one_full_size_image_at_a_time(tmp_path, monkeypatch):
     save_png(tmp_path / "4.png", np.zeros((64, 48, 3), dtype=np.uint8))
     alive, most = [0], [0]
 
-    def counted_read_image(path):
-        picture = F.read_image(path)
+    decode = F._decode
+
+    def counted_decode(path, *args):
+        picture, box = decode(path, *args)
         alive[0] += 1
         most[0] = max(most[0], alive[0])
         weakref.finalize(picture, lambda: alive.__setitem__(0, alive[0] - 1))
-        return picture
+        return picture, box
 
-    monkeypatch.setattr(D, "read_image", counted_read_image)
+    monkeypatch.setattr(F, "_decode", counted_decode)
     ds = D.load_image_folder(tmp_path, image_size=8)
     assert ds.images.shape == (5, 3, 8, 8)
     assert most[0] == 1  # each decoded image is gone before the next is read

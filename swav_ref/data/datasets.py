@@ -33,15 +33,16 @@ import numpy as np
 from swav_ref.data.errors import DatasetError, is_integer
 from swav_ref.data.image_files import (
     FILE,
-    GREY_MODES,
     IMAGE_EXTENSIONS,
+    check_header,
     find_images,
     folder_id,
     is_folder,
     open_regular_file,
     path_kind,
     pick_images,
-    read_image,
+    read_pixels,
+    unreadable_images_error,
     visible_entries,
     warn_skipped,
 )
@@ -216,30 +217,39 @@ def split_dataset(
         fewer than 2 images (a property of the data, so the command line reports it like any
         other bad data set; :class:`DatasetError` is a ``ValueError`` too).
     """
+    train_idx, test_idx = _split_indices(dataset.labels, len(dataset), test_fraction, seed, dataset.name)
+    train = dataset.subset(train_idx, name=f"{dataset.name}/train")
+    test = dataset.subset(test_idx, name=f"{dataset.name}/test")
+    return train, test
+
+
+def _split_indices(
+    labels: np.ndarray | None, n: int, test_fraction: float, seed: int, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted ``(train, test)`` indices of :func:`split_dataset`'s rule for ``n`` images
+    with these labels: a function of the labels alone, so that an image folder can be split
+    from its file list, before any image is read."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
-    n = len(dataset)
     if n < 2:
         raise DatasetError(
-            f"{dataset.name}: cannot split {n} image(s) into train and test; the data set needs at least 2 images"
+            f"{name}: cannot split {n} image(s) into train and test; the data set needs at least 2 images"
         )
     gen = np.random.Generator(np.random.PCG64(seed))
-    if dataset.labels is None:
+    if labels is None:
         order = gen.permutation(n)
         n_test = min(max(int(round(test_fraction * n)), 1), n - 1)
         test_idx = order[:n_test]
     else:
         parts = []
-        for label in np.unique(dataset.labels):
-            members = np.flatnonzero(dataset.labels == label)
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)
             n_test = min(int(round(test_fraction * members.size)), members.size - 1)
             parts.append(gen.permutation(members)[:n_test])
         test_idx = np.concatenate(parts)
     is_test = np.zeros(n, dtype=bool)
     is_test[test_idx] = True
-    train = dataset.subset(np.flatnonzero(~is_test), name=f"{dataset.name}/train")
-    test = dataset.subset(np.flatnonzero(is_test), name=f"{dataset.name}/test")
-    return train, test
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -483,6 +493,16 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
     image is greyscale the data set has one channel (Pillow mode ``L``), otherwise every
     image is converted to ``RGB``.
 
+    With ``image_size``, a JPEG larger than twice that size is decoded at 1/2, 1/4 or 1/8
+    scale (Pillow's draft mode; libjpeg scales in the DCT domain), never below twice the
+    size, and then resized: a phone photo loads 2 to 3x faster, and its pixels differ
+    from those of a full decode by a fraction of a grey level on average (up to about ten at
+    a sharp edge, as if shrunk with a slightly softer filter). Smaller JPEGs, other formats,
+    and loads without ``image_size`` decode in full, to the same pixels as before.
+
+    Each image is written into one array allocated for the whole set as it is read, so the
+    memory needed is that of the data set plus one decoded image.
+
     Parameters
     ----------
     image_size : None, int or (height, width)
@@ -499,10 +519,14 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
         missing or empty folder, a class folder without images, image files beside class
         folders, a broken link or a link that loops with an image name, a folder link that
         loops, a folder reached a second time through a link (its images would be read
-        twice), a folder that cannot be listed, a corrupt or truncated file, an image too
-        large to decode in the memory available, a 32-bit integer or floating-point image
-        (modes ``I``, ``F``), or (``image_size=None``) an image of another size; the message
-        names the file.
+        twice), a folder that cannot be listed, or (``image_size=None``) an image of another
+        size; the message names the file. Unreadable images are reported together, in one
+        error that lists every one with its reason (the first 20, and a count of the rest):
+        empty files (``empty (0 bytes)``), files of a format Pillow does not know and broken
+        headers are found from the headers, read first, before any image is decoded; corrupt
+        or truncated data, images too large to decode in the memory available and 32-bit
+        integer or floating-point images (modes ``I``, ``F``) when decoding, which goes on to
+        the last file.
 
     Warns
     -----
@@ -510,10 +534,20 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
         when files were skipped for their extension (``.heic``, ``.txt``, ...), and when
         entries that are not regular files (a named pipe, a device) were skipped unopened.
     """
-    from PIL import Image
-
     image_size = _size_pair(image_size)  # before a file is read: a bad size fails at once
     root = Path(data_dir)
+    files, labels, class_names = _list_image_folder(root)
+    return ImageDataset(
+        images=_read_images(files, image_size, root),
+        labels=labels,
+        class_names=class_names,
+        name=root.name or str(root),
+    )
+
+
+def _list_image_folder(root: Path) -> tuple[list[Path], np.ndarray | None, tuple[str, ...]]:
+    """The image files of a folder, their labels (``None`` for a flat folder) and the class
+    names: :func:`load_image_folder`'s layouts and checks, without opening an image."""
     if not root.is_dir():
         raise DatasetError(f"image folder not found: {root} does not exist or is not a folder")
     entries = visible_entries(root)
@@ -521,62 +555,117 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
     class_dirs = [p for p, sub in zip(entries, is_class) if sub]
     skipped: list[Path] = []
     loose = pick_images([p for p, sub in zip(entries, is_class) if not sub], skipped)
-    if class_dirs:
-        if loose:
-            raise DatasetError(
-                f"{root} mixes class sub-folders with loose images (e.g. {loose[0]}); put every "
-                "image in a class folder, or use a flat folder without sub-folders"
-            )
-        root_id = folder_id(root)
-        seen = {root_id: root}  # over all classes: a folder reached twice is an error, also across classes
-        members = [find_images(class_dir, skipped, frozenset({root_id}), seen) for class_dir in class_dirs]
-        warn_skipped(skipped, root)  # first: it may explain an empty class folder
-        for class_dir, found in zip(class_dirs, members):
-            if not found:
-                raise DatasetError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        files = [path for found in members for path in found]
-        class_names = tuple(p.name for p in class_dirs)
-        label_array = np.repeat(np.arange(len(class_dirs), dtype=np.int64), [len(found) for found in members])
-    else:
-        files = loose
+    if not class_dirs:
         warn_skipped(skipped, root)
-        if not files:
+        if not loose:
             raise DatasetError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        class_names, label_array = (), None
+        return loose, None, ()
+    if loose:
+        raise DatasetError(
+            f"{root} mixes class sub-folders with loose images (e.g. {loose[0]}); put every "
+            "image in a class folder, or use a flat folder without sub-folders"
+        )
+    root_id = folder_id(root)
+    seen = {root_id: root}  # over all classes: a folder reached twice is an error, also across classes
+    members = [find_images(class_dir, skipped, frozenset({root_id}), seen) for class_dir in class_dirs]
+    warn_skipped(skipped, root)  # first: it may explain an empty class folder
+    for class_dir, found in zip(class_dirs, members):
+        if not found:
+            raise DatasetError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    labels = np.repeat(np.arange(len(class_dirs), dtype=np.int64), [len(found) for found in members])
+    return [path for found in members for path in found], labels, tuple(p.name for p in class_dirs)
 
-    # One image at a time: read, convert, resize, keep only the small result, so the peak is
-    # about one full-size image (a folder of phone photos would not fit in memory decoded).
-    # Greyscale images are kept as 1 channel and widened to RGB at the end if any image is in
-    # colour: the same pixels as converting each to RGB first (Pillow's bilinear resize treats
-    # each channel alike), without a first pass that decodes every image.
-    expected = None if image_size is None else (image_size[1], image_size[0])  # Pillow: (w, h)
-    arrays = []
+
+def _check_headers(files: list[Path], root: Path) -> None:
+    """Every file's header read (:func:`~swav_ref.data.image_files.check_header`, about 1% of
+    the time decoding takes), and one error naming every empty file, file of an unknown
+    format or broken header, before anything is decoded."""
+    problems = []
     for path in files:
-        picture = read_image(path)
-        mode = "L" if picture.mode in GREY_MODES else "RGB"
-        if picture.mode != mode:  # (converting to its own mode would only copy it)
-            picture = picture.convert(mode)
-        if image_size is not None:
-            picture = picture.resize(expected, Image.Resampling.BILINEAR)
-        elif expected is None:
-            expected, first = picture.size, path
-        elif picture.size != expected:
+        try:
+            check_header(path)
+        except DatasetError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise unreadable_images_error(problems, len(files), root, " (found from their headers, before decoding any)")
+
+
+def _widened(images: np.ndarray, filled: list[int]) -> np.ndarray:
+    """One-channel ``images`` as a new three-channel array, the rows in ``filled`` copied into
+    R, G and B (as converting each grey image to RGB before the resize would give: Pillow's
+    bilinear resize treats every channel alike); the other rows are not written yet."""
+    wide = np.empty((images.shape[0], 3, *images.shape[2:]), dtype=np.uint8)
+    for row in filled:
+        wide[row] = images[row]
+    return wide
+
+
+def _read_images(files: list[Path], size: tuple[int, int] | None, root: Path, rows=None) -> np.ndarray:
+    """The pixels of ``files`` in one ``uint8`` array ``(N, C, H, W)``, file ``i`` in row
+    ``rows[i]`` (``i`` by default).
+
+    One image at a time is decoded, converted, resized and written into an array allocated
+    once, from the first image's shape: the peak is the array and one decoded image (a list
+    of images stacked at the end took three times the array; a folder of phone photos would
+    not fit in memory decoded). The array starts with one channel and is widened to RGB at
+    the first colour image; ``np.empty`` takes no memory until written, so a colour set
+    never fills the one-channel array.
+
+    Headers are checked first (:func:`_check_headers`). An image that fails to decode is
+    noted and the others are still read, so that one error names every bad file; an image
+    of another size (``size=None``) fails at once, as ``image_size`` is the remedy for all.
+    """
+    _check_headers(files, root)
+    rows = range(len(files)) if rows is None else rows
+    images, first, filled, problems = None, None, [], []
+    for path, row in zip(files, rows):
+        try:
+            pixels = read_pixels(path, size)
+        except DatasetError as exc:
+            problems.append(str(exc))
+            continue
+        if images is None:
+            images, first = np.empty((len(files), *pixels.shape), dtype=np.uint8), path
+        elif pixels.shape[1:] != images.shape[2:]:
             raise DatasetError(
-                f"image {path} is {picture.size[0]}x{picture.size[1]} (width x height) but "
-                f"{first} is {expected[0]}x{expected[1]}; pass image_size (--image-size on the command line) "
+                f"image {path} is {pixels.shape[2]}x{pixels.shape[1]} (width x height) but {first} is "
+                f"{images.shape[3]}x{images.shape[2]}; pass image_size (--image-size on the command line) "
                 "to resize them all"
             )
-        pixels = np.asarray(picture, dtype=np.uint8)
-        del picture
-        arrays.append(pixels[None] if pixels.ndim == 2 else np.transpose(pixels, (2, 0, 1)))
-    if any(a.shape[0] == 3 for a in arrays):  # some colour: every image RGB (grey: R = G = B)
-        arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
-    return ImageDataset(
-        images=np.ascontiguousarray(np.stack(arrays)),
-        labels=label_array,
-        class_names=class_names,
-        name=root.name or str(root),
-    )
+        if pixels.shape[0] > images.shape[1]:  # the first colour image: every image RGB (grey: R = G = B)
+            images = _widened(images, filled)
+        images[row] = pixels  # a grey image into an RGB array: broadcast into R, G and B
+        filled.append(row)
+    if problems:
+        raise unreadable_images_error(problems, len(files), root)
+    return images
+
+
+def _load_split_folder(
+    data_dir: str | os.PathLike, image_size, test_fraction: float, seed: int
+) -> tuple[ImageDataset, ImageDataset | None]:
+    """:func:`split_dataset` of :func:`load_image_folder`, the same data sets, without a copy.
+
+    The split depends only on the labels, which the file list gives before any image is
+    read: each image is decoded straight into its place in one array, training images
+    first, and train and test are views of its two parts. Loading and then splitting held
+    the set twice (the whole set beside train and test). A flat folder is not split.
+    """
+    image_size = _size_pair(image_size)
+    root = Path(data_dir)
+    files, labels, class_names = _list_image_folder(root)
+    name = root.name or str(root)
+    if labels is None:  # no labels: nothing could score a held-out part
+        return ImageDataset(images=_read_images(files, image_size, root), name=name), None
+    train_idx, test_idx = _split_indices(labels, len(files), test_fraction, seed, name)
+    order = np.concatenate([train_idx, test_idx])
+    rows = np.empty_like(order)
+    rows[order] = np.arange(order.size)  # file order[r] goes to row r
+    images = _read_images(files, image_size, root, rows)
+    n_train = train_idx.size
+    train = ImageDataset(images[:n_train], labels[train_idx], class_names, f"{name}/train")
+    test = ImageDataset(images[n_train:], labels[test_idx], class_names, f"{name}/test")
+    return train, test
 
 
 # -- by name -----------------------------------------------------------------------------
@@ -601,7 +690,9 @@ def load_dataset(
     - ``folder``: :func:`load_image_folder` on ``data_dir``; one sub-folder per class is
       split by :func:`split_dataset`. A flat folder has no labels, so nothing could score
       a held-out part: every image trains, and ``test`` is None (a linear probe or kNN
-      evaluation needs labels and is skipped).
+      evaluation needs labels and is skipped). The split is made from the file list, and
+      each image decoded straight into its part: ``train.images`` and ``test.images`` are
+      the two parts of one array (views), so the set is never held twice.
 
     Raises
     ------
@@ -620,7 +711,4 @@ def load_dataset(
         raise ValueError(f"dataset {name!r} needs data_dir (the folder holding the data)")
     if name == "cifar10":
         return load_cifar10(data_dir)
-    images = load_image_folder(data_dir, image_size=image_size)
-    if not images.has_labels:
-        return images, None
-    return split_dataset(images, test_fraction=test_fraction, seed=seed)
+    return _load_split_folder(data_dir, image_size, test_fraction, seed)
