@@ -498,7 +498,7 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
     size, and then resized: a phone photo loads 2 to 3x faster, and its pixels differ
     from those of a full decode by a fraction of a grey level on average (up to about ten at
     a sharp edge, as if shrunk with a slightly softer filter). Smaller JPEGs, other formats,
-    and loads without ``image_size`` decode in full, to the same pixels as before.
+    and loads without ``image_size`` decode in full.
 
     Each image is written into one array allocated for the whole set as it is read, so the
     memory needed is that of the data set plus one decoded image.
