@@ -24,7 +24,7 @@ import numpy as np
 
 from swav_ref import checkpoint as ckpt
 from swav_ref.config import CROP_FIELDS, ConfigError, TrainConfig, as_options, scheduled_rate
-from swav_ref.data.datasets import DatasetError, ImageDataset
+from swav_ref.data.datasets import FOLDER_DECODER, DatasetError, ImageDataset
 from swav_ref.data.multicrop import MultiCrop
 from swav_ref.deepcluster import IGNORE_INDEX, MemoryBank
 from swav_ref.swav.queue import queue_length_per_worker
@@ -173,6 +173,8 @@ def checked_metadata(path: str | os.PathLike, arrays: dict[str, np.ndarray], met
         if channels is not None and shape[0] != channels:
             raise refuse("data image_shape", f"is {shape!r}: {shape[0]} channel(s), but the model's first "
                                              f"convolution (model.backbone.conv1.weight) takes {channels}")
+        if "folder_decoder" in data and not _whole(data["folder_decoder"], 1):
+            raise refuse("data folder_decoder", f"is {data['folder_decoder']!r}, not a version number")
         for key in ("name", "fingerprint"):  # (a data set handed over from Python may have no name)
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise refuse(f"data {key}", f"is {data[key]!r}, not text")
@@ -399,7 +401,7 @@ class Resumable:
             # the input normalisation and the data it came from: features need no data set
             "normalisation": {"mean": list(self.mean), "std": list(self.std)},
             "data": {"name": self.train_set.name, **data_record(self.train_set),
-                     "fingerprint": self.data_fingerprint()},
+                     "fingerprint": self.data_fingerprint(), "folder_decoder": FOLDER_DECODER},
             "local_ranks": list(range(self.comm.size)) if has_local else [],
             "monitor_fired": self.monitor.fired,
             "log": epoch_records,  # the step records are the log.* arrays
@@ -572,9 +574,16 @@ class Resumable:
                    "resume on the data it was trained on, or start a fresh run (its weights alone: load_encoder, "
                    "or Trainer.load(path, weights_only=True))"))
         if self.comm.is_root and "fingerprint" in trained_on and trained_on["fingerprint"] != self.data_fingerprint():
+            decoder = ""
+            if self.config.dataset == "folder" and self.config.image_size and \
+                    trained_on.get("folder_decoder", 1) != FOLDER_DECODER:
+                decoder = (". The checkpoint was written by an earlier swav_ref, which decoded JPEGs at full size "
+                           "before resizing them; this one decodes a large JPEG at reduced scale first, which moves "
+                           "its pixels by a fraction of a grey level: if the folder is unchanged, that is the whole "
+                           "difference, and the run goes on as well as it would have")
             warnings.warn(f"--resume {path}: the training images (or their order or labels) differ from those the "
                           f"checkpoint was trained on ({trained_on.get('name')}), though their number and shape "
-                          f"agree; this run continues it on other data ({data.name})", stacklevel=4)
+                          f"agree; this run continues it on other data ({data.name}){decoder}", stacklevel=4)
 
     def _warn_of_other_settings(self, path: str | os.PathLike, saved: TrainConfig, meta: dict) -> None:
         """One warning listing every recipe setting of this run that differs from the

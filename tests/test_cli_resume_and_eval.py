@@ -345,3 +345,21 @@ def test_a_resume_whose_recorded_data_folder_is_another_machines_says_to_give_it
     err = capsys.readouterr().err
     assert "C:\\Users\\x\\data" in err and "give their folder with --data-dir" in err, err
     assert main(["train", "--resume", str(run / "checkpoint.npz"), "--data-dir", str(folder), "--no-evaluate"]) == 0
+
+
+def test_a_resume_across_the_jpeg_decoder_change_says_that_may_be_the_whole_difference(tmp_path):
+    """A checkpoint of a resized folder, written before large JPEGs were decoded at reduced
+    scale, sees other pixels from the same files: the warning blamed the data alone."""
+    folder = tmp_path / "images"
+    write_digit_folder(folder, 100, labelled=True)
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--data-dir", str(folder), "--image-size", "8", *SMALL,
+                 "--crop-sizes", "8", "6", "--epochs", "2", "--stop-after", "1", "--out-dir", str(run)]) == 0
+    arrays, meta = load_checkpoint(run / "checkpoint.npz")
+    assert meta["data"]["folder_decoder"] == 2
+    del meta["data"]["folder_decoder"]  # as written before it was recorded
+    meta["data"]["fingerprint"] = "0" * 64  # the pixels the old decoder gave
+    save_checkpoint(run / "checkpoint.npz", arrays, meta)
+    with pytest.warns(UserWarning, match="differ from those the checkpoint was trained on") as warned:
+        assert main(["train", "--resume", str(run / "checkpoint.npz")]) == 0
+    assert any("written by an earlier swav_ref, which decoded JPEGs at full size" in str(w.message) for w in warned)

@@ -253,3 +253,16 @@ def test_read_image_calls_an_empty_file_empty(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(DatasetError, match=r"cannot read image .*empty\.png: empty \(0 bytes\)"):
         F.read_image(tmp_path / "empty.png")
+
+
+def test_an_image_of_another_size_names_the_files_that_failed_before_it(tmp_path):
+    """Without image_size, an image of another size stops the load at once; the files
+    found unreadable before it went unmentioned until the next run."""
+    truncated_png(tmp_path / "a_cut.png")
+    good_images(tmp_path)
+    save(tmp_path / "z_wide.png", Image.new("RGB", (16, 8)))
+    with pytest.raises(DatasetError) as error:
+        D.load_image_folder(tmp_path)
+    message = str(error.value)
+    assert "z_wide.png is 16x8 (width x height)" in message and "pass image_size" in message
+    assert "1 file(s) before it could not be read" in message and "a_cut.png" in message

@@ -52,6 +52,7 @@ __all__ = [
     "CIFAR10_CLASSES",
     "DATASETS",
     "DatasetError",
+    "FOLDER_DECODER",
     "IMAGE_EXTENSIONS",
     "ImageDataset",
     "channel_stats",
@@ -468,6 +469,13 @@ def _size_pair(image_size) -> tuple[int, int] | None:
     return int(height), int(width)
 
 
+#: The version of :func:`load_image_folder`'s decoding, kept in trainer checkpoints (the
+#: pixels of the same files change with it): 2 decodes a JPEG larger than twice
+#: ``image_size`` at reduced scale before resizing it; 1 (and checkpoints without it)
+#: decoded every image at full size.
+FOLDER_DECODER = 2
+
+
 def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, int] | None = None) -> ImageDataset:
     """Images from a folder: one sub-folder per class, or flat without labels.
 
@@ -501,7 +509,8 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
     and loads without ``image_size`` decode in full.
 
     Each image is written into one array allocated for the whole set as it is read, so the
-    memory needed is that of the data set plus one decoded image.
+    memory needed is that of the data set plus one decoded image (up to a third more while
+    a set whose first images are greyscale is widened to RGB at its first colour image).
 
     Parameters
     ----------
@@ -627,10 +636,12 @@ def _read_images(files: list[Path], size: tuple[int, int] | None, root: Path, ro
         if images is None:
             images, first = np.empty((len(files), *pixels.shape), dtype=np.uint8), path
         elif pixels.shape[1:] != images.shape[2:]:
+            unreadable = (f"; and {len(problems)} file(s) before it could not be read:\n" + "\n".join(problems[:20])
+                          if problems else "")
             raise DatasetError(
                 f"image {path} is {pixels.shape[2]}x{pixels.shape[1]} (width x height) but {first} is "
                 f"{images.shape[3]}x{images.shape[2]}; pass image_size (--image-size on the command line) "
-                "to resize them all"
+                f"to resize them all{unreadable}"
             )
         if pixels.shape[0] > images.shape[1]:  # the first colour image: every image RGB (grey: R = G = B)
             images = _widened(images, filled)
