@@ -67,7 +67,7 @@ OPTION_HELP = {
     "kmeans_init": "DeepCluster-v2: initial centroids, k-means++ seeding or random rows (the official code's)",
     "sync_bn": "synchronise BatchNorm statistics across MPI workers",
     "seed": "random seed (data order, augmentation, initialisation)",
-    "out_dir": "output folder: checkpoint.npz, metrics.jsonl, config.json, eval.json, figures "
+    "out_dir": "output folder: checkpoint.npz, metrics.jsonl, config.json, eval.json, training_curves.png "
                "(runs/<method> for a --method other than swav)",
     "log_every": "log (and check for NaN and collapse) every N steps",
     "checkpoint_every": "write a checkpoint every N epochs",
@@ -616,19 +616,29 @@ OTHER_TOOLS_OPTIONS = {"--gpu": "--backend cupy", "--cuda": "--backend cupy", "-
                        "--world-size": "mpiexec -n N swav-ref ..."}
 
 
+#: Words that ask for an option's ``--no-`` form.
+NEGATIONS = {"skip", "disable", "without", "off", "no", "dont"}
+
+
 def _nearest_options(flag: str, options: list[str]) -> list[str]:
     """The options a mistyped ``flag`` most likely meant: another tool's name for one
-    (``--gpu``), else a near-identical spelling (``--epoch``: ``--epochs``, not
+    (``--gpu``), else the ``--no-`` form of one it asks to turn off (``--skip-baseline``:
+    ``--no-baseline``), else a near-identical spelling (``--epoch``: ``--epochs``, not
     ``--epoch-queue-starts``), else those it is the beginning of (``--batch``:
     ``--batch-size``), else those that begin it (``--out-dir``: ``--out``), else those with
     all its words (``--size``: every ``--*-size``), else the closest spelling."""
     wanted = OTHER_TOOLS_OPTIONS.get(flag)
     if wanted and (not wanted.startswith("--") or wanted.split()[0] in options):
         return [wanted]
+    words = set(flag.removeprefix("--").split("-"))
+    if words & NEGATIONS:  # --skip-baseline, --disable-progress: the --no- form
+        rest = words - NEGATIONS
+        negated = [o for o in options if o.startswith("--no-") and rest and rest <= set(o[5:].split("-"))]
+        if negated:
+            return sorted(negated, key=len)[:3]
     near_identical = difflib.get_close_matches(flag, options, n=1, cutoff=0.85)
     if near_identical:
         return near_identical
-    words = set(flag.removeprefix("--").split("-"))
     for found in ([o for o in options if o.startswith(flag + "-")],
                   [o for o in options if flag.startswith(o + "-")],
                   [o for o in options if words <= set(o.removeprefix("--").split("-"))]):

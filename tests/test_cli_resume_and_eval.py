@@ -130,6 +130,9 @@ def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_go_on(small_digits, tmp
     (["train", "--size", "8"], "train", "--size: did you mean --batch-size or --image-size?"),
     (["train", "--gpu"], "train", "--gpu: did you mean --backend cupy?"),
     (["train", "--lr", "0.1"], "train", "--lr: did you mean --base-lr?"),
+    # asking to turn one off: difflib named the option itself
+    (["eval", "x.npz", "--skip-baseline"], "eval", "--skip-baseline: did you mean --no-baseline?"),
+    (["train", "--disable-progress"], "train", "--disable-progress: did you mean --no-progress?"),
 ])
 def test_an_unknown_option_is_one_line_with_the_nearest_option(argv, command, hint, capsys):
     """argparse printed the command's whole usage (32 lines for train) above the error."""

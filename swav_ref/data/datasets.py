@@ -470,8 +470,8 @@ def _size_pair(image_size) -> tuple[int, int] | None:
 
 
 #: The version of :func:`load_image_folder`'s decoding, kept in trainer checkpoints (the
-#: pixels of the same files change with it): 2 decodes a JPEG larger than twice
-#: ``image_size`` at reduced scale before resizing it; 1 (and checkpoints without it)
+#: pixels of the same files change with it): 2 decodes a JPEG of at least 4 ``image_size``
+#: on each side at reduced scale before resizing it; 1 (and checkpoints without it)
 #: decoded every image at full size.
 FOLDER_DECODER = 2
 
@@ -501,9 +501,9 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
     image is greyscale the data set has one channel (Pillow mode ``L``), otherwise every
     image is converted to ``RGB``.
 
-    With ``image_size``, a JPEG larger than twice that size is decoded at 1/2, 1/4 or 1/8
-    scale (Pillow's draft mode; libjpeg scales in the DCT domain), never below twice the
-    size, and then resized: a phone photo loads 2 to 3x faster, and its pixels differ
+    With ``image_size`` N, a JPEG at least 4N pixels on each side is decoded at 1/2, 1/4 or
+    1/8 scale, the smallest that keeps both sides at least 2N (Pillow's draft mode; libjpeg
+    scales in the DCT domain), and then resized: a phone photo loads 2 to 3x faster, and its pixels differ
     from those of a full decode by a fraction of a grey level on average (up to about ten at
     a sharp edge, as if shrunk with a slightly softer filter). Smaller JPEGs, other formats,
     and loads without ``image_size`` decode in full.
