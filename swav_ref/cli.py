@@ -73,7 +73,8 @@ OPTION_HELP = {
     "checkpoint_every": "write a checkpoint every N epochs",
     "stop_after": "stop after N epochs in this run (0 = train to the end); the learning-rate schedule still spans "
                   "--epochs, so --resume carries on (for time-limited cluster jobs)",
-    "progress": "show the progress bar",
+    "progress": "show the progress bar (default: when the error stream is a terminal; not into a log file, "
+                "where each redraw would be a line, nor under mpiexec, which pipes it)",
     "image_size": "folder data: resize every image to this square size in pixels (0 = keep the files' size, "
                   "which must then be the same for all)",
 }
@@ -115,8 +116,9 @@ def _add_config_options(parser: argparse.ArgumentParser, defaults: TrainConfig, 
         default = getattr(defaults, field.name)
         flag = "--" + field.name.replace("_", "-")
         help_text = OPTION_HELP.get(field.name, field.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        if isinstance(default, bool):  # --progress: None, decided by the terminal (_bar_shown)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=None if field.name == "progress" else default, help=help_text)
         elif field.name in RECIPE_OPTIONS:  # default None: the data set's recipe, said in the help
             kind, nargs = RECIPE_OPTIONS[field.name]
             parser.add_argument(flag, type=kind, nargs=nargs, default=None,
@@ -173,6 +175,13 @@ def _add_threads_option(parser: argparse.ArgumentParser) -> None:
              "and compete with the other programs for the cores. (NumPy's macOS wheels use Apple's "
              "Accelerate, which this cannot reach once started: set VECLIB_MAXIMUM_THREADS=N in the "
              "environment instead)")
+
+
+def _bar_shown() -> bool:
+    """Whether progress bars are shown by default: only on a terminal. Into a file (a batch
+    job's log, ``> log.txt``) every redraw of a bar would be kept, thousands of lines of
+    ``\r``-joined text; ``--progress`` shows them anyway."""
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 def _limit_threads(n: int) -> None:
@@ -288,6 +297,8 @@ def _run_train(args: argparse.Namespace) -> int:
     comm = get_communicator()
     install_abort_on_exception(comm)
     given = _options_given(args.command_args)
+    if args.progress is None:
+        args.progress = _bar_shown()
     if args.resume is None:
         config = _config_from_args(args, TrainConfig())
         if "out_dir" not in given and config.method != "swav":
@@ -567,7 +578,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         config = TrainConfig(method=args.methods[0], epochs=args.epochs, backend=args.backend,
-                             n_prototypes=tuple(args.n_prototypes),
+                             n_prototypes=tuple(args.n_prototypes), progress=_bar_shown(),
                              out_dir=str(_output_folder(args.out, "--out")))
         check_comparison(config, args.seeds, args.methods)
     except ValueError as exc:

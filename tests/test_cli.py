@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -389,3 +390,17 @@ def test_each_method_trains_into_its_own_default_folder(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "supervised" / "checkpoint.npz").is_file()
     assert (tmp_path / "runs" / "swav" / "checkpoint.npz").is_file()
     assert json.loads((tmp_path / "runs" / "supervised" / "config.json").read_text())["method"] == "supervised"
+
+
+def test_the_progress_bar_is_shown_on_a_terminal_only_unless_asked(tmp_path, capsys, monkeypatch):
+    """Into a log file every redraw of the bar was kept (the quick start's demo wrote 130 KB
+    of them); on a terminal it shows as before, and --progress shows it anywhere."""
+    tiny = ["train", "--epochs", "1", "--batch-size", "32", "--n-crops", "2", "2", "--hidden-dim", "8",
+            "--feat-dim", "8", "--n-prototypes", "12", "--no-evaluate"]
+    assert main([*tiny, "--out-dir", str(tmp_path / "a")]) == 0
+    assert "epoch 1/1" not in capsys.readouterr().err  # pytest's capture is not a terminal
+    assert main([*tiny, "--progress", "--out-dir", str(tmp_path / "b")]) == 0
+    assert "epoch 1/1" in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert main([*tiny, "--out-dir", str(tmp_path / "c")]) == 0
+    assert "epoch 1/1" in capsys.readouterr().err
