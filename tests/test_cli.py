@@ -393,7 +393,7 @@ def test_each_method_trains_into_its_own_default_folder(tmp_path, monkeypatch):
 
 
 def test_the_progress_bar_is_shown_on_a_terminal_only_unless_asked(tmp_path, capsys, monkeypatch):
-    """Into a log file every redraw of the bar was kept (the quick start's demo wrote 130 KB
+    """Into a log file every redraw of the bar was kept (the quick start's demo wrote 41 KB
     of them); on a terminal it shows as before, and --progress shows it anywhere."""
     tiny = ["train", "--epochs", "1", "--batch-size", "32", "--n-crops", "2", "2", "--hidden-dim", "8",
             "--feat-dim", "8", "--n-prototypes", "12", "--no-evaluate"]
