@@ -321,6 +321,12 @@ def test_collectives_under_mpiexec(mpiexec, tmp_path):
 def test_uncaught_exception_on_one_rank_ends_the_job(mpiexec):
     proc = _run_mpi(mpiexec, "crash.py")
     output = proc.stdout + proc.stderr
+    if proc.returncode != 0 and not output:
+        # Once in tens of runs on a loaded machine (1 CI run in 4 on 2026-11-29) the job ended
+        # with no output at all: MPICH's launcher stopped forwarding rank 1's stderr as the
+        # abort killed it. Run again once; a hook that prints nothing still fails below.
+        proc = _run_mpi(mpiexec, "crash.py")
+        output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     assert "deliberate failure on rank 1" in output
     assert "[rank 1/2]" in output
