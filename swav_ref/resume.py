@@ -95,7 +95,7 @@ def checked_metadata(path: str | os.PathLike, arrays: dict[str, np.ndarray], met
     ``local_ranks`` distinct ranks below ``world_size`` (all of them, or none, as written),
     with one ``local_files`` base name each (no folder: they lie beside the checkpoint);
     ``log`` a list of records (the epochs'; the steps' are the ``log.*`` arrays, see
-    :func:`checked_log`); ``normalisation`` a mean in [0, 1] and a std in (0, 1] per input
+    :func:`check_log_columns`); ``normalisation`` a mean in [0, 1] and a std in (0, 1] per input
     channel of the stored first convolution (statistics of [0, 1] pixels; 1 for a constant
     channel, :func:`~swav_ref.train.input_normalisation`); ``data`` a count of images and
     their (C, H, W). The configuration must also describe the file's own weights (head
@@ -141,7 +141,7 @@ def checked_metadata(path: str | os.PathLike, arrays: dict[str, np.ndarray], met
         loss = r.get("loss")
         if r.get("kind") == "step" and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
             raise refuse("log", f"holds a step record whose loss is {loss!r}, not a number")
-    checked_log(path, arrays, meta)  # its log.* columns
+    check_log_columns(path, arrays, meta)
     if "monitor_fired" in meta and not isinstance(meta["monitor_fired"], bool):
         raise refuse("monitor_fired", f"is {meta['monitor_fired']!r}, not true or false")
     conv1 = arrays.get("model.backbone.conv1.weight")
@@ -294,16 +294,16 @@ def log_from_arrays(arrays: dict[str, np.ndarray], others: list[dict]) -> list[d
     return merged + steps[i:]
 
 
-def checked_log(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> list[dict]:
-    """The metrics log of a checkpoint (its ``log.*`` columns and the records of its
-    metadata; a checkpoint written before the columns keeps every record in the metadata),
-    once the columns are those :func:`log_as_arrays` writes: one 1-D array each, of one
-    length, of its dtype, finite losses. Else a CheckpointError naming the file."""
-    others = meta.get("log", [])
+def check_log_columns(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """A CheckpointError naming the file unless its ``log.*`` columns are those
+    :func:`log_as_arrays` writes (one 1-D array each, of one length, of its dtype, finite
+    losses), or absent, as in checkpoints written before the columns, whose metadata keeps
+    every record. (:func:`checked_metadata` checks this on load; :func:`log_records` then
+    rebuilds the records without checking again.)"""
     names = [f"log.{name}" for name in LOG_COLUMNS]
     present = [name for name in names if name in arrays]
     if not present:
-        return list(others)
+        return
     if len(present) != len(names):
         missing = sorted(set(names) - set(present))
         raise ckpt.CheckpointError(f"{path}: its metrics log is incomplete ({', '.join(missing)} missing)")
@@ -315,9 +315,17 @@ def checked_log(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: di
                                        f"{np.dtype(dtype)} of one value per logged step ({n})")
     if not np.all(np.isfinite(arrays["log.loss"])):
         raise ckpt.CheckpointError(f"{path}: its log.loss holds a loss that is not finite (a run stops at one)")
-    if any(r.get("kind") == "step" for r in others):
+    if any(r.get("kind") == "step" for r in meta.get("log", [])):
         raise ckpt.CheckpointError(f"{path}: its metadata's log holds step records beside the log.* columns")
-    return log_from_arrays(arrays, others)
+
+
+def log_records(arrays: dict[str, np.ndarray], meta: dict) -> list[dict]:
+    """The metrics log of a checkpoint checked by :func:`check_log_columns`: its ``log.*``
+    columns and the records of its metadata, in order (the metadata's records alone in a
+    checkpoint written before the columns)."""
+    if "log.step" not in arrays:
+        return list(meta.get("log", []))
+    return log_from_arrays(arrays, meta.get("log", []))
 
 
 def data_record(data: ImageDataset) -> dict:
@@ -539,7 +547,7 @@ class Resumable:
             self._warn_of_another_schedule(path, saved)
         if any(k.startswith("targets.") for k in arrays):
             self.targets = [xp.asarray(t) for t in self._checked_targets(path, arrays)]
-        self.log.records = checked_log(path, arrays, meta)  # up to this checkpoint's step (fit rewrites the file)
+        self.log.records = log_records(arrays, meta)  # up to this checkpoint's step (fit rewrites the file)
         self._pending.clear()  # steps of an interrupted fit, past this checkpoint: not this run's any more
         self.monitor.fired = bool(meta.get("monitor_fired", False))
         # the collapse window spans the resume: a run of short jobs is watched as one run
