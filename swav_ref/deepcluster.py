@@ -80,18 +80,19 @@ def kmeans_plus_plus(x: Any, n_clusters: int, rng: Random) -> Any:
     chosen = [first]
     rows = xp.arange(n, dtype=first.dtype)
     zero = xp.zeros((), dtype=x.dtype)
+    zero64, one64, n64 = (xp.asarray(v, dtype=xp.float64) for v in (0.0, 1.0, n))
     # A chosen row's distance is set to exactly 0: in float32, x_n . x_n rounds to
     # 1 +- 6e-8, which left it a small chance of being drawn again.
     nearest = xp.where(rows == first, zero, 2.0 - 2.0 * (x @ xp.take(x, first, axis=0)[0, :]))
     for k in range(n_clusters - 1):
         # float64, so that on NumPy the draws are choice's; rounding can make a distance
         # slightly negative, which would be a negative probability.
-        distance = xp.astype(nearest, xp.float64)
-        distance = xp.maximum(distance, xp.zeros_like(distance))
+        distance = xp.maximum(xp.astype(nearest, xp.float64), zero64)
         total = xp.sum(distance)
         # Every row already a centroid (all distances 0): draw uniformly instead.
-        distance = xp.where(total > 0, distance, xp.ones_like(distance))
-        cdf = xp.cumulative_sum(distance / xp.sum(distance))
+        has_mass = total > 0
+        distance, total = xp.where(has_mass, distance, one64), xp.where(has_mass, total, n64)
+        cdf = xp.cumulative_sum(distance / total)
         cdf = cdf / cdf[-1]
         row = xp.searchsorted(cdf, uniforms[k:k + 1], side="right")
         chosen.append(row)
