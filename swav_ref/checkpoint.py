@@ -511,11 +511,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
                 # of ``x`` when both ``x`` and ``x.npy`` are stored (files written before
                 # save_checkpoint refused such pairs). A name stored twice: the last one, as zipfile.
                 infos = {info.filename: info for info in _checked_members(path, f, zf, size)}
-                missing = [k for k in (_FORMAT_KEY, _METADATA_KEY, _CHECKSUM_KEY) if k + ".npy" not in infos]
-                if _FORMAT_KEY in missing:
-                    raise CheckpointError(
-                        f"{path} is not a swav_ref checkpoint: missing keys {missing} (an .npz saved some other way?)"
-                    )
+                # (_checked_members has refused a file without the format member: not a checkpoint)
+                missing = [k for k in (_METADATA_KEY, _CHECKSUM_KEY) if k + ".npy" not in infos]
                 member = _FORMAT_KEY + ".npy"
                 version = _read_member(zf, infos[member], size)
                 if version.shape != () or version.dtype.kind not in "iu" or int(version) != FORMAT_VERSION:
