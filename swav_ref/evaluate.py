@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from swav_ref.backend import array_namespace, asarray, python_float, python_int, to_numpy
+from swav_ref.backend import array_namespace, asarray, is_numpy, python_float, python_int, to_numpy
 from swav_ref.nn.functional import SCRATCH, l2_normalize_forward
 
 __all__ = [
@@ -359,8 +359,9 @@ def knn_predict(
 
     Each row's largest similarity is subtracted before the exponential; this scales all of
     the row's weights by one positive factor, so the vote is unchanged while ``exp`` can no
-    longer overflow at small T. The top-k is a full sort of each row (the Array API has no
-    partial sort), which is :math:`O(N_\mathrm{train} \log N_\mathrm{train})` per test point.
+    longer overflow at small T. Among training points equally similar at the k-th place
+    (duplicate images) the earlier ones are the neighbours, on every backend: see
+    :func:`nearest_neighbours`.
     """
     xp = array_namespace(train_features, test_features)
     labels = _labels_on(train_labels, xp)
@@ -408,7 +409,7 @@ def knn_predict(
     for start in range(0, n_test, chunk_size):
         stop = min(start + chunk_size, n_test)  # the standard leaves out-of-range stops undefined
         similarity = test[start:stop, :] @ train_t  # (b, N_train)
-        nearest = xp.argsort(-similarity, axis=1)[:, :k]  # (b, k), most similar first
+        nearest = nearest_neighbours(similarity, k)  # (b, k), most similar first
         top_similarity = xp.take_along_axis(similarity, nearest, axis=1)
         weights = xp.exp((top_similarity - top_similarity[:, :1]) / temperature)
         top_labels = xp.reshape(xp.take(labels, xp.reshape(nearest, (-1,))), nearest.shape)
@@ -416,6 +417,29 @@ def knn_predict(
         class_scores = xp.sum(weights[:, :, None] * one_hot, axis=1)  # (b, C)
         predictions.append(xp.argmax(class_scores, axis=1))
     return xp.concat(predictions, axis=0)
+
+
+def nearest_neighbours(similarity: Any, k: int) -> Any:
+    r"""The columns of each row's k largest similarities, most similar first, ties by index.
+
+    ``similarity`` is ``(b, N)`` and finite, ``1 <= k <= N``; returns ``(b, k)`` integers.
+    Equal values keep their index order, at the k-th place too, so every backend picks the
+    same neighbours. The Array API's sort is stable (so is CuPy's, its only sort): there
+    this is a full sort of each row, :math:`O(N \log N)`. NumPy's default sort orders ties
+    arbitrarily and its stable sort is about 3x slower, so on NumPy the k-th largest value
+    is found by a partition, :math:`O(N)`, and only the k chosen are sorted.
+    """
+    xp = array_namespace(similarity)
+    if not is_numpy(xp):
+        return xp.argsort(-similarity, axis=1)[:, :k]  # stable: the standard's default
+    kth_largest = -np.partition(-similarity, k - 1, axis=1)[:, k - 1 : k]  # (b, 1)
+    above = similarity > kth_largest
+    tied = similarity == kth_largest
+    room_for_ties = k - np.sum(above, axis=1, keepdims=True)
+    chosen = above | (tied & (np.cumsum(tied, axis=1) <= room_for_ties))  # k per row
+    columns = np.nonzero(chosen)[1].reshape(similarity.shape[0], k)  # in index order
+    order = np.argsort(-np.take_along_axis(similarity, columns, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(columns, order, axis=1)
 
 
 def knn_classifier(

@@ -90,6 +90,34 @@ def test_knn_weights_decide_between_near_and_many():
     assert int(sharp[0]) == 0 and int(flat[0]) == 1
 
 
+def test_knn_breaks_ties_at_the_kth_place_by_index(backend):
+    """Training points equally similar at the k-th place (duplicates): the earlier ones are
+    the neighbours, on every backend (NumPy's default sort orders ties arbitrarily)."""
+    rng = np.random.default_rng(0)
+    directions = rng.integers(0, 3, size=1000)  # 1000 training points, 3 distinct images
+    train = np.eye(3)[directions]
+    first_twenty_of_image_0 = np.flatnonzero(directions == 0)[:20]
+    y_train = np.ones(1000, dtype=np.int64)
+    y_train[first_twenty_of_image_0] = 0  # the rest of image 0's ~330 copies say class 1
+    predicted = E.knn_predict(B.asarray(train, backend), B.asarray(y_train, backend),
+                              B.asarray(np.eye(3)[:1], backend), k=20)
+    assert B.to_numpy(predicted).tolist() == [0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_nearest_neighbours_are_a_stable_sort_of_the_similarities(backend, seed):
+    """Many ties (a few distinct values), k anywhere from 1 to N: the k columns of a stable
+    descending sort, in its order."""
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        b, n = int(rng.integers(1, 6)), int(rng.integers(1, 200))
+        k = int(rng.integers(1, n + 1))
+        similarity = rng.integers(0, int(rng.integers(1, 6)), size=(b, n)).astype(np.float32)
+        expected = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+        got = E.nearest_neighbours(B.asarray(similarity, backend), k)
+        np.testing.assert_array_equal(B.to_numpy(got), expected, err_msg=f"b={b} n={n} k={k}")
+
+
 def test_knn_small_temperature_does_not_overflow(backend, rng):
     train = B.asarray(rng.normal(size=(30, 4)), backend, dtype="float32")
     test = B.asarray(rng.normal(size=(10, 4)), backend, dtype="float32")
