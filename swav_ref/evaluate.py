@@ -43,6 +43,7 @@ __all__ = [
     "knn_classifier",
     "knn_predict",
     "linear_probe",
+    "nearest_neighbours",
     "raw_pixel_features",
 ]
 
