@@ -52,7 +52,7 @@ OPTION_HELP = {
     "temperature": "softmax temperature tau of the swapped prediction",
     "sinkhorn_iterations": "Sinkhorn-Knopp iterations per batch",
     "queue_length": "embeddings kept in the queue per assignment crop (0 = no queue)",
-    "epoch_queue_starts": "epoch from which the queue is used",
+    "epoch_queue_starts": "epoch at which the queue is created (it joins the codes once full)",
     "freeze_prototypes_niters": "SwAV: iterations during which the prototypes are not updated (DeepCluster-v2's, "
                                 "the k-means centroids, never are)",
     "optimizer": "lars (as SwAV) or sgd",

@@ -122,7 +122,7 @@ class TrainConfig:
     base_lr: float = 2.0  # official 4.8 at batch 4096 (LARS)
     final_lr: float = 0.001  # official 0 (its scripts: base_lr / 1000)
     warmup_epochs: int = 2  # official 10; capped at half the run (epochs // 2)
-    start_warmup: float = 0.0
+    start_warmup: float = 0.0  # official default 0; its 800-epoch scripts pass 0.3
     weight_decay: float = 1e-6
     momentum: float = 0.9
     kmeans_iters: int = 10  # DeepCluster-v2

@@ -221,8 +221,10 @@ def linear_probe(
     .. math:: \frac{1}{2}\lVert W \rVert_F^2
               - C \sum_{i} \log \operatorname{softmax}(W x_i + b)_{y_i}
 
-    This replaces the paper's ImageNet protocol (SGD on a linear layer for 100 epochs), which
-    needs far more data than a laptop experiment has. The test split is used exactly once,
+    This replaces the paper's ImageNet protocol (SGD on a linear layer for 100 epochs, on
+    random-resized crops, scored on centre crops), which needs far more data than a laptop
+    experiment has. (The official ``eval_linear.py`` reports the best validation accuracy
+    over its 100 epochs, a choice made on the test data.) The test split is used exactly once,
     to score the final model: choosing C on it would report an optimistic accuracy. Ties in
     the cross-validation accuracy go to the smaller C (the stronger regularisation).
 

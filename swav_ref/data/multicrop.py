@@ -39,11 +39,13 @@ Differences from the official torchvision pipeline (documented simplifications)
 - everything stays in floating point: the official pipeline works on PIL images, which
   round to 8-bit integers after every colour operation (and PIL's hue shift to 1/255 of a
   turn); greyscale uses the same ITU-R 601 luma weights (0.299, 0.587, 0.114) as PIL;
-- the Gaussian blur follows scipy's convention (a kernel of radius ``int(4 sigma + 0.5)``,
-  edges mirrored with the edge pixel repeated) where the official code calls OpenCV's
-  ``cv2.GaussianBlur`` with a fixed 23 x 23 kernel (edges mirrored without repeating the
-  edge pixel); both are true Gaussians of the same sigma and differ only in the tails and
-  at the border.
+- the Gaussian blur (p = 0.5, sigma uniform in [0.1, 2], as the official) is a true
+  Gaussian with scipy's conventions (a kernel of radius ``int(4 sigma + 0.5)``, edges
+  mirrored with the edge pixel repeated). The official code's current version
+  (``PILRandomGaussianBlur``) calls Pillow's ``ImageFilter.GaussianBlur(radius=sigma)``,
+  which approximates the Gaussian by repeated box blurs of the 8-bit image; its first
+  release called OpenCV's ``cv2.GaussianBlur`` with a fixed 23 x 23 kernel. The three
+  filters differ only in the kernel's shape at the tails and at the border.
 """
 
 from __future__ import annotations
