@@ -260,14 +260,16 @@ def logsumexp(x: Any, axis: int | tuple[int, ...] | None = None, keepdims: bool 
     .. math:: \operatorname{lse}(x) = m + \log \sum_i e^{x_i - m}, \qquad m = \max_i x_i
 
     The shift by the maximum keeps every exponent <= 0. Where the maximum is ``-inf`` (all
-    entries ``-inf``) the result is ``-inf``, not NaN.
+    entries ``-inf``) the result is ``-inf``, not NaN; a NaN entry makes the result NaN, as
+    in ``scipy.special.logsumexp``.
     """
     xp = array_namespace(x)
     m = xp.max(x, axis=axis, keepdims=True)
     m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
     total = xp.sum(xp.exp(x - m), axis=axis, keepdims=True)
     positive = total > 0
-    log_total = xp.where(positive, xp.log(xp.where(positive, total, 1.0)), -xp.inf)
+    # a sum of exponentials is 0 (all -inf: log 0 = -inf), positive, or NaN (kept)
+    log_total = xp.where(positive, xp.log(xp.where(positive, total, 1.0)), xp.where(total == 0, -xp.inf, total))
     out = log_total + m
     if not keepdims:
         out = xp.squeeze(out, axis=axis) if axis is not None else xp.reshape(out, ())

@@ -289,7 +289,7 @@ class MPICommunicator:
     def _allreduce(self, x: Any, op: Any) -> Any:
         if isinstance(x, (int, float)):
             return self.comm.allreduce(x, op=op)
-        xp, send, to_result = self._mpi_buffers(x)
+        _, send, to_result = self._mpi_buffers(x)
         out = array_namespace(send).empty_like(send)  # NumPy, or CuPy when CUDA-aware
         self.comm.Allreduce(send, out, op=op)
         return to_result(out)

@@ -473,7 +473,7 @@ class Trainer(Resumable):
         if cfg.method == "swav":
             queue_scores = None
             if self.queue is not None and self.queue.is_full:
-                queue_scores = [self.queue.scores(i, model.head.prototype_weight(0)) for i in range(len(cfg.crops_for_assign))]
+                queue_scores = self.queue.all_scores(model.head.prototype_weight(0))
             out = swav_loss(
                 scores[0], batch, crops_for_assign=cfg.crops_for_assign, temperature=cfg.temperature,
                 epsilon=cfg.epsilon, sinkhorn_iterations=cfg.sinkhorn_iterations, queue_scores=queue_scores,
@@ -515,7 +515,7 @@ class Trainer(Resumable):
         xp = self.xp
         owned = [(owner, key) for _, owner, key in self.model.named_parameters() if owner.grads.get(key) is not None]
         grads = [owner.grads[key] for owner, key in owned]
-        flat = self.comm.allreduce_sum(xp.concat([xp.reshape(g, (-1,)) for g in grads])) * (1.0 / self.comm.size)
+        flat = self.comm.allreduce_mean(xp.concat([xp.reshape(g, (-1,)) for g in grads]))
         start = 0
         for (owner, key), g in zip(owned, grads):
             owner.grads[key] = xp.reshape(flat[start : start + g.size], g.shape)

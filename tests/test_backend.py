@@ -51,6 +51,19 @@ def test_logsumexp_matches_scipy(backend):
     assert np.all(B.to_numpy(B.logsumexp(neg_inf, axis=1)) == -np.inf)
 
 
+def test_logsumexp_of_special_values_matches_scipy(backend):
+    """NaN stays NaN (it once came out as -inf), +inf gives +inf, all -inf gives -inf."""
+    from scipy.special import logsumexp as ref
+
+    inf, nan = np.inf, np.nan
+    rows = np.array([[nan, 1.0, 2.0], [inf, 1.0, -inf], [-inf, -inf, -inf], [nan, -inf, -inf],
+                     [inf, nan, 0.0], [0.0, 1.0, 2.0]])
+    with np.errstate(all="ignore"):  # SciPy's own exp(inf - inf) warns
+        expected = ref(rows, axis=1)
+    got = B.to_numpy(B.logsumexp(B.asarray(rows, backend), axis=1))
+    np.testing.assert_allclose(got, expected, rtol=1e-14)  # NaN matches NaN, inf inf
+
+
 def test_random_same_numbers_on_every_backend(backend):
     a = B.to_numpy(B.Random(7, backend).normal((3, 4)))
     b = B.to_numpy(B.Random(7, np).normal((3, 4)))

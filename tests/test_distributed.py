@@ -73,7 +73,8 @@ def test_the_trainer_chooses_its_gpu_by_local_rank_before_building_anything(monk
 
 class TwinWorkers(D.SingleProcessCommunicator):
     """Rank 0 of two workers whose twin holds the same arrays (``other_images`` more images,
-    if set): the sums are twice this worker's, the maxima and broadcasts its own."""
+    if set): the sums are twice this worker's, the means, maxima and broadcasts its own.
+    ``summed`` records the shape of every sum and mean."""
 
     size = 2
 
@@ -84,7 +85,8 @@ class TwinWorkers(D.SingleProcessCommunicator):
         self.summed.append(x.shape)
         return x * 2
 
-    def allreduce_mean(self, x):
+    def allreduce_mean(self, x):  # the mean of twins is each one's own
+        self.summed.append(x.shape)
         return x
 
     def allreduce_max(self, x):

@@ -311,7 +311,7 @@ class Module:
                 "dtypes), but got " + "; ".join(not_real)
             )
         bad = []
-        for name, (module, store, key) in targets.items():
+        for name, (_, store, key) in targets.items():
             if tuple(state[name].shape) != tuple(store[key].shape):
                 bad.append(f"{name}: expected {tuple(store[key].shape)}, got {tuple(state[name].shape)}")
         if bad:

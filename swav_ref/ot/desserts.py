@@ -137,7 +137,7 @@ def original_sinkhorn(
     all zeros, then NaN); here that raises ``ValueError`` instead.
     """
     xp = array_namespace(M, r, c)
-    n, m = M.shape
+    n = M.shape[0]
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         P = xp.exp(-lam * M)
         total = float(xp.sum(P))  # a host read, as every iteration below makes
