@@ -61,6 +61,10 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
+# Docstring sections beyond numpydoc's, rendered like Notes (a rubric and its text). Left
+# unknown, a "Layouts" heading would become a section title that swallows the Parameters,
+# Raises and Warns that follow it, and they would show as raw field names.
+napoleon_custom_sections = ["Layouts"]
 suppress_warnings = ["mystnb.unknown_mime_type"]
 
 # Every cross-reference must resolve (with -W, a dead one fails the build): a reference to

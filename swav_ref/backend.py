@@ -355,7 +355,8 @@ class Random:
     Parameters
     ----------
     seed : int or numpy.random.SeedSequence
-    xp : the namespace the draws are returned in (default NumPy).
+    xp
+        the namespace the draws are returned in (default NumPy).
     """
 
     def __init__(self, seed: int | np.random.SeedSequence = 0, xp: types.ModuleType = np):

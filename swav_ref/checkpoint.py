@@ -381,8 +381,10 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata
 
     Parameters
     ----------
-    path : the final file name (``.npz`` by convention; the name is used as given).
-    arrays : name -> array of any backend (moved to the host with ``to_numpy``). Names are
+    path
+        the final file name (``.npz`` by convention; the name is used as given).
+    arrays
+        name -> array of any backend (moved to the host with ``to_numpy``). Names are
         non-empty strings not starting with ``__swav_ref_``, without NUL or backslash, at
         most :data:`MAX_NAME_BYTES` bytes in UTF-8, and never both ``x`` and ``x.npy`` (the
         zip member of ``x``); object arrays are refused.
@@ -390,9 +392,6 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata
         JSON-serialisable (nested dicts with string keys, lists, str, bool, None, floats and
         ints of up to 4300 digits; at most :data:`MAX_METADATA_DEPTH` levels and
         :data:`MAX_METADATA_BYTES` bytes of JSON). Tuples come back as lists.
-
-    Once the file is in place, the temporary files of earlier saves to ``path`` that were
-    killed midway are removed (see "Atomic writes" in the module's notes).
 
     Raises
     ------
@@ -402,6 +401,11 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, Any], metadata
         MAX_METADATA_BYTES. Nothing is written.
     TypeError
         ``arrays`` or ``metadata`` is not a dict. Nothing is written.
+
+    Notes
+    -----
+    Once the file is in place, the temporary files of earlier saves to ``path`` that were
+    killed midway are removed (see "Atomic writes" in the module's notes).
     """
     if not os.fspath(path):
         raise ValueError("checkpoint path is empty")
@@ -478,8 +482,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
 
     Returns
     -------
-    arrays : dict name -> host NumPy array (move to a backend with ``swav_ref.backend.asarray``).
-    metadata : dict, as saved (tuples became lists).
+    arrays : dict
+        name -> host NumPy array (move to a backend with ``swav_ref.backend.asarray``).
+    metadata : dict
+        as saved (tuples became lists).
 
     Raises
     ------
@@ -674,10 +680,14 @@ def check_compatible(arrays: Mapping[str, Any], expected_shapes: Mapping[str, An
 
     Parameters
     ----------
-    arrays : name -> array (what :func:`load_checkpoint` returned).
-    expected_shapes : name -> shape tuple, or an array whose ``.shape`` is used (e.g. the
+    arrays
+        name -> array (what :func:`load_checkpoint` returned).
+    expected_shapes
+        name -> shape tuple, or an array whose ``.shape`` is used (e.g. the
         model's current parameters).
 
+    Notes
+    -----
     The message lists every missing key, unexpected key and shape mismatch at once, so a
     user sees the whole difference between the checkpoint and the model in one go.
     """

@@ -48,10 +48,13 @@ def kmeans_plus_plus(x: Any, n_clusters: int, rng: Random) -> Any:
 
     Parameters
     ----------
-    x : (N, d) unit-norm embeddings, all finite.
+    x
+        (N, d) unit-norm embeddings, all finite.
         (:func:`~swav_ref.deepcluster.spherical_kmeans` checks that; this one does not.)
-    n_clusters : K, at most N.
-    rng : its host generator (``rng.host()``) draws the first row and the K - 1 uniforms
+    n_clusters
+        K, at most N.
+    rng
+        its host generator (``rng.host()``) draws the first row and the K - 1 uniforms
         that pick every later one.
 
     Returns
@@ -107,25 +110,35 @@ def spherical_kmeans(x: Any, n_clusters: int, n_iters: int, rng: Random,
 
     Parameters
     ----------
-    x : (N, d) unit-norm embeddings, all finite.
-    n_clusters : K, at most N.
-    n_iters : Lloyd iterations (the official code uses 10); 0 returns the initial
+    x
+        (N, d) unit-norm embeddings, all finite.
+    n_clusters
+        K, at most N.
+    n_iters
+        Lloyd iterations (the official code uses 10); 0 returns the initial
         centroids and the assignments to them.
-    rng : draws the initial centroids.
-    allreduce : sums an array over workers (data-parallel k-means); None = one process.
-    init : ``"k-means++"`` (default, :func:`kmeans_plus_plus`), ``"random"`` (K random rows,
+    rng
+        draws the initial centroids.
+    allreduce
+        sums an array over workers (data-parallel k-means); None = one process.
+    init
+        ``"k-means++"`` (default, :func:`kmeans_plus_plus`), ``"random"`` (K random rows,
         as the official code), or a (K, d) array of initial centroids.
-    broadcast : sends rank 0's array to every worker; data-parallel k-means needs it with
+    n_restarts
+        runs from different seeds, at least 1; the one with the highest total
+        cosine :math:`\sum_n \max_k x_n^\top c_k` wins (chosen on the device, no host sync).
+    broadcast
+        sends rank 0's array to every worker; data-parallel k-means needs it with
         ``allreduce``. Each worker draws its initial centroids from its own rows, so they
         must be replaced by rank 0's (as the official code broadcasts them): otherwise the
         all-reduced sums would add up the members of unrelated clusters.
-    n_restarts : runs from different seeds, at least 1; the one with the highest total
-        cosine :math:`\sum_n \max_k x_n^\top c_k` wins (chosen on the device, no host sync).
 
     Returns
     -------
-    centroids : (K, d), unit norm.
-    assignments : (N,) int64, the nearest centroid of each row after the last iteration.
+    centroids : (K, d)
+        unit norm.
+    assignments : (N,) int64
+        the nearest centroid of each row after the last iteration.
 
     Notes
     -----
@@ -219,17 +232,24 @@ class MemoryBank:
 
     Parameters
     ----------
-    n_banks : number of assignment crops (2 with the default ``crops_for_assign``).
-    size : number of rows, the images seen per epoch (``steps_per_epoch * batch_size``).
-    dim : embedding dimension d.
-    xp : array namespace the bank lives on, the model's.
+    n_banks
+        number of assignment crops (2 with the default ``crops_for_assign``).
+    size
+        number of rows, the images seen per epoch (``steps_per_epoch * batch_size``).
+    dim
+        embedding dimension d.
+    xp
+        array namespace the bank lives on, the model's.
         So writing a batch's embeddings copies nothing between host and device.
-    dtype : floating dtype of the stored embeddings, the model's (e.g. ``xp.float32``).
+    dtype
+        floating dtype of the stored embeddings, the model's (e.g. ``xp.float32``).
 
     Attributes
     ----------
-    embeddings : (n_banks, size, d) on the backend.
-    index : (size,) int64 host array: the dataset index of each row (-1 = not written yet).
+    embeddings
+        (n_banks, size, d) on the backend.
+    index : (size,) int64 host array
+        the dataset index of each row (-1 = not written yet).
     """
 
     def __init__(self, n_banks: int, size: int, dim: int, xp: Any, dtype: Any):
@@ -300,24 +320,34 @@ def cluster_memory(bank: MemoryBank, n_prototypes: Sequence[int], n_iters: int, 
 
     Parameters
     ----------
-    bank : the :class:`~swav_ref.deepcluster.MemoryBank` written during the last epoch.
+    bank
+        the :class:`~swav_ref.deepcluster.MemoryBank` written during the last epoch.
         Only its written rows (``index >= 0``) are clustered.
-    n_prototypes : K_h for each of the H prototype sets.
+    n_prototypes
+        K_h for each of the H prototype sets.
         Set h clusters bank ``h % n_banks``.
-    n_iters : Lloyd iterations per set.
-    rng : draws the initial centroids of every set, in turn.
-    dataset_size : N_data, the number of images in the dataset (not the bank's rows).
+    n_iters
+        Lloyd iterations per set.
+    rng
+        draws the initial centroids of every set, in turn.
+    dataset_size
+        N_data, the number of images in the dataset (not the bank's rows).
         The length of each ``targets`` array, which is indexed by dataset index.
-    allreduce : sums an array over workers; None = one process.
-    init : ``"k-means++"`` (default) or ``"random"``.
-    n_restarts : k-means runs per set, the best one kept.
-    broadcast : sends rank 0's array to every worker; needed with ``allreduce``.
+    allreduce
+        sums an array over workers; None = one process.
+    init
+        ``"k-means++"`` (default) or ``"random"``.
+    n_restarts
+        k-means runs per set, the best one kept.
+    broadcast
+        sends rank 0's array to every worker; needed with ``allreduce``.
 
     Returns
     -------
-    centroids : list of (K_h, d) arrays, the new prototypes of each set.
-    targets : list of (dataset_size,) int64 arrays on the backend: the cluster of every
-        dataset image, :data:`IGNORE_INDEX` for images not in the bank.
+    centroids : list of (K_h, d) arrays
+        the new prototypes of each set.
+    targets : list of (dataset_size,) int64 arrays on the backend
+        the cluster of every dataset image, :data:`IGNORE_INDEX` for images not in the bank.
     """
     xp = array_namespace(bank.embeddings)
     written = np.flatnonzero(bank.index >= 0)
@@ -347,19 +377,27 @@ def deepcluster_loss(scores: Sequence[Any], targets: Sequence[Any], n_crops: int
 
     Parameters
     ----------
-    scores : one (n_crops * B, K_h) array per prototype set, crops stacked as in SwAV.
-    targets : one (B,) int64 array per set (the batch images' clusters; IGNORE_INDEX rows
+    scores
+        one (n_crops * B, K_h) array per prototype set, crops stacked as in SwAV.
+    targets
+        one (B,) int64 array per set (the batch images' clusters; IGNORE_INDEX rows
         do not count).
-    n_crops : V, the number of crops per image.
-    temperature : :math:`\tau > 0` (default 0.1, as SwAV's); ``ValueError`` otherwise.
+    n_crops
+        V, the number of crops per image.
+    temperature
+        :math:`\tau > 0` (default 0.1, as SwAV's); ``ValueError`` otherwise.
 
     Returns
     -------
-    loss : 0-d array, :math:`\frac{1}{H} \sum_h \frac{1}{|R|} \sum_{r \in R}
+    loss : 0-d array
+        :math:`\frac{1}{H} \sum_h \frac{1}{|R|} \sum_{r \in R}
         -\log \mathrm{softmax}(s_r / \tau)_{y_r}` over the valid rows R.
-    grads : d loss / d scores, one per set:
+    grads : list
+        d loss / d scores, one per set:
         :math:`(\mathrm{softmax}(s_r/\tau) - \mathrm{onehot}(y_r)) / (\tau H |R|)`.
 
+    Notes
+    -----
     A set whose rows are all IGNORE_INDEX (a whole batch missing from last epoch's bank,
     rare) adds 0 to the loss and the gradient, where PyTorch's ``CrossEntropyLoss`` in the
     official code returns NaN.

@@ -40,11 +40,16 @@ class Encoder:
 
     Attributes
     ----------
-    backbone : the ResNet (:mod:`swav_ref.nn.resnet`), in eval mode.
-    mean, std : per-channel normalisation of the [0, 1] pixels, ``(x - mean) / std``.
-    xp, dtype : the backend and floating type the backbone runs in.
-    config : the training run's :class:`~swav_ref.config.TrainConfig`.
-    image_shape : ``(H, W)`` of the training images, or None (not recorded: checkpoints
+    backbone
+        the ResNet (:mod:`swav_ref.nn.resnet`), in eval mode.
+    mean, std
+        per-channel normalisation of the [0, 1] pixels, ``(x - mean) / std``.
+    xp, dtype
+        the backend and floating type the backbone runs in.
+    config
+        the training run's :class:`~swav_ref.config.TrainConfig`.
+    image_shape
+        ``(H, W)`` of the training images, or None (not recorded: checkpoints
         written before the data were, or an Encoder built by hand).
     """
 
@@ -83,9 +88,12 @@ def load_encoder(path: Any, backend: str | None = None, train_set: Any = None) -
 
     Parameters
     ----------
-    path : a ``checkpoint.npz`` written by ``swav-ref train`` (or ``Trainer.save``).
-    backend : ``"numpy"`` or ``"cupy"``; default the run's own.
-    train_set : the run's training :class:`~swav_ref.data.datasets.ImageDataset`, needed
+    path
+        a ``checkpoint.npz`` written by ``swav-ref train`` (or ``Trainer.save``).
+    backend
+        ``"numpy"`` or ``"cupy"``; default the run's own.
+    train_set
+        the run's training :class:`~swav_ref.data.datasets.ImageDataset`, needed
         only for a checkpoint written before checkpoints kept their input normalisation
         (it is then computed from these images, as the trainer did); ignored otherwise.
 

@@ -136,14 +136,20 @@ class LinearProbeResult:
 
     Attributes
     ----------
-    accuracy : top-1 accuracy on the test split, in [0, 1].
-    C : the inverse regularisation strength used for the final fit.
-    cv_accuracy : mean cross-validation accuracy on the train split for each C tried
+    accuracy
+        top-1 accuracy on the test split, in [0, 1].
+    C
+        the inverse regularisation strength used for the final fit.
+    cv_accuracy
+        mean cross-validation accuracy on the train split for each C tried
         (empty when C was fixed by the caller).
-    n_folds : number of cross-validation folds (0 when C was fixed).
-    n_repeats : how many times the cross-validation was repeated with other folds (0 when C
+    n_folds
+        number of cross-validation folds (0 when C was fixed).
+    n_repeats
+        how many times the cross-validation was repeated with other folds (0 when C
         was fixed).
-    converged : whether L-BFGS converged within ``max_iter`` in the final fit.
+    converged
+        whether L-BFGS converged within ``max_iter`` in the final fit.
     """
 
     accuracy: float
@@ -190,23 +196,32 @@ def linear_probe(
 
     Parameters
     ----------
-    train_features : (N_train, D) array of any backend (copied to the host).
-    train_labels : (N_train,) class labels: integers, or host values of another kind
+    train_features
+        (N_train, D) array of any backend (copied to the host).
+    train_labels
+        (N_train,) class labels: integers, or host values of another kind
         (class names), as scikit-learn takes them.
-    test_features : (N_test, D) array.
-    test_labels : (N_test,) class labels, of the kind of ``train_labels``.
+    test_features
+        (N_test, D) array.
+    test_labels
+        (N_test,) class labels, of the kind of ``train_labels``.
     C : float, optional
         A fixed inverse regularisation strength. If ``None`` (default) it is chosen from
         ``C_grid`` by stratified ``cv_folds``-fold cross-validation on the train split,
         repeated ``cv_repeats`` times with other folds.
-    C_grid : the candidates for C (default :data:`DEFAULT_C_GRID`, 1e-3 ... 10).
-    cv_folds : number of folds, at least 2 (default 5; reduced to the size of the smallest
+    C_grid
+        the candidates for C (default :data:`DEFAULT_C_GRID`, 1e-3 ... 10).
+    cv_folds
+        number of folds, at least 2 (default 5; reduced to the size of the smallest
         class).
-    cv_repeats : how many times to repeat the cross-validation. Default: enough repeats for
+    cv_repeats
+        how many times to repeat the cross-validation. Default: enough repeats for
         about ``CV_PREDICTIONS`` (5000) held-out predictions per candidate, at most 3 (3 on the
         1438 training digits, 1 on CIFAR-10's 50000 images).
-    max_iter : L-BFGS iteration limit per fit.
-    seed : shuffles the folds.
+    max_iter
+        L-BFGS iteration limit per fit.
+    seed
+        shuffles the folds.
 
     Returns
     -------
@@ -335,15 +350,22 @@ def knn_predict(
 
     Parameters
     ----------
-    train_features : (N_train, D) finite array; any backend.
-    train_labels : (N_train,) integer labels in ``[0, n_classes)`` (host or backend array).
-    test_features : (N_test, D) finite array of the same backend as ``train_features``;
+    train_features
+        (N_train, D) finite array; any backend.
+    train_labels
+        (N_train,) integer labels in ``[0, n_classes)`` (host or backend array).
+    test_features
+        (N_test, D) finite array of the same backend as ``train_features``;
         N_test may be 0 (an empty prediction: nothing to predict is not an error, unlike
         an empty split in :func:`knn_classifier`, whose accuracy would be undefined).
-    k : neighbours per test point; clipped to ``N_train``.
-    temperature : T in the vote weights :math:`e^{s/T}`.
-    n_classes : number of classes; default ``max(train_labels) + 1``.
-    chunk_size : positive number of test points handled at once (default: enough to hold
+    k
+        neighbours per test point; clipped to ``N_train``.
+    temperature
+        T in the vote weights :math:`e^{s/T}`.
+    n_classes
+        number of classes; default ``max(train_labels) + 1``.
+    chunk_size
+        positive number of test points handled at once (default: enough to hold
         about 4M similarities), which bounds memory at
         ``chunk_size * max(N_train, k * n_classes)`` elements.
 
@@ -466,6 +488,25 @@ def knn_classifier(
     Labels are integers (on the host or the backend), or host values of another kind
     (strings, say), which are numbered jointly first, as the linear probe takes them.
 
+    Parameters
+    ----------
+    train_features
+        (N_train, D) features of the training split, the candidate neighbours; any backend.
+    train_labels
+        (N_train,) labels of the training split.
+    test_features
+        (N_test, D) features of the test split, on the backend of ``train_features``.
+    test_labels
+        (N_test,) labels the predictions are scored against; N_test is at least 1.
+    k
+        neighbours per test point (clipped to ``N_train``).
+    temperature
+        T in the vote weights, as in :func:`knn_predict`.
+    n_classes
+        number of classes, passed to :func:`knn_predict`.
+    chunk_size
+        test points handled at once, passed to :func:`knn_predict`.
+
     Returns
     -------
     KNNResult
@@ -523,8 +564,10 @@ def raw_pixel_features(images_uint8: Any, dtype: Any = None) -> Any:
 
     Parameters
     ----------
-    images_uint8 : (N, C, H, W) (or (N, H, W)) uint8 array of any backend.
-    dtype : output floating dtype (a dtype of that backend or a name); default float32.
+    images_uint8
+        (N, C, H, W) (or (N, H, W)) uint8 array of any backend.
+    dtype
+        output floating dtype (a dtype of that backend or a name); default float32.
 
     Returns
     -------
@@ -556,19 +599,25 @@ def extract_features(
 
     Parameters
     ----------
-    model : any object with ``eval()``, ``train()``, ``training`` and
+    model
+        any object with ``eval()``, ``train()``, ``training`` and
         ``forward(x: (B, C, H, W)) -> (B, D)``. It is put in eval mode (BatchNorm uses its
         running statistics) and returned to its previous mode afterwards, even on error.
-    images_uint8 : (N, C, H, W) uint8 array, on the host or on the backend.
-    xp : the backend namespace the model runs on.
-    dtype : floating dtype of the network input (name or dtype of ``xp``).
-    normalize : ``(mean, std)``, per-channel sequences of length C applied to the [0, 1]
+    images_uint8
+        (N, C, H, W) uint8 array, on the host or on the backend.
+    xp
+        the backend namespace the model runs on.
+    dtype
+        floating dtype of the network input (name or dtype of ``xp``).
+    normalize
+        ``(mean, std)``, per-channel sequences of length C applied to the [0, 1]
         pixels: those the model was trained with, or its features are not those it learned
         to give. Required, so that it is never left out by accident; ``None`` gives the
         [0, 1] pixels themselves. :meth:`Encoder.features
         <swav_ref.encoder.Encoder.features>` and :meth:`Trainer.features
         <swav_ref.train.Trainer.features>` pass their own.
-    batch_size : images per forward pass (bounds device memory).
+    batch_size
+        images per forward pass (bounds device memory).
 
     Returns
     -------

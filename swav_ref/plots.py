@@ -20,9 +20,11 @@ def training_curves(steps: Sequence[dict], n_prototypes: int | None = None) -> F
 
     Parameters
     ----------
-    steps : the per-step records of the metrics log (dicts with ``step``, ``loss`` and,
+    steps
+        the per-step records of the metrics log (dicts with ``step``, ``loss`` and,
         when present, ``prototypes_used`` and ``code_entropy``).
-    n_prototypes : K; draws the collapse level ``ln K`` on the loss panel.
+    n_prototypes
+        K; draws the collapse level ``ln K`` on the loss panel.
     """
     if n_prototypes is not None and not (isinstance(n_prototypes, (int, np.integer)) and n_prototypes >= 1):
         raise ValueError(f"training_curves: n_prototypes must be a positive integer (K) or None, got {n_prototypes!r}")

@@ -102,7 +102,8 @@ def results_table(rows: Rows) -> pd.DataFrame:
 
     Parameters
     ----------
-    rows : a list of dicts ``{"method": name, metric: value, ...}`` or a dict
+    rows
+        a list of dicts ``{"method": name, metric: value, ...}`` or a dict
         ``{name: {metric: value}}``. A value is an accuracy in [0, 1] (a float, or a
         :class:`~swav_ref.evaluate.LinearProbeResult` / :class:`~swav_ref.evaluate.KNNResult`)
         or a list of them, one per seed.

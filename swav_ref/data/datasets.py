@@ -259,11 +259,13 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, .
     Parameters
     ----------
     images : uint8 (N, C, H, W)
-    chunk : images summed at a time (bounds the int64 temporary to ``chunk * C * H * W``).
+    chunk
+        images summed at a time (bounds the int64 temporary to ``chunk * C * H * W``).
 
     Returns
     -------
-    mean, std : tuples of C floats, for :class:`~swav_ref.data.multicrop.MultiCropConfig`.
+    mean, std : tuples of C floats
+        for :class:`~swav_ref.data.multicrop.MultiCropConfig`.
 
     Notes
     -----
@@ -413,12 +415,10 @@ def load_cifar10(data_dir: str | os.PathLike) -> tuple[ImageDataset, ImageDatase
 
     Parameters
     ----------
-    data_dir : the ``cifar-10-batches-bin`` folder or the folder containing it. It must hold
+    data_dir
+        the ``cifar-10-batches-bin`` folder or the folder containing it. It must hold
         ``data_batch_1.bin`` .. ``data_batch_5.bin`` and ``test_batch.bin``;
         ``batches.meta.txt`` (class names) is read when present.
-
-    Read with ``np.fromfile``: the Python version of CIFAR-10 is a pickle, and unpickling a
-    downloaded file can run arbitrary code, so it is not supported.
 
     Raises
     ------
@@ -434,6 +434,11 @@ def load_cifar10(data_dir: str | os.PathLike) -> tuple[ImageDataset, ImageDatase
         for each file that does not hold exactly 10000 records, as every real one does: a
         file cut at a record boundary has a valid size but lost images. (A warning, not an
         error, so that small hand-made files in the CIFAR-10 format still load.)
+
+    Notes
+    -----
+    Read with ``np.fromfile``: the Python version of CIFAR-10 is a pickle, and unpickling a
+    downloaded file can run arbitrary code, so it is not supported.
     """
     folder = _cifar_folder(data_dir)
     classes = _read_cifar_classes(folder)
@@ -514,6 +519,8 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
 
     Parameters
     ----------
+    data_dir : str or os.PathLike
+        the folder to read, in one of the two layouts above.
     image_size : None, int or (height, width)
         ``None``: every image must have the size of the first one. Otherwise each image is
         resized to it (bilinear, with Pillow's antialiasing when shrinking). Integers >= 1

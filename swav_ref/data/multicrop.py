@@ -113,21 +113,33 @@ class MultiCropConfig:
 
     Attributes
     ----------
-    n_crops : crops per size group, e.g. ``(2, 6)``: 2 large, 6 small.
-    sizes : output side per group, e.g. ``(224, 96)``; crops are square.
-    min_scale, max_scale : per group, the fraction of the image area a crop covers is drawn
+    n_crops
+        crops per size group, e.g. ``(2, 6)``: 2 large, 6 small.
+    sizes
+        output side per group, e.g. ``(224, 96)``; crops are square.
+    min_scale, max_scale
+        per group, the fraction of the image area a crop covers is drawn
         uniformly in ``[min_scale, max_scale]`` (torchvision's ``scale``).
-    ratio : range of the box's width / height, drawn log-uniformly.
-    flip_p : probability of a horizontal mirror.
-    jitter_strength : ``s`` in SwAV's ``get_color_distortion(s)``: brightness, contrast and
+    ratio
+        range of the box's width / height, drawn log-uniformly.
+    flip_p
+        probability of a horizontal mirror.
+    jitter_strength
+        ``s`` in SwAV's ``get_color_distortion(s)``: brightness, contrast and
         saturation factors in ``[1 - 0.8 s, 1 + 0.8 s]``, hue shift in ``[-0.2 s, 0.2 s]``
         (fractions of a full turn). Saturation and hue are skipped for 1-channel images.
-    jitter_p : probability that an image is colour-jittered at all.
-    grayscale_p : probability of greyscale (RGB only).
-    blur_p, blur_sigma : probability of a Gaussian blur, and the range of its sigma in pixels.
-    mean, std : per-channel normalisation on the 0..1 scale, ``(x - mean) / std``; finite,
+    jitter_p
+        probability that an image is colour-jittered at all.
+    grayscale_p
+        probability of greyscale (RGB only).
+    blur_p, blur_sigma
+        probability of a Gaussian blur, and the range of its sigma in pixels.
+    mean, std
+        per-channel normalisation on the 0..1 scale, ``(x - mean) / std``; finite,
         and ``std >= STD_MIN``.
 
+    Notes
+    -----
     Counts and sizes must be integers (Python or NumPy, not ``bool``) and ranges finite:
     a bad value is refused here, naming it, not found later as NaN crops or a NumPy error.
     """
@@ -414,9 +426,14 @@ def resize_matrix(start: Any, length: Any, in_size: int, out_size: int, flip: An
 
     Parameters
     ----------
-    start, length : float arrays (N,) on the backend: the box ``[start, start + length)``
-        in input pixels.
-    flip : float array (N,) of 0/1, or None: 1 mirrors the output.
+    start, length : float arrays (N,) on the backend
+        the box ``[start, start + length)`` in input pixels.
+    in_size : int
+        the length of the axis in the input, in pixels.
+    out_size : int
+        the length of the axis in the output, in pixels.
+    flip : float array (N,) of 0/1, or None
+        1 mirrors the output.
 
     Notes
     -----
@@ -454,9 +471,12 @@ def blur_matrix(sigma: Any, size: int, max_sigma: float) -> Any:
 
     Parameters
     ----------
-    sigma : float array (N,) on the backend, > 0, in pixels.
-    size : the side of the images to blur.
-    max_sigma : a host number >= every ``sigma``. It only decides how many mirror images of
+    sigma
+        float array (N,) on the backend, > 0, in pixels.
+    size
+        the side of the images to blur.
+    max_sigma
+        a host number >= every ``sigma``. It only decides how many mirror images of
         the kernel to sum (a kernel wider than the image folds over more than once), and is
         passed in because reading it off ``sigma`` would be a device-to-host sync.
 
@@ -588,14 +608,20 @@ def render_crops(x: Any, params: CropParams, size: int, config: MultiCropConfig)
 
     Parameters
     ----------
-    x : float (B, C, H, W) on the backend, values in [0, 1].
-    params : the random choices; crop ``k * B + b`` is the ``k``-th view of image ``b``.
-    size : output side ``s``.
+    x : float (B, C, H, W) on the backend
+        values in [0, 1].
+    params
+        the random choices; crop ``k * B + b`` is the ``k``-th view of image ``b``.
+    size
+        output side ``s``.
+    config : MultiCropConfig
+        supplies the normalisation ``mean`` and ``std`` (one per channel of ``x``).
 
     Returns
     -------
-    float array (n, B, C, s, s): crop, flip, colour jitter, greyscale, blur, normalise,
-    in that order (the official order).
+    float array (n, B, C, s, s)
+        crop, flip, colour jitter, greyscale, blur, normalise, in that order (the official
+        order).
     """
     xp = array_namespace(x)
     batch, channels, height, width = x.shape
@@ -651,8 +677,10 @@ class MultiCrop:
     Parameters
     ----------
     config : MultiCropConfig
-    xp : the backend namespace the crops are made on (numpy, cupy, array_api_strict).
-    dtype : float dtype of the crops (name or ``xp`` dtype), default float32.
+    xp
+        the backend namespace the crops are made on (numpy, cupy, array_api_strict).
+    dtype
+        float dtype of the crops (name or ``xp`` dtype), default float32.
 
     Notes
     -----

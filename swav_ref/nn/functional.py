@@ -54,7 +54,8 @@ def l2_normalize_forward(x: Any, eps: float = 1e-12) -> tuple[Any, tuple]:
 
     Returns
     -------
-    y : array (N, D), rows of unit length (but for rows shorter than ``eps``)
+    y : array (N, D)
+        rows of unit length (but for rows shorter than ``eps``)
     cache : for :func:`~swav_ref.nn.functional.l2_normalize_backward`
 
     Notes
@@ -317,7 +318,8 @@ def col2im(
     ----------
     dcols : array (C * kh * kw, H_out * W_out * N)
         laid out as :func:`~swav_ref.nn.functional.im2col` returns its columns.
-    x_shape : (N, C, H, W) of the original input
+    x_shape
+        (N, C, H, W) of the original input
     kernel_size : (kh, kw)
     stride, padding : int
         the geometry the columns were unfolded with (as given to
@@ -325,7 +327,8 @@ def col2im(
 
     Returns
     -------
-    dx : array (N, C, H, W), stored as (C, H, W, N).
+    dx : array (N, C, H, W)
+        stored as (C, H, W, N).
 
     Notes
     -----
@@ -375,12 +378,15 @@ def conv2d_forward(
     x : array (N, C, H, W)
     weight : array (O, C, kh, kw)
     bias : array (O,) or None
-    stride, padding : int (the same along both axes)
+    stride, padding : int
+        (the same along both axes)
 
     Returns
     -------
-    out : array (N, O, H_out, W_out), a view of an (O, H_out, W_out, N) buffer
-    cache : :class:`ConvCache`, for one call of :func:`conv2d_backward` (or
+    out : array (N, O, H_out, W_out)
+        a view of an (O, H_out, W_out, N) buffer
+    cache : :class:`ConvCache`
+        for one call of :func:`conv2d_backward` (or
         :func:`conv2d_release` when no backward will follow)
 
     Notes
@@ -438,7 +444,8 @@ def conv2d_backward(dout: Any, cache: ConvCache) -> tuple[Any, Any, Any]:
     -------
     dx : array (N, C, H, W)
     dweight : array (O, C, kh, kw)
-    dbias : array (O,), or None when the forward had no bias
+    dbias : array (O,), or None
+        when the forward had no bias
 
     Notes
     -----
@@ -549,8 +556,10 @@ def batchnorm_forward(
     Parameters
     ----------
     x : array (N, C) or (N, C, H, W)
-    weight, bias : arrays (C,), the affine :math:`\gamma, \beta`
-    running_mean, running_var : arrays (C,), used (and required) when ``training`` is False
+    weight, bias : arrays (C,)
+        the affine :math:`\gamma, \beta`
+    running_mean, running_var : arrays (C,)
+        used (and required) when ``training`` is False
     training : bool
         True: normalise with the batch's statistics. False: with the running ones.
     eps : float
@@ -561,8 +570,10 @@ def batchnorm_forward(
 
     Returns
     -------
-    out : array, the shape of ``x`` (stored channels first)
-    cache : :class:`BatchNormCache`; its ``mean``, ``var`` and ``count`` feed
+    out : array
+        the shape of ``x`` (stored channels first)
+    cache : :class:`BatchNormCache`
+        its ``mean``, ``var`` and ``count`` feed
         :func:`batchnorm_update_running`.
 
     Notes
@@ -636,14 +647,17 @@ def batchnorm_backward(dout: Any, cache: BatchNormCache) -> tuple[Any, Any, Any]
 
     Parameters
     ----------
-    dout : array, the shape of ``x``: (N, C) or (N, C, H, W)
-    cache : :class:`~swav_ref.nn.functional.BatchNormCache` from
-        :func:`~swav_ref.nn.functional.batchnorm_forward`
+    dout : array
+        the shape of ``x``: (N, C) or (N, C, H, W)
+    cache : :class:`~swav_ref.nn.functional.BatchNormCache`
+        from :func:`~swav_ref.nn.functional.batchnorm_forward`
 
     Returns
     -------
-    dx : array, the shape of ``x``
-    dweight, dbias : arrays (C,), this worker's share (the data-parallel gradient all-reduce
+    dx : array
+        the shape of ``x``
+    dweight, dbias : arrays (C,)
+        this worker's share (the data-parallel gradient all-reduce
         sums them like any other parameter gradient)
 
     Notes
@@ -801,7 +815,8 @@ def linear_backward(dout: Any, cache: tuple) -> tuple[Any, Any, Any]:
     -------
     dx : array (N, D_in)
     dweight : array (D_out, D_in)
-    dbias : array (D_out,), or None when the forward had no bias
+    dbias : array (D_out,), or None
+        when the forward had no bias
 
     Notes
     -----
@@ -851,7 +866,8 @@ def maxpool2d_forward(
     x : array (N, C, H, W)
     kernel_size : int
     stride : int, default ``kernel_size``
-    padding : int, at most ``kernel_size // 2``; padded cells hold :math:`-\infty`
+    padding : int
+        at most ``kernel_size // 2``; padded cells hold :math:`-\infty`
 
     Returns
     -------
@@ -931,7 +947,8 @@ def softmax_cross_entropy_forward(logits: Any, labels: Any) -> tuple[Any, tuple]
     Parameters
     ----------
     logits : array (N, K)
-    labels : integer array (N,), values in ``[0, K)``. Checked on NumPy (``ValueError``
+    labels : integer array (N,)
+        values in ``[0, K)``. Checked on NumPy (``ValueError``
         naming the bad values and K); not checked on other backends, where it would need a
         sync with the host (a label out of range there gives a zero one-hot row: a wrong loss)
 

@@ -191,7 +191,8 @@ class LARS(SGD):
     momentum : float, 0.9 in SwAV
     weight_decay : float, 1e-6 in SwAV
     trust_coefficient : float, 0.001
-    eps : float, 1e-8 (LARC's guard in the denominator)
+    eps : float, 1e-8
+        (LARC's guard in the denominator)
 
     Notes
     -----
@@ -251,11 +252,15 @@ def warmup_cosine_schedule(
     Parameters
     ----------
     step : int in ``[0, total_steps)``
-    total_steps : int, all steps of training (warm-up included)
-    base_lr : float, the rate reached at the end of the warm-up
-    final_lr : float, the rate the cosine decays to
+    total_steps : int
+        all steps of training (warm-up included)
+    base_lr : float
+        the rate reached at the end of the warm-up
+    final_lr : float
+        the rate the cosine decays to
     warmup_steps : int
-    start_warmup : float, the rate at step 0
+    start_warmup : float
+        the rate at step 0
 
     Notes
     -----

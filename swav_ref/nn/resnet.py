@@ -40,6 +40,12 @@ class BasicBlock(Module):
         Input and output channels.
     stride : int
         Stride of the first convolution (2 halves the resolution).
+    rng : Random or int seed
+        for the initial weights (``None``: seed 0)
+    xp
+        array namespace of the parameters, or a backend name (``"numpy"``, ``"cupy"``)
+    dtype
+        ``"float32"`` (training) or ``"float64"`` (gradient checks)
 
     Notes
     -----
@@ -108,9 +114,12 @@ class ResNet(Module):
     zero_init_residual : bool
         Start every block's last BatchNorm at weight 0, so each block begins as the
         identity (an option of the official SwAV ResNet; off by default there too).
-    rng : Random or int seed, for the initial weights
-    xp : array namespace of the parameters, or a backend name (``"numpy"``, ``"cupy"``)
-    dtype : ``"float32"`` (training) or ``"float64"`` (gradient checks)
+    rng : Random or int seed
+        for the initial weights
+    xp
+        array namespace of the parameters, or a backend name (``"numpy"``, ``"cupy"``)
+    dtype
+        ``"float32"`` (training) or ``"float64"`` (gradient checks)
 
     Notes
     -----

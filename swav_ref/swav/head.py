@@ -174,16 +174,22 @@ class SwAVHead(Module):
 
     Parameters
     ----------
-    in_dim : the backbone's feature size D.
-    hidden_dim : width of the projection MLP (0 = a single Linear layer).
-    out_dim : d, the embedding size.
-    n_prototypes : K, or a tuple of K's for several prototype sets (DeepCluster-v2 uses
+    in_dim
+        the backbone's feature size D.
+    hidden_dim
+        width of the projection MLP (0 = a single Linear layer).
+    out_dim
+        d, the embedding size.
+    n_prototypes
+        K, or a tuple of K's for several prototype sets (DeepCluster-v2 uses
         three; SwAV one).
-    All sizes are positive integers (``hidden_dim`` may be 0); NumPy integers are accepted.
-    xp, dtype, rng : backend, dtype and seeded generator for the initialisation.
+    xp, dtype, rng
+        backend, dtype and seeded generator for the initialisation.
 
     Notes
     -----
+    All sizes are positive integers (``hidden_dim`` may be 0); NumPy integers are accepted.
+
     ``forward(features) -> (embedding, [scores_h])``: the unit-norm embedding (N, d), which
     the queue and the memory bank store, and the scores (N, K_h) of each prototype set.
     ``backward([dscores_h]) -> dfeatures``. The prototypes are parameters named

@@ -45,6 +45,8 @@ class SwAVLossOutput:
         The codes of the current batch, one per assignment crop, in ``crops_for_assign``
         order.
 
+    Notes
+    -----
     Iterating yields ``loss, grad`` only, so ``loss, grad = swav_loss(...)`` works.
     """
 

@@ -116,7 +116,8 @@ class Queue:
 
         Parameters
         ----------
-        embeddings_per_crop : sequence of n_assign_crops arrays (batch_size, d), or an array
+        embeddings_per_crop
+            sequence of n_assign_crops arrays (batch_size, d), or an array
             (n_assign_crops, batch_size, d). L2-normalised embeddings of the assignment crops.
         """
         xp, bs = self.xp, self.batch_size
