@@ -14,14 +14,16 @@ dessert   the optimal-transport dessert example: prints the plan, writes figures
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import os
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from swav_ref.backend import BACKENDS
 from swav_ref.data.datasets import ARRAYS, DATASETS
@@ -294,8 +296,10 @@ def _run_train(args: argparse.Namespace) -> int:
     from swav_ref.train import Trainer
 
     _limit_threads(args.threads)
-    comm = get_communicator()
+    args.comm = comm = get_communicator()  # (kept for main, which ends the job on an error)
     install_abort_on_exception(comm)
+    if not comm.is_root:  # every rank loads the same data and settings: rank 0 warns for all
+        warnings.simplefilter("ignore")
     given = _options_given(args.command_args)
     if args.progress is None:
         args.progress = _bar_shown()
@@ -309,7 +313,7 @@ def _run_train(args: argparse.Namespace) -> int:
         if not Path(args.resume).is_file():
             raise UserError(f"--resume {args.resume}: no such checkpoint file")
         # read before anything is written, so a corrupt file is refused first
-        config, changed = _resumed_config(args, args.resume, given)
+        config, changed = _resumed_config(args, args.resume, given, comm.size)
         if "data_dir" not in given:  # the checkpoint's folder, perhaps another machine's (C:\... on Linux)
             from swav_ref.resume import check_recorded_data_dir
 
@@ -326,12 +330,16 @@ def _run_train(args: argparse.Namespace) -> int:
                       f"warm-up is capped at {config.epochs // 2} epoch(s), so that the rate also decays", stacklevel=2)
     if comm.is_root:
         print(comm.describe(gpu=config.backend == "cupy"))
+    out_dir_existed = Path(config.out_dir).exists()
     trainer = Trainer(config, comm=comm)
     evaluate = args.evaluate and trainer.test_set is not None and trainer.test_set.has_labels
     if evaluate and comm.is_root:
         try:  # before training, not after it
             check_evaluable(trainer.train_set, trainer.test_set)
         except ValueError as exc:
+            if not out_dir_existed:  # the trainer made it; leave nothing behind a refusal
+                with contextlib.suppress(OSError):
+                    Path(config.out_dir).rmdir()
             raise UserError(f"{exc}; or pass --no-evaluate to train without the evaluation") from exc
     elif args.evaluate and comm.is_root:
         print(f"no evaluation at the end: {trainer.train_set.name} has no labels (a flat image folder); the linear "
@@ -341,12 +349,11 @@ def _run_train(args: argparse.Namespace) -> int:
         stale.unlink()
     try:
         trainer.fit(resume=args.resume)
-    except KeyboardInterrupt:
-        if comm.size > 1:  # every rank got the signal; the abort hook ends the job
-            raise
+    except KeyboardInterrupt:  # (under mpiexec every rank gets it, and main ends the job)
         kept = trainer.last_checkpoint
+        launcher = f"mpiexec -n {comm.size} " if comm.size > 1 else ""
         raise Interrupted(f"interrupted at step {trainer.step}; {trainer.what_is_kept()}"
-                          + (f"; to continue: swav-ref train --resume {kept}" if kept else "")) from None
+                          + (f"; to continue: {launcher}swav-ref train --resume {kept}" if kept else "")) from None
     if not comm.is_root:
         return 0
     out = Path(config.out_dir)
@@ -494,7 +501,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 RESUME_KEEPS_THIS_RUNS = ("stop_after", "progress")
 
 
-def _resumed_config(args: argparse.Namespace, checkpoint: str, given: set[str]) -> tuple[TrainConfig, str]:
+def _resumed_config(args: argparse.Namespace, checkpoint: str, given: set[str],
+                    workers: int = 1) -> tuple[TrainConfig, str]:
     """Resuming continues the checkpoint's run: its configuration, with the settings given
     on this command line (and :data:`RESUME_KEEPS_THIS_RUNS`) in their place, so that every
     other one is the checkpoint's (its recipe, its data, and its ``--epochs``, so that the
@@ -502,12 +510,15 @@ def _resumed_config(args: argparse.Namespace, checkpoint: str, given: set[str]) 
     unless ``--out-dir`` is given. The given settings are checked against the checkpoint's
     configuration, not the command line's defaults (``--data-dir`` fits a folder run).
     :meth:`~swav_ref.train.Trainer.load` refuses those that do not fit the checkpoint's state
-    and warns of the others. Returns the configuration and, as options, the given settings
-    that differ from the checkpoint's."""
+    and warns of the others; a checkpoint with per-worker state (a queue, a memory bank) is
+    refused here, before anything is built or removed, unless ``workers`` as many resume it.
+    Returns the configuration and, as options, the given settings that differ from the
+    checkpoint's."""
     from swav_ref.config import as_options
-    from swav_ref.resume import load_trainer_checkpoint
+    from swav_ref.resume import check_workers_for_local_state, load_trainer_checkpoint
 
-    saved = load_trainer_checkpoint(checkpoint)[2]
+    _, meta, saved = load_trainer_checkpoint(checkpoint)
+    check_workers_for_local_state(checkpoint, meta, workers)
     here = {name: getattr(args, name) for name in args._config_fields
             if name in given or name in RESUME_KEEPS_THIS_RUNS}
     if "out_dir" not in given:
@@ -694,6 +705,24 @@ def _never_fail_to_print() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def _end_the_mpi_job(exc: Exception, comm: Any) -> None:
+    """Under mpiexec, end every rank for a user's error (or Ctrl-C) with its one line and
+    exit status, not a traceback from each rank; a rank that returned instead would leave
+    the others waiting in a collective forever. Usually every rank has the same error (the
+    same settings and data): rank 0 says it, and the other ranks wait a moment for its
+    abort to end them, so that it is said once. ``comm`` is the command's communicator
+    (making another would be a collective call, which the other ranks may never join);
+    ``None`` if the error came before it: the process exits, and the launcher ends the
+    others."""
+    message, code = f"swav-ref: error: {exc}", getattr(exc, "exit_status", 2)
+    if comm is None:
+        print(message, file=sys.stderr, flush=True)
+        os._exit(code)
+    if not comm.is_root:
+        time.sleep(3.0)  # rank 0's abort usually ends this process first
+    comm.abort(message, code=code)
+
+
 def main(argv: list[str] | None = None) -> int:
     from swav_ref.backend import BackendUnavailableError
     from swav_ref.checkpoint import CheckpointError
@@ -721,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         # the other commands run in one process, with nobody to leave waiting.
         launched, _, size = detect_mpi_launch()
         if args.command == "train" and launched and (size is None or size > 1):
-            raise
+            _end_the_mpi_job(exc, getattr(args, "comm", None))
         print(f"swav-ref: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_status", 2)
     finally:

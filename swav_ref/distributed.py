@@ -258,9 +258,10 @@ class MPICommunicator:
         """One line for logs: the processes, this rank, the MPI library and, when ``gpu``
         (a run on CuPy), how CuPy arrays reach it (directly, or staged through host memory,
         and why)."""
-        # Some libraries pad the version string with NUL characters; keep its first line.
+        # Some libraries pad the version string with NUL characters or spaces ("MPICH Version:
+        # 5.0.2" with six); keep its first line, its words one space apart.
         library = self._MPI.Get_library_version().replace("\x00", "").strip()
-        library = library.splitlines()[0].strip()
+        library = " ".join(library.splitlines()[0].split())
         how_cupy_arrays_go = (
             "CuPy arrays passed to CUDA-aware MPI directly"
             if self.cuda_aware
@@ -348,6 +349,9 @@ class MPICommunicator:
         print(f"[rank {self.rank}/{self.size}] {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         self.comm.Abort(code)
+        # MPICH (the PyPI wheel) returns from MPI_Abort and leaves its launcher to end the
+        # processes a moment later: this one must not go on meanwhile
+        os._exit(code)
 
     def _check_root(self, root: int) -> None:
         if not 0 <= root < self.size:

@@ -50,8 +50,19 @@ RESUME_MAY_CHANGE = ("epochs", "stop_after", "out_dir", "progress", "log_every",
                      "backend", "tf32", "data_dir", "image_size")
 
 
-DIVERGENCE_ADVICE = ("Try a lower --base-lr or a longer warm-up (--warmup-epochs); with your own model, check "
-                     "that features and prototypes are L2-normalised.")
+DIVERGENCE_ADVICE = ("Try a lower --base-lr or a longer warm-up (--warmup-epochs), and check the other rates "
+                     "(--final-lr, --start-warmup and --weight-decay, which a typo can make huge); with your own "
+                     "model, check that features and prototypes are L2-normalised.")
+
+
+def check_workers_for_local_state(path: str | os.PathLike, meta: dict, workers: int) -> None:
+    """Refuse to resume, on ``workers`` workers, a checkpoint (metadata ``meta``) whose
+    workers each kept a queue or memory bank of their own, unless as many resume it."""
+    if meta.get("local_ranks") and meta.get("world_size") != workers:
+        raise ckpt.CheckpointError(
+            f"{path}: written by {meta.get('world_size')} workers, resumed by {workers}; the per-worker "
+            "queues or memory banks cannot be redistributed (resume on as many workers, or evaluate it)"
+        )
 
 
 def load_trainer_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict, TrainConfig]:
@@ -464,8 +475,9 @@ class Resumable:
         arrays, meta = self.state()
         finite = all(bool(self.xp.all(self.xp.isfinite(v))) for k, v in arrays.items() if k.startswith("model."))
         if not finite:
-            raise TrainingDivergedError(f"the parameters are not finite at step {self.step} (training diverged); "
-                                        f"{path} was not written. {DIVERGENCE_ADVICE}")
+            raise TrainingDivergedError(f"the parameters are not finite at step {self.step} (training diverged), so "
+                                        f"this step was not saved to {path}; {self.what_is_kept()}. "
+                                        f"{DIVERGENCE_ADVICE}")
         local_arrays, local_meta = self.local_state()
         mine = self.local_path(path, self.comm.rank, self.step)
         meta["local_files"] = [self.local_path(path, r, self.step).name for r in meta["local_ranks"]]
@@ -666,11 +678,7 @@ class Resumable:
             return old_name if old_name.exists() else None
         if not ranks:
             return None
-        if meta["world_size"] != self.comm.size:
-            raise ckpt.CheckpointError(
-                f"{path}: written by {meta['world_size']} workers, resumed by {self.comm.size}; the per-worker "
-                "queues or memory banks cannot be redistributed (resume on as many workers, or evaluate it)"
-            )
+        check_workers_for_local_state(path, meta, self.comm.size)
         if self.comm.rank not in ranks:
             raise ckpt.CheckpointError(f"{path}: its local_ranks {ranks} name no queue or memory bank file for "
                                        f"rank {self.comm.rank}")
@@ -697,11 +705,19 @@ class Resumable:
                                        f"{self.steps_per_epoch}; resume it on "
                                        f"{meta.get('world_size', 'as many')} workers")
         epochs = step // saved_per_epoch
+        # The prototype freeze counts steps. The checkpoint's (unless this run set another) is
+        # rescaled to last as many epochs, rounded up, as the learning-rate schedule does.
+        freeze, freeze_note = self.config.freeze_prototypes_niters, ""
+        if self.config.method == "swav" and freeze == meta.get("config", {}).get("freeze_prototypes_niters"):
+            rescaled = -(-freeze * self.steps_per_epoch // saved_per_epoch)
+            self.config = dataclasses.replace(self.config, freeze_prototypes_niters=rescaled)
+            freeze_note = f"; the prototype freeze, {freeze} steps there, is {rescaled} here (as many epochs)"
         if self.comm.is_root:
-            warnings.warn(f"{path}: {epochs} epochs of {saved_per_epoch} steps "
+            warnings.warn(f"{path}: {epochs} epoch{'s' * (epochs != 1)} of {saved_per_epoch} steps "
                           f"({meta.get('world_size', 'other')} workers) "
                           f"continue with {self.steps_per_epoch} steps per epoch ({self.comm.size} workers) from "
-                          f"epoch {epochs + 1}: the schedule carries on, but not bit for bit", stacklevel=4)
+                          f"epoch {epochs + 1}: the schedule carries on, but not bit for bit{freeze_note}",
+                          stacklevel=4)
         return epochs * self.steps_per_epoch
 
     def _load_local(self, path: Path) -> None:

@@ -209,9 +209,11 @@ class Trainer(Resumable):
     ----------
     config : TrainConfig
         (a dict is refused with a TypeError: ``TrainConfig.from_dict(d)`` makes one).
-    comm : a communicator (:mod:`swav_ref.distributed`); default: MPI when launched under
+    comm
+        a communicator (:mod:`swav_ref.distributed`); default: MPI when launched under
         ``mpiexec``, else a single process.
-    train_set, test_set : override the datasets named in ``config`` (tests, notebooks).
+    train_set, test_set
+        override the datasets named in ``config`` (tests, notebooks).
         Each must be an :class:`~swav_ref.data.datasets.ImageDataset` (TypeError otherwise:
         wrap arrays as ``ImageDataset(images, labels)``), and the test images must have the
         training images' channels and size (ConfigError otherwise, at construction: the
@@ -221,18 +223,28 @@ class Trainer(Resumable):
 
     Attributes
     ----------
-    config : the configuration, with the data set's recipe filled in (crops, freeze).
-    model : :class:`~swav_ref.train.SwAVModel`, ``model.backbone`` (the ResNet, whose features are
+    config
+        the configuration, with the data set's recipe filled in (crops, freeze).
+    model : :class:`~swav_ref.train.SwAVModel`
+        ``model.backbone`` (the ResNet, whose features are
         evaluated) and ``model.head`` (projection and prototypes, or the classifier).
     optimizer : :class:`~swav_ref.nn.optim.LARS` or :class:`~swav_ref.nn.optim.SGD`.
-    train_set, test_set : the :class:`~swav_ref.data.datasets.ImageDataset` s trained
+    train_set, test_set
+        the :class:`~swav_ref.data.datasets.ImageDataset` s trained
         and evaluated on (``test_set`` may be None).
-    mean, std : per-channel input normalisation, from the training images.
-    xp, dtype : the backend namespace and floating type.
-    step, total_steps, steps_per_epoch : steps done, steps of the whole run, per epoch.
-    log : :class:`~swav_ref.train.MetricsLog`, the metrics written so far (``log.steps()``, ``log.epochs()``).
-    queue, bank : the SwAV queue and the DeepCluster-v2 memory bank, when in use.
+    mean, std
+        per-channel input normalisation, from the training images.
+    xp, dtype
+        the backend namespace and floating type.
+    step, total_steps, steps_per_epoch
+        steps done, steps of the whole run, per epoch.
+    log : :class:`~swav_ref.train.MetricsLog`
+        the metrics written so far (``log.steps()``, ``log.epochs()``).
+    queue, bank
+        the SwAV queue and the DeepCluster-v2 memory bank, when in use.
 
+    Notes
+    -----
     :meth:`~swav_ref.train.Trainer.fit` trains; :meth:`~swav_ref.train.Trainer.features` gives the backbone's features of new images;
     :func:`swav_ref.experiment.evaluate_trainer` scores them by linear probe and kNN
     against the test split (what ``swav-ref train`` prints).
@@ -263,6 +275,7 @@ class Trainer(Resumable):
             train_set, loaded_test = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size or None, seed=0)
             test_set = loaded_test if test_set is None else test_set
         self.train_set, self.test_set = train_set, test_set
+        self._fingerprint: str | None = None  # of the training data, see data_fingerprint
         self._check_test_set()
         self.mean, self.std = input_normalisation(train_set)
         if self.comm.size > 1:
@@ -291,7 +304,6 @@ class Trainer(Resumable):
         # (save), or the one it resumed from (load); None until then. A checkpoint.npz in
         # out_dir that is not this one belongs to an earlier run (see fit).
         self._checkpoint: Path | None = None
-        self._fingerprint: str | None = None  # of the training data, see data_fingerprint
         if self.comm.size > 1:
             self._broadcast_parameters()
 
@@ -323,6 +335,22 @@ class Trainer(Resumable):
             raise ConfigError(f"{self.train_set.name}: the workers loaded different training data (between "
                               f"{int(low[0])} and {int(high[0])} images, or other pixels); every worker needs the "
                               "same data set, e.g. one copy on a shared file system")
+        # The same images in another order, or other labels, and other settings (a batch size
+        # typed differently in one of several commands) ran on silently, or failed in MPI.
+        from swav_ref.config import as_options  # (here: swav_ref.train.as_options is a moved name)
+
+        mine = {"data": self.data_fingerprint(), "config": self.config.to_dict()}
+        for own in ("data_dir", "out_dir", "progress"):  # a worker's own copy; only rank 0 writes and shows
+            mine["config"].pop(own)
+        root = self.comm.broadcast_object(mine)
+        if root["data"] != mine["data"]:
+            raise ConfigError(f"{self.train_set.name}: rank {self.comm.rank} loaded the training images in another "
+                              "order, or with other labels, than rank 0; every worker needs the same data set")
+        differ = {name: value for name, value in mine["config"].items() if root["config"].get(name) != value}
+        if differ:
+            theirs = {name: root["config"].get(name) for name in differ}
+            raise ConfigError(f"rank {self.comm.rank} was started with {as_options(differ)}, rank 0 with "
+                              f"{as_options(theirs)}; every worker needs the same settings")
 
     def _with_recipe(self, config: TrainConfig) -> TrainConfig:
         """``config`` with the data set's recipe filled in where it says ``None``: the crops
@@ -344,11 +372,24 @@ class Trainer(Resumable):
         if cfg.method == "supervised" and not self.train_set.has_labels:
             raise ConfigError(f"--method supervised needs labels, and {self.train_set.name} has none "
                               "(a folder of images needs one sub-folder per class)")
+        if cfg.method == "supervised" and np.unique(self.train_set.labels).size < 2:
+            raise ConfigError(f"--method supervised needs at least 2 classes, and the training images of "
+                              f"{self.train_set.name} are all of one: the loss is 0 from the start")
+        channels = self.train_set.n_channels
+        if channels not in (1, 3):
+            raise ConfigError(f"{self.train_set.name} has {channels} channels per image; training takes 1 (grey) "
+                              "or 3 (RGB), which the colour augmentations are defined for (drop an alpha "
+                              "channel, or train on each channel's grey image)")
         if cfg.queue_length:
             try:
                 queue_length_per_worker(cfg.queue_length, cfg.batch_size, workers)
             except ValueError as exc:
                 raise ConfigError(f"--queue-length {cfg.queue_length}: {exc}") from exc
+        if cfg.method == "swav" and cfg.queue_length > n and self.comm.is_root:
+            size = cfg.queue_length * cfg.feat_dim * len(cfg.crops_for_assign) * np.dtype(cfg.dtype).itemsize
+            warnings.warn(f"--queue-length {cfg.queue_length} is longer than the {n} training images: the queue will "
+                          f"hold the same images more than once (their embeddings from earlier epochs), in "
+                          f"{size / 2**20:,.0f} MiB (the official 3840 is 0.3% of ImageNet)", stacklevel=3)
         bank_size = self.steps_per_epoch * cfg.batch_size  # embeddings per worker's memory bank
         if cfg.method == "deepcluster-v2" and max(cfg.n_prototypes) > bank_size:
             raise ConfigError(f"--n-prototypes {' '.join(map(str, cfg.n_prototypes))}: k-means needs at least as "
@@ -579,9 +620,9 @@ class Trainer(Resumable):
         error says that the checkpoint there is the earlier run's, not a good state of
         this one.
         """
-        cfg = self.config
         if resume is not None:
-            self.load(resume)
+            self.load(resume)  # (on other workers, it rescales the prototype freeze)
+        cfg = self.config
         if self.comm.is_root:
             self._warn_if_out_dir_holds_another_run(resume)
             config_text = json.dumps(cfg.to_dict(), indent=2)

@@ -96,6 +96,11 @@ def test_train_then_eval_on_an_image_folder(tmp_path, capsys):
     (["train", "--temperature", "0"], "--temperature 0.0: must be a positive number"),
     (["train", "--epsilon", "nan"], "--epsilon nan: must be a positive number"),
     (["train", "--momentum", "-1"], "--momentum -1.0: must be a number >= 0"),
+    (["train", "--momentum", "1"], "--momentum 1.0: must be below 1"),  # trained to garbage, exit 0
+    (["train", "--batch-size", "1"], "--batch-size 1: must be at least 2: BatchNorm"),  # crashed in BatchNorm
+    (["train", "--epsilon", "0.001"], "--epsilon 0.001: must be at least 0.003"),  # a traceback, at some step
+    (["train", "--n-crops", "1", "--crop-sizes", "8", "--min-scale", "0.5", "--max-scale", "1", "--crops-for-assign",
+      "0"], "--n-crops 1: SwAV needs at least 2 crops"),  # crashed at the first step
     (["train", "--min-scale", "0.9", "0.3", "--max-scale", "0.5", "0.6"], "0 < min-scale <= max-scale <= 1"),
     (["train", "--crops-for-assign", "0", "6"], "--crops-for-assign 0 6: needs distinct crop indices in 0..5"),
     (["train", "--crop-sizes", "32"], "--crop-sizes 32 gives 1 crop size(s), but the digits recipe"),
@@ -165,6 +170,9 @@ def test_a_queue_the_run_never_reaches_warns(tmp_path):
         Trainer(config)  # starts at epoch 15 (the default) of 2
     # nor does the queue count towards the samples per Sinkhorn problem, then
     assert any("100 prototypes but only 64 samples" in str(w.message) for w in record)
+    # and a queue longer than the data holds its images twice (256,000,000 once failed, epochs in, out of memory)
+    assert any("--queue-length 3840 is longer than the 1438 training images: the queue will hold the same images "
+               "more than once (their embeddings from earlier epochs), in 4 MiB" in str(w.message) for w in record)
     with pytest.warns(UserWarning, match="full 60 steps later, at step 60, but the run has 44 steps"):
         Trainer(dataclasses.replace(config, epoch_queue_starts=0))
     with warnings.catch_warnings():
@@ -404,3 +412,15 @@ def test_the_progress_bar_is_shown_on_a_terminal_only_unless_asked(tmp_path, cap
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     assert main([*tiny, "--out-dir", str(tmp_path / "c")]) == 0
     assert "epoch 1/1" in capsys.readouterr().err
+
+
+def test_a_run_refused_for_its_evaluation_leaves_no_folder_behind(tmp_path, capsys):
+    from small_runs import write_digit_folder
+
+    write_digit_folder(tmp_path / "data" / "only_class", 40, labelled=False)  # one class: nothing to score
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--image-size", "8",
+            "--batch-size", "8", "--n-prototypes", "4", "--epochs", "1", "--out-dir", str(out)]
+    assert main(argv) == 2
+    assert "a classifier needs 2 or more" in capsys.readouterr().err
+    assert not out.exists()  # the trainer had made it, empty

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -333,6 +334,58 @@ def test_uncaught_exception_on_one_rank_ends_the_job(mpiexec):
     assert "deliberate failure on rank 1" in output
     assert "[rank 1/2]" in output
     assert "passed the barrier" not in output
+
+
+@pytest.mark.mpi
+def test_a_users_error_under_mpiexec_is_one_line_and_status_2(mpiexec, tmp_path):
+    """As in one process: it was a traceback from every rank and status 1."""
+    proc = _run([mpiexec, "-n", "2", sys.executable, "-m", "swav_ref", "train", "--batch-size", "1",
+                 "--out-dir", str(tmp_path / "run")], timeout=60.0)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert "swav-ref: error: --batch-size 1: must be at least 2" in proc.stderr
+    assert "Traceback" not in output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.mpi
+def test_workers_started_with_other_settings_are_stopped_naming_them(mpiexec, tmp_path):
+    """One command per rank (mpiexec's ``A : B``) with another batch size: it ended in an MPI
+    error about a truncated message (another seed ran on, silently)."""
+    command = [sys.executable, "-m", "swav_ref", "train", "--epochs", "1", "--no-evaluate", "--n-prototypes", "30",
+               "--out-dir", str(tmp_path / "run")]
+    proc = _run([mpiexec, "-n", "1", *command, "--batch-size", "32", ":", "-n", "1", *command, "--batch-size", "48"],
+                timeout=90.0)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert "rank 1 was started with --batch-size 48, rank 0 with --batch-size 32" in proc.stderr
+    assert "Traceback" not in output
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_ctrl_c_under_mpiexec_says_what_is_kept_and_exits_130(mpiexec, tmp_path):
+    """It was a KeyboardInterrupt traceback from each rank and status 1."""
+    out = tmp_path / "run"
+    command = [mpiexec, "-n", "2", sys.executable, "-m", "swav_ref", "train", "--epochs", "40", "--no-evaluate",
+               "--threads", "1", "--out-dir", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_mpi_env(),
+                            cwd=REPO, start_new_session=True)
+    try:
+        for _ in range(600):  # up to a minute for the first epoch's checkpoint
+            if (out / "checkpoint.npz").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C: the launcher passes it to every rank
+        stdout, stderr = proc.communicate(timeout=60.0)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, stdout + stderr
+    assert "swav-ref: error: interrupted at step" in stderr
+    assert f"to continue: mpiexec -n 2 swav-ref train --resume {out / 'checkpoint.npz'}" in stderr
+    assert "Traceback" not in stdout + stderr
 
 
 # ------------------------------------------------------------------------------------------

@@ -178,6 +178,23 @@ def test_eval_loads_the_weights_without_the_workers_files(tiny, finished_runs, t
         trainer(tiny, tmp_path / "resume", method="deepcluster-v2").load(path)
 
 
+def test_the_cli_refuses_other_workers_for_local_state_before_touching_the_run(finished_runs, tmp_path, capsys):
+    """Refused before the data are loaded, the model built or eval.json removed; on 3 of 2
+    workers a queue run said "--queue-length 128 is not a multiple", which it was not given."""
+    from swav_ref.cli import main
+
+    copy_of(finished_runs, "queue", tmp_path)
+    path = tmp_path / "run" / "checkpoint.npz"
+    arrays, meta = ckpt.load_checkpoint(path)
+    files = [meta["local_files"][0], meta["local_files"][0].replace("rank0", "rank1")]
+    meta.update(world_size=2, local_ranks=[0, 1], local_files=files)
+    ckpt.save_checkpoint(path, arrays, meta)
+    (tmp_path / "run" / "eval.json").write_text("{}")  # the scores of that run
+    assert main(["train", "--resume", str(path)]) == 2
+    assert "written by 2 workers, resumed by 1; the per-worker queues" in capsys.readouterr().err
+    assert (tmp_path / "run" / "eval.json").exists()
+
+
 def test_a_queue_setting_that_differs_from_the_checkpoints_is_refused(tiny, finished_runs, tmp_path):
     copy_of(finished_runs, "queue", tmp_path)
     other = trainer(tiny, tmp_path / "other", queue_length=0)
@@ -194,9 +211,11 @@ def test_resuming_with_other_steps_per_epoch_continues_at_the_next_epoch(tiny, f
     meta.update(step=4, steps_per_epoch=2, world_size=2)
     ckpt.save_checkpoint(path, arrays, meta)
     resumed = trainer(tiny, tmp_path / "resumed", epochs=3)
-    with pytest.warns(UserWarning, match="2 epochs of 2 steps .2 workers. continue with 5 steps per epoch"):
+    with pytest.warns(UserWarning, match="2 epochs of 2 steps .2 workers. continue with 5 steps per epoch.*"
+                                         "the prototype freeze, 3 steps there, is 8 here"):
         resumed.load(path)
     assert resumed.step == 10
+    assert resumed.config.freeze_prototypes_niters == 8  # 1.5 epochs of 2 steps: 7.5 of 5, rounded up
     meta.update(step=3)
     ckpt.save_checkpoint(path, arrays, meta)
     with pytest.raises(ckpt.CheckpointError, match="in the middle of an epoch"):

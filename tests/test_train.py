@@ -177,8 +177,8 @@ def test_a_checkpoint_is_never_overwritten_by_weights_with_nan(tiny, tmp_path):
     good = path.read_bytes()
     _, module, key = next(trainer.model.backbone.named_parameters())
     module.params[key][0] = np.nan  # one weight of the first layer
-    with pytest.raises(TrainingDivergedError):
-        trainer.save(path)
+    with pytest.raises(TrainingDivergedError, match=f"the last good checkpoint, {path}, is kept.*--final-lr"):
+        trainer.save(path)  # (it said "was not written" of a checkpoint that was there, and kept)
     assert path.read_bytes() == good
 
 
@@ -438,6 +438,23 @@ def test_a_test_set_of_other_images_is_refused_at_construction(tiny, tmp_path, s
     assert not (tmp_path / "run").exists()  # before anything is written
 
 
+@pytest.mark.parametrize("channels, labels, method, message", [
+    (2, None, "swav", "has 2 channels per image; training takes 1 .grey. or 3 .RGB."),  # NaN crops, then "lower --base-lr"
+    (4, None, "swav", "has 4 channels per image"),  # trained as RGB plus an ignored fourth
+    (1, "one class", "supervised", "--method supervised needs at least 2 classes"),  # a loss of 0 at every step
+])
+def test_data_that_cannot_train_is_refused_at_construction(tmp_path, channels, labels, method, message):
+    from swav_ref.data.datasets import ImageDataset
+    from swav_ref.train import ConfigError
+
+    images = np.random.default_rng(0).integers(0, 256, (40, channels, 8, 8), dtype=np.uint8)
+    data = ImageDataset(images, None if labels is None else np.zeros(40, dtype=np.int64), name="mine")
+    config = small_config(tmp_path, dataset="arrays", method=method, batch_size=8, epochs=1)
+    with pytest.raises(ConfigError, match=message):
+        Trainer(config, train_set=data)
+    assert not (tmp_path / "run").exists()  # before anything is written
+
+
 def test_arrays_for_a_data_set_are_refused_naming_the_argument(tiny, tmp_path):
     train, test = tiny
     with pytest.raises(TypeError, match=r"Trainer\(test_set=...\): must be an ImageDataset, got ndarray"):
@@ -452,3 +469,4 @@ def test_a_test_set_given_alone_is_the_one_evaluated(tiny, tmp_path):
     replaced by the loaded split without a word)."""
     trainer = Trainer(small_config(tmp_path, epochs=1), test_set=tiny[1])
     assert trainer.test_set is tiny[1] and len(trainer.train_set) > len(tiny[0])
+
