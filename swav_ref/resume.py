@@ -11,11 +11,13 @@ resumed run is the run it claims to be, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
 import math
 import os
+import re
 import warnings
 from pathlib import Path, PureWindowsPath
 from typing import Any
@@ -495,7 +497,19 @@ class Resumable:
                         old.unlink(missing_ok=True)
                     except OSError:  # held open (Windows: a scanner, an indexer); the next save removes it
                         pass
+        if self.comm.is_root:  # an earlier run's workers beyond this run's (a reused --out-dir)
+            self._remove_files_of_absent_ranks(Path(path))
         self._checkpoint = Path(path)
+
+    def _remove_files_of_absent_ranks(self, path: Path) -> None:
+        """An earlier run's per-worker files of ranks that this run lacks (a run on more
+        workers into the same ``--out-dir``): no worker of this run would ever remove them."""
+        pattern = f"{glob.escape(path.stem)}.rank*.local{glob.escape(path.suffix)}"
+        for old in path.parent.glob(pattern):
+            rank = re.match(rf"{re.escape(path.stem)}\.rank(\d+)\.", old.name)
+            if rank is not None and int(rank.group(1)) >= self.comm.size:
+                with contextlib.suppress(OSError):
+                    old.unlink(missing_ok=True)
 
     # -- resuming from one ------------------------------------------------------------------
     def load(self, path: str | os.PathLike, weights_only: bool = False) -> None:

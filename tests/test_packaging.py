@@ -115,3 +115,11 @@ def test_readme_test_command_is_what_ci_runs():
     commands = [line.strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
     assert len(commands) == 2, f"the quick start must be exactly two commands, found {commands}"
     assert commands[1] in ci, f"the README's test command {commands[1]!r} is not called by .ci/run"
+
+
+def test_the_version_is_the_same_in_the_package_and_pyproject():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    import swav_ref
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert swav_ref.__version__ == project["version"]

@@ -195,6 +195,20 @@ def test_the_cli_refuses_other_workers_for_local_state_before_touching_the_run(f
     assert (tmp_path / "run" / "eval.json").exists()
 
 
+def test_a_save_removes_the_files_of_workers_an_earlier_run_had_and_this_one_lacks(tiny, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    absent = [out / "checkpoint.rank2.step28.local.npz", out / "checkpoint.rank1.local.npz"]
+    for f in absent:
+        f.write_bytes(b"an earlier 3-worker run's memory bank")
+    unrelated = out / "other.rank2.step28.local.npz"
+    unrelated.write_bytes(b"not this checkpoint's")
+    trainer(tiny, out, epochs=1, method="deepcluster-v2").fit()
+    assert not any(f.exists() for f in absent)
+    assert unrelated.exists()
+    assert [f.name for f in out.glob("checkpoint.*local.npz")] == ["checkpoint.rank0.step5.local.npz"]
+
+
 def test_a_queue_setting_that_differs_from_the_checkpoints_is_refused(tiny, finished_runs, tmp_path):
     copy_of(finished_runs, "queue", tmp_path)
     other = trainer(tiny, tmp_path / "other", queue_length=0)
