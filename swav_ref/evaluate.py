@@ -249,8 +249,8 @@ def linear_probe(
     C = 1 for six seeds out of six. Candidates can still trade places when their
     cross-validation accuracies are within noise: on the digits' raw pixels C = 1 for seeds 0
     and 1 and 0.1 for seed 2 (0.56 points, two test images, apart); the supervised network,
-    whose features separate the training classes at almost any C, took 0.01, 0.1 and 10 at
-    30 epochs and 1, 0.001 and 0.001 at 60 (0.001 is the grid's edge: a still smaller C
+    whose features separate the training classes at almost any C, took 10, 0.001 and 0.1 at
+    30 epochs and 0.1, 0.1 and 0.01 at 60 (0.001 is the grid's edge: a still smaller C
     might do as well). A table's spread over seeds includes this choice.
     """
     x_train = np.asarray(to_numpy(train_features), dtype=np.float64)

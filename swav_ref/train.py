@@ -436,7 +436,7 @@ class Trainer(Resumable):
 
     def _build_model(self) -> SwAVModel:
         cfg, xp = self.config, self.xp
-        init = Random(np.random.SeedSequence([cfg.seed, 0, 0]), xp)  # same on every rank
+        init = self._init_random()
         backbone = build_backbone(cfg.arch, in_channels=self.train_set.n_channels, xp=xp, dtype=self.dtype, rng=init)
         if cfg.method == "supervised":
             n_classes = len(self.train_set.class_names)
@@ -469,8 +469,7 @@ class Trainer(Resumable):
         """The data order of an epoch: a function of (seed, epoch) alone, so a run resumed
         mid-epoch sees the same batches (drawn once per epoch: 40 ms for a million images)."""
         if self._order is None or self._order[0] != epoch:
-            generator = np.random.Generator(np.random.PCG64([self.config.seed, epoch]))
-            self._order = (epoch, generator.permutation(len(self.train_set)))
+            self._order = (epoch, self._order_generator(epoch).permutation(len(self.train_set)))
         return self._order[1]
 
     def batch_indices(self, epoch: int, step_in_epoch: int) -> np.ndarray:
@@ -484,8 +483,11 @@ class Trainer(Resumable):
 
         Every draw of a run is a pure function of these numbers: workers never share draws,
         and a resumed run needs no generator state to continue exactly where it stopped.
-        Purposes: 1 augmentation (per step), 3 memory-bank init. (Purpose 2, k-means per
-        epoch, is the exception that every worker shares: see ``_cluster_random``.)
+        Purposes: 1 augmentation (per step), 3 memory-bank init. Purposes 2 (k-means, per
+        epoch) and 4 (the model's initial weights) are the streams every worker shares: rank
+        0's, see ``_cluster_random`` and ``_init_random``. No purpose is 0, because
+        ``SeedSequence`` ignores trailing zeros: ``[seed, 0, 0]`` is the same stream as
+        ``[seed, 0]``, which is epoch 0's data order (``_order_generator``).
         """
         key = [self.config.seed, self.comm.rank, purpose, *counters]
         return Random(np.random.SeedSequence(key), self.xp)
@@ -578,6 +580,14 @@ class Trainer(Resumable):
             )
             for h, c in enumerate(centroids):
                 self.model.head.set_prototype_weight(h, c)
+
+    def _order_generator(self, epoch: int) -> np.random.Generator:
+        # the same on every worker: each takes its own slice of one global order
+        return np.random.Generator(np.random.PCG64([self.config.seed, epoch]))
+
+    def _init_random(self) -> Random:
+        # the same initial weights on every worker (rank 0's stream for all)
+        return Random(np.random.SeedSequence([self.config.seed, 0, 4]), self.xp)
 
     def _cluster_random(self, epoch: int) -> Random:
         # k-means seeds must agree on every worker (rank 0's stream for all).

@@ -470,3 +470,21 @@ def test_a_test_set_given_alone_is_the_one_evaluated(tiny, tmp_path):
     trainer = Trainer(small_config(tmp_path, epochs=1), test_set=tiny[1])
     assert trainer.test_set is tiny[1] and len(trainer.train_set) > len(tiny[0])
 
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_every_random_stream_of_a_run_is_its_own(tiny, tmp_path, seed):
+    """Within a run, the initial weights, the data orders, the crops, the memory bank and
+    k-means draw from streams that share no bits. (SeedSequence ignores trailing zeros, so a key ending in 0
+    can be another key in disguise: the weights' [seed, 0, 0] once was epoch 0's order.)"""
+    train, test = tiny
+    trainer = Trainer(small_config(tmp_path, seed=seed, epochs=1), train_set=train, test_set=test)
+    streams = {
+        "init": trainer._init_random().host().bit_generator,
+        **{f"order {e}": trainer._order_generator(e).bit_generator for e in (0, 1)},
+        **{f"crops {s}": trainer.random(1, s).host().bit_generator for s in (0, 1)},
+        "memory bank": trainer.random(3).host().bit_generator,
+        **{f"k-means {e}": trainer._cluster_random(e).host().bit_generator for e in (0, 1)},
+    }
+    first_draws = {name: tuple(bits.random_raw(4).tolist()) for name, bits in streams.items()}
+    shared = [(a, b) for a in first_draws for b in first_draws if a < b and first_draws[a] == first_draws[b]]
+    assert not shared, f"streams that draw the same numbers: {shared}"
