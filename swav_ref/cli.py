@@ -298,8 +298,8 @@ def _run_train(args: argparse.Namespace) -> int:
     _limit_threads(args.threads)
     args.comm = comm = get_communicator()  # (kept for main, which ends the job on an error)
     install_abort_on_exception(comm)
-    if not comm.is_root:  # every rank loads the same data and settings: rank 0 warns for all
-        warnings.simplefilter("ignore")
+    if not comm.is_root:  # every rank loads the same data and settings: rank 0 warns of them for all
+        warnings.simplefilter("ignore", UserWarning)  # (a RuntimeWarning, such as a shared GPU's, is a machine's)
     given = _options_given(args.command_args)
     if args.progress is None:
         args.progress = _bar_shown()
@@ -745,9 +745,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError, BackendUnavailableError, CheckpointError, DatasetError, MPIUnavailableError,
             TrainingDivergedError) as exc:
         # The user's to fix, and the message says how; a bug anywhere else keeps its traceback.
-        # Under MPI a training error goes on to the abort hook, which stops every rank (one
-        # rank quietly returning would leave the others waiting in a collective forever);
-        # the other commands run in one process, with nobody to leave waiting.
+        # Under MPI a training error ends every rank (_end_the_mpi_job: one rank quietly
+        # returning would leave the others waiting in a collective forever); the other
+        # commands run in one process, with nobody to leave waiting.
         launched, _, size = detect_mpi_launch()
         if args.command == "train" and launched and (size is None or size > 1):
             _end_the_mpi_job(exc, getattr(args, "comm", None))

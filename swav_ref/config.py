@@ -233,16 +233,25 @@ class TrainConfig:
         for name in ("base_lr", "final_lr", "start_warmup", "weight_decay", "momentum"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 self._refuse(name, "must be a number >= 0")
+
+    def check_trainable(self) -> None:
+        """The settings a run cannot train with, though a configuration may hold them (a
+        checkpoint written before these checks loads, to be evaluated): called by the
+        :class:`~swav_ref.train.Trainer` before anything is built or written."""
         if self.momentum >= 1:
             self._refuse("momentum", "must be below 1 (at 1 or more the velocity adds up every gradient "
                                      "without decay and grows without bound)")
         if self.batch_size < 2:
-            self._refuse("batch_size", "must be at least 2: BatchNorm normalises each batch by its own mean "
-                                       "and variance, which one image does not have")
+            self._refuse("batch_size", "must be at least 2 to train: BatchNorm normalises each batch by its own "
+                                       "mean and variance, which one image does not have")
         if self.method == "swav" and self.epsilon < MIN_EPSILON:
             self._refuse("epsilon", f"must be at least {MIN_EPSILON}: Sinkhorn's exp((score - max) / epsilon) "
                                     "reaches exp(-2 / epsilon) for cosine scores, which underflows to 0 even in "
-                                    "float64 below it, and the codes become 0 / 0")
+                                    "float64 below it: a sample far from every prototype's best can have all "
+                                    "its entries 0, and its codes 0 / 0 (NaN)")
+        if self.method == "swav" and self.n_crops is not None and sum(self.n_crops) < 2:
+            self._refuse("n_crops", "SwAV needs at least 2 crops of each image in all: each crop predicts "
+                                    "the code of another")
 
     def _crops_given(self) -> dict[str, tuple]:
         """The crop settings set explicitly (the others are None: the data set's recipe)."""
@@ -261,9 +270,6 @@ class TrainConfig:
                                   "a crop's area fraction needs 0 < min-scale <= max-scale <= 1")
         assign = self.crops_for_assign
         n_total = sum(self.n_crops) if self.n_crops is not None else None
-        if self.method == "swav" and n_total is not None and n_total < 2:
-            self._refuse("n_crops", "SwAV needs at least 2 crops of each image in all: each crop predicts "
-                                    "the code of another")
         if not assign or min(assign) < 0 or len(set(assign)) != len(assign) or (n_total and max(assign) >= n_total):
             within = f" in 0..{n_total - 1}" if n_total else ""
             self._refuse("crops_for_assign", f"needs distinct crop indices{within}")

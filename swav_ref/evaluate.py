@@ -455,6 +455,9 @@ def nearest_neighbours(similarity: Any, k: int) -> Any:
     is found by a partition, :math:`O(N)`, and only the k chosen are sorted.
     """
     xp = array_namespace(similarity)
+    if similarity.ndim != 2 or not 1 <= k <= similarity.shape[1]:
+        raise ValueError(f"nearest_neighbours: needs (b, N) similarities and 1 <= k <= N, got shape "
+                         f"{tuple(similarity.shape)} and k={k}")
     if not is_numpy(xp):
         return xp.argsort(-similarity, axis=1)[:, :k]  # stable: the standard's default
     kth_largest = -np.partition(-similarity, k - 1, axis=1)[:, k - 1 : k]  # (b, 1)

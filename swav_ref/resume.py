@@ -727,8 +727,9 @@ class Resumable:
             self.config = dataclasses.replace(self.config, freeze_prototypes_niters=rescaled)
             freeze_note = f"; the prototype freeze, {freeze} steps there, is {rescaled} here (as many epochs)"
         if self.comm.is_root:
+            workers = meta.get("world_size", "other")
             warnings.warn(f"{path}: {epochs} epoch{'s' * (epochs != 1)} of {saved_per_epoch} steps "
-                          f"({meta.get('world_size', 'other')} workers) "
+                          f"({workers} worker{'' if workers == 1 else 's'}) "
                           f"continue with {self.steps_per_epoch} steps per epoch ({self.comm.size} workers) from "
                           f"epoch {epochs + 1}: the schedule carries on, but not bit for bit{freeze_note}",
                           stacklevel=4)

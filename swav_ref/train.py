@@ -260,6 +260,7 @@ class Trainer(Resumable):
                 raise TypeError(f"Trainer({name}=...): must be an ImageDataset, got {type(data).__name__}; wrap "
                                 "the arrays as ImageDataset(images, labels) (uint8 images, N x C x H x W)")
         self.config = cfg = config
+        cfg.check_trainable()  # before the data are loaded (the recipe's own crops are always trainable)
         if comm is None:  # launched under mpiexec: one rank's error must end the job, not hang the others
             comm = get_communicator()
             install_abort_on_exception(comm)
@@ -325,32 +326,35 @@ class Trainer(Resumable):
                               "which need the training images' channels and size")
 
     def _check_same_data(self) -> None:
-        """Every worker must have loaded the same data set (each reads its own copy, say a
-        node-local one): else the steps per epoch differ, and a collective fails or hangs,
-        or the workers' shares overlap. Compared: the number of images and their pixel sum."""
-        images = self.train_set.images
-        mine = np.asarray([len(self.train_set), int(images.sum(dtype=np.uint64)) % 2**52], dtype=np.float64)
-        low, high = -self.comm.allreduce_max(-mine), self.comm.allreduce_max(mine)
-        if not np.array_equal(low, high):
-            raise ConfigError(f"{self.train_set.name}: the workers loaded different training data (between "
-                              f"{int(low[0])} and {int(high[0])} images, or other pixels); every worker needs the "
-                              "same data set, e.g. one copy on a shared file system")
-        # The same images in another order, or other labels, and other settings (a batch size
-        # typed differently in one of several commands) ran on silently, or failed in MPI.
+        """Every worker must have the same settings and have loaded the same data set (each
+        reads its own copy, say a node-local one): else the steps per epoch differ, and a
+        collective fails or hangs, or the workers' shares overlap, or they train on in
+        silence with different recipes. Compared with rank 0's: the settings (but for each
+        worker's own paths and progress bar), first, since some of them change the data;
+        then the number of images and their pixel sum; then a digest of the images in order
+        and of their labels (:meth:`data_fingerprint`)."""
         from swav_ref.config import as_options  # (here: swav_ref.train.as_options is a moved name)
 
         mine = {"data": self.data_fingerprint(), "config": self.config.to_dict()}
         for own in ("data_dir", "out_dir", "progress"):  # a worker's own copy; only rank 0 writes and shows
             mine["config"].pop(own)
         root = self.comm.broadcast_object(mine)
-        if root["data"] != mine["data"]:
-            raise ConfigError(f"{self.train_set.name}: rank {self.comm.rank} loaded the training images in another "
-                              "order, or with other labels, than rank 0; every worker needs the same data set")
         differ = {name: value for name, value in mine["config"].items() if root["config"].get(name) != value}
         if differ:
             theirs = {name: root["config"].get(name) for name in differ}
             raise ConfigError(f"rank {self.comm.rank} was started with {as_options(differ)}, rank 0 with "
                               f"{as_options(theirs)}; every worker needs the same settings")
+        images = self.train_set.images
+        counts = np.asarray([len(self.train_set), int(images.sum(dtype=np.uint64)) % 2**52], dtype=np.float64)
+        low, high = -self.comm.allreduce_max(-counts), self.comm.allreduce_max(counts)
+        if not np.array_equal(low, high):
+            what = (f"the same {int(low[0])} images, but other pixels" if low[0] == high[0]
+                    else f"between {int(low[0])} and {int(high[0])} images")
+            raise ConfigError(f"{self.train_set.name}: the workers loaded different training data ({what}); every "
+                              "worker needs the same data set, e.g. one copy on a shared file system")
+        if root["data"] != mine["data"]:
+            raise ConfigError(f"{self.train_set.name}: rank {self.comm.rank} loaded the training images in another "
+                              "order, or with other labels, than rank 0; every worker needs the same data set")
 
     def _with_recipe(self, config: TrainConfig) -> TrainConfig:
         """``config`` with the data set's recipe filled in where it says ``None``: the crops
@@ -385,16 +389,17 @@ class Trainer(Resumable):
                 queue_length_per_worker(cfg.queue_length, cfg.batch_size, workers)
             except ValueError as exc:
                 raise ConfigError(f"--queue-length {cfg.queue_length}: {exc}") from exc
-        if cfg.method == "swav" and cfg.queue_length > n and self.comm.is_root:
-            size = cfg.queue_length * cfg.feat_dim * len(cfg.crops_for_assign) * np.dtype(cfg.dtype).itemsize
-            warnings.warn(f"--queue-length {cfg.queue_length} is longer than the {n} training images: the queue will "
-                          f"hold the same images more than once (their embeddings from earlier epochs), in "
-                          f"{size / 2**20:,.0f} MiB (the official 3840 is 0.3% of ImageNet)", stacklevel=3)
         bank_size = self.steps_per_epoch * cfg.batch_size  # embeddings per worker's memory bank
         if cfg.method == "deepcluster-v2" and max(cfg.n_prototypes) > bank_size:
             raise ConfigError(f"--n-prototypes {' '.join(map(str, cfg.n_prototypes))}: k-means needs at least as "
                               f"many embeddings as clusters, and the memory bank holds {bank_size}")
         queue_length = cfg.queue_length if cfg.method == "swav" and self._queue_is_used() else 0
+        if queue_length > n and self.comm.is_root:
+            per_worker = queue_length_per_worker(cfg.queue_length, cfg.batch_size, workers)
+            size = per_worker * cfg.feat_dim * len(cfg.crops_for_assign) * np.dtype(cfg.dtype).itemsize
+            warnings.warn(f"--queue-length {cfg.queue_length} is longer than the {n} training images: the queue will "
+                          f"hold the same images more than once (their embeddings from earlier epochs), in "
+                          f"{size / 2**20:,.0f} MiB per worker (the official 3840 is 0.3% of ImageNet)", stacklevel=3)
         codes_per_batch = cfg.batch_size * workers + queue_length
         if cfg.method == "swav" and max(cfg.n_prototypes) > codes_per_batch and self.comm.is_root:
             warnings.warn(

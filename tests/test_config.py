@@ -3,6 +3,7 @@ path, one number for a sequence) and refuses the rest by the option's name."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,13 @@ def test_names_that_moved_out_of_train_still_import_with_a_warning():
 
     with pytest.raises(AttributeError, match="no attribute 'numbers'"):
         swav_ref.train.numbers  # a module config.py happens to import is no name of train's
+
+
+def test_settings_that_cannot_train_still_load_for_evaluation():
+    """A checkpoint's configuration from before the trainability checks (epsilon 0.002 trained
+    without a NaN) must still load, for eval and load_encoder; only training refuses it."""
+    config = TrainConfig.from_dict({**TrainConfig().to_dict(), "epsilon": 0.002, "momentum": 1.0, "batch_size": 1})
+    with pytest.raises(ConfigError, match="--momentum 1.0: must be below 1"):
+        config.check_trainable()
+    with pytest.raises(ConfigError, match="--epsilon 0.002: must be at least 0.003"):
+        dataclasses.replace(config, momentum=0.9, batch_size=2).check_trainable()

@@ -349,6 +349,16 @@ def test_a_users_error_under_mpiexec_is_one_line_and_status_2(mpiexec, tmp_path)
 
 
 @pytest.mark.mpi
+@pytest.mark.slow
+def test_a_warning_about_the_settings_is_printed_once_not_by_every_rank(mpiexec, tmp_path):
+    proc = _run([mpiexec, "-n", "2", sys.executable, "-m", "swav_ref", "train", "--epochs", "2", "--warmup-epochs",
+                 "5", "--batch-size", "256", "--n-prototypes", "30", "--no-evaluate", "--threads", "1",
+                 "--out-dir", str(tmp_path / "run")], timeout=120.0)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr.count("--warmup-epochs 5 is more than half of --epochs 2") == 1, proc.stderr
+
+
+@pytest.mark.mpi
 def test_workers_started_with_other_settings_are_stopped_naming_them(mpiexec, tmp_path):
     """One command per rank (mpiexec's ``A : B``) with another batch size: it ended in an MPI
     error about a truncated message (another seed ran on, silently)."""

@@ -118,6 +118,12 @@ def test_nearest_neighbours_are_a_stable_sort_of_the_similarities(backend, seed)
         np.testing.assert_array_equal(B.to_numpy(got), expected, err_msg=f"b={b} n={n} k={k}")
 
 
+def test_nearest_neighbours_refuses_a_k_out_of_range():
+    for k in (0, 4):  # once "operands could not be broadcast" and a quiet result
+        with pytest.raises(ValueError, match=f"1 <= k <= N, got shape \\(2, 3\\) and k={k}"):
+            E.nearest_neighbours(np.ones((2, 3)), k)
+
+
 def test_knn_small_temperature_does_not_overflow(backend, rng):
     train = B.asarray(rng.normal(size=(30, 4)), backend, dtype="float32")
     test = B.asarray(rng.normal(size=(10, 4)), backend, dtype="float32")
