@@ -422,6 +422,19 @@ def read_threads(data: dict, path: Path, results_dir: Path) -> list[Row]:
             for name, case in data.get("conditions", {}).items()]
 
 
+def read_knn(data: dict, path: Path, results_dir: Path) -> list[Row]:
+    """``bench_knn.py``: ``knn_predict`` against scikit-learn's search and against the full sort."""
+    rows = []
+    for name, case in data.get("cases", {}).items():
+        what = f"{data.get('what', 'kNN evaluation')}, {name}"
+        peers = (("sklearn_search_s", "scikit-learn's brute-force cosine search (search only)"),
+                 ("full_sort_s", "the same vote with a full sort of each row (before the partition)"))
+        rows += [Row(f"{what}: ours vs {peer}", case["ours_s"], case[key], "s", data.get("machine") or "CPU",
+                     _date(data, path), data.get("command", "python benchmarks/bench_knn.py"))
+                 for key, peer in peers if key in case]
+    return rows
+
+
 def read_training(data: dict, path: Path, results_dir: Path) -> list[Row]:
     """``swav-ref demo``'s results.json: each self-supervised method against supervised."""
     results = {r["method"]: r for r in data.get("results", [])}
@@ -464,6 +477,7 @@ READERS: dict[str, Reader] = {
     "bench_host.json": read_host,
     "bench_deepcluster_scaling.json": read_deepcluster_scaling,
     "bench_threads.json": read_threads,
+    "bench_knn.json": read_knn,
     **{name: read_training for name in TRAINING_RESULTS},
     # gpu_check.sh's record of its steps (commands, seconds, exit codes): for people, no table
     "gpu_check.json": lambda data, path, results_dir: [],
@@ -488,6 +502,7 @@ TITLES: dict[str, str] = {
     "bench_host.json": "Host time of a training step, ours vs PyTorch (CPU)",
     "bench_deepcluster_scaling.json": "SwAV vs DeepCluster-v2 as the data grow (CPU)",
     "bench_threads.json": "One BLAS thread vs the default (CPU)",
+    "bench_knn.json": "kNN evaluation, ours vs scikit-learn (CPU)",
     **{name: "Accuracy on digits, each method vs the supervised network" for name in TRAINING_RESULTS},
 }
 

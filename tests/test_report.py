@@ -644,3 +644,17 @@ def test_thread_rows_compare_one_thread_with_the_default_per_condition(report, t
     assert quiet.what == "SwAV on digits, 2 epochs, quiet: --threads 1 vs the BLAS default (2 threads)"
     assert quiet.ratio == pytest.approx(1.2) and busy.ratio == pytest.approx(0.5)
     assert busy.command == "python benchmarks/bench_threads.py"
+
+
+def test_knn_rows_compare_ours_with_scikit_learn_and_with_the_full_sort(report, tmp_path):
+    d = tmp_path / "knn"
+    d.mkdir()
+    write(d / "bench_knn.json", {
+        "what": "kNN evaluation, 50,000 training points", "machine": "x86_64 (2 cores)", "date": "2031-01-02",
+        "cases": {"k=20": {"ours_s": 2.0, "full_sort_s": 8.0, "sklearn_search_s": 4.0,
+                           "same_predictions_as_full_sort": True}}})
+    sklearn, full_sort = report.collect_rows(d)
+    assert sklearn.what == ("kNN evaluation, 50,000 training points, k=20: ours vs scikit-learn's brute-force "
+                            "cosine search (search only)")
+    assert sklearn.ratio == pytest.approx(0.5) and full_sort.ratio == pytest.approx(0.25)
+    assert full_sort.command == "python benchmarks/bench_knn.py"
