@@ -24,7 +24,8 @@
 # 1. state the problem (who can eat how much, how much of each dessert there is, who likes what),
 # 2. solve it exactly as a linear program (the optimum costs $-36$),
 # 3. solve the *entropy-regularised* version with Sinkhorn's algorithm and watch it approach
-#    the exact optimum as the regularisation strength $\lambda$ grows,
+#    the exact optimum as $\lambda$ grows ($P \propto e^{-\lambda M}$: $1/\lambda$ is the
+#    strength of the entropic regularisation),
 # 4. look at a pitfall of the original code: its stopping rule can stop early and report a
 #    cost that is *better than the optimum*, which is impossible for a valid allocation.
 #

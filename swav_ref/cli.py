@@ -28,18 +28,20 @@ from typing import Any, NoReturn
 from swav_ref.backend import BACKENDS
 from swav_ref.data.datasets import ARRAYS, DATASETS
 from swav_ref.data.multicrop import default_config
-from swav_ref.config import CHOICES, METHODS, TrainConfig
+from swav_ref.config import CHOICES, METHODS, UNUSED_BY, TrainConfig
 
 #: Help for each TrainConfig field, shown by ``swav-ref train --help``.
 OPTION_HELP = {
-    "method": f"training method: one of {', '.join(METHODS)}",
+    "method": f"training method: one of {', '.join(METHODS)} (supervised: the same network trained with the labels, "
+              "on the recipe's crops; the demo's supervised row uses the large crops only)",
     "dataset": "digits (embedded), cifar10 (binary version, needs --data-dir) or folder (needs --data-dir)",
     "data_dir": "folder holding the data set (cifar-10-batches-bin, or images / one sub-folder per class)",
     "backend": "array backend: numpy (CPU) or cupy (GPU, the gpu extra)",
     "dtype": "floating-point type of the model and data: float32 or float64",
     "tf32": "cupy only: float32 matrix products on TF32 tensor cores (faster on Ampere and later GPUs, "
             "about 3 significant digits per product; PyTorch's convolutions do the same by default)",
-    "arch": "backbone: resnet_tiny (8x8 digits) or resnet18 (CIFAR layout)",
+    "arch": "backbone: resnet_tiny (small, for 8x8 digits; the default on every data set) or resnet18 (CIFAR "
+            "layout)",
     "epochs": "number of epochs",
     "batch_size": "images per batch per worker",
     "n_crops": "number of crops of each size (large first), e.g. 2 6",
@@ -50,11 +52,13 @@ OPTION_HELP = {
     "hidden_dim": "width of the projection MLP (0 = one linear layer)",
     "feat_dim": "embedding dimension d",
     "n_prototypes": "number of prototypes K (several numbers = several prototype sets, as DeepCluster-v2)",
-    "epsilon": "entropic regularisation of Sinkhorn (smaller = sharper codes)",
-    "temperature": "softmax temperature tau of the swapped prediction",
-    "sinkhorn_iterations": "Sinkhorn-Knopp iterations per batch",
-    "queue_length": "embeddings kept in the queue per assignment crop (0 = no queue)",
-    "epoch_queue_starts": "epoch at which the queue is created (it joins the codes once full)",
+    "epsilon": "SwAV: entropic regularisation of Sinkhorn (smaller = sharper codes)",
+    "temperature": "softmax temperature tau of the swapped prediction (DeepCluster-v2: of its prediction of the "
+                   "cluster)",
+    "sinkhorn_iterations": "SwAV: Sinkhorn-Knopp iterations per batch",
+    "queue_length": "SwAV: embeddings kept in the queue per assignment crop, all workers together (each keeps "
+                    "its share); 0 = no queue",
+    "epoch_queue_starts": "SwAV: epoch at which the queue is created (it joins the codes once full)",
     "freeze_prototypes_niters": "SwAV: iterations during which the prototypes are not updated (DeepCluster-v2's, "
                                 "the k-means centroids, never are)",
     "optimizer": "lars (as SwAV) or sgd",
@@ -71,8 +75,9 @@ OPTION_HELP = {
     "seed": "random seed (data order, augmentation, initialisation)",
     "out_dir": "output folder: checkpoint.npz, metrics.jsonl, config.json, eval.json, training_curves.png "
                "(runs/<method> for a --method other than swav)",
-    "log_every": "log (and check for NaN and collapse) every N steps",
-    "checkpoint_every": "write a checkpoint every N epochs",
+    "log_every": "every N steps, bring the losses to the host, check them for NaN and collapse, write them to "
+                 "metrics.jsonl and update the bar (every step is recorded; a GPU waits only at these steps)",
+    "checkpoint_every": "write a checkpoint every N epochs (and always after this run's last epoch)",
     "stop_after": "stop after N epochs in this run (0 = train to the end); the learning-rate schedule still spans "
                   "--epochs, so --resume carries on (for time-limited cluster jobs)",
     "progress": "show the progress bar (default: when the error stream is a terminal; not into a log file, "
@@ -249,7 +254,8 @@ class Interrupted(UserError):
 def _add_dessert(sub) -> None:
     p = sub.add_parser("dessert", help="optimal transport on the dessert example (Sinkhorn vs exact)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--lam", type=float, default=10.0, help="entropic regularisation strength lambda")
+    p.add_argument("--lam", type=float, default=10.0,
+                   help="lambda of the plan P ~ exp(-lambda M): larger = less entropy, closer to the exact plan")
     p.add_argument("--out", default="dessert_out", help="folder for the figures")
     p.set_defaults(func=_run_dessert)
 
@@ -280,7 +286,8 @@ def _add_train(sub) -> None:
     _add_config_options(p, TrainConfig())
     p.add_argument("--resume", default=None, metavar="CHECKPOINT",
                    help="continue the run of this checkpoint (e.g. OUT_DIR/checkpoint.npz), bit for bit: every option "
-                        "not given takes the checkpoint's value, and the output goes to its folder unless --out-dir "
+                        "not given takes the checkpoint's value (but --stop-after and --progress, which belong to "
+                        "this job: give --stop-after again), and the output goes to its folder unless --out-dir "
                         "is given")
     p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the trained backbone (linear probe, kNN) at the end")
@@ -305,6 +312,7 @@ def _run_train(args: argparse.Namespace) -> int:
         args.progress = _bar_shown()
     if args.resume is None:
         config = _config_from_args(args, TrainConfig())
+        config.check_trainable()  # before anything is loaded, built or written
         if "out_dir" not in given and config.method != "swav":
             # Each method its own default folder: a DeepCluster-v2 or supervised run would
             # otherwise replace the SwAV run in runs/swav (it would warn first, but why risk it).
@@ -328,6 +336,10 @@ def _run_train(args: argparse.Namespace) -> int:
     if "warmup_epochs" in given and config.warmup_epochs > config.epochs // 2:
         warnings.warn(f"--warmup-epochs {config.warmup_epochs} is more than half of --epochs {config.epochs}: the "
                       f"warm-up is capped at {config.epochs // 2} epoch(s), so that the rate also decays", stacklevel=2)
+    unused = [name for name in UNUSED_BY[config.method] if name in given]
+    if unused:
+        warnings.warn(f"{', '.join('--' + n.replace('_', '-') for n in unused)}: not used by --method "
+                      f"{config.method}, so given for nothing", stacklevel=2)
     if comm.is_root:
         print(comm.describe(gpu=config.backend == "cupy"))
     out_dir_existed = Path(config.out_dir).exists()
@@ -454,6 +466,9 @@ def _run_eval(args: argparse.Namespace) -> int:
                         "(dataset 'arrays'), which the command line cannot load; evaluate it from Python: "
                         "swav_ref.encoder.load_encoder(path).features(images), then swav_ref.evaluate.evaluate_features "
                         "(linear probe and kNN) or a classifier of your choice")
+    if args.out and (args.out.endswith(("/", os.sep)) or Path(args.out).is_dir()):
+        raise UserError(f"--out {args.out}: a folder; eval's --out is the JSON file to write (train's and demo's "
+                        f"are folders), e.g. --out {Path(args.out) / 'eval.json'}")
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name("eval.json")
     # before the evaluation, not after it
     _output_folder(str(out.parent), "--out" if args.out else "eval.json goes next to the checkpoint (give --out): its folder")
@@ -514,7 +529,7 @@ def _resumed_config(args: argparse.Namespace, checkpoint: str, given: set[str],
     refused here, before anything is built or removed, unless ``workers`` as many resume it.
     Returns the configuration and, as options, the given settings that differ from the
     checkpoint's."""
-    from swav_ref.config import as_options
+    from swav_ref.config import ConfigError, as_options
     from swav_ref.resume import check_workers_for_local_state, load_trainer_checkpoint
 
     _, meta, saved = load_trainer_checkpoint(checkpoint)
@@ -524,6 +539,16 @@ def _resumed_config(args: argparse.Namespace, checkpoint: str, given: set[str],
     if "out_dir" not in given:
         here["out_dir"] = str(Path(checkpoint).parent)
     config = dataclasses.replace(saved, **here)  # a bad value raises ConfigError, reported in one line
+    try:  # a checkpoint of an earlier version, which trained with settings this one refuses
+        config.check_trainable()
+    except ConfigError as exc:
+        if exc.field in given:  # this command's own value
+            raise
+        # the batch and the crops shape the optimiser's and the queue's state: no resume can change them
+        way_on = ("" if exc.field in ("batch_size", "n_crops") else
+                  f"give --{exc.field.replace('_', '-')} with a value that trains, to resume it under that value, or ")
+        raise UserError(f"{exc}. {checkpoint} was trained with it, by an earlier version that accepted it; "
+                        f"{way_on}evaluate it: swav-ref eval {checkpoint}") from None
     changed = {name: getattr(config, name) for name in sorted(given)
                if name != "out_dir" and getattr(config, name) != getattr(saved, name)}
     return config, as_options(changed)
@@ -573,7 +598,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--n-prototypes", type=int, nargs="+", default=list(TrainConfig.n_prototypes), metavar="K",
                    help="prototypes per set, one value per set (several sets: DeepCluster-v2 only)")
     p.add_argument("--backend", default="numpy", choices=("numpy", "cupy"), help="array backend")
-    p.add_argument("--out", default="swav_out", help="folder for results.json and the figures")
+    p.add_argument("--out", default="swav_out",
+                   help="folder for results.json, the figures, and each run's seed<N>/<method>/ folder (checkpoint, "
+                        "metrics, config: swav-ref eval takes the checkpoint)")
     _add_threads_option(p)
     p.set_defaults(func=_run_demo)
 

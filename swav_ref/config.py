@@ -31,6 +31,15 @@ METHODS = ("swav", "deepcluster-v2", "supervised")
 CHOICES = {"method": METHODS, "dataset": (*DATASETS, ARRAYS), "backend": ("numpy", "cupy", "array_api_strict"),
            "dtype": ("float32", "float64"), "arch": ("resnet_tiny", "resnet18"), "optimizer": ("lars", "sgd"),
            "kmeans_init": ("k-means++", "random")}
+#: The settings each method leaves unused (the command line warns of one given to it).
+UNUSED_BY = {
+    "swav": ("kmeans_iters", "kmeans_restarts", "kmeans_init"),
+    "deepcluster-v2": ("epsilon", "sinkhorn_iterations", "queue_length", "epoch_queue_starts",
+                       "freeze_prototypes_niters"),  # its prototypes are the centroids: never stepped
+    "supervised": ("hidden_dim", "feat_dim", "n_prototypes", "crops_for_assign", "epsilon", "temperature",
+                   "sinkhorn_iterations", "queue_length", "epoch_queue_starts", "freeze_prototypes_niters",
+                   "kmeans_iters", "kmeans_restarts", "kmeans_init"),  # a linear classifier on the backbone
+}
 #: The multi-crop fields of TrainConfig whose default (None) is the data set's recipe.
 CROP_FIELDS = ("n_crops", "crop_sizes", "min_scale", "max_scale")
 #: SwAV's smallest epsilon: cosine scores span up to 2, so Sinkhorn's smallest entry is about
@@ -41,7 +50,12 @@ MIN_EPSILON = 0.003
 
 class ConfigError(ValueError):
     """A setting, or a combination of settings, that cannot train; the message names the
-    option as the command line spells it and the rule it breaks."""
+    option as the command line spells it and the rule it breaks. ``field`` is the
+    TrainConfig field refused, where the error is about one."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def recipe_name(dataset: str) -> str:
@@ -190,7 +204,7 @@ class TrainConfig:
     def _refuse(self, name: str, rule: str) -> None:
         value = getattr(self, name)
         shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
-        raise ConfigError(f"--{name.replace('_', '-')} {shown}: {rule}")
+        raise ConfigError(f"--{name.replace('_', '-')} {shown}: {rule}", field=name)
 
     def _check_choices(self) -> None:
         for name, allowed in CHOICES.items():

@@ -730,7 +730,8 @@ class Resumable:
             workers = meta.get("world_size", "other")
             warnings.warn(f"{path}: {epochs} epoch{'s' * (epochs != 1)} of {saved_per_epoch} steps "
                           f"({workers} worker{'' if workers == 1 else 's'}) "
-                          f"continue with {self.steps_per_epoch} steps per epoch ({self.comm.size} workers) from "
+                          f"continue with {self.steps_per_epoch} steps per epoch ({self.comm.size} worker"
+                          f"{'' if self.comm.size == 1 else 's'}) from "
                           f"epoch {epochs + 1}: the schedule carries on, but not bit for bit{freeze_note}",
                           stacklevel=4)
         return epochs * self.steps_per_epoch

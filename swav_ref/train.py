@@ -260,7 +260,6 @@ class Trainer(Resumable):
                 raise TypeError(f"Trainer({name}=...): must be an ImageDataset, got {type(data).__name__}; wrap "
                                 "the arrays as ImageDataset(images, labels) (uint8 images, N x C x H x W)")
         self.config = cfg = config
-        cfg.check_trainable()  # before the data are loaded (the recipe's own crops are always trainable)
         if comm is None:  # launched under mpiexec: one rank's error must end the job, not hang the others
             comm = get_communicator()
             install_abort_on_exception(comm)
@@ -634,7 +633,12 @@ class Trainer(Resumable):
         run goes to another ``out_dir``. Should this run diverge before its first save, its
         error says that the checkpoint there is the earlier run's, not a good state of
         this one.
+
+        Settings that cannot train (:meth:`~swav_ref.config.TrainConfig.check_trainable`)
+        are refused first: a trainer built from such a checkpoint's configuration can still
+        load its weights, to be evaluated.
         """
+        self.config.check_trainable()
         if resume is not None:
             self.load(resume)  # (on other workers, it rescales the prototype freeze)
         cfg = self.config

@@ -426,3 +426,17 @@ def test_a_run_refused_for_its_evaluation_leaves_no_folder_behind(tmp_path, caps
     assert main(argv) == 2
     assert "a classifier needs 2 or more" in capsys.readouterr().err
     assert not out.exists()  # the trainer had made it, empty
+
+
+@pytest.mark.parametrize("argv, unused", [
+    (["--method", "supervised", "--epsilon", "0.5", "--queue-length", "256"],
+     "--n-prototypes, --epsilon, --queue-length"),
+    (["--method", "deepcluster-v2", "--sinkhorn-iterations", "5"], "--sinkhorn-iterations"),
+    (["--kmeans-iters", "3"], "--kmeans-iters"),
+])
+def test_an_option_the_method_does_not_use_is_warned_of(tmp_path, argv, unused):
+    """They trained without a word: a typo'd --method, or a recipe copied across methods."""
+    method = argv[1] if argv[0] == "--method" else "swav"
+    with pytest.warns(UserWarning, match=f"^{unused}: not used by --method {method}, so given for nothing$"):
+        assert main(["train", *argv, "--epochs", "1", "--batch-size", "256", "--n-prototypes", "30",
+                     "--no-evaluate", "--out-dir", str(tmp_path / "run")]) == 0

@@ -17,7 +17,7 @@ import pytest
 from small_runs import small_config
 from swav_ref import checkpoint as ckpt
 from swav_ref.results import save_results_json
-from swav_ref.train import Trainer, scheduled_rate
+from swav_ref.train import Trainer, TrainConfig, scheduled_rate
 
 #: Most tests here resume a short run for more epochs, which warns of the new learning-rate
 #: schedule; the test that checks that warning records it itself.
@@ -207,6 +207,28 @@ def test_a_save_removes_the_files_of_workers_an_earlier_run_had_and_this_one_lac
     assert not any(f.exists() for f in absent)
     assert unrelated.exists()
     assert [f.name for f in out.glob("checkpoint.*local.npz")] == ["checkpoint.rank0.step5.local.npz"]
+
+
+def test_a_checkpoint_of_settings_that_no_longer_train_evaluates_and_says_how_to_resume(
+        tiny, finished_runs, tmp_path, capsys):
+    """Epsilon 0.002 trained without a NaN before MIN_EPSILON: its weights still load, and a
+    resume names the way on instead of blaming the user for a value never typed."""
+    from swav_ref.cli import main
+    from swav_ref.train import ConfigError
+
+    copy_of(finished_runs, "one_epoch", tmp_path)
+    path = tmp_path / "run" / "checkpoint.npz"
+    arrays, meta = ckpt.load_checkpoint(path)
+    meta["config"]["epsilon"] = 0.002
+    ckpt.save_checkpoint(path, arrays, meta)
+    saved = Trainer(TrainConfig.from_dict(meta["config"]), train_set=tiny[0], test_set=tiny[1])
+    saved.load(path, weights_only=True)  # (the constructor refused it for a while)
+    with pytest.raises(ConfigError, match="--epsilon 0.002: must be at least 0.003"):
+        saved.fit()
+    assert main(["train", "--resume", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert (f"was trained with it, by an earlier version that accepted it; give --epsilon with a value that "
+            f"trains, to resume it under that value, or evaluate it: swav-ref eval {path}") in err
 
 
 def test_a_queue_setting_that_differs_from_the_checkpoints_is_refused(tiny, finished_runs, tmp_path):

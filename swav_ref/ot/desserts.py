@@ -106,7 +106,8 @@ def original_sinkhorn(
     c : array (m,)
         target masses, of the same total as ``r``.
     lam : float
-        regularisation strength :math:`\lambda`.
+        :math:`\lambda` of the plan :math:`P \propto e^{-\lambda M}`, the inverse of the
+        entropic regularisation: larger means less entropy, closer to the exact plan.
     tol : float
         threshold on the change of the row sums (the original used 1e-5 for its printed
         values).
