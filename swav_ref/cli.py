@@ -466,7 +466,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                         "(dataset 'arrays'), which the command line cannot load; evaluate it from Python: "
                         "swav_ref.encoder.load_encoder(path).features(images), then swav_ref.evaluate.evaluate_features "
                         "(linear probe and kNN) or a classifier of your choice")
-    if args.out and (args.out.endswith(("/", os.sep)) or Path(args.out).is_dir()):
+    if args.out and args.out.endswith(("/", os.sep)) and not Path(args.out).is_dir():  # (a folder: below)
         raise UserError(f"--out {args.out}: a folder; eval's --out is the JSON file to write (train's and demo's "
                         f"are folders), e.g. --out {Path(args.out) / 'eval.json'}")
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name("eval.json")

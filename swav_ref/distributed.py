@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from typing import Any, Mapping
 
@@ -348,6 +349,9 @@ class MPICommunicator:
         """Print ``message`` with this rank's number and end every process of the job."""
         print(f"[rank {self.rank}/{self.size}] {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        # The launcher forwards a rank's output on its own schedule, and the abort kills the
+        # ranks at once: without a moment's grace the message was lost, once in a few runs.
+        time.sleep(0.5)
         self.comm.Abort(code)
         # MPICH (the PyPI wheel) returns from MPI_Abort and leaves its launcher to end the
         # processes a moment later: this one must not go on meanwhile

@@ -339,8 +339,11 @@ def test_uncaught_exception_on_one_rank_ends_the_job(mpiexec):
 @pytest.mark.mpi
 def test_a_users_error_under_mpiexec_is_one_line_and_status_2(mpiexec, tmp_path):
     """As in one process: it was a traceback from every rank and status 1."""
-    proc = _run([mpiexec, "-n", "2", sys.executable, "-m", "swav_ref", "train", "--batch-size", "1",
-                 "--out-dir", str(tmp_path / "run")], timeout=60.0)
+    command = [mpiexec, "-n", "2", sys.executable, "-m", "swav_ref", "train", "--batch-size", "1", "--out-dir",
+               str(tmp_path / "run")]
+    proc = _run(command, timeout=60.0)
+    if not proc.stdout + proc.stderr:  # MPICH's launcher can drop output at an abort: see the test above
+        proc = _run(command, timeout=60.0)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output
     assert "swav-ref: error: --batch-size 1: must be at least 2" in proc.stderr
@@ -364,8 +367,10 @@ def test_workers_started_with_other_settings_are_stopped_naming_them(mpiexec, tm
     error about a truncated message (another seed ran on, silently)."""
     command = [sys.executable, "-m", "swav_ref", "train", "--epochs", "1", "--no-evaluate", "--n-prototypes", "30",
                "--out-dir", str(tmp_path / "run")]
-    proc = _run([mpiexec, "-n", "1", *command, "--batch-size", "32", ":", "-n", "1", *command, "--batch-size", "48"],
-                timeout=90.0)
+    launch = [mpiexec, "-n", "1", *command, "--batch-size", "32", ":", "-n", "1", *command, "--batch-size", "48"]
+    proc = _run(launch, timeout=90.0)
+    if "swav-ref: error" not in proc.stderr:  # MPICH's launcher can drop output at an abort: see above
+        proc = _run(launch, timeout=90.0)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output
     assert "rank 1 was started with --batch-size 48, rank 0 with --batch-size 32" in proc.stderr
