@@ -253,7 +253,7 @@ class Interrupted(UserError):
 # -- dessert -------------------------------------------------------------------------------
 def _add_dessert(sub) -> None:
     p = sub.add_parser("dessert", help="optimal transport on the dessert example (Sinkhorn vs exact)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsInHelp)
     p.add_argument("--lam", type=float, default=10.0,
                    help="lambda of the plan P ~ exp(-lambda M): larger = less entropy, closer to the exact plan")
     p.add_argument("--out", default="dessert_out", help="folder for the figures")
@@ -273,11 +273,17 @@ def _run_dessert(args: argparse.Namespace) -> int:
 
 # -- train ---------------------------------------------------------------------------------
 class _DefaultsInHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Each option's help ends with its default, except where the default is None: the
-    help of those says in words what happens (the data set's recipe, no data folder)."""
+    """Each option's help ends with its default as it is typed (``0 1``, not ``[0, 1]``),
+    except where the default is None: the help of those says in words what happens (the
+    data set's recipe, no data folder)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None:
+            return action.help
+        shown = super()._get_help_string(action)
+        if isinstance(action.default, (list, tuple)):
+            shown = shown.replace("%(default)s", " ".join(map(str, action.default)))
+        return shown
 
 
 def _add_train(sub) -> None:
@@ -590,7 +596,7 @@ DEMO_EPOCHS = 20
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job: SwAV on digits (CPU, minutes), evaluated against baselines",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsInHelp)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; the table shows mean ± std")
     p.add_argument("--methods", nargs="+", default=["swav"], choices=("swav", "deepcluster-v2"),
                    help="self-supervised methods to train (each compared with the same baselines)")

@@ -440,3 +440,12 @@ def test_an_option_the_method_does_not_use_is_warned_of(tmp_path, argv, unused):
     with pytest.warns(UserWarning, match=f"^{unused}: not used by --method {method}, so given for nothing$"):
         assert main(["train", *argv, "--epochs", "1", "--batch-size", "256", "--n-prototypes", "30",
                      "--no-evaluate", "--out-dir", str(tmp_path / "run")]) == 0
+
+
+def test_list_defaults_are_shown_as_they_are_typed(capsys):
+    for argv, shown in ((["train", "--help"], "(default: 0 1)"), (["demo", "--help"], "(default: swav)")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = capsys.readouterr().out
+        assert shown in " ".join(out.split()), argv  # (help wraps lines)
+        assert "(default: [" not in out and "(default: ['" not in out, argv
