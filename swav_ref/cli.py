@@ -536,7 +536,7 @@ def _resumed_config(args: argparse.Namespace, checkpoint: str, given: set[str],
     Returns the configuration and, as options, the given settings that differ from the
     checkpoint's."""
     from swav_ref.config import ConfigError, as_options
-    from swav_ref.resume import check_workers_for_local_state, load_trainer_checkpoint
+    from swav_ref.resume import SHAPE_THE_STATE, check_workers_for_local_state, load_trainer_checkpoint
 
     _, meta, saved = load_trainer_checkpoint(checkpoint)
     check_workers_for_local_state(checkpoint, meta, workers)
@@ -550,8 +550,8 @@ def _resumed_config(args: argparse.Namespace, checkpoint: str, given: set[str],
     except ConfigError as exc:
         if exc.field in given:  # this command's own value
             raise
-        # the batch and the crops shape the optimiser's and the queue's state: no resume can change them
-        way_on = ("" if exc.field in ("batch_size", "n_crops") else
+        # (a setting that shapes the state, as the batch, no resume can change)
+        way_on = ("" if exc.field in SHAPE_THE_STATE else
                   f"give --{exc.field.replace('_', '-')} with a value that trains, to resume it under that value, or ")
         raise UserError(f"{exc}. {checkpoint} was trained with it, by an earlier version that accepted it; "
                         f"{way_on}evaluate it: swav-ref eval {checkpoint}") from None

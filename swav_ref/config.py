@@ -250,8 +250,9 @@ class TrainConfig:
 
     def check_trainable(self) -> None:
         """The settings a run cannot train with, though a configuration may hold them (a
-        checkpoint written before these checks loads, to be evaluated): called by the
-        :class:`~swav_ref.train.Trainer` before anything is built or written."""
+        checkpoint written before these checks loads, to be evaluated): called by
+        :meth:`Trainer.fit <swav_ref.train.Trainer.fit>` first, and by the command line
+        before anything is loaded, built or written."""
         if self.momentum >= 1:
             self._refuse("momentum", "must be below 1 (at 1 or more the velocity adds up every gradient "
                                      "without decay and grows without bound)")

@@ -52,6 +52,12 @@ RESUME_MAY_CHANGE = ("epochs", "stop_after", "out_dir", "progress", "log_every",
                      "backend", "tf32", "data_dir", "image_size")
 
 
+#: The settings that shape a model's weights (a checkpoint's must be kept even to evaluate
+#: it), and with them those that shape the optimiser's, the queue's and the workers' state
+#: (kept on a resume: :meth:`swav_ref.resume.Resumable.load` refuses others).
+SHAPE_THE_MODEL = ("method", "arch", "n_prototypes", "feat_dim", "hidden_dim")
+SHAPE_THE_STATE = (*SHAPE_THE_MODEL, "batch_size", "dataset", "queue_length", *CROP_FIELDS)
+
 DIVERGENCE_ADVICE = ("Try a lower --base-lr or a longer warm-up (--warmup-epochs), and check the other rates "
                      "(--final-lr, --start-warmup and --weight-decay, which a typo can make huge); with your own "
                      "model, check that features and prototypes are L2-normalised.")
@@ -530,9 +536,7 @@ class Resumable:
         so that nobody continues a run under another recipe by accident.
         """
         arrays, meta, saved = load_trainer_checkpoint(path)
-        compared = ("method", "arch", "n_prototypes", "feat_dim", "hidden_dim")
-        if not weights_only:  # these shape the optimiser's and the workers' state too
-            compared += ("batch_size", "dataset", "queue_length", *CROP_FIELDS)
+        compared = SHAPE_THE_MODEL if weights_only else SHAPE_THE_STATE
         differ = [name for name in compared if getattr(saved, name) != getattr(self.config, name)]
         if differ:  # all of them in one message, not one per attempt
             raise ckpt.CheckpointError(
@@ -729,9 +733,9 @@ class Resumable:
         if self.comm.is_root:
             workers = meta.get("world_size", "other")
             warnings.warn(f"{path}: {epochs} epoch{'s' * (epochs != 1)} of {saved_per_epoch} steps "
-                          f"({workers} worker{'' if workers == 1 else 's'}) "
+                          f"({workers} worker{'s' * (workers != 1)}) "
                           f"continue with {self.steps_per_epoch} steps per epoch ({self.comm.size} worker"
-                          f"{'' if self.comm.size == 1 else 's'}) from "
+                          f"{'s' * (self.comm.size != 1)}) from "
                           f"epoch {epochs + 1}: the schedule carries on, but not bit for bit{freeze_note}",
                           stacklevel=4)
         return epochs * self.steps_per_epoch
