@@ -54,7 +54,7 @@ RESUME_MAY_CHANGE = ("epochs", "stop_after", "out_dir", "progress", "log_every",
 
 #: The settings that shape a model's weights (a checkpoint's must be kept even to evaluate
 #: it), and with them those that shape the optimiser's, the queue's and the workers' state
-#: (kept on a resume: :meth:`swav_ref.resume.Resumable.load` refuses others).
+#: (kept on a resume: ``Resumable.load`` refuses others).
 SHAPE_THE_MODEL = ("method", "arch", "n_prototypes", "feat_dim", "hidden_dim")
 SHAPE_THE_STATE = (*SHAPE_THE_MODEL, "batch_size", "dataset", "queue_length", *CROP_FIELDS)
 
