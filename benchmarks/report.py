@@ -339,6 +339,9 @@ def read_gpu(data: dict, path: Path, results_dir: Path) -> list[Row]:
         if "error" in c:
             print(f"report: {path.name}: case {name} failed: {c['error']}", file=sys.stderr)
             continue
+        if "unavailable" in c:  # a case the GPU library cannot run: a row that says so
+            rows.append(Row(c["what"] + _gpu_provenance(data), None, None, "s", machine, _date(data, path), command))
+            continue
         ours = c.get("ours_ms")
         peer = c.get("torch_ms", c.get("peer_ms"))
         what = c.get("what")  # newer files describe each case, peer included

@@ -413,3 +413,14 @@ def test_initialisation_is_seeded_and_documented():
     bn = L.BatchNorm2d(3)
     np.testing.assert_array_equal(bn.params["weight"], np.ones(3))
     np.testing.assert_array_equal(bn.params["bias"], np.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64])
+def test_integer_range_bounds_are_exact_floats(dtype):
+    """The bounds that refuse a float buffer value beyond an integer dtype (a GPU's cast
+    saturates, so the round trip alone lets 2.0**63 through as int64) are the dtype's
+    smallest value and its largest plus one, exactly."""
+    low, high = L._integer_range(dtype)
+    info = np.iinfo(dtype)
+    assert int(low) == info.min and int(high) == info.max + 1
+    assert float(int(low)) == low and float(int(high)) == high

@@ -549,6 +549,63 @@ def test_failed_gpu_cases_are_reported_not_tabled(report, tmp_path, capsys):
     assert "resnet18 failed: RuntimeError: boom" in capsys.readouterr().err
 
 
+def test_a_gpu_case_the_library_cannot_run_is_tabled_as_such(report, tmp_path, capsys):
+    """A case recorded ``unavailable`` (CuPy refuses cuBLAS during a CUDA graph capture)
+    is a row that says why, with no numbers, and not a failure on stderr."""
+    d = tmp_path / "gpu"
+    d.mkdir()
+    write(d / "bench_gpu_probes.json", {"machine": "Fake GPU", "fused_kernels": True, "cases": {
+        "resnet18_cifar_step_b256_graph_replay": {"what": "step from a CUDA graph: not measurable here (no cuBLAS)",
+                                                  "unavailable": "no cuBLAS"}}})
+    rows = report.collect_rows(d)
+    assert [(r.what, r.ours, r.peer, r.ratio) for r in rows] == [
+        ("step from a CUDA graph: not measurable here (no cuBLAS)", None, None, None)]
+    assert "failed" not in capsys.readouterr().err
+    assert "not measurable here" in report.markdown_report(report.collect_groups(d))
+
+
+def test_a_refused_graph_capture_is_recorded_as_unavailable_not_as_an_error():
+    """bench_gpu's graph probe on a library that refuses a call during capture (CuPy's
+    cuBLAS, imitated here by a fake CUDA stream): the case says so and the run goes on."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_gpu
+
+    class Stream:
+        def __init__(self, non_blocking):
+            self.capturing = False
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def synchronize(self):
+            pass
+
+        def begin_capture(self):
+            self.capturing = True
+
+        def end_capture(self):
+            self.capturing = False
+
+    def step():
+        if stream_made[-1].capturing:
+            raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
+
+    stream_made = []
+
+    def make_stream(non_blocking):
+        stream_made.append(Stream(non_blocking))
+        return stream_made[-1]
+
+    xp = type("xp", (), {"cuda": type("cuda", (), {"Stream": staticmethod(make_stream)})})
+    setup = type("Setup", (), {"device": "cuda", "xp": xp, "sync": staticmethod(lambda: None)})()
+    with pytest.raises(bench_gpu.CaptureUnsupported, match="cuBLAS"):
+        bench_gpu.replayable(setup, step)
+    assert not stream_made[-1].capturing  # capture mode was left
+
+
 def test_gpu_rows_written_before_the_fused_kernels_say_so(report, results):
     """Files without a ``fused_kernels`` field predate swav_ref.fused (the next GPU check
     replaces them); their rows carry the mark, CPU rows never do."""

@@ -78,6 +78,16 @@ def _as_namespace(xp: Any) -> types.ModuleType:
 FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
+def _integer_range(dtype: Any) -> tuple[float, float]:
+    """The half-open range ``[low, high)`` of an integer dtype's values as exact floats:
+    ``[-2**(bits-1), 2**(bits-1))`` when signed, ``[0, 2**bits)`` when not. Powers of two,
+    unlike the largest integer itself (``float(2**63 - 1)`` rounds up to ``2.0**63``)."""
+    info = np.iinfo(host_dtype(dtype))
+    if info.min < 0:
+        return -(2.0 ** (info.bits - 1)), 2.0 ** (info.bits - 1)
+    return 0.0, 2.0**info.bits
+
+
 def _resolve_dtype(xp: types.ModuleType, dtype: Any) -> Any:
     """``xp``'s dtype for a name (``"float32"``) or for another backend's dtype; ``ValueError``
     naming it unless it is one of ``FLOAT_DTYPES`` (float16, float32, float64) that ``xp`` has."""
@@ -327,6 +337,12 @@ class Module:
                     why = f"not finite as {host_dtype(target).name} (NaN or inf, or too large for it)"
                 else:  # an integer buffer: the values must survive the cast exactly
                     ok = xp.all((xp.astype(cast, value.dtype) == value) & ((cast < 0) == (value < 0)))
+                    if xp.isdtype(value.dtype, "real floating"):
+                        # and lie in its range, said outright: a GPU's cast saturates
+                        # (2.0**63 -> 2**63 - 1, which rounds back to 2.0**63 and so survives
+                        # the round trip) where NumPy's wraps to a negative number
+                        low, high = _integer_range(target)
+                        ok = ok & xp.all((value >= low) & (value < high))
                     why = f"not integers in the range of {host_dtype(target).name}"
             if not bool(ok):
                 refused.append(f"{name}: {why}")
