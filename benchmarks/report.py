@@ -305,7 +305,7 @@ def read_resnet(data: dict, path: Path, results_dir: Path) -> list[Row]:
     machine = _gpu_machine(results_dir) if gpu else _cpu_machine(data)
     sides = "ours (CuPy) vs torch CUDA" if gpu else "ours (NumPy) vs torch CPU"
     if gpu:
-        sides += f" ({data.get('precision', OLD_GPU_PRECISION)})"
+        sides += f", {data.get('precision', OLD_GPU_PRECISION)}"
     command = "python benchmarks/bench_resnet.py" + (" --backend cupy" if gpu else "")
     if data.get("tf32"):
         command += " --tf32"

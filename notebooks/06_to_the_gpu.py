@@ -266,7 +266,8 @@ print(f"fused kernels enabled: {fused.enabled()}; used on this backend: {fused.a
 # - **Fewer launches.** Each CuPy operation also costs the host several microseconds to
 #   issue, however small its array, and that cost does not shrink with a faster GPU: before
 #   the fused kernels, the H200 took 23 ms for a `resnet_tiny` step on 8x8 images, where it
-#   had almost nothing to compute, against PyTorch's 3.7 ms. `benchmarks/bench_launches.py`
+#   had almost nothing to compute, against PyTorch's 3.7 ms; with them, 7.9 ms against
+#   4.2 ms (the README's older ResNet table, 2026-11-29). `benchmarks/bench_launches.py`
 #   counts the kernels a step launches, exactly and on any machine (it runs the step on a
 #   NumPy array subclass that tallies every operation). The fused kernels cut a ResNet-18
 #   step from about 1,600 launches to under 500:

@@ -340,7 +340,7 @@ def test_gpu_network_rows_say_how_each_side_computed(report, tmp_path):
                                               "fused_kernels": True}
         write(d / "bench_resnet_cupy.json", {"backend": "cupy", "cases": case, **extra})
         (row,) = report.collect_rows(d)
-        assert f"({precision or report.OLD_GPU_PRECISION})" in row.what and row.command.endswith(command_ends)
+        assert f"torch CUDA, {precision or report.OLD_GPU_PRECISION}" in row.what and row.command.endswith(command_ends)
     d = tmp_path / "old_bench_gpu"
     d.mkdir()
     write(d / "bench_gpu.json", {"cases": {"resnet18_cifar_step_b256": {"ours_ms": 50.0, "torch_ms": 15.0},
