@@ -306,6 +306,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from swav_ref.distributed import get_communicator, install_abort_on_exception
     from swav_ref.experiment import METHOD_NAMES, check_evaluable, evaluate_trainer
     from swav_ref.results import format_results, results_table, save_results_json
+    from swav_ref.resume import WRITTEN_BY
     from swav_ref.train import Trainer
 
     _limit_threads(args.threads)
@@ -387,6 +388,7 @@ def _run_train(args: argparse.Namespace) -> int:
         # kept, not only printed: a batch job's log may be lost (swav-ref eval writes the same
         # file, with the raw-pixel baseline beside it)
         save_results_json(out / "eval.json", [row], metadata={"checkpoint": str(out / "checkpoint.npz"),
+                                                               "written_by": WRITTEN_BY,
                                                                "step": trainer.step, "config": config.to_dict(),
                                                                "k_used": table.attrs["k_used"]})
         print(f"results:    {out / 'eval.json'}")
@@ -461,7 +463,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from swav_ref.evaluate import evaluate_features, raw_pixel_features
     from swav_ref.results import format_results, results_table, save_results_json
     from swav_ref.experiment import METHOD_NAMES
-    from swav_ref.resume import load_trainer_checkpoint
+    from swav_ref.resume import WRITTEN_BY, load_trainer_checkpoint
 
     _one_process_only("eval")
     _limit_threads(args.threads)
@@ -510,7 +512,9 @@ def _run_eval(args: argparse.Namespace) -> int:
                  **evaluate_features(train_features, train.labels, test_features, test.labels, seed=config.seed)})
     table = results_table(rows)
     print(format_results(table))
-    save_results_json(out, rows, metadata={"checkpoint": str(args.checkpoint), "config": config.to_dict(),
+    save_results_json(out, rows, metadata={"checkpoint": str(args.checkpoint),
+                                           "written_by": meta.get("written_by"), "evaluated_by": WRITTEN_BY,
+                                           "config": config.to_dict(),
                                            "k_used": table.attrs["k_used"]})
     print(f"results: {out}")
     return 0

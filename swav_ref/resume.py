@@ -18,12 +18,14 @@ import hashlib
 import math
 import os
 import re
+import reprlib
 import warnings
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import numpy as np
 
+from swav_ref import __version__
 from swav_ref import checkpoint as ckpt
 from swav_ref.config import CROP_FIELDS, ConfigError, TrainConfig, as_options, scheduled_rate
 from swav_ref.data.datasets import FOLDER_DECODER, DatasetError, ImageDataset
@@ -32,6 +34,10 @@ from swav_ref.deepcluster import IGNORE_INDEX, MemoryBank
 from swav_ref.swav.queue import queue_length_per_worker
 
 CHECKPOINT_FORMAT = "swav_ref.trainer/1"
+#: The package and version that wrote a checkpoint, as its metadata records it; for the
+#: reader (``swav-ref eval`` copies it into its results), never for the loader: checkpoints
+#: written before the field existed have none and load all the same.
+WRITTEN_BY = f"swav_ref {__version__}"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -113,6 +119,7 @@ def checked_metadata(path: str | os.PathLike, arrays: dict[str, np.ndarray], met
     ``world_size`` whole numbers (``world_size`` required with per-worker files);
     ``local_ranks`` distinct ranks below ``world_size`` (all of them, or none, as written),
     with one ``local_files`` base name each (no folder: they lie beside the checkpoint);
+    ``written_by`` a short text (``WRITTEN_BY``);
     ``log`` a list of records (the epochs'; the steps' are the ``log.*`` arrays, see
     :func:`check_log_columns`); ``normalisation`` a mean in [0, 1] and a std in (0, 1] per input
     channel of the stored first convolution (statistics of [0, 1] pixels; 1 for a constant
@@ -161,6 +168,8 @@ def checked_metadata(path: str | os.PathLike, arrays: dict[str, np.ndarray], met
         if r.get("kind") == "step" and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
             raise refuse("log", f"holds a step record whose loss is {loss!r}, not a number")
     check_log_columns(path, arrays, meta)
+    if "written_by" in meta and not (isinstance(meta["written_by"], str) and len(meta["written_by"]) <= 200):
+        raise refuse("written_by", f"is {reprlib.repr(meta['written_by'])}, not the name and version of a program")
     if "monitor_fired" in meta and not isinstance(meta["monitor_fired"], bool):
         raise refuse("monitor_fired", f"is {meta['monitor_fired']!r}, not true or false")
     conv1 = arrays.get("model.backbone.conv1.weight")
@@ -421,6 +430,7 @@ class Resumable:
         has_local = self.queue is not None or self.bank is not None  # on every worker or on none
         meta = {
             "format": CHECKPOINT_FORMAT,
+            "written_by": WRITTEN_BY,  # for a reader's report; loading never depends on it
             "config": self.config.to_dict(),
             "step": self.step,
             "steps_per_epoch": self.steps_per_epoch,

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import swav_ref
 from swav_ref.cli import OPTION_HELP, build_parser, main
 from swav_ref.train import TrainConfig
 
@@ -60,6 +61,7 @@ def test_train_then_eval_on_an_image_folder(tmp_path, capsys):
     # the printed table is kept too (a batch job's log may be lost): the same numbers
     kept = json.loads((out / "eval.json").read_text())
     assert [r["method"] for r in kept["results"]] == ["SwAV"] and kept["metadata"]["config"]["epochs"] == 2
+    assert kept["metadata"]["written_by"] == f"swav_ref {swav_ref.__version__}"
     assert f"{100 * kept['results'][0]['linear probe']['mean']:.1f}" in printed and kept["metadata"]["step"] > 0
     # a run that replaces this one's checkpoint without evaluating takes its scores away too
     assert main(["train", "--dataset", "folder", "--data-dir", str(tmp_path / "images"), "--epochs", "1",
@@ -73,7 +75,10 @@ def test_train_then_eval_on_an_image_folder(tmp_path, capsys):
                      "--seed", "1"]) == 0
     assert not (tmp_path / "again" / "eval.json").exists()
     assert main(["eval", str(out / "checkpoint.npz"), "--out", str(tmp_path / "eval.json")]) == 0
-    rows = json.loads((tmp_path / "eval.json").read_text())["results"]
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    rows = evaluated["results"]
+    # which version wrote the checkpoint and which evaluated it (a checkpoint outlives a release)
+    assert evaluated["metadata"]["written_by"] == evaluated["metadata"]["evaluated_by"] == kept["metadata"]["written_by"]
     methods = [r["method"] for r in rows]
     assert methods[0] == "raw pixels" and methods[1].startswith("SwAV")
     assert all(0.0 <= r["linear probe"]["mean"] <= 1.0 for r in rows)

@@ -213,7 +213,7 @@ def _trainer_file(tmp_path, drop=(), **changes):
     meta = {"format": CHECKPOINT_FORMAT, "config": config, "step": 5, "steps_per_epoch": 5, "world_size": 1,
             "normalisation": {"mean": [0.3], "std": [0.37]},
             "data": {"name": "digits/train", "n_images": 160, "image_shape": [1, 8, 8]},
-            "local_ranks": [], "local_files": [], "monitor_fired": False,
+            "local_ranks": [], "local_files": [], "monitor_fired": False, "written_by": "swav_ref 0.1.0",
             "log": [{"kind": "step", "step": 0, "loss": 2.3}]}
     for key in drop:
         meta.pop(key)
@@ -230,7 +230,7 @@ def test_load_trainer_checkpoint_reads_old_checkpoints_without_the_later_entries
     per-worker files, the log...) may be missing, as in checkpoints of older versions."""
     load_trainer_checkpoint(_trainer_file(tmp_path))
     old = _trainer_file(tmp_path, drop=("steps_per_epoch", "world_size", "normalisation", "data", "local_ranks",
-                                        "local_files", "monitor_fired", "log"))
+                                        "local_files", "monitor_fired", "written_by", "log"))
     assert load_trainer_checkpoint(old)[2].feat_dim == 8
 
 
@@ -258,6 +258,8 @@ def test_an_npz_of_another_program_is_not_a_checkpoint_whatever_its_members(tmp_
     (dict(step="abc"), "its step is 'abc', not a whole number"),
     (dict(step=True), "its step is True, not a whole number"),
     (dict(steps_per_epoch=0), "its steps_per_epoch is 0, not a whole number"),
+    (dict(written_by=["swav_ref"]), r"its written_by is \['swav_ref'\], not the name and version of a program"),
+    (dict(written_by="x" * 201), "its written_by is 'xxxxxxxxxxxx...xxxxxxxxxxxxx', not the name and version"),
     (dict(world_size=None, local_ranks=[0], local_files=["x.npz"]), "its world_size is missing, yet local_ranks"),
     (dict(local_ranks="abc"), "its local_ranks is 'abc', not a list of worker ranks"),
     (dict(local_ranks=[0], local_files=["../../etc/passwd"]), r"its local_files is \['../../etc/passwd'\], not a list"),
