@@ -18,6 +18,12 @@ from matplotlib.figure import Figure
 def training_curves(steps: Sequence[dict], n_prototypes: int | None = None) -> Figure:
     """Loss and code usage against the training step.
 
+    A run resumed on another number of workers renumbers its steps from the epoch it
+    resumes at (``step = epoch x steps per epoch``, fewer steps per epoch with more workers),
+    so its step numbers can fall back. The curves then run on against the steps taken, each
+    later stretch placed after the one before, with a dotted line where the numbering
+    restarted, instead of drawing back over the earlier epochs.
+
     Parameters
     ----------
     steps
@@ -28,21 +34,26 @@ def training_curves(steps: Sequence[dict], n_prototypes: int | None = None) -> F
     """
     if n_prototypes is not None and not (isinstance(n_prototypes, (int, np.integer)) and n_prototypes >= 1):
         raise ValueError(f"training_curves: n_prototypes must be a positive integer (K) or None, got {n_prototypes!r}")
-    step = np.array([r["step"] for r in steps])
+    step, restarts = steps_taken(np.array([r["step"] for r in steps], dtype=np.int64))
+    xlabel = "steps taken" if restarts.size else "step"
     loss = np.array([r["loss"] for r in steps], dtype=float)
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     ax_loss, ax_use = fig.subplots(1, 2)
     ax_loss.plot(step, loss, lw=1.2)
     if n_prototypes:
         ax_loss.axhline(math.log(n_prototypes), ls="--", c="grey", lw=1, label=r"$\ln K$ (collapse)")
+    for ax in (ax_loss, ax_use):
+        for i, at in enumerate(step[restarts]):
+            ax.axvline(at, ls=":", c="grey", lw=1, label="resumed on other workers" if i == 0 else None)
+    if n_prototypes or restarts.size:
         ax_loss.legend(loc="upper right")
-    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
+    ax_loss.set(xlabel=xlabel, ylabel="loss", title="training loss")
     if steps and "prototypes_used" in steps[0]:
         used = np.array([r["prototypes_used"] for r in steps], dtype=float)
         ax_use.plot(step, used, lw=1.2, label="prototypes used")
         if n_prototypes:
             ax_use.axhline(n_prototypes, ls="--", c="grey", lw=1, label="K")
-        ax_use.set(xlabel="step", ylabel="prototypes used (argmax)", title="code usage")
+        ax_use.set(xlabel=xlabel, ylabel="prototypes used (argmax)", title="code usage")
         if "code_entropy" in steps[0]:
             ax_ent = ax_use.twinx()
             ent = np.array([r["code_entropy"] for r in steps], dtype=float)
@@ -52,6 +63,20 @@ def training_curves(steps: Sequence[dict], n_prototypes: int | None = None) -> F
     else:
         ax_use.set_visible(False)
     return fig
+
+
+def steps_taken(step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Logged step numbers (N,) as an increasing axis, and where the numbering restarted.
+
+    Each stretch of increasing numbers keeps its gaps; a stretch that starts at or below
+    the number before it (a resume on other workers) is moved to follow it by one.
+    Returns ``(x, restarts)``: ``x`` (N,) int64, equal to ``step`` when nothing restarted,
+    and the indices (R,) of the records that start a moved stretch."""
+    restarts = np.flatnonzero(np.diff(step) <= 0) + 1
+    x = step.copy()
+    for start in restarts:
+        x[start:] += x[start - 1] + 1 - x[start]
+    return x, restarts
 
 
 def image_grid(images: np.ndarray, nrows: int, ncols: int, titles: Sequence[str] | None = None,

@@ -17,6 +17,26 @@ def test_training_curves_draws_the_collapse_level():
         plots.training_curves(steps, n_prototypes=-3)
 
 
+def test_training_curves_run_on_when_a_resume_on_other_workers_renumbers_the_steps():
+    """Two epochs of 10 steps on one worker, then a resume on two workers at 5 steps per
+    epoch: the log's steps go 0..19, then 10..19 again (epoch 2 starts at 2 x 5). The curves
+    must run on after step 19, not draw back over the first epochs."""
+    numbers = list(range(20)) + list(range(10, 20))
+    steps = [{"step": s, "loss": 3.0 - 0.01 * i, "prototypes_used": 9} for i, s in enumerate(numbers)]
+    fig = plots.training_curves(steps, n_prototypes=10)
+    x = fig.axes[0].lines[0].get_xdata()
+    assert list(x) == list(range(30))
+    for ax in fig.axes[:2]:
+        assert ax.get_xlabel() == "steps taken"
+        assert [line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == ":"] == [20]
+    # an unbroken run keeps its own step numbers, gaps and all
+    x, restarts = plots.steps_taken(np.array([0, 1, 5, 6]))
+    assert list(x) == [0, 1, 5, 6] and restarts.size == 0
+    x, restarts = plots.steps_taken(np.array([0, 1, 5, 6, 2, 4]))
+    assert list(x) == [0, 1, 5, 6, 7, 9] and list(restarts) == [4]
+    assert plots.training_curves(steps[:20]).axes[0].get_xlabel() == "step"
+
+
 def test_image_grid_shows_uint8_and_unit_floats():
     rng = np.random.default_rng(0)
     grid = plots.image_grid(rng.integers(0, 256, (3, 1, 8, 8), dtype=np.uint8), 1, 3, titles=["a", "b", "c"])
