@@ -221,8 +221,8 @@ def _usable_cpus() -> int | None:
 
 
 def _one_process_only(command: str) -> None:
-    """``demo`` and ``eval`` run in one process: under ``mpiexec -n N`` every rank would run
-    the whole job and write the same files. Each rank stops alike (exit status 2, no
+    """``demo``, ``eval`` and ``dessert`` run in one process: under ``mpiexec -n N`` every
+    rank would run the whole job and write the same files. Each rank stops alike (exit status 2, no
     collective to hang in); rank 0 says why."""
     from swav_ref.distributed import detect_mpi_launch
 
@@ -265,6 +265,7 @@ def _run_dessert(args: argparse.Namespace) -> int:
 
     from swav_ref.ot.desserts import run_dessert_example
 
+    _one_process_only("dessert")
     if not (math.isfinite(args.lam) and args.lam > 0):
         raise UserError(f"--lam {args.lam}: the regularisation strength must be a positive number")
     run_dessert_example(lam=args.lam, out_dir=_output_folder(args.out, "--out"))

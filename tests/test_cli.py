@@ -327,8 +327,8 @@ def test_threads_caps_numpys_blas_pool():
     assert counts == "[1" and int(n_pools) >= 2, out  # NumPy's BLAS and at least one more, all at 1
 
 
-@pytest.mark.parametrize("command", [["demo"], ["eval", "checkpoint.npz"]])
-def test_demo_and_eval_refuse_to_run_once_per_rank(command, monkeypatch, capsys):
+@pytest.mark.parametrize("command", [["demo"], ["eval", "checkpoint.npz"], ["dessert"]])
+def test_demo_eval_and_dessert_refuse_to_run_once_per_rank(command, monkeypatch, capsys):
     """Under mpiexec -n 2 every rank would run the whole job and write the same files."""
     monkeypatch.setenv("PMI_RANK", "0")
     monkeypatch.setenv("PMI_SIZE", "2")
