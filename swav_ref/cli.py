@@ -84,6 +84,8 @@ OPTION_HELP = {
                 "where each redraw would be a line, nor under mpiexec, which pipes it)",
     "image_size": "folder data: resize every image to this square size in pixels (0 = keep the files' size, "
                   "which must then be the same for all)",
+    "image_fit": "with --image-size: stretch each image to the square (its whole content, distorted if it is "
+                 "not square), or crop: its shorter side to the size and the middle of the longer side kept",
 }
 
 
@@ -446,7 +448,8 @@ def _eval_data(args: argparse.Namespace, config: TrainConfig):
     if config.dataset != "digits" and not Path(data_dir).is_dir():
         raise UserError(f"{data_dir}, the folder {args.checkpoint} was trained on, is not there any more; if the "
                         "data moved, give their folder with --data-dir")
-    train, test = load_dataset(config.dataset, data_dir, image_size=image_size or None, seed=0)
+    train, test = load_dataset(config.dataset, data_dir, image_size=image_size or None,
+                               image_fit=config.image_fit if image_size else "stretch", seed=0)
     if not (train.has_labels and test is not None and test.has_labels):
         raise UserError(f"the data set of {args.checkpoint} ({config.dataset} in {data_dir}) has no labels, so there "
                         "is nothing to score against: evaluation needs one sub-folder per class "

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from swav_ref.data.datasets import ARRAYS, DATASETS
+from swav_ref.data.datasets import ARRAYS, DATASETS, IMAGE_FITS
 from swav_ref.data.multicrop import default_config
 from swav_ref.nn.optim import warmup_cosine_schedule
 
@@ -30,7 +30,7 @@ METHODS = ("swav", "deepcluster-v2", "supervised")
 #: ones: no "arrays", which only Python can hand over, and no test backend).
 CHOICES = {"method": METHODS, "dataset": (*DATASETS, ARRAYS), "backend": ("numpy", "cupy", "array_api_strict"),
            "dtype": ("float32", "float64"), "arch": ("resnet_tiny", "resnet18"), "optimizer": ("lars", "sgd"),
-           "kmeans_init": ("k-means++", "random")}
+           "kmeans_init": ("k-means++", "random"), "image_fit": IMAGE_FITS}
 #: The settings each method leaves unused (the command line warns of one given to it).
 UNUSED_BY = {
     "swav": ("kmeans_iters", "kmeans_restarts", "kmeans_init"),
@@ -154,6 +154,7 @@ class TrainConfig:
     stop_after: int = 0  # epochs in this run (0 = to the end); the schedule still spans `epochs`
     progress: bool = True
     image_size: int = 0  # folder data: resize every image to this square size (0 = keep; all must agree)
+    image_fit: str = "stretch"  # with image_size: stretch each image to the square, or "crop" its centre
 
     def __post_init__(self):
         self._check_types()
@@ -218,6 +219,8 @@ class TrainConfig:
             self._refuse("data_dir", f"{where}; --data-dir applies to cifar10 and folder")
         if self.image_size and self.dataset != "folder":
             self._refuse("image_size", "applies to --dataset folder only (digits are 8x8, CIFAR-10 32x32)")
+        if self.image_fit != "stretch" and not self.image_size:
+            self._refuse("image_fit", "applies with --image-size (folder data), the size each image is cropped to")
         if self.tf32 and self.backend != "cupy":
             self._refuse("backend", "--tf32 applies to the cupy backend only (CPUs have no TF32 arithmetic)")
 

@@ -165,7 +165,8 @@ def run_comparison(config: TrainConfig, seeds: Sequence[int] = (0,),
             rows.setdefault(method, {}).setdefault(name, []).append(value)
 
     # One copy of the data for every run (each Trainer would otherwise read it again).
-    train_set, test_set = load_dataset(config.dataset, config.data_dir, image_size=config.image_size or None, seed=0)
+    train_set, test_set = load_dataset(config.dataset, config.data_dir, image_size=config.image_size or None,
+                                       image_fit=config.image_fit, seed=0)
     config = config.with_crop_recipe(min(train_set.images.shape[-2:]), train_set.name)  # supervised_config needs them
     for seed in seeds:
         base = dataclasses.replace(config, seed=seed)

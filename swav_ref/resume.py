@@ -49,13 +49,13 @@ class TrainingDivergedError(RuntimeError):
 #: goes on (``epochs``, ``stop_after``), where and how often it writes and reports
 #: (``out_dir``, ``progress``, ``log_every``, ``checkpoint_every``), the machine it runs on
 #: (``backend``, ``tf32``: the same computation, to rounding), and where the data lie
-#: (``data_dir``, ``image_size``: the data themselves are compared instead, see
+#: (``data_dir``, ``image_size``, ``image_fit``: the data themselves are compared instead, see
 #: :meth:`Trainer.load <swav_ref.train.Trainer.load>`). Every other field is the recipe: a
 #: resume that changes one continues the checkpoint's run under another recipe, which is
 #: warned about (the model's shape, the method, the batch, the queue and the crops are
 #: refused outright).
 RESUME_MAY_CHANGE = ("epochs", "stop_after", "out_dir", "progress", "log_every", "checkpoint_every",
-                     "backend", "tf32", "data_dir", "image_size")
+                     "backend", "tf32", "data_dir", "image_size", "image_fit")
 
 
 #: The settings that shape a model's weights (a checkpoint's must be kept even to evaluate

@@ -272,7 +272,8 @@ class Trainer(Resumable):
             raise ConfigError("dataset 'arrays': hand the images to the trainer, "
                               "Trainer(config, train_set=ImageDataset(images, labels))")
         if train_set is None:
-            train_set, loaded_test = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size or None, seed=0)
+            train_set, loaded_test = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size or None,
+                                                  image_fit=cfg.image_fit, seed=0)
             test_set = loaded_test if test_set is None else test_set
         self.train_set, self.test_set = train_set, test_set
         self._fingerprint: str | None = None  # of the training data, see data_fingerprint

@@ -286,6 +286,32 @@ def test_images_of_different_sizes_train_with_image_size(tmp_path, capsys):
     assert "is a file, not a folder" in capsys.readouterr().err
 
 
+def test_images_cropped_to_the_size_in_training_are_cropped_alike_in_eval(tmp_path, monkeypatch, capsys):
+    """--image-fit crop is a setting of the run: the checkpoint keeps it, a resume and eval
+    load the images as training did (also when eval's --image-size changes the size), and
+    without --image-size it is refused in one line."""
+    from swav_ref.data import datasets
+
+    _write_images(tmp_path / "images", [(8, 8), (10, 12)] * 8)
+    argv = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "images"), *SMALL_RUN]
+    assert main([*argv, "--image-fit", "crop", "--out-dir", str(tmp_path / "a")]) == 2
+    assert "--image-fit crop: applies with --image-size" in capsys.readouterr().err
+    assert main([*argv, "--image-size", "8", "--image-fit", "crop", "--out-dir", str(tmp_path / "b")]) == 0
+    loads = []
+    real = datasets.load_dataset
+
+    def spy(*args, **kwargs):
+        loads.append((kwargs.get("image_size"), kwargs.get("image_fit")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    checkpoint = str(tmp_path / "b" / "checkpoint.npz")
+    assert main(["eval", checkpoint, "--out", str(tmp_path / "e.json")]) == 0
+    assert main(["eval", checkpoint, "--image-size", "6", "--out", str(tmp_path / "e6.json")]) == 0
+    assert loads == [(8, "crop"), (6, "crop")]
+    assert json.loads((tmp_path / "e.json").read_text())["metadata"]["config"]["image_fit"] == "crop"
+
+
 def test_supervised_training_on_unlabelled_images_is_refused(tmp_path, capsys):
     _write_images(tmp_path / "flat", [(8, 8)] * 16, labelled=False)
     assert main(["train", "--method", "supervised", "--dataset", "folder", "--data-dir", str(tmp_path / "flat"),

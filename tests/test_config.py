@@ -104,3 +104,17 @@ def test_settings_that_cannot_train_still_load_for_evaluation():
         config.check_trainable()
     with pytest.raises(ConfigError, match="--epsilon 0.002: must be at least 0.003"):
         dataclasses.replace(config, momentum=0.9, batch_size=2).check_trainable()
+
+
+def test_image_fit_crops_only_to_a_size_and_old_configurations_stretch():
+    """``image_fit`` came after ``image_size``: a saved configuration without it is what
+    every earlier run did (stretch); ``crop`` needs a size to crop to."""
+    saved = TrainConfig(dataset="folder", data_dir="images", image_size=32).to_dict()
+    del saved["image_fit"]
+    assert TrainConfig.from_dict(saved).image_fit == "stretch"
+    assert TrainConfig(dataset="folder", data_dir="images", image_size=32, image_fit="crop").image_fit == "crop"
+    with pytest.raises(ConfigError, match="--image-fit crop: applies with --image-size") as info:
+        TrainConfig(dataset="folder", data_dir="images", image_fit="crop")
+    assert info.value.field == "image_fit"
+    with pytest.raises(ConfigError, match="--image-fit pad: choose one of stretch, crop"):
+        TrainConfig(dataset="folder", data_dir="images", image_size=32, image_fit="pad")

@@ -186,6 +186,77 @@ def test_a_sideways_jpeg_decoded_at_reduced_scale_is_turned_upright(tmp_path, dr
     assert difference.mean() < 1, difference.mean()
 
 
+# -- fitting an image of another shape: stretched, or cropped to the centre ---------------
+def resized_box(picture, height, width, box):
+    """The oracle: Pillow's bilinear resize of ``box`` (left, top, right, bottom) of
+    ``picture`` to ``height`` x ``width``, as (C, H, W)."""
+    out = picture.convert("RGB").resize((width, height), Image.Resampling.BILINEAR, box=box)
+    return np.transpose(np.asarray(out), (2, 0, 1))
+
+
+@pytest.mark.parametrize(("stored", "size", "box"), [
+    ((60, 30), (10, 10), (15, 0, 45, 30)),    # wide, to a square: the middle 30 x 30
+    ((30, 60), (10, 10), (0, 15, 30, 45)),    # tall, to a square
+    ((60, 30), (12, 20), (5, 0, 55, 30)),     # wide, to a wide 20 x 12: the whole height, 50 wide
+    ((40, 40), (10, 20), (0, 10, 40, 30)),    # square, to a wide 20 x 10: the middle 40 x 20
+    ((40, 40), (16, 16), (0, 0, 40, 40)),     # the same shape: the whole image, as with stretch
+])  # fmt: skip
+def test_crop_resizes_the_largest_centred_box_of_the_sizes_shape(tmp_path, stored, size, box):
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (stored[1], stored[0], 3), np.uint8))
+    save(tmp_path / "a.png", picture)
+    loaded = D.load_image_folder(tmp_path, image_size=size, image_fit="crop").images[0]
+    np.testing.assert_array_equal(loaded, resized_box(picture, *size, box))
+    stretched = D.load_image_folder(tmp_path, image_size=size).images[0]  # the default is unchanged
+    np.testing.assert_array_equal(stretched, resized_box(picture, *size, None))
+    assert (box == (0, 0, *stored)) == np.array_equal(loaded, stretched)
+
+
+def test_a_large_jpeg_cropped_is_decoded_at_the_scale_its_crop_needs(tmp_path, drafts):
+    """The centred 1203 x 1203 crop of a 1601 x 1203 photo must keep 64 pixels a side (twice
+    32): the whole image then 86 x 64, which 1/8 scale (201 x 151) still gives."""
+    path = save(tmp_path / "photo.jpg", large_photo(), quality=90)
+    loaded = D.load_image_folder(tmp_path, image_size=32, image_fit="crop").images[0]
+    assert [(size, result[1]) for size, result in drafts] == [((86, 64), (0, 0, 1601 / 8, 1203 / 8))]
+    with Image.open(path) as picture:
+        expected = resized_box(picture, 32, 32, (199, 0, 1402, 1203))
+    difference = np.abs(loaded.astype(int) - expected)
+    assert difference.mean() < 1, difference.mean()
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_sideways_jpeg_is_cropped_once_upright(tmp_path, drafts, orientation):
+    """Stored sideways (6), the photo is 1203 wide and 1601 high once upright: the crop is
+    the middle of its height, and the draft asks for the crop's need in stored axes."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = save(tmp_path / "phone.jpg", large_photo(), quality=90, exif=exif)
+    loaded = D.load_image_folder(tmp_path, image_size=32, image_fit="crop").images[0]
+    assert [size for size, _ in drafts] == [(86, 64)]  # (64 x 86 upright when sideways)
+    with Image.open(path) as picture:
+        upright = ImageOps.exif_transpose(picture)
+        width, height = upright.size
+        side = min(width, height)
+        box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+        expected = resized_box(upright, 32, 32, box)
+    difference = np.abs(loaded.astype(int) - expected)
+    assert difference.mean() < 1, difference.mean()
+
+
+@pytest.mark.parametrize(("image_size", "image_fit", "message"), [
+    (None, "crop", "image_fit 'crop' needs image_size"),
+    (16, "pad", "image_fit must be one of stretch, crop, got 'pad'"),
+])
+def test_a_fit_that_cannot_apply_is_refused_before_any_file_is_read(tmp_path, decoded, image_size, image_fit,
+                                                                     message):
+    save(tmp_path / "cat" / "a.png", Image.new("L", (3, 3)))
+    save(tmp_path / "dog" / "b.png", Image.new("L", (3, 3)))
+    for load in (lambda: D.load_image_folder(tmp_path, image_size=image_size, image_fit=image_fit),
+                 lambda: D.load_dataset("folder", tmp_path, image_size=image_size, image_fit=image_fit)):
+        with pytest.raises(ValueError, match=message):
+            load()
+    assert decoded == []
+
+
 # -- every bad file in one report ---------------------------------------------------------
 def good_images(root, n=3):
     for i in range(n):

@@ -11,8 +11,9 @@ Loaders
     the 1797 8x8 digits that ship with scikit-learn (nothing to download).
 ``load_cifar10(data_dir)``
     CIFAR-10's *binary* version, read with NumPy alone (no pickle).
-``load_image_folder(data_dir, image_size=None)``
-    a folder of images, one sub-folder per class or flat without labels, read with Pillow.
+``load_image_folder(data_dir, image_size=None, image_fit="stretch")``
+    a folder of images, one sub-folder per class or flat without labels, read with Pillow,
+    each resized to ``image_size`` when given: stretched, or cropped to its shape.
 ``load_dataset(name, data_dir=None)``
     the three above by name, returning ``(train, test)``.
 
@@ -34,6 +35,7 @@ from swav_ref.data.errors import DatasetError, is_integer
 from swav_ref.data.image_files import (
     FILE,
     IMAGE_EXTENSIONS,
+    IMAGE_FITS,
     check_header,
     find_images,
     folder_id,
@@ -54,6 +56,7 @@ __all__ = [
     "DatasetError",
     "FOLDER_DECODER",
     "IMAGE_EXTENSIONS",
+    "IMAGE_FITS",
     "ImageDataset",
     "channel_stats",
     "load_cifar10",
@@ -474,6 +477,15 @@ def _size_pair(image_size) -> tuple[int, int] | None:
     return int(height), int(width)
 
 
+def _check_fit(image_fit: str, size: tuple[int, int] | None) -> None:
+    """``image_fit`` one of :data:`~swav_ref.data.image_files.IMAGE_FITS`, and ``"crop"`` only
+    with a size to crop to."""
+    if image_fit not in IMAGE_FITS:
+        raise ValueError(f"image_fit must be one of {', '.join(IMAGE_FITS)}, got {image_fit!r}")
+    if image_fit == "crop" and size is None:
+        raise ValueError("image_fit 'crop' needs image_size, the size to crop to")
+
+
 #: The version of :func:`load_image_folder`'s decoding, kept in trainer checkpoints (the
 #: pixels of the same files change with it): 2 decodes a JPEG of at least 4 ``image_size``
 #: on each side at reduced scale before resizing it; 1 (and checkpoints without it)
@@ -481,7 +493,8 @@ def _size_pair(image_size) -> tuple[int, int] | None:
 FOLDER_DECODER = 2
 
 
-def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, int] | None = None) -> ImageDataset:
+def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, int] | None = None,
+                      image_fit: str = "stretch") -> ImageDataset:
     """Images from a folder: one sub-folder per class, or flat without labels.
 
     Layouts
@@ -525,12 +538,18 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
         ``None``: every image must have the size of the first one. Otherwise each image is
         resized to it (bilinear, with Pillow's antialiasing when shrinking). Integers >= 1
         (Python or NumPy, not ``bool``).
+    image_fit : {"stretch", "crop"}
+        with ``image_size``, how an image of another shape fits it
+        (:func:`~swav_ref.data.image_files.read_pixels`): ``"stretch"`` resizes the whole
+        image and distorts it; ``"crop"`` keeps its shape, resizing its largest centred box
+        of ``image_size``'s shape (for a square, the shorter side to the size, the middle of
+        the longer side kept).
 
     Raises
     ------
     ValueError
-        an ``image_size`` that is not a positive integer or a pair of them (before any file
-        is read).
+        an ``image_size`` that is not a positive integer or a pair of them, or an unknown
+        ``image_fit`` or ``"crop"`` without ``image_size`` (before any file is read).
     DatasetError
         missing or empty folder, a class folder without images, image files beside class
         folders, a broken link or a link that loops with an image name, a folder link that
@@ -551,10 +570,11 @@ def load_image_folder(data_dir: str | os.PathLike, image_size: int | tuple[int, 
         entries that are not regular files (a named pipe, a device) were skipped unopened.
     """
     image_size = _size_pair(image_size)  # before a file is read: a bad size fails at once
+    _check_fit(image_fit, image_size)
     root = Path(data_dir)
     files, labels, class_names = _list_image_folder(root)
     return ImageDataset(
-        images=_read_images(files, image_size, root),
+        images=_read_images(files, image_size, root, fit=image_fit),
         labels=labels,
         class_names=class_names,
         name=root.name or str(root),
@@ -616,7 +636,8 @@ def _widened(images: np.ndarray, filled: list[int]) -> np.ndarray:
     return wide
 
 
-def _read_images(files: list[Path], size: tuple[int, int] | None, root: Path, rows=None) -> np.ndarray:
+def _read_images(files: list[Path], size: tuple[int, int] | None, root: Path, rows=None,
+                 fit: str = "stretch") -> np.ndarray:
     """The pixels of ``files`` in one ``uint8`` array ``(N, C, H, W)``, file ``i`` in row
     ``rows[i]`` (``i`` by default).
 
@@ -636,7 +657,7 @@ def _read_images(files: list[Path], size: tuple[int, int] | None, root: Path, ro
     images, first, filled, problems = None, None, [], []
     for path, row in zip(files, rows):
         try:
-            pixels = read_pixels(path, size)
+            pixels = read_pixels(path, size, fit)
         except DatasetError as exc:
             problems.append(str(exc))
             continue
@@ -660,7 +681,7 @@ def _read_images(files: list[Path], size: tuple[int, int] | None, root: Path, ro
 
 
 def _load_split_folder(
-    data_dir: str | os.PathLike, image_size, test_fraction: float, seed: int
+    data_dir: str | os.PathLike, image_size, test_fraction: float, seed: int, image_fit: str = "stretch"
 ) -> tuple[ImageDataset, ImageDataset | None]:
     """:func:`split_dataset` of :func:`load_image_folder`, the same data sets, without a copy.
 
@@ -670,16 +691,17 @@ def _load_split_folder(
     the set twice (the whole set beside train and test). A flat folder is not split.
     """
     image_size = _size_pair(image_size)
+    _check_fit(image_fit, image_size)
     root = Path(data_dir)
     files, labels, class_names = _list_image_folder(root)
     name = root.name or str(root)
     if labels is None:  # no labels: nothing could score a held-out part
-        return ImageDataset(images=_read_images(files, image_size, root), name=name), None
+        return ImageDataset(images=_read_images(files, image_size, root, fit=image_fit), name=name), None
     train_idx, test_idx = _split_indices(labels, len(files), test_fraction, seed, name)
     order = np.concatenate([train_idx, test_idx])
     rows = np.empty_like(order)
     rows[order] = np.arange(order.size)  # file order[r] goes to row r
-    images = _read_images(files, image_size, root, rows)
+    images = _read_images(files, image_size, root, rows, image_fit)
     n_train = train_idx.size
     train = ImageDataset(images[:n_train], labels[train_idx], class_names, f"{name}/train")
     test = ImageDataset(images[n_train:], labels[test_idx], class_names, f"{name}/test")
@@ -697,6 +719,7 @@ def load_dataset(
     data_dir: str | os.PathLike | None = None,
     *,
     image_size: int | tuple[int, int] | None = None,
+    image_fit: str = "stretch",
     test_fraction: float = 0.2,
     seed: int = 0,
 ) -> tuple[ImageDataset, ImageDataset | None]:
@@ -705,7 +728,8 @@ def load_dataset(
     - ``digits``: :func:`load_digits_dataset` split by :func:`split_dataset`
       (stratified, ``test_fraction``, ``seed``).
     - ``cifar10``: :func:`load_cifar10` on ``data_dir`` (its own train/test split).
-    - ``folder``: :func:`load_image_folder` on ``data_dir``; one sub-folder per class is
+    - ``folder``: :func:`load_image_folder` on ``data_dir`` (``image_size``, ``image_fit``:
+      the others have one size); one sub-folder per class is
       split by :func:`split_dataset`. A flat folder has no labels, so nothing could score
       a held-out part: every image trains, and ``test`` is None (a linear probe or kNN
       evaluation needs labels and is skipped). The split is made from the file list, and
@@ -729,4 +753,4 @@ def load_dataset(
         raise ValueError(f"dataset {name!r} needs data_dir (the folder holding the data)")
     if name == "cifar10":
         return load_cifar10(data_dir)
-    return _load_split_folder(data_dir, image_size, test_fraction, seed)
+    return _load_split_folder(data_dir, image_size, test_fraction, seed, image_fit)

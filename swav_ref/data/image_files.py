@@ -13,6 +13,7 @@ train/test split do not depend on where the folder is read.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import stat
 import unicodedata
@@ -25,7 +26,7 @@ import numpy as np
 
 from swav_ref.data.errors import DatasetError
 
-__all__ = ["GREY_MODES", "IMAGE_EXTENSIONS", "check_header", "decode_smaller", "find_images", "folder_id", "is_folder",
+__all__ = ["GREY_MODES", "IMAGE_EXTENSIONS", "IMAGE_FITS", "centred_box", "check_header", "decode_smaller", "find_images", "folder_id", "is_folder",
            "name_order", "open_regular_file", "path_kind", "pick_images", "read_image", "read_pixels",
            "unreadable_images_error", "visible_entries", "warn_skipped"]
 
@@ -33,6 +34,10 @@ __all__ = ["GREY_MODES", "IMAGE_EXTENSIONS", "check_header", "decode_smaller", "
 IMAGE_EXTENSIONS = (
     ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
 )  # fmt: skip
+
+#: How :func:`read_pixels` fits an image to a size of another shape: resize the whole image
+#: (``"stretch"``, distorting it) or its largest centred box of that shape (``"crop"``).
+IMAGE_FITS = ("stretch", "crop")
 
 #: Names that operating systems and archivers leave in folders; skipped without a warning,
 #: like hidden names (starting with ".").
@@ -380,9 +385,12 @@ _UPRIGHT = {
 }  # fmt: skip
 
 
-def decode_smaller(picture, min_size: tuple[int, int]) -> tuple[float, float, float, float] | None:
+def decode_smaller(picture, min_size: tuple[int, int],
+                   crop_aspect: float | None = None) -> tuple[float, float, float, float] | None:
     """Have a JPEG decode at 1/2, 1/4 or 1/8 of its size, as long as it stays at least
-    ``min_size`` (width, height) once upright; other images are left alone.
+    ``min_size`` (width, height) once upright; other images are left alone. With
+    ``crop_aspect`` (width / height), it is the image's centred crop of that aspect
+    (:func:`centred_box`) that must stay at least ``min_size``.
 
     libjpeg then scales in the DCT domain and skips most of the inverse transform, and what
     follows (upright, resize) starts from an image 4 to 64 times smaller: a 4032x3024 phone
@@ -403,6 +411,11 @@ def decode_smaller(picture, min_size: tuple[int, int]) -> tuple[float, float, fl
         return None
     orientation = picture.getexif().get(_ORIENTATION, 1)  # the header's EXIF: nothing decoded
     width, height = min_size
+    if crop_aspect is not None:  # the whole image, as much larger than the crop as it is
+        upright_width, upright_height = picture.size[::-1] if orientation in _SIDEWAYS else picture.size
+        left, top, right, bottom = centred_box((0, 0, upright_width, upright_height), crop_aspect)
+        width = math.ceil(width * upright_width / (right - left))
+        height = math.ceil(height * upright_height / (bottom - top))
     if orientation in _SIDEWAYS:
         width, height = height, width
     drafted = picture.draft(None, (width, height))  # None: keep the mode (a colour JPEG stays colour)
@@ -417,7 +430,19 @@ def decode_smaller(picture, min_size: tuple[int, int]) -> tuple[float, float, fl
     return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
 
 
-def _decode(path: Path, min_size: tuple[int, int] | None = None):
+def centred_box(box: tuple[float, float, float, float], aspect: float) -> tuple[float, float, float, float]:
+    """The largest box of ``aspect`` (width / height) centred in ``box`` (left, top, right,
+    bottom): the whole height of a wider box, the whole width of a taller one."""
+    left, top, right, bottom = box
+    width, height = right - left, bottom - top
+    if width > height * aspect:
+        margin = (width - height * aspect) / 2
+        return left + margin, top, right - margin, bottom
+    margin = (height - width / aspect) / 2
+    return left, top + margin, right, bottom - margin
+
+
+def _decode(path: Path, min_size: tuple[int, int] | None = None, crop_aspect: float | None = None):
     """:func:`read_image`, and the box of :func:`decode_smaller` (``None`` without ``min_size``)."""
     from PIL import Image, ImageOps
 
@@ -426,7 +451,7 @@ def _decode(path: Path, min_size: tuple[int, int] | None = None):
         with open_regular_file(path, "image") as file:  # a named pipe would block Image.open
             picture = _open_image(file, path)
             size = picture.size  # from the header, before decoding
-            box = None if min_size is None else decode_smaller(picture, min_size)
+            box = None if min_size is None else decode_smaller(picture, min_size, crop_aspect)
             picture.load()  # decode now: a truncated file fails here, not later
             file_format = picture.format
             ImageOps.exif_transpose(picture, in_place=True)  # in place: no second full-size copy
@@ -456,11 +481,15 @@ def read_image(path: Path):
     return _decode(path)[0]
 
 
-def read_pixels(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+def read_pixels(path: Path, size: tuple[int, int] | None = None, fit: str = "stretch") -> np.ndarray:
     """One image (:func:`read_image`) as ``uint8`` ``(C, H, W)``: ``C`` is 1 for greyscale
     (modes in :data:`GREY_MODES`) and 3 for colour (anything else, converted to ``RGB``),
     resized to ``size`` (height, width) when given (bilinear, with Pillow's antialiasing
-    when shrinking).
+    when shrinking). How it fits (:data:`IMAGE_FITS`): ``"stretch"`` resizes the whole
+    image, so one of another shape is distorted; ``"crop"`` resizes its largest centred box
+    of the shape of ``size`` (for a square, the shorter side to ``size`` and the middle of
+    the longer one: torchvision's ``Resize`` then ``CenterCrop``), so nothing is distorted
+    and the ends of the longer side are cut.
 
     With ``size``, a JPEG is decoded at no less than twice it (:func:`decode_smaller`): a
     phone photo loads 2 to 3x faster, and once shrunk by that further factor of two
@@ -471,12 +500,17 @@ def read_pixels(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """
     from PIL import Image
 
+    if fit not in IMAGE_FITS:
+        raise ValueError(f"fit must be one of {', '.join(IMAGE_FITS)}, got {fit!r}")
     wanted = None if size is None else (size[1], size[0])  # Pillow: (w, h)
-    picture, box = _decode(path, None if wanted is None else (2 * wanted[0], 2 * wanted[1]))
+    aspect = wanted[0] / wanted[1] if wanted is not None and fit == "crop" else None
+    picture, box = _decode(path, None if wanted is None else (2 * wanted[0], 2 * wanted[1]), aspect)
     mode = "L" if picture.mode in GREY_MODES else "RGB"
     if picture.mode != mode:  # (converting to its own mode would only copy it)
         picture = picture.convert(mode)
     if wanted is not None:
+        if aspect is not None:  # within the (reduced) picture's own box
+            box = centred_box(box or (0, 0, *picture.size), aspect)
         picture = picture.resize(wanted, Image.Resampling.BILINEAR, box=box)
     pixels = np.asarray(picture, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else np.transpose(pixels, (2, 0, 1))
