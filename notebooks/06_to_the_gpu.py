@@ -189,8 +189,8 @@ else:
 # ratio is ours / PyTorch, below 1 means ours is faster):
 #
 # - *Sinkhorn codes* ($B = 4096$, $K = 3000$): three iterations of a few element-wise
-#   kernels; ours takes about twice PyTorch's time, and both take about a millisecond,
-#   little next to a network step.
+#   kernels; ours takes one and a half times PyTorch's time with the fused kernels and
+#   nearly twice without, and both take about a millisecond, little next to a network step.
 # - *the swapped loss, forward and backward*: ours computes each crop's log-softmax once and
 #   the gradient in closed form; PyTorch's autograd of the official loop recomputes and
 #   stores more.
@@ -204,19 +204,28 @@ else:
 #   LARS), in images per second; newer results set the fused kernels against the plain
 #   CuPy code.
 #
-# A file written before the fused kernels existed has the older, shorter set of rows.
+# A file written before the fused kernels existed has the older, shorter set of rows. The
+# check's probes (`bench_gpu_probes.json`) then time one ResNet-18 step by kind of
+# operation, with CUDA events around each: the convolutions, their unfolding (im2col) and
+# folding back (col2im), BatchNorm and the rest.
 
 # %%
+PROFILES = {"profile_ms": "fused kernels, float32", "profile_plain_ms": "plain CuPy code, float32",
+            "profile_tf32_ms": "fused kernels, TF32"}
+probes_file = results / "bench_gpu_probes.json"
+profiles = {}  # where a ResNet step's time goes: in the probes' file
+for path in (gpu_file, probes_file):
+    if path.exists():
+        for case in json.loads(path.read_text(encoding="utf-8"))["cases"].values():
+            for key, label in PROFILES.items():
+                if key in case:
+                    profiles[label] = case[key]
 if gpu_file.exists():
     gpu = json.loads(gpu_file.read_text(encoding="utf-8"))
     print(f"{gpu['machine']}, CuPy {gpu.get('cupy', '-')}, PyTorch {gpu['torch']}, {gpu['date']}: {gpu['command']}")
-    cases, profiles = {}, {}
+    cases = {}
     for case, values in gpu["cases"].items():
-        values = {k: v for k, v in values.items() if k != "what"}
-        for key in ("profile_ms", "profile_plain_ms"):  # where a ResNet step's time goes
-            if key in values:
-                code = "fused kernels" if key == "profile_ms" else "plain CuPy code"
-                profiles[f"{code}, {'TF32' if case.endswith('tf32') else 'float32'}"] = values.pop(key)
+        values = {k: v for k, v in values.items() if k != "what" and k not in PROFILES}
         if "images_per_s" in values:  # the SwAV step: fused kernels against the plain code
             values["ours_images_per_s"] = values.pop("images_per_s")
         cases[case] = values
@@ -224,11 +233,11 @@ if gpu_file.exists():
         "ours_ms": "ours (ms)", "torch_ms": "PyTorch (ms)", "peer_ms": "plain code (ms)", "ratio": "ours / peer",
         "ours_images_per_s": "ours (images/s)", "torch_images_per_s": "PyTorch (images/s)"})
     display(table.round(2))  # noqa: F821 (IPython's display)
-    if profiles:
-        print("one ResNet-18 step by kind of operation, device ms (rows marked 'in ...' are inside that row):")
-        display(pd.DataFrame(profiles).round(2))  # noqa: F821
 else:
     print(f"{gpu_file} not found: run `bash benchmarks/gpu_check.sh` on a GPU machine")
+if profiles:
+    print("one ResNet-18 step by kind of operation, device ms (rows marked 'in ...' are inside that row):")
+    display(pd.DataFrame(profiles).round(2))  # noqa: F821
 
 # %% [markdown]
 # ## What makes the same code fast on a GPU
