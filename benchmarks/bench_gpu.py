@@ -33,8 +33,8 @@ Probes (where the remaining time goes, and what might pay next):
    is much faster than the eager step, the host is the limit and graphs would pay (the
    training loop would then need the learning rate in device memory, as a kernel argument
    is frozen into the graph, and a memory pool safe under capture); if not, the device's
-   kernels are. CuPy 13 and 14 refuse every cuBLAS call during a capture (seen on the
-   H200 run of 2026-11-29), and the step's layers are cuBLAS products: the case is then
+   kernels are. CuPy 14 refuses every cuBLAS call during a capture (seen on the H200 run
+   of 2026-11-29), and the step's layers are cuBLAS products: the case is then
    recorded as ``unavailable``, with the library's words, not as a failure;
 8. the same step on a batch of 8 (``host_floor``): the device has almost nothing to do, so
    this is the host's cost of issuing the step's launches (see ``bench_launches.py``);
@@ -313,8 +313,8 @@ def bench_resnet18_profile(s: Setup, size: dict, repeats: int) -> dict:
 
 
 class CaptureUnsupported(Exception):
-    """The GPU library refused a call during stream capture: CuPy (13 and 14) refuses
-    every cuBLAS call then, and the step's convolutions and linear layers are cuBLAS
+    """The GPU library refused a call during stream capture: CuPy 14 refuses every cuBLAS
+    call then, and the step's convolutions and linear layers are cuBLAS
     matrix products. A limit of the library, recorded as such, not a failed case."""
 
 

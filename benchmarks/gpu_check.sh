@@ -31,7 +31,7 @@
 #   6 bench_probes      60   bench_gpu.py --cases probes: profile, CUDA graphs, host floor, ...
 #   7 bench_loss_cupy   45   the README's older GPU tables (bench_loss.py, bench_resnet.py;
 #     bench_resnet_cupy 180  the slower one last: six PyTorch processes, each starting CUDA;
-#                            90 s was too short on the H200, 2026-11-29)
+#                            it ran into a 90 s cap once, and took 83.5 s next, on the H200)
 # The benchmarks come before the equivalence because their numbers are the question; the
 # order within 0-4 does not decide what comes back, the caps do.
 #

@@ -391,7 +391,7 @@ def _run_train(args: argparse.Namespace) -> int:
         # kept, not only printed: a batch job's log may be lost (swav-ref eval writes the same
         # file, with the raw-pixel baseline beside it)
         save_results_json(out / "eval.json", [row], metadata={"checkpoint": str(out / "checkpoint.npz"),
-                                                               "written_by": WRITTEN_BY,
+                                                               "written_by": WRITTEN_BY, "evaluated_by": WRITTEN_BY,
                                                                "step": trainer.step, "config": config.to_dict(),
                                                                "k_used": table.attrs["k_used"]})
         print(f"results:    {out / 'eval.json'}")
@@ -410,7 +410,8 @@ def _add_eval(sub) -> None:
                    help="where the data of a cifar10 or folder checkpoint now lies (default: the checkpoint's "
                         "data folder); not for digits, which is embedded")
     p.add_argument("--image-size", type=int, default=None, metavar="N",
-                   help="folder data: resize every image to N x N (default: the checkpoint's --image-size)")
+                   help="folder data: resize every image to N x N, stretched or cropped as the checkpoint's "
+                        "--image-fit says (default: the checkpoint's --image-size)")
     p.add_argument("--out", default=None, help="JSON file for the results (default: eval.json next to the checkpoint)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="score the raw pixels too, the baseline the model must beat (default: yes); a linear probe "

@@ -19,10 +19,10 @@ def training_curves(steps: Sequence[dict], n_prototypes: int | None = None) -> F
     """Loss and code usage against the training step.
 
     A run resumed on another number of workers renumbers its steps from the epoch it
-    resumes at (``step = epoch x steps per epoch``, fewer steps per epoch with more workers),
-    so its step numbers can fall back. The curves then run on against the steps taken, each
-    later stretch placed after the one before, with a dotted line where the numbering
-    restarted, instead of drawing back over the earlier epochs.
+    resumes at (``step = epoch x steps per epoch``), so its step numbers fall back (more
+    workers) or jump ahead (fewer). The curves then run on against the steps taken
+    (:func:`steps_taken`), with a dotted line where the numbering broke off, instead of
+    drawing back over the earlier epochs or leaving a gap.
 
     Parameters
     ----------
@@ -34,8 +34,8 @@ def training_curves(steps: Sequence[dict], n_prototypes: int | None = None) -> F
     """
     if n_prototypes is not None and not (isinstance(n_prototypes, (int, np.integer)) and n_prototypes >= 1):
         raise ValueError(f"training_curves: n_prototypes must be a positive integer (K) or None, got {n_prototypes!r}")
-    step, restarts = steps_taken(np.array([r["step"] for r in steps], dtype=np.int64))
-    xlabel = "steps taken" if restarts.size else "step"
+    step, breaks = steps_taken(np.array([r["step"] for r in steps], dtype=np.int64))
+    xlabel = "steps taken" if breaks.size else "step"
     loss = np.array([r["loss"] for r in steps], dtype=float)
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     ax_loss, ax_use = fig.subplots(1, 2)
@@ -43,9 +43,9 @@ def training_curves(steps: Sequence[dict], n_prototypes: int | None = None) -> F
     if n_prototypes:
         ax_loss.axhline(math.log(n_prototypes), ls="--", c="grey", lw=1, label=r"$\ln K$ (collapse)")
     for ax in (ax_loss, ax_use):
-        for i, at in enumerate(step[restarts]):
+        for i, at in enumerate(step[breaks]):
             ax.axvline(at, ls=":", c="grey", lw=1, label="resumed on other workers" if i == 0 else None)
-    if n_prototypes or restarts.size:
+    if n_prototypes or breaks.size:
         ax_loss.legend(loc="upper right")
     ax_loss.set(xlabel=xlabel, ylabel="loss", title="training loss")
     if steps and "prototypes_used" in steps[0]:
@@ -66,17 +66,18 @@ def training_curves(steps: Sequence[dict], n_prototypes: int | None = None) -> F
 
 
 def steps_taken(step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Logged step numbers (N,) as an increasing axis, and where the numbering restarted.
+    """Logged step numbers (N,) as an axis of the steps taken, and where the numbering
+    broke off.
 
-    Each stretch of increasing numbers keeps its gaps; a stretch that starts at or below
-    the number before it (a resume on other workers) is moved to follow it by one.
-    Returns ``(x, restarts)``: ``x`` (N,) int64, equal to ``step`` when nothing restarted,
-    and the indices (R,) of the records that start a moved stretch."""
-    restarts = np.flatnonzero(np.diff(step) <= 0) + 1
-    x = step.copy()
-    for start in restarts:
-        x[start:] += x[start - 1] + 1 - x[start]
-    return x, restarts
+    Every step is logged, so within a run the numbers go up by one; a resume on another
+    number of workers renumbers from the epoch it resumes at, back (more workers, fewer
+    steps per epoch) or forward (fewer workers). Each stretch is placed to follow the one
+    before by one step. Returns ``(x, breaks)``: ``x`` (N,) int64, equal to ``step`` when
+    the numbering never broke off, and the indices (R,) of the records that start a
+    stretch after a break."""
+    breaks = np.flatnonzero(np.diff(step) != 1) + 1
+    x = step[0] + np.arange(step.size, dtype=np.int64) if step.size else step.copy()
+    return x, breaks
 
 
 def image_grid(images: np.ndarray, nrows: int, ncols: int, titles: Sequence[str] | None = None,

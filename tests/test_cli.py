@@ -287,16 +287,12 @@ def test_images_of_different_sizes_train_with_image_size(tmp_path, capsys):
 
 
 def test_images_cropped_to_the_size_in_training_are_cropped_alike_in_eval(tmp_path, monkeypatch, capsys):
-    """--image-fit crop is a setting of the run: the checkpoint keeps it, a resume and eval
-    load the images as training did (also when eval's --image-size changes the size), and
+    """--image-fit crop is a setting of the run: the checkpoint keeps it, and training, a
+    resume and eval load the images alike (also when eval's --image-size changes the size);
     without --image-size it is refused in one line."""
+    from swav_ref import train
     from swav_ref.data import datasets
 
-    _write_images(tmp_path / "images", [(8, 8), (10, 12)] * 8)
-    argv = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "images"), *SMALL_RUN]
-    assert main([*argv, "--image-fit", "crop", "--out-dir", str(tmp_path / "a")]) == 2
-    assert "--image-fit crop: applies with --image-size" in capsys.readouterr().err
-    assert main([*argv, "--image-size", "8", "--image-fit", "crop", "--out-dir", str(tmp_path / "b")]) == 0
     loads = []
     real = datasets.load_dataset
 
@@ -304,11 +300,19 @@ def test_images_cropped_to_the_size_in_training_are_cropped_alike_in_eval(tmp_pa
         loads.append((kwargs.get("image_size"), kwargs.get("image_fit")))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(datasets, "load_dataset", spy)
+    monkeypatch.setattr(datasets, "load_dataset", spy)  # eval's (imported when it runs)
+    monkeypatch.setattr(train, "load_dataset", spy)  # the Trainer's (imported with the module)
+    _write_images(tmp_path / "images", [(8, 8), (10, 12)] * 8)
+    argv = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "images"), *SMALL_RUN]
+    assert main([*argv, "--image-fit", "crop", "--out-dir", str(tmp_path / "a")]) == 2
+    assert "--image-fit crop: applies with --image-size" in capsys.readouterr().err
+    assert main([*argv, "--image-size", "8", "--image-fit", "crop", "--epochs", "2", "--stop-after", "1",
+                 "--out-dir", str(tmp_path / "b")]) == 0
     checkpoint = str(tmp_path / "b" / "checkpoint.npz")
+    assert main(["train", "--resume", checkpoint, "--no-progress"]) == 0
     assert main(["eval", checkpoint, "--out", str(tmp_path / "e.json")]) == 0
     assert main(["eval", checkpoint, "--image-size", "6", "--out", str(tmp_path / "e6.json")]) == 0
-    assert loads == [(8, "crop"), (6, "crop")]
+    assert loads == [(8, "crop"), (8, "crop"), (8, "crop"), (6, "crop")]
     assert json.loads((tmp_path / "e.json").read_text())["metadata"]["config"]["image_fit"] == "crop"
 
 

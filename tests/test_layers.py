@@ -287,11 +287,15 @@ def test_load_state_dict_errors_name_the_problem():
         ("1.num_batches_tracked", np.asarray(2.7), r"1.num_batches_tracked: not integers in the range of int64"),
         ("1.num_batches_tracked", np.asarray(np.nan), r"1.num_batches_tracked: not integers"),
         ("1.num_batches_tracked", np.asarray(2.0**63), r"1.num_batches_tracked: not integers"),
+        # float16's -inf passes a range check whose bound (-2.0**63) is -inf in float16 too
+        ("1.num_batches_tracked", np.asarray(-np.inf, dtype=np.float16), r"1.num_batches_tracked: not integers"),
         ("1.num_batches_tracked", np.asarray(2**64 - 1, dtype=np.uint64), r"1.num_batches_tracked: not integers"),
     ],
 )
 def test_load_state_dict_refuses_values_it_would_change(backend, key, value, match):
     """A cast to the module's dtype must not change what was saved: nothing is loaded then."""
+    if getattr(value, "dtype", None) == np.float16 and backend.__name__ == "array_api_strict":
+        pytest.skip("the Array API has no float16")
     net = _small_net(0, xp=backend)
     before = {k: to_numpy(v).copy() for k, v in net.state_dict().items()}
     state = {k: to_numpy(v) for k, v in net.state_dict().items()}

@@ -29,12 +29,15 @@ def test_training_curves_run_on_when_a_resume_on_other_workers_renumbers_the_ste
     for ax in fig.axes[:2]:
         assert ax.get_xlabel() == "steps taken"
         assert [line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == ":"] == [20]
-    # an unbroken run keeps its own step numbers, gaps and all
-    x, restarts = plots.steps_taken(np.array([0, 1, 5, 6]))
-    assert list(x) == [0, 1, 5, 6] and restarts.size == 0
-    x, restarts = plots.steps_taken(np.array([0, 1, 5, 6, 2, 4]))
-    assert list(x) == [0, 1, 5, 6, 7, 9] and list(restarts) == [4]
+    # back to one worker from epoch 4 (step 40, after 10..19 at two): forward, no gap either
+    x, breaks = plots.steps_taken(np.array([*range(20), *range(10, 20), *range(40, 50)]))
+    assert list(x) == list(range(40)) and list(breaks) == [20, 30]
+    # an unbroken run keeps its own numbers, also resumed mid-way (starting past 0)
+    x, breaks = plots.steps_taken(np.arange(7, 12))
+    assert list(x) == [7, 8, 9, 10, 11] and breaks.size == 0
+    assert plots.steps_taken(np.array([], dtype=np.int64))[0].size == 0
     assert plots.training_curves(steps[:20]).axes[0].get_xlabel() == "step"
+    assert plots.training_curves(steps[:1]).axes[0].get_xlabel() == "step"
 
 
 def test_image_grid_shows_uint8_and_unit_floats():

@@ -564,10 +564,11 @@ def test_a_gpu_case_the_library_cannot_run_is_tabled_as_such(report, tmp_path, c
     assert "not measurable here" in report.markdown_report(report.collect_groups(d))
 
 
-def test_a_refused_graph_capture_is_recorded_as_unavailable_not_as_an_error():
+def test_a_refused_graph_capture_is_recorded_as_unavailable_not_as_an_error(monkeypatch):
     """bench_gpu's graph probe on a library that refuses a call during capture (CuPy's
-    cuBLAS, imitated here by a fake CUDA stream): the case says so and the run goes on."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    cuBLAS, imitated here by a fake CUDA stream): the capture is left and the refusal
+    raised as CaptureUnsupported, which the probe records as unavailable."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_gpu
 
     class Stream:

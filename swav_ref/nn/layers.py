@@ -341,8 +341,9 @@ class Module:
                         # and lie in its range, said outright: a GPU's cast saturates
                         # (2.0**63 -> 2**63 - 1, which rounds back to 2.0**63 and so survives
                         # the round trip) where NumPy's wraps to a negative number
+                        # (finite first: in float16 the bound -2.0**63 is itself -inf)
                         low, high = _integer_range(target)
-                        ok = ok & xp.all((value >= low) & (value < high))
+                        ok = ok & xp.all(xp.isfinite(value) & (value >= low) & (value < high))
                     why = f"not integers in the range of {host_dtype(target).name}"
             if not bool(ok):
                 refused.append(f"{name}: {why}")
