@@ -213,10 +213,10 @@ def test_crop_resizes_the_largest_centred_box_of_the_sizes_shape(tmp_path, store
 
 def test_a_large_jpeg_cropped_is_decoded_at_the_scale_its_crop_needs(tmp_path, drafts):
     """The centred 1203 x 1203 crop of a 1601 x 1203 photo must keep 64 pixels a side (twice
-    32): the whole image then 86 x 64, which 1/8 scale (201 x 151) still gives."""
+    32), which 1/8 scale (150.4 a side) does: the draft is asked for the size it reads as 1/8."""
     path = save(tmp_path / "photo.jpg", large_photo(), quality=90)
     loaded = D.load_image_folder(tmp_path, image_size=32, image_fit="crop").images[0]
-    assert [(size, result[1]) for size, result in drafts] == [((86, 64), (0, 0, 1601 / 8, 1203 / 8))]
+    assert [(size, result[1]) for size, result in drafts] == [((200, 150), (0, 0, 1601 / 8, 1203 / 8))]
     with Image.open(path) as picture:
         expected = resized_box(picture, 32, 32, (199, 0, 1402, 1203))
     difference = np.abs(loaded.astype(int) - expected)
@@ -231,7 +231,7 @@ def test_a_sideways_jpeg_is_cropped_once_upright(tmp_path, drafts, orientation):
     exif[0x0112] = orientation
     path = save(tmp_path / "phone.jpg", large_photo(), quality=90, exif=exif)
     loaded = D.load_image_folder(tmp_path, image_size=32, image_fit="crop").images[0]
-    assert [size for size, _ in drafts] == [(86, 64)]  # (64 x 86 upright when sideways)
+    assert [size for size, _ in drafts] == [(200, 150)]  # 1/8, in stored axes (150 x 200 upright if sideways)
     with Image.open(path) as picture:
         upright = ImageOps.exif_transpose(picture)
         width, height = upright.size
@@ -240,6 +240,29 @@ def test_a_sideways_jpeg_is_cropped_once_upright(tmp_path, drafts, orientation):
         expected = resized_box(upright, 32, 32, box)
     difference = np.abs(loaded.astype(int) - expected)
     assert difference.mean() < 1, difference.mean()
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+@pytest.mark.parametrize("size", [(32, 32), (100, 30), (30, 100), (20, 40), (16, 64), (150, 150), (400, 400)])
+def test_the_crop_is_decoded_at_the_smallest_scale_that_keeps_it_twice_the_size(tmp_path, drafts, orientation,
+                                                                                 size):
+    """The draft's scale 1/a is the largest a in 1, 2, 4, 8 at which the crop keeps twice
+    ``size`` on each side: at 2a it would not (a review's case: 1/8 keeps a 60.04 x 200.1
+    crop for (100, 30), which a need rounded up to whole pixels had lost)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    save(tmp_path / "phone.jpg", large_photo(), quality=90, exif=exif)
+    loaded = D.load_image_folder(tmp_path, image_size=size, image_fit="crop").images[0]
+    assert loaded.shape == (3, *size)
+    (_, result), = drafts
+    width, height = (1203, 1601) if orientation == 6 else (1601, 1203)  # upright
+    scale = 1 if result is None else round(1601 / result[1][2])
+
+    def crop_fits(a):
+        left, top, right, bottom = F.centred_box((0, 0, width / a, height / a), size[1] / size[0])
+        return right - left >= 2 * size[1] and bottom - top >= 2 * size[0]
+
+    assert crop_fits(scale) and (scale == 8 or not crop_fits(2 * scale)), scale
 
 
 @pytest.mark.parametrize(("image_size", "image_fit", "message"), [

@@ -13,7 +13,6 @@ train/test split do not depend on where the folder is read.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import stat
 import unicodedata
@@ -411,11 +410,17 @@ def decode_smaller(picture, min_size: tuple[int, int],
         return None
     orientation = picture.getexif().get(_ORIENTATION, 1)  # the header's EXIF: nothing decoded
     width, height = min_size
-    if crop_aspect is not None:  # the whole image, as much larger than the crop as it is
+    if crop_aspect is not None:
+        # The largest scale 1/a at which the crop keeps min_size, asked for as the size Pillow
+        # reads as that scale (its draft picks a from whole-number quotients of the sides; a
+        # need rounded up to whole pixels could cost a scale the crop still fits).
         upright_width, upright_height = picture.size[::-1] if orientation in _SIDEWAYS else picture.size
         left, top, right, bottom = centred_box((0, 0, upright_width, upright_height), crop_aspect)
-        width = math.ceil(width * upright_width / (right - left))
-        height = math.ceil(height * upright_height / (bottom - top))
+        need_width = width * upright_width / (right - left)  # the whole image, as much larger as the crop
+        need_height = height * upright_height / (bottom - top)
+        scale = next((a for a in (8, 4, 2) if upright_width / a >= need_width and upright_height / a >= need_height),
+                     1)
+        width, height = upright_width // scale, upright_height // scale
     if orientation in _SIDEWAYS:
         width, height = height, width
     drafted = picture.draft(None, (width, height))  # None: keep the mode (a colour JPEG stays colour)
