@@ -607,6 +607,26 @@ def test_a_refused_graph_capture_is_recorded_as_unavailable_not_as_an_error(monk
     assert not stream_made[-1].capturing  # capture mode was left
 
 
+def test_the_graph_probe_records_a_refused_capture_and_goes_on(monkeypatch):
+    """bench_graph_replay, at the rehearsal's sizes on the CPU, with a capture that the
+    library refuses: each batch's case is recorded unavailable, with the library's words,
+    and no exception ends the probe (which would have recorded it as a failure)."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_gpu
+
+    def refuse(setup, step):
+        raise bench_gpu.CaptureUnsupported("calling cuBLAS API during stream capture is currently unsupported")
+
+    monkeypatch.setattr(bench_gpu, "replayable", refuse)
+    size = bench_gpu.SIZES["small"]
+    out = bench_gpu.bench_graph_replay(bench_gpu.make_setup("numpy", torch), size, 1)
+    assert sorted(out) == sorted(f"resnet18_cifar_step_b{b}_graph_replay" for b in (size["images"], size["floor_images"]))
+    for case in out.values():
+        assert case["unavailable"].startswith("calling cuBLAS API") and "not measurable here" in case["what"]
+        assert "ours_ms" not in case
+
+
 def test_gpu_rows_written_before_the_fused_kernels_say_so(report, results):
     """Files without a ``fused_kernels`` field predate swav_ref.fused (the next GPU check
     replaces them); their rows carry the mark, CPU rows never do."""
