@@ -240,6 +240,31 @@ if profiles:
     display(pd.DataFrame(profiles).round(2))  # noqa: F821
 
 # %% [markdown]
+# **Reading the profile.** Three things stand out, and each is a question worth asking of
+# any profile:
+#
+# - *Where is most of the time?* In the convolutions, forward and backward: the matrix
+#   products, and the unfolding (im2col) and folding back (col2im) of the windows around
+#   them. That is the cost of convolutions written as products a reader can follow, where
+#   PyTorch calls cuDNN.
+# - *What did switching precision change?* In the TF32 column only the convolutions'
+#   matrix products shrink. im2col, col2im, BatchNorm and ReLU stay as they were: they move
+#   data and do no products. BatchNorm's sums do not shrink either, though they are
+#   matrix products too: each is a dot product that reads every value once, so memory,
+#   not arithmetic, sets its time. TF32 can only help the step's arithmetic-bound share.
+# - *Is any row doing more work than it must?* BatchNorm's per-channel sums of products are
+#   batched matrix products, the fastest form on a CPU. On the H200 the check's probes
+#   found `xp.sum(a * b, axis=1)` about twice as fast at those shapes. A choice made on
+#   one machine needs measuring again on the next.
+#
+# *Exercise.* im2col writes every window of the input, about $K_H K_W$ values per input
+# value (9 for a 3x3 convolution); col2im, its adjoint, reads as many and writes one value
+# per input pixel. Compare their two rows in the table. Then read both kernels in
+# `swav_ref/fused/kernels.cu` (`fused.KERNEL_SOURCE`): count the bytes each one reads and
+# writes per thread, and say why col2im, which sums several windows' gradients into one
+# pixel, needs no atomic additions.
+
+# %% [markdown]
 # ## What makes the same code fast on a GPU
 #
 # - **No host round trips inside a step.** The loss stays a 0-d device array; Python `if`s
