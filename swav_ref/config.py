@@ -243,7 +243,7 @@ class TrainConfig:
                                          "sample: its codes, and so the loss, carry nothing to learn)")
         if self.method == "swav" and len(self.n_prototypes) != 1:
             self._refuse("n_prototypes", "SwAV has one set of prototypes (give one number); several sets are "
-                                         "for --method deepcluster-v2")
+                                         "for the method deepcluster-v2")  # (train's --method, demo's --methods)
         for name in ("epsilon", "temperature"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 self._refuse(name, "must be a positive number")
