@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -184,6 +185,27 @@ def _add_threads_option(parser: argparse.ArgumentParser) -> None:
              "and compete with the other programs for the cores. (NumPy's macOS wheels use Apple's "
              "Accelerate, which this cannot reach once started: set VECLIB_MAXIMUM_THREADS=N in the "
              "environment instead)")
+
+
+def _epoch_line_printer(trainer: Any) -> Callable[[dict], None]:
+    """What ``train`` prints after each epoch, one line that stays (the bar of the epoch
+    goes, and a batch job's log has no bar): the epoch, its mean loss, the learning rate
+    reached, how long it took, the throughput, and for SwAV and DeepCluster-v2 how many
+    prototypes the last step's codes used (fewer and fewer: collapse)::
+
+        epoch 3/100: loss 4.2131, lr 0.0412, 31.8 s, 1572 images/s, prototypes used 2980 of 3000
+    """
+    def print_epoch(record: dict) -> None:
+        epochs, seconds = trainer.config.epochs, record["seconds"]
+        line = (f"epoch {record['epoch'] + 1}/{epochs}: loss {record['loss']:.4f}, "
+                f"lr {trainer.learning_rate(record['step'] - 1):.3g}, {seconds:.1f} s")
+        if seconds > 0:
+            line += f", {record['images'] / seconds:.0f} images/s"
+        last = next((r for r in reversed(trainer.log.records) if r.get("kind") == "step"), {})
+        if "prototypes_used" in last:
+            line += f", prototypes used {last['prototypes_used']} of {trainer.config.n_prototypes[0]}"
+        print(line, flush=True)
+    return print_epoch
 
 
 def _bar_shown() -> bool:
@@ -354,6 +376,7 @@ def _run_train(args: argparse.Namespace) -> int:
         print(comm.describe(gpu=config.backend == "cupy"))
     out_dir_existed = Path(config.out_dir).exists()
     trainer = Trainer(config, comm=comm)
+    trainer.on_epoch_end = _epoch_line_printer(trainer)
     evaluate = args.evaluate and trainer.test_set is not None and trainer.test_set.has_labels
     if evaluate and comm.is_root:
         try:  # before training, not after it

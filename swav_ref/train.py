@@ -32,7 +32,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +240,10 @@ class Trainer(Resumable):
         steps done, steps of the whole run, per epoch.
     log : :class:`~swav_ref.train.MetricsLog`
         the metrics written so far (``log.steps()``, ``log.epochs()``).
+    on_epoch_end : callable or None
+        called on rank 0 with each epoch's record once it is logged (a dict: ``epoch``,
+        ``step``, ``loss``, ``seconds`` and ``images``, the images this run trained on in
+        that epoch); ``swav-ref train`` prints a line from it. None (the default): nothing.
     queue, bank
         the SwAV queue and the DeepCluster-v2 memory bank, when in use.
 
@@ -300,6 +304,7 @@ class Trainer(Resumable):
             out.mkdir(parents=True, exist_ok=True)
         self.out_dir = out
         self.log = MetricsLog(out / "metrics.jsonl" if self.comm.is_root else None)
+        self.on_epoch_end: Callable[[dict], Any] | None = None
         self._pending: list[tuple[int, Any, Any]] = []  # (step, loss, codes) awaiting the log
         # The checkpoint that holds this run's last good state: the last one it wrote
         # (save), or the one it resumed from (load); None until then. A checkpoint.npz in
@@ -698,7 +703,8 @@ class Trainer(Resumable):
             self._pending.append((self.step - 1, loss, codes))
             if self.step % cfg.log_every == 0 or s == self.steps_per_epoch - 1:
                 self._flush_log(epoch, bar)
-        self._end_epoch(epoch, self._epoch_mean_loss(epoch), time.perf_counter() - t0)
+        images = (self.steps_per_epoch - first) * cfg.batch_size * self.comm.size  # by this run, on every worker
+        self._end_epoch(epoch, self._epoch_mean_loss(epoch), time.perf_counter() - t0, images)
 
     def _epoch_mean_loss(self, epoch: int) -> float:
         """The mean of the epoch's step losses, from its step records (on rank 0, which
@@ -757,10 +763,13 @@ class Trainer(Resumable):
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}",
                             used=record.get("prototypes_used", "-"))
 
-    def _end_epoch(self, epoch: int, mean_loss: float, seconds: float) -> None:
-        record = {"kind": "epoch", "epoch": epoch, "step": self.step, "loss": mean_loss, "seconds": seconds}
+    def _end_epoch(self, epoch: int, mean_loss: float, seconds: float, images: int) -> None:
+        record = {"kind": "epoch", "epoch": epoch, "step": self.step, "loss": mean_loss, "seconds": seconds,
+                  "images": images}
         if self.comm.is_root:
             self.log.write(record)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(record)
         if (epoch + 1) % self.config.checkpoint_every == 0 or epoch == self._last_epoch:
             self.save(self.out_dir / "checkpoint.npz")
 

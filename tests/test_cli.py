@@ -58,6 +58,12 @@ def test_train_then_eval_on_an_image_folder(tmp_path, capsys):
     assert (out / "training_curves.png").stat().st_size > 1000
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in records} == {"step", "epoch"}
+    # one line per epoch that stays (the bar goes, and a log file has none), from the epoch's record
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["images"] for r in epochs] == [epochs[0]["step"] * 32, (epochs[1]["step"] - epochs[0]["step"]) * 32]
+    for r in epochs:
+        assert (f"epoch {r['epoch'] + 1}/2: loss {r['loss']:.4f}, " in printed
+                and f"{r['images'] / r['seconds']:.0f} images/s, prototypes used " in printed)
     # the printed table is kept too (a batch job's log may be lost): the same numbers
     kept = json.loads((out / "eval.json").read_text())
     assert [r["method"] for r in kept["results"]] == ["SwAV"] and kept["metadata"]["config"]["epochs"] == 2

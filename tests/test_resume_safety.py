@@ -452,10 +452,13 @@ def test_an_epoch_resumed_in_its_middle_logs_every_step_and_the_whole_epochs_mea
     resumed = trainer(tiny, tmp_path / "run", epochs=1, log_every=log_every)
     resumed.fit(resume=tmp_path / "run" / "checkpoint.npz")
 
-    def without_time(records):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    def without_time(records):  # seconds and images: what each run did of the epoch
+        return [{k: v for k, v in r.items() if k not in ("seconds", "images")} for r in records]
 
     assert full.steps_per_epoch == 5 and len(resumed.log.steps()) == 5
+    batch = full.config.batch_size  # the resumed run took the epoch's last 3 steps, the full run all 5
+    assert [r["images"] for r in resumed.log.epochs()] == [3 * batch]
+    assert [r["images"] for r in full.log.epochs()] == [5 * batch]
     assert without_time(resumed.log.records) == without_time(full.log.records)  # bit for bit, the epoch's mean too
     assert without_time(file_records(tmp_path / "run")) == without_time(file_records(tmp_path / "full"))
 
