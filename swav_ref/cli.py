@@ -472,8 +472,9 @@ def _eval_data(args: argparse.Namespace, config: TrainConfig):
     if config.dataset != "digits" and not Path(data_dir).is_dir():
         raise UserError(f"{data_dir}, the folder {args.checkpoint} was trained on, is not there any more; if the "
                         "data moved, give their folder with --data-dir")
-    train, test = load_dataset(config.dataset, data_dir, image_size=image_size or None,
-                               image_fit=config.image_fit if image_size else "stretch", seed=0)
+    # (a configuration holds "crop" only with an image size: config.image_fit applies as it is)
+    train, test = load_dataset(config.dataset, data_dir, image_size=image_size or None, image_fit=config.image_fit,
+                               seed=0)
     if not (train.has_labels and test is not None and test.has_labels):
         raise UserError(f"the data set of {args.checkpoint} ({config.dataset} in {data_dir}) has no labels, so there "
                         "is nothing to score against: evaluation needs one sub-folder per class "

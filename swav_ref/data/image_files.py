@@ -25,9 +25,9 @@ import numpy as np
 
 from swav_ref.data.errors import DatasetError
 
-__all__ = ["GREY_MODES", "IMAGE_EXTENSIONS", "IMAGE_FITS", "centred_box", "check_header", "decode_smaller", "find_images", "folder_id", "is_folder",
-           "name_order", "open_regular_file", "path_kind", "pick_images", "read_image", "read_pixels",
-           "unreadable_images_error", "visible_entries", "warn_skipped"]
+__all__ = ["GREY_MODES", "IMAGE_EXTENSIONS", "IMAGE_FITS", "centred_box", "check_header", "decode_smaller",
+           "find_images", "folder_id", "is_folder", "name_order", "open_regular_file", "path_kind", "pick_images",
+           "read_image", "read_pixels", "unreadable_images_error", "visible_entries", "warn_skipped"]
 
 #: File name endings read as images by :func:`~swav_ref.data.datasets.load_image_folder` (case-insensitive).
 IMAGE_EXTENSIONS = (
