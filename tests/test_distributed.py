@@ -273,9 +273,11 @@ def mpiexec() -> str:
     found = str(beside) if beside.exists() else shutil.which("mpiexec")
     if found is None:
         _skip_or_fail("mpiexec not found (install the mpi extra: mpi4py and mpich)")
-    probe = "from mpi4py import MPI; print('size', MPI.COMM_WORLD.Get_size())"
+    # Each rank writes one token in one write: print('size', n) wrote its pieces one by one,
+    # and the two ranks' pieces once came interleaved ("size size2\n 2"), failing a good launcher.
+    probe = "from mpi4py import MPI; print(f'[size={MPI.COMM_WORLD.Get_size()}]', flush=True)"
     proc = _run([found, "-n", "2", sys.executable, "-c", probe], timeout=20.0)
-    if proc.stdout.split().count("2") != 2:
+    if proc.stdout.count("[size=2]") != 2:
         _skip_or_fail(
             f"{found} does not start 2 ranks that mpi4py sees as one job (a launcher of another "
             f"MPI library?): {(proc.stdout + proc.stderr)[-400:]!r}"
