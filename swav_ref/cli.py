@@ -191,9 +191,10 @@ def _epoch_line_printer(trainer: Any) -> Callable[[dict], None]:
     """What ``train`` prints after each epoch, one line that stays (the bar of the epoch
     goes, and a batch job's log has no bar): the epoch, its mean loss, the learning rate
     reached, how long it took, the throughput, and for SwAV and DeepCluster-v2 how many
-    prototypes the last step's codes used (fewer and fewer: collapse)::
+    prototypes the last step's codes used (fewer and fewer: collapse); ``swav-ref train
+    --epochs 3`` on the digits, on a 2-core CPU::
 
-        epoch 3/100: loss 4.2131, lr 0.0412, 31.8 s, 1572 images/s, prototypes used 2980 of 3000
+        epoch 2/3: loss 4.6032, lr 1.14, 0.9 s, 1579 images/s, prototypes used 60 of 100
     """
     def print_epoch(record: dict) -> None:
         epochs, seconds = trainer.config.epochs, record["seconds"]
